@@ -1,0 +1,25 @@
+"""elastic-ops: elastic-width kernels that run on slices of a supernet's weights, with no copies.
+
+Ops (``elastic_linear``, ``elastic_layer_norm``, ``elastic_mlp``, ``elastic_attention``) dispatch per
+call to Triton (GPU, or the CPU interpreter), native C++ kernels (CPU inference) or the PyTorch
+reference; see ``backends()`` and ``use_backend``.
+"""
+from . import reference
+from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
+from .functional import elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "backends",
+    "elastic_attention",
+    "elastic_layer_norm",
+    "elastic_linear",
+    "elastic_mlp",
+    "forced_backend",
+    "reference",
+    "use_backend",
+]

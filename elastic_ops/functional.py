@@ -1,0 +1,82 @@
+"""The elastic ops: validate, choose a backend (``_backend.select``), run.
+
+Every backend implements an op with the same signature; the Triton and native implementations are
+imported only when first chosen, so that importing the package never needs triton or a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from . import _validate, reference
+from ._backend import select
+
+# op -> backend -> "module:function" of its implementation
+IMPLEMENTATIONS: dict[str, dict[str, str]] = {
+    "linear": {
+        "triton": "elastic_ops.ops.linear:elastic_linear",
+        "native": "elastic_ops._native:linear",
+        "reference": "elastic_ops.reference:linear",
+    },
+    "layer_norm": {
+        "triton": "elastic_ops.ops.layernorm:elastic_layer_norm",
+        "reference": "elastic_ops.reference:layer_norm",
+    },
+    "mlp": {
+        "triton": "elastic_ops.ops.mlp:elastic_mlp",
+        "reference": "elastic_ops.reference:mlp",
+    },
+    "attention": {
+        "triton": "elastic_ops.ops.attention:elastic_attention",
+        "reference": "elastic_ops.reference:attention",
+    },
+}
+
+
+def implementation(op: str, backend: str):
+    module, function = IMPLEMENTATIONS[op][backend].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _run(op: str, tensors: tuple[Tensor | None, ...], *args):
+    x = tensors[0]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    backend = select(op, x.device, x.dtype, needs_grad, has_native="native" in IMPLEMENTATIONS[op])
+    return implementation(op, backend)(*args)
+
+
+def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out_features: int | None = None,
+                   activation: str | None = None) -> Tensor:
+    """``act(x @ weight[:out_features, :x.shape[-1]].T + bias[:out_features])`` on the super weight in place.
+
+    activation: None or ``"gelu"`` (exact, erf). ``out_features`` defaults to all rows of ``weight``.
+    """
+    out_features = weight.shape[0] if out_features is None else out_features
+    _validate.check_linear(x, weight, bias, out_features)
+    if activation not in (None, "gelu"):
+        raise ValueError(f"elastic_linear: activation must be None or 'gelu', got {activation!r}")
+    return _run("linear", (x, weight, bias), x, weight, bias, out_features, activation)
+
+
+def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the active ``d = x.shape[-1]`` channels with ``weight[:d]``, ``bias[:d]``."""
+    _validate.check_layer_norm(x, weight, bias)
+    return _run("layer_norm", (x, weight, bias), x, weight, bias, eps)
+
+
+def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
+                hidden_features: int) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` with ``W1[:hidden, :e]``, ``W2[:e, :hidden]`` and ``e = x.shape[-1]``."""
+    _validate.check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features)
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return _run("mlp", tensors, *tensors, hidden_features)
+
+
+def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                      proj_bias: Tensor | None, num_heads: int, head_dim: int = 64) -> Tensor:
+    """Self-attention of ``x: [B, N, e]`` with ``num_heads`` active heads (block qkv layout), then ``W_o[:e, :h*Dh]``."""
+    _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
+    tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
+    return _run("attention", tensors, *tensors, num_heads, head_dim)
