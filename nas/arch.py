@@ -1,0 +1,99 @@
+"""A sub-network of the ViT supernet: its architecture, hashable and serialisable."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One subnet of a ViT supernet (DESIGN.md section 2).
+
+    Per-layer fields have one entry per supernet layer (the supernet's max depth). ``layer_on[i]``
+    False makes layer i an identity; AutoFormer's depth d is "the first d layers on" (``from_depth``).
+    The MLP hidden size of layer i is ``int(embed_dim * mlp_ratio[i])``, as in AutoFormer.
+    ``patch_size`` is None where the space has one patch size.
+    """
+
+    embed_dim: int
+    num_heads: tuple[int, ...]
+    mlp_ratio: tuple[float, ...]
+    layer_on: tuple[bool, ...]
+    patch_size: int | None = None
+
+    def __post_init__(self):
+        # Normalise lists from JSON/YAML into tuples so that equal archs hash equally.
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        object.__setattr__(self, "mlp_ratio", tuple(float(r) for r in self.mlp_ratio))
+        object.__setattr__(self, "layer_on", tuple(bool(on) for on in self.layer_on))
+        object.__setattr__(self, "embed_dim", int(self.embed_dim))
+        if not (len(self.num_heads) == len(self.mlp_ratio) == len(self.layer_on)):
+            raise ValueError(
+                f"Arch: num_heads ({len(self.num_heads)}), mlp_ratio ({len(self.mlp_ratio)}) and layer_on "
+                f"({len(self.layer_on)}) must have one entry per supernet layer"
+            )
+
+    @classmethod
+    def from_depth(cls, embed_dim: int, depth: int, num_heads, mlp_ratio, max_depth: int, patch_size: int | None = None) -> "Arch":
+        """AutoFormer's form: the first ``depth`` of ``max_depth`` layers on. ``num_heads``/``mlp_ratio``
+        are per active layer (length ``depth``) or per supernet layer (length ``max_depth``); an int or
+        float applies to every layer."""
+        def per_layer(value, fill):
+            values = [value] * depth if isinstance(value, (int, float)) else list(value)
+            if len(values) == depth:
+                values += [fill] * (max_depth - depth)
+            if len(values) != max_depth:
+                raise ValueError(f"Arch.from_depth: expected {depth} or {max_depth} per-layer values, got {len(values)}")
+            return values
+
+        heads = per_layer(num_heads, None)
+        ratios = per_layer(mlp_ratio, None)
+        # Inactive layers keep the last active layer's choice so that the arch stays inside its space.
+        last_heads, last_ratio = heads[max(depth - 1, 0)], ratios[max(depth - 1, 0)]
+        heads = [last_heads if h is None else h for h in heads]
+        ratios = [last_ratio if r is None else r for r in ratios]
+        return cls(embed_dim, tuple(heads), tuple(ratios), tuple(i < depth for i in range(max_depth)), patch_size)
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.layer_on)
+
+    @property
+    def depth(self) -> int:
+        return sum(self.layer_on)
+
+    def hidden_features(self, layer: int) -> int:
+        return int(self.embed_dim * self.mlp_ratio[layer])
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["num_heads"], data["mlp_ratio"], data["layer_on"] = list(self.num_heads), list(self.mlp_ratio), list(self.layer_on)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Arch":
+        known = {"embed_dim", "num_heads", "mlp_ratio", "layer_on", "patch_size"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Arch: unknown field(s) {sorted(unknown)}; expected {sorted(known)}")
+        missing = known - {"patch_size"} - set(data)
+        if missing:
+            raise ValueError(f"Arch: missing field(s) {sorted(missing)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Arch":
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Arch":
+        return cls.from_dict(yaml.safe_load(text))
