@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import yaml
 
 
@@ -97,3 +98,74 @@ class Arch:
     @classmethod
     def from_yaml(cls, text: str) -> "Arch":
         return cls.from_dict(yaml.safe_load(text))
+
+
+@dataclass(frozen=True)
+class ArchBatch:
+    """Many archs of one supernet as numpy arrays, for the vectorised cost model and samplers.
+
+    Shapes, with K archs of L supernet layers: ``embed_dim`` [K] int64, ``num_heads`` [K, L] int64,
+    ``mlp_ratio`` [K, L] float64, ``layer_on`` [K, L] bool, ``patch_size`` [K] int64 where 0 stands for
+    ``Arch.patch_size=None`` (the space's only patch size).
+    """
+
+    embed_dim: np.ndarray
+    num_heads: np.ndarray
+    mlp_ratio: np.ndarray
+    layer_on: np.ndarray
+    patch_size: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "embed_dim", np.asarray(self.embed_dim, dtype=np.int64).reshape(-1))
+        object.__setattr__(self, "num_heads", np.atleast_2d(np.asarray(self.num_heads, dtype=np.int64)))
+        object.__setattr__(self, "mlp_ratio", np.atleast_2d(np.asarray(self.mlp_ratio, dtype=np.float64)))
+        object.__setattr__(self, "layer_on", np.atleast_2d(np.asarray(self.layer_on, dtype=bool)))
+        object.__setattr__(self, "patch_size", np.asarray(self.patch_size, dtype=np.int64).reshape(-1))
+        k = len(self.embed_dim)
+        shapes = {a.shape for a in (self.num_heads, self.mlp_ratio, self.layer_on)}
+        if len(shapes) != 1 or next(iter(shapes))[0] != k or len(self.patch_size) != k:
+            raise ValueError(
+                f"ArchBatch: expected embed_dim [K], patch_size [K] and per-layer arrays [K, L] with one K; got "
+                f"embed_dim {self.embed_dim.shape}, num_heads {self.num_heads.shape}, mlp_ratio {self.mlp_ratio.shape}, "
+                f"layer_on {self.layer_on.shape}, patch_size {self.patch_size.shape}"
+            )
+
+    @classmethod
+    def from_archs(cls, archs) -> "ArchBatch":
+        archs = list(archs)
+        if not archs:
+            raise ValueError("ArchBatch.from_archs: no archs given")
+        if len({a.max_depth for a in archs}) != 1:
+            raise ValueError(f"ArchBatch.from_archs: archs of different supernet depths {sorted({a.max_depth for a in archs})}")
+        return cls(
+            embed_dim=[a.embed_dim for a in archs],
+            num_heads=[a.num_heads for a in archs],
+            mlp_ratio=[a.mlp_ratio for a in archs],
+            layer_on=[a.layer_on for a in archs],
+            patch_size=[a.patch_size or 0 for a in archs],
+        )
+
+    def __len__(self) -> int:
+        return len(self.embed_dim)
+
+    @property
+    def max_depth(self) -> int:
+        return self.layer_on.shape[1]
+
+    @property
+    def hidden_features(self) -> np.ndarray:
+        """[K, L] MLP hidden sizes, ``int(embed_dim * mlp_ratio)`` as in ``Arch.hidden_features``."""
+        return np.floor(self.embed_dim[:, None] * self.mlp_ratio).astype(np.int64)
+
+    def arch(self, index: int) -> Arch:
+        patch = int(self.patch_size[index])
+        return Arch(
+            int(self.embed_dim[index]),
+            tuple(self.num_heads[index].tolist()),
+            tuple(self.mlp_ratio[index].tolist()),
+            tuple(self.layer_on[index].tolist()),
+            patch or None,
+        )
+
+    def archs(self) -> list[Arch]:
+        return [self.arch(i) for i in range(len(self))]

@@ -1,0 +1,420 @@
+"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets.
+
+Randomness: every function that draws takes a ``numpy.random.Generator`` (or an int seed, turned into
+one with ``numpy.random.default_rng``). The number and order of draws depend only on the space and the
+arguments, so DDP ranks holding generators seeded alike draw the same archs.
+
+Archs returned by ``sample``/``mutate``/``crossover`` are canonical (``SearchSpace.canonical``):
+an inactive layer holds the choices of the nearest active layer before it (of the first active layer
+when none is before it), as ``Arch.from_depth`` does, so that equal networks are equal ``Arch``es.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .arch import Arch, ArchBatch
+from .cost import macs, macs_many
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
+
+
+def as_generator(rng: np.random.Generator | int) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+
+
+def _choices(name: str, values, kind) -> tuple:
+    if isinstance(values, (int, float)):
+        values = [values]
+    values = tuple(sorted({kind(v) for v in values}))
+    if not values:
+        raise ValueError(f"SearchSpace.{name}: needs at least one choice")
+    if values[0] <= 0:
+        raise ValueError(f"SearchSpace.{name}: choices must be positive, got {values}")
+    return values
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choices of a ViT supernet (DESIGN.md sections 2 and 7).
+
+    ``depths`` are the allowed numbers of active layers; the supernet has ``max(depths)`` layers.
+    Without ``identity_layers`` (AutoFormer) the first ``depth`` layers are on; with it (ViTAS) any
+    layers may be identities. ``num_heads`` and ``mlp_ratios`` are per-layer choices; attention has
+    ``num_heads * head_dim`` channels. With several ``patch_sizes`` every arch names its own.
+    ``private_class_tokens``/``private_qk`` tell the supernet to keep a class token, position and patch
+    embedding per patch size, and q/k projections per head choice (ViTAS); they change neither
+    sampling nor the subnet's cost. Choices are stored sorted and without repeats.
+    """
+
+    name: str
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    mlp_ratios: tuple[float, ...]
+    head_dim: int = 64
+    patch_sizes: tuple[int, ...] = (16,)
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    identity_layers: bool = False
+    private_class_tokens: bool = False
+    private_qk: bool = False
+
+    def __post_init__(self):
+        set_field = functools.partial(object.__setattr__, self)
+        set_field("name", str(self.name))
+        set_field("embed_dims", _choices("embed_dims", self.embed_dims, int))
+        set_field("depths", _choices("depths", self.depths, int))
+        set_field("num_heads", _choices("num_heads", self.num_heads, int))
+        set_field("mlp_ratios", _choices("mlp_ratios", self.mlp_ratios, float))
+        set_field("patch_sizes", _choices("patch_sizes", self.patch_sizes, int))
+        for name in ("head_dim", "img_size", "in_chans"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"SearchSpace.{name}={getattr(self, name)} must be positive")
+            set_field(name, int(getattr(self, name)))
+        if int(self.num_classes) < 0:
+            raise ValueError(f"SearchSpace.num_classes={self.num_classes} must be >= 0")
+        set_field("num_classes", int(self.num_classes))
+        for name in ("identity_layers", "private_class_tokens", "private_qk"):
+            set_field(name, bool(getattr(self, name)))
+        bad = [p for p in self.patch_sizes if self.img_size % p]
+        if bad:
+            raise ValueError(f"SearchSpace.patch_sizes {tuple(bad)} do not divide img_size={self.img_size}")
+        if int(self.embed_dims[0] * self.mlp_ratios[0]) < 1:
+            raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) is 0")
+
+    # -- derived sizes -------------------------------------------------------------------------------
+    @property
+    def max_embed_dim(self) -> int:
+        return self.embed_dims[-1]
+
+    @property
+    def max_depth(self) -> int:
+        return self.depths[-1]
+
+    @property
+    def max_heads(self) -> int:
+        return self.num_heads[-1]
+
+    @property
+    def max_mlp_ratio(self) -> float:
+        return self.mlp_ratios[-1]
+
+    @property
+    def max_hidden(self) -> int:
+        return int(self.max_embed_dim * self.max_mlp_ratio)
+
+    def num_tokens(self, patch_size: int | None = None) -> int:
+        """Patches plus the class token; ``None`` means the only patch size of the space."""
+        return (self.img_size // self.resolve_patch_size(patch_size)) ** 2 + 1
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_tokens(self.patch_sizes[0])
+
+    def resolve_patch_size(self, patch_size: int | None) -> int:
+        if patch_size is None:
+            if len(self.patch_sizes) > 1:
+                raise ValueError(f"patch_size=None but space {self.name!r} has several patch sizes {self.patch_sizes}")
+            return self.patch_sizes[0]
+        return patch_size
+
+    # -- membership ----------------------------------------------------------------------------------
+    def validate(self, arch: Arch) -> None:
+        """Raise ValueError naming the first field of ``arch`` that is outside this space."""
+        if not isinstance(arch, Arch):
+            raise TypeError(f"expected an Arch, got {type(arch).__name__}")
+        where = f"space {self.name!r}"
+        if arch.max_depth != self.max_depth:
+            raise ValueError(f"arch has {arch.max_depth} layers (len(arch.layer_on)) but {where} has max depth {self.max_depth}")
+        if arch.embed_dim not in self.embed_dims:
+            raise ValueError(f"arch.embed_dim={arch.embed_dim} not in {self.embed_dims} ({where})")
+        for i, (heads, ratio) in enumerate(zip(arch.num_heads, arch.mlp_ratio)):
+            if heads not in self.num_heads:
+                raise ValueError(f"arch.num_heads[{i}]={heads} not in {self.num_heads} ({where})")
+            if not any(math.isclose(ratio, r, rel_tol=1e-9) for r in self.mlp_ratios):
+                raise ValueError(f"arch.mlp_ratio[{i}]={ratio} not in {self.mlp_ratios} ({where})")
+        if arch.depth not in self.depths:
+            raise ValueError(f"arch.depth={arch.depth} (layers on) not in {self.depths} ({where})")
+        if not self.identity_layers and arch.layer_on != tuple(i < arch.depth for i in range(self.max_depth)):
+            first_gap = arch.layer_on.index(False)
+            raise ValueError(
+                f"arch.layer_on[{first_gap}]=False before an active layer: {where} turns on the first `depth` layers only"
+            )
+        if arch.patch_size is None:
+            if len(self.patch_sizes) > 1:
+                raise ValueError(f"arch.patch_size=None but {where} has several patch sizes {self.patch_sizes}")
+        elif arch.patch_size not in self.patch_sizes:
+            raise ValueError(f"arch.patch_size={arch.patch_size} not in {self.patch_sizes} ({where})")
+
+    def contains(self, arch: Arch) -> bool:
+        try:
+            self.validate(arch)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def canonical(self, arch: Arch) -> Arch:
+        """The same network with inactive layers holding their nearest active layer's choices."""
+        return self._canonical_batch(ArchBatch.from_archs([arch])).arch(0)
+
+    def _canonical_batch(self, batch: ArchBatch) -> ArchBatch:
+        layers = np.arange(batch.max_depth)
+        source = np.maximum.accumulate(np.where(batch.layer_on, layers, -1), axis=1)
+        source = np.where(source < 0, batch.layer_on.argmax(axis=1)[:, None], source)
+        return ArchBatch(
+            batch.embed_dim,
+            np.take_along_axis(batch.num_heads, source, axis=1),
+            np.take_along_axis(batch.mlp_ratio, source, axis=1),
+            batch.layer_on,
+            batch.patch_size,
+        )
+
+    def max_arch(self) -> Arch:
+        """The largest and most costly arch: every maximum, all layers on, the smallest patch size."""
+        return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio, self.patch_sizes[0])
+
+    def min_arch(self) -> Arch:
+        """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch size."""
+        return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0], self.patch_sizes[-1])
+
+    def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
+        patch = patch_size if len(self.patch_sizes) > 1 else None
+        return Arch.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
+
+    @functools.cached_property
+    def macs_range(self) -> tuple[int, int]:
+        """MACs of ``min_arch()`` and ``max_arch()``: every arch of the space lies in between, since
+        each choice only adds work (the patch embedding costs the same for every patch size)."""
+        return macs(self.min_arch(), self), macs(self.max_arch(), self)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def sample_many(self, rng: np.random.Generator | int, count: int) -> ArchBatch:
+        """``count`` uniform draws, AutoFormer style: a depth, one embed dim, per-layer heads and MLP
+        ratios (and a patch size where there are several). With identity layers, the active layers
+        are a uniform subset of the drawn size."""
+        return self._canonical_batch(self._draw(as_generator(rng), int(count)))
+
+    def _draw(self, rng: np.random.Generator, n: int) -> ArchBatch:
+        """Uniform draws, not yet canonical (inactive layers hold random choices)."""
+        choices, layers = self._choice_arrays, self.max_depth
+        depth = choices["depths"][rng.integers(len(self.depths), size=n)]
+        if self.identity_layers:
+            order = rng.random((n, layers)).argsort(axis=1).argsort(axis=1)
+            layer_on = order < depth[:, None]
+        else:
+            layer_on = np.arange(layers) < depth[:, None]
+        return ArchBatch(
+            embed_dim=choices["embed_dims"][rng.integers(len(self.embed_dims), size=n)],
+            num_heads=choices["num_heads"][rng.integers(len(self.num_heads), size=(n, layers))],
+            mlp_ratio=choices["mlp_ratios"][rng.integers(len(self.mlp_ratios), size=(n, layers))],
+            layer_on=layer_on,
+            patch_size=(choices["patch_sizes"][rng.integers(len(self.patch_sizes), size=n)]
+                        if len(self.patch_sizes) > 1 else np.zeros(n, dtype=np.int64)),
+        )
+
+    @functools.cached_property
+    def _choice_arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.asarray(getattr(self, name)) for name in ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")}
+
+    def sample(self, rng: np.random.Generator | int) -> Arch:
+        return self.sample_many(rng, 1).arch(0)
+
+    def sample_in_flops_window(self, rng: np.random.Generator | int, low: float, high: float,
+                               max_tries: int = 64, batch_size: int = 256) -> Arch:
+        """A uniform draw conditioned on ``low <= macs(arch) <= high`` (MACs, see nas.cost), by
+        rejection over vectorised batches of candidates (32 first, growing to ``batch_size``).
+
+        Raises ValueError when the window misses the space's MACs range, RuntimeError when no draw
+        of ``max_tries`` batches lands in it (a window too narrow to hit by chance)."""
+        rng = as_generator(rng)
+        if not low <= high:
+            raise ValueError(f"MACs window low={low} > high={high}")
+        space_low, space_high = self.macs_range
+        if high < space_low or low > space_high:
+            raise ValueError(
+                f"MACs window [{low:.4g}, {high:.4g}] is outside space {self.name!r}'s range "
+                f"[{space_low:.4g}, {space_high:.4g}] (min_arch, max_arch)"
+            )
+        # Small batches first: a window holding a good share of the space is hit by the first few draws.
+        draws, drawn = min(32, batch_size), 0
+        for _ in range(max_tries):
+            batch = self._draw(rng, draws)
+            drawn += draws
+            cost = macs_many(batch, self)
+            hits = np.flatnonzero((cost >= low) & (cost <= high))
+            if hits.size:
+                return self.canonical(batch.arch(int(hits[0])))
+            draws = min(4 * draws, batch_size)
+        raise RuntimeError(
+            f"no arch of space {self.name!r} in MACs window [{low:.4g}, {high:.4g}] after "
+            f"{drawn} uniform draws; widen the window or raise max_tries"
+        )
+
+    # -- evolution -----------------------------------------------------------------------------------
+    def mutate(self, arch: Arch, rng: np.random.Generator | int, prob: float = 0.2,
+               depth_embed_prob: float = 0.4) -> Arch:
+        """AutoFormer's evolution mutation: with ``depth_embed_prob`` redraw the depth (new layers get
+        fresh choices), then redraw each active layer's MLP ratio and heads with ``prob`` each, then the
+        embed dim (and the patch size, where there are several) with ``depth_embed_prob``.
+        With identity layers a new depth switches random layers on or off."""
+        self.validate(arch)
+        rng = as_generator(rng)
+        heads, ratios, layer_on = list(arch.num_heads), list(arch.mlp_ratio), list(arch.layer_on)
+        embed_dim, patch_size = arch.embed_dim, arch.patch_size
+        if rng.random() < depth_embed_prob:
+            new_depth = self._pick(rng, self.depths)
+            on = [i for i, active in enumerate(layer_on) if active]
+            off = [i for i, active in enumerate(layer_on) if not active]
+            if self.identity_layers:
+                if new_depth > len(on):
+                    switched = rng.permutation(off)[: new_depth - len(on)].tolist()
+                else:
+                    switched = rng.permutation(on)[: len(on) - new_depth].tolist()
+            else:
+                switched = list(range(min(len(on), new_depth), max(len(on), new_depth)))
+            for i in sorted(switched):
+                layer_on[i] = not layer_on[i]
+                if layer_on[i]:
+                    heads[i], ratios[i] = self._pick(rng, self.num_heads), self._pick(rng, self.mlp_ratios)
+        active = [i for i, on in enumerate(layer_on) if on]
+        for i in active:
+            if rng.random() < prob:
+                ratios[i] = self._pick(rng, self.mlp_ratios)
+        for i in active:
+            if rng.random() < prob:
+                heads[i] = self._pick(rng, self.num_heads)
+        if rng.random() < depth_embed_prob:
+            embed_dim = self._pick(rng, self.embed_dims)
+        if len(self.patch_sizes) > 1 and rng.random() < depth_embed_prob:
+            patch_size = self._pick(rng, self.patch_sizes)
+        return self.canonical(Arch(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
+
+    def crossover(self, a: Arch, b: Arch, rng: np.random.Generator | int) -> Arch:
+        """AutoFormer's uniform crossover: every gene from either parent with probability 1/2. The
+        genes are the embed dim, the patch size, the set of active layers (the depth) and each layer's
+        heads and MLP ratio."""
+        self.validate(a)
+        self.validate(b)
+        rng = as_generator(rng)
+        from_a = rng.random(3 + 2 * self.max_depth) < 0.5
+        layers = self.max_depth
+        heads = tuple(x if pick else y for x, y, pick in zip(a.num_heads, b.num_heads, from_a[3:3 + layers]))
+        ratios = tuple(x if pick else y for x, y, pick in zip(a.mlp_ratio, b.mlp_ratio, from_a[3 + layers:]))
+        child = Arch(
+            a.embed_dim if from_a[0] else b.embed_dim,
+            heads,
+            ratios,
+            a.layer_on if from_a[1] else b.layer_on,
+            a.patch_size if from_a[2] else b.patch_size,
+        )
+        return self.canonical(child)
+
+    @staticmethod
+    def _pick(rng: np.random.Generator, values: tuple):
+        return values[int(rng.integers(len(values)))]
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
+        if not isinstance(data, dict):
+            raise ValueError(f"SearchSpace: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"SearchSpace: unknown field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        missing = {"name", "embed_dims", "depths", "num_heads", "mlp_ratios"} - set(data)
+        if missing:
+            raise ValueError(f"SearchSpace: missing field(s) {sorted(missing)}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "SearchSpace":
+        return cls.from_dict(yaml.safe_load(text))
+
+
+def load_space(name_or_path: str | os.PathLike) -> SearchSpace:
+    """A preset by name (``PRESETS``: files in nas/spaces/) or a SearchSpace YAML file."""
+    key = str(name_or_path)
+    path = PRESETS.get(key, Path(key))
+    if not path.is_file():
+        raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
+    try:
+        return SearchSpace.from_yaml(path.read_text())
+    except (ValueError, TypeError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: not a valid search space: {error}") from error
+
+
+# -- AutoFormer's own config files (microsoft/Cream, AutoFormer/experiments) ------------------------------
+def _autoformer_section(config: dict, section: str, path, keys=("MLP_RATIO", "NUM_HEADS", "DEPTH", "EMBED_DIM")) -> dict:
+    values = config.get(section)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: no {section} section")
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise ValueError(f"{path}: {section} lacks {', '.join(missing)}")
+    return values
+
+
+def _read_autoformer_config(path) -> dict:
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not an AutoFormer config (expected a mapping with SEARCH_SPACE or RETRAIN)")
+    return config
+
+
+def read_autoformer_space(path: str | os.PathLike, name: str | None = None, **overrides) -> SearchSpace:
+    """The SEARCH_SPACE section of an AutoFormer supernet or subnet YAML (MLP_RATIO, NUM_HEADS,
+    DEPTH, EMBED_DIM lists). AutoFormer's ImageNet defaults (224 px, patch 16, head dim 64,
+    1000 classes) apply unless ``overrides`` set other SearchSpace fields. The SUPERNET section's
+    sizes (the width of the stored weights) are not part of the space."""
+    s = _autoformer_section(_read_autoformer_config(path), "SEARCH_SPACE", path)
+    return SearchSpace(name=name or Path(path).stem, embed_dims=s["EMBED_DIM"], depths=s["DEPTH"],
+                       num_heads=s["NUM_HEADS"], mlp_ratios=s["MLP_RATIO"], **overrides)
+
+
+def read_autoformer_subnet(path: str | os.PathLike, max_depth: int | None = None) -> Arch:
+    """The RETRAIN section of an AutoFormer subnet YAML (per-layer MLP_RATIO and NUM_HEADS lists,
+    DEPTH and EMBED_DIM ints) as an Arch with the first DEPTH of ``max_depth`` layers on.
+    ``max_depth`` defaults to the file's largest SEARCH_SPACE depth (else SUPERNET.DEPTH, else DEPTH).
+    The arch is not checked against the file's SEARCH_SPACE: the released AutoFormer-T uses MLP ratio
+    3.0, which its own space (3.5, 4) lacks."""
+    config = _read_autoformer_config(path)
+    r = _autoformer_section(config, "RETRAIN", path)
+    depth = int(r["DEPTH"])
+    for key in ("MLP_RATIO", "NUM_HEADS"):
+        if not isinstance(r[key], list) or len(r[key]) != depth:
+            raise ValueError(f"{path}: RETRAIN.{key} must list one value per layer (DEPTH={depth}), got {r[key]!r}")
+    if max_depth is None:
+        search_depths = config.get("SEARCH_SPACE", {}).get("DEPTH")
+        max_depth = max(search_depths) if search_depths else int(config.get("SUPERNET", {}).get("DEPTH", depth))
+    if depth > max_depth:
+        raise ValueError(f"{path}: RETRAIN.DEPTH={depth} exceeds the supernet's max depth {max_depth}")
+    return Arch.from_depth(r["EMBED_DIM"], depth, r["NUM_HEADS"], r["MLP_RATIO"], max_depth)
+
+
+def read_autoformer_yaml(path: str | os.PathLike) -> SearchSpace | Arch:
+    """An AutoFormer YAML: the subnet (Arch) when it has a RETRAIN section, else its SearchSpace."""
+    if "RETRAIN" in _read_autoformer_config(path):
+        return read_autoformer_subnet(path)
+    return read_autoformer_space(path)
+

@@ -1,0 +1,147 @@
+"""Latency measurement and the latency predictor: fitting, prediction, atomic save and strict load."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas import latency
+from nas.cost import macs_many
+from nas.latency import FEATURES, LatencyModel, latency_features, measure_archs, measure_latency
+from nas.space import load_space
+
+
+def test_features_add_up_per_layer():
+    space = load_space("vitas-t")
+    batch = space.sample_many(np.random.default_rng(), 30)
+    features = latency_features(batch, space)
+    column = {name: features[:, i] for i, name in enumerate(FEATURES)}
+    # Linear and attention MACs split the cost model's total exactly.
+    np.testing.assert_array_equal(column["linear_macs"] + column["attention_macs"], macs_many(batch, space))
+    np.testing.assert_array_equal(column["layers"], batch.layer_on.sum(axis=1))
+    tokens = (space.img_size // batch.patch_size) ** 2 + 1
+    hidden = batch.hidden_features
+    for k in range(len(batch)):
+        on = batch.layer_on[k]
+        assert column["token_embed"][k] == on.sum() * tokens[k] * batch.embed_dim[k]
+        assert column["token_hidden"][k] == tokens[k] * hidden[k][on].sum()
+    np.testing.assert_array_equal(column["constant"], 1)
+
+
+def synthetic_measurements(space, rng, count, coef, noise):
+    archs = space.sample_many(rng, count).archs()
+    seconds = latency_features(archs, space) @ coef * (1 + noise * rng.standard_normal(count))
+    return list(zip(archs, seconds.tolist()))
+
+
+def test_fit_recovers_a_linear_latency():
+    space, rng = load_space("autoformer-t"), np.random.default_rng()
+    # Seconds per unit of each feature: 1 ms fixed, 50 us per layer, 1 ns per 20 linear MACs, ...
+    coef = np.array([1e-3, 5e-5, 5e-11, 2e-10, 4e-10, 2e-10])
+    model = LatencyModel.fit(synthetic_measurements(space, rng, 80, coef, noise=0.01), space, batch_size=8, device="cpu")
+    assert all(c >= 0 for c in model.coef)
+    assert model.mean_relative_error < 0.02
+    held_out = synthetic_measurements(space, rng, 40, coef, noise=0.0)
+    predicted = model.predict_many([arch for arch, _ in held_out])
+    np.testing.assert_allclose(predicted, [t for _, t in held_out], rtol=0.03)
+    assert model.predict(held_out[0][0]) == pytest.approx(predicted[0])
+
+
+def test_fit_rejects_bad_measurements():
+    space = load_space("digits-tiny")
+    archs = space.sample_many(0, 10).archs()
+    with pytest.raises(ValueError, match="3 measurements, need at least 6"):
+        LatencyModel.fit([(a, 1e-3) for a in archs[:3]], space, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="finite and positive"):
+        LatencyModel.fit([(a, -1.0) for a in archs], space, batch_size=1, device="cpu")
+    other = load_space("cifar-tiny").sample(0)
+    with pytest.raises(ValueError, match="arch has 6 layers"):
+        LatencyModel.fit([(a, 1e-3) for a in archs[:-1]] + [(other, 1e-3)], space, batch_size=1, device="cpu")
+
+
+def fitted_model():
+    space, rng = load_space("cifar-tiny"), np.random.default_rng()
+    coef = rng.uniform(0.5, 2.0, len(FEATURES)) * np.array([1e-4, 1e-5, 1e-11, 1e-11, 1e-9, 1e-9])
+    return LatencyModel.fit(synthetic_measurements(space, rng, 20, coef, 0.05), space, batch_size=32, device="cpu")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = fitted_model()
+    path = tmp_path / "latency.json"
+    model.save(path)
+    model.save(path)  # overwriting is fine
+    loaded = LatencyModel.load(path)
+    assert loaded == model
+    archs = model.space.sample_many(1, 10)
+    np.testing.assert_array_equal(loaded.predict_many(archs), model.predict_many(archs))
+    assert [p.name for p in tmp_path.iterdir()] == ["latency.json"]
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    model, path = fitted_model(), tmp_path / "latency.json"
+    model.save(path)
+    before = path.read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency.json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["latency.json"]
+
+
+def test_load_rejects_corrupt_files(tmp_path):
+    path = tmp_path / "latency.json"
+    fitted_model().save(path)
+    good = json.loads(path.read_text())
+    cases = {
+        "invalid JSON": path.read_text()[:-20],
+        "expected a JSON object": "[1, 2]",
+        r"missing \['coef'\]": json.dumps({k: v for k, v in good.items() if k != "coef"}),
+        "format 99": json.dumps({**good, "format_version": 99}),
+        "differ from this code's": json.dumps({**good, "coef": good["coef"][:-1]}),
+        "must be finite and >= 0": json.dumps({**good, "coef": [-1.0] + good["coef"][1:]}),
+        "invalid search space": json.dumps({**good, "space": {**good["space"], "embed_dims": []}}),
+    }
+    for message, text in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            LatencyModel.load(path)
+
+
+def test_measure_latency_counts_calls_and_times_them():
+    calls = []
+
+    def sleepy(x):
+        calls.append(x)
+        time.sleep(0.002)
+
+    seconds = measure_latency(sleepy, torch.ones(1), warmup=3, repeats=5)
+    assert len(calls) == 8
+    assert 0.002 <= seconds < 0.5
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure_latency(sleepy, torch.ones(1), repeats=0)
+
+
+def test_measure_archs_builds_and_times_each_arch():
+    space = load_space("digits-tiny")
+    archs = space.sample_many(np.random.default_rng(), 3).archs()
+    built, training_flags = [], []
+
+    def build_model(arch):
+        built.append(arch)
+        layers = [nn.Flatten(), nn.Linear(space.img_size ** 2, arch.embed_dim)]
+        layers += [nn.Linear(arch.embed_dim, arch.embed_dim) for _ in range(arch.depth)]
+        model = nn.Sequential(*layers).train()
+        model.register_forward_hook(lambda module, args, output: training_flags.append(module.training))
+        return model
+
+    results = measure_archs(archs, build_model, lambda arch: torch.randn(4, 1, 8, 8), warmup=1, repeats=3)
+    assert built == archs
+    assert training_flags == [False] * 12  # eval mode, 1 warm-up and 3 timed calls per arch
+    assert [arch for arch, _ in results] == archs
+    assert all(0 < seconds < 1 for _, seconds in results)
