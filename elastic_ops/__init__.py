@@ -7,6 +7,7 @@ reference; see ``backends()`` and ``use_backend``.
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
 from .functional import elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp
+from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,12 @@ __all__ = [
     "BACKENDS",
     "BackendStatus",
     "BackendUnavailableError",
+    "ElasticAttention",
+    "ElasticBlock",
+    "ElasticLayerNorm",
+    "ElasticLinear",
+    "ElasticMlp",
+    "ElasticPatchEmbed",
     "backends",
     "elastic_attention",
     "elastic_layer_norm",

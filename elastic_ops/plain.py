@@ -85,6 +85,7 @@ class VisionTransformer(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size
+        self.head_dim = head_dim
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))

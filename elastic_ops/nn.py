@@ -1,0 +1,317 @@
+"""Drop-in elastic layers: nn.Modules that hold the super weights and run an active configuration through the elastic ops.
+
+Each layer has an active configuration (a few ints, all at their maximum after construction), set with
+``set_active(...)`` or overridden for one call by keyword arguments of ``forward``. The parameters keep
+their full super size; the ops read the active leading block in place (DESIGN.md section 2).
+``extract()`` returns the plain PyTorch module (``elastic_ops.plain``, ``nn.Linear``, ``nn.LayerNorm``)
+of the active configuration, holding copies of the active weights. Parameter names follow torch and timm,
+so at full width a layer's ``state_dict`` loads into the plain module and back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import plain
+from .functional import elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp
+
+
+def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
+    """Stochastic depth: zero a residual branch per sample with probability ``prob``, scaling the kept ones."""
+    if prob == 0.0 or not training:
+        return x
+    keep = 1.0 - prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def empty_module(factory, like: Tensor) -> nn.Module:
+    """``factory()`` built on the meta device, then given uninitialised storage on ``like``'s device and dtype:
+    extraction overwrites every value, so the usual initialisation would be wasted time."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device=like.device).to(like.dtype)
+
+
+def _copy_slice(target: Tensor, source: Tensor) -> None:
+    """Copy the leading block of ``source`` with ``target``'s shape into ``target``."""
+    with torch.no_grad():
+        target.copy_(source[tuple(slice(0, s) for s in target.shape)])
+
+
+class ElasticModule(nn.Module):
+    """Base of the elastic layers: an active configuration of named sizes, each in ``1..max_config()[name]``."""
+
+    active: dict[str, int]
+
+    def max_config(self) -> dict[str, int]:
+        """The largest configuration: the sizes of the super weights."""
+        raise NotImplementedError
+
+    def resolve(self, **overrides: int | None) -> dict[str, int]:
+        """The active configuration with ``overrides`` (None keeps the active value), validated."""
+        name = type(self).__name__
+        maximum = self.max_config()
+        unknown = set(overrides) - set(maximum)
+        if unknown:
+            raise TypeError(f"{name}: unknown configuration key(s) {sorted(unknown)}; expected some of {sorted(maximum)}")
+        config = dict(self.active)
+        config.update({key: value for key, value in overrides.items() if value is not None})
+        for key, value in config.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: {key} must be an int, got {value!r}")
+            if not 1 <= value <= maximum[key]:
+                raise ValueError(f"{name}: {key}={value} is outside 1..{maximum[key]} (the super weight's size)")
+        return config
+
+    def set_active(self, **config: int | None):
+        """Make ``config`` (a subset of the keys of ``max_config()``) the active configuration; returns self."""
+        self.active = self.resolve(**config)
+        return self
+
+    def check_width(self, x: Tensor, width: int, what: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != width:
+            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but the active {what} is {width}; "
+                             f"call set_active({what}=...) or pass it to forward")
+
+    def extra_repr(self) -> str:
+        maximum = self.max_config()
+        return ", ".join(f"{key}={self.active[key]}/{maximum[key]}" for key in maximum)
+
+
+class ElasticLinear(ElasticModule):
+    """``nn.Linear`` over ``weight[:out_features, :in_features]`` and ``bias[:out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self.active = self.max_config()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Linear``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def max_config(self) -> dict[str, int]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def forward(self, x: Tensor, in_features: int | None = None, out_features: int | None = None) -> Tensor:
+        config = self.resolve(in_features=in_features, out_features=out_features)
+        self.check_width(x, config["in_features"], "in_features")
+        return elastic_linear(x, self.weight, self.bias, config["out_features"])
+
+    def extract(self) -> nn.Linear:
+        out_features, in_features = self.active["out_features"], self.active["in_features"]
+        linear = empty_module(lambda: nn.Linear(in_features, out_features, bias=self.bias is not None), self.weight)
+        _copy_slice(linear.weight, self.weight)
+        if self.bias is not None:
+            _copy_slice(linear.bias, self.bias)
+        return linear
+
+
+class ElasticLayerNorm(ElasticModule):
+    """LayerNorm over the first ``dim`` channels with ``weight[:dim]``, ``bias[:dim]``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {"dim": self.dim}
+
+    def forward(self, x: Tensor, dim: int | None = None) -> Tensor:
+        self.check_width(x, self.resolve(dim=dim)["dim"], "dim")
+        return elastic_layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extract(self) -> nn.LayerNorm:
+        norm = nn.LayerNorm(self.active["dim"], eps=self.eps, elementwise_affine=self.weight is not None)
+        if self.weight is not None:
+            norm = norm.to(self.weight.device, self.weight.dtype)
+            _copy_slice(norm.weight, self.weight)
+            _copy_slice(norm.bias, self.bias)
+        return norm
+
+
+class ElasticMlp(ElasticModule):
+    """timm's Mlp, ``fc2(gelu(fc1(x)))``, over ``fc1.weight[:hidden, :e]`` and ``fc2.weight[:e, :hidden]``."""
+
+    def __init__(self, embed_dim: int, hidden_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = ElasticLinear(embed_dim, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.fc2 = ElasticLinear(hidden_features, embed_dim, bias=bias, device=device, dtype=dtype)
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {"embed_dim": self.fc1.in_features, "hidden_features": self.fc1.out_features}
+
+    def set_active(self, **config: int | None):
+        super().set_active(**config)
+        embed_dim, hidden = self.active["embed_dim"], self.active["hidden_features"]
+        self.fc1.set_active(in_features=embed_dim, out_features=hidden)
+        self.fc2.set_active(in_features=hidden, out_features=embed_dim)
+        return self
+
+    def forward(self, x: Tensor, embed_dim: int | None = None, hidden_features: int | None = None) -> Tensor:
+        config = self.resolve(embed_dim=embed_dim, hidden_features=hidden_features)
+        self.check_width(x, config["embed_dim"], "embed_dim")
+        return elastic_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, config["hidden_features"])
+
+    def extract(self) -> plain.Mlp:
+        self.set_active()  # the children's configurations follow this layer's
+        mlp = empty_module(lambda: plain.Mlp(self.active["embed_dim"], self.active["hidden_features"],
+                                             bias=self.fc1.bias is not None), self.fc1.weight)
+        mlp.fc1, mlp.fc2 = self.fc1.extract(), self.fc2.extract()
+        return mlp
+
+
+class ElasticAttention(ElasticModule):
+    """timm's Attention with ``num_heads`` of the super weight's heads active (block qkv layout) on ``embed_dim`` channels.
+
+    ``qkv.weight: [3 * max_heads * head_dim, embed_dim]`` holds the q, k and v blocks one after another,
+    as timm's qkv does; ``proj.weight: [embed_dim, max_heads * head_dim]``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.qkv = ElasticLinear(embed_dim, 3 * num_heads * head_dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = ElasticLinear(num_heads * head_dim, embed_dim, device=device, dtype=dtype)
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {"embed_dim": self.qkv.in_features, "num_heads": self.num_heads}
+
+    def set_active(self, **config: int | None):
+        super().set_active(**config)
+        # The qkv rows of the active heads are not one leading block: extract() slices each of q, k, v.
+        self.proj.set_active(in_features=self.active["num_heads"] * self.head_dim, out_features=self.active["embed_dim"])
+        return self
+
+    def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None) -> Tensor:
+        config = self.resolve(embed_dim=embed_dim, num_heads=num_heads)
+        self.check_width(x, config["embed_dim"], "embed_dim")
+        if x.dim() != 3:
+            raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
+        return elastic_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                 config["num_heads"], self.head_dim)
+
+    def extract(self) -> plain.Attention:
+        self.set_active()
+        embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
+        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        weight = self.qkv.weight
+        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=self.qkv.bias is not None),
+                            weight)
+        with torch.no_grad():
+            attn.qkv.weight.copy_(weight.view(3, max_width, -1)[:, :width, :embed_dim].reshape(3 * width, embed_dim))
+            if self.qkv.bias is not None:
+                attn.qkv.bias.copy_(self.qkv.bias.view(3, max_width)[:, :width].reshape(-1))
+        attn.proj = self.proj.extract()
+        return attn
+
+
+class ElasticBlock(ElasticModule):
+    """timm's pre-norm Block (``norm1, attn, norm2, mlp``) with elastic embed dim, heads and MLP width.
+
+    ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
+                 qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
+        self.drop_path = drop_path
+        self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
+        self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype)
+        self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
+        self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {**self.attn.max_config(), "hidden_features": self.mlp.max_config()["hidden_features"]}
+
+    def set_active(self, **config: int | None):
+        super().set_active(**config)
+        embed_dim = self.active["embed_dim"]
+        self.norm1.set_active(dim=embed_dim)
+        self.attn.set_active(embed_dim=embed_dim, num_heads=self.active["num_heads"])
+        self.norm2.set_active(dim=embed_dim)
+        self.mlp.set_active(embed_dim=embed_dim, hidden_features=self.active["hidden_features"])
+        return self
+
+    def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
+                hidden_features: int | None = None) -> Tensor:
+        config = self.resolve(embed_dim=embed_dim, num_heads=num_heads, hidden_features=hidden_features)
+        embed_dim = config["embed_dim"]
+        self.check_width(x, embed_dim, "embed_dim")
+        attn = self.attn(self.norm1(x, dim=embed_dim), embed_dim=embed_dim, num_heads=config["num_heads"])
+        x = x + drop_path(attn, self.drop_path, self.training)
+        mlp = self.mlp(self.norm2(x, dim=embed_dim), embed_dim=embed_dim, hidden_features=config["hidden_features"])
+        return x + drop_path(mlp, self.drop_path, self.training)
+
+    def extract(self) -> plain.Block:
+        self.set_active()
+        embed_dim = self.active["embed_dim"]
+        block = empty_module(lambda: plain.Block(embed_dim, self.active["num_heads"], self.attn.head_dim,
+                                                 self.active["hidden_features"], eps=self.norm1.eps,
+                                                 qkv_bias=self.attn.qkv.bias is not None), self.attn.qkv.weight)
+        block.norm1, block.attn = self.norm1.extract(), self.attn.extract()
+        block.norm2, block.mlp = self.norm2.extract(), self.mlp.extract()
+        return block
+
+
+class ElasticPatchEmbed(ElasticModule):
+    """Patch embedding with ``proj.weight[:embed_dim, :, :patch_size, :patch_size]`` as a stride-``patch_size`` conv.
+
+    A smaller patch size uses the leading ``patch_size x patch_size`` block of the largest kernel.
+    Input ``[B, in_chans, H, W]`` with H and W multiples of the active patch size; output ``[B, N, embed_dim]``.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype)
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {"embed_dim": self.proj.out_channels, "patch_size": self.proj.kernel_size[0]}
+
+    def forward(self, images: Tensor, embed_dim: int | None = None, patch_size: int | None = None) -> Tensor:
+        config = self.resolve(embed_dim=embed_dim, patch_size=patch_size)
+        embed_dim, patch = config["embed_dim"], config["patch_size"]
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != self.proj.in_channels:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"ElasticPatchEmbed: expected images [batch, {self.proj.in_channels}, height, width], "
+                             f"got {shape}")
+        if images.shape[2] % patch or images.shape[3] % patch:
+            raise ValueError(f"ElasticPatchEmbed: image size {tuple(images.shape[2:])} is not a multiple of "
+                             f"patch_size {patch}")
+        weight = self.proj.weight[:embed_dim, :, :patch, :patch].to(images.dtype)
+        bias = None if self.proj.bias is None else self.proj.bias[:embed_dim].to(images.dtype)
+        return F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+
+    def extract(self) -> plain.PatchEmbed:
+        embed_dim, patch = self.active["embed_dim"], self.active["patch_size"]
+        weight = self.proj.weight
+        embed = empty_module(lambda: plain.PatchEmbed(patch, self.proj.in_channels, embed_dim), weight)
+        _copy_slice(embed.proj.weight, weight)
+        _copy_slice(embed.proj.bias, self.proj.bias)
+        return embed
+
+
+__all__ = ["ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLinear", "ElasticMlp", "ElasticModule",
+           "ElasticPatchEmbed", "drop_path"]

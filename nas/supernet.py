@@ -1,0 +1,326 @@
+"""The ViT supernet: timm's VisionTransformer built from the elastic layers, running any subnet of its space.
+
+Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.norm1``,
+``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1``, ``blocks.i.mlp.fc2``,
+``norm``, ``head``), so a timm ViT's state dict converts by name (:func:`from_timm_state_dict`).
+
+Patch sizes: the number of tokens depends on the patch size, so with several patch sizes the position
+embedding is one per patch size (``pos_embed.<p>``). The patch embedding and class token are shared,
+a smaller patch using the leading ``p x p`` block of the largest kernel, unless the space has private
+class tokens (ViTAS): then each patch size has its own (``patch_embed.<p>``, ``cls_token.<p>``).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticPatchEmbed
+
+from .arch import Arch
+
+if TYPE_CHECKING:
+    from .space import SearchSpace
+
+
+@dataclass
+class SupernetConfig:
+    """Sizes of the super weights (``hidden_features``: the widest MLP); ``space``, if given, is what
+    :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
+
+    img_size: int
+    patch_sizes: tuple[int, ...]
+    in_chans: int
+    num_classes: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    hidden_features: int
+    private_class_tokens: bool = False
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    space: SearchSpace | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.patch_sizes = tuple(sorted(int(p) for p in self.patch_sizes))
+        if not self.patch_sizes:
+            raise ValueError("SupernetConfig: patch_sizes is empty")
+        bad = [p for p in self.patch_sizes if self.img_size % p]
+        if bad:
+            raise ValueError(f"SupernetConfig: img_size {self.img_size} is not a multiple of patch size(s) {bad}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @classmethod
+    def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6) -> "SupernetConfig":
+        """The supernet holding every subnet of ``space``: its largest sizes.
+
+        ``space.private_qk`` (ViTAS's q/k projections per head count) is not implemented: the supernet
+        shares one qkv weight, and says so with a warning.
+        """
+        if getattr(space, "private_qk", False):
+            warnings.warn(f"space {space.name!r} asks for private q/k projections per head count, which the supernet "
+                          "does not implement: all head counts share one qkv weight", stacklevel=2)
+        return cls(
+            img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
+            num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),
+            num_heads=max(space.num_heads), head_dim=space.head_dim,
+            hidden_features=int(max(space.embed_dims) * max(space.mlp_ratios)),
+            private_class_tokens=bool(space.private_class_tokens), drop_path_rate=drop_path_rate,
+            layer_norm_eps=layer_norm_eps, space=space,
+        )
+
+    def num_tokens(self, patch_size: int) -> int:
+        return (self.img_size // patch_size) ** 2 + 1
+
+
+class VisionTransformerSupernet(nn.Module):
+    """A pre-norm ViT whose active subnet is an :class:`~nas.arch.Arch` (``set_arch`` or ``forward(images, arch)``).
+
+    Layers with ``arch.layer_on[i]`` False are skipped (identity). Drop-path on the residual branches
+    rises linearly to ``config.drop_path_rate`` over the layers and acts in training only.
+    With gradients off and float32 CPU tensors the elastic ops pick the native kernels by themselves.
+    """
+
+    def __init__(self, config: SupernetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        multi_patch = len(c.patch_sizes) > 1
+        if c.private_class_tokens and multi_patch:
+            self.patch_embed = nn.ModuleDict({str(p): ElasticPatchEmbed(p, c.in_chans, c.embed_dim) for p in c.patch_sizes})
+            self.cls_token = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(1, 1, c.embed_dim)) for p in c.patch_sizes})
+        else:
+            self.patch_embed = ElasticPatchEmbed(max(c.patch_sizes), c.in_chans, c.embed_dim)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        if multi_patch:
+            self.pos_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(1, c.num_tokens(p), c.embed_dim))
+                                               for p in c.patch_sizes})
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens(c.patch_sizes[0]), c.embed_dim))
+        drop_paths = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        self.blocks = nn.ModuleList([
+            ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
+                         drop_path=rate)
+            for rate in drop_paths
+        ])
+        self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
+        self.head = ElasticLinear(c.embed_dim, c.num_classes)
+        self.reset_parameters()
+        self.arch: Arch = self.max_arch()
+        self.set_arch(self.arch)
+
+    def reset_parameters(self) -> None:
+        """timm's ViT initialisation: truncated normal (std 0.02) for linear weights and tokens, zero linear biases;
+        LayerNorms at ones and zeros, the patch embedding at torch's Conv2d default."""
+        for module in self.modules():
+            if isinstance(module, ElasticLinear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.startswith(("cls_token", "pos_embed")):
+                nn.init.trunc_normal_(param, std=0.02)
+
+    def max_arch(self) -> Arch:
+        """The largest subnet: every layer on at full width."""
+        c = self.config
+        if c.space is not None:
+            return c.space.max_arch()
+        ratio = c.hidden_features / c.embed_dim
+        return Arch(c.embed_dim, (c.num_heads,) * c.depth, (ratio,) * c.depth, (True,) * c.depth,
+                    max(c.patch_sizes) if len(c.patch_sizes) > 1 else None)
+
+    def check_arch(self, arch: Arch) -> None:
+        """Raise ValueError naming the problem if ``arch`` is not a subnet of this supernet (and of its space)."""
+        if not isinstance(arch, Arch):
+            raise TypeError(f"VisionTransformerSupernet: arch must be a nas.arch.Arch, got {type(arch).__name__}")
+        c = self.config
+        if c.space is not None:
+            c.space.validate(arch)
+        problems = []
+        if arch.max_depth != c.depth:
+            problems.append(f"it has {arch.max_depth} layers, the supernet {c.depth}")
+        if not 1 <= arch.embed_dim <= c.embed_dim:
+            problems.append(f"embed_dim {arch.embed_dim} is outside 1..{c.embed_dim}")
+        if arch.patch_size is None and len(c.patch_sizes) > 1:
+            problems.append(f"patch_size is None but the supernet has several patch sizes {c.patch_sizes}")
+        if arch.patch_size is not None and arch.patch_size not in c.patch_sizes:
+            problems.append(f"patch_size {arch.patch_size} is not one of {c.patch_sizes}")
+        for i, (heads, on) in enumerate(zip(arch.num_heads, arch.layer_on)):
+            if on and not 1 <= heads <= c.num_heads:
+                problems.append(f"layer {i} has {heads} heads, outside 1..{c.num_heads}")
+            if on and not 1 <= arch.hidden_features(i) <= c.hidden_features:
+                problems.append(f"layer {i} has {arch.hidden_features(i)} MLP hidden units, outside 1..{c.hidden_features}")
+        if problems:
+            raise ValueError(f"VisionTransformerSupernet: arch is not a subnet of this supernet: {'; '.join(problems)}")
+
+    def patch_size(self, arch: Arch) -> int:
+        return self.config.patch_sizes[0] if arch.patch_size is None else arch.patch_size
+
+    def set_arch(self, arch: Arch) -> None:
+        """Make ``arch`` the active subnet (validated first; a rejected arch changes nothing)."""
+        self.check_arch(arch)
+        embed_dim, patch = arch.embed_dim, self.patch_size(arch)
+        self.token_layers(patch)[0].set_active(embed_dim=embed_dim, patch_size=patch)
+        for i, block in enumerate(self.blocks):
+            if arch.layer_on[i]:
+                block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i], hidden_features=arch.hidden_features(i))
+        self.norm.set_active(dim=embed_dim)
+        self.head.set_active(in_features=embed_dim)
+        self.arch = arch
+
+    def token_layers(self, patch_size: int) -> tuple[ElasticPatchEmbed, Tensor, Tensor]:
+        """The patch embedding, class token ``[1, 1, E]`` and position embedding ``[1, N, E]`` used with ``patch_size``."""
+        key = str(patch_size)
+        patch_embed = self.patch_embed[key] if isinstance(self.patch_embed, nn.ModuleDict) else self.patch_embed
+        cls_token = self.cls_token[key] if isinstance(self.cls_token, nn.ParameterDict) else self.cls_token
+        pos_embed = self.pos_embed[key] if isinstance(self.pos_embed, nn.ParameterDict) else self.pos_embed
+        return patch_embed, cls_token, pos_embed
+
+    def forward(self, images: Tensor, arch: Arch | None = None) -> Tensor:
+        """Logits ``[B, num_classes]`` of the subnet ``arch`` (which becomes the active one) or of the active subnet."""
+        if arch is not None:
+            self.set_arch(arch)
+        c, arch = self.config, self.arch
+        expected = (c.in_chans, c.img_size, c.img_size)
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"VisionTransformerSupernet: expected images [batch, {', '.join(map(str, expected))}], "
+                             f"got {shape}")
+        embed_dim = arch.embed_dim
+        patch_embed, cls_token, pos_embed = self.token_layers(self.patch_size(arch))
+        x = patch_embed(images)
+        cls = cls_token[..., :embed_dim].to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + pos_embed[..., :embed_dim].to(x.dtype)
+        for block, on in zip(self.blocks, arch.layer_on):
+            if on:
+                x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+    # --- importance reordering (OFA, SuperSAM) ----------------------------------------------------
+
+    @torch.no_grad()
+    def mlp_importance(self, method: str = "magnitude", batches: Iterable | None = None) -> list[Tensor]:
+        """Importance of each MLP hidden unit, one tensor ``[hidden_features]`` per layer.
+
+        ``"magnitude"``: L1 norm of the unit's outgoing weights ``fc2.weight[:, j]`` (OFA).
+        ``"activation"``: mean absolute GELU output of the unit on ``batches`` (images, or tuples whose
+        first item is the images) through the largest subnet, in eval mode.
+        """
+        if method == "magnitude":
+            return [block.mlp.fc2.weight.abs().sum(dim=0) for block in self.blocks]
+        if method != "activation":
+            raise ValueError(f"mlp_importance: method must be 'magnitude' or 'activation', got {method!r}")
+        if batches is None:
+            raise ValueError("mlp_importance: method='activation' needs batches of images")
+        totals = [torch.zeros(self.config.hidden_features, dtype=torch.float64) for _ in self.blocks]
+        counts = [0] * len(self.blocks)
+
+        def record(i: int):
+            def hook(module, inputs):
+                fc1 = module.fc1
+                hidden = F.gelu(F.linear(inputs[0], fc1.weight.to(inputs[0].dtype),
+                                         None if fc1.bias is None else fc1.bias.to(inputs[0].dtype)))
+                totals[i] += hidden.abs().flatten(0, -2).sum(dim=0).double().cpu()
+                counts[i] += hidden[..., 0].numel()
+            return hook
+
+        previous, was_training = self.arch, self.training
+        handles = [block.mlp.register_forward_pre_hook(record(i)) for i, block in enumerate(self.blocks)]
+        try:
+            self.eval()
+            max_arch = self.max_arch()
+            for batch in batches:
+                self(batch[0] if isinstance(batch, (tuple, list)) else batch, max_arch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.train(was_training)
+            self.set_arch(previous)
+        if min(counts) == 0:
+            raise ValueError("mlp_importance: batches was empty (or the largest subnet switches a layer off)")
+        return [(total / count).to(block.mlp.fc1.weight.device) for total, count, block in zip(totals, counts, self.blocks)]
+
+    @torch.no_grad()
+    def reorder_mlp_importance(self, method: str = "magnitude", batches: Iterable | None = None,
+                               optimizer: torch.optim.Optimizer | None = None) -> list[Tensor]:
+        """Permute the MLP hidden units of every layer, most important first, so that leading slices keep them.
+
+        The permutation is applied consistently to ``fc1`` rows, ``fc1`` bias, ``fc2`` columns, their
+        ``.grad`` and, if given, the ``optimizer``'s per-parameter state (e.g. Adam moments): so every
+        subnet that uses all hidden units of a layer computes exactly what it did before, and the next
+        optimizer step is the same as without reordering. Smaller MLP widths now keep the most important
+        units. Returns the permutation of each layer (``new unit j`` = ``old unit perm[j]``).
+        """
+        permutations = []
+        for block, importance in zip(self.blocks, self.mlp_importance(method, batches)):
+            perm = torch.argsort(importance, descending=True, stable=True).to(block.mlp.fc1.weight.device)
+            mlp = block.mlp
+            for param, dim in ((mlp.fc1.weight, 0), (mlp.fc1.bias, 0), (mlp.fc2.weight, 1)):
+                if param is None:
+                    continue
+                tensors = [param, param.grad]
+                if optimizer is not None:
+                    tensors += [v for v in optimizer.state.get(param, {}).values()
+                                if isinstance(v, Tensor) and v.shape == param.shape]
+                for tensor in tensors:
+                    if tensor is not None:
+                        tensor.copy_(tensor.index_select(dim, perm))
+            permutations.append(perm)
+        return permutations
+
+
+def from_timm_state_dict(state_dict: Mapping[str, Tensor],
+                         config: SupernetConfig | SearchSpace) -> VisionTransformerSupernet:
+    """A supernet holding a timm VisionTransformer's weights: its largest subnet computes the timm model.
+
+    ``state_dict`` uses timm's names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.*``,
+    ``norm``, ``head``); every tensor must have the shape of the supernet's (timm's qkv ``[3 * dim, dim]``
+    is the block layout when ``num_heads * head_dim == dim``). With several patch sizes the timm patch
+    size is read from its kernel; its position embedding goes to that patch size.
+    Raises ValueError listing missing, unexpected or mis-shaped tensors.
+    """
+    if not isinstance(config, SupernetConfig):
+        config = SupernetConfig.from_space(config)
+    model = VisionTransformerSupernet(config)
+    target = model.state_dict()
+    if "patch_embed.proj.weight" not in state_dict:
+        raise ValueError("from_timm_state_dict: no 'patch_embed.proj.weight'; is this a timm VisionTransformer state dict?")
+    patch = str(state_dict["patch_embed.proj.weight"].shape[-1])
+    renamed = {}
+    for name, tensor in state_dict.items():
+        prefix = name.split(".")[0]
+        if prefix == "patch_embed" and isinstance(model.patch_embed, nn.ModuleDict):
+            name = f"patch_embed.{patch}.{name.split('.', 1)[1]}"
+        elif name == "cls_token" and isinstance(model.cls_token, nn.ParameterDict):
+            name = f"cls_token.{patch}"
+        elif name == "pos_embed" and isinstance(model.pos_embed, nn.ParameterDict):
+            name = f"pos_embed.{patch}"
+        renamed[name] = tensor
+    unexpected = sorted(set(renamed) - set(target))
+    shapes = sorted(f"{name}: timm {tuple(t.shape)} vs supernet {tuple(target[name].shape)}"
+                    for name, t in renamed.items() if name in target and t.shape != target[name].shape)
+    parts = {"patch_embed": model.patch_embed, "cls_token": model.cls_token, "pos_embed": model.pos_embed}
+    per_patch = {name for name, part in parts.items() if isinstance(part, (nn.ModuleDict, nn.ParameterDict))}
+    # Parts private to the other patch sizes keep their initialisation.
+    missing = sorted(name for name in set(target) - set(renamed)
+                     if name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
+    if unexpected or shapes or missing:
+        problems = [f"unexpected (unsupported timm parts): {unexpected}"] if unexpected else []
+        problems += [f"shape mismatch: {shapes}"] if shapes else []
+        problems += [f"missing: {missing}"] if missing else []
+        raise ValueError("from_timm_state_dict: the state dict does not fit this supernet; " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in renamed.items():
+            target[name].copy_(tensor)
+    return model
+
+
+__all__ = ["SupernetConfig", "VisionTransformerSupernet", "from_timm_state_dict"]

@@ -1,0 +1,122 @@
+"""Subnet export: the standalone plain ViT, save/load with clear errors, TorchScript and ONNX."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import elastic_ops.plain
+from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
+from nas.space import SearchSpace
+from nas.supernet import SupernetConfig, VisionTransformerSupernet
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+SPACE = SearchSpace(name="tiny-vitas", embed_dims=[24, 32], depths=[2, 3], num_heads=[1, 2], mlp_ratios=[2.0, 4.0],
+                    head_dim=16, patch_sizes=[4, 8], img_size=16, in_chans=3, num_classes=5, identity_layers=True,
+                    private_class_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def supernet() -> VisionTransformerSupernet:
+    torch.manual_seed(0)
+    model = VisionTransformerSupernet(SupernetConfig.from_space(SPACE)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+@pytest.fixture
+def arch():
+    # A sampled arch with an identity layer: layers 0 and 2 on.
+    base = SPACE.sample(np.random.default_rng(3))
+    return dataclasses.replace(base, layer_on=(True, False, True), patch_size=4)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16)
+
+
+def test_plain_vit_file_imports_only_torch():
+    tree = ast.parse(open(elastic_ops.plain.__file__).read())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {m.split(".")[0] for m in modules} <= {"torch", "typing", "__future__"}, modules
+
+
+def test_save_and_load_round_trip(supernet, arch, x, tmp_path):
+    expected = supernet(x, arch)
+    plain = extract_subnet(supernet, arch)
+    path = tmp_path / "subnet.pt"
+    save_subnet(path, plain, arch)
+    assert os.listdir(tmp_path) == ["subnet.pt"], "the temporary file of the atomic write is left behind"
+    loaded, loaded_arch = load_subnet(path)
+    assert loaded_arch == arch
+    assert isinstance(loaded, elastic_ops.plain.VisionTransformer) and not loaded.training
+    torch.testing.assert_close(loaded(x), expected, **TOL)
+    # The standalone class, loaded from its file alone, runs the saved weights.
+    spec = importlib.util.spec_from_file_location("copied_plain_vit", elastic_ops.plain.__file__)
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    payload = torch.load(path, weights_only=True)
+    standalone = copied.VisionTransformer(**payload["model"])
+    standalone.load_state_dict(payload["state_dict"])
+    torch.testing.assert_close(standalone.eval()(x), expected, **TOL)
+
+
+def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_subnet(tmp_path / "absent.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        load_subnet(corrupt)
+    truncated = tmp_path / "truncated.pt"
+    save_subnet(truncated, extract_subnet(supernet, arch), arch)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        load_subnet(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.randn(3)}, foreign)
+    with pytest.raises(ValueError, match="not a subnet saved by nas.export.save_subnet"):
+        load_subnet(foreign)
+    inconsistent = tmp_path / "inconsistent.pt"
+    save_subnet(inconsistent, extract_subnet(supernet, arch), arch)
+    payload = torch.load(inconsistent, weights_only=True)
+    payload["model"]["embed_dim"] += 8
+    torch.save(payload, inconsistent)
+    with pytest.raises(ValueError, match="inconsistent subnet"):
+        load_subnet(inconsistent)
+
+
+def test_save_rejects_a_supernet(supernet, arch, tmp_path):
+    with pytest.raises(TypeError, match="see extract_subnet"):
+        save_subnet(tmp_path / "s.pt", supernet, arch)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_torchscript_export_matches(supernet, arch, x, tmp_path):
+    expected = supernet(x, arch)
+    path = tmp_path / "subnet.ts"
+    scripted = to_torchscript(extract_subnet(supernet, arch), path)
+    torch.testing.assert_close(scripted(x), expected, **TOL)
+    torch.testing.assert_close(torch.jit.load(str(path))(x), expected, **TOL)
+
+
+def test_onnx_export_or_clear_message(supernet, arch, x, tmp_path):
+    plain = extract_subnet(supernet, arch)
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        with pytest.raises(ImportError, match="ONNX export needs"):
+            to_onnx(plain, tmp_path / "subnet.onnx", x)
+        pytest.skip("onnx/onnxscript are not installed: checked the error message only")
+    to_onnx(plain, tmp_path / "subnet.onnx", x)
+    assert (tmp_path / "subnet.onnx").stat().st_size > 0

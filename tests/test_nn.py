@@ -1,0 +1,232 @@
+"""Drop-in elastic layers: the active configuration against its extracted plain module, full-width
+state_dict round trips with the plain PyTorch / timm-named modules, and clear errors on bad configurations."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import elastic_ops
+from elastic_ops import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
+from elastic_ops import plain
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    """Layers are checked on the reference; the Triton ops have their own tests (two checks below run them)."""
+    with elastic_ops.use_backend("reference"):
+        yield
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Random values in every parameter (LayerNorm starts at ones/zeros, which would hide slicing mistakes)."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    return module
+
+
+def assert_state_dict_round_trip(elastic: nn.Module, make_plain, inputs: torch.Tensor) -> None:
+    """Plain -> elastic and elastic -> plain at full width give the same keys and the same outputs."""
+    source = randomize(make_plain())
+    elastic.load_state_dict(source.state_dict())
+    torch.testing.assert_close(elastic(inputs), source(inputs), **TOL)
+    randomize(elastic)
+    target = make_plain()
+    target.load_state_dict(elastic.state_dict())
+    torch.testing.assert_close(target(inputs), elastic(inputs), **TOL)
+
+
+def assert_extract_matches(layer: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    extracted = layer.extract()
+    torch.testing.assert_close(extracted(inputs), layer(inputs), **TOL)
+    return extracted
+
+
+# --- ElasticLinear ----------------------------------------------------------------------------------
+
+def test_linear_active_config_matches_extracted_nn_linear():
+    layer = randomize(ElasticLinear(64, 48)).set_active(in_features=37, out_features=23)
+    x = torch.randn(2, 5, 37)
+    extracted = assert_extract_matches(layer, x)
+    assert isinstance(extracted, nn.Linear) and extracted.weight.shape == (23, 37)
+    torch.testing.assert_close(layer(x), x @ layer.weight[:23, :37].T + layer.bias[:23], **TOL)
+    # The extracted weights are copies: changing them leaves the super weight alone.
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        extracted.weight.add_(1.0)
+    assert torch.equal(layer.weight, before)
+
+
+def test_linear_forward_arguments_override_for_one_call():
+    layer = randomize(ElasticLinear(32, 32, bias=False))
+    x = torch.randn(3, 17)
+    torch.testing.assert_close(layer(x, in_features=17, out_features=1), x @ layer.weight[:1, :17].T, **TOL)
+    assert layer.active == {"in_features": 32, "out_features": 32}
+
+
+def test_linear_state_dict_round_trip_with_nn_linear():
+    assert_state_dict_round_trip(ElasticLinear(24, 40), lambda: nn.Linear(24, 40), torch.randn(4, 24))
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (dict(out_features=0), ValueError, "out_features=0 is outside 1..48"),
+    (dict(out_features=49), ValueError, "out_features=49 is outside 1..48"),
+    (dict(in_features=2.0), TypeError, "in_features must be an int"),
+    (dict(width=3), TypeError, "width"),  # unknown key
+])
+def test_linear_bad_config_raises_clear_error(config, error, match):
+    layer = ElasticLinear(64, 48)
+    with pytest.raises(error, match=match):
+        layer.set_active(**config)
+    with pytest.raises(error, match=match):
+        layer(torch.randn(2, 64), **config)
+    assert layer.active == {"in_features": 64, "out_features": 48}, "a rejected configuration must not be kept"
+
+
+def test_linear_input_width_must_match_active_config():
+    layer = ElasticLinear(64, 48).set_active(in_features=32)
+    with pytest.raises(ValueError, match=r"active in_features is 32"):
+        layer(torch.randn(2, 31))
+
+
+# --- ElasticLayerNorm -------------------------------------------------------------------------------
+
+def test_layer_norm_active_config_matches_extracted_nn_layer_norm():
+    layer = randomize(ElasticLayerNorm(50, eps=1e-6)).set_active(dim=29)
+    extracted = assert_extract_matches(layer, torch.randn(3, 7, 29) * 2 + 1)
+    assert isinstance(extracted, nn.LayerNorm) and extracted.normalized_shape == (29,) and extracted.eps == 1e-6
+
+
+def test_layer_norm_state_dict_round_trip_and_errors():
+    assert_state_dict_round_trip(ElasticLayerNorm(33), lambda: nn.LayerNorm(33), torch.randn(5, 33))
+    with pytest.raises(ValueError, match="dim=34 is outside 1..33"):
+        ElasticLayerNorm(33).set_active(dim=34)
+
+
+# --- ElasticMlp -------------------------------------------------------------------------------------
+
+def test_mlp_active_config_matches_extracted_plain_mlp():
+    layer = randomize(ElasticMlp(48, 192)).set_active(embed_dim=40, hidden_features=97)
+    extracted = assert_extract_matches(layer, torch.randn(2, 9, 40))
+    assert extracted.fc1.weight.shape == (97, 40) and extracted.fc2.weight.shape == (40, 97)
+
+
+def test_mlp_state_dict_round_trip_with_timm_named_mlp():
+    layer = ElasticMlp(32, 64)
+    assert set(layer.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert_state_dict_round_trip(layer, lambda: plain.Mlp(32, 64), torch.randn(2, 5, 32))
+
+
+def test_mlp_bad_config_raises_clear_error():
+    with pytest.raises(ValueError, match="hidden_features=65 is outside 1..64"):
+        ElasticMlp(32, 64)(torch.randn(2, 32), hidden_features=65)
+
+
+# --- ElasticAttention -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("embed_dim, num_heads", [(64, 4), (40, 3), (17, 1)])
+def test_attention_active_config_matches_extracted_plain_attention(embed_dim, num_heads):
+    layer = randomize(ElasticAttention(64, 4, head_dim=16)).set_active(embed_dim=embed_dim, num_heads=num_heads)
+    extracted = assert_extract_matches(layer, torch.randn(2, 11, embed_dim))
+    assert extracted.qkv.weight.shape == (3 * num_heads * 16, embed_dim)
+
+
+def test_attention_state_dict_round_trip_with_timm_named_attention():
+    layer = ElasticAttention(48, 3, head_dim=16)
+    assert set(layer.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    assert_state_dict_round_trip(layer, lambda: plain.Attention(48, 3, 16), torch.randn(2, 6, 48))
+
+
+def test_attention_bad_config_raises_clear_error():
+    layer = ElasticAttention(48, 3, head_dim=16)
+    with pytest.raises(ValueError, match="num_heads=4 is outside 1..3"):
+        layer.set_active(num_heads=4)
+    with pytest.raises(ValueError, match=r"\[batch, tokens, embed_dim\]"):
+        layer(torch.randn(6, 48))
+
+
+# --- ElasticBlock -----------------------------------------------------------------------------------
+
+def test_block_active_config_matches_extracted_plain_block():
+    layer = randomize(ElasticBlock(64, 4, 256, head_dim=16)).set_active(embed_dim=48, num_heads=2, hidden_features=131)
+    extracted = assert_extract_matches(layer, torch.randn(2, 10, 48))
+    assert isinstance(extracted, plain.Block) and extracted.mlp.fc1.out_features == 131 and extracted.attn.num_heads == 2
+    torch.testing.assert_close(layer(torch.randn(2, 10, 64), embed_dim=64, num_heads=4, hidden_features=256).shape,
+                               torch.Size([2, 10, 64]))
+
+
+def test_block_state_dict_round_trip_with_timm_named_block():
+    layer = ElasticBlock(32, 2, 64, head_dim=16)
+    assert_state_dict_round_trip(layer, lambda: plain.Block(32, 2, 16, 64), torch.randn(2, 5, 32))
+
+
+def test_block_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    layer = randomize(ElasticBlock(32, 2, 64, head_dim=16, drop_path=0.5))
+    x = torch.randn(64, 5, 32)
+    layer.train()
+    y = layer(x)
+    unchanged = (y == x).flatten(1).all(dim=1)
+    # Both branches dropped with probability 1/4 per sample: some samples pass through untouched, most do not.
+    assert 0 < int(unchanged.sum()) < 40
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.extract()(x), **TOL)
+    with pytest.raises(ValueError, match="drop_path must be in"):
+        ElasticBlock(32, 2, 64, head_dim=16, drop_path=1.0)
+
+
+# --- ElasticPatchEmbed ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("embed_dim, patch_size", [(32, 8), (21, 4)])
+def test_patch_embed_active_config_matches_extracted_plain_patch_embed(embed_dim, patch_size):
+    layer = randomize(ElasticPatchEmbed(8, 3, 32)).set_active(embed_dim=embed_dim, patch_size=patch_size)
+    images = torch.randn(2, 3, 16, 16)
+    extracted = assert_extract_matches(layer, images)
+    assert extracted.proj.weight.shape == (embed_dim, 3, patch_size, patch_size)
+    assert layer(images).shape == (2, (16 // patch_size) ** 2, embed_dim)
+
+
+def test_patch_embed_state_dict_round_trip_and_errors():
+    assert_state_dict_round_trip(ElasticPatchEmbed(4, 3, 24), lambda: plain.PatchEmbed(4, 3, 24), torch.randn(2, 3, 8, 8))
+    layer = ElasticPatchEmbed(8, 3, 32)
+    with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
+        layer(torch.randn(1, 3, 12, 16))
+    with pytest.raises(ValueError, match=r"expected images \[batch, 3, height, width\]"):
+        layer(torch.randn(1, 1, 16, 16))
+
+
+# --- gradients and the Triton backend ---------------------------------------------------------------
+
+def test_gradients_reach_only_the_active_slice():
+    layer = randomize(ElasticMlp(24, 48)).set_active(embed_dim=16, hidden_features=20)
+    layer(torch.randn(3, 16)).square().sum().backward()
+    grad = layer.fc1.weight.grad
+    assert grad[:20, :16].abs().sum() > 0
+    assert torch.count_nonzero(grad[20:]) == 0 and torch.count_nonzero(grad[:, 16:]) == 0
+
+
+def _has_triton_op(name: str) -> bool:
+    return importlib.util.find_spec(f"elastic_ops.ops.{name}") is not None and elastic_ops.backends()["triton"].available
+
+
+@pytest.mark.skipif(not _has_triton_op("linear"), reason="the Triton linear op or the interpreter is not available")
+def test_linear_through_triton_backend_matches_extracted():
+    layer = randomize(ElasticLinear(48, 40)).set_active(in_features=33, out_features=19)
+    x = torch.randn(20, 33)
+    with elastic_ops.use_backend("triton"):
+        y = layer(x)
+    torch.testing.assert_close(y, layer.extract()(x), **TOL)
+
+
+@pytest.mark.skipif(not _has_triton_op("mlp"), reason="the Triton MLP op or the interpreter is not available")
+def test_mlp_through_triton_backend_matches_extracted():
+    layer = randomize(ElasticMlp(32, 64)).set_active(embed_dim=24, hidden_features=40)
+    x = torch.randn(16, 24)
+    with elastic_ops.use_backend("triton"):
+        y = layer(x)
+    torch.testing.assert_close(y, layer.extract()(x), **TOL)
