@@ -1,0 +1,172 @@
+"""Elastic LayerNorm over the first ``d`` of ``D`` channels with ``gamma[:d]``, ``beta[:d]``, forward and backward.
+
+Each program normalises BLOCK_ROWS rows at a time in fp32 (fp64 for fp64 inputs). The backward gives dx per
+row and reduces dgamma/dbeta in two steps: every program sums its rows into one partial row, then the few
+partial rows are summed and added into ``gamma.grad[:d]`` / ``beta.grad[:d]`` (no atomics per element).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import interpreter, weight_grad_buffer
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    M, D, eps,
+    stride_x_row, stride_x_col, stride_y_row,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """y = (x - mean) * rstd * w[:D] + b[:D] over BLOCK_ROWS rows per program.
+
+    x_ptr: x ``[M, D]`` (strided). w_ptr, b_ptr: super gamma/beta, active ``[:D]``. y_ptr: y ``[M, D]``.
+    mean_ptr, rstd_ptr: ``[M]`` statistics kept for the backward.
+    All arithmetic is in COMPUTE_DTYPE: fp32, or fp64 for fp64 inputs (gradcheck).
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols[None, :] < D)
+    x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=mask, other=0.0)
+    x = x.to(COMPUTE_DTYPE)
+    mean = tl.sum(x, axis=1) / D
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+    M, D,
+    stride_dy_row, stride_dy_col, stride_x_row, stride_x_col, stride_dx_row,
+    HAS_WEIGHT: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx of every row, and per-program partial sums of dgamma and dbeta.
+
+    dy_ptr: dy ``[M, D]`` (strided). x_ptr: x ``[M, D]`` (strided). w_ptr: super gamma, active ``[:D]``.
+    mean_ptr, rstd_ptr: ``[M]`` from the forward. dx_ptr: dx ``[M, D]``.
+    dw_partial_ptr, db_partial_ptr: ``[programs, D]``; program p writes row p, the sum over the row
+    tiles p, p + programs, p + 2 * programs, ...
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE_DTYPE)
+    dw_sum = tl.zeros((BLOCK_D,), dtype=COMPUTE_DTYPE)
+    db_sum = tl.zeros((BLOCK_D,), dtype=COMPUTE_DTYPE)
+    for row_tile in range(pid, tl.cdiv(M, BLOCK_ROWS), tl.num_programs(0)):
+        rows = row_tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :] * stride_dy_col, mask=mask, other=0.0)
+        dy = dy.to(COMPUTE_DTYPE)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = tl.where(mask, (x.to(COMPUTE_DTYPE) - mean[:, None]) * rstd[:, None], 0.0)
+        w_dy = dy
+        if HAS_WEIGHT:
+            w_dy = dy * w[None, :]
+        # dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat)), means over the D active channels.
+        c_hat = tl.sum(w_dy * x_hat, axis=1) / D
+        c_one = tl.sum(w_dy, axis=1) / D
+        dx = (w_dy - x_hat * c_hat[:, None] - c_one[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if WEIGHT_GRAD:
+            dw_sum += tl.sum(dy * x_hat, axis=0)
+        if BIAS_GRAD:
+            db_sum += tl.sum(dy, axis=0)
+    if WEIGHT_GRAD:
+        tl.store(dw_partial_ptr + pid * D + cols, dw_sum, mask=col_mask)
+    if BIAS_GRAD:
+        tl.store(db_partial_ptr + pid * D + cols, db_sum, mask=col_mask)
+
+
+def _compute_dtype(x: Tensor):
+    """(torch, triton) dtype of statistics and arithmetic: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _block_rows(d: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_ROWS, num_warps): about 4K elements per tile (16K in the interpreter, fewer programs)."""
+    block_d = triton.next_power_of_2(d)
+    elements = 16384 if interpreter() else 4096
+    block_rows = max(1, min(64, elements // block_d))
+    return block_d, block_rows, 4 if block_d * block_rows <= 4096 else 8
+
+
+def _backward_programs(M: int, block_rows: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU, each reducing several row tiles into one partial row."""
+    tiles = triton.cdiv(M, block_rows)
+    target = 4 if interpreter() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, target))
+
+
+class ElasticLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        d = x.shape[-1]
+        x2d = x.reshape(-1, d)
+        M = x2d.shape[0]
+        y = torch.empty((M, d), device=x.device, dtype=x.dtype)
+        mean = torch.empty(M, device=x.device, dtype=_compute_dtype(x)[0])
+        rstd = torch.empty_like(mean)
+        block_d, block_rows, warps = _block_rows(d)
+        if M > 0:
+            _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
+                x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
+                M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=_compute_dtype(x)[1],
+                BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+            )
+        ctx.save_for_backward(x2d, weight, bias, mean, rstd)  # bias only locates its gradient buffer
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2d, weight, bias, mean, rstd = ctx.saved_tensors
+        M, d = x2d.shape
+        dy2d = dy.reshape(-1, d)
+        need_dw = ctx.needs_input_grad[1] and weight is not None
+        need_db = ctx.needs_input_grad[2] and bias is not None
+        dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
+        dw_returned = db_returned = None
+        block_d, block_rows, warps = _block_rows(d)
+        programs = _backward_programs(M, block_rows, x2d.device)
+        dw_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_dw else mean
+        db_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_db else mean
+        _layer_norm_backward_kernel[(programs,)](
+            dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_partial, db_partial,
+            M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0),
+            HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=_compute_dtype(x2d)[1],
+            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+        )
+        # The second, small reduction: `programs` partial rows per parameter, added into the gradient view.
+        if need_dw:
+            dw_view, dw_returned = weight_grad_buffer(weight, d)
+            dw_view += dw_partial.sum(0).to(dw_view.dtype)
+        if need_db:
+            db_view, db_returned = weight_grad_buffer(bias, d)
+            db_view += db_partial.sum(0).to(db_view.dtype)
+        dx = dx.view(dy.shape) if ctx.needs_input_grad[0] else None
+        return dx, dw_returned, db_returned, None
+
+
+def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Triton LayerNorm over the ``d = x.shape[-1]`` active channels; inputs validated by ``elastic_ops.functional``."""
+    return ElasticLayerNormFunction.apply(x, weight, bias, eps)
