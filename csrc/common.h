@@ -1,23 +1,18 @@
-// Shared plumbing of the native CPU kernels.
+// Shared plumbing of the native CPU kernels: strided views, the thread pool, per-thread scratch.
 //
-// Tensors cross from Python as (data pointer, shape, element strides). Python validates dtype,
-// device, shapes and bounds before calling (elastic_ops/_native.py); the checks here only guard
-// the invariants a kernel relies on, so a bug on the Python side becomes an exception, not a crash.
+// Nothing here includes pybind11 or instantiates standard-library algorithms inside kernel code: the
+// kernels are compiled once per instruction set (isa_*.cpp under `#pragma GCC target`), and a template
+// instantiated in one of those files must not leak AVX-512 code into the portable build through the
+// linker's choice of a duplicate. module.cpp turns Python objects into these structs.
 #pragma once
 
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
-#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <vector>
+#include <type_traits>
 
 namespace elastic {
-
-namespace py = pybind11;
 
 // A strided view of a float32 matrix: a slice of a super weight or a batch of activations.
 struct Matrix {
@@ -29,7 +24,7 @@ struct Matrix {
   float& at(int64_t r, int64_t c) const { return data[r * stride_row + c * stride_col]; }
 };
 
-// A strided view of a float32 vector (bias, LayerNorm weight), possibly absent.
+// A strided view of a float32 vector (bias, LayerNorm weight); `data == nullptr` means absent.
 struct Vector {
   float* data = nullptr;
   int64_t size = 0, stride = 0;
@@ -38,62 +33,49 @@ struct Vector {
   float operator[](int64_t i) const { return data[i * stride]; }
 };
 
-inline std::vector<int64_t> as_ints(const py::handle& seq, const char* what, size_t expected) {
-  auto items = py::cast<std::vector<int64_t>>(seq);
-  if (items.size() != expected) {
-    throw std::invalid_argument(std::string(what) + ": expected " + std::to_string(expected) +
-                                " entries, got " + std::to_string(items.size()));
-  }
-  return items;
-}
+// A strided view of a float32 [batch, tokens, channels] activation.
+struct Tensor3 {
+  float* data = nullptr;
+  int64_t dims[3] = {0, 0, 0};
+  int64_t strides[3] = {0, 0, 0};
 
-// spec = (data_ptr, (rows, cols), (stride_row, stride_col))
-inline Matrix matrix_from(const py::tuple& spec, const char* name) {
-  if (spec.size() != 3) throw std::invalid_argument(std::string(name) + ": expected (ptr, shape, strides)");
-  auto ptr = py::cast<uintptr_t>(spec[0]);
-  auto shape = as_ints(spec[1], name, 2);
-  auto strides = as_ints(spec[2], name, 2);
-  if (ptr == 0) throw std::invalid_argument(std::string(name) + ": null data pointer");
-  if (shape[0] < 0 || shape[1] < 0) throw std::invalid_argument(std::string(name) + ": negative size");
-  return Matrix{reinterpret_cast<float*>(ptr), shape[0], shape[1], strides[0], strides[1]};
-}
-
-// spec = None or (data_ptr, (size,), (stride,))
-inline Vector vector_from(const py::object& spec, const char* name) {
-  if (spec.is_none()) return Vector{};
-  auto tup = py::cast<py::tuple>(spec);
-  if (tup.size() != 3) throw std::invalid_argument(std::string(name) + ": expected (ptr, shape, strides)");
-  auto ptr = py::cast<uintptr_t>(tup[0]);
-  auto shape = as_ints(tup[1], name, 1);
-  auto strides = as_ints(tup[2], name, 1);
-  if (ptr == 0) throw std::invalid_argument(std::string(name) + ": null data pointer");
-  return Vector{reinterpret_cast<float*>(ptr), shape[0], strides[0]};
-}
+  // Batch element b as a [tokens, channels] matrix.
+  Matrix slice(int64_t b) const { return Matrix{data + b * strides[0], dims[1], dims[2], strides[1], strides[2]}; }
+};
 
 inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
 }
 
-// Runs body(begin, end) over [0, n) split in contiguous chunks across the hardware threads.
-// Chunks are at least `grain` long so that small problems stay on the calling thread.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// --- threads -------------------------------------------------------------------------------------
+
+using RangeFn = void (*)(void* context, int64_t begin, int64_t end);
+
+// Runs fn(context, begin, end) over [0, n) on up to `threads` threads (the caller included), handing
+// out chunks of `grain` indices from a shared counter so that uneven work balances. The workers are
+// persistent (started on first use, re-created after fork). An exception thrown by any chunk is
+// rethrown here once all chunks have finished.
+void parallel_run(int64_t n, int64_t grain, int threads, RangeFn fn, void* context);
+
 template <class Body>
-void parallel_for(int64_t n, int64_t grain, Body&& body) {
-  if (n <= 0) return;
-  int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  int64_t workers = std::min<int64_t>(hw, std::max<int64_t>(1, n / std::max<int64_t>(1, grain)));
-  if (workers == 1) {
-    body(int64_t{0}, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  int64_t chunk = (n + workers - 1) / workers;
-  for (int64_t w = 1; w < workers; ++w) {
-    int64_t begin = w * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) pool.emplace_back([&body, begin, end] { body(begin, end); });
-  }
-  body(int64_t{0}, std::min(n, chunk));
-  for (auto& t : pool) t.join();
+void parallel_for(int64_t n, int64_t grain, int threads, Body&& body) {
+  using B = std::remove_reference_t<Body>;
+  parallel_run(n, grain, threads, [](void* ctx, int64_t begin, int64_t end) { (*static_cast<B*>(ctx))(begin, end); },
+               const_cast<void*>(static_cast<const void*>(&body)));
 }
+
+// --- scratch memory -----------------------------------------------------------------------------
+
+// Per-thread buffers, 64-byte aligned and kept between calls so that the kernels neither allocate
+// in their loops nor page-fault fresh memory on every call. Each slot is one independent buffer; the
+// returned pointer is valid until the same thread asks for the same slot again.
+// kShared* hold what the calling thread shares with the tasks of one call (packed weights); the
+// others are used inside tasks only, so the caller, which runs tasks too, never clobbers its own.
+enum class Slot : int { kPackA = 0, kTile, kKeys, kValues, kShared0, kShared1, kShared2, kShared3, kCount };
+float* scratch(Slot slot, int64_t floats);
 
 }  // namespace elastic

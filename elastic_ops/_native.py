@@ -1,39 +1,237 @@
-"""Host side of the native CPU kernels: turns tensors into (pointer, shape, strides) for ``elastic_ops._C``.
+"""Host side of the native CPU kernels (``elastic_ops._C``): the checked entry points.
 
-Callers go through ``elastic_ops.functional``, which has validated shapes, dtypes and devices; the
-wrappers here only reshape to the 2-D views the kernels take.
+``_C`` is internal. It takes each tensor as ``(data_ptr, shape, element strides)`` and can check the
+specs' form and that their shapes agree, not that a pointer addresses that much memory or holds
+float32 CPU data. So the functions here build every spec from a live tensor, check what C++ cannot
+see (float32, CPU, dense strided layout, no autograd) and raise a ``ValueError`` or ``TypeError``
+naming the problem; shapes and active sizes are checked by ``_validate`` on the dispatched path
+(``elastic_ops.functional``) and, on every path, by ``_C`` against the tensors' own shapes before any
+kernel reads memory. Outputs are allocated here, so they never overlap an input.
+
+The kernels run on any strides (a batch, token or channel stride of ``x`` is read in place), use
+``torch.get_num_threads()`` threads, and are forward-only. Every kernel is written for K subnets at once
+(``[K, rows, width]`` activations with per-subnet size tables, DESIGN.md section 3): the single-subnet
+ops are K = 1, the ``*_grouped`` functions are the batched mode used by ``nas.batched``.
+
+Every op, plain linear included, runs its own C++ kernel: on this project's shapes the register-blocked
+GEMM of csrc/kernels_impl.h measured at or below torch's oneDNN/MKL sgemm time on the same CPU (see
+benchmarks/bench_native_cpu.py), so no op is handed back to torch. The fused ops gain more: GELU in the
+GEMM epilogue, the MLP's hidden activation kept in cache per block of rows, attention per (batch entry,
+head) with its scores never leaving the thread.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, _validate
 
 
-def matrix_spec(t: Tensor) -> tuple:
-    """(pointer, shape, element strides) of a 2-D float32 CPU tensor or view."""
-    return t.data_ptr(), tuple(t.shape), tuple(t.stride())
+def _check(op: str, **tensors: Tensor | None) -> None:
+    """What the C++ side cannot see for itself: each tensor is a dense float32 CPU tensor, not in autograd.
+
+    Shapes and active sizes are checked twice before a kernel runs: by ``_validate`` (here, or in
+    ``functional`` on the dispatched path) and by ``_C`` against the other tensors' shapes.
+    """
+    grad = torch.is_grad_enabled()
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{op}: the native kernels take float32, {name} is {t.dtype}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{op}: the native kernels run on the CPU, {name} is on {t.device}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{op}: {name} must be a dense strided tensor, got layout {t.layout}")
+        if grad and t.requires_grad:
+            raise ValueError(f"{op}: the native kernels are forward-only and {name} requires grad "
+                             "(run under torch.no_grad(), or use another backend)")
 
 
-def vector_spec(t: Tensor | None) -> tuple | None:
+def _ndim(op: str, name: str, t: Tensor | None, ndim: int) -> None:
+    if t is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _spec(t: Tensor | None) -> tuple | None:
+    """(pointer, shape, element strides) of a tensor or view; None stays None."""
     return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
 
 
-def rows_of(x: Tensor) -> Tensor:
-    """``x`` as a 2-D ``[rows, features]`` view where its layout allows, else a contiguous copy."""
-    if x.dim() == 2:
-        return x
+def _rows3(x: Tensor) -> Tensor:
+    """``x [..., features]`` as ``[K, rows, features]`` for K subnets of equal sizes, without a copy where
+    possible: one block of rows if the leading dims merge, else one block per leading index (a 3-D x of
+    any strides), else a reshaped copy."""
+    if x.dim() <= 2:
+        return x.reshape(1, -1, x.shape[-1])
     try:
-        return x.view(-1, x.shape[-1])
+        return x.view(1, -1, x.shape[-1])
     except RuntimeError:
-        return x.reshape(-1, x.shape[-1])
+        pass
+    return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
 
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _slice_rows(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t[:n]
+
+
+# --- single subnet ---------------------------------------------------------------------------------
+# Shapes and active sizes: functional._validate checks them on the dispatched path; _C checks them again
+# against the tensors' own shapes on every path, so a direct call here with a bad size raises there.
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None = None) -> Tensor:
-    rows = rows_of(x)
-    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
-    _C.linear_forward(matrix_spec(rows), matrix_spec(weight[:out_features, : x.shape[-1]]),
-                      vector_spec(None if bias is None else bias[:out_features]), matrix_spec(out),
-                      activation == "gelu")
+    """``act(x @ weight[:out_features, :in].T + bias[:out_features])``, ``in = x.shape[-1]``."""
+    op = "native linear"
+    _check(op, x=x, weight=weight, bias=bias)
+    _ndim(op, "weight", weight, 2)
+    _ndim(op, "bias", bias, 1)
+    if activation not in (None, "gelu"):
+        raise ValueError(f"{op}: activation must be None or 'gelu', got {activation!r}")
+    x3 = _rows3(x)
+    out = torch.empty(*x3.shape[:2], out_features, dtype=x.dtype)
+    _C.linear_forward(_spec(x3), _spec(weight[:out_features, : x.shape[-1]]), _spec(_slice_rows(bias, out_features)),
+                      [out_features] * x3.shape[0], _spec(out), activation == "gelu", _threads())
     return out.view(*x.shape[:-1], out_features)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the ``d = x.shape[-1]`` active channels with ``weight[:d]``, ``bias[:d]``."""
+    op = "native layer_norm"
+    _check(op, x=x, weight=weight, bias=bias)
+    _ndim(op, "weight", weight, 1)
+    _ndim(op, "bias", bias, 1)
+    d = x.shape[-1]
+    x3 = _rows3(x)
+    out = torch.empty(x3.shape, dtype=x.dtype)
+    _C.layer_norm_forward(_spec(x3), _spec(weight), _spec(bias), [d] * x3.shape[0], float(eps), _spec(out), _threads())
+    return out.view(x.shape)
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
+        hidden_features: int) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` with ``W1[:hidden, :e]``, ``W2[:e, :hidden]``, fused per block of rows."""
+    op = "native mlp"
+    _check(op, x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    for name, t, ndim in (("fc1_weight", fc1_weight, 2), ("fc1_bias", fc1_bias, 1), ("fc2_weight", fc2_weight, 2),
+                          ("fc2_bias", fc2_bias, 1)):
+        _ndim(op, name, t, ndim)
+    e = x.shape[-1]
+    x3 = _rows3(x)
+    out = torch.empty(x3.shape, dtype=x.dtype)
+    _C.mlp_forward(_spec(x3), _spec(fc1_weight), _spec(fc1_bias), _spec(fc2_weight), _spec(fc2_bias),
+                   [e] * x3.shape[0], [hidden_features] * x3.shape[0], _spec(out), _threads())
+    return out.view(x.shape)
+
+
+def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
+              num_heads: int, head_dim: int = 64) -> Tensor:
+    """Self-attention of ``x [B, N, e]`` with ``num_heads`` heads (block qkv layout), then ``W_o[:e, :h*Dh]``."""
+    op = "native attention"
+    _check(op, x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    for name, t, ndim in (("x", x, 3), ("qkv_weight", qkv_weight, 2), ("qkv_bias", qkv_bias, 1),
+                          ("proj_weight", proj_weight, 2), ("proj_bias", proj_bias, 1)):
+        _ndim(op, name, t, ndim)
+    _check_head_dim(op, qkv_weight, head_dim)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _C.attention_forward(_spec(x), x.shape[0], _spec(qkv_weight), _spec(qkv_bias), _spec(proj_weight), _spec(proj_bias),
+                         qkv_weight.shape[0] // (3 * head_dim), head_dim, [x.shape[2]], [num_heads], _spec(out),
+                         _threads())
+    return out
+
+
+def _check_head_dim(op: str, qkv_weight: Tensor, head_dim: int) -> None:
+    if not isinstance(head_dim, int) or head_dim < 1 or qkv_weight.shape[0] % (3 * head_dim):
+        raise ValueError(f"{op}: qkv_weight has {qkv_weight.shape[0]} rows, not a multiple of 3 * head_dim "
+                         f"(head_dim={head_dim!r}); expected the block layout [3 * H_max * head_dim, E_max]")
+
+
+# --- K subnets in one pass (nas.batched) -----------------------------------------------------------
+
+def _sizes(op: str, what: str, sizes, groups: int) -> list[int]:
+    """The host size table of a ``nas.batched.GroupSizes`` (or a sequence of ints), one entry per subnet."""
+    values = getattr(sizes, "values", sizes)
+    if not isinstance(values, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{op}: {what} must be a GroupSizes or a sequence of ints, got {sizes!r}")
+    if len(values) != groups:
+        raise ValueError(f"{op}: {what} has {len(values)} entries for {groups} subnets")
+    return list(values)
+
+
+def _grouped_x(op: str, x: Tensor, ndim: int | None = None) -> Tensor:
+    _check(op, x=x)
+    if (ndim is not None and x.dim() != ndim) or x.dim() < 2:
+        raise ValueError(f"{op}: x must be [K, ..., width] ({ndim or 'at least 2'} dims), got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def linear_grouped(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes, activation: str | None = None) -> Tensor:
+    """Subnet k: ``act(x[k] @ weight[:out_k, :in].T + bias[:out_k])``, zero past ``out_k``; x ``[K, ..., in]``."""
+    op = "native linear_grouped"
+    x3 = _grouped_x(op, x)
+    _check(op, weight=weight, bias=bias)
+    _ndim(op, "weight", weight, 2)
+    _ndim(op, "bias", bias, 1)
+    if activation not in (None, "gelu"):
+        raise ValueError(f"{op}: activation must be None or 'gelu', got {activation!r}")
+    out = _sizes(op, "out_sizes", out_sizes, x.shape[0])
+    width = max(out)
+    y = torch.empty(*x3.shape[:2], width, dtype=x.dtype)
+    _C.linear_forward(_spec(x3), _spec(weight[:width, : x.shape[-1]]), _spec(_slice_rows(bias, width)), out, _spec(y),
+                      activation == "gelu", _threads())
+    return y.view(*x.shape[:-1], width)
+
+
+def layer_norm_grouped(x: Tensor, sizes, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Subnet k: LayerNorm of ``x[k, ..., :e_k]`` with ``weight[:e_k]``, ``bias[:e_k]``; zero past ``e_k``."""
+    op = "native layer_norm_grouped"
+    x3 = _grouped_x(op, x)
+    _check(op, weight=weight, bias=bias)
+    _ndim(op, "weight", weight, 1)
+    _ndim(op, "bias", bias, 1)
+    y = torch.empty(x3.shape, dtype=x.dtype)
+    _C.layer_norm_forward(_spec(x3), _spec(weight), _spec(bias), _sizes(op, "sizes", sizes, x.shape[0]), float(eps),
+                          _spec(y), _threads())
+    return y.view(x.shape)
+
+
+def mlp_grouped(x: Tensor, sizes, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                fc2_bias: Tensor | None, hidden_sizes) -> Tensor:
+    """Subnet k: ``fc2(gelu(fc1(x[k, ..., :e_k])))`` with ``W1[:h_k, :e_k]``, ``W2[:e_k, :h_k]``; zero past ``e_k``."""
+    op = "native mlp_grouped"
+    x3 = _grouped_x(op, x)
+    _check(op, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    for name, t, ndim in (("fc1_weight", fc1_weight, 2), ("fc1_bias", fc1_bias, 1), ("fc2_weight", fc2_weight, 2),
+                          ("fc2_bias", fc2_bias, 1)):
+        _ndim(op, name, t, ndim)
+    y = torch.empty(x3.shape, dtype=x.dtype)
+    _C.mlp_forward(_spec(x3), _spec(fc1_weight), _spec(fc1_bias), _spec(fc2_weight), _spec(fc2_bias),
+                   _sizes(op, "sizes", sizes, x.shape[0]), _sizes(op, "hidden_sizes", hidden_sizes, x.shape[0]),
+                   _spec(y), _threads())
+    return y.view(x.shape)
+
+
+def attention_grouped(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                      proj_bias: Tensor | None, head_counts, head_dim: int = 64) -> Tensor:
+    """Subnet k: self-attention of ``x[k] [B, N, :e_k]`` with ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``; zero past ``e_k``."""
+    op = "native attention_grouped"
+    x3 = _grouped_x(op, x, 4)
+    _check(op, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    for name, t, ndim in (("qkv_weight", qkv_weight, 2), ("qkv_bias", qkv_bias, 1), ("proj_weight", proj_weight, 2),
+                          ("proj_bias", proj_bias, 1)):
+        _ndim(op, name, t, ndim)
+    _check_head_dim(op, qkv_weight, head_dim)
+    groups, batch, tokens, width = x.shape
+    x3 = x.reshape(groups * batch, tokens, width)
+    y = torch.empty(x3.shape, dtype=x.dtype)
+    _C.attention_forward(_spec(x3), batch, _spec(qkv_weight), _spec(qkv_bias), _spec(proj_weight), _spec(proj_bias),
+                         qkv_weight.shape[0] // (3 * head_dim), head_dim, _sizes(op, "sizes", sizes, groups),
+                         _sizes(op, "head_counts", head_counts, groups), _spec(y), _threads())
+    return y.view(x.shape)

@@ -22,14 +22,17 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     },
     "layer_norm": {
         "triton": "elastic_ops.ops.layernorm:elastic_layer_norm",
+        "native": "elastic_ops._native:layer_norm",
         "reference": "elastic_ops.reference:layer_norm",
     },
     "mlp": {
         "triton": "elastic_ops.ops.mlp:elastic_mlp",
+        "native": "elastic_ops._native:mlp",
         "reference": "elastic_ops.reference:mlp",
     },
     "attention": {
         "triton": "elastic_ops.ops.attention:elastic_attention",
+        "native": "elastic_ops._native:attention",
         "reference": "elastic_ops.reference:attention",
     },
 }

@@ -27,8 +27,10 @@ def test_forced_backend_that_cannot_run_says_why():
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
     with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="gradients"):
         elastic_ops.elastic_linear(x, w, None, 5)
-    with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="no native kernel|not built"):
-        elastic_ops.elastic_layer_norm(torch.randn(2, 4), None, None)
+    with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="float32"):
+        elastic_ops.elastic_layer_norm(torch.randn(2, 4, dtype=torch.float64), None, None)
+    with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="no native kernel"):
+        _backend.select("an_op_without_native_kernel", torch.device("cpu"), torch.float32, False, has_native=False)
 
 
 def test_forced_triton_without_gpu_or_interpreter_raises_clear_error():
