@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import interpreter, weight_grad_buffer
-from .linear import (_acc_dtype, _grad_weight_launch, _linear_grad_weight_kernel, _matmul_configs, grouped_tile,
+from .linear import (acc_dtype, grad_weight_launch, linear_grad_weight_kernel, matmul_configs, grouped_tile,
                      linear_backward, linear_forward, matmul_tile)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -36,7 +36,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 # ---------------------------------------------------------------------------------------------- qkv projection
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "width", "K"])
+@triton.autotune(configs=matmul_configs(), key=["M", "width", "K"])
 @triton.jit
 def _qkv_forward_kernel(
     x_ptr, w_ptr, b_ptr, qkv_ptr,
@@ -66,7 +66,7 @@ def _qkv_forward_kernel(
     tl.store(out_ptrs, acc.to(qkv_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < width))
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "width", "K"])
+@triton.autotune(configs=matmul_configs(), key=["M", "width", "K"])
 @triton.jit
 def _qkv_grad_input_kernel(
     d_qkv_ptr, w_ptr, dx_ptr,
@@ -96,7 +96,7 @@ def _qkv_grad_input_kernel(
 
 # ---------------------------------------------------------------------------------------------- flash attention
 
-def _attention_configs(outer: str, inner: str) -> list[triton.Config]:
+def attention_configs(outer: str, inner: str) -> list[triton.Config]:
     """Tiles of ``outer`` rows per program against ``inner`` rows per loop step."""
     if interpreter():  # several configs crash the interpreter; large tiles keep its grids small
         return [triton.Config({outer: 64, inner: 64})]
@@ -106,21 +106,21 @@ def _attention_configs(outer: str, inner: str) -> list[triton.Config]:
 
 
 @triton.jit
-def _head_rows(base_ptr, rows, row_stride, tokens, HEAD_DIM: tl.constexpr):
+def head_rows(base_ptr, rows, row_stride, tokens, HEAD_DIM: tl.constexpr):
     """Tile ``[len(rows), HEAD_DIM]`` of one head; rows past ``tokens`` read as zero."""
     cols = tl.arange(0, HEAD_DIM)
     return tl.load(base_ptr + rows[:, None] * row_stride + cols[None, :], mask=rows[:, None] < tokens, other=0.0)
 
 
 @triton.jit
-def _store_head_rows(base_ptr, rows, row_stride, tokens, tile, HEAD_DIM: tl.constexpr):
+def store_head_rows(base_ptr, rows, row_stride, tokens, tile, HEAD_DIM: tl.constexpr):
     cols = tl.arange(0, HEAD_DIM)
     tl.store(base_ptr + rows[:, None] * row_stride + cols[None, :], tile.to(base_ptr.dtype.element_ty),
              mask=rows[:, None] < tokens)
 
 
 @triton.jit
-def _head_program(tokens, num_heads, width, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def head_program(tokens, num_heads, width, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """(row block, batch * h + head, offset in the qkv buffer ``[B*N, 3*width]``, offset in a ``[B*N, width]``
     context) of this program. One flat grid axis, row blocks fastest so that neighbours share a head's k and v;
     the second grid axis would cap B*h at 65535. Offsets are int64: large batches overflow int32."""
@@ -131,7 +131,32 @@ def _head_program(tokens, num_heads, width, HEAD_DIM: tl.constexpr, BLOCK: tl.co
     return tl.program_id(0) % row_blocks, pid_bh, first_row * (3 * width) + head_col, first_row * width + head_col
 
 
-@triton.autotune(configs=_attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
+@triton.jit
+def flash_attention_rows(q, k_base, v_base, row_stride, tokens, qk_scale,
+                         HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(softmax(q k^T * scale) v, base-2 log-sum-exp)`` of a ``[BLOCK_M, HEAD_DIM]`` query tile against one head's
+    keys and values ``[tokens, HEAD_DIM]`` at k_base, v_base (rows ``row_stride`` apart), BLOCK_N keys at a time with
+    an online softmax; keys past ``tokens`` are masked. qk_scale: ``Dh**-0.5 * log2(e)`` (scores in base 2)."""
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
+    row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC_DTYPE)
+    for key_start in range(0, tokens, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k = head_rows(k_base, keys, row_stride, tokens, HEAD_DIM)
+        v = head_rows(v_base, keys, row_stride, tokens, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * qk_scale
+        scores = tl.where(keys[None, :] < tokens, scores, float("-inf"))
+        # Every block holds at least one real key, so the new maximum is finite.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None])
+        row_max = new_max
+    return acc / row_sum[:, None], row_max + tl.log2(row_sum)
+
+
+@triton.autotune(configs=attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
 @triton.jit
 def _attention_forward_kernel(
     qkv_ptr, context_ptr, lse_ptr,
@@ -145,32 +170,18 @@ def _attention_forward_kernel(
     lse_ptr: ``[B*h, N]``, base-2 log-sum-exp of each query's scaled scores.
     qk_scale: ``Dh**-0.5 * log2(e)``.
     """
-    pid_m, pid_bh, qkv_offset, context_offset = _head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
+    pid_m, pid_bh, qkv_offset, context_offset = head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
     q_base = qkv_ptr + qkv_offset
     qkv_stride = 3 * width
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
-    row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC_DTYPE)
-    for key_start in range(0, tokens, BLOCK_N):
-        keys = key_start + tl.arange(0, BLOCK_N)
-        k = _head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
-        v = _head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
-        scores = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * qk_scale
-        scores = tl.where(keys[None, :] < tokens, scores, float("-inf"))
-        # Every block holds at least one real key, so the new maximum is finite.
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None])
-        row_max = new_max
-    _store_head_rows(context_ptr + context_offset, rows, width, tokens, acc / row_sum[:, None], HEAD_DIM)
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * tokens + rows, row_max + tl.log2(row_sum), mask=rows < tokens)
+    q = head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
+    context, lse = flash_attention_rows(q, q_base + width, q_base + 2 * width, qkv_stride, tokens, qk_scale,
+                                        HEAD_DIM, ACC_DTYPE, BLOCK_M, BLOCK_N)
+    store_head_rows(context_ptr + context_offset, rows, width, tokens, context, HEAD_DIM)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * tokens + rows, lse, mask=rows < tokens)
 
 
-@triton.autotune(configs=_attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
+@triton.autotune(configs=attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
 @triton.jit
 def _attention_backward_dq_kernel(
     qkv_ptr, context_ptr, d_context_ptr, lse_ptr, delta_ptr, d_qkv_ptr,
@@ -184,14 +195,14 @@ def _attention_backward_dq_kernel(
     delta_ptr: ``[B*h, N]`` written here. d_qkv_ptr: gradient ``[B*N, 3*width]``; dq goes to the q columns.
     sm_scale: ``Dh**-0.5``.
     """
-    pid_m, pid_bh, qkv_offset, context_offset = _head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
+    pid_m, pid_bh, qkv_offset, context_offset = head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
     q_base = qkv_ptr + qkv_offset
     qkv_stride = 3 * width
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tokens
-    q = _head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
-    d_out = _head_rows(d_context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
-    out = _head_rows(context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
+    q = head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
+    d_out = head_rows(d_context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
+    out = head_rows(context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
     delta = tl.sum(d_out.to(ACC_DTYPE) * out.to(ACC_DTYPE), axis=1)
     stats_offset = pid_bh.to(tl.int64) * tokens + rows
     tl.store(delta_ptr + stats_offset, delta, mask=row_ok)
@@ -199,18 +210,18 @@ def _attention_backward_dq_kernel(
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC_DTYPE)
     for key_start in range(0, tokens, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
-        k = _head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
-        v = _head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
+        k = head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
+        v = head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
         scores = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * qk_scale
         # Keys past N load as zeros, but exp2(0 - lse) overflows when every real score is far below zero: mask them.
         p = tl.exp2(tl.where(keys[None, :] < tokens, scores, float("-inf")) - lse[:, None])
         dp = tl.dot(d_out, tl.trans(v), out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    _store_head_rows(d_qkv_ptr + qkv_offset, rows, qkv_stride, tokens, dq * sm_scale, HEAD_DIM)
+    store_head_rows(d_qkv_ptr + qkv_offset, rows, qkv_stride, tokens, dq * sm_scale, HEAD_DIM)
 
 
-@triton.autotune(configs=_attention_configs("BLOCK_N", "BLOCK_M"), key=["tokens", "HEAD_DIM"])
+@triton.autotune(configs=attention_configs("BLOCK_N", "BLOCK_M"), key=["tokens", "HEAD_DIM"])
 @triton.jit
 def _attention_backward_dkdv_kernel(
     qkv_ptr, d_context_ptr, lse_ptr, delta_ptr, d_qkv_ptr,
@@ -223,20 +234,20 @@ def _attention_backward_dkdv_kernel(
     columns of d_qkv. The probabilities are recomputed transposed (keys x queries) so that no tile is transposed
     for the dv and dk products.
     """
-    pid_n, pid_bh, qkv_offset, context_offset = _head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_N)
+    pid_n, pid_bh, qkv_offset, context_offset = head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_N)
     q_base = qkv_ptr + qkv_offset
     qkv_stride = 3 * width
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
-    v = _head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
+    k = head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
+    v = head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC_DTYPE)
     stats_base = pid_bh.to(tl.int64) * tokens
     for query_start in range(0, tokens, BLOCK_M):
         rows = query_start + tl.arange(0, BLOCK_M)
         row_ok = rows < tokens
-        q = _head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
-        d_out = _head_rows(d_context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
+        q = head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
+        d_out = head_rows(d_context_ptr + context_offset, rows, width, tokens, HEAD_DIM)
         lse = tl.load(lse_ptr + stats_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
         # Query rows past N load as zeros (q, dO, lse, delta), so their probabilities are exp2(0) = 1 times a zero
@@ -246,8 +257,8 @@ def _attention_backward_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(d_out), out_dtype=ACC_DTYPE)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
-    _store_head_rows(d_qkv_ptr + qkv_offset + width, keys, qkv_stride, tokens, dk * sm_scale, HEAD_DIM)
-    _store_head_rows(d_qkv_ptr + qkv_offset + 2 * width, keys, qkv_stride, tokens, dv, HEAD_DIM)
+    store_head_rows(d_qkv_ptr + qkv_offset + width, keys, qkv_stride, tokens, dk * sm_scale, HEAD_DIM)
+    store_head_rows(d_qkv_ptr + qkv_offset + 2 * width, keys, qkv_stride, tokens, dv, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -262,7 +273,7 @@ def qkv_forward(x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, width:
         x2d, qkv_weight, qkv_bias if qkv_bias is not None else qkv_weight, qkv,
         M, width, K, max_width,
         x2d.stride(0), x2d.stride(1), qkv_weight.stride(0), qkv_weight.stride(1),
-        HAS_BIAS=qkv_bias is not None, ACC_DTYPE=_acc_dtype(x2d),
+        HAS_BIAS=qkv_bias is not None, ACC_DTYPE=acc_dtype(x2d),
     )
     return qkv
 
@@ -276,7 +287,7 @@ def attention_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * num_heads,)
     _attention_forward_kernel[grid](
         qkv, context, lse, tokens, num_heads, width, head_dim ** -0.5 * math.log2(math.e),
-        HEAD_DIM=head_dim, ACC_DTYPE=_acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
     )
     return context, lse
 
@@ -292,12 +303,12 @@ def attention_backward(qkv: Tensor, context: Tensor, lse: Tensor, d_context: Ten
     dq_grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * num_heads,)
     _attention_backward_dq_kernel[dq_grid](
         qkv, context, d_context, lse, delta, d_qkv, tokens, num_heads, width, *scales,
-        HEAD_DIM=head_dim, ACC_DTYPE=_acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
     )
     dkdv_grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]) * batch * num_heads,)
     _attention_backward_dkdv_kernel[dkdv_grid](
         qkv, d_context, lse, delta, d_qkv, tokens, num_heads, width, *scales,
-        HEAD_DIM=head_dim, ACC_DTYPE=_acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
     )
     return d_qkv
 
@@ -313,7 +324,7 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
         dx = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
         _qkv_grad_input_kernel[grid](d_qkv, qkv_weight, dx, M, width, K, max_width,
-                                     qkv_weight.stride(0), qkv_weight.stride(1), ACC_DTYPE=_acc_dtype(x2d))
+                                     qkv_weight.stride(0), qkv_weight.stride(1), ACC_DTYPE=acc_dtype(x2d))
     dw_view = dw_returned = db_view = db_returned = None
     if need_dw:
         dw_view, dw_returned = weight_grad_buffer(qkv_weight, 3 * max_width, K)
@@ -323,18 +334,18 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
         db_view = db_view.view(3, max_width)
     if (need_dw or need_db) and M > 0:
         fp32_grads = all(v is None or v.dtype == torch.float32 for v in (dw_view, db_view))
-        config, tiles_k, splits, m_blocks_per_split = _grad_weight_launch(M, width, K, need_dw, x2d.dtype,
+        config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, width, K, need_dw, x2d.dtype,
                                                                           fp32_grads, x2d.device)
         tiles = triton.cdiv(width, config["BLOCK_N"]) * tiles_k
         for block in range(3):
             d_block = d_qkv[:, block * width:(block + 1) * width]
             dw_arg = dw_view[block] if need_dw else qkv_weight
-            _linear_grad_weight_kernel[(tiles, splits)](
+            linear_grad_weight_kernel[(tiles, splits)](
                 d_block, d_block, x2d, dw_arg, db_view[block] if need_db else qkv_weight,
                 M, width, K, tiles_k, m_blocks_per_split,
                 d_block.stride(0), d_block.stride(1), 0, 0, x2d.stride(0), x2d.stride(1),
                 dw_arg.stride(0), dw_arg.stride(1),
-                GELU=False, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=_acc_dtype(x2d),
+                GELU=False, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
                 **config,
             )
     return dx, dw_returned, db_returned

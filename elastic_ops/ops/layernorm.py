@@ -97,12 +97,12 @@ def _layer_norm_backward_kernel(
         tl.store(db_partial_ptr + pid * D + cols, db_sum, mask=col_mask)
 
 
-def _compute_dtype(x: Tensor):
+def compute_dtype(x: Tensor):
     """(torch, triton) dtype of statistics and arithmetic: fp32, or fp64 for fp64 inputs (gradcheck)."""
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _block_rows(d: int) -> tuple[int, int, int]:
+def layer_norm_tiles(d: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_ROWS, num_warps): about 4K elements per tile (16K in the interpreter, fewer programs)."""
     block_d = triton.next_power_of_2(d)
     elements = 16384 if interpreter() else 4096
@@ -110,9 +110,9 @@ def _block_rows(d: int) -> tuple[int, int, int]:
     return block_d, block_rows, 4 if block_d * block_rows <= 4096 else 8
 
 
-def _backward_programs(M: int, block_rows: int, device: torch.device) -> int:
+def _backward_programs(M: int, rows_per_tile: int, device: torch.device) -> int:
     """Enough programs to fill the GPU, each reducing several row tiles into one partial row."""
-    tiles = triton.cdiv(M, block_rows)
+    tiles = triton.cdiv(M, rows_per_tile)
     target = 4 if interpreter() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(tiles, target))
 
@@ -124,14 +124,14 @@ class ElasticLayerNormFunction(torch.autograd.Function):
         x2d = x.reshape(-1, d)
         M = x2d.shape[0]
         y = torch.empty((M, d), device=x.device, dtype=x.dtype)
-        mean = torch.empty(M, device=x.device, dtype=_compute_dtype(x)[0])
+        mean = torch.empty(M, device=x.device, dtype=compute_dtype(x)[0])
         rstd = torch.empty_like(mean)
-        block_d, block_rows, warps = _block_rows(d)
+        block_d, block_rows, warps = layer_norm_tiles(d)
         if M > 0:
             _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
                 x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
                 M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=_compute_dtype(x)[1],
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(x)[1],
                 BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
             )
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)  # bias only locates its gradient buffer
@@ -146,14 +146,14 @@ class ElasticLayerNormFunction(torch.autograd.Function):
         need_db = ctx.needs_input_grad[2] and bias is not None
         dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
         dw_returned = db_returned = None
-        block_d, block_rows, warps = _block_rows(d)
+        block_d, block_rows, warps = layer_norm_tiles(d)
         programs = _backward_programs(M, block_rows, x2d.device)
         dw_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_dw else mean
         db_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_db else mean
         _layer_norm_backward_kernel[(programs,)](
             dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_partial, db_partial,
             M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0),
-            HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=_compute_dtype(x2d)[1],
+            HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],
             BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
         )
         # The second, small reduction: `programs` partial rows per parameter, added into the gradient view.

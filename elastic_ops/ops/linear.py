@@ -75,7 +75,7 @@ def matmul_tile(a_ptr, b_ptr, pre_ptr, offs_m, offs_n, M, N, K,
     return acc
 
 
-def _matmul_configs() -> list[triton.Config]:
+def matmul_configs() -> list[triton.Config]:
     if interpreter():  # several configs crash the interpreter; one large tile keeps the grid small
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
     shapes = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 64, 64, 4, 4),
@@ -84,7 +84,7 @@ def _matmul_configs() -> list[triton.Config]:
             for bm, bn, bk, s, w in shapes]
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
 @triton.jit
 def _linear_forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr,
@@ -115,7 +115,7 @@ def _linear_forward_kernel(
     tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
 @triton.jit
 def _linear_grad_input_kernel(
     dy_ptr, pre_ptr, w_ptr, dx_ptr,
@@ -141,7 +141,7 @@ def _linear_grad_input_kernel(
 
 
 @triton.jit
-def _linear_grad_weight_kernel(
+def linear_grad_weight_kernel(
     dy_ptr, pre_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K, tiles_k, m_blocks_per_split,
     stride_dy_m, stride_dy_n, stride_pre_m, stride_pre_n, stride_x_m, stride_x_k, stride_dw_out, stride_dw_in,
@@ -200,7 +200,7 @@ def _linear_grad_weight_kernel(
                 tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=db_mask)
 
 
-def _grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch.dtype, fp32_grads: bool,
+def grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch.dtype, fp32_grads: bool,
                         device: torch.device):
     """(config, k tiles, row splits, row blocks per split) of the weight-gradient kernel.
 
@@ -223,12 +223,12 @@ def _grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torc
     return config, tiles_k, splits, m_blocks_per_split
 
 
-def _acc_dtype(x: Tensor):
+def acc_dtype(x: Tensor):
     """fp32 accumulation for fp32/fp16/bf16; fp64 inputs (gradcheck) keep fp64 throughout."""
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _rows(t: Tensor) -> Tensor:
+def as_rows(t: Tensor) -> Tensor:
     """``t`` as ``[rows, features]``: a view where the strides allow it (no copy of a sliced x)."""
     return t.reshape(-1, t.shape[-1])
 
@@ -248,7 +248,7 @@ def linear_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_feature
         x2d, weight, bias if bias is not None else weight, y, pre if pre is not None else y,
         M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, GELU=gelu_on, STORE_PRE_ACTIVATION=pre is not None, ACC_DTYPE=_acc_dtype(x2d),
+        HAS_BIAS=bias is not None, GELU=gelu_on, STORE_PRE_ACTIVATION=pre is not None, ACC_DTYPE=acc_dtype(x2d),
     )
     return y, pre
 
@@ -270,7 +270,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
                 dy, pre_arg, weight, dx, M, N, K,
                 dy.stride(0), dy.stride(1), *pre_strides, weight.stride(0), weight.stride(1),
                 dx.stride(0), dx.stride(1),
-                GELU=gelu_on, ACC_DTYPE=_acc_dtype(x2d),
+                GELU=gelu_on, ACC_DTYPE=acc_dtype(x2d),
             )
     dw_view = dw_returned = db_view = db_returned = None
     if need_dw:
@@ -279,14 +279,14 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
         db_view, db_returned = weight_grad_buffer(bias, N)
     if (need_dw or need_db) and M > 0:
         fp32_grads = all(v is None or v.dtype == torch.float32 for v in (dw_view, db_view))
-        config, tiles_k, splits, m_blocks_per_split = _grad_weight_launch(M, N, K, need_dw, x2d.dtype, fp32_grads,
+        config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, N, K, need_dw, x2d.dtype, fp32_grads,
                                                                           x2d.device)
         dw_arg = dw_view if need_dw else weight
-        _linear_grad_weight_kernel[(triton.cdiv(N, config["BLOCK_N"]) * tiles_k, splits)](
+        linear_grad_weight_kernel[(triton.cdiv(N, config["BLOCK_N"]) * tiles_k, splits)](
             dy, pre_arg, x2d, dw_arg, db_view if need_db else weight,
             M, N, K, tiles_k, m_blocks_per_split,
             dy.stride(0), dy.stride(1), *pre_strides, x2d.stride(0), x2d.stride(1), dw_arg.stride(0), dw_arg.stride(1),
-            GELU=gelu_on, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=_acc_dtype(x2d),
+            GELU=gelu_on, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
             **config,
         )
     return dx, dw_returned, db_returned
@@ -295,7 +295,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
 class ElasticLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None):
-        x2d = _rows(x)
+        x2d = as_rows(x)
         # GELU backward needs the pre-activation. It is stored by the forward epilogue rather than recomputed:
         # recomputing costs a third GEMM (+50% backward FLOPs), while storing costs the same memory as
         # F.linear followed by F.gelu, which keeps that tensor for its backward too.
@@ -309,7 +309,7 @@ class ElasticLinearFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x2d, weight, bias, pre = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = linear_backward(_rows(dy), pre, x2d, weight, bias, need_dx, need_dw, need_db and bias is not None)
+        dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, bias, need_dx, need_dw, need_db and bias is not None)
         return (dx.view(ctx.x_shape) if dx is not None else None), dw, db, None, None
 
 

@@ -19,14 +19,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import interpreter, weight_grad_buffer
-from .linear import _matmul_configs, _rows, gelu, grouped_tile, linear_backward, linear_forward
+from .linear import matmul_configs, as_rows, gelu, grouped_tile, linear_backward, linear_forward
 
 # The reduction length each split of the split-K weight-gradient GEMM gets at least.
 MIN_K_PER_SPLIT = 256
 
 
 @triton.autotune(
-    configs=_matmul_configs(),
+    configs=matmul_configs(),
     key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "BIAS_GRAD", "SPLIT_K"],
     # Accumulating launches add into gradients: every tuning run must start from the same values.
     restore_value=["out_ptr", "bias_grad_ptr"],
@@ -165,7 +165,7 @@ def mlp_backward(dy: Tensor, x2d: Tensor, pre: Tensor, fc1_weight: Tensor, fc1_b
 class ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features):
-        x2d = _rows(x)
+        x2d = as_rows(x)
         y, pre = mlp_forward(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features)
         ctx.save_for_backward(x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
         ctx.x_shape = x.shape
@@ -175,7 +175,7 @@ class ElasticMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
         dx, dw1, db1, dw2, db2 = mlp_backward(
-            _rows(grad_y), x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+            as_rows(grad_y), x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
             tuple(ctx.needs_input_grad[:5]))
         return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None
 
