@@ -8,36 +8,36 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _require(condition: bool, message: str, error: type[Exception] = ValueError) -> None:
+def require(condition: bool, message: str, error: type[Exception] = ValueError) -> None:
     if not condition:
         raise error(message)
 
 
 def check_tensor(op: str, name: str, tensor, ndim: int | None = None, min_ndim: int | None = None) -> None:
-    _require(isinstance(tensor, Tensor), f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}", TypeError)
-    _require(tensor.dtype in FLOAT_DTYPES, f"{op}: {name} must be a floating-point tensor, got {tensor.dtype}", TypeError)
+    require(isinstance(tensor, Tensor), f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}", TypeError)
+    require(tensor.dtype in FLOAT_DTYPES, f"{op}: {name} must be a floating-point tensor, got {tensor.dtype}", TypeError)
     if ndim is not None:
-        _require(tensor.dim() == ndim, f"{op}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+        require(tensor.dim() == ndim, f"{op}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if min_ndim is not None:
-        _require(tensor.dim() >= min_ndim, f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(tensor.shape)}")
+        require(tensor.dim() >= min_ndim, f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(tensor.shape)}")
 
 
 def check_same_device(op: str, x: Tensor, **others: Tensor | None) -> None:
     for name, tensor in others.items():
         if tensor is not None:
-            _require(tensor.device == x.device, f"{op}: {name} is on {tensor.device} but x is on {x.device}")
+            require(tensor.device == x.device, f"{op}: {name} is on {tensor.device} but x is on {x.device}")
 
 
 def check_active(op: str, what: str, active: int, maximum: int) -> None:
-    _require(isinstance(active, int) and not isinstance(active, bool), f"{op}: {what} must be an int, got {active!r}", TypeError)
-    _require(1 <= active <= maximum, f"{op}: {what}={active} is outside 1..{maximum} (the super weight's size)")
+    require(isinstance(active, int) and not isinstance(active, bool), f"{op}: {what} must be an int, got {active!r}", TypeError)
+    require(1 <= active <= maximum, f"{op}: {what}={active} is outside 1..{maximum} (the super weight's size)")
 
 
 def check_bias(op: str, name: str, bias: Tensor | None, rows: int) -> None:
     if bias is None:
         return
     check_tensor(op, name, bias, ndim=1)
-    _require(bias.shape[0] == rows, f"{op}: {name} has {bias.shape[0]} entries but its weight has {rows} rows")
+    require(bias.shape[0] == rows, f"{op}: {name} has {bias.shape[0]} entries but its weight has {rows} rows")
 
 
 def check_linear(x, weight, bias, out_features: int, op: str = "elastic_linear") -> None:
@@ -74,8 +74,8 @@ def check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: 
     check_tensor(op, "x", x, ndim=3)
     check_tensor(op, "qkv_weight", qkv_weight, ndim=2)
     check_tensor(op, "proj_weight", proj_weight, ndim=2)
-    _require(isinstance(head_dim, int) and head_dim > 0, f"{op}: head_dim must be a positive int, got {head_dim!r}")
-    _require(qkv_weight.shape[0] % (3 * head_dim) == 0,
+    require(isinstance(head_dim, int) and head_dim > 0, f"{op}: head_dim must be a positive int, got {head_dim!r}")
+    require(qkv_weight.shape[0] % (3 * head_dim) == 0,
              f"{op}: qkv_weight has {qkv_weight.shape[0]} rows, not a multiple of 3 * head_dim = {3 * head_dim} "
              "(expected the block layout [3 * H_max * head_dim, E_max])")
     max_heads = qkv_weight.shape[0] // (3 * head_dim)
@@ -83,6 +83,6 @@ def check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: 
     check_bias(op, "proj_bias", proj_bias, proj_weight.shape[0])
     check_same_device(op, x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)
     check_active(op, "num_heads", num_heads, max_heads)
-    _require(proj_weight.shape[1] >= num_heads * head_dim,
+    require(proj_weight.shape[1] >= num_heads * head_dim,
              f"{op}: proj_weight has {proj_weight.shape[1]} input columns, fewer than num_heads * head_dim = {num_heads * head_dim}")
     check_active(op, "embed dim (x.shape[-1])", x.shape[-1], min(qkv_weight.shape[1], proj_weight.shape[0]))
