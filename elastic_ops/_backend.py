@@ -98,7 +98,8 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
-def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool) -> str | None:
+def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool,
+             triton_backward: bool) -> str | None:
     """None if ``backend`` can run this call, else the reason it cannot."""
     if backend == "reference":
         return None
@@ -106,6 +107,8 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
         status = triton_status()
         if not status.available:
             return status.reason
+        if needs_grad and not triton_backward:
+            return f"the Triton kernels of {op} are forward-only; this call needs gradients"
         if device.type == "cpu" and not triton_interpreting():
             return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)"
         if device.type not in ("cpu", "cuda"):
@@ -127,11 +130,16 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
     return None
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
+def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool,
+           triton_backward: bool = True) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+
+    ``has_native``: the op has a native kernel (always forward-only); ``triton_backward``: its Triton kernels
+    have a backward.
+    """
     forced = forced_backend()
     if forced is not None:
-        reason = _why_not(forced, op, device, dtype, needs_grad, has_native)
+        reason = _why_not(forced, op, device, dtype, needs_grad, has_native, triton_backward)
         if reason is not None:
             raise BackendUnavailableError(f"backend {forced!r} was forced for {op} but cannot run: {reason}")
         return forced
@@ -142,6 +150,6 @@ def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, 
     else:
         order = ("native", "reference")
     for backend in order:
-        if _why_not(backend, op, device, dtype, needs_grad, has_native) is None:
+        if _why_not(backend, op, device, dtype, needs_grad, has_native, triton_backward) is None:
             return backend
     return "reference"

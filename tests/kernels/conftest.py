@@ -1,17 +1,8 @@
-"""Fixtures and checks shared by the Triton kernel tests (DESIGN.md section 5)."""
-from __future__ import annotations
-
+"""Fixtures of the Triton kernel tests; the shared checks are in kernel_checks.py."""
 import pytest
 import torch
 
 import elastic_ops
-
-TOLERANCES = {
-    # fp32 in the interpreter is exact-ish; on GPU tl.dot runs in tf32.
-    torch.float32: dict(atol=1e-5, rtol=1e-5) if not torch.cuda.is_available() else dict(atol=2e-3, rtol=2e-3),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
-}
 
 
 @pytest.fixture
@@ -24,38 +15,3 @@ def triton_backend():
     """Force the Triton backend: a test fails loudly instead of silently running the reference."""
     with elastic_ops.use_backend("triton"):
         yield
-
-
-def kernel_dtypes():
-    """fp32 and fp16 everywhere; bf16 only compiled (it is broken in the interpreter)."""
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-
-
-def super_param(*shape: int, active: tuple[int, ...], device, dtype=torch.float32) -> torch.nn.Parameter:
-    """A super weight: random in the active leading block, NaN outside it, so that any read past the
-    active slice poisons the result."""
-    data = torch.full(shape, float("nan"), device=device, dtype=dtype)
-    block = tuple(slice(0, a) for a in active)
-    data[block] = torch.randn(*active, device=device, dtype=dtype) * shape[-1] ** -0.5
-    return torch.nn.Parameter(data)
-
-
-def seed_grad(param: torch.Tensor) -> torch.Tensor:
-    """Give ``param`` an existing random gradient (as after an earlier step) and return a copy of it."""
-    param.grad = torch.randn_like(param)
-    return param.grad.clone()
-
-
-def assert_grad_accumulated(param: torch.Tensor, before: torch.Tensor, block_grad: torch.Tensor, **tol) -> None:
-    """Inside the active block the gradient is ``before + block_grad``; outside it is bit-for-bit ``before``."""
-    block = tuple(slice(0, s) for s in block_grad.shape)
-    inside = torch.zeros_like(param.grad, dtype=torch.bool)
-    inside[block] = True
-    torch.testing.assert_close(param.grad[block].float(), (before[block] + block_grad.to(before.dtype)).float(), **tol)
-    assert torch.equal(param.grad[~inside], before[~inside]), "gradient outside the active slice changed"
-
-
-def reference_copy(param: torch.Tensor, active: tuple[int, ...]) -> torch.Tensor:
-    """An fp32 leaf holding the active block of ``param``, for computing reference gradients with autograd."""
-    block = tuple(slice(0, a) for a in active)
-    return param.detach()[block].float().clone().requires_grad_(True)

@@ -8,7 +8,7 @@ import elastic_ops
 from elastic_ops import reference
 from elastic_ops.ops._common import weight_grads_in_place
 
-from conftest import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
+from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
 
 # (batch, tokens, D, d): 197 tokens, prime widths, active 1, active = max, batch 1.
 SHAPES = {

@@ -1,0 +1,317 @@
+"""Grouped inference kernels: K subnets of one supernet in one launch per op (DESIGN.md section 3, batched mode).
+
+Activations of the K subnets are stacked as ``[K, ..., E]``, ``E`` the group's widest active size; subnet k's
+channels past its own size are padding. An int32 size table ``[K]`` per elastic dimension (``.table`` of a
+``GroupSizes``, duck-typed: only ``.values``, ``.width``, ``.table``, ``.uniform`` are used) tells each program what
+is active: the subnet index is a grid axis, output tiles past a subnet's active size only store zeros (or nothing,
+for buffers no later kernel reads there) and return, and reductions stop at the subnet's active input size, so
+inputs past it are never read. The super weights are shared by all subnets and read in place through their strides.
+
+Every function has the signature of the grouped PyTorch op of the same name in ``nas.batched`` (the lead
+registers them in ``GROUPED_IMPLEMENTATIONS`` as the "triton" backend); they run forward only:
+
+- ``grouped_linear``: one GEMM kernel, optional fused exact GELU. It has no input size table, so its reduction runs
+  over the full input width and relies on the input padding being zero, as the PyTorch op does.
+- ``grouped_layer_norm``: statistics of each subnet over its own active channels.
+- ``grouped_mlp``: the GEMM kernel twice (fc1 + GELU into a hidden buffer sized by the hidden table, then fc2).
+- ``grouped_attention``: the GEMM kernel over the three row blocks of the qkv weight, a flash-attention kernel over
+  each subnet's active heads (online softmax, masked partial key blocks), and the GEMM kernel for the output projection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._validate import require, check_bias, check_same_device, check_tensor
+from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_configs, flash_attention_rows, head_program,
+                        head_rows, store_head_rows)
+from .layernorm import compute_dtype, layer_norm_tiles
+from .linear import acc_dtype, matmul_configs, gelu, grouped_tile, matmul_tile
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
+@triton.jit
+def _grouped_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, in_sizes_ptr, out_sizes_ptr,
+    M, N, K, weight_block_rows,
+    stride_x_group, stride_x_m, stride_x_k, stride_w_out, stride_w_in, stride_y_group, stride_y_m,
+    HAS_BIAS: tl.constexpr, HAS_IN_SIZES: tl.constexpr, GELU: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``y[g, :, j*N : j*N + out_g] = act(x[g, :, :in_g] @ W_j[:out_g, :in_g].T + b_j[:out_g])`` for subnet
+    ``g = program_id(2)`` and weight row block ``j = program_id(1)`` (one block for a linear layer; q, k, v for qkv).
+
+    x_ptr: x ``[G, M, K]`` (strided); subnet g's active input is ``[:, :in_g]``, ``in_g = in_sizes[g]``, or all K
+    without HAS_IN_SIZES (then its padding must be zero).
+    w_ptr: super weight; block j starts at row ``j * weight_block_rows``, active ``[:out_g, :in_g]``.
+    b_ptr: super bias; block j starts at ``j * weight_block_rows``, active ``[:out_g]``.
+    y_ptr: y ``[G, M, blocks * N]``, unit column stride; columns ``out_g:`` of each block are subnet g's padding:
+    set to zero with ZERO_PADDING, else never written.
+    in_sizes_ptr, out_sizes_ptr: int32 ``[G]`` size tables (``out_g <= N``, ``in_g <= K``).
+    """
+    group = tl.program_id(2).to(tl.int64)
+    block = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + group * stride_y_group + offs_m[:, None] * stride_y_m + block * N + offs_n[None, :]
+    out_size = tl.load(out_sizes_ptr + group)
+    if pid_n * BLOCK_N >= out_size:  # a tile of padding only: no GEMM
+        if ZERO_PADDING:
+            tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        return
+    in_size = K
+    if HAS_IN_SIZES:
+        in_size = tl.load(in_sizes_ptr + group)
+    w_block_ptr = w_ptr + block * weight_block_rows * stride_w_out
+    acc = matmul_tile(x_ptr + group * stride_x_group, w_block_ptr, x_ptr, offs_m, offs_n, M, out_size, in_size,
+                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+    # Columns past out_size of a straddling tile stay exactly zero: their weight columns and bias load as
+    # zero, and gelu(0) = 0.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + block * weight_block_rows + offs_n, mask=offs_n < out_size, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    if GELU:
+        acc = gelu(acc)
+    store_width = out_size
+    if ZERO_PADDING:
+        store_width = N
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < store_width))
+
+
+@triton.jit
+def _grouped_layer_norm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, sizes_ptr,
+    M, D, eps,
+    stride_x_group, stride_x_row, stride_x_col, stride_y_group, stride_y_row,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """LayerNorm of BLOCK_ROWS rows of subnet ``g = program_id(1)`` over its ``d_g = sizes[g]`` active channels.
+
+    x_ptr: x ``[G, M, D]`` (strided); only ``[:, :, :d_g]`` is read. w_ptr, b_ptr: super gamma/beta, active ``[:d_g]``.
+    y_ptr: y ``[G, M, D]``, unit column stride; columns ``d_g:`` are set to zero. sizes_ptr: int32 ``[G]``.
+    """
+    group = tl.program_id(1).to(tl.int64)
+    active_size = tl.load(sizes_ptr + group)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    active_cols = cols < active_size
+    mask = row_mask[:, None] & active_cols[None, :]
+    x = tl.load(x_ptr + group * stride_x_group + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
+                mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    mean = tl.sum(x, axis=1) / active_size
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / active_size + eps)
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(w_ptr + cols, mask=active_cols, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=active_cols, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols[None, :] < D))
+
+
+@triton.autotune(configs=attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
+@triton.jit
+def _grouped_attention_kernel(
+    qkv_ptr, context_ptr, head_counts_ptr,
+    tokens, num_heads, width, stride_qkv_group, stride_context_group, qk_scale,
+    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Flash attention of one query block of one (batch, head) of subnet ``g = program_id(1)``; programs of heads
+    past the subnet's ``h_g = head_counts[g]`` return at once.
+
+    qkv_ptr: ``[G, B*N, 3*width]`` = ``[G, B, N, 3, H, Dh]``, ``width = H * Dh`` for the group's widest head count H.
+    context_ptr: ``[G, B*N, width]``; heads ``h_g:`` of subnet g are never written.
+    head_counts_ptr: int32 ``[G]``. qk_scale: ``Dh**-0.5 * log2(e)``.
+    """
+    group = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh, qkv_offset, context_offset = head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
+    if pid_bh % num_heads >= tl.load(head_counts_ptr + group):
+        return
+    q_base = qkv_ptr + group * stride_qkv_group + qkv_offset
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = head_rows(q_base, rows, 3 * width, tokens, HEAD_DIM)
+    context, _ = flash_attention_rows(q, q_base + width, q_base + 2 * width, 3 * width, tokens, qk_scale,
+                                      HEAD_DIM, ACC_DTYPE, BLOCK_M, BLOCK_N)
+    store_head_rows(context_ptr + group * stride_context_group + context_offset, rows, width, tokens, context, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+def _group_rows(x: Tensor, groups: int) -> Tensor:
+    """``x [K, ..., E]`` as ``[K, rows, E]``: a view wherever the strides allow."""
+    return x.reshape(groups, -1, x.shape[-1])
+
+
+def _linear_launch(x3d: Tensor, weight: Tensor, bias: Tensor | None, in_table: Tensor | None, out_table: Tensor,
+                   out_width: int, *, gelu_on: bool = False, zero_padding: bool, blocks: int = 1,
+                   weight_block_rows: int = 0) -> Tensor:
+    """``[K, M, blocks * out_width]`` from ``x3d [K, M, in]`` with the grouped GEMM kernel."""
+    groups, M, K = x3d.shape
+    y = torch.empty((groups, M, blocks * out_width), device=x3d.device, dtype=x3d.dtype)
+    if M == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_width, meta["BLOCK_N"]), blocks, groups)
+    _grouped_linear_kernel[grid](
+        x3d, weight, bias if bias is not None else weight, y,
+        in_table if in_table is not None else out_table, out_table,
+        M, out_width, K, weight_block_rows,
+        *x3d.stride(), *weight.stride(), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_IN_SIZES=in_table is not None, GELU=gelu_on, ZERO_PADDING=zero_padding,
+        ACC_DTYPE=acc_dtype(x3d),
+    )
+    return y
+
+
+def _check_group(op: str, name: str, x: Tensor, sizes, what: str) -> None:
+    """``sizes`` is a size table with one entry per subnet of ``x [K, ...]``, on x's device."""
+    require(all(hasattr(sizes, a) for a in ("values", "width", "table", "uniform")),
+             f"{op}: {what} must be a GroupSizes (values, width, table, uniform), got {type(sizes).__name__}", TypeError)
+    require(len(sizes.values) == x.shape[0],
+             f"{op}: {what} has {len(sizes.values)} subnets but {name} stacks {x.shape[0]} (shape {tuple(x.shape)})")
+    require(sizes.table.dtype == torch.int32 and sizes.table.device == x.device,
+             f"{op}: {what}.table must be int32 on {x.device}, got {sizes.table.dtype} on {sizes.table.device}")
+
+
+def _check_weight(op: str, name: str, weight: Tensor, rows: int, cols: int, x: Tensor) -> None:
+    check_tensor(op, name, weight, ndim=2)
+    check_same_device(op, x, **{name: weight})
+    require(weight.shape[0] >= rows and weight.shape[1] >= cols,
+             f"{op}: {name} of shape {tuple(weight.shape)} is smaller than the active block [{rows}, {cols}]")
+
+
+def _check_inference(op: str, *tensors: Tensor | None) -> None:
+    require(not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors),
+             f"{op}: the grouped kernels run forward only (batched evaluation) and would drop the gradient; "
+             "call it under torch.no_grad()", RuntimeError)
+
+
+def _check_stack(op: str, x: Tensor, sizes, what: str, ndim: int | None = None) -> None:
+    """x is a ``[K, ..., sizes.width]`` stack of activations."""
+    check_tensor(op, "x", x, ndim=ndim, min_ndim=None if ndim is not None else 2)
+    _check_group(op, "x", x, sizes, what)
+    require(x.shape[-1] == sizes.width,
+             f"{op}: x has {x.shape[-1]} channels but the widest subnet of {what} has {sizes.width}")
+
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes, activation: str | None = None) -> Tensor:
+    """``act(x[k] @ weight[:out_k, :in].T + bias[:out_k])`` for each subnet k, zero past ``out_k``.
+
+    x: ``[K, ..., in]`` with each subnet's input padding zero; out: ``[K, ..., out_sizes.width]``.
+    """
+    op = "grouped_linear (triton)"
+    check_tensor(op, "x", x, min_ndim=2)
+    _check_group(op, "x", x, out_sizes, "out_sizes")
+    _check_weight(op, "weight", weight, out_sizes.width, x.shape[-1], x)
+    check_bias(op, "bias", bias, weight.shape[0])
+    check_same_device(op, x, bias=bias)
+    require(activation in (None, "gelu"), f"{op}: activation must be None or 'gelu', got {activation!r}")
+    _check_inference(op, x, weight, bias)
+    y = _linear_launch(_group_rows(x, x.shape[0]), weight, bias, None, out_sizes.table, out_sizes.width,
+                       gelu_on=activation == "gelu", zero_padding=True)
+    return y.view(*x.shape[:-1], out_sizes.width)
+
+
+def grouped_layer_norm(x: Tensor, sizes, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm of each subnet over ITS active channels ``:e_k`` (``weight[:e_k]``, ``bias[:e_k]``); padding is zero.
+
+    x: ``[K, ..., sizes.width]``; its padding is never read.
+    """
+    op = "grouped_layer_norm (triton)"
+    _check_stack(op, x, sizes, "sizes")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_tensor(op, name, param, ndim=1)
+            check_same_device(op, x, **{name: param})
+            require(param.shape[0] >= sizes.width, f"{op}: {name} has {param.shape[0]} entries, fewer than the "
+                                                    f"widest subnet's {sizes.width} channels")
+    _check_inference(op, x, weight, bias)
+    x3d = _group_rows(x, x.shape[0])
+    groups, M, D = x3d.shape
+    y = torch.empty((groups, M, D), device=x.device, dtype=x.dtype)
+    if M > 0:
+        block_d, block_rows, warps = layer_norm_tiles(D)
+        _grouped_layer_norm_kernel[(triton.cdiv(M, block_rows), groups)](
+            x3d, weight if weight is not None else x3d, bias if bias is not None else x3d, y, sizes.table,
+            M, D, eps, *x3d.stride(), y.stride(0), y.stride(1),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(x)[1],
+            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+        )
+    return y.view(x.shape)
+
+
+def grouped_mlp(x: Tensor, sizes, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                fc2_bias: Tensor | None, hidden_sizes) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` of each subnet with ``W1[:hidden_k, :e_k]``, ``W2[:e_k, :hidden_k]``; padding is zero.
+
+    x: ``[K, ..., sizes.width]``; its padding is never read.
+    """
+    op = "grouped_mlp (triton)"
+    _check_stack(op, x, sizes, "sizes")
+    _check_group(op, "x", x, hidden_sizes, "hidden_sizes")
+    _check_weight(op, "fc1_weight", fc1_weight, hidden_sizes.width, sizes.width, x)
+    _check_weight(op, "fc2_weight", fc2_weight, sizes.width, hidden_sizes.width, x)
+    check_bias(op, "fc1_bias", fc1_bias, fc1_weight.shape[0])
+    check_bias(op, "fc2_bias", fc2_bias, fc2_weight.shape[0])
+    check_same_device(op, x, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
+    _check_inference(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    x3d = _group_rows(x, x.shape[0])
+    # fc2 reads each subnet's hidden units only up to its own hidden size: the buffer's padding stays unwritten.
+    hidden = _linear_launch(x3d, fc1_weight, fc1_bias, sizes.table, hidden_sizes.table, hidden_sizes.width,
+                            gelu_on=True, zero_padding=False)
+    y = _linear_launch(hidden, fc2_weight, fc2_bias, hidden_sizes.table, sizes.table, sizes.width, zero_padding=True)
+    return y.view(x.shape)
+
+
+def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                      proj_bias: Tensor | None, head_counts, head_dim: int = 64) -> Tensor:
+    """Self-attention of each subnet with its ``h_k`` heads (block qkv layout ``[3*H_max*Dh, E_max]``), then
+    ``W_o[:e_k, :h_k*Dh]``; padding is zero. Heads past ``h_k`` are neither projected nor attended.
+
+    x: ``[K, B, N, sizes.width]``; its padding is never read.
+    """
+    op = "grouped_attention (triton)"
+    _check_stack(op, x, sizes, "sizes", ndim=4)
+    _check_group(op, "x", x, head_counts, "head_counts")
+    require(isinstance(head_dim, int) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0,
+             f"{op}: head_dim must be a power of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {head_dim!r}")
+    check_tensor(op, "qkv_weight", qkv_weight, ndim=2)
+    require(qkv_weight.shape[0] % (3 * head_dim) == 0,
+             f"{op}: qkv_weight has {qkv_weight.shape[0]} rows, not a multiple of 3 * head_dim = {3 * head_dim} "
+             "(expected the block layout [3 * H_max * head_dim, E_max])")
+    max_width = qkv_weight.shape[0] // 3
+    width = head_counts.width * head_dim
+    _check_weight(op, "qkv_weight", qkv_weight, width, sizes.width, x)
+    require(width <= max_width, f"{op}: the widest subnet has {head_counts.width} heads but qkv_weight holds "
+                                 f"{max_width // head_dim}")
+    _check_weight(op, "proj_weight", proj_weight, sizes.width, width, x)
+    check_bias(op, "qkv_bias", qkv_bias, qkv_weight.shape[0])
+    check_bias(op, "proj_bias", proj_bias, proj_weight.shape[0])
+    check_same_device(op, x, qkv_bias=qkv_bias, proj_bias=proj_bias)
+    _check_inference(op, x, qkv_weight, qkv_bias, proj_weight, proj_bias)
+
+    groups, batch, tokens, _ = x.shape
+    head_widths = head_counts.table * head_dim
+    qkv = _linear_launch(_group_rows(x, groups), qkv_weight, qkv_bias, sizes.table, head_widths, width,
+                         zero_padding=False, blocks=3, weight_block_rows=max_width)
+    context = torch.empty((groups, batch * tokens, width), device=x.device, dtype=x.dtype)
+    if batch * tokens > 0:
+        grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * head_counts.width, groups)
+        _grouped_attention_kernel[grid](
+            qkv, context, head_counts.table, tokens, head_counts.width, width, qkv.stride(0), context.stride(0),
+            head_dim ** -0.5 * math.log2(math.e), HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(x),
+        )
+    y = _linear_launch(context, proj_weight, proj_bias, head_widths, sizes.table, sizes.width, zero_padding=True)
+    return y.view(x.shape)
