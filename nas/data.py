@@ -1,0 +1,323 @@
+"""Image classification data for supernet training, with no torchvision.
+
+Every data set yields batches ``(images, labels)``: ``uint8 [B, C, H, W]`` and ``int64 [B]``. Images are
+normalised and augmented on the training device, batch at a time, with plain torch ops
+(:func:`normalize`, :func:`augment`), so that a GPU does that work and no per-image Python runs.
+
+Built in:
+- ``digits``: scikit-learn's 8x8 digits (ships inside the package, no files needed), a fixed 80/20 split.
+- ``cifar10`` / ``cifar100``: the standard "python version" layout (``data_batch_1..5``/``test_batch``,
+  or ``train``/``test``).
+- ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), gzipped or not.
+- ``imagefolder``: ``root/{train,val|test}/<class>/<image>``, read with PIL and resized to the model's size.
+
+Sharding and order come from :class:`torch.utils.data.DistributedSampler`: batch ``i`` of epoch ``e`` is a
+pure function of ``(seed, e, rank, world_size)``, which is what lets a resumed run see the same batches.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Published per-channel statistics (pixel values in [0, 1]).
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+MNIST_STATS = ((0.1307,), (0.3081,))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class DataError(RuntimeError):
+    """A data set is missing, incomplete or malformed."""
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"TensorImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+        self.classes, self.mean, self.std = list(classes), tuple(mean), tuple(std)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+    def subset(self, indices: Sequence[int] | Tensor) -> "TensorImageDataset":
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return TensorImageDataset(self.images[index], self.labels[index], self.classes, self.mean, self.std)
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` decoded with PIL on access and resized to ``image_size`` (square, bilinear)."""
+
+    def __init__(self, root: str, image_size: int, in_chans: int = 3):
+        try:
+            from PIL import Image  # noqa: F401
+        except ImportError as err:
+            raise DataError(f"ImageFolder needs Pillow to read {root!r} (pip install pillow): {err}") from err
+        if in_chans not in (1, 3):
+            raise DataError(f"ImageFolder: in_chans must be 1 (grey) or 3 (RGB), got {in_chans}")
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not self.classes:
+            raise DataError(f"ImageFolder: {root!r} has no class sub-folders (expected root/<class>/<image>)")
+        self.samples = [
+            (os.path.join(dirpath, name), label)
+            for label, cls in enumerate(self.classes)
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, cls)))
+            for name in sorted(names)
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        if not self.samples:
+            raise DataError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        self.image_size, self.in_chans = image_size, in_chans
+        self.mean, self.std = (IMAGENET_STATS if in_chans == 3 else ((0.5,), (0.5,)))
+        self.labels = torch.tensor([label for _, label in self.samples])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.image_size, self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Tensor:
+        from PIL import Image
+
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB" if self.in_chans == 3 else "L")
+                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+                pixels = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.in_chans)
+        except OSError as err:
+            raise DataError(f"ImageFolder: cannot read image {path!r}: {err}") from err
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self._load(index), self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        return torch.stack([self._load(i) for i in indices]), self.labels[torch.as_tensor(indices, dtype=torch.long)]
+
+
+def _require_dir(root: str | None, name: str) -> str:
+    if not root:
+        raise DataError(f"data set {name!r} needs a data directory (data_dir / --data-dir)")
+    if not os.path.isdir(root):
+        raise DataError(f"data directory for {name!r} not found: {os.path.abspath(root)!r}")
+    return root
+
+
+def _unpickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError as err:
+        raise DataError(f"CIFAR file missing: {path!r} (expected the standard python layout)") from err
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(f"CIFAR file {path!r} is corrupt: {err}") from err
+
+
+def load_cifar(root: str | None, split: str, num_classes: int = 10) -> TensorImageDataset:
+    name = f"cifar{num_classes}"
+    root = _require_dir(root, name)
+    if num_classes == 10:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta_file, names_key, stats = b"labels", "batches.meta", b"label_names", CIFAR10_STATS
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        label_key, meta_file, names_key, stats = b"fine_labels", "meta", b"fine_label_names", CIFAR100_STATS
+    batches = [_unpickle(os.path.join(root, f)) for f in files]
+    try:
+        images = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{name} files under {root!r} do not have the expected contents: {err!r}") from err
+    meta_path = os.path.join(root, meta_file)
+    classes = ([n.decode() for n in _unpickle(meta_path)[names_key]] if os.path.exists(meta_path)
+               else [str(i) for i in range(num_classes)])
+    return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, *stats)
+
+
+def _read_idx(root: str, stem: str) -> np.ndarray:
+    for path in (os.path.join(root, stem), os.path.join(root, stem + ".gz")):
+        if os.path.exists(path):
+            break
+    else:
+        raise DataError(f"MNIST file missing: {os.path.join(root, stem)}[.gz]")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"bad IDX magic (expected unsigned bytes), got {data[:4].hex()}")
+        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as err:
+        raise DataError(f"MNIST file {path!r} is corrupt: {err}") from err
+
+
+def load_mnist(root: str | None, split: str) -> TensorImageDataset:
+    root = _require_dir(root, "mnist")
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels under {root!r}")
+    return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                              [str(i) for i in range(10)], *MNIST_STATS)
+
+
+def load_digits(split: str, test_fraction: float = 0.2) -> TensorImageDataset:
+    """scikit-learn's 1797 8x8 digits (grey levels 0..16 scaled to 0..255); a fixed shuffled split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    order = np.random.default_rng(0).permutation(len(bunch.target))
+    n_test = int(round(len(order) * test_fraction))
+    index = order[n_test:] if split == "train" else order[:n_test]
+    pixels = np.round(bunch.images[index] * (255.0 / 16.0)).astype(np.uint8)
+    images = torch.from_numpy(pixels).unsqueeze(1)
+    train_pixels = bunch.images[order[n_test:]] / 16.0
+    return TensorImageDataset(images, torch.from_numpy(bunch.target[index].astype(np.int64)),
+                              [str(i) for i in range(10)], (float(train_pixels.mean()),), (float(train_pixels.std()),))
+
+
+def load_dataset(name: str, root: str | None = None, split: str = "train", image_size: int | None = None,
+                 in_chans: int = 3) -> Dataset:
+    """One split (``"train"`` or ``"test"``) of a data set named in :data:`DATASETS`.
+
+    ``image_size``/``in_chans`` only matter for ``imagefolder`` (images are resized to the model's input);
+    the other data sets have a fixed size that the search space must match.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"load_dataset: split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return load_digits(split)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(root, split, num_classes=int(name[5:]))
+    if name == "mnist":
+        return load_mnist(root, split)
+    if name == "imagefolder":
+        root = _require_dir(root, name)
+        candidates = ["train"] if split == "train" else ["test", "val"]
+        for sub in candidates:
+            if os.path.isdir(os.path.join(root, sub)):
+                return ImageFolder(os.path.join(root, sub), image_size or 224, in_chans)
+        raise DataError(f"imagefolder: no {' or '.join(candidates)} folder under {os.path.abspath(root)!r}")
+    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    return len(dataset.classes)
+
+
+def check_matches(dataset: Dataset, img_size: int, in_chans: int, num_classes: int, what: str) -> None:
+    """Clear error where a data set does not fit the model's input or classifier."""
+    channels, height, width = dataset.image_shape
+    if (channels, height, width) != (in_chans, img_size, img_size):
+        raise DataError(f"{what}: images are {channels}x{height}x{width} but the search space expects "
+                        f"{in_chans}x{img_size}x{img_size}; pick a matching space")
+    if num_classes_of(dataset) != num_classes:
+        raise DataError(f"{what}: {num_classes_of(dataset)} classes but the search space has num_classes={num_classes}")
+
+
+def _as_batch(batch):
+    return batch
+
+
+def _iterate(dataset: Dataset, index_batches: list, num_workers: int, seed: tuple[int, ...]) -> Iterator:
+    """Batches through a DataLoader (workers where asked). Its own generator: a DataLoader draws its workers'
+    base seed from the global RNG otherwise, which would shift drop-path and break exact resume."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    return iter(DataLoader(dataset, batch_sampler=index_batches, collate_fn=_as_batch, num_workers=num_workers,
+                           generator=generator))
+
+
+def train_batches(dataset: Dataset, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+                  start: int = 0, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches of one epoch for ``rank``, shuffled by ``(seed, epoch)``, from batch ``start`` on."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    index_batches = list(BatchSampler(sampler, batch_size, drop_last=True))[start:]
+    return _iterate(dataset, index_batches, num_workers, seed=(seed, epoch, rank))
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int, world_size: int = 1) -> int:
+    steps = (len(dataset) // world_size) // batch_size
+    if steps == 0:
+        raise DataError(f"the training set ({len(dataset)} images) is smaller than one batch of {batch_size} "
+                        f"on each of {world_size} process(es); lower batch_size")
+    return steps
+
+
+def eval_batches(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every image exactly once over all ranks (rank r takes images r, r + world_size, ...), in order."""
+    shard = list(range(rank, len(dataset), world_size))
+    index_batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    return _iterate(dataset, index_batches, num_workers, seed=(rank,))
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 ``[B, C, H, W]`` -> ``(x / 255 - mean) / std`` in ``dtype``, on the images' device."""
+    mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return (images.to(dtype) / 255.0 - mean_t) / std_t
+
+
+def augment(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop after zero padding by ``padding`` on each side, and a random horizontal flip.
+
+    Offsets and flips are drawn on the CPU from ``generator`` (so a seed fixes them on any device); the
+    crop is one gather on the images' device.
+    """
+    batch, channels, height, width = images.shape
+    out = images
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
+        rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+        out = padded[torch.arange(batch, device=images.device)[:, None, None, None],
+                     torch.arange(channels, device=images.device)[None, :, None, None], rows, cols]
+    if flip:
+        flipped = torch.rand(batch, generator=generator).lt(0.5).to(images.device)
+        out = torch.where(flipped[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def default_augmentation(dataset_name: str, img_size: int) -> tuple[int, bool]:
+    """``(crop padding, horizontal flip)``: the CIFAR recipe (pad 4 at 32 px, i.e. 1/8 of the side, and flip)
+    for natural images; crop only for MNIST, whose mirror images are other symbols; nothing for the 8x8
+    digits, where a one-pixel shift already moves an eighth of the image and stalls a short run."""
+    if dataset_name == "digits":
+        return 0, False
+    return max(1, img_size // 8), dataset_name != "mnist"

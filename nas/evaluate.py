@@ -1,0 +1,249 @@
+"""Evaluation of many subnets of one supernet over a data loader: top-1, top-5 and loss per arch.
+
+Subnets are evaluated K at a time in one pass over the data (``nas.batched``), K chosen from the memory
+available; results are cached by (arch, data), so that a search never evaluates a candidate twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .arch import Arch
+from .batched import batched_forward, check_archs, pass_memory_per_image, supports_batched
+from .data import normalize
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one subnet over one data set; accuracies in percent, loss is the mean cross-entropy."""
+
+    top1: float
+    top5: float
+    loss: float
+    samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EvalCache:
+    """Results keyed by (data fingerprint, arch); optionally persisted to a JSON file, written atomically."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self._results: dict[str, EvalResult] = {}
+        if self.path is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                self._results = {key: EvalResult(**value) for key, value in json.load(f).items()}
+
+    @staticmethod
+    def key(arch: Arch, data_key: str) -> str:
+        return f"{data_key}|{arch.to_json()}"
+
+    def get(self, arch: Arch, data_key: str) -> EvalResult | None:
+        return self._results.get(self.key(arch, data_key))
+
+    def put(self, arch: Arch, data_key: str, result: EvalResult) -> None:
+        self._results[self.key(arch, data_key)] = result
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def state_dict(self) -> dict:
+        return {key: result.to_dict() for key, result in self._results.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._results = {key: EvalResult(**value) for key, value in state.items()}
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.state_dict()))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class TensorBatches:
+    """Re-iterable evaluation batches of in-memory ``uint8 [N, C, H, W]`` images, held on ``device`` once and
+    normalised there batch by batch (``nas.data.normalize``), in order."""
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                 device: torch.device | str = "cpu"):
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(f"TensorBatches: need uint8 images [N, C, H, W] and labels [N], got {images.dtype} "
+                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"TensorBatches: batch_size must be >= 1, got {batch_size}")
+        self.images, self.labels = images.to(device), labels.long().to(device)
+        self.mean, self.std, self.batch_size = tuple(mean), tuple(std), int(batch_size)
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset, batch_size: int, device: torch.device | str = "cpu") -> "TensorBatches":
+        """From a ``nas.data.TensorImageDataset``."""
+        return cls(dataset.images, dataset.labels, dataset.mean, dataset.std, batch_size, device)
+
+    def __len__(self) -> int:
+        return -(-self.images.shape[0] // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, self.images.shape[0], self.batch_size):
+            images = self.images[start:start + self.batch_size]
+            yield normalize(images, self.mean, self.std), self.labels[start:start + self.batch_size]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every image and label (and the normalisation)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1(repr((self.mean, self.std)).encode())
+            digest.update(self.images.cpu().numpy().tobytes())
+            digest.update(self.labels.cpu().numpy().tobytes())
+            self._fingerprint = f"n={self.images.shape[0]}:{digest.hexdigest()[:16]}"
+        return self._fingerprint
+
+
+def data_fingerprint(loader: Iterable) -> str:
+    """A key for the data a loader yields: :attr:`TensorBatches.fingerprint`, else its size and a hash of its
+    first batch (loaders for evaluation do not shuffle)."""
+    if isinstance(loader, TensorBatches):
+        return loader.fingerprint
+    images, labels = next(iter(loader))
+    digest = hashlib.sha1()
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    dataset = getattr(loader, "dataset", None)
+    size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else "?"
+    return f"n={size}:{digest.hexdigest()[:16]}"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for activations on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def subnets_per_pass(supernet, archs: Sequence[Arch], batch_size: int, device: torch.device, dtype: torch.dtype,
+                     memory_fraction: float = 0.5, limit: int = 64) -> int:
+    """How many subnets fit in one pass: ``memory_fraction`` of the free memory over one subnet's peak activations."""
+    per_subnet = pass_memory_per_image(supernet, archs, dtype) * batch_size
+    fits = int(available_memory(device) * memory_fraction // max(per_subnet, 1))
+    return max(1, min(limit, len(archs), fits))
+
+
+def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
+    """Add ``[loss sum, top-1 hits, top-5 hits]`` of each subnet's logits ``[K, B, C]`` into ``totals [K, 3]``."""
+    groups, batch, classes = logits.shape
+    logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, classes), labels.repeat(groups), reduction="none").view(groups, batch)
+    top = logits.topk(min(5, classes), dim=-1).indices
+    hits = top == labels.view(1, batch, 1)
+    totals[:, 0] += loss.sum(1)
+    totals[:, 1] += hits[..., 0].sum(1)
+    totals[:, 2] += hits.any(-1).sum(1)
+
+
+def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
+    """Indices of ``archs`` sorted so that subnets of similar size share a pass (less padding)."""
+    return sorted(range(len(archs)), key=lambda i: (archs[i].patch_size or 0, archs[i].embed_dim, archs[i].depth,
+                                                   sum(archs[i].num_heads), sum(archs[i].mlp_ratio)))
+
+
+@torch.no_grad()
+def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device: torch.device | str | None = None,
+                   subnets: int | None = None, batched: bool = True, cache: EvalCache | None = None,
+                   data_key: str | None = None, progress: bool = True, memory_fraction: float = 0.5,
+                   autocast_dtype: torch.dtype | None = None) -> list[EvalResult]:
+    """Top-1/top-5 accuracy and loss of every arch in ``archs`` over ``loader``, a re-iterable of normalised
+    ``(images, labels)`` batches (e.g. :class:`TensorBatches`, or a DataLoader without shuffling).
+
+    ``batched``: evaluate ``subnets`` archs per pass over the data (default: as many as fit in
+    ``memory_fraction`` of the free memory); False runs each arch alone with the supernet's own forward, as
+    does a supernet that batched passes do not support (private q/k per head count: ``nas.batched.supports_batched``).
+    ``cache``: results already there (same arch, same ``data_key``) are returned without evaluating;
+    new results are added. ``data_key`` defaults to :func:`data_fingerprint` of the loader.
+    """
+    archs = list(archs)
+    if not archs:
+        return []
+    device = torch.device(device) if device is not None else next(supernet.parameters()).device
+    check_archs(supernet, archs)
+    if cache is not None and data_key is None:
+        data_key = data_fingerprint(loader)
+    results: dict[Arch, EvalResult] = {}
+    if cache is not None:
+        results = {arch: cached for arch in archs if (cached := cache.get(arch, data_key)) is not None}
+    todo = list(dict.fromkeys(arch for arch in archs if arch not in results))
+    if todo:
+        was_training = supernet.training
+        supernet.eval()
+        try:
+            results.update(_evaluate_uncached(supernet, todo, loader, device, subnets, batched, progress,
+                                              memory_fraction, autocast_dtype))
+        finally:
+            supernet.train(was_training)
+        if cache is not None:
+            for arch in todo:
+                cache.put(arch, data_key, results[arch])
+    return [results[arch] for arch in archs]
+
+
+def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype):
+    batched = batched and supports_batched(supernet)
+    if batched:
+        order = [archs[i] for i in _order_for_grouping(archs)]
+        if subnets is None:
+            batch_size = getattr(loader, "batch_size", None) or next(iter(loader))[0].shape[0]
+            dtype = autocast_dtype or next(supernet.parameters()).dtype
+            subnets = subnets_per_pass(supernet, order, batch_size, device, dtype, memory_fraction)
+        groups = [order[i: i + subnets] for i in range(0, len(order), subnets)]
+    else:
+        groups = [[arch] for arch in archs]
+    results = {}
+    bar = tqdm(total=len(archs), desc="evaluating subnets", unit="subnet", disable=not progress, leave=False)
+    for group in groups:
+        totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)
+        samples = 0
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                if batched:
+                    logits = batched_forward(supernet, images, group)
+                else:
+                    logits = supernet(images, group[0]).unsqueeze(0)
+            _accumulate(totals, logits, labels)
+            samples += labels.shape[0]
+        if samples == 0:
+            raise ValueError("evaluate_archs: the data loader yielded no batches")
+        totals = totals.cpu()
+        for arch, (loss, top1, top5) in zip(group, totals.tolist()):
+            results[arch] = EvalResult(top1=100.0 * top1 / samples, top5=100.0 * top5 / samples,
+                                       loss=loss / samples, samples=samples)
+        bar.update(len(group))
+    bar.close()
+    return results

@@ -1,0 +1,258 @@
+"""nas.samplers: distribution properties of every sampler, checked against the space's own choices and the
+cost model, and exact continuation from a saved state."""
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from nas import cost
+from nas.samplers import SAMPLERS, FlopsBanks, build_sampler
+from nas.space import load_space
+
+
+@pytest.fixture(scope="module")
+def autoformer_t():
+    return load_space("autoformer-t")
+
+
+@pytest.fixture(scope="module")
+def vitas_t():
+    return load_space("vitas-t")
+
+
+def draws(sampler, steps, losses=None, measure=None):
+    out = []
+    for _ in range(steps):
+        archs = sampler.sample()
+        sampler.update(archs, losses(archs) if losses else [1.0] * len(archs), measure)
+        out.append(archs)
+    return out
+
+
+def assert_roughly_uniform(counts: Counter, choices, samples: int):
+    """Every choice appears, each within 5 binomial standard deviations of samples / len(choices)."""
+    p = 1 / len(choices)
+    sd = np.sqrt(samples * p * (1 - p))
+    for choice in choices:
+        assert abs(counts[choice] - samples * p) < 5 * sd, (choice, counts)
+
+
+def test_uniform_is_autoformer_uniform(autoformer_t):
+    sampler = build_sampler("uniform", autoformer_t, seed=0)
+    archs = [a for step in draws(sampler, 1500) for a in step]
+    assert len(archs) == 1500
+    for arch in archs:
+        autoformer_t.validate(arch)
+    assert_roughly_uniform(Counter(a.depth for a in archs), autoformer_t.depths, len(archs))
+    assert_roughly_uniform(Counter(a.embed_dim for a in archs), autoformer_t.embed_dims, len(archs))
+    # heads and MLP ratio are drawn per layer, independently: layer 0 and layer 1 disagree about half the time
+    disagree = np.mean([a.num_heads[0] != a.num_heads[1] for a in archs])
+    assert abs(disagree - (1 - 1 / len(autoformer_t.num_heads))) < 0.06
+    assert_roughly_uniform(Counter(a.mlp_ratio[0] for a in archs), autoformer_t.mlp_ratios, len(archs))
+
+
+def test_sandwich_largest_smallest_and_random(autoformer_t):
+    sampler = build_sampler("sandwich", autoformer_t, seed=1, num_random=3)
+    assert sampler.distill
+    steps = draws(sampler, 20)
+    for archs in steps:
+        assert len(archs) == 5 and archs[0] == autoformer_t.max_arch() and archs[1] == autoformer_t.min_arch()
+        macs = [cost.macs(a, autoformer_t) for a in archs]
+        assert macs[0] == max(macs) and macs[1] == min(macs)
+    assert len({a for archs in steps for a in archs[2:]}) > 50
+    with pytest.raises(ValueError, match="num_random"):
+        build_sampler("sandwich", autoformer_t, num_random=-1)
+
+
+def test_flops_banks_split_the_space_evenly(autoformer_t):
+    banks = FlopsBanks(autoformer_t, 6)
+    low, high = autoformer_t.macs_range
+    assert banks.edges[0] == low and banks.edges[-1] == high and np.all(np.diff(banks.edges) > 0)
+    macs = cost.macs_many(autoformer_t.sample_many(np.random.default_rng(9), 3000), autoformer_t)
+    assert_roughly_uniform(Counter(banks.bank_of(m) for m in macs), range(6), len(macs))
+
+
+@pytest.mark.parametrize("name", ["complexity", "performance"])
+def test_complexity_aware_bank_walk(autoformer_t, name):
+    sampler = build_sampler(name, autoformer_t, seed=2, total_steps=600, num_banks=5)
+    banks = []
+    for _ in range(600):
+        archs = sampler.sample()
+        low, high = sampler.banks.window(sampler.bank)
+        for arch in archs:
+            autoformer_t.validate(arch)
+            assert low <= cost.macs(arch, autoformer_t) <= high
+        sampler.update(archs, [float(np.random.default_rng(len(banks)).random())])
+        banks.append(sampler.bank)
+    steps = np.diff(banks)
+    assert np.abs(steps).max() == 1 and (steps == 0).any()
+    # the lazy walk's long-run distribution is uniform over banks (a loose check over 600 correlated steps)
+    counts = Counter(banks)
+    assert set(counts) == set(range(5)) and min(counts.values()) > 40
+
+
+def test_performance_aware_exploits_low_loss_more_as_training_goes(autoformer_t):
+    total = 4000
+    sampler = build_sampler("performance", autoformer_t, seed=3, total_steps=total, num_banks=1, memory_size=3,
+                            exploit_max=0.9, temperature=0.5)
+    known = [autoformer_t.sample(np.random.default_rng(i)) for i in range(3)]
+    known_loss = {known[0]: 0.5, known[1]: 1.0, known[2]: 1.5}
+    sampler.update(known, [known_loss[a] for a in known])
+    exploited, picks = [], Counter()
+    for _ in range(total):
+        arch = sampler.sample()[0]
+        exploited.append(sampler.exploited)
+        if sampler.exploited:
+            picks[arch] += 1
+        else:  # keep the memory to the three known archs: an explored arch is not recorded
+            assert arch not in known_loss
+    quarter = total // 4
+    first, last = np.mean(exploited[:quarter]), np.mean(exploited[-quarter:])
+    assert first == pytest.approx(0.9 * 0.125, abs=0.04) and last == pytest.approx(0.9 * 0.875, abs=0.04)
+    weights = np.exp(-np.array([0.5, 1.0, 1.5]) / 0.5)
+    expected = weights / weights.sum()
+    n = sum(picks.values())
+    for arch, p in zip(known, expected):
+        assert abs(picks[arch] / n - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_performance_memory_keeps_the_most_recent(autoformer_t):
+    sampler = build_sampler("performance", autoformer_t, seed=4, num_banks=1, memory_size=4)
+    archs = [autoformer_t.sample(np.random.default_rng(100 + i)) for i in range(6)]
+    sampler.update(archs, list(range(6)))
+    sampler.update([archs[3]], [9.0])
+    memory = sampler.memory[0]
+    assert [entry[1] for entry in memory] == [2.0, 4.0, 5.0, 9.0]
+    assert memory[-1][0] == archs[3].to_dict()
+
+
+def test_learned_sampler_learns_to_meet_its_budget():
+    """With accuracy growing with size (as a supernet's does), the policy must learn to stay within its
+    budget while spending it: its own draws land within budget far more often than at the start, and its
+    proposals fit and beat most of the uniform archs that fit."""
+    space = load_space("cifar-tiny")
+    low, high = space.macs_range
+    sampler = build_sampler("learned", space, seed=0, total_steps=1000, policy_every=1, budgets_per_update=8,
+                            archs_per_budget=4)
+
+    def measure(arch):
+        return cost.macs(arch, space) / high
+
+    budgets = np.linspace(low + 0.3 * (high - low), low + 0.8 * (high - low), 5)
+
+    def within_rate():
+        batch, _, _ = sampler.policy_draw(np.repeat(budgets, 40).tolist())
+        return np.mean(cost.macs_many(batch, space) <= np.repeat(budgets, 40))
+
+    before = within_rate()
+    for _ in range(200):
+        sampler.policy_step(measure)
+    after = within_rate()
+    assert after >= 0.9 and after > before + 0.1, (before, after)
+    uniform = cost.macs_many(space.sample_many(np.random.default_rng(0), 4000), space)
+    beaten = []
+    for budget in budgets:
+        proposals = sampler.propose(budget, num=3)
+        assert 1 <= len(proposals) <= 3 and len(set(proposals)) == len(proposals)
+        for arch in proposals:
+            space.validate(arch)
+            used = cost.macs(arch, space)
+            assert used <= budget
+            beaten.append(np.mean(uniform[uniform <= budget] <= used))
+    assert np.mean(beaten) > 0.6, beaten
+    with pytest.raises(ValueError, match="below the smallest subnet"):
+        sampler.propose(low / 2)
+
+
+def test_learned_sampler_trains_alternately(autoformer_t):
+    sampler = build_sampler("learned", autoformer_t, seed=6, total_steps=100, policy_every=5, explore=0.0)
+    calls = []
+
+    def measure(arch):
+        calls.append(arch)
+        return 0.5
+
+    stats = [sampler.update(sampler.sample(), [1.0], measure) for _ in range(10)]
+    assert len(calls) == 2 * sampler.budgets_per_update * sampler.archs_per_budget
+    assert [bool(s) for s in stats] == [i % 5 == 4 for i in range(10)]
+    with pytest.raises(ValueError, match="needs measure"):
+        for _ in range(5):
+            sampler.update(sampler.sample(), [1.0])
+
+
+def test_identity_probability_hits_the_flops_range(vitas_t):
+    low, high = vitas_t.macs_range
+    target = (low + 0.45 * (high - low), low + 0.55 * (high - low))
+    sampler = build_sampler("identity", vitas_t, seed=7, macs_range=target)
+    assert 0 < sampler.probabilities.max() < 1 and np.ptp(sampler.probabilities) == 0
+    archs = [a for step in draws(sampler, 2000) for a in step]
+    for arch in archs[:200]:
+        vitas_t.validate(arch)
+    macs = cost.macs_many(archs, vitas_t)
+    slack = 4 * macs.std() / np.sqrt(len(macs))
+    assert target[0] - slack <= macs.mean() <= target[1] + slack
+    off = 1 - np.array([a.layer_on for a in archs]).mean(axis=0)
+    # one identity probability for every layer, raised only where a too-shallow draw is refilled
+    assert np.ptp(off) < 0.1
+    assert any(not a.layer_on[0] for a in archs) and any(a.layer_on != tuple(sorted(a.layer_on, reverse=True)) for a in archs)
+
+
+def test_supersam_layer_drop_grows_with_depth(vitas_t):
+    sampler = build_sampler("identity", vitas_t, seed=8, profile="linear")
+    p = sampler.probabilities
+    assert np.all(np.diff(p) > 0)
+    archs = [a for step in draws(sampler, 1500) for a in step]
+    off = 1 - np.array([a.layer_on for a in archs]).mean(axis=0)
+    assert off[-1] > off[0] + 0.2
+    low, high = sampler.macs_range
+    assert low <= cost.macs_many(archs, vitas_t).mean() <= high * 1.02
+
+
+def test_identity_sampler_errors(autoformer_t, vitas_t):
+    with pytest.raises(ValueError, match="identity_layers=False"):
+        build_sampler("identity", autoformer_t)
+    low, high = vitas_t.macs_range
+    with pytest.raises(ValueError, match="misses macs_range"):
+        build_sampler("identity", vitas_t, macs_range=(low, low + 1))
+    with pytest.raises(ValueError, match="profile"):
+        build_sampler("identity", vitas_t, profile=[1.0, 2.0])
+
+
+def test_build_sampler_errors(autoformer_t):
+    with pytest.raises(ValueError, match="unknown sampler 'greedy'"):
+        build_sampler("greedy", autoformer_t)
+    with pytest.raises(ValueError, match="bad options"):
+        build_sampler("uniform", autoformer_t, num_random=2)
+
+
+def options_for(name):
+    return {"learned": {"policy_every": 3}, "performance": {"num_banks": 3}, "complexity": {"num_banks": 3}}.get(name, {})
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_state_round_trip_continues_exactly(name, autoformer_t, vitas_t):
+    space = vitas_t if name == "identity" else autoformer_t
+    rng = np.random.default_rng(0)
+
+    def losses(archs):
+        return rng.random(len(archs)).tolist()
+
+    def measure(arch):
+        return cost.macs(arch, space) / space.macs_range[1]
+
+    sampler = build_sampler(name, space, seed=11, total_steps=40, **options_for(name))
+    draws(sampler, 7, losses, measure)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    rng_state = rng.bit_generator.state
+    expected = draws(sampler, 8, losses, measure)
+
+    resumed = build_sampler(name, space, seed=99, total_steps=40, **options_for(name))
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    rng.bit_generator.state = rng_state
+    assert draws(resumed, 8, losses, measure) == expected
+    with pytest.raises(ValueError, match="sampler state is for"):
+        build_sampler("uniform", space).load_state_dict({**sampler.state_dict(), "name": "other"})

@@ -1,0 +1,223 @@
+"""Search algorithms on synthetic objectives with a known optimum, the search loop (budgets, resume,
+outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nas.arch import Arch
+from nas.cost import macs_many, params_many
+from nas.samplers import LearnedSampler
+from nas.search import Budget, Costs, Search, SearchConfig, config_from_args, write_outputs
+from nas.searchers import SEARCHERS, InfeasibleBudgetError, build_searcher, non_dominated_fronts
+from nas.space import load_space
+
+ALGORITHMS = sorted(SEARCHERS)
+
+
+def distance_objective(target: Arch):
+    """A synthetic accuracy: 100 at ``target``, one point less per gene that differs from it."""
+    def score(arch: Arch) -> float:
+        genes = [arch.embed_dim != target.embed_dim, arch.layer_on != target.layer_on]
+        genes += [a != b for a, b, on in zip(arch.num_heads, target.num_heads, target.layer_on) if on]
+        genes += [a != b for a, b, on in zip(arch.mlp_ratio, target.mlp_ratio, target.layer_on) if on]
+        return 100.0 - float(sum(genes))
+    return score
+
+
+def synthetic_setup(space_name="cifar-tiny", quantile=0.5, seed=7):
+    """A space, a MACs budget at the given quantile of uniform draws, and a target arch inside it."""
+    space = load_space(space_name)
+    draws = space.sample_many(np.random.default_rng(seed), 400)
+    limit = float(np.quantile(macs_many(draws, space), quantile))
+    target = next(a for a in draws.archs() if macs_many([a], space)[0] <= 0.8 * limit)
+    return space, Budget("macs", limit), target
+
+
+def extra_options(name, space):
+    """The learned sampler of FocusFormer, untrained: the search must work from any trained state."""
+    return {"sampler": LearnedSampler(space, seed=0)} if name == "sampler" else {}
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_searcher_respects_budget_and_improves(name):
+    space, budget, target = synthetic_setup()
+    costs = Costs(space)
+    score = distance_objective(target)
+    searcher = build_searcher(name, space, costs.feasible([budget]), seed=3, cost=costs.metric("macs"),
+                              **extra_options(name, space))
+    best = []
+    for _ in range(8):
+        archs = searcher.propose(24)
+        assert len(archs) == 24
+        assert (macs_many(archs, space) <= budget.high).all(), f"{name} proposed an arch over the budget"
+        searcher.observe(archs, [score(a) for a in archs])
+        best.append(searcher.best()[1])
+    assert best == sorted(best)
+    if name != "random":
+        assert best[-1] > best[0], f"{name} did not improve: {best}"
+
+
+@pytest.mark.parametrize("name", ["evolution", "nsga2", "rl", "tpe"])
+def test_guided_search_beats_random_at_equal_evaluations(name):
+    space, budget, target = synthetic_setup()
+    costs = Costs(space)
+    score = distance_objective(target)
+    finals = {}
+    for algo in (name, "random"):
+        results = []
+        for seed in range(3):
+            searcher = build_searcher(algo, space, costs.feasible([budget]), seed=seed, cost=costs.metric("macs"))
+            for _ in range(8):
+                archs = searcher.propose(16)
+                searcher.observe(archs, [score(a) for a in archs])
+            results.append(searcher.best()[1])
+        finals[algo] = np.mean(results)
+    assert finals[name] > finals["random"], finals
+
+
+def test_evolution_finds_the_optimum():
+    space, budget, target = synthetic_setup("digits-tiny")
+    costs = Costs(space)
+    score = distance_objective(target)
+    searcher = build_searcher("evolution", space, costs.feasible([budget]), seed=0)
+    for _ in range(20):
+        archs = searcher.propose(50)
+        searcher.observe(archs, [score(a) for a in archs])
+    assert searcher.best()[1] == 100.0
+
+
+def test_non_dominated_fronts_by_hand():
+    score = np.array([1.0, 2.0, 3.0, 2.0, 0.5])
+    cost = np.array([1.0, 2.0, 3.0, 1.0, 5.0])
+    fronts = [sorted(f.tolist()) for f in non_dominated_fronts(score, cost)]
+    # 3 (2.0 at cost 1) dominates 0 and 1; 2 is the only one with score 3; 4 is dominated by everyone.
+    assert fronts == [[2, 3], [0, 1], [4]]
+
+
+# --- the search loop -------------------------------------------------------------------------------
+
+def synthetic_search(tmp_path, algorithm="evolution", generations=4, budgets=("macs=35M", "params=500K"), **overrides):
+    space = load_space("cifar-tiny")
+    config = SearchConfig(algorithm=algorithm, budgets=list(budgets), generations=generations, population=16,
+                          parents=4, mutations=8, crossovers=8, seed=5, output=str(tmp_path), **overrides)
+    target = space.sample(np.random.default_rng(11))
+    score = distance_objective(target)
+    calls = []
+
+    def evaluate(archs):
+        calls.append(list(archs))
+        return [{"top1": score(a), "top5": 100.0, "loss": 100.0 - score(a)} for a in archs]
+
+    return Search(config, space, evaluate, Costs(space), log=lambda _: None, **extra_options(algorithm, space)), calls
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_resume_continues_exactly(tmp_path, algorithm):
+    straight, _ = synthetic_search(tmp_path / "a", algorithm)
+    expected = straight.run()
+    first, _ = synthetic_search(tmp_path / "b", algorithm, generations=2)
+    first.run(tmp_path / "b" / "state.pt")
+    resumed, calls = synthetic_search(tmp_path / "b", algorithm, generations=4)
+    resumed.load_state(tmp_path / "b" / "state.pt")
+    assert resumed.step == 2
+    assert resumed.run(tmp_path / "b" / "state.pt") == expected
+    evaluated_after_resume = [a for call in calls for a in call]
+    assert len(evaluated_after_resume) == len(set(evaluated_after_resume)), "a candidate was evaluated twice"
+
+
+def test_budgets_share_candidates_and_are_respected(tmp_path):
+    search, calls = synthetic_search(tmp_path)
+    summary = search.run()
+    assert len(calls) == 4, "each step's candidates of all budgets go to the evaluator in one call"
+    evaluated = [a for call in calls for a in call]
+    assert len(evaluated) == len(set(evaluated)) == len(summary["candidates"])
+    space = search.space
+    for label, budget in zip(summary["best"], search.budgets):
+        best = Arch.from_dict(summary["best"][label]["arch"])
+        value = {"macs": macs_many, "params": params_many}[budget.metric]([best], space)[0]
+        assert value <= budget.high
+        inside = [c["top1"] for c in summary["candidates"] if c[budget.metric] <= budget.high]
+        assert summary["best"][label]["top1"] == max(inside)
+    front = summary["pareto_front"]["macs"]
+    assert [c["macs"] for c in front] == sorted(c["macs"] for c in front)
+    assert [c["top1"] for c in front] == sorted(c["top1"] for c in front)
+    written = write_outputs(search, str(tmp_path))
+    assert json.loads((tmp_path / "search.json").read_text()) == json.loads(json.dumps(written))
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(InfeasibleBudgetError, match="no arch of space 'cifar-tiny' can meet it"):
+        synthetic_search(tmp_path, budgets=("macs=1M",))
+    with pytest.raises(ValueError, match="latency model"):
+        synthetic_search(tmp_path, budgets=("latency=5ms",))
+    with pytest.raises(ValueError, match="algorithm 'genetic' is not one of"):
+        SearchConfig(algorithm="genetic")
+    with pytest.raises(ValueError, match="population must be a positive int"):
+        SearchConfig(population=0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        SearchConfig.from_dict({"populaton": 10})
+    with pytest.raises(ValueError, match="unknown metric 'energy'"):
+        Budget.parse("energy=5")
+    first, _ = synthetic_search(tmp_path, generations=1)
+    first.run(tmp_path / "state.pt")
+    other, _ = synthetic_search(tmp_path, generations=2, mutation_prob=0.5)
+    with pytest.raises(ValueError, match="mutation_prob"):
+        other.load_state(tmp_path / "state.pt")
+
+
+def test_budget_parsing():
+    assert Budget.parse("flops=2.6G") == Budget("macs", 1.3e9)
+    assert Budget.parse("params=4M:6M") == Budget("params", 6e6, 4e6)
+    assert Budget.parse("latency=5ms") == Budget("latency", 5.0)
+    assert Budget.parse("macs<=1.3G").label == "macs=1.3G"
+
+
+def test_config_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text("algorithm: nsga2\npopulation: 12\nbudgets: [macs=1G]\n")
+    config = config_from_args(["--config", str(path), "--population", "20", "--budget", "params=5M", "--no-progress"])
+    assert (config.algorithm, config.population, config.budgets, config.progress) == ("nsga2", 20, ["params=5M"], False)
+
+
+# --- end to end on CIFAR-10 with a supernet trained by nas.train ---------------------------------------
+
+import os
+
+CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
+
+
+@pytest.mark.slow
+def test_end_to_end_on_cifar(tmp_path, capsys):
+    if not os.path.exists(os.path.join(CIFAR_DIR, "test_batch")):
+        pytest.skip(f"CIFAR-10 is not at {os.path.abspath(CIFAR_DIR)} (expected ../shared/data next to the repo)")
+    from nas.search import main
+    from nas.train import TrainConfig, train
+
+    trained = train(TrainConfig(space="cifar-tiny", dataset="cifar10", data_dir=CIFAR_DIR, max_steps=2, batch_size=16,
+                                train_subset=128, test_subset=32, warmup_steps=1, out_dir=str(tmp_path / "train"),
+                                backend="reference", progress=False, plot=False))
+    out = tmp_path / "search"
+    args = ["--checkpoint", trained.checkpoint, "--budget", "macs=30M", "--generations", "2", "--population", "4",
+            "--parents", "2", "--mutations", "2", "--crossovers", "2", "--holdout-images", "48", "--test-images", "32",
+            "--batch-size", "48", "--output", str(out), "--export", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert len(summary["candidates"]) == 8 and summary["steps"] == 2
+    best = summary["best"]["macs=30M"]
+    assert best["macs"] <= 30e6 and summary["test"]["macs=30M"]["samples"] == 32
+    assert (out / "pareto.png").exists() and os.path.exists(summary["exported"]["macs=30M"])
+    assert main(args + ["--resume", "--generations", "3"]) == 0
+    resumed = json.loads((out / "search.json").read_text())
+    assert resumed["steps"] == 3 and resumed["candidates"][:8] == summary["candidates"]
+
+    capsys.readouterr()
+    assert main(args[:2] + ["--space", "digits-tiny", "--output", str(tmp_path / "x")]) == 2
+    assert "not of the requested space 'digits-tiny'" in capsys.readouterr().err
+    assert main(args[:2] + ["--budget", "params=1K", "--output", str(tmp_path / "y")]) == 2
+    assert "no arch of space 'cifar-tiny' can meet it" in capsys.readouterr().err
+    assert main(args[:2] + ["--population", "0"]) == 2
+    assert "population must be a positive int" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""nas.train: config handling, exact resume, NaN stop, clear errors, DDP with two CPU processes, and a short
+real CIFAR-10 run whose subnets must beat chance."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nas import data as data_lib
+from nas import train as T
+from nas.space import load_space
+from nas.supernet import VisionTransformerSupernet
+
+REPO = Path(__file__).resolve().parents[2]
+CIFAR10 = REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
+
+
+def tiny(tmp_path, name="run", **overrides):
+    """A few steps on the built-in digits: 192 training images, 6 steps per epoch of 32."""
+    values = dict(out_dir=str(tmp_path / name), train_subset=192, test_subset=64, batch_size=32, max_steps=8,
+                  warmup_steps=2, log_every=1, ckpt_every=0, progress=False, plot=False, sampler="uniform",
+                  sampler_options={})
+    values.update(overrides)
+    return T.TrainConfig(**values)
+
+
+def train_losses(out_dir) -> dict[int, list[float]]:
+    return {r["step"]: r["losses"] for r in T.read_log(Path(out_dir) / "log.jsonl") if r["event"] == "train"}
+
+
+def test_config_yaml_overrides_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sampler: performance\nsampler_options: {num_banks: 4}\nlr: 0.01\nepochs: 3\n")
+    config = T.load_config(str(path), ["lr=2e-3", "sampler_options.memory_size=5", "clip_grad=null"])
+    assert (config.sampler, config.lr, config.epochs, config.clip_grad) == ("performance", 2e-3, 3, None)
+    assert config.sampler_options == {"num_banks": 4, "memory_size": 5}
+    config, resume = T.parse_args(["--config", str(path), "--steps", "7", "--set", "ema_decay=0.99", "--resume", "--no-progress"])
+    assert (config.max_steps, config.ema_decay, config.progress, resume) == (7, 0.99, False, True)
+    assert T.parse_args([])[0] == T.TrainConfig()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bogus=1"], "unknown config key"),
+    (["epochs=two"], "config epochs: expected int"),
+    (["batch_size=0"], "batch_size=0 must be >= 1"),
+    (["sampler=greedy"], "sampler='greedy' must be one of"),
+    (["lr=0.1", "min_lr=1"], "min_lr <= lr"),
+    (["space.embed=3"], "only sampler_options"),
+    (["lr"], "must look like key=value"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(T.ConfigError, match=message):
+        T.load_config(None, overrides)
+
+
+def test_warmup_cosine_schedule():
+    factor = T.warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert factor(0) == pytest.approx(1 / 11) and factor(9) == pytest.approx(10 / 11)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55) and factor(110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("sampler, options", [
+    ("learned", {"policy_every": 2, "budgets_per_update": 2, "archs_per_budget": 2}),
+    ("performance", {"num_banks": 3}),
+])
+def test_resume_continues_exactly(tmp_path, sampler, options):
+    common = dict(sampler=sampler, sampler_options=options, holdout=48, drop_path=0.1, ema_decay=0.9,
+                  ckpt_every=3, keep_checkpoints=3)
+    full = T.train(tiny(tmp_path, "full", **common))
+    checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in checkpoints] == ["step_00000003.pt", "step_00000006.pt", "step_00000008.pt"]
+    state = T.load_checkpoint(checkpoints[0])  # weights_only=True inside
+    assert state["step"] == 3 and isinstance(state["sampler"], dict) and isinstance(state["rng"]["cpu"][0], torch.Tensor)
+
+    resumed = T.train(tiny(tmp_path, "resumed", **common), resume=str(checkpoints[0]))
+    expected, got = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6, 7, 8]
+    assert all(got[step] == expected[step] for step in got)  # exactly, not approximately
+    assert (resumed.smallest, resumed.largest) == (full.smallest, full.largest)
+
+
+def test_resume_latest_in_place_and_logs(tmp_path):
+    config = tiny(tmp_path, ckpt_every=4, max_steps=6, plot=True, eval_every=3)
+    T.train(config)
+    log = T.read_log(tmp_path / "run" / "log.jsonl")
+    assert [r["step"] for r in log if r["event"] == "eval"] == [3, 6]
+    final = [r for r in log if r["event"] == "final"][0]
+    assert 0 <= final["smallest"] <= 1 and 0 <= final["largest"] <= 1
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert all("images_per_s" in r for r in log if r["event"] == "train")  # log_every=1
+    # --resume with no path takes the latest checkpoint (step 6, the end): nothing left to train
+    result = T.train(config, resume=True)
+    assert result.steps == 6
+    assert [r["step"] for r in T.read_log(tmp_path / "run" / "log.jsonl") if r["event"] == "train"] == list(range(1, 7))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = VisionTransformerSupernet.forward
+    calls = []
+
+    def poisoned(self, images, arch=None):
+        calls.append(1)
+        logits = forward(self, images, arch)
+        return logits * float("nan") if len(calls) == 5 else logits
+
+    monkeypatch.setattr(VisionTransformerSupernet, "forward", poisoned)
+    with pytest.raises(T.NonFiniteLossError, match=r"loss became \[nan\] at step 5.*step_00000004.pt"):
+        T.train(tiny(tmp_path, ckpt_every=2))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*"))
+    assert kept == ["step_00000002.pt", "step_00000004.pt"]
+    assert T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")["step"] == 4
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert T.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--space", "cifar-tiny",
+                   "--out-dir", str(tmp_path / "o")]) == 2
+    assert "data directory for 'cifar10' not found" in capsys.readouterr().err
+    with pytest.raises(data_lib.DataError, match="expects 3x32x32"):
+        T.Trainer(tiny(tmp_path, space="cifar-tiny"))
+    outside = load_space("digits-tiny").max_arch().to_dict() | {"embed_dim": 40}
+    with pytest.raises(T.ConfigError, match=r"eval_archs\[0\] is not an arch of space 'digits-tiny'.*embed_dim=40"):
+        T.Trainer(tiny(tmp_path, eval_archs=[outside]))
+    with pytest.raises(T.ConfigError, match="unknown search space"):
+        T.Trainer(tiny(tmp_path, space="nowhere-space"))
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(T.CheckpointError, match="corrupt"):
+        T.Trainer(tiny(tmp_path), resume=str(corrupt))
+    with pytest.raises(T.CheckpointError, match="no checkpoint in"):
+        T.Trainer(tiny(tmp_path, "empty"), resume=True)
+    T.train(tiny(tmp_path, "short", max_steps=2))
+    with pytest.raises(T.CheckpointError, match=r"different config: lr: 0.003 -> 0.1"):
+        T.Trainer(tiny(tmp_path, "short", max_steps=2, lr=0.1), resume=True)
+
+
+def child_env():
+    """The subprocess picks its own backend: tests/conftest.py's TRITON_INTERPRET=1 must not leak into it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    """Two gloo ranks with batch 16 each see, step by step, the same 32 images as one process with batch
+    32 (DistributedSampler shards each batch), so with hand-averaged gradients the losses must agree."""
+    common = ["max_steps=4", "train_subset=192", "test_subset=64", "warmup_steps=1", "log_every=1", "augment=false",
+              "drop_path=0.0", "plot=false", "sampler=sandwich", "sampler_options={num_random: 1}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nas.train",
+               "--no-progress", "--out-dir", str(tmp_path / "ddp"), "--batch-size", "16"]
+    command += [arg for item in common for arg in ("--set", item)]
+    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test accuracy: smallest subnet" in done.stdout
+    state = T.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
+    assert state["world_size"] == 2 and len(state["rng"]["cpu"]) == 2
+    assert not torch.equal(state["rng"]["cpu"][0], state["rng"]["cpu"][1])
+
+    single = T.load_config(None, common + [f"out_dir={tmp_path / 'one'}", "batch_size=32", "progress=false"])
+    T.train(single)
+    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert sorted(ddp) == [1, 2, 3, 4]
+    for step in ddp:
+        assert ddp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+    ddp_log = [r for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "train"]
+    one_log = [r for r in T.read_log(tmp_path / "one" / "log.jsonl") if r["event"] == "train"]
+    assert [r["archs"] for r in ddp_log] == [r["archs"] for r in one_log]
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10} (../shared/data from the repo root)")
+def test_cifar10_short_run_beats_chance(tmp_path):
+    space = tmp_path / "cifar-micro.yaml"
+    space.write_text("name: cifar-micro\nembed_dims: [48, 64]\ndepths: [2, 3]\nnum_heads: [2, 4]\nmlp_ratios: [2.0, 3.0]\n"
+                     "head_dim: 16\npatch_sizes: [8]\nimg_size: 32\nin_chans: 3\nnum_classes: 10\n")
+    config = T.TrainConfig(space=str(space), dataset="cifar10", data_dir=str(CIFAR10), train_subset=16000,
+                           test_subset=1000, batch_size=64, epochs=2, lr=3e-3, warmup_steps=20, sampler="sandwich",
+                           sampler_options={"num_random": 0}, augment=False, out_dir=str(tmp_path / "cifar"), ckpt_every=0,
+                           progress=False, plot=False, log_every=20)
+    result = T.train(config)
+    print(f"CIFAR-10, {result.steps} steps: smallest {result.smallest:.3f}, largest {result.largest:.3f}, {result.seconds:.1f} s")
+    assert result.smallest > 0.25 and result.largest > 0.25  # chance is 0.10
