@@ -232,8 +232,8 @@ class SearchConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nas.search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Defaults are None so that only the flags given override the config file; the help shows SearchConfig's.
+    parser = argparse.ArgumentParser(prog="python -m nas.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of SearchConfig settings; flags given here override it")
     defaults = SearchConfig()
     for f in dataclasses.fields(SearchConfig):
