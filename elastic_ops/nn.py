@@ -182,14 +182,28 @@ class ElasticAttention(ElasticModule):
 
     ``qkv.weight: [3 * max_heads * head_dim, embed_dim]`` holds the q, k and v blocks one after another,
     as timm's qkv does; ``proj.weight: [embed_dim, max_heads * head_dim]``.
+
+    ``private_qk_heads`` (ViTAS): head counts with their own q and k projections,
+    ``private_qk[str(h)].weight: [2 * h * head_dim, embed_dim]`` (q rows, then k rows). With such a head
+    count active, q and k come from that weight and v from the shared qkv weight's v block; other head
+    counts use the shared q and k blocks as usual.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None, dtype=None):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None, dtype=None,
+                 private_qk_heads: tuple[int, ...] = ()):
         super().__init__()
         self.head_dim = head_dim
         self.num_heads = num_heads
+        self.private_qk_heads = tuple(sorted({int(h) for h in private_qk_heads}))
+        bad = [h for h in self.private_qk_heads if not 1 <= h <= num_heads]
+        if bad:
+            raise ValueError(f"ElasticAttention: private_qk_heads {bad} are outside 1..{num_heads} (num_heads)")
         self.qkv = ElasticLinear(embed_dim, 3 * num_heads * head_dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = ElasticLinear(num_heads * head_dim, embed_dim, device=device, dtype=dtype)
+        self.private_qk = nn.ModuleDict({
+            str(h): ElasticLinear(embed_dim, 2 * h * head_dim, bias=qkv_bias, device=device, dtype=dtype)
+            for h in self.private_qk_heads
+        }) if self.private_qk_heads else None
         self.active = self.max_config()
 
     def max_config(self) -> dict[str, int]:
@@ -206,20 +220,43 @@ class ElasticAttention(ElasticModule):
         self.check_width(x, config["embed_dim"], "embed_dim")
         if x.dim() != 3:
             raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
+        if config["num_heads"] in self.private_qk_heads:
+            return self._private_qk_attention(x, config["num_heads"])
         return elastic_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                                  config["num_heads"], self.head_dim)
+
+    def _private_qk_attention(self, x: Tensor, heads: int) -> Tensor:
+        # The fused op reads q, k and v from one weight in block layout; the private q/k weight and the shared v
+        # block are different tensors, which no strided view joins without a copy. So: elastic linears for q/k
+        # and v (in place on their super weights), torch's attention, and an elastic linear for the projection.
+        # The v block is a view of qkv.weight, not a leaf: its gradient reaches qkv.weight.grad through autograd.
+        batch, tokens, embed_dim = x.shape
+        width, v_start = heads * self.head_dim, 2 * self.num_heads * self.head_dim
+        private = self.private_qk[str(heads)]
+        qk = elastic_linear(x, private.weight, private.bias)
+        v = elastic_linear(x, self.qkv.weight[v_start:], None if self.qkv.bias is None else self.qkv.bias[v_start:], width)
+        q, k = qk.view(batch, tokens, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        v = v.view(batch, tokens, heads, self.head_dim).transpose(1, 2)
+        context = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width), self.proj.weight, self.proj.bias,
+                              embed_dim)
 
     def extract(self) -> plain.Attention:
         self.set_active()
         embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
         width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
-        weight = self.qkv.weight
-        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=self.qkv.bias is not None),
-                            weight)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=bias is not None), weight)
         with torch.no_grad():
-            attn.qkv.weight.copy_(weight.view(3, max_width, -1)[:, :width, :embed_dim].reshape(3 * width, embed_dim))
-            if self.qkv.bias is not None:
-                attn.qkv.bias.copy_(self.qkv.bias.view(3, max_width)[:, :width].reshape(-1))
+            rows = weight.view(3, max_width, -1)[:, :width]
+            biases = None if bias is None else bias.view(3, max_width)[:, :width]
+            if heads in self.private_qk_heads:
+                private = self.private_qk[str(heads)]
+                rows = torch.cat([private.weight.view(2, width, -1), rows[2:]])
+                biases = None if biases is None else torch.cat([private.bias.view(2, width), biases[2:]])
+            attn.qkv.weight.copy_(rows[..., :embed_dim].reshape(3 * width, embed_dim))
+            if biases is not None:
+                attn.qkv.bias.copy_(biases.reshape(-1))
         attn.proj = self.proj.extract()
         return attn
 
@@ -227,17 +264,20 @@ class ElasticAttention(ElasticModule):
 class ElasticBlock(ElasticModule):
     """timm's pre-norm Block (``norm1, attn, norm2, mlp``) with elastic embed dim, heads and MLP width.
 
-    ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only.
+    ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
+    ``private_qk_heads``: head counts with their own q/k projections (:class:`ElasticAttention`).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
-                 qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None):
+                 qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
+                 private_qk_heads: tuple[int, ...] = ()):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
         self.drop_path = drop_path
         self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
-        self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype)
+        self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype,
+                                     private_qk_heads=private_qk_heads)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
         self.active = self.max_config()

@@ -11,6 +11,9 @@ Every layer is one call per op for all K subnets: ``grouped_linear``, ``grouped_
 entanglement), so the grouped PyTorch implementation of a linear layer is one GEMM of the ``[K * B * N, E]``
 rows against the leading ``[out, E]`` slice of the super weight, followed by the padding mask. Native or
 Triton grouped kernels plug in per op through :data:`GROUPED_IMPLEMENTATIONS`.
+
+A supernet with private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) is not
+supported (:func:`supports_batched`): its subnets run one at a time.
 """
 from __future__ import annotations
 
@@ -199,6 +202,10 @@ class BatchedSubnets:
     """
 
     def __init__(self, supernet, archs: Sequence[Arch]):
+        if not supports_batched(supernet):
+            raise ValueError("batched_forward: this supernet has private q/k projections per head count (ViTAS), which "
+                             "the grouped attention does not implement; run the subnets one at a time with the "
+                             "supernet's forward (nas.evaluate.evaluate_archs does so by itself)")
         self.supernet = supernet
         self.archs = list(archs)
         check_archs(supernet, self.archs)
@@ -256,6 +263,12 @@ def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
                               plan.heads, attn.head_dim)
     h = grouped_layer_norm(x, plan.embed, block.norm2.weight, block.norm2.bias, block.norm2.eps)
     return x + grouped_mlp(h, plan.embed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, plan.hidden)
+
+
+def supports_batched(supernet) -> bool:
+    """Whether :func:`batched_forward` runs this supernet: not with private q/k per head count, since the grouped
+    attention reads every subnet's q, k and v from the one shared qkv weight."""
+    return not supernet.config.private_qk_heads
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:

@@ -6,7 +6,8 @@ Convention (also in ``CONVENTION``):
   class token, position embedding (one row per token), and per active layer two LayerNorms (weight
   and bias), qkv (with bias), the output projection, fc1 and fc2 (with biases); then the final
   LayerNorm and the classifier (with bias). A space with private class tokens or patch embeddings per
-  patch size (ViTAS) counts only those of the arch's patch size, as in the extracted subnet.
+  patch size (ViTAS) counts only those of the arch's patch size, as in the extracted subnet; private
+  q/k projections per head count (ViTAS) stand in for the shared q/k rows, so the count is the same.
 * ``macs`` counts the multiply-accumulates of one image's forward pass in the matrix products:
   the patch-embedding convolution, qkv, q @ k^T, attn @ v, the output projection, fc1, fc2, and the
   classifier on the class token. LayerNorm, softmax, GELU, bias and residual additions, the

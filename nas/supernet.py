@@ -8,10 +8,14 @@ Patch sizes: the number of tokens depends on the patch size, so with several pat
 embedding is one per patch size (``pos_embed.<p>``). The patch embedding and class token are shared,
 a smaller patch using the leading ``p x p`` block of the largest kernel, unless the space has private
 class tokens (ViTAS): then each patch size has its own (``patch_embed.<p>``, ``cls_token.<p>``).
+
+Private q/k (ViTAS): a space with ``private_qk`` gives every head count its own q and k projections, while
+v and the output projection stay shared. The largest head count's are the q and k blocks of the shared
+``blocks.i.attn.qkv`` (no smaller head count reads them); each smaller one has ``blocks.i.attn.private_qk.<h>``.
+So no weight is dead, and the largest subnet is still a timm ViT.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,7 +34,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class SupernetConfig:
-    """Sizes of the super weights (``hidden_features``: the widest MLP); ``space``, if given, is what
+    """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
+    own q/k projections (``ElasticAttention``); ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
     img_size: int
@@ -43,12 +48,14 @@ class SupernetConfig:
     head_dim: int
     hidden_features: int
     private_class_tokens: bool = False
+    private_qk_heads: tuple[int, ...] = ()
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     space: SearchSpace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.patch_sizes = tuple(sorted(int(p) for p in self.patch_sizes))
+        self.private_qk_heads = tuple(sorted({int(h) for h in self.private_qk_heads}))
         if not self.patch_sizes:
             raise ValueError("SupernetConfig: patch_sizes is empty")
         bad = [p for p in self.patch_sizes if self.img_size % p]
@@ -59,20 +66,15 @@ class SupernetConfig:
 
     @classmethod
     def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6) -> "SupernetConfig":
-        """The supernet holding every subnet of ``space``: its largest sizes.
-
-        ``space.private_qk`` (ViTAS's q/k projections per head count) is not implemented: the supernet
-        shares one qkv weight, and says so with a warning.
-        """
-        if getattr(space, "private_qk", False):
-            warnings.warn(f"space {space.name!r} asks for private q/k projections per head count, which the supernet "
-                          "does not implement: all head counts share one qkv weight", stacklevel=2)
+        """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
+        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks)."""
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
             num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),
             num_heads=max(space.num_heads), head_dim=space.head_dim,
             hidden_features=int(max(space.embed_dims) * max(space.mlp_ratios)),
-            private_class_tokens=bool(space.private_class_tokens), drop_path_rate=drop_path_rate,
+            private_class_tokens=bool(space.private_class_tokens),
+            private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (), drop_path_rate=drop_path_rate,
             layer_norm_eps=layer_norm_eps, space=space,
         )
 
@@ -107,7 +109,7 @@ class VisionTransformerSupernet(nn.Module):
         drop_paths = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
-                         drop_path=rate)
+                         drop_path=rate, private_qk_heads=c.private_qk_heads)
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
@@ -284,7 +286,8 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     ``state_dict`` uses timm's names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.*``,
     ``norm``, ``head``); every tensor must have the shape of the supernet's (timm's qkv ``[3 * dim, dim]``
     is the block layout when ``num_heads * head_dim == dim``). With several patch sizes the timm patch
-    size is read from its kernel; its position embedding goes to that patch size.
+    size is read from its kernel; its position embedding goes to that patch size. Private q/k projections
+    of smaller head counts (ViTAS) keep their initialisation.
     Raises ValueError listing missing, unexpected or mis-shaped tensors.
     """
     if not isinstance(config, SupernetConfig):
@@ -309,9 +312,10 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
                     for name, t in renamed.items() if name in target and t.shape != target[name].shape)
     parts = {"patch_embed": model.patch_embed, "cls_token": model.cls_token, "pos_embed": model.pos_embed}
     per_patch = {name for name, part in parts.items() if isinstance(part, (nn.ModuleDict, nn.ParameterDict))}
-    # Parts private to the other patch sizes keep their initialisation.
+    # Parts private to the other patch sizes, and the private q/k of smaller head counts, keep their initialisation.
     missing = sorted(name for name in set(target) - set(renamed)
-                     if name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
+                     if (name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
+                     and ".attn.private_qk." not in name)
     if unexpected or shapes or missing:
         problems = [f"unexpected (unsupported timm parts): {unexpected}"] if unexpected else []
         problems += [f"shape mismatch: {shapes}"] if shapes else []

@@ -150,6 +150,79 @@ def test_attention_bad_config_raises_clear_error():
         layer(torch.randn(6, 48))
 
 
+# --- ElasticAttention with private q/k per head count (ViTAS) --------------------------------------
+
+def private_qk_attention() -> ElasticAttention:
+    """4 heads of 16 channels on 64; head counts 1 and 3 have their own q/k, 2 and 4 use the shared q/k blocks."""
+    return randomize(ElasticAttention(64, 4, head_dim=16, private_qk_heads=(3, 1)))
+
+
+@pytest.mark.parametrize("embed_dim, num_heads", [(64, 3), (37, 1), (40, 2), (64, 4)])
+def test_private_qk_attention_matches_extracted_plain_attention(embed_dim, num_heads):
+    layer = private_qk_attention().set_active(embed_dim=embed_dim, num_heads=num_heads)
+    extracted = assert_extract_matches(layer, torch.randn(2, 11, embed_dim))
+    # The extracted rows by hand: q and k from the head count's private weight where it has one, else from the
+    # shared q and k blocks; v always from the shared v block.
+    width, blocks = num_heads * 16, layer.qkv.weight.view(3, 64, 64)
+    bias_blocks = layer.qkv.bias.view(3, 64)
+    if num_heads in (1, 3):
+        private = layer.private_qk[str(num_heads)]
+        qk_weight, qk_bias = private.weight, private.bias
+    else:
+        qk_weight, qk_bias = blocks[:2, :width].reshape(2 * width, 64), bias_blocks[:2, :width].reshape(-1)
+    torch.testing.assert_close(extracted.qkv.weight, torch.cat([qk_weight, blocks[2, :width]])[:, :embed_dim], atol=0, rtol=0)
+    torch.testing.assert_close(extracted.qkv.bias, torch.cat([qk_bias, bias_blocks[2, :width]]), atol=0, rtol=0)
+
+
+def test_private_qk_attention_parameters_and_bad_head_counts():
+    layer = ElasticAttention(48, 3, head_dim=16, private_qk_heads=(1, 2))
+    assert {name: tuple(p.shape) for name, p in layer.named_parameters() if "private" in name} == {
+        "private_qk.1.weight": (32, 48), "private_qk.1.bias": (32,), "private_qk.2.weight": (64, 48), "private_qk.2.bias": (64,)}
+    assert ElasticAttention(48, 3, head_dim=16).private_qk is None
+    with pytest.raises(ValueError, match=r"private_qk_heads \[0, 4\] are outside 1..3"):
+        ElasticAttention(48, 3, head_dim=16, private_qk_heads=(0, 2, 4))
+
+
+def test_each_head_count_reads_its_own_qk_and_the_shared_v():
+    # New random values in a weight must change exactly the outputs of the head counts that read it.
+    # (Not NaN: torch's CPU attention turns NaN scores into zeros.)
+    layer = private_qk_attention()
+    x = torch.randn(2, 7, 64)
+
+    def outputs():
+        with torch.no_grad():
+            return {h: layer(x, num_heads=h) for h in (1, 2, 3, 4)}
+
+    def redraw_and_compare(weight: torch.Tensor, readers: set[int]) -> None:
+        before = outputs()
+        with torch.no_grad():
+            weight.copy_(torch.randn_like(weight))
+        after = outputs()
+        assert {h for h in before if not torch.equal(before[h], after[h])} == readers
+
+    redraw_and_compare(layer.private_qk["1"].weight, {1})
+    redraw_and_compare(layer.private_qk["3"].weight, {3})
+    redraw_and_compare(layer.qkv.weight[:16], {2, 4})  # the shared q rows of head 1
+    redraw_and_compare(layer.qkv.weight[64 + 32:64 + 48], {4})  # the shared k rows of head 3
+    redraw_and_compare(layer.qkv.weight[128:128 + 16], {1, 2, 3, 4})  # the v rows of head 1 are shared by all
+    redraw_and_compare(layer.qkv.weight[128 + 32:128 + 48], {3, 4})
+
+
+def test_private_qk_gradients_reach_only_the_chosen_weights():
+    layer = private_qk_attention()
+    layer(torch.randn(2, 5, 40), embed_dim=40, num_heads=3).square().sum().backward()
+    chosen = layer.private_qk["3"]
+    assert chosen.weight.grad[:, :40].abs().min() > 0 and torch.count_nonzero(chosen.weight.grad[:, 40:]) == 0
+    assert chosen.bias.grad[:48].abs().min() > 0  # q bias (softmax cancels the k bias: its gradient is ~0)
+    assert all(p.grad is None for p in layer.private_qk["1"].parameters())
+    qkv_grad = layer.qkv.weight.grad
+    assert torch.count_nonzero(qkv_grad[:128]) == 0, "the shared q and k blocks are not used by 3 heads"
+    assert qkv_grad[128:128 + 48, :40].abs().min() > 0
+    assert torch.count_nonzero(qkv_grad[128 + 48:]) == 0 and torch.count_nonzero(qkv_grad[:, 40:]) == 0
+    assert torch.count_nonzero(layer.qkv.bias.grad[:128]) == 0 and layer.qkv.bias.grad[128:128 + 48].abs().min() > 0
+    assert layer.proj.weight.grad[:40, :48].abs().min() > 0 and torch.count_nonzero(layer.proj.weight.grad[:, 48:]) == 0
+
+
 # --- ElasticBlock -----------------------------------------------------------------------------------
 
 def test_block_active_config_matches_extracted_plain_block():

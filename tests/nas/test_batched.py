@@ -110,11 +110,14 @@ from nas.space import PRESETS, load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
 
-def small_supernet(space_name: str, seed: int = 0, full_size: bool = False) -> VisionTransformerSupernet:
+def small_supernet(space_name: str, seed: int = 0, full_size: bool = False, shared_qk: bool = False) -> VisionTransformerSupernet:
     """The supernet of a preset space at a small image size (few tokens, every width and depth choice kept;
     ``full_size``: the space's own image size and classes), with weights large enough that different subnets
-    give clearly different logits."""
+    give clearly different logits. ``shared_qk``: without the space's private q/k per head count, which
+    batched passes do not support."""
     space = load_space(space_name)
+    if shared_qk:
+        space = dataclasses.replace(space, private_qk=False)
     if not full_size:
         img_size = math.lcm(*space.patch_sizes) * (2 if space.img_size > 32 else 1)
         space = dataclasses.replace(space, img_size=min(space.img_size, img_size), num_classes=7)
@@ -133,7 +136,7 @@ def images_for(model, batch: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("space_name", sorted(PRESETS))
 def test_batched_forward_equals_single_subnet_forward(space_name):
-    model = small_supernet(space_name)
+    model = small_supernet(space_name, shared_qk=True)
     space = model.config.space
     archs = space.sample_many(np.random.default_rng(1), 4).archs() + [space.min_arch(), space.max_arch()]
     images = images_for(model, 2)
@@ -147,7 +150,7 @@ def test_batched_forward_equals_single_subnet_forward(space_name):
 
 def test_layers_off_pass_through():
     """ViTAS-style identity layers: a subnet whose layer is off is unchanged by that layer while others run it."""
-    model = small_supernet("vitas-t")
+    model = small_supernet("vitas-t", shared_qk=True)
     space = model.config.space
     rng = np.random.default_rng(3)
     archs = [a for a in space.sample_many(rng, 40).archs() if a.patch_size == 16][:3]
@@ -157,6 +160,16 @@ def test_layers_off_pass_through():
         logits = BatchedSubnets(model, archs)(images)
         for k, arch in enumerate(archs):
             torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+
+
+def test_private_qk_supernet_is_refused_with_a_clear_error():
+    model = small_supernet("vitas-t")
+    assert model.config.private_qk_heads
+    archs = [model.config.space.min_arch()]
+    with torch.no_grad(), pytest.raises(ValueError, match="private q/k projections per head count"):
+        batched_forward(model, images_for(model, 1), archs)
+    with pytest.raises(ValueError, match="private q/k projections per head count"):
+        BatchedSubnets(model, archs)
 
 
 def test_batched_forward_rejects_bad_input():

@@ -19,7 +19,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 SPACE = SearchSpace(name="tiny-vitas", embed_dims=[24, 32], depths=[2, 3], num_heads=[1, 2], mlp_ratios=[2.0, 4.0],
                     head_dim=16, patch_sizes=[4, 8], img_size=16, in_chans=3, num_classes=5, identity_layers=True,
-                    private_class_tokens=True)
+                    private_class_tokens=True, private_qk=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ importance reordering, timm conversion against an independent timm-style ViT, an
 (Runs on the reference backend: tests/nas/conftest.py.)"""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas import cost
 from nas.arch import Arch
 from nas.export import extract_subnet
 from nas.space import PRESETS, SearchSpace, load_space
@@ -37,9 +37,7 @@ def small_space(name: str) -> SearchSpace:
 
 def build(space: SearchSpace, seed: int = 0, **kwargs) -> VisionTransformerSupernet:
     torch.manual_seed(seed)
-    with pytest.warns(UserWarning, match="private q/k") if space.private_qk else contextlib.nullcontext():
-        config = SupernetConfig.from_space(space, **kwargs)
-    model = VisionTransformerSupernet(config).eval()
+    model = VisionTransformerSupernet(SupernetConfig.from_space(space, **kwargs)).eval()
     with torch.no_grad():  # random LayerNorms and biases, so that a slicing mistake in any of them shows
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -106,6 +104,27 @@ def test_shared_patch_embedding_with_several_patch_sizes_uses_leading_kernel_blo
     expected = F.conv2d(x, model.patch_embed.proj.weight[:24, :, :2, :2], model.patch_embed.proj.bias[:24], stride=2)
     torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2), **TOL)
     torch.testing.assert_close(extract_subnet(model, arch2)(x), model(x, arch2), **TOL)
+
+
+def test_private_qk_per_head_count():
+    """ViTAS: every head count but the largest has private q/k; the largest uses the shared qkv's q/k blocks."""
+    space = dataclasses.replace(TINY, num_heads=[1, 2], private_qk=True)
+    model, shared = build(space), build(TINY)
+    private = {name: tuple(p.shape) for name, p in model.named_parameters() if "private_qk" in name}
+    assert private == {f"blocks.{i}.attn.private_qk.1.{kind}": shape for i in range(3)
+                       for kind, shape in (("weight", (32, 32)), ("bias", (32,)))}
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in shared.parameters()) + 3 * 32 * 33
+    x = images(space)
+    arch = Arch(24, (1, 2, 1), (2.0, 4.0, 4.0), (True, True, True))
+    before = model(x, arch)
+    plain = extract_subnet(model, arch)
+    torch.testing.assert_close(plain(x), before, **TOL)
+    assert sum(p.numel() for p in plain.parameters()) == cost.params(arch, space)
+    with torch.no_grad():  # layer 0 (1 head) does not read the shared q/k blocks; its private q/k matter
+        model.blocks[0].attn.qkv.weight[:64].normal_()
+        torch.testing.assert_close(model(x, arch), before, atol=0, rtol=0)
+        model.blocks[0].attn.private_qk["1"].weight.normal_()
+        assert not torch.allclose(model(x, arch), before)
 
 
 def test_bad_arch_and_bad_images_raise_clear_errors():
@@ -269,6 +288,16 @@ def test_timm_state_dict_into_private_patch_embeddings():
     supernet = from_timm_state_dict(timm_model.state_dict(), SupernetConfig.from_space(space)).eval()
     x = images(space)
     torch.testing.assert_close(supernet(x, dataclasses.replace(space.max_arch(), patch_size=4)), timm_model(x), **TOL)
+
+
+def test_timm_state_dict_into_a_supernet_with_private_qk():
+    torch.manual_seed(0)
+    timm_model = TimmStyleViT().eval()
+    space = dataclasses.replace(TINY, private_qk=True)
+    supernet = from_timm_state_dict(timm_model.state_dict(), space).eval()
+    assert any("private_qk" in name for name in supernet.state_dict())
+    x = images(space)
+    torch.testing.assert_close(supernet(x, space.max_arch()), timm_model(x), **TOL)
 
 
 def test_timm_state_dict_that_does_not_fit_raises_clear_errors():
