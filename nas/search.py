@@ -10,8 +10,9 @@ Outputs in ``--output``: ``search.json`` (every evaluated arch with its metrics,
 arch per budget and its test-split metrics), ``pareto.png``, ``state.pt`` and, with ``--export``, one
 standalone subnet per budget (``best-<budget>.pt``, ``nas.export`` format).
 
-Search data is a held-out split of the training images by default (as AutoFormer searches on its
-subImageNet); the test split is reported separately for the best archs.
+Search data is, by default, the training images the checkpoint's supernet never trained on (as AutoFormer
+searches on its subImageNet): ``nas.train`` holds out a split (``search_holdout``) and records it in the
+checkpoint; ``--holdout-images N`` takes its first N. The test split is reported separately for the best archs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -178,7 +180,7 @@ class SearchConfig:
     dataset: str | None = None
     data_root: str | None = None
     search_on: str = "holdout"
-    holdout_images: int = 10000
+    holdout_images: int = 0     # 0: every training image the checkpoint held out (nas.train's search_holdout)
     test_images: int = 0
     batch_size: int = 256
     subnets_per_pass: int = 0
@@ -497,13 +499,15 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def search_data(config: SearchConfig, trained: dict, space: SearchSpace, device: torch.device):
-    """``(search batches, test batches, description)``: a held-out split of the training images (the
-    permutation ``nas.train`` holds out with, so that images it held out come first) and the test split."""
+def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, device: torch.device):
+    """``(search batches, test batches, description)``: the training images that ``nas.train`` held out of
+    the supernet's training (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the
+    test split with ``search_on="test"``, and the test split."""
     from . import data as data_lib
     from .evaluate import TensorBatches
     from .train import fixed_subset
 
+    trained = checkpoint["config"]
     dataset = config.dataset or trained["dataset"]
     root = config.data_root or trained.get("data_dir")
     if root is None and dataset != "digits":
@@ -518,14 +522,44 @@ def search_data(config: SearchConfig, trained: dict, space: SearchSpace, device:
         described = f"{dataset} test split ({len(test)} images)"
     else:
         train = data_lib.load_dataset(dataset, root, "train", **kwargs)
-        if not 1 <= config.holdout_images < len(train):
-            raise ValueError(f"holdout_images must be in 1..{len(train) - 1} (the {dataset} training images), "
-                             f"got {config.holdout_images}")
-        # nas.train holds out the first images of this permutation when its sampler measures accuracy.
-        search = train.subset(np.random.default_rng(1).permutation(len(train))[: config.holdout_images])
-        described = f"{config.holdout_images} held-out {dataset} training images"
+        split = checkpoint.get("search_split")
+        count, seed = held_out_split(config, split, dataset, len(train))
+        search = data_lib.subset(train, data_lib.holdout_split(len(train), count, seed)[0])
+        never_trained_on = split is not None and split["images"] > 0
+        described = f"{count} held-out {dataset} training images" + ("" if never_trained_on else
+                                                                      " (which the supernet trained on)")
     batches = [TensorBatches.from_dataset(d, config.batch_size, device) for d in (search, test)]
     return batches[0], batches[1], described
+
+
+def held_out_split(config: SearchConfig, split: dict | None, dataset: str, train_images: int) -> tuple[int, int]:
+    """``(count, seed)`` of the training images to search on: the first ``holdout_images`` (default: all)
+    of those the checkpoint held out. A checkpoint that held none out gets a warning and the default rule."""
+    from . import data as data_lib
+
+    if split is not None and (split["dataset"], split["of"]) != (dataset, train_images):
+        raise CheckpointMismatchError(
+            f"checkpoint {config.checkpoint!r} held out search images of a {split['dataset']} training set of "
+            f"{split['of']} images, not of this {dataset} one ({train_images}); search on that data set or with "
+            f"--search-on test")
+    kept_out = split["images"] if split is not None else 0
+    if kept_out == 0:
+        why = ("was trained with search_holdout=0" if split is not None
+               else "records no held-out split (written before nas.train held one out)")
+        count = config.holdout_images or data_lib.default_holdout(train_images)
+        warnings.warn(f"checkpoint {config.checkpoint!r} {why}: the supernet trained on every {dataset} training "
+                      f"image, so the {count} search images score near training accuracy and rank archs poorly; "
+                      f"train with search_holdout > 0 (the default) or search with --search-on test", stacklevel=3)
+        if not 1 <= count < train_images:
+            raise ValueError(f"holdout_images must be in 1..{train_images - 1} (the {dataset} training images), "
+                             f"got {config.holdout_images}")
+        return count, data_lib.HOLDOUT_SEED
+    count = config.holdout_images or kept_out
+    if count > kept_out:
+        raise ValueError(f"holdout_images={count}, but checkpoint {config.checkpoint!r} held only {kept_out} "
+                         f"{dataset} training images out of training (nas.train's search_holdout); ask for at most "
+                         f"{kept_out}, or search with --search-on test")
+    return count, split["seed"]
 
 
 def run(config: SearchConfig) -> dict:
@@ -555,7 +589,7 @@ def run(config: SearchConfig) -> dict:
                              f"{config.checkpoint!r} was trained with {trained['sampler']!r}")
         sampler = build_sampler("learned", space, seed=trained["seed"], **trained["sampler_options"])
         sampler.load_state_dict(state["sampler"])
-    search_batches, test_batches, described = search_data(config, state["config"], space, device)
+    search_batches, test_batches, described = search_data(config, state, space, device)
     data_key = f"ckpt={file_digest(config.checkpoint)}|{search_batches.fingerprint}"
     cache = EvalCache(os.path.join(config.output, "eval_cache.json"))
     log = print if config.progress else (lambda _: None)

@@ -44,10 +44,11 @@ def pytorch_grouped(op: str, *args) -> torch.Tensor:
 
 
 def check(y: torch.Tensor, expected: list[torch.Tensor], grouped_fp32: torch.Tensor,
-          grouped_low: torch.Tensor | None) -> None:
+          grouped_low: torch.Tensor | None, roundings: int = 2) -> None:
     """Subnet k's active outputs match its single-subnet reference ``expected[k]`` (fp32) and the grouped PyTorch op;
     its padding is exactly zero. In low precision the bound is twice the grouped PyTorch op's own error in that
-    dtype against the fp32 reference, and never below one rounding of the largest output."""
+    dtype against the fp32 reference, and never below ``roundings`` half-ulps of the largest output: one for
+    each tensor the op rounds to the low precision on the way (its input and output at least)."""
     assert y.shape == grouped_fp32.shape
     for k, ref in enumerate(expected):
         size = ref.shape[-1]
@@ -60,7 +61,7 @@ def check(y: torch.Tensor, expected: list[torch.Tensor], grouped_fp32: torch.Ten
                                        msg=lambda m: f"subnet {k} against the grouped PyTorch op: {m}")
         else:
             torch_error = (grouped_low[k, ..., :size].float() - ref).abs().max().item()
-            bound = max(2 * torch_error, torch.finfo(grouped_low.dtype).eps * ref.abs().max().item())
+            bound = max(2 * torch_error, roundings * torch.finfo(grouped_low.dtype).eps / 2 * ref.abs().max().item())
             for name, oracle in (("reference", ref), ("grouped PyTorch op", grouped_fp32[k, ..., :size])):
                 error = (active - oracle).abs().max().item()
                 assert error <= bound, f"subnet {k}: max error {error:.3g} against the {name} exceeds {bound:.3g}"
@@ -147,7 +148,10 @@ def test_grouped_attention(dtype, weight_dtype, tokens, device):
     y = grouped.grouped_attention(stacked(xs, 40, float("nan")), sizes, *params, head_counts, head_dim)
     assert y.dtype == dtype
     expected = [reference.attention(xk.float(), *(p.float() for p in params), h, head_dim) for xk, h in zip(xs, heads)]
-    check(y, expected, *run_both("grouped_attention", stacked(xs, 40, 0.0), sizes, *params, head_counts, head_dim))
+    # Flash attention rounds its input, q/k/v, the probabilities, the context and its output to x's dtype;
+    # torch's CPU attention keeps the middle three in fp32, so its own error is no yardstick for them.
+    check(y, expected, *run_both("grouped_attention", stacked(xs, 40, 0.0), sizes, *params, head_counts, head_dim),
+          roundings=5)
 
 
 def test_registered_kernels_run_the_batched_supernet():
