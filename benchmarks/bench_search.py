@@ -51,7 +51,7 @@ def main() -> None:
                           batch_size=256, checkpoint=args.checkpoint, progress=False)
     if args.checkpoint:
         supernet, space, state = load_supernet(args.checkpoint, device)
-        batches, test_batches, described = search_data(config, state["config"], space, device)
+        batches, test_batches, described = search_data(config, state, space, device)
     else:
         space = load_space("cifar-tiny")
         torch.manual_seed(0)

@@ -11,6 +11,10 @@ Built in:
 - ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), gzipped or not.
 - ``imagefolder``: ``root/{train,val|test}/<class>/<image>``, read with PIL and resized to the model's size.
 
+Held-out search split: :func:`holdout_split` keeps the first images of a fixed permutation of the training
+set (``np.random.default_rng(HOLDOUT_SEED)``) out of training, so that ``nas.search`` ranks archs on images
+the supernet never saw; ``nas.train`` records the count and the seed in its checkpoints.
+
 Sharding and order come from :class:`torch.utils.data.DistributedSampler`: batch ``i`` of epoch ``e`` is a
 pure function of ``(seed, e, rank, world_size)``, which is what lets a resumed run see the same batches.
 """
@@ -29,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
+HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # Published per-channel statistics (pixel values in [0, 1]).
@@ -232,6 +237,29 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
                 return ImageFolder(os.path.join(root, sub), image_size or 224, in_chans)
         raise DataError(f"imagefolder: no {' or '.join(candidates)} folder under {os.path.abspath(root)!r}")
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def subset(dataset: Dataset, indices: Sequence[int] | np.ndarray | Tensor) -> Dataset:
+    """The images ``indices`` of ``dataset``, in that order (still one tensor for in-memory data sets)."""
+    index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.subset(index)
+    return torch.utils.data.Subset(dataset, index.tolist())
+
+
+def default_holdout(num_images: int) -> int:
+    """Training images held out for search unless told otherwise: AutoFormer's 10,000, at most a fifth."""
+    return min(10_000, num_images // 5)
+
+
+def holdout_split(num_images: int, count: int, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``(held_out, kept)`` indices into a training set of ``num_images``: the first ``count`` images of
+    ``np.random.default_rng(seed).permutation(num_images)``, and every other image in its original order.
+    Held-out sets of one seed are nested: fewer images are the first ones of more."""
+    if not 0 <= count <= num_images:
+        raise ValueError(f"holdout_split: cannot hold out {count} of {num_images} images")
+    order = np.random.default_rng(seed).permutation(num_images)
+    return order[:count], np.sort(order[count:])
 
 
 def num_classes_of(dataset: Dataset) -> int:

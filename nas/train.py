@@ -14,6 +14,13 @@ same sampler, reads its own shard of each batch, and the gradients are all-reduc
 The model is not wrapped in DistributedDataParallel: the Triton ops add weight gradients into slices of
 ``param.grad`` in place, which DDP's autograd hooks would never see.
 
+Held-out search split: ``search_holdout`` training images (by default 10,000, at most a fifth of the
+training set) never enter a training batch: the first images of the fixed permutation of
+:func:`nas.data.holdout_split` (seed ``nas.data.HOLDOUT_SEED``). Checkpoints record the split (count, seed,
+data set size) and ``nas.search`` ranks archs on exactly those images. Samplers that measure accuracy (the
+learned sampler) measure it on the first ``measure_images`` of the same split; ``train_subset`` picks from
+the images left for training.
+
 Checkpoints (model, optimizer, scheduler, scaler, EMA, sampler, RNG states of every rank, step) are written
 atomically every ``ckpt_every`` steps and hold only tensors and plain containers (``torch.load(...,
 weights_only=True)``). ``--resume`` continues exactly: data order and augmentation are functions of
@@ -77,9 +84,14 @@ class TrainConfig:
     space: str = "digits-tiny"                  # preset name or SearchSpace YAML
     dataset: str = "digits"                     # one of nas.data.DATASETS
     data_dir: str | None = None                 # needed by every data set except digits
-    train_subset: int | None = None             # train on this many images (a fixed random subset)
+    train_subset: int | None = None             # train on this many images (a fixed random subset of those
+                                                # not held out for search)
     test_subset: int | None = None              # evaluate on this many test images
-    holdout: int = 256                          # training images held out for samplers that measure accuracy
+    search_holdout: int | None = None           # training images kept out of training for nas.search (the first
+                                                # of nas.data.holdout_split's permutation); null: min(10000,
+                                                # a fifth of the training set); 0: none
+    measure_images: int = 256                   # samplers that measure accuracy use the first this many
+                                                # (at most all) of the held-out search images
     sampler: str = "sandwich"                   # one of nas.samplers.SAMPLERS
     sampler_options: dict = field(default_factory=lambda: {"num_random": 1})
     epochs: int = 80
@@ -113,13 +125,15 @@ class TrainConfig:
     plot: bool = True
 
     def __post_init__(self):
-        positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size"]
-        non_negative = ["holdout", "warmup_steps", "ckpt_every", "eval_every", "num_workers"]
+        positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images"]
+        non_negative = ["warmup_steps", "ckpt_every", "eval_every", "num_workers"]
         problems = [f"{n}={getattr(self, n)} must be >= 1" for n in positive if getattr(self, n) < 1]
         problems += [f"{n}={getattr(self, n)} must be >= 0" for n in non_negative if getattr(self, n) < 0]
         for name in ("max_steps", "train_subset", "test_subset", "cpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1 or null")
+        if self.search_holdout is not None and self.search_holdout < 0:
+            problems.append(f"search_holdout={self.search_holdout} must be >= 0 or null")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
@@ -353,7 +367,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 class Data:
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
-    holdout: tuple[Tensor, Tensor] | None   # uint8 images and labels, the same on every rank
+    measure: tuple[Tensor, Tensor] | None   # held-out uint8 images and labels for measure(), the same on every rank
+    search_split: dict                      # the held-out split, as checkpoints record it for nas.search
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -362,30 +377,32 @@ def fixed_subset(dataset, count: int | None, seed: int = 0):
     """``count`` images of ``dataset`` picked by a fixed permutation (all when None or larger)."""
     if count is None or count >= len(dataset):
         return dataset
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(dataset))[:count])
-    if isinstance(dataset, data_lib.TensorImageDataset):
-        return dataset.subset(order)
-    return torch.utils.data.Subset(dataset, order.tolist())
+    return data_lib.subset(dataset, np.random.default_rng(seed).permutation(len(dataset))[:count])
 
 
-def load_data(config: TrainConfig, space: SearchSpace, needs_holdout: bool) -> Data:
+def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
+    """Training images less the held-out search split (then ``train_subset`` of them), the test split, and
+    for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images."""
     kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
     train = data_lib.load_dataset(config.dataset, config.data_dir, "train", **kwargs)
     test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
     for split, dataset in (("train", train), ("test", test)):
         data_lib.check_matches(dataset, space.img_size, space.in_chans, space.num_classes, f"{config.dataset} {split}")
     mean, std = train.mean, train.std
-    train = fixed_subset(train, config.train_subset)
-    holdout = None
-    if needs_holdout:
-        if config.holdout < 1 or config.holdout >= len(train):
-            raise ConfigError(f"sampler {config.sampler!r} measures accuracy on held-out training images: need "
-                              f"1 <= holdout < {len(train)} training images, got holdout={config.holdout}")
-        order = np.random.default_rng(1).permutation(len(train))
-        holdout = train.__getitems__(order[:config.holdout].tolist())
-        train = torch.utils.data.Subset(train, order[config.holdout:].tolist()) if not isinstance(
-            train, data_lib.TensorImageDataset) else train.subset(order[config.holdout:])
-    return Data(train, fixed_subset(test, config.test_subset), holdout, mean, std)
+    count = data_lib.default_holdout(len(train)) if config.search_holdout is None else config.search_holdout
+    if count >= len(train):
+        raise ConfigError(f"search_holdout={count} leaves no images to train on: the {config.dataset} training set "
+                          f"has {len(train)}")
+    held_out, kept = data_lib.holdout_split(len(train), count)
+    measure = None
+    if measures:
+        if count == 0:
+            raise ConfigError(f"sampler {config.sampler!r} measures accuracy on the held-out search images, but "
+                              f"search_holdout=0 holds none out; set search_holdout >= 1")
+        measure = train.__getitems__(held_out[:config.measure_images].tolist())
+    split = {"images": count, "seed": data_lib.HOLDOUT_SEED, "of": len(train), "dataset": config.dataset}
+    train = fixed_subset(data_lib.subset(train, kept), config.train_subset)
+    return Data(train, fixed_subset(test, config.test_subset), measure, split, mean, std)
 
 
 @torch.no_grad()
@@ -510,6 +527,7 @@ class TrainResult:
     eval_archs: list[float]  # test accuracy of config.eval_archs
     seconds: float
     checkpoint: str | None
+    search_holdout: int      # training images held out for nas.search (never trained on)
 
 
 class Trainer:
@@ -540,7 +558,7 @@ class Trainer:
                 raise ConfigError(f"eval_archs[{i}] is not an arch of space {self.space.name!r}: {err}") from err
             self.eval_archs.append(arch)
         sampler_cls = SAMPLERS[c.sampler]
-        self.data = load_data(c, self.space, needs_holdout=sampler_cls.measures)
+        self.data = load_data(c, self.space, measures=sampler_cls.measures)
         self.steps_per_epoch = data_lib.steps_per_epoch(self.data.train, c.batch_size, self.ranks.world_size)
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
         augmentation = data_lib.default_augmentation(c.dataset, self.space.img_size)
@@ -601,6 +619,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "sampler": self.sampler.state_dict(), "rng": gather_rng_states(self.ranks, self.device),
+            "search_split": self.data.search_split,
         }
 
     def save(self) -> None:
@@ -642,7 +661,7 @@ class Trainer:
 
     def measure(self, arch: Arch) -> float:
         """Accuracy of ``arch`` on the held-out training images (the same on every rank)."""
-        images, labels = self.data.holdout
+        images, labels = self.data.measure
         batches = [(images[i:i + self.config.eval_batch_size], labels[i:i + self.config.eval_batch_size])
                    for i in range(0, len(labels), self.config.eval_batch_size)]
         return accuracy(self.model, arch, batches, self.data, self.device, Distributed(), self.autocast)
@@ -752,7 +771,8 @@ class Trainer:
         if self.ranks.main and c.plot:
             plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
         return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
-                           time.perf_counter() - self.started, str(self.last_checkpoint) if self.last_checkpoint else None)
+                           time.perf_counter() - self.started, str(self.last_checkpoint) if self.last_checkpoint else None,
+                           self.data.search_split["images"])
 
 
 def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:
@@ -775,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trained {result.steps} steps in {result.seconds:.1f} s; test accuracy: smallest subnet "
               f"{100 * result.smallest:.2f}%, largest subnet {100 * result.largest:.2f}%"
               + "".join(f"; eval_archs[{i}] {100 * a:.2f}%" for i, a in enumerate(result.eval_archs))
+              + f"; {result.search_holdout} training images held out for nas.search"
               + (f"\ncheckpoint: {result.checkpoint}" if result.checkpoint else ""))
     return 0
 

@@ -10,7 +10,8 @@ import pytest
 from nas.arch import Arch
 from nas.cost import macs_many, params_many
 from nas.samplers import LearnedSampler
-from nas.search import Budget, Costs, Search, SearchConfig, config_from_args, write_outputs
+from nas.search import (Budget, CheckpointMismatchError, Costs, Search, SearchConfig, config_from_args, search_data,
+                        write_outputs)
 from nas.searchers import SEARCHERS, InfeasibleBudgetError, build_searcher, non_dominated_fronts
 from nas.space import load_space
 
@@ -181,6 +182,49 @@ def test_config_from_yaml_and_flags(tmp_path):
     path.write_text("algorithm: nsga2\npopulation: 12\nbudgets: [macs=1G]\n")
     config = config_from_args(["--config", str(path), "--population", "20", "--budget", "params=5M", "--no-progress"])
     assert (config.algorithm, config.population, config.budgets, config.progress) == ("nsga2", 20, ["params=5M"], False)
+
+
+# --- search data: the training images the checkpoint held out ------------------------------------------
+
+def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
+    import torch
+
+    from nas.data import load_digits
+    from nas.search import main
+    from nas.train import TrainConfig, load_checkpoint, train
+
+    trained = train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, search_holdout=100,
+                                out_dir=str(tmp_path / "train"), ckpt_every=0, progress=False, plot=False))
+    state = load_checkpoint(trained.checkpoint)
+    full = load_digits("train")
+    space = load_space("digits-tiny")
+
+    def searched(checkpoint, holdout_images=0):
+        config = SearchConfig(checkpoint=trained.checkpoint, holdout_images=holdout_images, test_images=16)
+        batches, _, described = search_data(config, checkpoint, space, "cpu")
+        return batches.images, described
+
+    order = np.random.default_rng(1).permutation(len(full))
+    images, described = searched(state)
+    assert torch.equal(images, full.images[order[:100]]) and described == "100 held-out digits training images"
+    assert torch.equal(searched(state, 30)[0], full.images[order[:30]])
+    reseeded = {**state, "search_split": {**state["search_split"], "seed": 5}}  # the seed is read, not assumed
+    assert torch.equal(searched(reseeded)[0], full.images[np.random.default_rng(5).permutation(len(full))[:100]])
+
+    with pytest.raises(ValueError, match="holdout_images=101, but .* held only 100 digits training images out"):
+        searched(state, 101)
+    with pytest.raises(CheckpointMismatchError, match="training set of 999 images, not of this digits one"):
+        searched({**state, "search_split": {**state["search_split"], "of": 999}})
+    kept_none = {**state, "search_split": {**state["search_split"], "images": 0}}
+    with pytest.warns(UserWarning, match="search_holdout=0: the supernet trained on every digits training image"):
+        images, described = searched(kept_none)
+    assert images.shape[0] == len(full) // 5 and described.endswith("(which the supernet trained on)")
+    with pytest.warns(UserWarning, match="records no held-out split"):
+        searched({k: v for k, v in state.items() if k != "search_split"})
+
+    args = ["--checkpoint", trained.checkpoint, "--holdout-images", "101", "--output", str(tmp_path / "s"), "--no-progress"]
+    assert main(args) == 2
+    assert "held only 100 digits training images out of training" in capsys.readouterr().err
 
 
 # --- end to end on CIFAR-10 with a supernet trained by nas.train ---------------------------------------

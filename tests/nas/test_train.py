@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_warmup_cosine_schedule():
     ("performance", {"num_banks": 3}),
 ])
 def test_resume_continues_exactly(tmp_path, sampler, options):
-    common = dict(sampler=sampler, sampler_options=options, holdout=48, drop_path=0.1, ema_decay=0.9,
+    common = dict(sampler=sampler, sampler_options=options, measure_images=48, drop_path=0.1, ema_decay=0.9,
                   ckpt_every=3, keep_checkpoints=3)
     full = T.train(tiny(tmp_path, "full", **common))
     checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step_*.pt"))
@@ -131,9 +132,59 @@ def test_clear_errors(tmp_path, capsys):
         T.Trainer(tiny(tmp_path), resume=str(corrupt))
     with pytest.raises(T.CheckpointError, match="no checkpoint in"):
         T.Trainer(tiny(tmp_path, "empty"), resume=True)
+    with pytest.raises(T.ConfigError, match="search_holdout=0 holds none out"):
+        T.Trainer(tiny(tmp_path, sampler="learned", search_holdout=0))
+    with pytest.raises(T.ConfigError, match="search_holdout=1438 leaves no images to train on"):
+        T.Trainer(tiny(tmp_path, search_holdout=1438))
+    with pytest.raises(T.ConfigError, match="search_holdout=-1 must be >= 0"):
+        tiny(tmp_path, search_holdout=-1)
     T.train(tiny(tmp_path, "short", max_steps=2))
     with pytest.raises(T.CheckpointError, match=r"different config: lr: 0.003 -> 0.1"):
         T.Trainer(tiny(tmp_path, "short", max_steps=2, lr=0.1), resume=True)
+
+
+def index_coded_digits(monkeypatch):
+    """The built-in digits with each image's index written into its first two pixels, so that a batch of
+    images tells which training images it holds."""
+    real = data_lib.load_digits
+
+    def coded(split, test_fraction=0.2):
+        dataset = real(split, test_fraction)
+        index = torch.arange(len(dataset))
+        dataset.images = dataset.images.clone()
+        dataset.images[:, 0, 0, 0] = (index // 256).to(torch.uint8)
+        dataset.images[:, 0, 0, 1] = (index % 256).to(torch.uint8)
+        return dataset
+
+    monkeypatch.setattr(data_lib, "load_digits", coded)
+
+
+def image_indices(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
+
+
+def test_search_holdout_never_enters_a_training_batch(tmp_path, monkeypatch):
+    index_coded_digits(monkeypatch)
+    trained_on = []
+    train_step = T.Trainer.train_step
+
+    def recording(self, images, labels):
+        trained_on.extend(image_indices(images))
+        return train_step(self, images, labels)
+
+    monkeypatch.setattr(T.Trainer, "train_step", recording)
+    num_train = 1438  # 1797 digits less the fixed 20% test split
+    held_out = np.random.default_rng(1).permutation(num_train)[:num_train // 5].tolist()  # the documented rule
+    config = tiny(tmp_path, train_subset=None, batch_size=128, max_steps=18, sampler="learned", measure_images=40,
+                  sampler_options={"policy_every": 9, "budgets_per_update": 1, "archs_per_budget": 2})
+    trainer = T.Trainer(config)
+    assert image_indices(trainer.data.measure[0]) == held_out[:40]  # the sampler measures on the same split
+    trainer.fit()
+    assert len(trained_on) == 18 * 128  # two epochs of (1438 - 287) // 128 = 9 steps
+    assert not set(trained_on) & set(held_out)
+    assert len(set(trained_on)) > 1000  # every image not held out is a candidate, not a small fixed few
+    split = T.load_checkpoint(trainer.last_checkpoint)["search_split"]
+    assert split == {"images": 287, "seed": 1, "of": num_train, "dataset": "digits"}
 
 
 def child_env():
