@@ -93,7 +93,7 @@ class TrainConfig:
     measure_images: int = 256                   # samplers that measure accuracy use the first this many
                                                 # (at most all) of the held-out search images
     sampler: str = "sandwich"                   # one of nas.samplers.SAMPLERS
-    sampler_options: dict = field(default_factory=lambda: {"num_random": 1})
+    sampler_options: dict = field(default_factory=dict)  # keyword arguments of the sampler class
     epochs: int = 80
     max_steps: int | None = None                # overrides epochs
     batch_size: int = 64                        # per process
