@@ -187,11 +187,18 @@ class ElasticAttention(ElasticModule):
     ``private_qk[str(h)].weight: [2 * h * head_dim, embed_dim]`` (q rows, then k rows). With such a head
     count active, q and k come from that weight and v from the shared qkv weight's v block; other head
     counts use the shared q and k blocks as usual.
+
+    ``relative_position`` (AutoFormer): 0 for none, else the largest row/column distance of the 2D relative
+    position tables ``rel_pos`` (:class:`elastic_ops.plain.RelativePosition2D`, shared by the heads, of width
+    ``head_dim``). The input is then a class token plus a square grid of patches; the tables are indexed by
+    distance, so every grid size (patch size) uses the same ones.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None, dtype=None,
-                 private_qk_heads: tuple[int, ...] = ()):
+                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
         super().__init__()
+        if not isinstance(relative_position, int) or isinstance(relative_position, bool) or relative_position < 0:
+            raise ValueError(f"ElasticAttention: relative_position must be an int >= 0 (0: off), got {relative_position!r}")
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.private_qk_heads = tuple(sorted({int(h) for h in private_qk_heads}))
@@ -204,6 +211,8 @@ class ElasticAttention(ElasticModule):
             str(h): ElasticLinear(embed_dim, 2 * h * head_dim, bias=qkv_bias, device=device, dtype=dtype)
             for h in self.private_qk_heads
         }) if self.private_qk_heads else None
+        self.relative_position = relative_position
+        self.rel_pos = plain.RelativePosition2D(head_dim, relative_position).to(device, dtype) if relative_position else None
         self.active = self.max_config()
 
     def max_config(self) -> dict[str, int]:
@@ -220,24 +229,38 @@ class ElasticAttention(ElasticModule):
         self.check_width(x, config["embed_dim"], "embed_dim")
         if x.dim() != 3:
             raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
-        if config["num_heads"] in self.private_qk_heads:
-            return self._private_qk_attention(x, config["num_heads"])
+        if config["num_heads"] in self.private_qk_heads or self.rel_pos is not None:
+            return self._unfused_attention(x, config["num_heads"])
         return elastic_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                                  config["num_heads"], self.head_dim)
 
-    def _private_qk_attention(self, x: Tensor, heads: int) -> Tensor:
-        # The fused op reads q, k and v from one weight in block layout; the private q/k weight and the shared v
-        # block are different tensors, which no strided view joins without a copy. So: elastic linears for q/k
-        # and v (in place on their super weights), torch's attention, and an elastic linear for the projection.
-        # The v block is a view of qkv.weight, not a leaf: its gradient reaches qkv.weight.grad through autograd.
+    def _unfused_attention(self, x: Tensor, heads: int) -> Tensor:
+        # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
+        # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
+        # relative position adds terms to the logits and the context. So: elastic linears for q, k and v (in place on
+        # their super weights), the attention math in torch, and an elastic linear for the projection. Row blocks
+        # of qkv.weight are views, not leaves: their gradients reach qkv.weight.grad through autograd.
         batch, tokens, embed_dim = x.shape
-        width, v_start = heads * self.head_dim, 2 * self.num_heads * self.head_dim
-        private = self.private_qk[str(heads)]
-        qk = elastic_linear(x, private.weight, private.bias)
-        v = elastic_linear(x, self.qkv.weight[v_start:], None if self.qkv.bias is None else self.qkv.bias[v_start:], width)
-        q, k = qk.view(batch, tokens, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = v.view(batch, tokens, heads, self.head_dim).transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+
+        def project(source_weight: Tensor, source_bias: Tensor | None, start: int, parts: int) -> Tensor:
+            rows = elastic_linear(x, source_weight[start:], None if source_bias is None else source_bias[start:],
+                                  parts * width)
+            return rows.view(batch, tokens, parts, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+        if heads in self.private_qk_heads:
+            private = self.private_qk[str(heads)]
+            q, k = project(private.weight, private.bias, 0, 2)
+        else:
+            (q,), (k,) = project(weight, bias, 0, 1), project(weight, bias, max_width, 1)
+        (v,) = project(weight, bias, 2 * max_width, 1)
+        scale = self.head_dim ** -0.5
+        if self.rel_pos is None:
+            context = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            rel_k, rel_v = self.rel_pos(tokens)
+            context = plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
         return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width), self.proj.weight, self.proj.bias,
                               embed_dim)
 
@@ -246,7 +269,8 @@ class ElasticAttention(ElasticModule):
         embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
         width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
-        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=bias is not None), weight)
+        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=bias is not None,
+                                                    relative_position=self.relative_position), weight)
         with torch.no_grad():
             rows = weight.view(3, max_width, -1)[:, :width]
             biases = None if bias is None else bias.view(3, max_width)[:, :width]
@@ -258,6 +282,8 @@ class ElasticAttention(ElasticModule):
             if biases is not None:
                 attn.qkv.bias.copy_(biases.reshape(-1))
         attn.proj = self.proj.extract()
+        if self.rel_pos is not None:
+            attn.rel_pos.load_state_dict(self.rel_pos.state_dict())
         return attn
 
 
@@ -265,19 +291,20 @@ class ElasticBlock(ElasticModule):
     """timm's pre-norm Block (``norm1, attn, norm2, mlp``) with elastic embed dim, heads and MLP width.
 
     ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
-    ``private_qk_heads``: head counts with their own q/k projections (:class:`ElasticAttention`).
+    ``private_qk_heads``: head counts with their own q/k projections, ``relative_position``: the maximum distance of
+    the 2D relative position, 0 for none (:class:`ElasticAttention`).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
-                 private_qk_heads: tuple[int, ...] = ()):
+                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
         self.drop_path = drop_path
         self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype,
-                                     private_qk_heads=private_qk_heads)
+                                     private_qk_heads=private_qk_heads, relative_position=relative_position)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
         self.active = self.max_config()
@@ -309,7 +336,8 @@ class ElasticBlock(ElasticModule):
         embed_dim = self.active["embed_dim"]
         block = empty_module(lambda: plain.Block(embed_dim, self.active["num_heads"], self.attn.head_dim,
                                                  self.active["hidden_features"], eps=self.norm1.eps,
-                                                 qkv_bias=self.attn.qkv.bias is not None), self.attn.qkv.weight)
+                                                 qkv_bias=self.attn.qkv.bias is not None,
+                                                 relative_position=self.attn.relative_position), self.attn.qkv.weight)
         block.norm1, block.attn = self.norm1.extract(), self.attn.extract()
         block.norm2, block.mlp = self.norm2.extract(), self.mlp.extract()
         return block

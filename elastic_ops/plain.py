@@ -3,10 +3,11 @@
 This file imports only torch, so that it can be copied into a project that runs an exported subnet
 without elastic_ops. The modules are TorchScript-able. Attention uses timm's qkv layout ``[3 * h * Dh, e]``
 (q, k, v blocks), which is the block layout of the elastic ops.
+Optional 2D relative position (AutoFormer's ``RelativePosition2D``): :class:`RelativePosition2D`.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +27,83 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention of ``x: [B, N, dim]`` with ``num_heads`` heads of ``head_dim`` channels."""
+class RelativePosition2D(nn.Module):
+    """AutoFormer's 2D relative position for keys and values, shared by the heads.
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True, proj_bias: bool = True):
+    Patch tokens form a square grid in row-major order after the class token (``tokens = 1 + side * side``).
+    Each of ``k_rows, k_cols, v_rows, v_cols: [2 * max_relative_position + 2, head_dim]`` is indexed by the
+    row (column) distance ``j - i`` clipped to ``+-max_relative_position`` and shifted to ``1..2 * max + 1``;
+    index 0 is for every pair involving the class token. The embedding of a pair is its row entry plus its
+    column entry (``[tokens, tokens, head_dim]``), for keys and for values (:func:`relative_attention`).
+    Tables are indexed by distance, so one set serves every grid size (patch size).
+    """
+
+    def __init__(self, head_dim: int, max_relative_position: int = 14):
+        super().__init__()
+        if max_relative_position < 1:
+            raise ValueError("RelativePosition2D: max_relative_position must be >= 1, got " + str(max_relative_position))
+        self.max_relative_position = max_relative_position
+        size = 2 * max_relative_position + 2
+        self.k_rows = nn.Parameter(torch.empty(size, head_dim))
+        self.k_cols = nn.Parameter(torch.empty(size, head_dim))
+        self.v_rows = nn.Parameter(torch.empty(size, head_dim))
+        self.v_cols = nn.Parameter(torch.empty(size, head_dim))
+        for table in (self.k_rows, self.k_cols, self.v_rows, self.v_cols):
+            nn.init.trunc_normal_(table, std=0.02)
+
+    def indices(self, tokens: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Row and column table indices ``[tokens, tokens]`` (0 on the class token's row and column)."""
+        side = int((tokens - 1) ** 0.5 + 0.5)
+        if tokens < 2 or side * side != tokens - 1:
+            raise ValueError("RelativePosition2D: expected 1 class token plus a square grid of patch tokens, got "
+                             + str(tokens) + " tokens")
+        patches = torch.arange(side * side, device=device)
+        row, col = patches // side, patches % side
+        limit = self.max_relative_position
+        rows = (row[None, :] - row[:, None]).clamp(-limit, limit) + limit + 1
+        cols = (col[None, :] - col[:, None]).clamp(-limit, limit) + limit + 1
+        return F.pad(rows, (1, 0, 1, 0)), F.pad(cols, (1, 0, 1, 0))
+
+    def forward(self, tokens: int) -> Tuple[Tensor, Tensor]:
+        """Key and value embeddings ``[tokens, tokens, head_dim]`` of every (query, key) pair."""
+        rows, cols = self.indices(tokens, self.k_rows.device)
+        return self.k_rows[rows] + self.k_cols[cols], self.v_rows[rows] + self.v_cols[cols]
+
+
+def relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_k: Tensor, rel_v: Tensor, scale: float) -> Tensor:
+    """Attention of ``q, k, v: [B, h, N, Dh]`` with relative position embeddings ``rel_k, rel_v: [N, N, Dh]``:
+    ``softmax(scale * (q k^T + q . rel_k)) v + sum_j attn_ij rel_v_ij``, as AutoFormer; returns ``[B, h, N, Dh]``."""
+    logits = (q @ k.transpose(-2, -1) + torch.einsum("bhid,ijd->bhij", q, rel_k)) * scale
+    attn = logits.softmax(dim=-1)
+    return attn @ v + torch.einsum("bhij,ijd->bhid", attn, rel_v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention of ``x: [B, N, dim]`` with ``num_heads`` heads of ``head_dim`` channels;
+    ``relative_position > 0`` adds :class:`RelativePosition2D` with that maximum distance (``rel_pos``)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True, proj_bias: bool = True,
+                 relative_position: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
+        self.rel_pos: Optional[RelativePosition2D] = (RelativePosition2D(head_dim, relative_position)
+                                                      if relative_position else None)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        context = attn.softmax(dim=-1) @ v
+        rel_pos = self.rel_pos
+        if rel_pos is not None:
+            rel_k, rel_v = rel_pos(tokens)
+            context = relative_attention(q, k, v, rel_k, rel_v, self.scale)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            context = attn.softmax(dim=-1) @ v
         return self.proj(context.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
@@ -50,10 +111,10 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, hidden_features: int, eps: float = 1e-6,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, relative_position: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, head_dim, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads, head_dim, qkv_bias=qkv_bias, relative_position=relative_position)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden_features)
 
@@ -74,11 +135,12 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width."""
+    """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width.
+    ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
                  num_heads: List[int], hidden_features: List[int], head_dim: int, eps: float = 1e-6,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, relative_position: int = 0):
         super().__init__()
         if len(num_heads) != len(hidden_features):
             raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} hidden_features")
@@ -86,11 +148,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size
         self.head_dim = head_dim
+        self.relative_position = relative_position
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
         self.blocks = nn.ModuleList([
-            Block(embed_dim, heads, head_dim, hidden, eps=eps, qkv_bias=qkv_bias)
+            Block(embed_dim, heads, head_dim, hidden, eps=eps, qkv_bias=qkv_bias, relative_position=relative_position)
             for heads, hidden in zip(num_heads, hidden_features)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
@@ -104,4 +167,4 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "VisionTransformer"]
+__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "RelativePosition2D", "VisionTransformer", "relative_attention"]

@@ -12,8 +12,9 @@ entanglement), so the grouped PyTorch implementation of a linear layer is one GE
 rows against the leading ``[out, E]`` slice of the super weight, followed by the padding mask. Native or
 Triton grouped kernels plug in per op through :data:`GROUPED_IMPLEMENTATIONS`.
 
-A supernet with private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) is not
-supported (:func:`supports_batched`): its subnets run one at a time.
+A supernet with private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) or with
+relative position (AutoFormer, ``SupernetConfig.relative_position``) is not supported (:func:`supports_batched`):
+its subnets run one at a time.
 """
 from __future__ import annotations
 
@@ -203,9 +204,11 @@ class BatchedSubnets:
 
     def __init__(self, supernet, archs: Sequence[Arch]):
         if not supports_batched(supernet):
-            raise ValueError("batched_forward: this supernet has private q/k projections per head count (ViTAS), which "
-                             "the grouped attention does not implement; run the subnets one at a time with the "
-                             "supernet's forward (nas.evaluate.evaluate_archs does so by itself)")
+            what = ("private q/k projections per head count (ViTAS)" if supernet.config.private_qk_heads
+                    else "relative position (AutoFormer)")
+            raise ValueError(f"batched_forward: this supernet has {what}, which the grouped attention does not "
+                             "implement; run the subnets one at a time with the supernet's forward "
+                             "(nas.evaluate.evaluate_archs does so by itself)")
         self.supernet = supernet
         self.archs = list(archs)
         check_archs(supernet, self.archs)
@@ -267,8 +270,9 @@ def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
 
 def supports_batched(supernet) -> bool:
     """Whether :func:`batched_forward` runs this supernet: not with private q/k per head count, since the grouped
-    attention reads every subnet's q, k and v from the one shared qkv weight."""
-    return not supernet.config.private_qk_heads
+    attention reads every subnet's q, k and v from the one shared qkv weight, nor with relative position, which
+    it has no path for."""
+    return not supernet.config.private_qk_heads and not supernet.config.relative_position
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:

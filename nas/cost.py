@@ -8,9 +8,13 @@ Convention (also in ``CONVENTION``):
   LayerNorm and the classifier (with bias). A space with private class tokens or patch embeddings per
   patch size (ViTAS) counts only those of the arch's patch size, as in the extracted subnet; private
   q/k projections per head count (ViTAS) stand in for the shared q/k rows, so the count is the same.
+  A space with ``relative_position = m > 0`` (AutoFormer) adds per active layer its 2D relative position
+  tables: for keys and values, rows and columns, ``2 * m + 2`` entries (distances ``-m..m`` and one for
+  the class token) of ``head_dim`` each, ``4 * (2 * m + 2) * head_dim`` in all.
 * ``macs`` counts the multiply-accumulates of one image's forward pass in the matrix products:
   the patch-embedding convolution, qkv, q @ k^T, attn @ v, the output projection, fc1, fc2, and the
-  classifier on the class token. LayerNorm, softmax, GELU, bias and residual additions, the
+  classifier on the class token; with relative position also q . r_k and attn . r_v (``tokens ** 2 *
+  num_heads * head_dim`` each; the table look-ups and additions are not counted). LayerNorm, softmax, GELU, bias and residual additions, the
   position-embedding add and the attention scale are not counted (AutoFormer does not count them
   either; they are well under 1% of the total). FLOPs in the "2 per multiply-add" sense, as
   ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
@@ -40,9 +44,10 @@ if TYPE_CHECKING:
 CONVENTION = {
     "params": "every weight of the extracted subnet: patch embed (+bias), class token, position embedding, "
               "per layer 2 LayerNorms, qkv (+bias), proj (+bias), fc1 (+bias), fc2 (+bias), final LayerNorm, "
-              "classifier (+bias)",
+              "classifier (+bias); with relative position m > 0 per layer 4 * (2m + 2) * head_dim table entries",
     "macs": "multiply-accumulates of one image's forward pass in the matrix products: patch-embedding conv, "
-            "qkv, q@k^T, attn@v, proj, fc1, fc2, classifier on the class token",
+            "qkv, q@k^T, attn@v, proj, fc1, fc2, classifier on the class token; with relative position also "
+            "q.r_k and attn.r_v",
     "not_counted_in_macs": ("LayerNorm", "softmax", "GELU", "bias add", "residual add", "position-embedding add",
                             "attention scale"),
     "flops": "2 * macs",
@@ -83,27 +88,29 @@ def as_batch(archs: Arch | Sequence[Arch] | ArchBatch) -> ArchBatch:
     return ArchBatch.from_archs(archs)
 
 
-def layer_params(embed_dim, num_heads, hidden, head_dim: int):
+def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position: int = 0):
     attn_dim = num_heads * head_dim
     norms = 2 * 2 * embed_dim
     attention = (embed_dim + 1) * 3 * attn_dim + (attn_dim + 1) * embed_dim
     mlp = (embed_dim + 1) * hidden + (hidden + 1) * embed_dim
-    return norms + attention + mlp
+    tables = 4 * (2 * relative_position + 2) * head_dim if relative_position else 0
+    return norms + attention + mlp + tables
 
 
-def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int) -> dict:
+def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0) -> dict:
     """MACs of one transformer layer by kind: ``projections`` (qkv and output projection),
-    ``attention`` (q @ k^T and attn @ v) and ``mlp`` (fc1 and fc2)."""
+    ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and fc2)."""
     attn_dim = num_heads * head_dim
+    products = 4 if relative_position else 2
     return {
         "projections": tokens * embed_dim * 4 * attn_dim,
-        "attention": 2 * tokens * tokens * attn_dim,
+        "attention": products * tokens * tokens * attn_dim,
         "mlp": 2 * tokens * embed_dim * hidden,
     }
 
 
-def layer_macs(embed_dim, num_heads, hidden, tokens, head_dim: int):
-    return sum(layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim).values())
+def layer_macs(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0):
+    return sum(layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim, relative_position).values())
 
 
 def embed_params(embed_dim, patch_size, tokens, in_chans: int):
@@ -127,7 +134,8 @@ def head_macs(embed_dim, num_classes: int):
 def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
     d = layer_dims(archs, space)
-    layers = np.where(d.layer_on, layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim), 0).sum(axis=1)
+    per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position)
+    layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_params(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers
             + head_params(embed, space.num_classes)).astype(np.int64)
@@ -136,7 +144,7 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
 def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 multiply-accumulates of one image's forward pass (see the module docstring)."""
     d = layer_dims(archs, space)
-    per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim)
+    per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_macs(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers

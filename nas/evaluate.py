@@ -183,7 +183,8 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
 
     ``batched``: evaluate ``subnets`` archs per pass over the data (default: as many as fit in
     ``memory_fraction`` of the free memory); False runs each arch alone with the supernet's own forward, as
-    does a supernet that batched passes do not support (private q/k per head count: ``nas.batched.supports_batched``).
+    does a supernet that batched passes do not support (private q/k per head count or relative position:
+    ``nas.batched.supports_batched``).
     ``cache``: results already there (same arch, same ``data_key``) are returned without evaluating;
     new results are added. ``data_key`` defaults to :func:`data_fingerprint` of the loader.
     """

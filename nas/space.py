@@ -56,7 +56,9 @@ class SearchSpace:
     ``num_heads * head_dim`` channels. With several ``patch_sizes`` every arch names its own.
     ``private_class_tokens``/``private_qk`` tell the supernet to keep a class token, position and patch
     embedding per patch size, and q/k projections per head choice (ViTAS); they change neither
-    sampling nor the subnet's cost. Choices are stored sorted and without repeats.
+    sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
+    position with that maximum distance (0: none); it adds to the cost but not to sampling.
+    Choices are stored sorted and without repeats.
     """
 
     name: str
@@ -72,6 +74,7 @@ class SearchSpace:
     identity_layers: bool = False
     private_class_tokens: bool = False
     private_qk: bool = False
+    relative_position: int = 0
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)
@@ -85,6 +88,9 @@ class SearchSpace:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"SearchSpace.{name}={getattr(self, name)} must be positive")
             set_field(name, int(getattr(self, name)))
+        if isinstance(self.relative_position, bool) or int(self.relative_position) < 0:
+            raise ValueError(f"SearchSpace.relative_position={self.relative_position!r} must be an int >= 0 (0: none)")
+        set_field("relative_position", int(self.relative_position))
         if int(self.num_classes) < 0:
             raise ValueError(f"SearchSpace.num_classes={self.num_classes} must be >= 0")
         set_field("num_classes", int(self.num_classes))

@@ -13,6 +13,10 @@ Private q/k (ViTAS): a space with ``private_qk`` gives every head count its own 
 v and the output projection stay shared. The largest head count's are the q and k blocks of the shared
 ``blocks.i.attn.qkv`` (no smaller head count reads them); each smaller one has ``blocks.i.attn.private_qk.<h>``.
 So no weight is dead, and the largest subnet is still a timm ViT.
+
+Relative position (AutoFormer): ``relative_position > 0`` gives every block's attention the 2D relative position
+tables ``blocks.i.attn.rel_pos`` (``elastic_ops.plain.RelativePosition2D``); the absolute position embedding stays,
+as in AutoFormer. The tables are indexed by distance, so all patch sizes share them.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ if TYPE_CHECKING:
 @dataclass
 class SupernetConfig:
     """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
-    own q/k projections (``ElasticAttention``); ``space``, if given, is what
+    own q/k projections (``ElasticAttention``); ``relative_position``: the maximum distance of the 2D relative
+    position, 0 for none; ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
     img_size: int
@@ -49,6 +54,7 @@ class SupernetConfig:
     hidden_features: int
     private_class_tokens: bool = False
     private_qk_heads: tuple[int, ...] = ()
+    relative_position: int = 0
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     space: SearchSpace | None = field(default=None, repr=False, compare=False)
@@ -63,18 +69,23 @@ class SupernetConfig:
             raise ValueError(f"SupernetConfig: img_size {self.img_size} is not a multiple of patch size(s) {bad}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not isinstance(self.relative_position, int) or isinstance(self.relative_position, bool) \
+                or self.relative_position < 0:
+            raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), got {self.relative_position!r}")
 
     @classmethod
     def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6) -> "SupernetConfig":
         """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
-        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks)."""
+        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the
+        relative position is ``space.relative_position``, so that ``nas.cost`` counts what the supernet holds."""
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
             num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),
             num_heads=max(space.num_heads), head_dim=space.head_dim,
             hidden_features=int(max(space.embed_dims) * max(space.mlp_ratios)),
             private_class_tokens=bool(space.private_class_tokens),
-            private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (), drop_path_rate=drop_path_rate,
+            private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (),
+            relative_position=space.relative_position, drop_path_rate=drop_path_rate,
             layer_norm_eps=layer_norm_eps, space=space,
         )
 
@@ -109,7 +120,7 @@ class VisionTransformerSupernet(nn.Module):
         drop_paths = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
-                         drop_path=rate, private_qk_heads=c.private_qk_heads)
+                         drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position)
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
@@ -120,14 +131,15 @@ class VisionTransformerSupernet(nn.Module):
 
     def reset_parameters(self) -> None:
         """timm's ViT initialisation: truncated normal (std 0.02) for linear weights and tokens, zero linear biases;
-        LayerNorms at ones and zeros, the patch embedding at torch's Conv2d default."""
+        LayerNorms at ones and zeros, the patch embedding at torch's Conv2d default; relative position tables
+        truncated normal (std 0.02), as AutoFormer."""
         for module in self.modules():
             if isinstance(module, ElasticLinear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
-            if name.startswith(("cls_token", "pos_embed")):
+            if name.startswith(("cls_token", "pos_embed")) or ".attn.rel_pos." in name:
                 nn.init.trunc_normal_(param, std=0.02)
 
     def max_arch(self) -> Arch:
@@ -287,7 +299,8 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     ``norm``, ``head``); every tensor must have the shape of the supernet's (timm's qkv ``[3 * dim, dim]``
     is the block layout when ``num_heads * head_dim == dim``). With several patch sizes the timm patch
     size is read from its kernel; its position embedding goes to that patch size. Private q/k projections
-    of smaller head counts (ViTAS) keep their initialisation.
+    of smaller head counts (ViTAS) keep their initialisation; relative position tables (timm has none) are zeroed,
+    so that the largest subnet still computes the timm model.
     Raises ValueError listing missing, unexpected or mis-shaped tensors.
     """
     if not isinstance(config, SupernetConfig):
@@ -315,7 +328,7 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     # Parts private to the other patch sizes, and the private q/k of smaller head counts, keep their initialisation.
     missing = sorted(name for name in set(target) - set(renamed)
                      if (name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
-                     and ".attn.private_qk." not in name)
+                     and ".attn.private_qk." not in name and ".attn.rel_pos." not in name)
     if unexpected or shapes or missing:
         problems = [f"unexpected (unsupported timm parts): {unexpected}"] if unexpected else []
         problems += [f"shape mismatch: {shapes}"] if shapes else []
@@ -324,6 +337,9 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     with torch.no_grad():
         for name, tensor in renamed.items():
             target[name].copy_(tensor)
+        for name, tensor in target.items():
+            if ".attn.rel_pos." in name:
+                tensor.zero_()
     return model
 
 

@@ -3,6 +3,7 @@ state_dict round trips with the plain PyTorch / timm-named modules, and clear er
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -221,6 +222,71 @@ def test_private_qk_gradients_reach_only_the_chosen_weights():
     assert torch.count_nonzero(qkv_grad[128 + 48:]) == 0 and torch.count_nonzero(qkv_grad[:, 40:]) == 0
     assert torch.count_nonzero(layer.qkv.bias.grad[:128]) == 0 and layer.qkv.bias.grad[128:128 + 48].abs().min() > 0
     assert layer.proj.weight.grad[:40, :48].abs().min() > 0 and torch.count_nonzero(layer.proj.weight.grad[:, 48:]) == 0
+
+
+# --- ElasticAttention with 2D relative position (AutoFormer) ----------------------------------------
+
+def autoformer_relative_attention(attn_layer: plain.Attention, x: torch.Tensor) -> torch.Tensor:
+    """AutoFormer's AttentionSuper/RelativePosition2D_super forward, written from its definition: index matrices
+    built pair by pair (class token at index 0), the relative terms as [N, B*h, .] batched matmuls."""
+    rel, heads, dh = attn_layer.rel_pos, attn_layer.num_heads, attn_layer.head_dim
+    batch, tokens, _ = x.shape
+    side, m = math.isqrt(tokens - 1), rel.max_relative_position
+    rows = torch.zeros(tokens, tokens, dtype=torch.long)
+    cols = torch.zeros(tokens, tokens, dtype=torch.long)
+    for i in range(1, tokens):
+        for j in range(1, tokens):
+            rows[i, j] = max(-m, min(m, (j - 1) // side - (i - 1) // side)) + m + 1
+            cols[i, j] = max(-m, min(m, (j - 1) % side - (i - 1) % side)) + m + 1
+    r_k, r_v = rel.k_rows[rows] + rel.k_cols[cols], rel.v_rows[rows] + rel.v_cols[cols]
+    q, k, v = attn_layer.qkv(x).reshape(batch, tokens, 3, heads, dh).permute(2, 0, 3, 1, 4)
+    scale = dh ** -0.5
+    logits = (q @ k.transpose(-2, -1)) * scale
+    logits = logits + (q.permute(2, 0, 1, 3).reshape(tokens, heads * batch, dh) @ r_k.transpose(2, 1)) \
+        .transpose(1, 0).reshape(batch, heads, tokens, tokens) * scale
+    attn = logits.softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    by_query = attn.permute(2, 0, 1, 3).reshape(tokens, batch * heads, tokens)
+    out = out + (by_query @ r_v).transpose(1, 0).reshape(batch, heads, tokens, dh).transpose(2, 1).reshape(batch, tokens, -1)
+    return attn_layer.proj(out)
+
+
+@pytest.mark.parametrize("embed_dim, num_heads, tokens, private", [(64, 3, 26, False), (37, 1, 10, False),
+                                                                     (40, 2, 50, True), (64, 4, 17, True)])
+def test_relative_position_attention_matches_extracted_and_autoformer(embed_dim, num_heads, tokens, private):
+    # max distance 2 < the grid side in most cases, so clipping is exercised; grids of 3, 4, 5 and 7 patches a side.
+    layer = randomize(ElasticAttention(64, 4, head_dim=16, relative_position=2, private_qk_heads=(1, 2) if private else ()))
+    layer.set_active(embed_dim=embed_dim, num_heads=num_heads)
+    x = torch.randn(2, tokens, embed_dim)
+    extracted = assert_extract_matches(layer, x)
+    assert isinstance(extracted, plain.Attention) and extracted.rel_pos is not None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), autoformer_relative_attention(extracted, x), **TOL)
+        without = ElasticAttention(64, 4, head_dim=16, private_qk_heads=(1, 2) if private else ())
+        without.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("rel_pos.")})
+        assert not torch.allclose(without(x, embed_dim=embed_dim, num_heads=num_heads), layer(x), atol=1e-3)
+
+
+def test_relative_position_tables_and_gradients():
+    layer = randomize(ElasticAttention(48, 3, head_dim=16, relative_position=3))
+    assert {name: tuple(p.shape) for name, p in layer.named_parameters() if name.startswith("rel_pos.")} == {
+        f"rel_pos.{name}": (2 * 3 + 2, 16) for name in ("k_rows", "k_cols", "v_rows", "v_cols")}
+    layer(torch.randn(2, 1 + 8 * 8, 40), embed_dim=40, num_heads=2).square().sum().backward()
+    for name in ("k_rows", "k_cols", "v_rows", "v_cols"):
+        grad = getattr(layer.rel_pos, name).grad
+        assert grad.abs().sum(dim=1).min() > 0, f"every entry of {name} (distances 0..3 and the class token) is used"
+    assert layer.qkv.weight.grad[:32, :40].abs().min() > 0 and torch.count_nonzero(layer.qkv.weight.grad[32:48]) == 0
+    with pytest.raises(ValueError, match="square grid of patch tokens, got 11 tokens"):
+        layer(torch.randn(1, 11, 48))
+    with pytest.raises(ValueError, match="relative_position must be an int >= 0"):
+        ElasticAttention(48, 3, head_dim=16, relative_position=-1)
+
+
+def test_block_with_relative_position_matches_extracted_plain_block():
+    layer = randomize(ElasticBlock(64, 4, 256, head_dim=16, relative_position=14))
+    layer.set_active(embed_dim=48, num_heads=2, hidden_features=131)
+    extracted = assert_extract_matches(layer, torch.randn(2, 1 + 4 * 4, 48))
+    assert extracted.attn.rel_pos.max_relative_position == 14
 
 
 # --- ElasticBlock -----------------------------------------------------------------------------------

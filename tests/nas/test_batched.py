@@ -172,6 +172,25 @@ def test_private_qk_supernet_is_refused_with_a_clear_error():
         BatchedSubnets(model, archs)
 
 
+def test_relative_position_supernet_is_refused_and_evaluated_one_subnet_at_a_time():
+    from nas.batched import supports_batched
+    from nas.evaluate import evaluate_archs
+    space = dataclasses.replace(load_space("cifar-tiny"), relative_position=4, img_size=16, num_classes=7)
+    torch.manual_seed(0)
+    model = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
+    archs = [space.min_arch(), space.sample(np.random.default_rng(2))]
+    assert not supports_batched(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="relative position"):
+        batched_forward(model, images_for(model, 1), archs)
+    images, labels = images_for(model, 4), torch.randint(0, 7, (4,))
+    results = evaluate_archs(model, archs, [(images, labels)], progress=False)
+    with torch.no_grad():
+        for arch, result in zip(archs, results):
+            logits = model(images, arch)
+            assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+            assert result.top1 == pytest.approx((logits.argmax(1) == labels).float().mean().item() * 100)
+
+
 def test_batched_forward_rejects_bad_input():
     model = small_supernet("digits-tiny")
     other = load_space("cifar-tiny").max_arch()

@@ -1,5 +1,6 @@
 """nas.cost against independent oracles: a plain PyTorch ViT built from the arch (its parameter count
 and torch's FlopCounterMode), and published model sizes (AutoFormer, DeiT)."""
+import dataclasses
 import zlib
 
 import numpy as np
@@ -15,9 +16,12 @@ from nas.space import SearchSpace, load_space
 
 
 class PlainBlock(nn.Module):
-    def __init__(self, embed_dim, num_heads, hidden, head_dim):
+    def __init__(self, embed_dim, num_heads, hidden, head_dim, relative_position=0):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.relative_position = num_heads, head_dim, relative_position
+        if relative_position:  # AutoFormer: for k and for v, a row and a column table, class token at index 0
+            self.tables = nn.ParameterList(nn.Parameter(torch.zeros(2 * relative_position + 2, head_dim))
+                                           for _ in range(4))
         self.norm1 = nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * num_heads * head_dim)
         self.proj = nn.Linear(num_heads * head_dim, embed_dim)
@@ -29,8 +33,18 @@ class PlainBlock(nn.Module):
         batch, tokens, _ = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, -1))
+        logits = q @ k.transpose(-2, -1)
+        if self.relative_position:  # only the products count: the gathers index any valid entry (zeros here)
+            r_k = self.tables[0][torch.zeros(tokens, tokens, dtype=torch.long)]
+            logits = logits + (q.permute(2, 0, 1, 3).reshape(tokens, -1, self.head_dim) @ r_k.transpose(2, 1)) \
+                .transpose(1, 0).reshape(batch, self.num_heads, tokens, tokens)
+        attn = (logits * self.head_dim ** -0.5).softmax(dim=-1)
+        context = attn @ v
+        if self.relative_position:
+            r_v = self.tables[2][torch.zeros(tokens, tokens, dtype=torch.long)]
+            context = context + (attn.permute(2, 0, 1, 3).reshape(tokens, -1, tokens) @ r_v) \
+                .transpose(1, 0).reshape(batch, self.num_heads, tokens, self.head_dim)
+        x = x + self.proj(context.transpose(1, 2).reshape(batch, tokens, -1))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -44,7 +58,7 @@ class PlainViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed))
         self.pos_embed = nn.Parameter(torch.zeros(1, (space.img_size // patch) ** 2 + 1, embed))
         self.blocks = nn.ModuleList(
-            PlainBlock(embed, arch.num_heads[i], arch.hidden_features(i), space.head_dim)
+            PlainBlock(embed, arch.num_heads[i], arch.hidden_features(i), space.head_dim, space.relative_position)
             for i in range(arch.max_depth) if arch.layer_on[i]
         )
         self.norm = nn.LayerNorm(embed)
@@ -80,6 +94,22 @@ def test_params_and_macs_match_plain_vit(name):
     np.testing.assert_array_equal(macs_many(archs, space), expected[:, 1])
     assert [params(a, space) for a in archs] == expected[:, 0].tolist()
     assert [macs(a, space) for a in archs] == expected[:, 1].tolist()
+
+
+@pytest.mark.parametrize("name, relative_position", [("cifar-tiny", 4), ("vitas-t", 14)])
+def test_relative_position_costs_match_plain_vit(name, relative_position):
+    base = load_space(name)
+    space = dataclasses.replace(base, relative_position=relative_position)
+    archs = space.sample_many(np.random.default_rng(7), 3).archs() + [space.min_arch()]
+    expected = np.array([plain_vit_counts(arch, space) for arch in archs])
+    np.testing.assert_array_equal(params_many(archs, space), expected[:, 0])
+    np.testing.assert_array_equal(macs_many(archs, space), expected[:, 1])
+    # By hand: 4 tables of 2m + 2 rows of head_dim per active layer; 2 more products of N^2 * h * Dh per layer.
+    arch = archs[0]
+    tokens = base.num_tokens(arch.patch_size)
+    extra_macs = sum(2 * tokens ** 2 * h * base.head_dim for h, on in zip(arch.num_heads, arch.layer_on) if on)
+    assert params(arch, space) - params(arch, base) == arch.depth * 4 * (2 * relative_position + 2) * base.head_dim
+    assert macs(arch, space) - macs(arch, base) == extra_macs
 
 
 def test_identity_layers_cost_nothing():

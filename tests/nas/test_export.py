@@ -112,6 +112,24 @@ def test_torchscript_export_matches(supernet, arch, x, tmp_path):
     torch.testing.assert_close(torch.jit.load(str(path))(x), expected, **TOL)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_relative_position_subnet_saves_loads_and_scripts(tmp_path):
+    space = dataclasses.replace(SPACE, relative_position=2)
+    torch.manual_seed(1)
+    model = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
+    arch = dataclasses.replace(space.sample(np.random.default_rng(4)), layer_on=(True, True, False), patch_size=2 * 2)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x, arch)
+    plain = extract_subnet(model, arch)
+    assert all(block.attn.rel_pos is not None for block in plain.blocks)
+    save_subnet(tmp_path / "subnet.pt", plain, arch)
+    loaded, _ = load_subnet(tmp_path / "subnet.pt")
+    torch.testing.assert_close(loaded(x), expected, **TOL)
+    scripted = to_torchscript(loaded, tmp_path / "subnet.ts")
+    torch.testing.assert_close(scripted(x), expected, **TOL)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "subnet.ts"))(x), expected, **TOL)
+
+
 def test_onnx_export_or_clear_message(supernet, arch, x, tmp_path):
     plain = extract_subnet(supernet, arch)
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:

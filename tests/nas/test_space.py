@@ -53,6 +53,11 @@ def test_space_normalises_and_rejects_bad_definitions():
         SearchSpace.from_dict({**space.to_dict(), "depth": 3})
     with pytest.raises(ValueError, match="missing"):
         SearchSpace.from_dict({"name": "s", "embed_dims": [32]})
+    relative = SearchSpace("s", embed_dims=[32], depths=[2], num_heads=[1], mlp_ratios=[2], relative_position=14)
+    assert SearchSpace.from_yaml(relative.to_yaml()) == relative and relative.to_dict()["relative_position"] == 14
+    assert relative != SearchSpace("s", embed_dims=[32], depths=[2], num_heads=[1], mlp_ratios=[2])
+    with pytest.raises(ValueError, match="relative_position=-1 must be an int >= 0"):
+        SearchSpace("s", embed_dims=[32], depths=[2], num_heads=[1], mlp_ratios=[2], relative_position=-1)
 
 
 def test_load_space_errors(tmp_path):

@@ -127,6 +127,40 @@ def test_private_qk_per_head_count():
         assert not torch.allclose(model(x, arch), before)
 
 
+def test_relative_position_subnets_match_their_extracted_plain_vit():
+    """AutoFormer's relative position on cifar-tiny (8 x 8 patches, distances clipped at 4), absolute embedding kept."""
+    space = dataclasses.replace(load_space("cifar-tiny"), relative_position=4)
+    model = build(space)
+    names = {name for name, _ in model.named_parameters()}
+    assert "pos_embed" in names
+    assert {n for n in names if ".rel_pos." in n} == {f"blocks.{i}.attn.rel_pos.{t}" for i in range(6)
+                                                       for t in ("k_rows", "k_cols", "v_rows", "v_cols")}
+    assert tuple(model.blocks[0].attn.rel_pos.k_rows.shape) == (2 * 4 + 2, space.head_dim)
+    x = images(space)
+    rng = np.random.default_rng(5)
+    for arch in [space.min_arch(), space.sample(rng), space.sample(rng)]:
+        logits = model(x, arch)
+        plain = extract_subnet(model, arch)
+        torch.testing.assert_close(plain(x), logits, **TOL)
+        assert sum(p.numel() for p in plain.parameters()) == cost.params(arch, space)
+    with torch.no_grad():  # the tables take part: changing one changes the output
+        before = model(x, space.min_arch())
+        model.blocks[0].attn.rel_pos.v_rows.normal_()
+        assert not torch.allclose(model(x, space.min_arch()), before, atol=1e-4)
+
+
+def test_relative_position_is_shared_by_every_patch_size():
+    space = dataclasses.replace(TINY, patch_sizes=[2, 4], relative_position=2)
+    model = build(space)
+    x = images(space)
+    for patch in (2, 4):  # 8 x 8 and 4 x 4 grids read the same tables
+        arch = dataclasses.replace(space.sample(np.random.default_rng(patch)), patch_size=patch)
+        torch.testing.assert_close(extract_subnet(model, arch)(x), model(x, arch), **TOL)
+    model.train()
+    model(x, dataclasses.replace(space.max_arch(), patch_size=2)).square().sum().backward()
+    assert model.blocks[1].attn.rel_pos.k_cols.grad.abs().sum(dim=1).min() > 0
+
+
 def test_bad_arch_and_bad_images_raise_clear_errors():
     model = build(TINY)
     with pytest.raises(ValueError, match=r"arch.embed_dim=28 not in \(24, 32\)"):
@@ -296,6 +330,17 @@ def test_timm_state_dict_into_a_supernet_with_private_qk():
     space = dataclasses.replace(TINY, private_qk=True)
     supernet = from_timm_state_dict(timm_model.state_dict(), space).eval()
     assert any("private_qk" in name for name in supernet.state_dict())
+    x = images(space)
+    torch.testing.assert_close(supernet(x, space.max_arch()), timm_model(x), **TOL)
+
+
+def test_timm_state_dict_into_a_supernet_with_relative_position():
+    """timm has no relative position: the tables start at zero, so the largest subnet is still the timm model."""
+    torch.manual_seed(0)
+    timm_model = TimmStyleViT().eval()
+    space = dataclasses.replace(TINY, relative_position=3)
+    supernet = from_timm_state_dict(timm_model.state_dict(), space).eval()
+    assert all(torch.count_nonzero(p) == 0 for name, p in supernet.named_parameters() if ".rel_pos." in name)
     x = images(space)
     torch.testing.assert_close(supernet(x, space.max_arch()), timm_model(x), **TOL)
 
