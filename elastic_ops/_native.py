@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _C, _validate
+from . import _C
 
 
 def _check(op: str, **tensors: Tensor | None) -> None:

@@ -10,7 +10,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from . import _validate, reference
+from . import _validate
 from ._backend import select
 
 # op -> backend -> "module:function" of its implementation

@@ -5,7 +5,6 @@ so is the input padding (a kernel must not read past a subnet's active channels)
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
