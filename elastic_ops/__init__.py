@@ -6,7 +6,9 @@ reference; see ``backends()`` and ``use_backend``.
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
-from .functional import elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp
+from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
+                         grouped_layer_norm, grouped_linear, grouped_mlp)
+from .group_sizes import GroupSizes
 from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
 
 __version__ = "0.1.0"
@@ -21,12 +23,17 @@ __all__ = [
     "ElasticLinear",
     "ElasticMlp",
     "ElasticPatchEmbed",
+    "GroupSizes",
     "backends",
     "elastic_attention",
     "elastic_layer_norm",
     "elastic_linear",
     "elastic_mlp",
     "forced_backend",
+    "grouped_attention",
+    "grouped_layer_norm",
+    "grouped_linear",
+    "grouped_mlp",
     "reference",
     "use_backend",
 ]

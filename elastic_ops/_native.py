@@ -11,7 +11,7 @@ kernel reads memory. Outputs are allocated here, so they never overlap an input.
 The kernels run on any strides (a batch, token or channel stride of ``x`` is read in place), use
 ``torch.get_num_threads()`` threads, and are forward-only. Every kernel is written for K subnets at once
 (``[K, rows, width]`` activations with per-subnet size tables, DESIGN.md section 3): the single-subnet
-ops are K = 1, the ``*_grouped`` functions are the batched mode used by ``nas.batched``.
+ops are K = 1, the ``*_grouped`` functions are the batched mode (``elastic_ops.grouped_*``).
 
 Every op, plain linear included, runs its own C++ kernel: on this project's shapes the register-blocked
 GEMM of csrc/kernels_impl.h measured at or below torch's oneDNN/MKL sgemm time on the same CPU (see
@@ -153,10 +153,10 @@ def _check_head_dim(op: str, qkv_weight: Tensor, head_dim: int) -> None:
                          f"(head_dim={head_dim!r}); expected the block layout [3 * H_max * head_dim, E_max]")
 
 
-# --- K subnets in one pass (nas.batched) -----------------------------------------------------------
+# --- K subnets in one pass (elastic_ops.grouped_*) ----------------------------------------------
 
 def _sizes(op: str, what: str, sizes, groups: int) -> list[int]:
-    """The host size table of a ``nas.batched.GroupSizes`` (or a sequence of ints), one entry per subnet."""
+    """The host size table of a ``elastic_ops.GroupSizes`` (or a sequence of ints), one entry per subnet."""
     values = getattr(sizes, "values", sizes)
     if not isinstance(values, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{op}: {what} must be a GroupSizes or a sequence of ints, got {sizes!r}")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _validate
 from ._backend import select
+from .group_sizes import GroupSizes
 
 # op -> backend -> "module:function" of its implementation
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
@@ -36,6 +37,15 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "reference": "elastic_ops.reference:attention",
     },
 }
+# K subnets in one call (forward-only kernels; the reference also has a backward).
+IMPLEMENTATIONS.update({
+    f"grouped_{op}": {
+        "triton": f"elastic_ops.ops.grouped:grouped_{op}",
+        "native": f"elastic_ops._native:{op}_grouped",
+        "reference": f"elastic_ops.reference:grouped_{op}",
+    }
+    for op in ("linear", "layer_norm", "mlp", "attention")
+})
 
 
 def implementation(op: str, backend: str):
@@ -43,10 +53,11 @@ def implementation(op: str, backend: str):
     return getattr(importlib.import_module(module), function)
 
 
-def _run(op: str, tensors: tuple[Tensor | None, ...], *args):
+def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True):
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    backend = select(op, x.device, x.dtype, needs_grad, has_native="native" in IMPLEMENTATIONS[op])
+    backend = select(op, x.device, x.dtype, needs_grad, has_native="native" in IMPLEMENTATIONS[op],
+                     triton_backward=triton_backward)
     return implementation(op, backend)(*args)
 
 
@@ -83,3 +94,32 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
     _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     return _run("attention", tensors, *tensors, num_heads, head_dim)
+
+
+# --- K subnets in one call: activations [K, ..., E] whose padding past each subnet's size is zero ---------
+# The kernels check their own inputs (the size tables are theirs to read); see elastic_ops.reference.
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes: GroupSizes,
+                   activation: str | None = None) -> Tensor:
+    """``act(x[k] @ weight[:out_k, :in].T + bias[:out_k])`` for each subnet k, zero past ``out_k``."""
+    return _run("grouped_linear", (x, weight, bias), x, weight, bias, out_sizes, activation, triton_backward=False)
+
+
+def grouped_layer_norm(x: Tensor, sizes: GroupSizes, weight: Tensor | None, bias: Tensor | None,
+                       eps: float = 1e-5) -> Tensor:
+    """LayerNorm of each subnet over its own active channels; padding stays zero."""
+    return _run("grouped_layer_norm", (x, weight, bias), x, sizes, weight, bias, eps, triton_backward=False)
+
+
+def grouped_mlp(x: Tensor, sizes: GroupSizes, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                fc2_bias: Tensor | None, hidden_sizes: GroupSizes) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` of each subnet with ``W1[:hidden_k, :e_k]``, ``W2[:e_k, :hidden_k]``."""
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return _run("grouped_mlp", tensors, x, sizes, *tensors[1:], hidden_sizes, triton_backward=False)
+
+
+def grouped_attention(x: Tensor, sizes: GroupSizes, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                      proj_bias: Tensor | None, head_counts: GroupSizes, head_dim: int = 64) -> Tensor:
+    """Self-attention of each subnet ``x[k]: [B, N, e_k]`` with its ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``."""
+    tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
+    return _run("grouped_attention", tensors, x, sizes, *tensors[1:], head_counts, head_dim, triton_backward=False)

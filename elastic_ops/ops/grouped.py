@@ -1,14 +1,14 @@
 """Grouped inference kernels: K subnets of one supernet in one launch per op (DESIGN.md section 3, batched mode).
 
 Activations of the K subnets are stacked as ``[K, ..., E]``, ``E`` the group's widest active size; subnet k's
-channels past its own size are padding. An int32 size table ``[K]`` per elastic dimension (``.table`` of a
-``GroupSizes``, duck-typed: only ``.values``, ``.width``, ``.table``, ``.uniform`` are used) tells each program what
+channels past its own size are padding. An int32 size table ``[K]`` per elastic dimension (``.table`` of an
+``elastic_ops.GroupSizes``) tells each program what
 is active: the subnet index is a grid axis, output tiles past a subnet's active size only store zeros (or nothing,
 for buffers no later kernel reads there) and return, and reductions stop at the subnet's active input size, so
 inputs past it are never read. The super weights are shared by all subnets and read in place through their strides.
 
-Every function has the signature of the grouped PyTorch op of the same name in ``nas.batched`` (the lead
-registers them in ``GROUPED_IMPLEMENTATIONS`` as the "triton" backend); they run forward only:
+Every function has the signature of the grouped reference op of the same name in ``elastic_ops.reference``
+and is the "triton" backend of ``elastic_ops.grouped_*``; they run forward only:
 
 - ``grouped_linear``: one GEMM kernel, optional fused exact GELU. It has no input size table, so its reduction runs
   over the full input width and relies on the input padding being zero, as the PyTorch op does.

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from elastic_ops import reference
-from nas.batched import GroupSizes, grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp
+from elastic_ops.group_sizes import GroupSizes
+from elastic_ops.reference import grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
