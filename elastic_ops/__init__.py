@@ -5,11 +5,34 @@ call to Triton (GPU, or the CPU interpreter), native C++ kernels (CPU inference)
 reference; see ``backends()`` and ``use_backend``.
 """
 from . import reference
-from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
-from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
-                         grouped_layer_norm, grouped_linear, grouped_mlp)
+from ._backend import (
+                         BACKENDS,
+                         BackendStatus,
+                         BackendUnavailableError,
+                         backends,
+                         forced_backend,
+                         use_backend,
+)
+from .functional import (
+                         elastic_attention,
+                         elastic_layer_norm,
+                         elastic_linear,
+                         elastic_mlp,
+                         grouped_attention,
+                         grouped_layer_norm,
+                         grouped_linear,
+                         grouped_mlp,
+)
 from .group_sizes import GroupSizes
-from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
+from .nn import (
+                         ElasticAttention,
+                         ElasticBlock,
+                         ElasticLayerNorm,
+                         ElasticLinear,
+                         ElasticMlp,
+                         ElasticPatchEmbed,
+)
+from .ops._common import weight_grads_in_place
 
 __version__ = "0.1.0"
 
@@ -36,4 +59,5 @@ __all__ = [
     "grouped_mlp",
     "reference",
     "use_backend",
+    "weight_grads_in_place",
 ]

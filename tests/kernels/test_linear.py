@@ -6,7 +6,7 @@ import torch
 
 import elastic_ops
 from elastic_ops import reference
-from elastic_ops.ops._common import weight_grads_in_place
+from elastic_ops import weight_grads_in_place
 
 from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
 
