@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -18,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .arch import Arch
+from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image, supports_batched
 from .data import normalize
 
@@ -67,20 +67,6 @@ class EvalCache:
     def save(self) -> None:
         if self.path is not None:
             atomic_write_text(self.path, json.dumps(self.state_dict()))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class TensorBatches:

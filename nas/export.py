@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from elastic_ops.nn import empty_module
 from elastic_ops.plain import VisionTransformer
 
 from .arch import Arch
+from .atomic import atomic_torch_save
 from .supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
@@ -75,15 +75,7 @@ def save_subnet(path: str | os.PathLike, model: VisionTransformer, arch: Arch) -
                         f"got {type(model).__name__}")
     payload = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(), "model": model_kwargs(model),
                "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()}}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".subnet-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[VisionTransformer, Arch]:

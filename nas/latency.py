@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from scipy.optimize import nnls
 
 from .arch import Arch, ArchBatch
+from .atomic import atomic_write_text
 from .cost import embed_macs, head_macs, layer_dims, layer_macs_parts
 from .space import SearchSpace
 
@@ -154,15 +154,7 @@ class LatencyModel:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyModel":

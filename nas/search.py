@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import yaml
 
 from . import cost as cost_model
 from .arch import Arch
-from .evaluate import atomic_write_text
+from .atomic import atomic_open, atomic_torch_save, atomic_write_text
 from .searchers import SEARCHERS, InfeasibleBudgetError, build_searcher
 from .space import SearchSpace
 
@@ -407,15 +406,10 @@ class Search:
             searcher.load_state_dict(saved)
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """torch.save to a temporary file in the same folder, then an atomic rename."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(self.state_dict(), path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(torch.load(path, weights_only=True))
 
 
 def plot_front(summary: dict, path: str | os.PathLike, budgets: Sequence[Budget]) -> None:
@@ -443,13 +437,9 @@ def plot_front(summary: dict, path: str | os.PathLike, budgets: Sequence[Budget]
     axes.set_title(f"{summary['algorithm']} on {summary['space']}")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    with atomic_open(path) as handle:
+        figure.savefig(handle, format="png", dpi=120)
     plt.close(figure)
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
 
 
 def write_outputs(search: Search, output: str, extra: dict | None = None) -> dict:
@@ -469,8 +459,8 @@ class CheckpointMismatchError(ValueError):
 
 def load_supernet(path: str | os.PathLike, device: torch.device, space_name: str | None = None):
     """The supernet of a ``nas.train`` checkpoint (its EMA weights where it kept an EMA), its space, and the checkpoint."""
-    from .supernet import SupernetConfig, VisionTransformerSupernet
     from .space import load_space
+    from .supernet import SupernetConfig, VisionTransformerSupernet
     from .train import load_checkpoint
 
     state = load_checkpoint(path)

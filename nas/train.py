@@ -55,6 +55,7 @@ import elastic_ops
 
 from . import data as data_lib
 from .arch import Arch
+from .atomic import atomic_open, atomic_torch_save
 from .samplers import SAMPLERS, ArchSampler, build_sampler
 from .space import SearchSpace, load_space
 from .supernet import SupernetConfig, VisionTransformerSupernet
@@ -437,11 +438,8 @@ def latest_checkpoint(out_dir: str) -> Path | None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """A crash while saving never leaves a half-written checkpoint (nas.atomic)."""
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -513,7 +511,8 @@ def plot_curves(log_path: Path, out_path: Path) -> None:
     ax_acc.set(xlabel="step", ylabel="top-1 accuracy", ylim=(0, 1))
     ax_acc.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    with atomic_open(out_path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nas import latency
+from nas import atomic, latency
 from nas.cost import macs_many
 from nas.latency import FEATURES, LatencyModel, latency_features, measure_archs, measure_latency
 from nas.space import load_space
@@ -87,7 +87,8 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(latency.json, "dump", crash)
+    # The new contents are written, then the process dies before the rename.
+    monkeypatch.setattr(atomic.os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save(path)
     assert path.read_text() == before
