@@ -784,6 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, resume = parse_args(argv)
         result = train(config, resume)
+        if dist.is_initialized():
+            # No rank tears down its connections while another is still finishing the last collective.
+            dist.barrier()
     except (ConfigError, CheckpointError, NonFiniteLossError, data_lib.DataError) as err:
         print(f"nas.train: error: {err}", file=sys.stderr)
         return 2

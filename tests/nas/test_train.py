@@ -190,7 +190,8 @@ def test_search_holdout_never_enters_a_training_batch(tmp_path, monkeypatch):
 def child_env():
     """The subprocess picks its own backend: tests/conftest.py's TRITON_INTERPRET=1 must not leak into it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, which the assertion shows.
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 
@@ -203,7 +204,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
                "--no-progress", "--out-dir", str(tmp_path / "ddp"), "--batch-size", "16"]
     command += [arg for item in common for arg in ("--set", item)]
     done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
     assert "test accuracy: smallest subnet" in done.stdout
     state = T.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
     assert state["world_size"] == 2 and len(state["rng"]["cpu"]) == 2
