@@ -6,7 +6,11 @@ the full width ``E`` gives each subnet the result over its own active channels. 
 per elastic dimension is the size table: a host tuple (for shapes) and a device int32 tensor (what a
 grouped kernel reads to skip the tiles past each subnet's active size).
 
-Every layer is one call per op for all K subnets: ``elastic_ops.grouped_linear``, ``grouped_layer_norm``,
+Subnets that agree on the embed dim and on every layer so far have the same activations: each distinct
+prefix (a *branch*) is computed once and splits where the subnets part, so a search generation of mutants
+of a few parents costs less than its K subnets run side by side.
+
+Every layer is one call per op for all the branches it runs: ``elastic_ops.grouped_linear``, ``grouped_layer_norm``,
 ``grouped_mlp``, ``grouped_attention``, which run the native (CPU) or Triton (GPU) grouped kernels, or the
 grouped PyTorch reference (``elastic_ops.reference``), chosen like every other op.
 
@@ -28,12 +32,18 @@ from .arch import Arch
 
 # --- the K-subnet supernet forward ----------------------------------------------------------------
 
+# Bytes of the stacked residual stream per chunk of a batched pass on a CPU (a share of an L3 cache).
+CPU_CHUNK_BYTES = 8 << 20
+
 
 @dataclass
 class LayerPlan:
-    """The subnets that run one supernet layer (``subnets``: indices into the group, None for all) and their sizes."""
+    """One supernet layer of a batched pass: the branch each branch after the layer continues (``parents``, None
+    where none splits), the branches that run the layer (``running``: indices after the split, None for all),
+    and their sizes."""
 
-    subnets: Tensor | None
+    parents: Tensor | None
+    running: Tensor | None
     embed: GroupSizes
     heads: GroupSizes
     hidden: GroupSizes
@@ -44,7 +54,8 @@ class BatchedSubnets:
     returns logits ``[K, B, num_classes]``, subnet k's equal to ``supernet(images, archs[k])``.
 
     The patch embedding runs once at the group's widest embed dim (a narrower subnet's channels are its
-    leading slice); each layer runs once for the subnets that have it on, the others pass through.
+    leading slice); each layer runs once per branch (distinct prefix of the subnets that have it on), the
+    other branches pass through.
     """
 
     def __init__(self, supernet, archs: Sequence[Arch]):
@@ -63,27 +74,54 @@ class BatchedSubnets:
                              "use batched_forward, which splits them")
         self.patch_size = patch_sizes.pop()
         device = next(supernet.parameters()).device
-        self.embed = GroupSizes([arch.embed_dim for arch in self.archs], device)
+        prefixes = [(arch.embed_dim,) for arch in self.archs]
+        branches = list(dict.fromkeys(prefixes))
+        self.embed = GroupSizes([prefix[0] for prefix in branches], device)
         self.layers: list[LayerPlan | None] = []
         for i in range(len(supernet.blocks)):
-            on = [k for k, arch in enumerate(self.archs) if arch.layer_on[i]]
-            if not on:
+            # An identity layer leaves the activations, so the prefix, as they are. The layer index is part of
+            # the key: the same sizes in another layer are other weights.
+            prefixes = [prefix + ((i, arch.num_heads[i], arch.hidden_features(i)),) if arch.layer_on[i] else prefix
+                        for prefix, arch in zip(prefixes, self.archs)]
+            after = list(dict.fromkeys(prefixes))
+            index = {prefix: b for b, prefix in enumerate(branches)}
+            parents = [index[prefix] if prefix in index else index[prefix[:-1]] for prefix in after]
+            running = [b for b, prefix in enumerate(after) if prefix not in index]
+            branches = after
+            if not running:
                 self.layers.append(None)
                 continue
-            members = [self.archs[k] for k in on]
             self.layers.append(LayerPlan(
-                subnets=None if len(on) == len(self.archs) else torch.tensor(on, device=device),
-                embed=self.embed if len(on) == len(self.archs) else GroupSizes([a.embed_dim for a in members], device),
-                heads=GroupSizes([a.num_heads[i] for a in members], device),
-                hidden=GroupSizes([a.hidden_features(i) for a in members], device),
+                parents=None if parents == list(range(len(index))) else torch.tensor(parents, device=device),
+                running=None if len(running) == len(after) else torch.tensor(running, device=device),
+                embed=GroupSizes([after[b][0] for b in running], device),
+                heads=GroupSizes([after[b][-1][1] for b in running], device),
+                hidden=GroupSizes([after[b][-1][2] for b in running], device),
             ))
+        final = {prefix: b for b, prefix in enumerate(branches)}
+        self.branch_of_subnet = torch.tensor([final[prefix] for prefix in prefixes], device=device)
+        self.final_embed = GroupSizes([prefix[0] for prefix in branches], device)
+
+    @property
+    def branches(self) -> int:
+        """Distinct subnet prefixes that the pass computes (at most K), counted after the last layer."""
+        return len(self.final_embed)
 
     def __call__(self, images: Tensor) -> Tensor:
-        supernet, width = self.supernet, self.embed.width
-        c = supernet.config
+        c = self.supernet.config
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"batched_forward: expected images [batch, {c.in_chans}, {c.img_size}, {c.img_size}], got {shape}")
+        if images.device.type != "cpu":
+            return self._forward(images)
+        # On a CPU the stacked activations of a whole batch stream through memory between every two ops; in
+        # chunks whose residual stream fits the last-level cache the pass is compute-bound, as one subnet is.
+        per_image = self.branches * c.num_tokens(self.patch_size) * self.embed.width * images.element_size()
+        rows = max(1, CPU_CHUNK_BYTES // per_image)
+        return torch.cat([self._forward(chunk) for chunk in images.split(rows)], dim=1)
+
+    def _forward(self, images: Tensor) -> Tensor:
+        supernet, width = self.supernet, self.embed.width
         patch_embed, cls_token, pos_embed = supernet.token_layers(self.patch_size)
         tokens = patch_embed(images, embed_dim=width, patch_size=self.patch_size)
         cls = cls_token[..., :width].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
@@ -92,14 +130,17 @@ class BatchedSubnets:
         for block, plan in zip(supernet.blocks, self.layers):
             if plan is None:
                 continue
-            if plan.subnets is None:
+            if plan.parents is not None:
+                x = x[plan.parents]
+            if plan.running is None:
                 x = _block(block, x, plan)
             else:
                 active = plan.embed.width
-                x[plan.subnets, ..., :active] = _block(block, x[plan.subnets, ..., :active], plan)
-        cls_out = grouped_layer_norm(x[:, :, 0], self.embed, supernet.norm.weight, supernet.norm.bias, supernet.norm.eps)
+                x[plan.running, ..., :active] = _block(block, x[plan.running, ..., :active], plan)
+        cls_out = grouped_layer_norm(x[:, :, 0], self.final_embed, supernet.norm.weight, supernet.norm.bias,
+                                     supernet.norm.eps)
         head = supernet.head
-        return elastic_linear(cls_out, head.weight, head.bias)
+        return elastic_linear(cls_out, head.weight, head.bias)[self.branch_of_subnet]
 
 
 def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:

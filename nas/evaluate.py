@@ -154,9 +154,10 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
 
 
 def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
-    """Indices of ``archs`` sorted so that subnets of similar size share a pass (less padding)."""
-    return sorted(range(len(archs)), key=lambda i: (archs[i].patch_size or 0, archs[i].embed_dim, archs[i].depth,
-                                                   sum(archs[i].num_heads), sum(archs[i].mlp_ratio)))
+    """Indices of ``archs`` sorted by patch size, embed dim, then layer by layer, so that subnets of one embed
+    dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass."""
+    return sorted(range(len(archs)), key=lambda i: (archs[i].patch_size or 0, archs[i].embed_dim,
+                                                   tuple(zip(archs[i].layer_on, archs[i].num_heads, archs[i].mlp_ratio))))
 
 
 @torch.no_grad()

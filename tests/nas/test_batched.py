@@ -106,6 +106,7 @@ import math
 
 import numpy as np
 
+from nas.arch import Arch
 from nas.batched import BatchedSubnets, batched_forward
 from nas.space import PRESETS, load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
@@ -161,6 +162,65 @@ def test_layers_off_pass_through():
         logits = BatchedSubnets(model, archs)(images)
         for k, arch in enumerate(archs):
             torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefixes_are_computed_once_and_split_where_subnets_part():
+    """Mutants of one parent share their leading layers: the pass computes each distinct prefix once (a hand
+    count of branches), and every subnet still gets its own forward's logits. Two subnets whose only layer so
+    far has the same sizes, but in layers 0 and 1 (the other one off), must not be taken for one branch."""
+    model = small_supernet("vitas-t", shared_qk=True)
+    space = model.config.space
+    depth = space.max_depth
+    smallest = space.min_arch()
+    on = (True,) * depth
+
+    def variant(embed=smallest.embed_dim, heads=smallest.num_heads, layer_on=on):
+        return Arch(embed, heads, smallest.mlp_ratio, layer_on, smallest.patch_size)
+
+    last_layer_wider = smallest.num_heads[:-1] + (max(space.num_heads),)
+    archs = [
+        variant(),                                          # the parent
+        variant(heads=last_layer_wider),                    # parts from the parent in the last layer only
+        variant(embed=max(space.embed_dims)),               # another embed dim: its own branch from the start
+        variant(layer_on=(True, False) + on[2:]),           # layer 1 off: parts from the parent after layer 0
+        variant(layer_on=(False, True) + on[2:]),           # layer 0 off: after layer 1 its prefix has the sizes
+    ]                                                       # of arch 3's after layer 0, in another layer
+    pass_ = BatchedSubnets(model, archs)
+    running = [len(plan.embed) for plan in pass_.layers]
+    # layer 0: archs {0, 1, 3} and {2} (4 is off); layer 1: {0, 1}, {2}, {4} (3 is off); then all four branches
+    # until the last layer, where 0 and 1 part.
+    assert running == [2, 3] + [4] * (depth - 3) + [5]
+    assert pass_.branches == 5
+    images = images_for(model, 2)
+    with torch.no_grad():
+        logits = pass_(images)
+        for k, arch in enumerate(archs):
+            torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+    assert (logits[3] - logits[4]).abs().max() > 1e-2
+
+
+def test_a_pass_split_into_cache_sized_chunks_of_images_gives_the_same_logits(monkeypatch):
+    """On a CPU a pass runs its batch in chunks sized by ``CPU_CHUNK_BYTES``: one image per chunk must give
+    every subnet the logits of its own forward on the whole batch."""
+    import nas.batched as batched_module
+
+    model = small_supernet("cifar-tiny", seed=1)
+    space = model.config.space
+    archs = space.sample_many(np.random.default_rng(5), 5).archs()
+    images = images_for(model, 5)
+    monkeypatch.setattr(batched_module, "CPU_CHUNK_BYTES", 1)
+    forward, chunks = BatchedSubnets._forward, []
+
+    def recording(self, chunk):
+        chunks.append(chunk.shape[0])
+        return forward(self, chunk)
+
+    monkeypatch.setattr(BatchedSubnets, "_forward", recording)
+    with torch.no_grad():
+        logits = BatchedSubnets(model, archs)(images)
+        singles = torch.stack([model(images, arch) for arch in archs])
+    assert chunks == [1] * 5
+    torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
 
 
 def test_private_qk_supernet_is_refused_with_a_clear_error():
