@@ -14,9 +14,9 @@ Every layer is one call per op for all the branches it runs: ``elastic_ops.group
 ``grouped_mlp``, ``grouped_attention``, which run the native (CPU) or Triton (GPU) grouped kernels, or the
 grouped PyTorch reference (``elastic_ops.reference``), chosen like every other op.
 
-A supernet with private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) or with
-relative position (AutoFormer, ``SupernetConfig.relative_position``) is not supported (:func:`supports_batched`):
-its subnets run one at a time.
+With private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) or relative position
+(AutoFormer, ``SupernetConfig.relative_position``) the attention runs unfused, as in the single-subnet forward
+(``elastic_ops.nn.ElasticAttention``): q, k and v from grouped linears, the attention math in torch.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from elastic_ops import GroupSizes, elastic_linear, grouped_attention, grouped_layer_norm, grouped_mlp
+from elastic_ops import (GroupSizes, elastic_linear, grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp,
+                         plain)
 
 from .arch import Arch
 
@@ -59,12 +61,6 @@ class BatchedSubnets:
     """
 
     def __init__(self, supernet, archs: Sequence[Arch]):
-        if not supports_batched(supernet):
-            what = ("private q/k projections per head count (ViTAS)" if supernet.config.private_qk_heads
-                    else "relative position (AutoFormer)")
-            raise ValueError(f"batched_forward: this supernet has {what}, which the grouped attention does not "
-                             "implement; run the subnets one at a time with the supernet's forward "
-                             "(nas.evaluate.evaluate_archs does so by itself)")
         self.supernet = supernet
         self.archs = list(archs)
         check_archs(supernet, self.archs)
@@ -147,17 +143,61 @@ def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
     """One pre-norm transformer layer (``elastic_ops.nn.ElasticBlock``, eval mode) for the subnets of ``plan``."""
     attn, mlp = block.attn, block.mlp
     h = grouped_layer_norm(x, plan.embed, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    x = x + grouped_attention(h, plan.embed, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                              plan.heads, attn.head_dim)
+    if attn.rel_pos is None and not set(plan.heads.values) & set(attn.private_qk_heads):
+        x = x + grouped_attention(h, plan.embed, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                                  plan.heads, attn.head_dim)
+    else:
+        x = x + _unfused_attention(attn, h, plan)
     h = grouped_layer_norm(x, plan.embed, block.norm2.weight, block.norm2.bias, block.norm2.eps)
     return x + grouped_mlp(h, plan.embed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, plan.hidden)
 
 
-def supports_batched(supernet) -> bool:
-    """Whether :func:`batched_forward` runs this supernet: not with private q/k per head count, since the grouped
-    attention reads every subnet's q, k and v from the one shared qkv weight, nor with relative position, which
-    it has no path for."""
-    return not supernet.config.private_qk_heads and not supernet.config.relative_position
+def _unfused_attention(attn, h: Tensor, plan: LayerPlan) -> Tensor:
+    """``ElasticAttention._unfused_attention`` for the subnets of ``plan``: q, k and v by grouped linears on the
+    rows of their super weights (q and k of a subnet whose head count has private projections from those),
+    the attention in torch over ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
+    groups, batch, tokens, _ = h.shape
+    head_dim, max_width = attn.head_dim, attn.num_heads * attn.head_dim
+    width = plan.heads.scaled(head_dim)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+
+    def project(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: list[int] | None) -> Tensor:
+        rows = source_weight[start:]
+        rows_bias = None if source_bias is None else source_bias[start:]
+        if subnets is None:
+            return grouped_linear(h, rows, rows_bias, width)
+        sizes = GroupSizes([width.values[k] for k in subnets], width.table.device)
+        return grouped_linear(h[subnets], rows, rows_bias, sizes)
+
+    def project_qk(heads: int | None, subnets: list[int] | None) -> tuple[Tensor, Tensor]:
+        if heads is None:
+            return project(weight, bias, 0, subnets), project(weight, bias, max_width, subnets)
+        private = attn.private_qk[str(heads)]
+        return (project(private.weight, private.bias, 0, subnets),
+                project(private.weight, private.bias, heads * head_dim, subnets))
+
+    # Subnets by where their q and k come from: the shared rows (None) or the private projections of a head count.
+    sources: dict[int | None, list[int]] = {}
+    for index, heads in enumerate(plan.heads.values):
+        sources.setdefault(heads if heads in attn.private_qk_heads else None, []).append(index)
+    if len(sources) == 1:
+        q, k = project_qk(next(iter(sources)), None)
+    else:
+        q, k = (h.new_zeros(groups, batch, tokens, width.width) for _ in range(2))
+        for heads, subnets in sources.items():
+            part_q, part_k = project_qk(heads, subnets)
+            q[subnets, ..., :part_q.shape[-1]] = part_q
+            k[subnets, ..., :part_k.shape[-1]] = part_k
+    v = project(weight, bias, 2 * max_width, None)
+    q, k, v = (t.view(groups * batch, tokens, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    scale = head_dim ** -0.5
+    if attn.rel_pos is None:
+        context = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        rel_k, rel_v = attn.rel_pos(tokens)
+        context = plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
+    context = context.transpose(1, 2).reshape(groups, batch, tokens, width.width) * width.mask(context.dtype, 4)
+    return grouped_linear(context, attn.proj.weight, attn.proj.bias, plan.embed)
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:

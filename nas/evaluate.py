@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .arch import Arch
 from .atomic import atomic_write_text
-from .batched import batched_forward, check_archs, pass_memory_per_image, supports_batched
+from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import normalize
 
 
@@ -169,9 +169,7 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
     ``(images, labels)`` batches (e.g. :class:`TensorBatches`, or a DataLoader without shuffling).
 
     ``batched``: evaluate ``subnets`` archs per pass over the data (default: as many as fit in
-    ``memory_fraction`` of the free memory); False runs each arch alone with the supernet's own forward, as
-    does a supernet that batched passes do not support (private q/k per head count or relative position:
-    ``nas.batched.supports_batched``).
+    ``memory_fraction`` of the free memory); False runs each arch alone with the supernet's own forward.
     ``cache``: results already there (same arch, same ``data_key``) are returned without evaluating;
     new results are added. ``data_key`` defaults to :func:`data_fingerprint` of the loader.
     """
@@ -201,7 +199,6 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
 
 
 def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype):
-    batched = batched and supports_batched(supernet)
     if batched:
         order = [archs[i] for i in _order_for_grouping(archs)]
         if subnets is None:

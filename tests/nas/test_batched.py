@@ -112,14 +112,11 @@ from nas.space import PRESETS, load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
 
-def small_supernet(space_name: str, seed: int = 0, full_size: bool = False, shared_qk: bool = False) -> VisionTransformerSupernet:
-    """The supernet of a preset space at a small image size (few tokens, every width and depth choice kept;
-    ``full_size``: the space's own image size and classes), with weights large enough that different subnets
-    give clearly different logits. ``shared_qk``: without the space's private q/k per head count, which
-    batched passes do not support."""
-    space = load_space(space_name)
-    if shared_qk:
-        space = dataclasses.replace(space, private_qk=False)
+def small_supernet(space_name: str, seed: int = 0, full_size: bool = False, **changes) -> VisionTransformerSupernet:
+    """The supernet of a preset space (with ``changes`` to its fields) at a small image size (few tokens, every
+    width and depth choice kept; ``full_size``: the space's own image size and classes), with weights large
+    enough that different subnets give clearly different logits."""
+    space = dataclasses.replace(load_space(space_name), **changes)
     if not full_size:
         img_size = math.lcm(*space.patch_sizes) * (2 if space.img_size > 32 else 1)
         space = dataclasses.replace(space, img_size=min(space.img_size, img_size), num_classes=7)
@@ -138,7 +135,7 @@ def images_for(model, batch: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("space_name", sorted(PRESETS))
 def test_batched_forward_equals_single_subnet_forward(space_name):
-    model = small_supernet(space_name, shared_qk=True)
+    model = small_supernet(space_name)
     space = model.config.space
     archs = space.sample_many(np.random.default_rng(1), 4).archs() + [space.min_arch(), space.max_arch()]
     images = images_for(model, 2)
@@ -152,7 +149,7 @@ def test_batched_forward_equals_single_subnet_forward(space_name):
 
 def test_layers_off_pass_through():
     """ViTAS-style identity layers: a subnet whose layer is off is unchanged by that layer while others run it."""
-    model = small_supernet("vitas-t", shared_qk=True)
+    model = small_supernet("vitas-t")
     space = model.config.space
     rng = np.random.default_rng(3)
     archs = [a for a in space.sample_many(rng, 40).archs() if a.patch_size == 16][:3]
@@ -168,7 +165,7 @@ def test_shared_prefixes_are_computed_once_and_split_where_subnets_part():
     """Mutants of one parent share their leading layers: the pass computes each distinct prefix once (a hand
     count of branches), and every subnet still gets its own forward's logits. Two subnets whose only layer so
     far has the same sizes, but in layers 0 and 1 (the other one off), must not be taken for one branch."""
-    model = small_supernet("vitas-t", shared_qk=True)
+    model = small_supernet("vitas-t")
     space = model.config.space
     depth = space.max_depth
     smallest = space.min_arch()
@@ -223,33 +220,49 @@ def test_a_pass_split_into_cache_sized_chunks_of_images_gives_the_same_logits(mo
     torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
 
 
-def test_private_qk_supernet_is_refused_with_a_clear_error():
+def test_private_qk_per_head_count_in_one_pass():
+    """ViTAS: a head count with private q/k projections takes them, the largest the shared rows. Every layer
+    of this pass mixes both (the unfused grouped attention, with q and k gathered per source)."""
     model = small_supernet("vitas-t")
-    assert model.config.private_qk_heads
-    archs = [model.config.space.min_arch()]
-    with torch.no_grad(), pytest.raises(ValueError, match="private q/k projections per head count"):
-        batched_forward(model, images_for(model, 1), archs)
-    with pytest.raises(ValueError, match="private q/k projections per head count"):
-        BatchedSubnets(model, archs)
-
-
-def test_relative_position_supernet_is_refused_and_evaluated_one_subnet_at_a_time():
-    from nas.batched import supports_batched
-    from nas.evaluate import evaluate_archs
-    space = dataclasses.replace(load_space("cifar-tiny"), relative_position=4, img_size=16, num_classes=7)
-    torch.manual_seed(0)
-    model = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
-    archs = [space.min_arch(), space.sample(np.random.default_rng(2))]
-    assert not supports_batched(model)
-    with torch.no_grad(), pytest.raises(ValueError, match="relative position"):
-        batched_forward(model, images_for(model, 1), archs)
-    images, labels = images_for(model, 4), torch.randint(0, 7, (4,))
-    results = evaluate_archs(model, archs, [(images, labels)], progress=False)
+    space = model.config.space
+    private = model.config.private_qk_heads
+    assert private and max(space.num_heads) not in private
+    depth, patch = space.max_depth, space.patch_sizes[0]
+    cycle = sorted(space.num_heads)
+    archs = [Arch(space.embed_dims[k % 2], tuple(cycle[(i + k) % len(cycle)] for i in range(depth)),
+                  (space.mlp_ratios[0],) * depth, (True,) * depth, patch) for k in range(len(cycle))]
+    for i in range(depth):
+        heads = {arch.num_heads[i] for arch in archs}
+        assert heads & set(private) and heads - set(private)
+    images = images_for(model, 2)
     with torch.no_grad():
-        for arch, result in zip(archs, results):
-            logits = model(images, arch)
-            assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
-            assert result.top1 == pytest.approx((logits.argmax(1) == labels).float().mean().item() * 100)
+        logits = batched_forward(model, images, archs)
+        for k, arch in enumerate(archs):
+            torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+
+
+def test_relative_position_in_one_pass():
+    """AutoFormer's 2D relative position: the batched pass gives each subnet its own forward's logits, and
+    evaluate_archs runs such a supernet batched with the results of each subnet alone."""
+    from nas.evaluate import evaluate_archs
+    model = small_supernet("cifar-tiny", relative_position=2)
+    space = model.config.space
+    archs = space.sample_many(np.random.default_rng(2), 3).archs() + [space.min_arch(), space.max_arch()]
+    images, labels = images_for(model, 4), torch.randint(0, 7, (4,))
+    with torch.no_grad():
+        logits = batched_forward(model, images, archs)
+        singles = torch.stack([model(images, arch) for arch in archs])
+    torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
+    results = evaluate_archs(model, archs, [(images, labels)], progress=False)
+    for result, single in zip(results, singles):
+        assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(single, labels).item(), rel=1e-5)
+        assert result.top1 == pytest.approx((single.argmax(1) == labels).float().mean().item() * 100)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".rel_pos." in name:
+                param.zero_()
+        without = batched_forward(model, images, archs)
+    assert (without - logits).abs().max() > 1e-2, "relative position should change the logits; the check would be vacuous"
 
 
 def test_batched_forward_rejects_bad_input():

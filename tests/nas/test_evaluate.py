@@ -67,9 +67,9 @@ def test_batched_evaluation_equals_each_subnet_alone(cifar_test_images, model_an
     assert [r.top1 for r in one_by_one] == [r.top1 for r in results[:2]]
 
 
-def test_private_qk_supernet_is_evaluated_one_subnet_at_a_time(cifar_test_images, monkeypatch):
-    """A ViTAS-style supernet with private q/k per head count: batched passes are refused, so evaluate_archs runs
-    each subnet with the supernet's own forward, and the results equal each subnet alone."""
+def test_private_qk_supernet_is_evaluated_batched(cifar_test_images, monkeypatch):
+    """A ViTAS-style supernet with private q/k per head count and patch sizes: evaluated in batched passes, with
+    the results of each subnet alone."""
     space = SearchSpace(name="tiny-vitas", embed_dims=[24, 32], depths=[2, 3], num_heads=[1, 2], mlp_ratios=[2.0, 4.0],
                         head_dim=16, patch_sizes=[4, 8], img_size=32, num_classes=10, identity_layers=True,
                         private_class_tokens=True, private_qk=True)
@@ -79,9 +79,13 @@ def test_private_qk_supernet_is_evaluated_one_subnet_at_a_time(cifar_test_images
         for name, param in model.named_parameters():
             param.normal_(1.0 if "norm" in name else 0.0, param.shape[-1] ** -0.5 if param.dim() > 1 else 0.2)
     archs = space.sample_many(np.random.default_rng(), 2).archs() + [space.min_arch()]
-    monkeypatch.setattr(evaluate_module, "batched_forward", lambda *args: pytest.fail("batched_forward was called"))
+    passes = []
+    real_forward = evaluate_module.batched_forward
+    monkeypatch.setattr(evaluate_module, "batched_forward",
+                        lambda m, images, group: passes.append(len(group)) or real_forward(m, images, group))
     batches = TensorBatches(cifar_test_images[0][:64], cifar_test_images[1][:64], *CIFAR10_STATS, batch_size=32)
     results = evaluate_archs(model, archs, batches, progress=False)
+    assert passes == [len(archs)] * 2, "one pass per batch for all archs"
     with torch.no_grad():
         for arch, result in zip(archs, results):
             top1, top5, loss = by_hand(model, arch, batches)
