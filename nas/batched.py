@@ -40,9 +40,9 @@ CPU_CHUNK_BYTES = 8 << 20
 
 @dataclass
 class LayerPlan:
-    """One supernet layer of a batched pass: the branch each branch after the layer continues (``parents``, None
-    where none splits), the branches that run the layer (``running``: indices after the split, None for all),
-    and their sizes."""
+    """One supernet layer of a batched pass. ``parents[b]``: the branch before the layer that branch b after it
+    continues (None: no branch splits here); ``running``: the branches after the split that run the layer
+    (None: all); the sizes are those of the running branches."""
 
     parents: Tensor | None
     running: Tensor | None
