@@ -49,6 +49,30 @@ class LayerPlan:
     embed: GroupSizes
     heads: GroupSizes
     hidden: GroupSizes
+    qk_sources: tuple[QkSource, ...]
+
+
+@dataclass
+class QkSource:
+    """Running branches whose q and k come from one weight: the shared qkv rows (``private_heads`` None) or the
+    private projections of one head count; ``subnets`` indexes them among the running branches (None: all)."""
+
+    private_heads: int | None
+    subnets: Tensor | None
+    width: GroupSizes
+
+
+def _qk_sources(heads: GroupSizes, private_heads: Sequence[int], head_dim: int) -> tuple[QkSource, ...]:
+    width = heads.scaled(head_dim)
+    by_source: dict[int | None, list[int]] = {}
+    for index, count in enumerate(heads.values):
+        by_source.setdefault(count if count in private_heads else None, []).append(index)
+    if len(by_source) == 1:
+        return (QkSource(next(iter(by_source)), None, width),)
+    device = heads.table.device
+    return tuple(QkSource(source, torch.tensor(subnets, device=device),
+                          GroupSizes([width.values[k] for k in subnets], device))
+                 for source, subnets in by_source.items())
 
 
 class BatchedSubnets:
@@ -87,12 +111,15 @@ class BatchedSubnets:
             if not running:
                 self.layers.append(None)
                 continue
+            heads = GroupSizes([after[b][-1][1] for b in running], device)
+            attn = supernet.blocks[i].attn
             self.layers.append(LayerPlan(
                 parents=None if parents == list(range(len(index))) else torch.tensor(parents, device=device),
                 running=None if len(running) == len(after) else torch.tensor(running, device=device),
                 embed=GroupSizes([after[b][0] for b in running], device),
-                heads=GroupSizes([after[b][-1][1] for b in running], device),
+                heads=heads,
                 hidden=GroupSizes([after[b][-1][2] for b in running], device),
+                qk_sources=_qk_sources(heads, attn.private_qk_heads, attn.head_dim),
             ))
         final = {prefix: b for b, prefix in enumerate(branches)}
         self.branch_of_subnet = torch.tensor([final[prefix] for prefix in prefixes], device=device)
@@ -143,7 +170,7 @@ def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
     """One pre-norm transformer layer (``elastic_ops.nn.ElasticBlock``, eval mode) for the subnets of ``plan``."""
     attn, mlp = block.attn, block.mlp
     h = grouped_layer_norm(x, plan.embed, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    if attn.rel_pos is None and not set(plan.heads.values) & set(attn.private_qk_heads):
+    if attn.rel_pos is None and len(plan.qk_sources) == 1 and plan.qk_sources[0].private_heads is None:
         x = x + grouped_attention(h, plan.embed, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
                                   plan.heads, attn.head_dim)
     else:
@@ -154,41 +181,35 @@ def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
 
 def _unfused_attention(attn, h: Tensor, plan: LayerPlan) -> Tensor:
     """``ElasticAttention._unfused_attention`` for the subnets of ``plan``: q, k and v by grouped linears on the
-    rows of their super weights (q and k of a subnet whose head count has private projections from those),
-    the attention in torch over ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
+    rows of their super weights (q and k per :class:`QkSource`), the attention in torch over
+    ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
     groups, batch, tokens, _ = h.shape
     head_dim, max_width = attn.head_dim, attn.num_heads * attn.head_dim
     width = plan.heads.scaled(head_dim)
     weight, bias = attn.qkv.weight, attn.qkv.bias
 
-    def project(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: list[int] | None) -> Tensor:
-        rows = source_weight[start:]
-        rows_bias = None if source_bias is None else source_bias[start:]
-        if subnets is None:
-            return grouped_linear(h, rows, rows_bias, width)
-        sizes = GroupSizes([width.values[k] for k in subnets], width.table.device)
-        return grouped_linear(h[subnets], rows, rows_bias, sizes)
+    def rows(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: Tensor | None = None,
+             sizes: GroupSizes = width) -> Tensor:
+        x = h if subnets is None else h[subnets]
+        return grouped_linear(x, source_weight[start:], None if source_bias is None else source_bias[start:], sizes)
 
-    def project_qk(heads: int | None, subnets: list[int] | None) -> tuple[Tensor, Tensor]:
-        if heads is None:
-            return project(weight, bias, 0, subnets), project(weight, bias, max_width, subnets)
-        private = attn.private_qk[str(heads)]
-        return (project(private.weight, private.bias, 0, subnets),
-                project(private.weight, private.bias, heads * head_dim, subnets))
+    def q_and_k(source: QkSource) -> tuple[Tensor, Tensor]:
+        if source.private_heads is None:
+            return (rows(weight, bias, 0, source.subnets, source.width),
+                    rows(weight, bias, max_width, source.subnets, source.width))
+        private = attn.private_qk[str(source.private_heads)]
+        return (rows(private.weight, private.bias, 0, source.subnets, source.width),
+                rows(private.weight, private.bias, source.private_heads * head_dim, source.subnets, source.width))
 
-    # Subnets by where their q and k come from: the shared rows (None) or the private projections of a head count.
-    sources: dict[int | None, list[int]] = {}
-    for index, heads in enumerate(plan.heads.values):
-        sources.setdefault(heads if heads in attn.private_qk_heads else None, []).append(index)
-    if len(sources) == 1:
-        q, k = project_qk(next(iter(sources)), None)
+    if len(plan.qk_sources) == 1:
+        q, k = q_and_k(plan.qk_sources[0])
     else:
         q, k = (h.new_zeros(groups, batch, tokens, width.width) for _ in range(2))
-        for heads, subnets in sources.items():
-            part_q, part_k = project_qk(heads, subnets)
-            q[subnets, ..., :part_q.shape[-1]] = part_q
-            k[subnets, ..., :part_k.shape[-1]] = part_k
-    v = project(weight, bias, 2 * max_width, None)
+        for source in plan.qk_sources:
+            part_q, part_k = q_and_k(source)
+            q[source.subnets, ..., :part_q.shape[-1]] = part_q
+            k[source.subnets, ..., :part_k.shape[-1]] = part_k
+    v = rows(weight, bias, 2 * max_width)
     q, k, v = (t.view(groups * batch, tokens, -1, head_dim).transpose(1, 2) for t in (q, k, v))
     scale = head_dim ** -0.5
     if attn.rel_pos is None:
