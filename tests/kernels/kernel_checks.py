@@ -1,6 +1,8 @@
-"""Checks shared by the Triton kernel tests (DESIGN.md section 5). A plain module, not conftest, so that
+"""Checks shared by the kernel tests (Triton and native) (DESIGN.md section 5). A plain module, not conftest, so that
 test files import it by a name no other test directory uses."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +19,39 @@ def kernel_dtypes():
     return [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
-def super_param(*shape: int, active: tuple[int, ...], device, dtype=torch.float32) -> torch.nn.Parameter:
+def super_tensor(*shape: int, active: tuple[int, ...], device="cpu", dtype=torch.float32) -> torch.Tensor:
     """A super weight: random in the active leading block, NaN outside it, so that any read past the
     active slice poisons the result."""
     data = torch.full(shape, float("nan"), device=device, dtype=dtype)
     block = tuple(slice(0, a) for a in active)
     data[block] = torch.randn(*active, device=device, dtype=dtype) * shape[-1] ** -0.5
-    return torch.nn.Parameter(data)
+    return data
+
+
+def super_param(*shape: int, active: tuple[int, ...], device, dtype=torch.float32) -> torch.nn.Parameter:
+    """:func:`super_tensor` as a parameter (for the tests of gradients)."""
+    return torch.nn.Parameter(super_tensor(*shape, active=active, device=device, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """Attention shapes: ``heads`` of ``max_heads`` heads, ``embed`` of ``max_embed`` channels."""
+
+    batch: int
+    tokens: int
+    embed: int
+    max_embed: int
+    heads: int
+    max_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def max_width(self) -> int:
+        return self.max_heads * self.head_dim
 
 
 def seed_grad(param: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 NaN canaries around (and between) the three active qkv row blocks, in-place gradient accumulation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -12,40 +11,21 @@ import elastic_ops
 from elastic_ops import reference
 from elastic_ops import weight_grads_in_place
 
-from kernel_checks import (TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad,
-                      super_param)
+from kernel_checks import (TOLERANCES, AttentionCase, assert_grad_accumulated, kernel_dtypes, reference_copy,
+                           seed_grad, super_param)
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
-@dataclass(frozen=True)
-class Case:
-    batch: int
-    tokens: int
-    embed: int
-    max_embed: int
-    heads: int
-    max_heads: int
-    head_dim: int
-
-    @property
-    def width(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def max_width(self) -> int:
-        return self.max_heads * self.head_dim
-
-
-MAIN = Case(batch=2, tokens=64, embed=40, max_embed=48, heads=2, max_heads=3, head_dim=64)
+MAIN = AttentionCase(batch=2, tokens=64, embed=40, max_embed=48, heads=2, max_heads=3, head_dim=64)
 AWKWARD = {
-    "197-tokens-prime-embed": Case(batch=1, tokens=197, embed=37, max_embed=41, heads=2, max_heads=3, head_dim=64),
-    "one-head-prime-tokens": Case(batch=2, tokens=97, embed=24, max_embed=32, heads=1, max_heads=3, head_dim=16),
-    "max-heads-max-embed": Case(batch=3, tokens=20, embed=32, max_embed=32, heads=2, max_heads=2, head_dim=32),
+    "197-tokens-prime-embed": AttentionCase(batch=1, tokens=197, embed=37, max_embed=41, heads=2, max_heads=3, head_dim=64),
+    "one-head-prime-tokens": AttentionCase(batch=2, tokens=97, embed=24, max_embed=32, heads=1, max_heads=3, head_dim=16),
+    "max-heads-max-embed": AttentionCase(batch=3, tokens=20, embed=32, max_embed=32, heads=2, max_heads=2, head_dim=32),
 }
 
 
-def make_params(case: Case, device, dtype, with_bias: bool = True) -> dict[str, torch.nn.Parameter | None]:
+def make_params(case: AttentionCase, device, dtype, with_bias: bool = True) -> dict[str, torch.nn.Parameter | None]:
     """Super weights in the block layout, random in the active parts and NaN everywhere else, including the
     inactive rows between the q, k and v blocks."""
     qkv_weight = super_param(3, case.max_width, case.max_embed, active=(3, case.width, case.embed),
@@ -60,12 +40,12 @@ def make_params(case: Case, device, dtype, with_bias: bool = True) -> dict[str, 
     )
 
 
-def as_blocks(t: torch.Tensor, case: Case) -> torch.Tensor:
+def as_blocks(t: torch.Tensor, case: AttentionCase) -> torch.Tensor:
     """The qkv weight or bias (or its gradient) as ``[3, H_max*Dh, ...]``: the active part becomes a leading block."""
     return t.view(3, case.max_width, *t.shape[1:])
 
 
-def check_against_reference(case: Case, x: torch.Tensor, params: dict, tol: dict, backward_passes: int = 1) -> None:
+def check_against_reference(case: AttentionCase, x: torch.Tensor, params: dict, tol: dict, backward_passes: int = 1) -> None:
     """Run the Triton op (forward, then ``backward_passes`` backward passes) and compare the output, dx and the
     in-place weight gradients with the fp32 reference; gradients outside the active parts must not change."""
     before = {name: seed_grad(p) for name, p in params.items() if p is not None}

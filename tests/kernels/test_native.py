@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from elastic_ops import BackendUnavailableError, _backend, reference
 
 _C = pytest.importorskip("elastic_ops._C")
 from elastic_ops import _native  # noqa: E402  (needs the extension)
+from kernel_checks import AttentionCase, super_tensor  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -35,13 +35,6 @@ def isa(request):
 def native():
     with elastic_ops.use_backend("native"), torch.no_grad():
         yield
-
-
-def canary(*shape: int, active: tuple[int, ...]) -> torch.Tensor:
-    """Random in the leading ``active`` block (scaled like an initialised weight), NaN elsewhere."""
-    data = torch.full(shape, float("nan"))
-    data[tuple(slice(0, a) for a in active)] = torch.randn(*active) * active[-1] ** -0.5
-    return data
 
 
 def strided(x: torch.Tensor) -> torch.Tensor:
@@ -73,13 +66,13 @@ def test_linear_matches_reference(isa, native, case, activation, layout):
         x = strided(x)
     elif layout == "transposed" and x.dim() >= 3:
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
-    weight, bias = canary(out_max, in_max, active=(d_out, d_in)), canary(out_max, active=(d_out,))
+    weight, bias = super_tensor(out_max, in_max, active=(d_out, d_in)), super_tensor(out_max, active=(d_out,))
     y = elastic_ops.elastic_linear(x, weight, bias, d_out, activation)
     torch.testing.assert_close(y, reference.linear(x, weight, bias, d_out, activation), **TOL)
 
 
 def test_linear_without_bias(isa, native):
-    x, weight = torch.randn(2, 197, 40), canary(72, 48, active=(70, 40))
+    x, weight = torch.randn(2, 197, 40), super_tensor(72, 48, active=(70, 40))
     torch.testing.assert_close(elastic_ops.elastic_linear(x, weight, None, 70, "gelu"),
                                reference.linear(x, weight, None, 70, "gelu"), **TOL)
 
@@ -95,8 +88,8 @@ def test_layer_norm_matches_reference(isa, native, shape, d_max, affine, layout)
     if layout == "strided":
         x = strided(x)
     d = shape[-1]
-    weight = canary(d_max, active=(d,)) if affine else None
-    bias = canary(d_max, active=(d,)) if affine else None
+    weight = super_tensor(d_max, active=(d,)) if affine else None
+    bias = super_tensor(d_max, active=(d,)) if affine else None
     y = elastic_ops.elastic_layer_norm(x, weight, bias, eps=1e-5)
     torch.testing.assert_close(y, reference.layer_norm(x, weight, bias, 1e-5), **TOL)
 
@@ -120,25 +113,14 @@ def test_mlp_matches_reference(isa, native, case, layout, with_bias):
     x = torch.randn(*lead, e)
     if layout == "strided":
         x = strided(x)
-    w1, w2 = canary(hidden_max, e_max, active=(hidden, e)), canary(e_max, hidden_max, active=(e, hidden))
-    b1 = canary(hidden_max, active=(hidden,)) if with_bias else None
-    b2 = canary(e_max, active=(e,)) if with_bias else None
+    w1, w2 = super_tensor(hidden_max, e_max, active=(hidden, e)), super_tensor(e_max, hidden_max, active=(e, hidden))
+    b1 = super_tensor(hidden_max, active=(hidden,)) if with_bias else None
+    b2 = super_tensor(e_max, active=(e,)) if with_bias else None
     y = elastic_ops.elastic_mlp(x, w1, b1, w2, b2, hidden)
     torch.testing.assert_close(y, reference.mlp(x, w1, b1, w2, b2, hidden), **TOL)
 
 
 # --- attention -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AttentionCase:
-    batch: int
-    tokens: int
-    embed: int
-    max_embed: int
-    heads: int
-    max_heads: int
-    head_dim: int
-
 
 ATTENTION_CASES = {
     "vit-197-tokens": AttentionCase(2, 197, 37, 48, 2, 3, 64),
@@ -150,14 +132,14 @@ ATTENTION_CASES = {
 
 def attention_params(case: AttentionCase, with_bias: bool = True) -> dict[str, torch.Tensor | None]:
     """Block-layout super weights, NaN outside the active rows of each of the q, k, v blocks."""
-    width, max_width = case.heads * case.head_dim, case.max_heads * case.head_dim
-    qkv = canary(3, max_width, case.max_embed, active=(3, width, case.embed))
-    qkv_bias = canary(3, max_width, active=(3, width))
+    width, max_width = case.width, case.max_width
+    qkv = super_tensor(3, max_width, case.max_embed, active=(3, width, case.embed))
+    qkv_bias = super_tensor(3, max_width, active=(3, width))
     return dict(
         qkv_weight=qkv.view(3 * max_width, case.max_embed),
         qkv_bias=qkv_bias.view(-1) if with_bias else None,
-        proj_weight=canary(case.max_embed, max_width, active=(case.embed, width)),
-        proj_bias=canary(case.max_embed, active=(case.embed,)) if with_bias else None,
+        proj_weight=super_tensor(case.max_embed, max_width, active=(case.embed, width)),
+        proj_bias=super_tensor(case.max_embed, active=(case.embed,)) if with_bias else None,
     )
 
 
@@ -186,7 +168,7 @@ def test_results_do_not_depend_on_the_thread_count(native):
     """Each output element is summed in one fixed order whatever the split across threads."""
     case = ATTENTION_CASES["vit-197-tokens"]
     x, params = torch.randn(case.batch, case.tokens, case.embed), attention_params(case)
-    w1, w2 = canary(192, 48, active=(149, 37)), canary(48, 192, active=(37, 149))
+    w1, w2 = super_tensor(192, 48, active=(149, 37)), super_tensor(48, 192, active=(37, 149))
     before = torch.get_num_threads()
     results = []
     try:
@@ -202,7 +184,7 @@ def test_results_do_not_depend_on_the_thread_count(native):
 
 def test_concurrent_python_threads_get_their_own_results():
     x = [torch.randn(4, 65, 48) for _ in range(4)]
-    w1, w2 = canary(192, 48, active=(192, 48)), canary(48, 192, active=(48, 192))
+    w1, w2 = super_tensor(192, 48, active=(192, 48)), super_tensor(48, 192, active=(48, 192))
     results = [None] * len(x)
 
     def run(i):
@@ -219,7 +201,7 @@ def test_concurrent_python_threads_get_their_own_results():
         torch.testing.assert_close(yi, reference.mlp(xi, w1, None, w2, None, 192), **TOL)
 
 
-FORK_INPUTS = [torch.randn(256, 48), canary(96, 48, active=(96, 48)), canary(48, 96, active=(48, 96))]
+FORK_INPUTS = [torch.randn(256, 48), super_tensor(96, 48, active=(96, 48)), super_tensor(48, 96, active=(48, 96))]
 
 
 def _mlp_in_child(queue):
@@ -321,9 +303,9 @@ GROUPS = {"three-subnets": ([37, 48, 1], [149, 192, 1], [2, 3, 1]), "one-subnet-
 def test_grouped_ops_match_the_reference_looped_over_subnets(isa, embed, hidden, heads):
     e_max, h_max, dh = 48, 192, 16
     x = grouped_input(embed, 2, 197)
-    gamma, beta = canary(e_max + 3, active=(e_max,)), canary(e_max + 3, active=(e_max,))
-    w1, b1 = canary(h_max + 5, e_max + 3, active=(h_max, e_max)), canary(h_max + 5, active=(h_max,))
-    w2, b2 = canary(e_max + 3, h_max + 5, active=(e_max, h_max)), canary(e_max + 3, active=(e_max,))
+    gamma, beta = super_tensor(e_max + 3, active=(e_max,)), super_tensor(e_max + 3, active=(e_max,))
+    w1, b1 = super_tensor(h_max + 5, e_max + 3, active=(h_max, e_max)), super_tensor(h_max + 5, active=(h_max,))
+    w2, b2 = super_tensor(e_max + 3, h_max + 5, active=(e_max, h_max)), super_tensor(e_max + 3, active=(e_max,))
     attn = attention_params(AttentionCase(2, 197, e_max, e_max + 3, 3, 4, dh))
     with torch.no_grad():
         got = {
