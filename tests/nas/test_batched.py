@@ -143,7 +143,7 @@ def test_batched_forward_equals_single_subnet_forward(space_name):
         logits = batched_forward(model, images, archs)
         assert logits.shape == (len(archs), 2, 7)
         singles = torch.stack([model(images, arch) for arch in archs])
-    torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, singles, **TOL)
     assert (singles[0] - singles[-1]).abs().max() > 1e-2, "subnets should differ; the check would be vacuous"
 
 
@@ -158,7 +158,7 @@ def test_layers_off_pass_through():
     with torch.no_grad():
         logits = BatchedSubnets(model, archs)(images)
         for k, arch in enumerate(archs):
-            torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[k], model(images, arch), **TOL)
 
 
 def test_shared_prefixes_are_computed_once_and_split_where_subnets_part():
@@ -192,7 +192,7 @@ def test_shared_prefixes_are_computed_once_and_split_where_subnets_part():
     with torch.no_grad():
         logits = pass_(images)
         for k, arch in enumerate(archs):
-            torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[k], model(images, arch), **TOL)
     assert (logits[3] - logits[4]).abs().max() > 1e-2
 
 
@@ -217,7 +217,7 @@ def test_a_pass_split_into_cache_sized_chunks_of_images_gives_the_same_logits(mo
         logits = BatchedSubnets(model, archs)(images)
         singles = torch.stack([model(images, arch) for arch in archs])
     assert chunks == [1] * 5
-    torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, singles, **TOL)
 
 
 def test_private_qk_per_head_count_in_one_pass():
@@ -238,7 +238,7 @@ def test_private_qk_per_head_count_in_one_pass():
     with torch.no_grad():
         logits = batched_forward(model, images, archs)
         for k, arch in enumerate(archs):
-            torch.testing.assert_close(logits[k], model(images, arch), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[k], model(images, arch), **TOL)
 
 
 def test_relative_position_in_one_pass():
@@ -252,7 +252,7 @@ def test_relative_position_in_one_pass():
     with torch.no_grad():
         logits = batched_forward(model, images, archs)
         singles = torch.stack([model(images, arch) for arch in archs])
-    torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, singles, **TOL)
     results = evaluate_archs(model, archs, [(images, labels)], progress=False)
     for result, single in zip(results, singles):
         assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(single, labels).item(), rel=1e-5)
@@ -293,7 +293,7 @@ def test_native_grouped_kernels_match_the_grouped_reference():
         expected = batched_forward(model, images, archs)
         with elastic_ops.use_backend("native"):
             native = batched_forward(model, images, archs)
-    torch.testing.assert_close(native, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native, expected, **TOL)
 
 
 def test_forced_grouped_kernels_that_cannot_run_say_why():
