@@ -100,16 +100,20 @@ def test_batched_evaluation(benchmark, workload, impl):
 def main(which: str) -> None:
     workload = "gpu-t" if which == "gpu" else "cpu-cifar"
     work = build(workload)
-    times = {}
+    times, losses = {}, {}
     for impl, (batched, backend) in WORKLOADS[workload].items():
         if "native" in impl and not elastic_ops.backends()["native"].available:
             continue
         fn = evaluation(work, batched, backend)
         fn()
         start = time.perf_counter()
-        fn()
+        results = fn()
         times[impl] = time.perf_counter() - start
+        losses[impl] = np.array([r.loss for r in results])
         print(f"{workload} {impl:22s} {times[impl]:8.2f} s")
+    first, *others = losses
+    for impl in others:  # every implementation evaluates the same subnets: their losses must agree
+        print(f"max |loss {impl} - loss {first}|: {np.abs(losses[impl] - losses[first]).max():.2e}")
     device = torch.cuda.get_device_name() if work.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(work.archs)} subnets x {sum(len(b[1]) for b in work.batches)} images on {device}, torch {torch.__version__}")
     if workload == "gpu-t":

@@ -4,6 +4,7 @@ Images are 224 px with 16 px patches: 196 patches + the class token = 197 tokens
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 BATCH = 128
@@ -32,8 +33,10 @@ class SupernetShape:
         return int(self.embed * self.mlp_ratio)
 
 
-SHAPES = {
+ALL_SHAPES = {
     "T": SupernetShape("T", super_embed=256, embed=192, super_heads=4, heads=3),
     "S": SupernetShape("S", super_embed=448, embed=384, super_heads=7, heads=6),
     "B": SupernetShape("B", super_embed=640, embed=576, super_heads=10, heads=9),
 }
+# BENCH_SHAPES=S (comma-separated) benchmarks a subset, for a short session on a lent GPU.
+SHAPES = {name: ALL_SHAPES[name] for name in os.environ.get("BENCH_SHAPES", "T,S,B").split(",")}
