@@ -23,6 +23,7 @@ def test_backends_reports_every_backend_with_a_reason():
     assert all(status.reason for status in report.values())
 
 
+@pytest.mark.skipif(not elastic_ops.backends()["native"].available, reason="the native extension is not built")
 def test_forced_backend_that_cannot_run_says_why():
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
     with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="gradients"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 from torch import Tensor
@@ -15,12 +16,24 @@ _in_place = contextvars.ContextVar("elastic_ops_weight_grads_in_place", default=
 @contextlib.contextmanager
 def weight_grads_in_place(enabled: bool):
     """Turn in-place weight gradients off for code that needs autograd to return them
-    (``torch.autograd.grad`` on a weight, gradient hooks on parameters)."""
+    (``torch.autograd.grad`` on a weight, gradient hooks on parameters). It applies to the ops whose forward
+    runs inside it (and to a backward run inside it on the caller's thread)."""
     token = _in_place.set(enabled)
     try:
         yield
     finally:
         _in_place.reset(token)
+
+
+def record_grad_mode(ctx) -> None:
+    """Called by each op's forward: autograd runs a CUDA backward on a thread of its own, where the caller's
+    ``weight_grads_in_place`` context is not visible, so the choice travels with ``ctx``."""
+    ctx.weight_grads_in_place = _in_place.get()
+
+
+def backward_grad_mode(ctx):
+    """The context of an op's backward: gradients in place only if they were on around its forward and are on here."""
+    return weight_grads_in_place(ctx.weight_grads_in_place and _in_place.get())
 
 
 def weight_grad_buffer(weight: Tensor, *sizes: int) -> tuple[Tensor, Tensor | None]:
@@ -45,3 +58,9 @@ def weight_grad_buffer(weight: Tensor, *sizes: int) -> tuple[Tensor, Tensor | No
 def interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter (small grids, one autotune config)."""
     return triton_interpreting()
+
+
+def autotuning() -> bool:
+    """Whether kernels try every tile config. Not in the interpreter, nor with ``ELASTIC_OPS_AUTOTUNE=0``: compiled
+    tests that check results rather than speed then compile one config per kernel instead of eight."""
+    return not interpreter() and os.environ.get("ELASTIC_OPS_AUTOTUNE", "1") != "0"

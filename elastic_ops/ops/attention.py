@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreter, weight_grad_buffer
-from .linear import (acc_dtype, grad_weight_launch, linear_grad_weight_kernel, matmul_configs, grouped_tile,
-                     linear_backward, linear_forward, matmul_tile)
+from ._common import autotuning, backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
+from .linear import (acc_dtype, dot_precision, grad_weight_launch, linear_grad_weight_kernel, matmul_configs,
+                     grouped_tile, linear_backward, linear_forward, matmul_tile)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
@@ -42,7 +42,7 @@ def _qkv_forward_kernel(
     x_ptr, w_ptr, b_ptr, qkv_ptr,
     M, width, K, max_width,
     stride_x_m, stride_x_k, stride_w_out, stride_w_in,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``qkv[:, j*width:(j+1)*width] = x @ W_j[:width, :K].T + b_j[:width]`` for block ``j = program_id(1)`` (q, k, v).
@@ -58,7 +58,7 @@ def _qkv_forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = matmul_tile(x_ptr, w_ptr + block * max_width * stride_w_out, x_ptr, offs_m, offs_n, M, width, K,
                       stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0,
-                      False, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      False, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(b_ptr + block * max_width + offs_n, mask=offs_n < width, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
@@ -72,7 +72,7 @@ def _qkv_grad_input_kernel(
     d_qkv_ptr, w_ptr, dx_ptr,
     M, width, K, max_width,
     stride_w_out, stride_w_in,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``dx = sum_j d_qkv[:, j*width:(j+1)*width] @ W_j[:width, :K]`` over the blocks j = q, k, v.
@@ -85,11 +85,11 @@ def _qkv_grad_input_kernel(
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = matmul_tile(d_qkv_ptr, w_ptr, d_qkv_ptr, offs_m, offs_k, M, K, width,
                       3 * width, 1, stride_w_out, stride_w_in, 0, 0,
-                      False, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      False, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     for block in tl.static_range(1, 3):
         acc += matmul_tile(d_qkv_ptr + block * width, w_ptr + block * max_width * stride_w_out, d_qkv_ptr,
                            offs_m, offs_k, M, K, width, 3 * width, 1, stride_w_out, stride_w_in, 0, 0,
-                           False, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+                           False, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -102,7 +102,8 @@ def attention_configs(outer: str, inner: str) -> list[triton.Config]:
         return [triton.Config({outer: 64, inner: 64})]
     shapes = [(128, 64, 3, 8), (128, 64, 3, 4), (64, 64, 3, 4), (128, 128, 2, 8), (64, 32, 4, 4), (128, 32, 3, 8),
               (32, 32, 2, 4)]
-    return [triton.Config({outer: o, inner: i}, num_stages=s, num_warps=w) for o, i, s, w in shapes]
+    return [triton.Config({outer: o, inner: i}, num_stages=s, num_warps=w)
+            for o, i, s, w in shapes[:None if autotuning() else 1]]
 
 
 @triton.jit
@@ -133,7 +134,8 @@ def head_program(tokens, num_heads, width, HEAD_DIM: tl.constexpr, BLOCK: tl.con
 
 @triton.jit
 def flash_attention_rows(q, k_base, v_base, row_stride, tokens, qk_scale,
-                         HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(softmax(q k^T * scale) v, base-2 log-sum-exp)`` of a ``[BLOCK_M, HEAD_DIM]`` query tile against one head's
     keys and values ``[tokens, HEAD_DIM]`` at k_base, v_base (rows ``row_stride`` apart), BLOCK_N keys at a time with
     an online softmax; keys past ``tokens`` are masked. qk_scale: ``Dh**-0.5 * log2(e)`` (scores in base 2)."""
@@ -144,14 +146,15 @@ def flash_attention_rows(q, k_base, v_base, row_stride, tokens, qk_scale,
         keys = key_start + tl.arange(0, BLOCK_N)
         k = head_rows(k_base, keys, row_stride, tokens, HEAD_DIM)
         v = head_rows(v_base, keys, row_stride, tokens, HEAD_DIM)
-        scores = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         scores = tl.where(keys[None, :] < tokens, scores, float("-inf"))
         # Every block holds at least one real key, so the new maximum is finite.
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         rescale = tl.exp2(row_max - new_max)
         p = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
         row_max = new_max
     return acc / row_sum[:, None], row_max + tl.log2(row_sum)
 
@@ -161,7 +164,8 @@ def flash_attention_rows(q, k_base, v_base, row_stride, tokens, qk_scale,
 def _attention_forward_kernel(
     qkv_ptr, context_ptr, lse_ptr,
     tokens, num_heads, width, qk_scale,
-    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Flash attention of one query block of one (batch, head).
 
@@ -176,7 +180,7 @@ def _attention_forward_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = head_rows(q_base, rows, qkv_stride, tokens, HEAD_DIM)
     context, lse = flash_attention_rows(q, q_base + width, q_base + 2 * width, qkv_stride, tokens, qk_scale,
-                                        HEAD_DIM, ACC_DTYPE, BLOCK_M, BLOCK_N)
+                                        HEAD_DIM, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     store_head_rows(context_ptr + context_offset, rows, width, tokens, context, HEAD_DIM)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * tokens + rows, lse, mask=rows < tokens)
 
@@ -186,7 +190,8 @@ def _attention_forward_kernel(
 def _attention_backward_dq_kernel(
     qkv_ptr, context_ptr, d_context_ptr, lse_ptr, delta_ptr, d_qkv_ptr,
     tokens, num_heads, width, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq of one query block of one (batch, head), and ``delta = rowsum(dO * O)``
     of those queries, which the dk/dv kernel needs for every query.
@@ -212,12 +217,12 @@ def _attention_backward_dq_kernel(
         keys = key_start + tl.arange(0, BLOCK_N)
         k = head_rows(q_base + width, keys, qkv_stride, tokens, HEAD_DIM)
         v = head_rows(q_base + 2 * width, keys, qkv_stride, tokens, HEAD_DIM)
-        scores = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         # Keys past N load as zeros, but exp2(0 - lse) overflows when every real score is far below zero: mask them.
         p = tl.exp2(tl.where(keys[None, :] < tokens, scores, float("-inf")) - lse[:, None])
-        dp = tl.dot(d_out, tl.trans(v), out_dtype=ACC_DTYPE)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     store_head_rows(d_qkv_ptr + qkv_offset, rows, qkv_stride, tokens, dq * sm_scale, HEAD_DIM)
 
 
@@ -226,7 +231,8 @@ def _attention_backward_dq_kernel(
 def _attention_backward_dkdv_kernel(
     qkv_ptr, d_context_ptr, lse_ptr, delta_ptr, d_qkv_ptr,
     tokens, num_heads, width, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """dk and dv of one key block of one (batch, head), looping over all queries.
 
@@ -252,11 +258,12 @@ def _attention_backward_dkdv_kernel(
         delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
         # Query rows past N load as zeros (q, dO, lse, delta), so their probabilities are exp2(0) = 1 times a zero
         # dO: they add nothing, and need no mask.
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), out_dtype=ACC_DTYPE) * qk_scale - lse[None, :])
-        dv = tl.dot(p_t.to(d_out.dtype), d_out, dv)
-        dp_t = tl.dot(v, tl.trans(d_out), out_dtype=ACC_DTYPE)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        p_t = tl.exp2(scores_t * qk_scale - lse[None, :])
+        dv = tl.dot(p_t.to(d_out.dtype), d_out, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     store_head_rows(d_qkv_ptr + qkv_offset + width, keys, qkv_stride, tokens, dk * sm_scale, HEAD_DIM)
     store_head_rows(d_qkv_ptr + qkv_offset + 2 * width, keys, qkv_stride, tokens, dv, HEAD_DIM)
 
@@ -273,7 +280,7 @@ def qkv_forward(x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, width:
         x2d, qkv_weight, qkv_bias if qkv_bias is not None else qkv_weight, qkv,
         M, width, K, max_width,
         x2d.stride(0), x2d.stride(1), qkv_weight.stride(0), qkv_weight.stride(1),
-        HAS_BIAS=qkv_bias is not None, ACC_DTYPE=acc_dtype(x2d),
+        HAS_BIAS=qkv_bias is not None, ACC_DTYPE=acc_dtype(x2d), DOT_PRECISION=dot_precision(x2d),
     )
     return qkv
 
@@ -287,7 +294,7 @@ def attention_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * num_heads,)
     _attention_forward_kernel[grid](
         qkv, context, lse, tokens, num_heads, width, head_dim ** -0.5 * math.log2(math.e),
-        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv),
     )
     return context, lse
 
@@ -303,12 +310,12 @@ def attention_backward(qkv: Tensor, context: Tensor, lse: Tensor, d_context: Ten
     dq_grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * num_heads,)
     _attention_backward_dq_kernel[dq_grid](
         qkv, context, d_context, lse, delta, d_qkv, tokens, num_heads, width, *scales,
-        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv),
     )
     dkdv_grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]) * batch * num_heads,)
     _attention_backward_dkdv_kernel[dkdv_grid](
         qkv, d_context, lse, delta, d_qkv, tokens, num_heads, width, *scales,
-        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv),
+        HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv),
     )
     return d_qkv
 
@@ -324,7 +331,8 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
         dx = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
         _qkv_grad_input_kernel[grid](d_qkv, qkv_weight, dx, M, width, K, max_width,
-                                     qkv_weight.stride(0), qkv_weight.stride(1), ACC_DTYPE=acc_dtype(x2d))
+                                     qkv_weight.stride(0), qkv_weight.stride(1), ACC_DTYPE=acc_dtype(x2d),
+                                     DOT_PRECISION=dot_precision(x2d))
     dw_view = dw_returned = db_view = db_returned = None
     if need_dw:
         dw_view, dw_returned = weight_grad_buffer(qkv_weight, 3 * max_width, K)
@@ -346,7 +354,7 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
                 d_block.stride(0), d_block.stride(1), 0, 0, x2d.stride(0), x2d.stride(1),
                 dw_arg.stride(0), dw_arg.stride(1),
                 GELU=False, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
-                **config,
+                DOT_PRECISION=dot_precision(x2d), **config,
             )
     return dx, dw_returned, db_returned
 
@@ -355,6 +363,7 @@ class ElasticAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                 proj_bias: Tensor | None, num_heads: int, head_dim: int):
+        record_grad_mode(ctx)
         batch, tokens, embed = x.shape
         x2d = x.reshape(-1, embed)  # a view wherever x's strides allow
         qkv = qkv_forward(x2d, qkv_weight, qkv_bias, num_heads * head_dim)
@@ -366,21 +375,22 @@ class ElasticAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        x2d, qkv_weight, qkv_bias, proj_weight, proj_bias, qkv, context, lse = ctx.saved_tensors
-        batch, tokens, num_heads, head_dim = ctx.dims
-        need_dx, need_dw_qkv, need_db_qkv, need_dw_proj, need_db_proj = ctx.needs_input_grad[:5]
-        need_qkv_side = need_dx or need_dw_qkv or need_db_qkv
-        d_context, d_proj_weight, d_proj_bias = linear_backward(
-            d_out.reshape(-1, d_out.shape[-1]), None, context, proj_weight, proj_bias,
-            need_qkv_side, need_dw_proj, need_db_proj)
-        dx = d_qkv_weight = d_qkv_bias = None
-        if need_qkv_side:
-            d_qkv = attention_backward(qkv, context, lse, d_context, batch, tokens, num_heads, head_dim)
-            dx, d_qkv_weight, d_qkv_bias = qkv_backward(d_qkv, x2d, qkv_weight, qkv_bias, num_heads * head_dim,
-                                                        need_dx, need_dw_qkv, need_db_qkv)
-        if dx is not None:
-            dx = dx.view(batch, tokens, x2d.shape[1])
-        return dx, d_qkv_weight, d_qkv_bias, d_proj_weight, d_proj_bias, None, None
+        with backward_grad_mode(ctx):
+            x2d, qkv_weight, qkv_bias, proj_weight, proj_bias, qkv, context, lse = ctx.saved_tensors
+            batch, tokens, num_heads, head_dim = ctx.dims
+            need_dx, need_dw_qkv, need_db_qkv, need_dw_proj, need_db_proj = ctx.needs_input_grad[:5]
+            need_qkv_side = need_dx or need_dw_qkv or need_db_qkv
+            d_context, d_proj_weight, d_proj_bias = linear_backward(
+                d_out.reshape(-1, d_out.shape[-1]), None, context, proj_weight, proj_bias,
+                need_qkv_side, need_dw_proj, need_db_proj)
+            dx = d_qkv_weight = d_qkv_bias = None
+            if need_qkv_side:
+                d_qkv = attention_backward(qkv, context, lse, d_context, batch, tokens, num_heads, head_dim)
+                dx, d_qkv_weight, d_qkv_bias = qkv_backward(d_qkv, x2d, qkv_weight, qkv_bias, num_heads * head_dim,
+                                                            need_dx, need_dw_qkv, need_db_qkv)
+            if dx is not None:
+                dx = dx.view(batch, tokens, x2d.shape[1])
+            return dx, d_qkv_weight, d_qkv_bias, d_proj_weight, d_proj_bias, None, None
 
 
 def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,

@@ -30,7 +30,7 @@ from .._validate import require, check_bias, check_same_device, check_tensor
 from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_configs, flash_attention_rows, head_program,
                         head_rows, store_head_rows)
 from .layernorm import compute_dtype, layer_norm_tiles
-from .linear import acc_dtype, matmul_configs, gelu, grouped_tile, matmul_tile
+from .linear import acc_dtype, dot_precision, matmul_configs, gelu, grouped_tile, matmul_tile
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -42,7 +42,7 @@ def _grouped_linear_kernel(
     M, N, K, weight_block_rows,
     stride_x_group, stride_x_m, stride_x_k, stride_w_out, stride_w_in, stride_y_group, stride_y_m,
     HAS_BIAS: tl.constexpr, HAS_IN_SIZES: tl.constexpr, GELU: tl.constexpr, ZERO_PADDING: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``y[g, :, j*N : j*N + out_g] = act(x[g, :, :in_g] @ W_j[:out_g, :in_g].T + b_j[:out_g])`` for subnet
@@ -74,7 +74,7 @@ def _grouped_linear_kernel(
     w_block_ptr = w_ptr + block * weight_block_rows * stride_w_out
     acc = matmul_tile(x_ptr + group * stride_x_group, w_block_ptr, x_ptr, offs_m, offs_n, M, out_size, in_size,
                       stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
+                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Columns past out_size of a straddling tile stay exactly zero: their weight columns and bias load as
     # zero, and gelu(0) = 0.
     if HAS_BIAS:
@@ -127,7 +127,8 @@ def _grouped_layer_norm_kernel(
 def _grouped_attention_kernel(
     qkv_ptr, context_ptr, head_counts_ptr,
     tokens, num_heads, width, stride_qkv_group, stride_context_group, qk_scale,
-    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Flash attention of one query block of one (batch, head) of subnet ``g = program_id(1)``; programs of heads
     past the subnet's ``h_g = head_counts[g]`` return at once.
@@ -144,7 +145,7 @@ def _grouped_attention_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = head_rows(q_base, rows, 3 * width, tokens, HEAD_DIM)
     context, _ = flash_attention_rows(q, q_base + width, q_base + 2 * width, 3 * width, tokens, qk_scale,
-                                      HEAD_DIM, ACC_DTYPE, BLOCK_M, BLOCK_N)
+                                      HEAD_DIM, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     store_head_rows(context_ptr + group * stride_context_group + context_offset, rows, width, tokens, context, HEAD_DIM)
 
 
@@ -170,7 +171,7 @@ def _linear_launch(x3d: Tensor, weight: Tensor, bias: Tensor | None, in_table: T
         M, out_width, K, weight_block_rows,
         *x3d.stride(), *weight.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_IN_SIZES=in_table is not None, GELU=gelu_on, ZERO_PADDING=zero_padding,
-        ACC_DTYPE=acc_dtype(x3d),
+        ACC_DTYPE=acc_dtype(x3d), DOT_PRECISION=dot_precision(x3d),
     )
     return y
 
@@ -312,6 +313,7 @@ def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | N
         _grouped_attention_kernel[grid](
             qkv, context, head_counts.table, tokens, head_counts.width, width, qkv.stride(0), context.stride(0),
             head_dim ** -0.5 * math.log2(math.e), HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(x),
+            DOT_PRECISION=dot_precision(x),
         )
     y = _linear_launch(context, proj_weight, proj_bias, head_widths, sizes.table, sizes.width, zero_padding=True)
     return y.view(x.shape)

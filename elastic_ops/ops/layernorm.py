@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreter, weight_grad_buffer
+from ._common import backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
 
 
 @triton.jit
@@ -120,6 +120,7 @@ def _backward_programs(M: int, rows_per_tile: int, device: torch.device) -> int:
 class ElasticLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        record_grad_mode(ctx)
         d = x.shape[-1]
         x2d = x.reshape(-1, d)
         M = x2d.shape[0]
@@ -139,32 +140,34 @@ class ElasticLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2d, weight, bias, mean, rstd = ctx.saved_tensors
-        M, d = x2d.shape
-        dy2d = dy.reshape(-1, d)
-        need_dw = ctx.needs_input_grad[1] and weight is not None
-        need_db = ctx.needs_input_grad[2] and bias is not None
-        dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
-        dw_returned = db_returned = None
-        block_d, block_rows, warps = layer_norm_tiles(d)
-        programs = _backward_programs(M, block_rows, x2d.device)
-        dw_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_dw else mean
-        db_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_db else mean
-        _layer_norm_backward_kernel[(programs,)](
-            dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_partial, db_partial,
-            M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0),
-            HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
-        )
-        # The second, small reduction: `programs` partial rows per parameter, added into the gradient view.
-        if need_dw:
-            dw_view, dw_returned = weight_grad_buffer(weight, d)
-            dw_view += dw_partial.sum(0).to(dw_view.dtype)
-        if need_db:
-            db_view, db_returned = weight_grad_buffer(bias, d)
-            db_view += db_partial.sum(0).to(db_view.dtype)
-        dx = dx.view(dy.shape) if ctx.needs_input_grad[0] else None
-        return dx, dw_returned, db_returned, None
+        with backward_grad_mode(ctx):
+            x2d, weight, bias, mean, rstd = ctx.saved_tensors
+            M, d = x2d.shape
+            dy2d = dy.reshape(-1, d)
+            need_dw = ctx.needs_input_grad[1] and weight is not None
+            need_db = ctx.needs_input_grad[2] and bias is not None
+            dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
+            dw_returned = db_returned = None
+            block_d, block_rows, warps = layer_norm_tiles(d)
+            programs = _backward_programs(M, block_rows, x2d.device)
+            dw_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_dw else mean
+            db_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_db else mean
+            _layer_norm_backward_kernel[(programs,)](
+                dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_partial, db_partial,
+                M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0),
+                HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,
+                COMPUTE_DTYPE=compute_dtype(x2d)[1],
+                BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+            )
+            # The second, small reduction: `programs` partial rows per parameter, added into the gradient view.
+            if need_dw:
+                dw_view, dw_returned = weight_grad_buffer(weight, d)
+                dw_view += dw_partial.sum(0).to(dw_view.dtype)
+            if need_db:
+                db_view, db_returned = weight_grad_buffer(bias, d)
+                db_view += db_partial.sum(0).to(db_view.dtype)
+            dx = dx.view(dy.shape) if ctx.needs_input_grad[0] else None
+            return dx, dw_returned, db_returned, None
 
 
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreter, weight_grad_buffer
+from ._common import autotuning, backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
 
 
 @triton.jit
@@ -48,9 +48,10 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.jit
 def matmul_tile(a_ptr, b_ptr, pre_ptr, offs_m, offs_n, M, N, K,
                 stride_a_m, stride_a_k, stride_b_k, stride_b_n, stride_pre_m, stride_pre_k,
-                GELU_GRAD_A: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                GELU_GRAD_A: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ACC_DTYPE (fp32; fp64 for fp64 inputs) tile ``A[offs_m, :K] @ B[:K, offs_n]`` of strided operands.
+    """ACC_DTYPE (fp32; fp64 for fp64 inputs) tile ``A[offs_m, :K] @ B[:K, offs_n]`` of strided operands, the
+    products in DOT_PRECISION (``dot_precision``).
 
     B is cast to A's dtype for ``tl.dot`` (an fp32 master weight under fp16 activations).
 
@@ -71,7 +72,7 @@ def matmul_tile(a_ptr, b_ptr, pre_ptr, offs_m, offs_n, M, N, K,
             a = (a.to(ACC_DTYPE) * gelu_grad(pre.to(ACC_DTYPE))).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + k[:, None] * stride_b_k + offs_n[None, :] * stride_b_n,
                     mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -81,7 +82,7 @@ def matmul_configs() -> list[triton.Config]:
     shapes = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 64, 64, 4, 4),
               (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
+            for bm, bn, bk, s, w in shapes[:None if autotuning() else 1]]
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
@@ -91,6 +92,7 @@ def _linear_forward_kernel(
     M, N, K,
     stride_x_m, stride_x_k, stride_w_out, stride_w_in, stride_y_m, stride_y_n,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE_ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = act(x @ w[:N, :K].T + b[:N]).
@@ -102,7 +104,7 @@ def _linear_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = matmul_tile(x_ptr, w_ptr, x_ptr, offs_m, offs_n, M, N, K,
-                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE,
+                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE, DOT_PRECISION,
                       BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
@@ -121,7 +123,7 @@ def _linear_grad_input_kernel(
     dy_ptr, pre_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_dy_m, stride_dy_n, stride_pre_m, stride_pre_n, stride_w_out, stride_w_in, stride_dx_m, stride_dx_k,
-    GELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    GELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx = dz @ w[:N, :K] with dz = dy (or dy * gelu'(pre) with GELU).
@@ -135,7 +137,7 @@ def _linear_grad_input_kernel(
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = matmul_tile(dy_ptr, w_ptr, pre_ptr, offs_m, offs_k, M, K, N,
                       stride_dy_m, stride_dy_n, stride_w_out, stride_w_in, stride_pre_m, stride_pre_n, GELU, ACC_DTYPE,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
+                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -146,7 +148,7 @@ def linear_grad_weight_kernel(
     M, N, K, tiles_k, m_blocks_per_split,
     stride_dy_m, stride_dy_n, stride_pre_m, stride_pre_n, stride_x_m, stride_x_k, stride_dw_out, stride_dw_in,
     GELU: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, ATOMIC: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dw[:N, :K] += dz.T @ x and db[:N] += dz.sum(0), with dz = dy (or dy * gelu'(pre) with GELU).
@@ -179,7 +181,7 @@ def linear_grad_weight_kernel(
         if WEIGHT_GRAD:
             x = tl.load(x_ptr + m[:, None] * stride_x_m + offs_k[None, :] * stride_x_k,
                         mask=(m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            dw = tl.dot(dz_t, x, dw)
+            dw = tl.dot(dz_t, x, dw, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if BIAS_GRAD:
             db += tl.sum(dz_t.to(ACC_DTYPE), axis=1)
     if WEIGHT_GRAD:
@@ -228,6 +230,15 @@ def acc_dtype(x: Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def dot_precision(x: Tensor) -> str:
+    """``input_precision`` of ``tl.dot`` on operands of x's dtype. fp32 products use TF32 only where torch's own
+    fp32 matmuls may (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision``),
+    so that an fp32 model computes what ``F.linear`` computes; fp64 is exact; fp16 and bf16 keep the default."""
+    if x.dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee" if x.dtype == torch.float64 else "tf32"
+
+
 def as_rows(t: Tensor) -> Tensor:
     """``t`` as ``[rows, features]``: a view where the strides allow it (no copy of a sliced x)."""
     return t.reshape(-1, t.shape[-1])
@@ -249,6 +260,7 @@ def linear_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_feature
         M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, GELU=gelu_on, STORE_PRE_ACTIVATION=pre is not None, ACC_DTYPE=acc_dtype(x2d),
+        DOT_PRECISION=dot_precision(x2d),
     )
     return y, pre
 
@@ -270,7 +282,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
                 dy, pre_arg, weight, dx, M, N, K,
                 dy.stride(0), dy.stride(1), *pre_strides, weight.stride(0), weight.stride(1),
                 dx.stride(0), dx.stride(1),
-                GELU=gelu_on, ACC_DTYPE=acc_dtype(x2d),
+                GELU=gelu_on, ACC_DTYPE=acc_dtype(x2d), DOT_PRECISION=dot_precision(x2d),
             )
     dw_view = dw_returned = db_view = db_returned = None
     if need_dw:
@@ -287,7 +299,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
             M, N, K, tiles_k, m_blocks_per_split,
             dy.stride(0), dy.stride(1), *pre_strides, x2d.stride(0), x2d.stride(1), dw_arg.stride(0), dw_arg.stride(1),
             GELU=gelu_on, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
-            **config,
+            DOT_PRECISION=dot_precision(x2d), **config,
         )
     return dx, dw_returned, db_returned
 
@@ -295,6 +307,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
 class ElasticLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None):
+        record_grad_mode(ctx)
         x2d = as_rows(x)
         # GELU backward needs the pre-activation. It is stored by the forward epilogue rather than recomputed:
         # recomputing costs a third GEMM (+50% backward FLOPs), while storing costs the same memory as
@@ -307,10 +320,12 @@ class ElasticLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2d, weight, bias, pre = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, bias, need_dx, need_dw, need_db and bias is not None)
-        return (dx.view(ctx.x_shape) if dx is not None else None), dw, db, None, None
+        with backward_grad_mode(ctx):
+            x2d, weight, bias, pre = ctx.saved_tensors
+            need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+            dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, bias, need_dx, need_dw,
+                                         need_db and bias is not None)
+            return (dx.view(ctx.x_shape) if dx is not None else None), dw, db, None, None
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int,

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreter, weight_grad_buffer
-from .linear import matmul_configs, as_rows, gelu, grouped_tile, linear_backward, linear_forward
+from ._common import backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
+from .linear import dot_precision, matmul_configs, as_rows, gelu, grouped_tile, linear_backward, linear_forward
 
 # The reduction length each split of the split-K weight-gradient GEMM gets at least.
 MIN_K_PER_SPLIT = 256
@@ -37,6 +37,7 @@ def _gelu_matmul_kernel(
     M, N, K,
     stride_pre_m, stride_pre_k, stride_b_k, stride_b_n, stride_out_m, stride_out_n,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, BIAS_GRAD: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out (+)= gelu(P) @ B + bias``: the GELU is applied to the pre-activations P as they are loaded.
@@ -69,7 +70,8 @@ def _gelu_matmul_kernel(
         b = tl.load(b_ptr + offs_k[:, None] * stride_b_k + offs_n[None, :] * stride_b_n,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         # gelu(0) = 0 keeps the masked padding neutral.
-        acc = tl.dot(gelu(pre.to(acc_dtype)).to(dot_dtype), b.to(dot_dtype), acc)
+        acc = tl.dot(gelu(pre.to(acc_dtype)).to(dot_dtype), b.to(dot_dtype), acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc_dtype)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
@@ -125,6 +127,7 @@ def _gelu_matmul(pre: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = N
         pre, b, out, bias if bias is not None else out, bias_grad if bias_grad is not None else out,
         m, n, k, *pre.stride(), *b.stride(), *out.stride(),
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BIAS_GRAD=bias_grad is not None, SPLIT_K=split_k,
+        DOT_PRECISION=dot_precision(pre),
     )
 
 
@@ -165,6 +168,7 @@ def mlp_backward(dy: Tensor, x2d: Tensor, pre: Tensor, fc1_weight: Tensor, fc1_b
 class ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features):
+        record_grad_mode(ctx)
         x2d = as_rows(x)
         y, pre = mlp_forward(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features)
         ctx.save_for_backward(x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -173,11 +177,12 @@ class ElasticMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2 = mlp_backward(
-            as_rows(grad_y), x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-            tuple(ctx.needs_input_grad[:5]))
-        return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None
+        with backward_grad_mode(ctx):
+            x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+            dx, dw1, db1, dw2, db2 = mlp_backward(
+                as_rows(grad_y), x2d, pre, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                tuple(ctx.needs_input_grad[:5]))
+            return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None
 
 
 def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,

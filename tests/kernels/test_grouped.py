@@ -152,18 +152,19 @@ def test_grouped_attention(dtype, weight_dtype, tokens, device):
           roundings=5)
 
 
-def test_registered_kernels_run_the_batched_supernet():
+def test_registered_kernels_run_the_batched_supernet(device):
     """Through the grouped "triton" backend, a batched pass of the digits-tiny supernet gives each subnet's logits
     of the single-subnet forward."""
     from nas.space import load_space
     from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
     space = load_space("digits-tiny")
-    model = VisionTransformerSupernet(SupernetConfig.from_space(dataclasses.replace(space, num_classes=7))).eval()
+    model = VisionTransformerSupernet(SupernetConfig.from_space(dataclasses.replace(space, num_classes=7)))
+    model = model.to(device).eval()
     for name, param in model.named_parameters():
         param.normal_(1.0 if "norm" in name else 0.0, param.shape[-1] ** -0.5 if param.dim() > 1 else 0.2)
     archs = [space.min_arch(), space.sample_many(np.random.default_rng(), 1).archs()[0], space.max_arch()]
-    images = torch.randn(2, 1, 8, 8)
+    images = torch.randn(2, 1, 8, 8, device=device)
     with elastic_ops.use_backend("reference"):
         singles = torch.stack([model(images, arch) for arch in archs])
     with elastic_ops.use_backend("triton"), torch.no_grad():

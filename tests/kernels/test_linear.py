@@ -1,6 +1,8 @@
 """Triton elastic linear against the PyTorch reference: outputs, dx, dW, db, slicing, accumulation, errors."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -146,6 +148,24 @@ def test_gradcheck_float64(activation, device, triton_backend):
     with weight_grads_in_place(False):
         assert torch.autograd.gradcheck(lambda x, w, b: elastic_ops.elastic_linear(x, w, b, 13, activation),
                                         (x, weight, bias), fast_mode=True)
+
+
+def test_gradients_returned_when_backward_runs_on_another_thread(device, triton_backend):
+    """Autograd runs a CUDA backward on a thread of its own, where the caller's context is not visible: turning
+    in-place gradients off around the forward must still make autograd return the weight gradient."""
+    weight = super_param(23, 19, active=(13, 17), device=device)
+    x = torch.randn(2, 5, 17, device=device)
+    with weight_grads_in_place(False):
+        y = elastic_ops.elastic_linear(x, weight, None, 13)
+    d_y = torch.randn_like(y)
+    grads = []
+    backward = threading.Thread(target=lambda: grads.extend(torch.autograd.grad(y, weight, d_y)))
+    backward.start()
+    backward.join()
+    expected = torch.zeros_like(weight)
+    expected[:13, :17] = d_y.reshape(-1, 13).T @ x.reshape(-1, 17)
+    assert weight.grad is None, "the gradient went into weight.grad instead of being returned"
+    torch.testing.assert_close(grads[0], expected, **TOLERANCES[torch.float32])
 
 
 def test_bad_input_raises_clear_error(device, triton_backend):

@@ -79,14 +79,8 @@ def _reference_run(x, params: MLPParams, dy, dtype) -> dict[str, torch.Tensor]:
     """The reference's output and gradients (as fp32) with activations in ``dtype``."""
     leaves = params.reference_leaves(torch.float64 if dtype == torch.float64 else torch.float32)
     x_ref = x.detach().to(dtype).requires_grad_(True)
-    # On GPU the kernels' fp32 tl.dot runs in tf32: let torch's matmuls do the same.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
-    try:
-        y_ref = _reference(x_ref, leaves, params.case.hidden)
-        y_ref.backward(dy.to(dtype))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    y_ref = _reference(x_ref, leaves, params.case.hidden)
+    y_ref.backward(dy.to(dtype))
     grads = {name: leaf.grad.float() for name, leaf in leaves.items()}
     return dict(grads, y=y_ref.detach().float(), x=x_ref.grad.float())
 
