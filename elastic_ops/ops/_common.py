@@ -55,6 +55,21 @@ def weight_grad_buffer(weight: Tensor, *sizes: int) -> tuple[Tensor, Tensor | No
     return full[block], full
 
 
+def atomic_accumulator(grad: Tensor | None) -> Tensor | None:
+    """Where a split reduction adds atomically into the gradient view ``grad``: ``grad`` itself when it is fp32 or
+    fp64 (or None), else an fp32 zero scratch of its shape (fp16/bf16 atomics would round every partial sum), to be
+    added back with :func:`add_accumulated`."""
+    if grad is None or grad.dtype in (torch.float32, torch.float64):
+        return grad
+    return torch.zeros(grad.shape, device=grad.device, dtype=torch.float32)
+
+
+def add_accumulated(grad: Tensor | None, accumulator: Tensor | None) -> None:
+    """Add an :func:`atomic_accumulator` scratch into its gradient view (nothing to do when it was the view)."""
+    if accumulator is not grad:
+        grad += accumulator.to(grad.dtype)
+
+
 def interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter (small grids, one autotune config)."""
     return triton_interpreting()

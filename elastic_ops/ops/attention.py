@@ -28,8 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import autotuning, backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
-from .linear import (acc_dtype, dot_precision, grad_weight_launch, linear_grad_weight_kernel, matmul_configs,
-                     grouped_tile, linear_backward, linear_forward, matmul_tile)
+from .linear import (acc_dtype, accumulate_weight_grad, dot_precision, grouped_tile, linear_backward,
+                     linear_forward, matmul_configs, matmul_tile)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
@@ -340,22 +340,9 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
     if need_db:
         db_view, db_returned = weight_grad_buffer(qkv_bias, 3 * max_width)
         db_view = db_view.view(3, max_width)
-    if (need_dw or need_db) and M > 0:
-        fp32_grads = all(v is None or v.dtype == torch.float32 for v in (dw_view, db_view))
-        config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, width, K, need_dw, x2d.dtype,
-                                                                          fp32_grads, x2d.device)
-        tiles = triton.cdiv(width, config["BLOCK_N"]) * tiles_k
-        for block in range(3):
-            d_block = d_qkv[:, block * width:(block + 1) * width]
-            dw_arg = dw_view[block] if need_dw else qkv_weight
-            linear_grad_weight_kernel[(tiles, splits)](
-                d_block, d_block, x2d, dw_arg, db_view[block] if need_db else qkv_weight,
-                M, width, K, tiles_k, m_blocks_per_split,
-                d_block.stride(0), d_block.stride(1), 0, 0, x2d.stride(0), x2d.stride(1),
-                dw_arg.stride(0), dw_arg.stride(1),
-                GELU=False, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
-                DOT_PRECISION=dot_precision(x2d), **config,
-            )
+    for block in range(3):
+        accumulate_weight_grad(d_qkv[:, block * width:(block + 1) * width], None, x2d,
+                               dw_view[block, :width] if need_dw else None, db_view[block, :width] if need_db else None)
     return dx, dw_returned, db_returned
 
 

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import autotuning, backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
+from ._common import (add_accumulated, atomic_accumulator, autotuning, backward_grad_mode, interpreter,
+                      record_grad_mode, weight_grad_buffer)
 
 
 @triton.jit
@@ -202,8 +203,7 @@ def linear_grad_weight_kernel(
                 tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=db_mask)
 
 
-def grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch.dtype, fp32_grads: bool,
-                        device: torch.device):
+def grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch.dtype, device: torch.device):
     """(config, k tiles, row splits, row blocks per split) of the weight-gradient kernel.
 
     Not autotuned: the kernel adds into the gradient, so every benchmark run of an autotuner would add again.
@@ -217,12 +217,35 @@ def grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch
     tiles_k = triton.cdiv(K, block_k) if weight_grad else 1
     tiles = triton.cdiv(N, block_n) * tiles_k
     m_blocks = triton.cdiv(M, block_m)
-    # Splitting the rows needs atomics, which are only exact enough (and only fast) on fp32 gradients.
-    splits = min(m_blocks, max(1, target_programs // tiles)) if fp32_grads else 1
+    # Few output tiles and many rows: split the rows, the splits adding atomically (see accumulate_weight_grad).
+    splits = min(m_blocks, max(1, target_programs // tiles))
     m_blocks_per_split = triton.cdiv(m_blocks, splits)
     splits = triton.cdiv(m_blocks, m_blocks_per_split)
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     return config, tiles_k, splits, m_blocks_per_split
+
+
+def accumulate_weight_grad(dy: Tensor, pre: Tensor | None, x2d: Tensor, dw: Tensor | None, db: Tensor | None) -> None:
+    """``dw += dz.T @ x2d`` and ``db += dz.sum(0)`` with ``dz = dy`` (or ``dy * gelu'(pre)``), for the gradient
+    views ``dw [N, K]`` and ``db [N]`` (either may be None; strided). Split reductions add atomically, into the
+    views themselves when they are fp32 or fp64 and through an fp32 scratch otherwise."""
+    M, K = x2d.shape
+    N = dy.shape[1]
+    if M == 0 or (dw is None and db is None):
+        return
+    config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, N, K, dw is not None, x2d.dtype, x2d.device)
+    dw_acc, db_acc = (atomic_accumulator(g) for g in (dw, db)) if splits > 1 else (dw, db)
+    pre_arg, pre_strides = (pre, pre.stride()) if pre is not None else (dy, (0, 0))
+    dw_arg = dw_acc if dw is not None else x2d  # never touched without WEIGHT_GRAD / BIAS_GRAD
+    linear_grad_weight_kernel[(triton.cdiv(N, config["BLOCK_N"]) * tiles_k, splits)](
+        dy, pre_arg, x2d, dw_arg, db_acc if db is not None else x2d,
+        M, N, K, tiles_k, m_blocks_per_split,
+        dy.stride(0), dy.stride(1), *pre_strides, x2d.stride(0), x2d.stride(1), dw_arg.stride(0), dw_arg.stride(1),
+        GELU=pre is not None, WEIGHT_GRAD=dw is not None, BIAS_GRAD=db is not None, ATOMIC=splits > 1,
+        ACC_DTYPE=acc_dtype(x2d), DOT_PRECISION=dot_precision(x2d), **config,
+    )
+    add_accumulated(dw, dw_acc)
+    add_accumulated(db, db_acc)
 
 
 def acc_dtype(x: Tensor):
@@ -289,18 +312,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
         dw_view, dw_returned = weight_grad_buffer(weight, N, K)
     if need_db:
         db_view, db_returned = weight_grad_buffer(bias, N)
-    if (need_dw or need_db) and M > 0:
-        fp32_grads = all(v is None or v.dtype == torch.float32 for v in (dw_view, db_view))
-        config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, N, K, need_dw, x2d.dtype, fp32_grads,
-                                                                          x2d.device)
-        dw_arg = dw_view if need_dw else weight
-        linear_grad_weight_kernel[(triton.cdiv(N, config["BLOCK_N"]) * tiles_k, splits)](
-            dy, pre_arg, x2d, dw_arg, db_view if need_db else weight,
-            M, N, K, tiles_k, m_blocks_per_split,
-            dy.stride(0), dy.stride(1), *pre_strides, x2d.stride(0), x2d.stride(1), dw_arg.stride(0), dw_arg.stride(1),
-            GELU=gelu_on, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, ATOMIC=splits > 1, ACC_DTYPE=acc_dtype(x2d),
-            DOT_PRECISION=dot_precision(x2d), **config,
-        )
+    accumulate_weight_grad(dy, pre, x2d, dw_view, db_view)
     return dx, dw_returned, db_returned
 
 

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
+from ._common import (add_accumulated, atomic_accumulator, backward_grad_mode, interpreter, record_grad_mode,
+                      weight_grad_buffer)
 from .linear import dot_precision, matmul_configs, as_rows, gelu, grouped_tile, linear_backward, linear_forward
 
 # The reduction length each split of the split-K weight-gradient GEMM gets at least.
@@ -100,11 +101,9 @@ def _gelu_matmul_kernel(
                 tl.store(bias_grad_ptr + offs_n, column_sums.to(bias_grad_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _split_k(pre_t: Tensor, out: Tensor, bias_grad: Tensor | None) -> int:
+def _split_k(pre_t: Tensor, out: Tensor) -> int:
     """How many ranges the weight-gradient GEMM splits its long token reduction into, so that its few
-    output tiles still fill the GPU. Splits add atomically, which needs fp32 gradients."""
-    if out.dtype != torch.float32 or (bias_grad is not None and bias_grad.dtype != torch.float32):
-        return 1
+    output tiles still fill the GPU. Splits add atomically (``_common.atomic_accumulator``)."""
     tile = 64 if interpreter() else 128
     tiles = triton.cdiv(out.shape[0], tile) * triton.cdiv(out.shape[1], tile)
     target = 8 if interpreter() else 2 * torch.cuda.get_device_properties(out.device).multi_processor_count
@@ -118,17 +117,20 @@ def _gelu_matmul(pre: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = N
     (m, k), n = pre.shape, b.shape[1]
     if out.numel() == 0 or k == 0:
         return  # no tokens: nothing to write, and an empty reduction adds zero
-    split_k = _split_k(pre, out, bias_grad) if accumulate else 1
+    split_k = _split_k(pre, out) if accumulate else 1
+    out_acc, bias_grad_acc = (atomic_accumulator(t) for t in (out, bias_grad)) if split_k > 1 else (out, bias_grad)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
     _gelu_matmul_kernel[grid](
-        pre, b, out, bias if bias is not None else out, bias_grad if bias_grad is not None else out,
-        m, n, k, *pre.stride(), *b.stride(), *out.stride(),
+        pre, b, out_acc, bias if bias is not None else out, bias_grad_acc if bias_grad is not None else out,
+        m, n, k, *pre.stride(), *b.stride(), *out_acc.stride(),
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, BIAS_GRAD=bias_grad is not None, SPLIT_K=split_k,
         DOT_PRECISION=dot_precision(pre),
     )
+    add_accumulated(out, out_acc)
+    add_accumulated(bias_grad, bias_grad_acc)
 
 
 def mlp_forward(x2d: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
