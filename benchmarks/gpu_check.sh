@@ -7,9 +7,9 @@
 # BENCH_SHAPES=S limits the kernel suites to one supernet shape (T,S,B by default), BENCH_OPS="linear mlp" to
 # some ops; GPU_CHECK_SECONDS (default 560)
 # bounds the whole run: a step gets at most what is left, and is interrupted (SIGINT: pytest still reports).
-# The tests compile one tile config per kernel (ELASTIC_OPS_AUTOTUNE=0): compiling and timing all eight for
-# every test's shapes takes longer than a lent session has. Each failure is written to tests-failures.log as it
-# happens.
+# The tests and batched evaluation compile one tile config per kernel (ELASTIC_OPS_AUTOTUNE=0): compiling and
+# timing all eight for every shape takes longer than a lent session has. Each test failure is written to
+# tests-failures.log as it happens.
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -42,8 +42,8 @@ for name in $steps; do
         STREAM_FAILURES="$out/tests-failures.log" ELASTIC_OPS_AUTOTUNE=0 \
         step tests 170 $python -m pytest -p pytest_stream_failures tests/kernels tests/test_backend.py tests/test_nn.py tests/test_reference.py \
             --ignore tests/kernels/test_native.py -q -rfE --tb=short -p no:cacheprovider -p no:benchmark $parallel $per_test ;;
-    batched)
-        step batched 150 $python benchmarks/bench_batched_eval.py gpu ;;
+    batched)  # one tile config on both sides: autotuning every subnet's shapes outlasted a 150 s step
+        ELASTIC_OPS_AUTOTUNE=0 step batched 150 $python benchmarks/bench_batched_eval.py gpu ;;
     kernels)
         suites=$(for op in ${BENCH_OPS:-linear layernorm mlp attention}; do echo "benchmarks/bench_$op.py"; done)
         step kernels 170 $python -m pytest $suites -k bf16 --benchmark-only -q -p no:cacheprovider \
