@@ -77,5 +77,6 @@ def interpreter() -> bool:
 
 def autotuning() -> bool:
     """Whether kernels try every tile config. Not in the interpreter, nor with ``ELASTIC_OPS_AUTOTUNE=0``: compiled
-    tests that check results rather than speed then compile one config per kernel instead of eight."""
+    tests that check results rather than speed then compile two configs per kernel (the default tile and a small
+    one that fits fp64 in shared memory) instead of all of them."""
     return not interpreter() and os.environ.get("ELASTIC_OPS_AUTOTUNE", "1") != "0"
