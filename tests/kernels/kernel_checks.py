@@ -8,11 +8,11 @@ import torch
 
 # fp32: the kernels multiply in IEEE fp32 on a GPU too (TF32 only where torch's own matmuls may, which is off by
 # default), so only the order of summation differs from the reference; compiled, split reductions with atomics and
-# the hardware exp2 add a little. fp16 and bf16: ten units of roundoff (10 * finfo(dtype).eps) for both formats.
+# the hardware exp2 add a little.
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5) if not torch.cuda.is_available() else dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=8e-2, rtol=8e-2),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
 
 
