@@ -10,7 +10,7 @@ from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, 
                          grouped_layer_norm, grouped_linear, grouped_mlp)
 from .group_sizes import GroupSizes
 from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
-from .ops._common import weight_grads_in_place
+from ._weight_grads import weight_grads_in_place
 
 __version__ = "0.1.0"
 

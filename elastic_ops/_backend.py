@@ -80,11 +80,18 @@ def _check_name(name: str, origin: str) -> str:
     return name
 
 
+@lru_cache(maxsize=None)
+def _environment_choice() -> str | None:
+    """``ELASTIC_OPS_BACKEND``, read once: a setting for the whole process, like ``TRITON_INTERPRET``."""
+    name = _check_name(os.environ.get("ELASTIC_OPS_BACKEND", "").strip().lower() or "auto", "ELASTIC_OPS_BACKEND")
+    return None if name == "auto" else name
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost wins) or by ``ELASTIC_OPS_BACKEND``; None for automatic."""
     name = _forced.get()
     if name is None:
-        name = _check_name(os.environ.get("ELASTIC_OPS_BACKEND", "auto").strip().lower() or "auto", "ELASTIC_OPS_BACKEND")
+        return _environment_choice()
     return None if name == "auto" else name
 
 
@@ -98,9 +105,10 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
-def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool,
+def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
              triton_backward: bool) -> str | None:
-    """None if ``backend`` can run this call, else the reason it cannot."""
+    """None if ``backend`` can run this call, else the reason it cannot. Every op has all three backends; the
+    native kernels are forward-only, and so are the Triton kernels of the grouped ops (``triton_backward``)."""
     if backend == "reference":
         return None
     if backend == "triton":
@@ -119,8 +127,6 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
     status = native_status()
     if not status.available:
         return status.reason
-    if not has_native:
-        return f"there is no native kernel for {op}"
     if device.type != "cpu":
         return f"the native kernels run on the CPU, the tensors are on {device}"
     if dtype != torch.float32:
@@ -130,16 +136,26 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
     return None
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, has_native: bool,
-           triton_backward: bool = True) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+# (op, device, dtype, needs_grad, triton_backward, forced backend) -> backend: the choice is made once per kind of
+# call, so that an op call spends well under a microsecond on it (DESIGN.md section 4).
+_choices: dict[tuple, str] = {}
 
-    ``has_native``: the op has a native kernel (always forward-only); ``triton_backward``: its Triton kernels
-    have a backward.
-    """
+
+def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool = True) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``; ``triton_backward``: the op's Triton
+    kernels have a backward. Raises :class:`BackendUnavailableError` if a forced backend cannot run the call."""
     forced = forced_backend()
+    key = (op, device, dtype, needs_grad, triton_backward, forced)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _choose(op, device, dtype, needs_grad, triton_backward, forced)
+    return choice
+
+
+def _choose(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool,
+            forced: str | None) -> str:
     if forced is not None:
-        reason = _why_not(forced, op, device, dtype, needs_grad, has_native, triton_backward)
+        reason = _why_not(forced, op, device, dtype, needs_grad, triton_backward)
         if reason is not None:
             raise BackendUnavailableError(f"backend {forced!r} was forced for {op} but cannot run: {reason}")
         return forced
@@ -150,6 +166,6 @@ def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, 
     else:
         order = ("native", "reference")
     for backend in order:
-        if _why_not(backend, op, device, dtype, needs_grad, has_native, triton_backward) is None:
+        if _why_not(backend, op, device, dtype, needs_grad, triton_backward) is None:
             return backend
     return "reference"

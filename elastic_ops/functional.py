@@ -6,6 +6,7 @@ imported only when first chosen, so that importing the package never needs trito
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -48,17 +49,22 @@ IMPLEMENTATIONS.update({
 })
 
 
-def implementation(op: str, backend: str):
-    module, function = IMPLEMENTATIONS[op][backend].split(":")
-    return getattr(importlib.import_module(module), function)
+_loaded: dict[tuple[str, str], Callable] = {}
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function of ``op`` in ``backend``, imported on its first use and kept."""
+    function = _loaded.get((op, backend))
+    if function is None:
+        module, name = IMPLEMENTATIONS[op][backend].split(":")
+        function = _loaded[op, backend] = getattr(importlib.import_module(module), name)
+    return function
 
 
 def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True):
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    backend = select(op, x.device, x.dtype, needs_grad, has_native="native" in IMPLEMENTATIONS[op],
-                     triton_backward=triton_backward)
-    return implementation(op, backend)(*args)
+    return implementation(op, select(op, x.device, x.dtype, needs_grad, triton_backward))(*args)
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out_features: int | None = None,

@@ -30,8 +30,23 @@ def test_forced_backend_that_cannot_run_says_why():
         elastic_ops.elastic_linear(x, w, None, 5)
     with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="float32"):
         elastic_ops.elastic_layer_norm(torch.randn(2, 4, dtype=torch.float64), None, None)
-    with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="no native kernel"):
-        _backend.select("an_op_without_native_kernel", torch.device("cpu"), torch.float32, False, has_native=False)
+    with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="run on the CPU"):
+        _backend.select("linear", torch.device("meta"), torch.float32, False)
+
+
+def test_cached_choice_follows_the_forced_backend():
+    """The choice is made once per kind of call; forcing another backend is another kind of call."""
+    cpu = torch.device("cpu")
+    automatic = _backend.select("mlp", cpu, torch.float32, False)
+    assert _backend.select("mlp", cpu, torch.float32, False) == automatic
+    with elastic_ops.use_backend("reference"):
+        assert _backend.select("mlp", cpu, torch.float32, False) == "reference"
+    assert _backend.select("mlp", cpu, torch.float32, False) == automatic
+    with elastic_ops.use_backend("triton"):  # the interpreter runs the tests on a CPU; compiled on a GPU only
+        if _backend.triton_interpreting():
+            assert _backend.select("grouped_mlp", cpu, torch.float32, False, triton_backward=False) == "triton"
+        with pytest.raises(elastic_ops.BackendUnavailableError, match="forward-only"):
+            _backend.select("grouped_mlp", cpu, torch.float32, True, triton_backward=False)
 
 
 def test_forced_triton_without_gpu_or_interpreter_raises_clear_error():
@@ -51,7 +66,7 @@ def test_environment_variable_forces_backend_and_rejects_unknown_names():
     ok = _run_python(
         "import torch, elastic_ops\n"
         "from elastic_ops import _backend\n"
-        "print(_backend.select('linear', torch.device('cpu'), torch.float32, False, True))\n",
+        "print(_backend.select('linear', torch.device('cpu'), torch.float32, False))\n",
         ELASTIC_OPS_BACKEND="reference",
     )
     assert ok.returncode == 0 and ok.stdout.strip() == "reference", ok.stderr
@@ -75,7 +90,7 @@ def test_automatic_choice_falls_back_without_crashing():
                 got = elastic_ops.elastic_linear(x, w.requires_grad_(needs_grad), b, 5)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Without the interpreter, the automatic choice on the CPU is native for fp32 inference, reference otherwise.
-    assert _backend.select("linear", torch.device("cpu"), torch.float64, False, True) in ("triton", "reference")
+    assert _backend.select("linear", torch.device("cpu"), torch.float64, False) in ("triton", "reference")
 
 
 def test_package_imports_and_runs_without_triton_or_native_extension():

@@ -1,82 +1,173 @@
-"""Helpers shared by the Triton op modules."""
+"""Helpers shared by the op modules: plain GEMMs on weight slices (cuBLAS through torch), devices and tiles, tensor
+descriptors, and the ``@triton.jit`` functions more than one kernel uses.
+
+The GPU path (DESIGN.md section 4): a plain GEMM on the active block of a super weight is cuBLAS itself, on the
+strided view ``W[:rows, :cols]`` (the row stride is cuBLAS's leading dimension, so nothing is copied), and a weight
+gradient lands in ``param.grad[:rows, :cols]`` with an in-place ``addmm_`` on the same kind of view. Triton kernels
+do only what cuBLAS cannot: epilogues, fused elementwise work, attention, LayerNorm, K subnets per launch.
+"""
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
+from functools import lru_cache
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from .._backend import triton_interpreting
 
-_in_place = contextvars.ContextVar("elastic_ops_weight_grads_in_place", default=True)
+
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd will call the backward of an op on these inputs; ask before ``Function.apply`` (grad mode is
+    off inside ``forward``). ``ctx.needs_input_grad`` cannot tell: it is true for a parameter even under
+    ``torch.no_grad()``, where keeping tensors for a backward only wastes memory."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@contextlib.contextmanager
-def weight_grads_in_place(enabled: bool):
-    """Turn in-place weight gradients off for code that needs autograd to return them
-    (``torch.autograd.grad`` on a weight, gradient hooks on parameters). It applies to the ops whose forward
-    runs inside it (and to a backward run inside it on the caller's thread)."""
-    token = _in_place.set(enabled)
-    try:
-        yield
-    finally:
-        _in_place.reset(token)
+# ---------------------------------------------------------------------------------------------- GEMMs on slices
+
+def active_block(weight: Tensor, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """``weight[:rows, :cols]`` for products with ``dtype`` activations: the strided view itself, or, for a weight
+    kept in another dtype (fp32 master weights), a cast copy of the active block only, as autocast would make."""
+    block = weight[:rows, :cols]
+    return block if block.dtype == dtype else block.to(dtype)
 
 
-def record_grad_mode(ctx) -> None:
-    """Called by each op's forward: autograd runs a CUDA backward on a thread of its own, where the caller's
-    ``weight_grads_in_place`` context is not visible, so the choice travels with ``ctx``."""
-    ctx.weight_grads_in_place = _in_place.get()
+def active_vector(bias: Tensor | None, size: int, dtype: torch.dtype) -> Tensor | None:
+    if bias is None:
+        return None
+    return bias[:size] if bias.dtype == dtype else bias[:size].to(dtype)
 
 
-def backward_grad_mode(ctx):
-    """The context of an op's backward: gradients in place only if they were on around its forward and are on here."""
-    return weight_grads_in_place(ctx.weight_grads_in_place and _in_place.get())
+def linear_gemm(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | None) -> Tensor:
+    """``x2d @ weight_block.T + bias_block``: one cuBLAS call on the strided views, the bias added by its epilogue."""
+    if bias_block is None:
+        return torch.mm(x2d, weight_block.t())
+    return torch.addmm(bias_block, x2d, weight_block.t())
 
 
-def weight_grad_buffer(weight: Tensor, *sizes: int) -> tuple[Tensor, Tensor | None]:
-    """Where a backward accumulates the gradient of ``weight``'s active leading block ``[:sizes[0], :sizes[1], ...]``.
-
-    Returns ``(view, returned)``. For a leaf parameter (the normal case) the view is
-    ``weight.grad[:sizes]``, allocated once at full size the first time, and ``returned`` is None: the
-    kernel adds into the slice and autograd never sees a full-size temporary, so outside the slice the
-    gradient stays exactly as it was (DESIGN.md section 3). For a non-leaf weight, or with in-place
-    gradients turned off, the view is into a fresh zero tensor of full size that backward returns.
-    The kernel must *add* into the view, never overwrite it.
-    """
-    block = tuple(slice(0, s) for s in sizes)
-    if _in_place.get() and weight.is_leaf and weight.requires_grad:
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        return weight.grad[block], None
-    full = torch.zeros_like(weight)
-    return full[block], full
+def add_weight_grad(grad_view: Tensor, dz: Tensor, x2d: Tensor) -> None:
+    """``grad_view += dz.T @ x2d`` into the strided gradient view, in place. A gradient kept in another dtype than
+    the activations (fp32 master weights) receives the product rounded once to the activation dtype, as the
+    gradient of autocast's cast of the weight would."""
+    if grad_view.dtype == dz.dtype:
+        grad_view.addmm_(dz.t(), x2d)
+    else:
+        grad_view += torch.mm(dz.t(), x2d)
 
 
-def atomic_accumulator(grad: Tensor | None) -> Tensor | None:
-    """Where a split reduction adds atomically into the gradient view ``grad``: ``grad`` itself when it is fp32 or
-    fp64 (or None), else an fp32 zero scratch of its shape (fp16/bf16 atomics would round every partial sum), to be
-    added back with :func:`add_accumulated`."""
-    if grad is None or grad.dtype in (torch.float32, torch.float64):
-        return grad
-    return torch.zeros(grad.shape, device=grad.device, dtype=torch.float32)
+def add_bias_grad(grad_view: Tensor, dz: Tensor) -> None:
+    """``grad_view += dz.sum(0)``, the sum kept in fp32 (fp64 for fp64) until it is added."""
+    grad_view += dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32))
 
 
-def add_accumulated(grad: Tensor | None, accumulator: Tensor | None) -> None:
-    """Add an :func:`atomic_accumulator` scratch into its gradient view (nothing to do when it was the view)."""
-    if accumulator is not grad:
-        grad += accumulator.to(grad.dtype)
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` as ``[rows, features]``: a view where the strides allow it (no copy of a sliced x)."""
+    return t.reshape(-1, t.shape[-1])
 
+
+# ---------------------------------------------------------------------------------------------- devices and tiles
 
 def interpreter() -> bool:
-    """True when Triton kernels run in the CPU interpreter (small grids, one autotune config)."""
+    """True when Triton kernels run in the CPU interpreter (small grids, interpreter-sized tiles)."""
     return triton_interpreting()
 
 
-def autotuning() -> bool:
-    """Whether kernels try every tile config. Not in the interpreter, nor with ``ELASTIC_OPS_AUTOTUNE=0``: compiled
-    tests that check results rather than speed then compile two configs per kernel (the default tile and a small
-    one that fits fp64 in shared memory) instead of all of them."""
-    return not interpreter() and os.environ.get("ELASTIC_OPS_AUTOTUNE", "1") != "0"
+@lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the property query costs microseconds per call); the
+    interpreter runs programs one after another, so a few stand in for them there."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def acc_dtype(x: Tensor):
+    """fp32 accumulation for fp32/fp16/bf16; fp64 inputs (gradcheck) keep fp64 throughout."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def dot_precision(x: Tensor) -> str:
+    """``input_precision`` of ``tl.dot`` on operands of x's dtype. fp32 products use TF32 only where torch's own
+    fp32 matmuls may (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision``),
+    so that an fp32 model computes what ``F.linear`` computes; fp64 is exact; fp16 and bf16 keep the default."""
+    if x.dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee" if x.dtype == torch.float64 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------- tensor descriptors
+
+TMA_ALIGNMENT = 16  # bytes: base address and every stride but the last of a tensor descriptor (Hopper's TMA)
+
+
+@lru_cache(maxsize=None)
+def _descriptor_class():
+    """Triton's host-side tensor descriptor, or None where this triton has none (before 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+@lru_cache(maxsize=None)
+def _cuda_has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def descriptors_supported(device: torch.device) -> bool:
+    """Tensor descriptors run on Hopper and newer (TMA copies) and in the interpreter."""
+    if _descriptor_class() is None:
+        return False
+    if device.type == "cuda":
+        return _cuda_has_tma(device.index if device.index is not None else torch.cuda.current_device())
+    return interpreter()
+
+
+def descriptor_compatible(t: Tensor) -> bool:
+    """A 2-D view a tensor descriptor can address: unit last stride, 16-byte aligned base and row stride."""
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % TMA_ALIGNMENT == 0
+            and t.data_ptr() % TMA_ALIGNMENT == 0)
+
+
+def descriptor(t: Tensor, block_shape: list[int]):
+    """Descriptor of the 2-D view ``t``: its shape is the active block and its strides those of the super tensor,
+    so that loads past the block's edges read zeros and stores past them are dropped, with no masks."""
+    return _descriptor_class()(t, list(t.shape), list(t.stride()), block_shape)
+
+
+# ---------------------------------------------------------------------------------------------- @triton.jit helpers
+
+@triton.jit
+def gelu(x):
+    """Exact (erf) GELU of an fp32 tile: ``x * Phi(x)``; 0.7071... is 1/sqrt(2). Literals, not globals:
+    compiled Triton rejects non-constexpr globals inside @jit functions."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_and_grad(x):
+    """``(gelu(x), gelu'(x))`` of an fp32 tile from one erf: ``x * Phi(x)`` and ``Phi(x) + x * phi(x)``."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1/sqrt(2*pi)
+    return x * cdf, cdf + x * pdf
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of tile ``pid`` over an ``M x N`` output, GROUP_M tile rows at a time so that
+    neighbouring programs share operand tiles in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * tiles_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    return pid_m, pid_n

@@ -27,15 +27,45 @@ import triton.language as tl
 from torch import Tensor
 
 from .._validate import require, check_bias, check_same_device, check_tensor
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_configs, flash_attention_rows, head_program,
-                        head_rows, store_head_rows)
+from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
+from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_config, flash_attention_rows, head_program, head_rows,
+                        store_head_rows)
 from .layernorm import compute_dtype, layer_norm_tiles
-from .linear import acc_dtype, dot_precision, matmul_configs, gelu, grouped_tile, matmul_tile
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
+@triton.jit
+def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_a_m, stride_a_k, stride_b_k, stride_b_n,
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ACC_DTYPE tile ``A[offs_m, :K] @ B[:K, offs_n]`` of strided operands, the products in DOT_PRECISION; B is cast
+    to A's dtype for ``tl.dot`` (an fp32 master weight under fp16 activations).
+
+    a_ptr: A ``[M, K]``. b_ptr: B ``[K, N]`` (a transposed weight slice is B with the weight's strides swapped).
+    Rows of the tile past M and columns past N read rows and columns inside (their results are garbage for the
+    caller to drop), so that only the last, partial step over K (each subnet's own input size) needs a mask and the
+    main loop's loads are vectorised and pipelined.
+    """
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
+    b_ptrs = b_ptr + offs_k[:, None] * stride_b_k + cols[None, :] * stride_b_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    full_end = K - K % BLOCK_K
+    for _ in range(0, full_end, BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs).to(a_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_a_k
+        b_ptrs += BLOCK_K * stride_b_k
+    if full_end < K:
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - full_end, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - full_end, other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
 @triton.jit
 def _grouped_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, in_sizes_ptr, out_sizes_ptr,
@@ -72,11 +102,12 @@ def _grouped_linear_kernel(
     if HAS_IN_SIZES:
         in_size = tl.load(in_sizes_ptr + group)
     w_block_ptr = w_ptr + block * weight_block_rows * stride_w_out
-    acc = matmul_tile(x_ptr + group * stride_x_group, w_block_ptr, x_ptr, offs_m, offs_n, M, out_size, in_size,
-                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE,
-                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    # Columns past out_size of a straddling tile stay exactly zero: their weight columns and bias load as
-    # zero, and gelu(0) = 0.
+    acc = matmul_tile(x_ptr + group * stride_x_group, w_block_ptr, offs_m, offs_n, M, out_size, in_size,
+                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, ACC_DTYPE, DOT_PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+    # Columns past out_size of a straddling tile are exactly zero (the padding), and stay so: the bias loads as zero
+    # there, and gelu(0) = 0.
+    acc = tl.where(offs_n[None, :] < out_size, acc, 0.0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + block * weight_block_rows + offs_n, mask=offs_n < out_size, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
@@ -98,7 +129,8 @@ def _grouped_layer_norm_kernel(
 ):
     """LayerNorm of BLOCK_ROWS rows of subnet ``g = program_id(1)`` over its ``d_g = sizes[g]`` active channels.
 
-    x_ptr: x ``[G, M, D]`` (strided); only ``[:, :, :d_g]`` is read. w_ptr, b_ptr: super gamma/beta, active ``[:d_g]``.
+    x_ptr: x ``[G, M, D]`` (strided); its padding ``[:, :, d_g:]`` is loaded with the row (a vectorised load: masks by
+    ``d_g`` would not be) and discarded, whatever it holds. w_ptr, b_ptr: super gamma/beta ``[>= D]``, active ``[:d_g]``.
     y_ptr: y ``[G, M, D]``, unit column stride; columns ``d_g:`` are set to zero. sizes_ptr: int32 ``[G]``.
     """
     group = tl.program_id(1).to(tl.int64)
@@ -106,23 +138,24 @@ def _grouped_layer_norm_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < M
-    active_cols = cols < active_size
-    mask = row_mask[:, None] & active_cols[None, :]
+    in_row = cols < D
+    active = row_mask[:, None] & (cols < active_size)[None, :]
     x = tl.load(x_ptr + group * stride_x_group + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
-                mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                mask=row_mask[:, None] & in_row[None, :], other=0.0).to(COMPUTE_DTYPE)
+    x = tl.where(active, x, 0.0)
     mean = tl.sum(x, axis=1) / active_size
-    centered = tl.where(mask, x - mean[:, None], 0.0)
+    centered = tl.where(active, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / active_size + eps)
     y = centered * rstd[:, None]
     if HAS_WEIGHT:
-        y *= tl.load(w_ptr + cols, mask=active_cols, other=0.0).to(COMPUTE_DTYPE)[None, :]
+        y *= tl.load(w_ptr + cols, mask=in_row, other=0.0).to(COMPUTE_DTYPE)[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=active_cols, other=0.0).to(COMPUTE_DTYPE)[None, :]
+        y += tl.load(b_ptr + cols, mask=in_row, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    y = tl.where(active, y, 0.0)
     tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & (cols[None, :] < D))
 
 
-@triton.autotune(configs=attention_configs("BLOCK_M", "BLOCK_N"), key=["tokens", "HEAD_DIM"])
 @triton.jit
 def _grouped_attention_kernel(
     qkv_ptr, context_ptr, head_counts_ptr,
@@ -138,15 +171,16 @@ def _grouped_attention_kernel(
     head_counts_ptr: int32 ``[G]``. qk_scale: ``Dh**-0.5 * log2(e)``.
     """
     group = tl.program_id(1).to(tl.int64)
-    pid_m, pid_bh, qkv_offset, context_offset = head_program(tokens, num_heads, width, HEAD_DIM, BLOCK_M)
+    pid_m, pid_bh, first_row, head_col = head_program(tokens, num_heads, HEAD_DIM, BLOCK_M)
     if pid_bh % num_heads >= tl.load(head_counts_ptr + group):
         return
-    q_base = qkv_ptr + group * stride_qkv_group + qkv_offset
+    q_base = qkv_ptr + group * stride_qkv_group + first_row * (3 * width) + head_col
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = head_rows(q_base, rows, 3 * width, tokens, HEAD_DIM)
+    q = head_rows(q_base, rows, 3 * width, tokens, HEAD_DIM, True)
     context, _ = flash_attention_rows(q, q_base + width, q_base + 2 * width, 3 * width, tokens, qk_scale,
                                       HEAD_DIM, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
-    store_head_rows(context_ptr + group * stride_context_group + context_offset, rows, width, tokens, context, HEAD_DIM)
+    store_head_rows(context_ptr + group * stride_context_group + first_row * width + head_col, rows, width, tokens,
+                    context, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -164,16 +198,27 @@ def _linear_launch(x3d: Tensor, weight: Tensor, bias: Tensor | None, in_table: T
     y = torch.empty((groups, M, blocks * out_width), device=x3d.device, dtype=x3d.dtype)
     if M == 0:
         return y
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_width, meta["BLOCK_N"]), blocks, groups)
+    config = _grouped_gemm_config(x3d.dtype)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(out_width, config["BLOCK_N"]), blocks, groups)
     _grouped_linear_kernel[grid](
         x3d, weight, bias if bias is not None else weight, y,
         in_table if in_table is not None else out_table, out_table,
         M, out_width, K, weight_block_rows,
         *x3d.stride(), *weight.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_IN_SIZES=in_table is not None, GELU=gelu_on, ZERO_PADDING=zero_padding,
-        ACC_DTYPE=acc_dtype(x3d), DOT_PRECISION=dot_precision(x3d),
+        ACC_DTYPE=acc_dtype(x3d), DOT_PRECISION=dot_precision(x3d), **config,
     )
     return y
+
+
+def _grouped_gemm_config(dtype: torch.dtype) -> dict:
+    """Fixed tiles of the grouped GEMM: the same launch for every composition of subnets, so a new search generation
+    compiles nothing and tunes nothing. 128 x 128 output tiles, 64-deep (32 for fp32, 16 for fp64) steps in 3 stages."""
+    if interpreter():  # one large tile keeps the interpreter's grid small
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    block_k = {2: 64, 4: 32}.get(dtype.itemsize, 16)
+    return dict(BLOCK_M=128, BLOCK_N=128 if dtype.itemsize <= 4 else 64, BLOCK_K=block_k, GROUP_M=8, num_warps=8,
+                num_stages=3)
 
 
 def _check_group(op: str, name: str, x: Tensor, sizes, what: str) -> None:
@@ -309,11 +354,12 @@ def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | N
                          zero_padding=False, blocks=3, weight_block_rows=max_width)
     context = torch.empty((groups, batch * tokens, width), device=x.device, dtype=x.dtype)
     if batch * tokens > 0:
-        grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * head_counts.width, groups)
-        _grouped_attention_kernel[grid](
+        config = attention_config("forward", head_dim, x.dtype)
+        _grouped_attention_kernel[(triton.cdiv(tokens, config["outer"]) * batch * head_counts.width, groups)](
             qkv, context, head_counts.table, tokens, head_counts.width, width, qkv.stride(0), context.stride(0),
             head_dim ** -0.5 * math.log2(math.e), HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(x),
-            DOT_PRECISION=dot_precision(x),
+            DOT_PRECISION=dot_precision(x), BLOCK_M=config["outer"], BLOCK_N=config["inner"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     y = _linear_launch(context, proj_weight, proj_bias, head_widths, sizes.table, sizes.width, zero_padding=True)
     return y.view(x.shape)

@@ -1,8 +1,9 @@
 """Elastic LayerNorm over the first ``d`` of ``D`` channels with ``gamma[:d]``, ``beta[:d]``, forward and backward.
 
-Each program normalises BLOCK_ROWS rows at a time in fp32 (fp64 for fp64 inputs). The backward gives dx per
-row and reduces dgamma/dbeta in two steps: every program sums its rows into one partial row, then the few
-partial rows are summed and added into ``gamma.grad[:d]`` / ``beta.grad[:d]`` (no atomics per element).
+Forward: one launch; each program normalises BLOCK_ROWS rows at a time in fp32 (fp64 for fp64 inputs) and keeps
+the row statistics only when a backward will run. Backward: two launches. The first gives dx per row and sums
+each program's rows of ``dy * x_hat`` and ``dy`` into one partial row; the second adds the column sums of those
+few partial rows into ``gamma.grad[:d]`` and ``beta.grad[:d]`` in place (no atomics per element).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import backward_grad_mode, interpreter, record_grad_mode, weight_grad_buffer
+from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
+from ._common import interpreter, needs_backward, sm_count
 
 
 @triton.jit
@@ -19,13 +21,13 @@ def _layer_norm_forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     M, D, eps,
     stride_x_row, stride_x_col, stride_y_row,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_STATS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """y = (x - mean) * rstd * w[:D] + b[:D] over BLOCK_ROWS rows per program.
 
     x_ptr: x ``[M, D]`` (strided). w_ptr, b_ptr: super gamma/beta, active ``[:D]``. y_ptr: y ``[M, D]``.
-    mean_ptr, rstd_ptr: ``[M]`` statistics kept for the backward.
+    mean_ptr, rstd_ptr: ``[M]`` statistics for the backward (STORE_STATS).
     All arithmetic is in COMPUTE_DTYPE: fp32, or fp64 for fp64 inputs (gradcheck).
     """
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -43,8 +45,9 @@ def _layer_norm_forward_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(COMPUTE_DTYPE)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    if STORE_STATS:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -52,10 +55,10 @@ def _layer_norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
     M, D,
     stride_dy_row, stride_dy_col, stride_x_row, stride_x_col, stride_dx_row,
-    HAS_WEIGHT: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, INPUT_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx of every row, and per-program partial sums of dgamma and dbeta.
+    """dx of every row (INPUT_GRAD), and per-program partial sums of dgamma and dbeta.
 
     dy_ptr: dy ``[M, D]`` (strided). x_ptr: x ``[M, D]`` (strided). w_ptr: super gamma, active ``[:D]``.
     mean_ptr, rstd_ptr: ``[M]`` from the forward. dx_ptr: dx ``[M, D]``.
@@ -79,14 +82,16 @@ def _layer_norm_backward_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         x_hat = tl.where(mask, (x.to(COMPUTE_DTYPE) - mean[:, None]) * rstd[:, None], 0.0)
-        w_dy = dy
-        if HAS_WEIGHT:
-            w_dy = dy * w[None, :]
-        # dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat)), means over the D active channels.
-        c_hat = tl.sum(w_dy * x_hat, axis=1) / D
-        c_one = tl.sum(w_dy, axis=1) / D
-        dx = (w_dy - x_hat * c_hat[:, None] - c_one[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if INPUT_GRAD:
+            w_dy = dy
+            if HAS_WEIGHT:
+                w_dy = dy * w[None, :]
+            # dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat)), means over the D active channels.
+            c_hat = tl.sum(w_dy * x_hat, axis=1) / D
+            c_one = tl.sum(w_dy, axis=1) / D
+            dx = (w_dy - x_hat * c_hat[:, None] - c_one[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
         if WEIGHT_GRAD:
             dw_sum += tl.sum(dy * x_hat, axis=0)
         if BIAS_GRAD:
@@ -95,6 +100,38 @@ def _layer_norm_backward_kernel(
         tl.store(dw_partial_ptr + pid * D + cols, dw_sum, mask=col_mask)
     if BIAS_GRAD:
         tl.store(db_partial_ptr + pid * D + cols, db_sum, mask=col_mask)
+
+
+@triton.jit
+def _add_partial_sums_kernel(
+    dw_partial_ptr, db_partial_ptr, dw_ptr, db_ptr,
+    programs, D, stride_dw, stride_db,
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_PROGRAMS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dw[:D] += dw_partial.sum(0)`` and ``db[:D] += db_partial.sum(0)`` for BLOCK_D columns per program.
+
+    dw_partial_ptr, db_partial_ptr: ``[programs, D]`` from the backward kernel. dw_ptr, db_ptr: the gradient views of
+    gamma and beta ``[:D]``, added to in place.
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    dw = tl.zeros((BLOCK_D,), dtype=COMPUTE_DTYPE)
+    db = tl.zeros((BLOCK_D,), dtype=COMPUTE_DTYPE)
+    for start in range(0, programs, BLOCK_PROGRAMS):
+        rows = start + tl.arange(0, BLOCK_PROGRAMS)
+        mask = (rows[:, None] < programs) & col_mask[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        if WEIGHT_GRAD:
+            dw += tl.sum(tl.load(dw_partial_ptr + offsets, mask=mask, other=0.0), axis=0)
+        if BIAS_GRAD:
+            db += tl.sum(tl.load(db_partial_ptr + offsets, mask=mask, other=0.0), axis=0)
+    if WEIGHT_GRAD:
+        dw += tl.load(dw_ptr + cols * stride_dw, mask=col_mask, other=0.0).to(COMPUTE_DTYPE)
+        tl.store(dw_ptr + cols * stride_dw, dw.to(dw_ptr.dtype.element_ty), mask=col_mask)
+    if BIAS_GRAD:
+        db += tl.load(db_ptr + cols * stride_db, mask=col_mask, other=0.0).to(COMPUTE_DTYPE)
+        tl.store(db_ptr + cols * stride_db, db.to(db_ptr.dtype.element_ty), mask=col_mask)
 
 
 def compute_dtype(x: Tensor):
@@ -110,31 +147,30 @@ def layer_norm_tiles(d: int) -> tuple[int, int, int]:
     return block_d, block_rows, 4 if block_d * block_rows <= 4096 else 8
 
 
-def _backward_programs(M: int, rows_per_tile: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU, each reducing several row tiles into one partial row."""
-    tiles = triton.cdiv(M, rows_per_tile)
-    target = 4 if interpreter() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, target))
+def layer_norm_forward(x2d: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                       store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)`` of ``x2d: [M, d]``; the statistics ``[M]`` only with ``store_stats`` (else empty)."""
+    M, d = x2d.shape
+    y = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
+    mean = torch.empty((M if store_stats else 0,), device=x2d.device, dtype=compute_dtype(x2d)[0])
+    rstd = torch.empty_like(mean)
+    block_d, block_rows, warps = layer_norm_tiles(d)
+    if M > 0:
+        _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
+            x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
+            M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=store_stats,
+            COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+        )
+    return y, mean, rstd
 
 
 class ElasticLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         record_grad_mode(ctx)
-        d = x.shape[-1]
-        x2d = x.reshape(-1, d)
-        M = x2d.shape[0]
-        y = torch.empty((M, d), device=x.device, dtype=x.dtype)
-        mean = torch.empty(M, device=x.device, dtype=compute_dtype(x)[0])
-        rstd = torch.empty_like(mean)
-        block_d, block_rows, warps = layer_norm_tiles(d)
-        if M > 0:
-            _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
-                x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
-                M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(x)[1],
-                BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
-            )
+        x2d = x.reshape(-1, x.shape[-1])
+        y, mean, rstd = layer_norm_forward(x2d, weight, bias, eps, store_stats=True)
         ctx.save_for_backward(x2d, weight, bias, mean, rstd)  # bias only locates its gradient buffer
         return y.view(x.shape)
 
@@ -144,32 +180,39 @@ class ElasticLayerNormFunction(torch.autograd.Function):
             x2d, weight, bias, mean, rstd = ctx.saved_tensors
             M, d = x2d.shape
             dy2d = dy.reshape(-1, d)
+            need_dx = ctx.needs_input_grad[0]
             need_dw = ctx.needs_input_grad[1] and weight is not None
             need_db = ctx.needs_input_grad[2] and bias is not None
-            dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
-            dw_returned = db_returned = None
+            dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype) if need_dx else None
+            dw_view, dw_returned = weight_grad_buffer(weight, d) if need_dw else (None, None)
+            db_view, db_returned = weight_grad_buffer(bias, d) if need_db else (None, None)
             block_d, block_rows, warps = layer_norm_tiles(d)
-            programs = _backward_programs(M, block_rows, x2d.device)
-            dw_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_dw else mean
-            db_partial = torch.empty((programs, d), device=x2d.device, dtype=mean.dtype) if need_db else mean
-            _layer_norm_backward_kernel[(programs,)](
-                dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx, dw_partial, db_partial,
-                M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0),
-                HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,
-                COMPUTE_DTYPE=compute_dtype(x2d)[1],
-                BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
-            )
-            # The second, small reduction: `programs` partial rows per parameter, added into the gradient view.
-            if need_dw:
-                dw_view, dw_returned = weight_grad_buffer(weight, d)
-                dw_view += dw_partial.sum(0).to(dw_view.dtype)
-            if need_db:
-                db_view, db_returned = weight_grad_buffer(bias, d)
-                db_view += db_partial.sum(0).to(db_view.dtype)
-            dx = dx.view(dy.shape) if ctx.needs_input_grad[0] else None
-            return dx, dw_returned, db_returned, None
+            # Enough programs to fill the device, each reducing several row tiles into one partial row.
+            programs = max(1, min(triton.cdiv(M, block_rows), 4 * sm_count(x2d.device)))
+            partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
+            if M > 0:
+                _layer_norm_backward_kernel[(programs,)](
+                    dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
+                    partial[0], partial[1],
+                    M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), d,
+                    HAS_WEIGHT=weight is not None, INPUT_GRAD=need_dx, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,
+                    COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+                )
+                if need_dw or need_db:
+                    block = 64 if interpreter() else 256
+                    _add_partial_sums_kernel[(triton.cdiv(d, block),)](
+                        partial[0], partial[1], dw_view if need_dw else partial, db_view if need_db else partial,
+                        programs, d, dw_view.stride(0) if need_dw else 0, db_view.stride(0) if need_db else 0,
+                        WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],
+                        BLOCK_PROGRAMS=16, BLOCK_D=block,
+                    )
+            return None if dx is None else dx.view(dy.shape), dw_returned, db_returned, None
 
 
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Triton LayerNorm over the ``d = x.shape[-1]`` active channels; inputs validated by ``elastic_ops.functional``."""
-    return ElasticLayerNormFunction.apply(x, weight, bias, eps)
+    if needs_backward(x, weight, bias):
+        return ElasticLayerNormFunction.apply(x, weight, bias, eps)
+    # No backward will run: no autograd node, no statistics kept.
+    y, _, _ = layer_norm_forward(x.reshape(-1, x.shape[-1]), weight, bias, eps, store_stats=False)
+    return y.view(x.shape)

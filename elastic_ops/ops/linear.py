@@ -1,320 +1,218 @@
 """Elastic linear: ``act(x @ W[:out, :in].T + b[:out])`` on the super weight, forward and backward.
 
-The active block of the super weight is read in place through ``stride_w_out, stride_w_in``; a weight of
-another float dtype than ``x`` (fp32 master weights, fp16 activations) is cast tile by tile after the load.
-Weight and bias gradients are added straight into ``W.grad[:out, :in]`` and ``b.grad[:out]``
-(``_common.weight_grad_buffer``). The ``@triton.jit`` helpers ``gelu``, ``gelu_grad``, ``grouped_tile`` and
-``matmul_tile`` are shared with the other op modules.
+Without an activation every product is one cuBLAS call on the strided view of the active block
+(``_common.linear_gemm``, ``add_weight_grad``): nothing is copied, and weight gradients land in
+``W.grad[:out, :in]`` in place. With the exact GELU, two Triton kernels remove what torch cannot:
+
+- ``_linear_gelu_kernel``: the GEMM with bias and GELU in its epilogue, persistent over output tiles, operands
+  read through tensor descriptors whose shape is the active block and whose strides are the super weight's (zero
+  fill covers the slice edges and the token tail, so the main loop has no masks). It stores the pre-activation
+  only when a backward will run. Where descriptors cannot run (before Hopper, unaligned strides, fp64), cuBLAS
+  and ``F.gelu`` do the same.
+- ``_gelu_backward_kernel``: ``dz = dy * gelu'(pre)`` computed once per element, the bias gradient's column sums
+  reduced in the same pass; optionally ``gelu(pre)`` from the same erf (the MLP backward needs it). The GEMMs of
+  the backward are cuBLAS on ``dz``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (add_accumulated, atomic_accumulator, autotuning, backward_grad_mode, interpreter,
-                      record_grad_mode, weight_grad_buffer)
+from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
+from ._common import (active_block, active_vector, add_bias_grad, add_weight_grad, as_rows, descriptor,
+                      descriptor_compatible, descriptors_supported, dot_precision, gelu, gelu_and_grad, grouped_tile,
+                      interpreter, linear_gemm, needs_backward, sm_count)
+
+# ---------------------------------------------------------------------------------------------- forward epilogue
 
 
 @triton.jit
-def gelu(x):
-    """Exact (erf) GELU of an fp32 tile: ``x * Phi(x)``; 0.7071... is 1/sqrt(2). Literals, not globals:
-    compiled Triton rejects non-constexpr globals inside @jit functions."""
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def gelu_grad(x):
-    """d gelu / dx of an fp32 tile: ``Phi(x) + x * phi(x)``."""
-    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1/sqrt(2*pi)
-    return cdf + x * pdf
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(tile row, tile column) of program ``pid`` over an ``M x N`` output, GROUP_M tile rows at a time so that
-    neighbouring programs share operand tiles in L2."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * tiles_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_rows
-    pid_n = (pid % programs_per_group) // group_rows
-    return pid_m, pid_n
-
-
-@triton.jit
-def matmul_tile(a_ptr, b_ptr, pre_ptr, offs_m, offs_n, M, N, K,
-                stride_a_m, stride_a_k, stride_b_k, stride_b_n, stride_pre_m, stride_pre_k,
-                GELU_GRAD_A: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ACC_DTYPE (fp32; fp64 for fp64 inputs) tile ``A[offs_m, :K] @ B[:K, offs_n]`` of strided operands, the
-    products in DOT_PRECISION (``dot_precision``).
-
-    B is cast to A's dtype for ``tl.dot`` (an fp32 master weight under fp16 activations).
-
-    a_ptr: A ``[M, K]``. b_ptr: B ``[K, N]`` (a transposed weight slice is B with the weight's strides swapped).
-    pre_ptr: with GELU_GRAD_A, a pre-activation ``[M, K]``: A is the gradient of a GELU output and is
-    multiplied by ``gelu_grad(pre)`` as it is loaded (otherwise pre_ptr is unused).
-    offs_m, offs_n: the BLOCK_M rows of A and BLOCK_N columns of B of this tile.
-    Rows of A past M, columns of B past N and the K tail are masked to zero.
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k_start in range(0, K, BLOCK_K):
-        k = k_start + offs_k
-        a_mask = (offs_m[:, None] < M) & (k[None, :] < K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_a_m + k[None, :] * stride_a_k, mask=a_mask, other=0.0)
-        if GELU_GRAD_A:
-            pre = tl.load(pre_ptr + offs_m[:, None] * stride_pre_m + k[None, :] * stride_pre_k, mask=a_mask, other=0.0)
-            a = (a.to(ACC_DTYPE) * gelu_grad(pre.to(ACC_DTYPE))).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + k[:, None] * stride_b_k + offs_n[None, :] * stride_b_n,
-                    mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
-
-
-def matmul_configs() -> list[triton.Config]:
-    if interpreter():  # several configs crash the interpreter; one large tile keeps the grid small
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
-    # The autotuner skips a config that needs more shared memory than the GPU has; the last, small one fits every
-    # kernel in fp64 (gradcheck), whose tiles take twice fp32's bytes. Without autotuning: the first and the last.
-    shapes = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 64, 64, 4, 4),
-              (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 2, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in (shapes if autotuning() else shapes[::len(shapes) - 1])]
-
-
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
-@triton.jit
-def _linear_forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr,
+def _linear_gelu_kernel(
+    x_desc, w_desc, b_ptr, y_desc, pre_desc,
     M, N, K,
-    stride_x_m, stride_x_k, stride_w_out, stride_w_in, stride_y_m, stride_y_n,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE_ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PRE_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """y = act(x @ w[:N, :K].T + b[:N]).
+    """``y = gelu(x @ w[:N, :K].T + b[:N])``; each of NUM_PROGRAMS programs loops over output tiles.
 
-    x_ptr: x ``[M, K]`` (strided). w_ptr: super weight, active ``[:N, :K]``. b_ptr: super bias, active ``[:N]``.
-    y_ptr: y ``[M, N]``. pre_ptr: with STORE_PRE_ACTIVATION, the pre-GELU values ``[M, N]`` (strides of y).
+    x_desc: x ``[M, K]``, blocks ``[BLOCK_M, BLOCK_K]``. w_desc: the active block ``[N, K]`` of the super weight,
+    its row stride, blocks ``[BLOCK_N, BLOCK_K]``. b_ptr: super bias, active ``[:N]``.
+    y_desc: y ``[M, N]``; pre_desc: the pre-activation ``[M, N]`` (STORE_PRE_ACTIVATION), blocks ``[BLOCK_M, BLOCK_N]``.
+    Loads past the descriptors' shapes read zero and stores past them are dropped.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = matmul_tile(x_ptr, w_ptr, x_ptr, offs_m, offs_n, M, N, K,
-                      stride_x_m, stride_x_k, stride_w_in, stride_w_out, 0, 0, False, ACC_DTYPE, DOT_PRECISION,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    out_offsets = offs_m[:, None] * stride_y_m + offs_n[None, :] * stride_y_n
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if STORE_PRE_ACTIVATION:
-        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
-    if GELU:
-        acc = gelu(acc)
-    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            x = x_desc.load([off_m, k * BLOCK_K])
+            w = w_desc.load([off_n, k * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE_ACTIVATION:
+            pre_desc.store([off_m, off_n], acc.to(pre_desc.dtype))
+        y_desc.store([off_m, off_n], gelu(acc).to(y_desc.dtype))
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
-@triton.jit
-def _linear_grad_input_kernel(
-    dy_ptr, pre_ptr, w_ptr, dx_ptr,
-    M, N, K,
-    stride_dy_m, stride_dy_n, stride_pre_m, stride_pre_n, stride_w_out, stride_w_in, stride_dx_m, stride_dx_k,
-    GELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """dx = dz @ w[:N, :K] with dz = dy (or dy * gelu'(pre) with GELU).
-
-    dy_ptr: dy ``[M, N]`` (strided). pre_ptr: pre-activation ``[M, N]`` (GELU only).
-    w_ptr: super weight, active ``[:N, :K]``. dx_ptr: dx ``[M, K]``.
-    The output tile is BLOCK_M x BLOCK_N over dx's ``M x K``; the reduction runs over N in BLOCK_K steps.
-    """
-    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = matmul_tile(dy_ptr, w_ptr, pre_ptr, offs_m, offs_k, M, K, N,
-                      stride_dy_m, stride_dy_n, stride_w_out, stride_w_in, stride_pre_m, stride_pre_n, GELU, ACC_DTYPE,
-                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k, acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
-
-
-@triton.jit
-def linear_grad_weight_kernel(
-    dy_ptr, pre_ptr, x_ptr, dw_ptr, db_ptr,
-    M, N, K, tiles_k, m_blocks_per_split,
-    stride_dy_m, stride_dy_n, stride_pre_m, stride_pre_n, stride_x_m, stride_x_k, stride_dw_out, stride_dw_in,
-    GELU: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, ATOMIC: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """dw[:N, :K] += dz.T @ x and db[:N] += dz.sum(0), with dz = dy (or dy * gelu'(pre) with GELU).
-
-    dy_ptr: dy ``[M, N]``. pre_ptr: pre-activation ``[M, N]`` (GELU only). x_ptr: x ``[M, K]``.
-    dw_ptr: the gradient view of the active block ``[:N, :K]`` (strides of the full gradient).
-    db_ptr: the gradient view of the active bias ``[:N]``.
-    Grid: (n tile * tiles_k + k tile, split); split s reduces row blocks ``s * m_blocks_per_split`` onwards.
-    With one split each output tile has one owner, which loads, adds and stores; with several (few output
-    tiles, many rows) the splits add with fp32 atomics. Tiles in k column 0 also reduce the bias gradient.
-    """
-    pid_n = tl.program_id(0) // tiles_k
-    pid_k = tl.program_id(0) % tiles_k
-    split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, BLOCK_M)
-    dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    m_block_start = split * m_blocks_per_split
-    m_block_end = tl.minimum(m_block_start + m_blocks_per_split, tl.cdiv(M, BLOCK_M))
-    for m_block in range(m_block_start, m_block_end):
-        m = m_block * BLOCK_M + offs_m
-        dz_mask = (offs_n[:, None] < N) & (m[None, :] < M)
-        dz_t = tl.load(dy_ptr + offs_n[:, None] * stride_dy_n + m[None, :] * stride_dy_m, mask=dz_mask, other=0.0)
-        if GELU:
-            pre_t = tl.load(pre_ptr + offs_n[:, None] * stride_pre_n + m[None, :] * stride_pre_m, mask=dz_mask,
-                            other=0.0)
-            dz_t = (dz_t.to(ACC_DTYPE) * gelu_grad(pre_t.to(ACC_DTYPE))).to(dy_ptr.dtype.element_ty)
-        if WEIGHT_GRAD:
-            x = tl.load(x_ptr + m[:, None] * stride_x_m + offs_k[None, :] * stride_x_k,
-                        mask=(m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            dw = tl.dot(dz_t, x, dw, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        if BIAS_GRAD:
-            db += tl.sum(dz_t.to(ACC_DTYPE), axis=1)
-    if WEIGHT_GRAD:
-        dw_ptrs = dw_ptr + offs_n[:, None] * stride_dw_out + offs_k[None, :] * stride_dw_in
-        dw_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        if ATOMIC:
-            tl.atomic_add(dw_ptrs, dw, mask=dw_mask)
-        else:
-            dw += tl.load(dw_ptrs, mask=dw_mask, other=0.0).to(ACC_DTYPE)
-            tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty), mask=dw_mask)
-    if BIAS_GRAD:
-        if pid_k == 0:
-            db_mask = offs_n < N
-            if ATOMIC:
-                tl.atomic_add(db_ptr + offs_n, db, mask=db_mask)
-            else:
-                db += tl.load(db_ptr + offs_n, mask=db_mask, other=0.0).to(ACC_DTYPE)
-                tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=db_mask)
-
-
-def grad_weight_launch(M: int, N: int, K: int, weight_grad: bool, x_dtype: torch.dtype, device: torch.device):
-    """(config, k tiles, row splits, row blocks per split) of the weight-gradient kernel.
-
-    Not autotuned: the kernel adds into the gradient, so every benchmark run of an autotuner would add again.
-    """
+def _gelu_gemm_config(device: torch.device, dtype: torch.dtype) -> dict:
+    """Tiles of ``_linear_gelu_kernel``: 128 x 128 outputs per tile, four 64-deep (32 for 4-byte elements) stages of
+    operands in shared memory, 8 warps (two warpgroups of ``wgmma``). The interpreter takes one large tile."""
     if interpreter():
-        block_n, block_k, block_m, warps, stages, target_programs = 64, 64, 64, 4, 1, 8
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if dtype.itemsize <= 2 else 32, GROUP_M=8, num_warps=8,
+                num_stages=4 if dtype.itemsize <= 2 else 3)
+
+
+def fused_gelu_gemm_applies(x2d: Tensor, weight_block: Tensor) -> bool:
+    """Whether ``_linear_gelu_kernel`` runs for these operands: tensor descriptors on this device, operands they can
+    address, and a dtype whose products use tensor cores (fp16, bf16; fp32 only as TF32, or in the interpreter).
+    Otherwise cuBLAS with ``F.gelu`` after it is the faster way."""
+    if x2d.dtype in (torch.float16, torch.bfloat16):
+        tensor_cores = True
     else:
-        block_m = 64 if x_dtype.itemsize <= 2 else 32  # wider elements take more shared memory per stage
-        block_n, block_k, warps, stages = 128, 128, 8, 3
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    tiles_k = triton.cdiv(K, block_k) if weight_grad else 1
-    tiles = triton.cdiv(N, block_n) * tiles_k
-    m_blocks = triton.cdiv(M, block_m)
-    # Few output tiles and many rows: split the rows, the splits adding atomically (see accumulate_weight_grad).
-    splits = min(m_blocks, max(1, target_programs // tiles))
-    m_blocks_per_split = triton.cdiv(m_blocks, splits)
-    splits = triton.cdiv(m_blocks, m_blocks_per_split)
-    config = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
-    return config, tiles_k, splits, m_blocks_per_split
+        tensor_cores = x2d.dtype == torch.float32 and (interpreter() or dot_precision(x2d) == "tf32")
+    out_row_bytes = weight_block.shape[0] * x2d.element_size()
+    return (tensor_cores and descriptors_supported(x2d.device) and descriptor_compatible(x2d)
+            and descriptor_compatible(weight_block) and out_row_bytes % 16 == 0)
 
 
-def accumulate_weight_grad(dy: Tensor, pre: Tensor | None, x2d: Tensor, dw: Tensor | None, db: Tensor | None) -> None:
-    """``dw += dz.T @ x2d`` and ``db += dz.sum(0)`` with ``dz = dy`` (or ``dy * gelu'(pre)``), for the gradient
-    views ``dw [N, K]`` and ``db [N]`` (either may be None; strided). Split reductions add atomically, into the
-    views themselves when they are fp32 or fp64 and through an fp32 scratch otherwise."""
+def linear_gelu_forward(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | None,
+                        keep_pre_activation: bool) -> tuple[Tensor, Tensor | None]:
+    """``(gelu(x2d @ W.T + b), pre-activation or None)`` for the active blocks (in x's dtype)."""
     M, K = x2d.shape
-    N = dy.shape[1]
-    if M == 0 or (dw is None and db is None):
-        return
-    config, tiles_k, splits, m_blocks_per_split = grad_weight_launch(M, N, K, dw is not None, x2d.dtype, x2d.device)
-    dw_acc, db_acc = (atomic_accumulator(g) for g in (dw, db)) if splits > 1 else (dw, db)
-    pre_arg, pre_strides = (pre, pre.stride()) if pre is not None else (dy, (0, 0))
-    dw_arg = dw_acc if dw is not None else x2d  # never touched without WEIGHT_GRAD / BIAS_GRAD
-    linear_grad_weight_kernel[(triton.cdiv(N, config["BLOCK_N"]) * tiles_k, splits)](
-        dy, pre_arg, x2d, dw_arg, db_acc if db is not None else x2d,
-        M, N, K, tiles_k, m_blocks_per_split,
-        dy.stride(0), dy.stride(1), *pre_strides, x2d.stride(0), x2d.stride(1), dw_arg.stride(0), dw_arg.stride(1),
-        GELU=pre is not None, WEIGHT_GRAD=dw is not None, BIAS_GRAD=db is not None, ATOMIC=splits > 1,
-        ACC_DTYPE=acc_dtype(x2d), DOT_PRECISION=dot_precision(x2d), **config,
-    )
-    add_accumulated(dw, dw_acc)
-    add_accumulated(db, db_acc)
-
-
-def acc_dtype(x: Tensor):
-    """fp32 accumulation for fp32/fp16/bf16; fp64 inputs (gradcheck) keep fp64 throughout."""
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def dot_precision(x: Tensor) -> str:
-    """``input_precision`` of ``tl.dot`` on operands of x's dtype. fp32 products use TF32 only where torch's own
-    fp32 matmuls may (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision``),
-    so that an fp32 model computes what ``F.linear`` computes; fp64 is exact; fp16 and bf16 keep the default."""
-    if x.dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee" if x.dtype == torch.float64 else "tf32"
-
-
-def as_rows(t: Tensor) -> Tensor:
-    """``t`` as ``[rows, features]``: a view where the strides allow it (no copy of a sliced x)."""
-    return t.reshape(-1, t.shape[-1])
-
-
-def linear_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None,
-                   keep_pre_activation: bool) -> tuple[Tensor, Tensor | None]:
-    """``(y, pre)`` for ``x2d: [M, K]``; ``pre`` (the values before GELU) only if asked for, else None."""
-    M, K = x2d.shape
-    N = out_features
+    N = weight_block.shape[0]
+    if M == 0 or not fused_gelu_gemm_applies(x2d, weight_block):
+        pre = linear_gemm(x2d, weight_block, bias_block)
+        return F.gelu(pre), (pre if keep_pre_activation else None)
+    config = _gelu_gemm_config(x2d.device, x2d.dtype)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    gelu_on = activation == "gelu"
-    pre = torch.empty_like(y) if gelu_on and keep_pre_activation else None
-    if M == 0:
-        return y, pre
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _linear_forward_kernel[grid](
-        x2d, weight, bias if bias is not None else weight, y, pre if pre is not None else y,
+    pre = torch.empty_like(y) if keep_pre_activation else None
+    y_desc = descriptor(y, [block_m, block_n])
+    programs = min(sm_count(x2d.device), triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+    _linear_gelu_kernel[(programs,)](
+        descriptor(x2d, [block_m, block_k]), descriptor(weight_block, [block_n, block_k]),
+        bias_block if bias_block is not None else y, y_desc,
+        descriptor(pre, [block_m, block_n]) if pre is not None else y_desc,
         M, N, K,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, GELU=gelu_on, STORE_PRE_ACTIVATION=pre is not None, ACC_DTYPE=acc_dtype(x2d),
-        DOT_PRECISION=dot_precision(x2d),
+        HAS_BIAS=bias_block is not None, STORE_PRE_ACTIVATION=pre is not None, DOT_PRECISION=dot_precision(x2d),
+        NUM_PROGRAMS=programs, **config,
     )
     return y, pre
 
 
-def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor, bias: Tensor | None,
-                    need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+# ---------------------------------------------------------------------------------------------- backward elementwise
+
+@triton.jit
+def _gelu_backward_kernel(
+    dy_ptr, pre_ptr, dz_ptr, act_ptr, bias_partial_ptr,
+    M, N, rows_per_program,
+    stride_dy_m, stride_dy_n, stride_pre_m, stride_dz_m, stride_act_m,
+    STORE_ACTIVATION: tl.constexpr, BIAS_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``dz = dy * gelu'(pre)``, optionally ``act = gelu(pre)``, and per-program column sums of dz.
+
+    dy_ptr: dy ``[M, N]`` (strided). pre_ptr: the pre-activation ``[M, N]``, unit column stride.
+    dz_ptr: dz ``[M, N]``, unit column stride (may be dy itself: each element is read before it is written).
+    act_ptr: ``gelu(pre)`` ``[M, N]`` (STORE_ACTIVATION). bias_partial_ptr: fp32 ``[programs along M, N]``; program
+    (i, j) writes row i, columns of tile j: the sum of dz over its ``rows_per_program`` rows (BIAS_GRAD).
+    """
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    column_sums = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
+    first_row = tl.program_id(0) * rows_per_program
+    for row_start in range(first_row, tl.minimum(first_row + rows_per_program, M), BLOCK_M):
+        rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (rows[:, None] < M) & col_mask[None, :]
+        pre = tl.load(pre_ptr + rows[:, None] * stride_pre_m + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_m + cols[None, :] * stride_dy_n, mask=mask, other=0.0)
+        act, slope = gelu_and_grad(pre.to(COMPUTE_DTYPE))
+        dz = dy.to(COMPUTE_DTYPE) * slope
+        tl.store(dz_ptr + rows[:, None] * stride_dz_m + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if STORE_ACTIVATION:
+            tl.store(act_ptr + rows[:, None] * stride_act_m + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                     mask=mask)
+        if BIAS_GRAD:
+            column_sums += tl.sum(dz, axis=0)
+    if BIAS_GRAD:
+        tl.store(bias_partial_ptr + tl.program_id(0) * N + cols, column_sums, mask=col_mask)
+
+
+def gelu_backward(dy: Tensor, pre: Tensor, *, out: Tensor | None = None, want_activation: bool = False,
+                  want_bias_grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dz, gelu(pre) or None, dz.sum(0) in fp32 or None)`` for ``dy, pre: [M, N]``; dz goes into ``out`` if given
+    (dy itself is allowed)."""
+    M, N = pre.shape
+    dz = torch.empty_like(pre) if out is None else out
+    act = torch.empty_like(pre) if want_activation else None
+    compute = torch.float64 if pre.dtype == torch.float64 else torch.float32
+    block_n = 64 if interpreter() else 128
+    block_m = 64 if interpreter() else 32
+    tiles_n = triton.cdiv(N, block_n)
+    # Enough programs along the rows to fill the device, each reducing a long run of rows into one partial row.
+    row_programs = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(pre.device) // tiles_n))
+    rows_per_program = triton.cdiv(triton.cdiv(M, row_programs), block_m) * block_m
+    row_programs = max(1, triton.cdiv(M, rows_per_program))
+    partial = torch.empty((row_programs, N), device=pre.device, dtype=compute) if want_bias_grad else None
+    if M > 0:
+        _gelu_backward_kernel[(row_programs, tiles_n)](
+            dy, pre, dz, act if act is not None else dz, partial if partial is not None else dz,
+            M, N, rows_per_program,
+            dy.stride(0), dy.stride(1), pre.stride(0), dz.stride(0), act.stride(0) if act is not None else 0,
+            STORE_ACTIVATION=want_activation, BIAS_GRAD=want_bias_grad,
+            COMPUTE_DTYPE=tl.float64 if compute == torch.float64 else tl.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
+    bias_grad = None
+    if want_bias_grad:
+        bias_grad = partial.sum(0) if M > 0 else torch.zeros(N, device=pre.device, dtype=compute)
+    return dz, act, bias_grad
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+def linear_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None,
+                   keep_pre_activation: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(y, pre or None, weight block)`` for ``x2d: [M, K]``; the weight block (in x's dtype) is what the
+    backward multiplies with."""
+    weight_block = active_block(weight, out_features, x2d.shape[1], x2d.dtype)
+    bias_block = active_vector(bias, out_features, x2d.dtype)
+    if activation == "gelu":
+        y, pre = linear_gelu_forward(x2d, weight_block, bias_block, keep_pre_activation)
+        return y, pre, weight_block
+    return linear_gemm(x2d, weight_block, bias_block), None, weight_block
+
+
+def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor, weight_block: Tensor,
+                    bias: Tensor | None, need_dx: bool, need_dw: bool,
+                    need_db: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, returned dW, returned db)``; dW and db go into ``weight_grad_buffer`` views, and the full-size
     tensors are returned only where that buffer says autograd must receive them."""
-    M, K = x2d.shape
-    N = dy.shape[1]
-    gelu_on = pre is not None
-    pre_arg, pre_strides = (pre, pre.stride()) if gelu_on else (dy, (0, 0))
-    dx = None
-    if need_dx:
-        dx = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
-        if M > 0:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-            _linear_grad_input_kernel[grid](
-                dy, pre_arg, weight, dx, M, N, K,
-                dy.stride(0), dy.stride(1), *pre_strides, weight.stride(0), weight.stride(1),
-                dx.stride(0), dx.stride(1),
-                GELU=gelu_on, ACC_DTYPE=acc_dtype(x2d), DOT_PRECISION=dot_precision(x2d),
-            )
-    dw_view = dw_returned = db_view = db_returned = None
+    N, K = weight_block.shape
+    db_view, db_returned = weight_grad_buffer(bias, N) if need_db else (None, None)
+    if pre is not None:
+        dz, _, bias_sum = gelu_backward(dy, pre, want_bias_grad=need_db)
+        if need_db:
+            db_view += bias_sum
+    else:
+        dz = dy
+        if need_db:
+            add_bias_grad(db_view, dz)
+    dw_returned = None
     if need_dw:
         dw_view, dw_returned = weight_grad_buffer(weight, N, K)
-    if need_db:
-        db_view, db_returned = weight_grad_buffer(bias, N)
-    accumulate_weight_grad(dy, pre, x2d, dw_view, db_view)
+        add_weight_grad(dw_view, dz, x2d)
+    dx = torch.mm(dz, weight_block) if need_dx else None
     return dx, dw_returned, db_returned
 
 
@@ -323,27 +221,29 @@ class ElasticLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None):
         record_grad_mode(ctx)
         x2d = as_rows(x)
-        # GELU backward needs the pre-activation. It is stored by the forward epilogue rather than recomputed:
-        # recomputing costs a third GEMM (+50% backward FLOPs), while storing costs the same memory as
-        # F.linear followed by F.gelu, which keeps that tensor for its backward too.
-        keep_pre = activation == "gelu" and any(ctx.needs_input_grad[:3])
-        y, pre = linear_forward(x2d, weight, bias, out_features, activation, keep_pre)
-        ctx.save_for_backward(x2d, weight, bias, pre)
+        # GELU's backward needs the pre-activation: the epilogue stores it (recomputing it would cost a third GEMM,
+        # +50% backward FLOPs), as F.linear followed by F.gelu keeps it too.
+        y, pre, weight_block = linear_forward(x2d, weight, bias, out_features, activation, keep_pre_activation=True)
+        ctx.save_for_backward(x2d, weight, weight_block, bias, pre)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         with backward_grad_mode(ctx):
-            x2d, weight, bias, pre = ctx.saved_tensors
+            x2d, weight, weight_block, bias, pre = ctx.saved_tensors
             need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-            dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, bias, need_dx, need_dw,
+            dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, weight_block, bias, need_dx, need_dw,
                                          need_db and bias is not None)
             return (dx.view(ctx.x_shape) if dx is not None else None), dw, db, None, None
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int,
                    activation: str | None = None) -> Tensor:
-    """Triton ``act(x @ weight[:out_features, :in].T + bias[:out_features])``; inputs validated by
+    """``act(x @ weight[:out_features, :in].T + bias[:out_features])`` on the GPU path; inputs validated by
     ``elastic_ops.functional``."""
-    return ElasticLinearFunction.apply(x, weight, bias, out_features, activation)
+    if needs_backward(x, weight, bias):
+        return ElasticLinearFunction.apply(x, weight, bias, out_features, activation)
+    # No backward will run: no autograd node to build and nothing to keep.
+    y, _, _ = linear_forward(as_rows(x), weight, bias, out_features, activation, keep_pre_activation=False)
+    return y.view(*x.shape[:-1], out_features)

@@ -235,13 +235,15 @@ def test_forked_child_can_run_the_kernels_after_the_parent_started_its_threads()
 # --- dispatch ------------------------------------------------------------------------------------
 
 def test_automatic_choice_is_native_for_cpu_float32_inference(monkeypatch):
+    # As in a process that never set TRITON_INTERPRET: choices are cached per process, so start from none.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("ELASTIC_OPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_choices", {})
     cpu = torch.device("cpu")
     for op in ("linear", "layer_norm", "mlp", "attention"):
-        assert _backend.select(op, cpu, torch.float32, needs_grad=False, has_native=True) == "native"
-        assert _backend.select(op, cpu, torch.float32, needs_grad=True, has_native=True) == "reference"
-        assert _backend.select(op, cpu, torch.float64, needs_grad=False, has_native=True) == "reference"
+        assert _backend.select(op, cpu, torch.float32, needs_grad=False) == "native"
+        assert _backend.select(op, cpu, torch.float32, needs_grad=True) == "reference"
+        assert _backend.select(op, cpu, torch.float64, needs_grad=False) == "reference"
 
 
 def test_every_op_has_a_native_implementation():
