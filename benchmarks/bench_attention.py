@@ -5,6 +5,7 @@ Compared in one run, on the same shapes:
 - reference_slices: ``elastic_ops.reference.attention`` on the same block-layout super weights;
 - autoformer: ``baselines.AutoFormerAttention`` (stride-3 qkv rows gathered with torch.cat every call,
   explicit softmax attention);
+- autoformer_compiled: the same module under ``torch.compile``;
 - sdpa_slices: ``F.scaled_dot_product_attention`` on q, k, v made from the same slices, with the copies it
   needs (the three active qkv row blocks gathered into one weight, the context transposed back).
 Targets: forward+backward at least as fast as sdpa_slices, and at least 3x autoformer.
@@ -24,14 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import elastic_ops
-from baselines import AutoFormerAttention
+from baselines import AutoFormerAttention, compiled
 from elastic_ops import reference
 from shapes import BATCH, HEAD_DIM, SHAPES, TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs a CUDA device (interpreter timings would mean nothing)")
 
-IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "autoformer", "sdpa_slices"]
+IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "autoformer", "autoformer_compiled", "sdpa_slices"]
 PRECISIONS = {  # name -> (activation dtype, weight dtype)
     "fp16": (torch.float16, torch.float16),
     "bf16": (torch.bfloat16, torch.bfloat16),
@@ -53,10 +54,10 @@ def sdpa_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: i
 
 def _attention_call(impl: str, shape, weights: tuple, device, weight_dtype):
     """The call to time on the block-layout super weights (or, for autoformer, on its own super module)."""
-    if impl == "autoformer":
+    if impl.startswith("autoformer"):
         module = AutoFormerAttention(shape.super_embed, shape.super_heads, HEAD_DIM).to(device, weight_dtype)
         module.set_sample_config(shape.heads)
-        return module
+        return compiled(module) if impl == "autoformer_compiled" else module
     if impl == "reference_slices":
         return lambda x: reference.attention(x, *weights, shape.heads, HEAD_DIM)
     if impl == "sdpa_slices":

@@ -1,5 +1,6 @@
 """Elastic LayerNorm over the first ``embed`` of ``super_embed`` channels: this project vs the reference on the
-same slices vs F.layer_norm on contiguous parameters of the subnet's width. GPU only.
+same slices vs F.layer_norm on contiguous parameters of the subnet's width vs ``torch.compile`` of F.layer_norm on
+the slices. Target: forward+backward at least as fast as the reference on the slices. GPU only.
 
 Run: python -m pytest benchmarks/bench_layernorm.py --benchmark-only \
     --benchmark-group-by=param:dtype,param:shape,param:mode
@@ -11,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import elastic_ops
+from baselines import compiled
 from elastic_ops import reference
 from shapes import BATCH, SHAPES, TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs a CUDA device (interpreter timings would mean nothing)")
 
-IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "torch_contiguous"]
+IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "torch_contiguous", "compiled_slices"]
 
 
 def _layer_norm_call(impl: str, weight, bias, d: int):
@@ -27,6 +29,9 @@ def _layer_norm_call(impl: str, weight, bias, d: int):
         return lambda x: F.layer_norm(x, (d,), w, b)
     if impl == "reference_slices":
         return lambda x: reference.layer_norm(x, weight, bias)
+    if impl == "compiled_slices":
+        compiled_norm = compiled(reference.layer_norm)
+        return lambda x: compiled_norm(x, weight, bias)
 
     def call(x):
         with elastic_ops.use_backend("triton"):

@@ -5,7 +5,8 @@ Compared in one run, on the same shapes:
 - reference_slices: ``elastic_ops.reference.mlp`` on the same super weights (F.linear on slice views, F.gelu),
   which keeps both the pre-activation and the activation for backward;
 - autoformer: AutoFormer's ``LinearSuper`` way, the active slices copied with ``.contiguous()`` on every call,
-  then ``F.linear`` (under autocast when the weights are fp32 masters).
+  then ``F.linear`` (under autocast when the weights are fp32 masters);
+- autoformer_compiled: the same under ``torch.compile``.
 Targets: forward+backward at least 1.3x reference_slices, with at least 30% less activation memory.
 ``extra_info``: peak_memory_mb (the step's peak above what was live), activation_memory_mb (what one forward keeps
 alive for backward, output excluded), tflops.
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 
 import elastic_ops
+from baselines import compiled
 from elastic_ops import reference
 from shapes import BATCH, SHAPES, TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs a CUDA device (interpreter timings would mean nothing)")
 
-IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "autoformer"]
+IMPLEMENTATIONS = ["elastic_triton", "reference_slices", "autoformer", "autoformer_compiled"]
 PRECISIONS = {  # name -> (activation dtype, weight dtype)
     "fp16": (torch.float16, torch.float16),
     "bf16": (torch.bfloat16, torch.bfloat16),
@@ -54,11 +56,12 @@ def _mlp_call(impl: str, activation_dtype, weight_dtype):
         return call
     if impl == "reference_slices":
         return reference.mlp
+    mlp = compiled(autoformer_mlp) if impl == "autoformer_compiled" else autoformer_mlp
 
     def call(*args):
         mixed = weight_dtype != activation_dtype
         with torch.autocast("cuda", dtype=activation_dtype) if mixed else contextlib.nullcontext():
-            return autoformer_mlp(*args)
+            return mlp(*args)
     return call
 
 

@@ -1,5 +1,7 @@
 """One supernet training step (uniform sampling, forward, cross-entropy, backward, AdamW): this project's
-``VisionTransformerSupernet`` against an AutoFormer-style PyTorch supernet, on the same subnets and images.
+``VisionTransformerSupernet`` against an AutoFormer-style PyTorch supernet, eager and under ``torch.compile``, on the
+same subnets and images. Targets on a GPU: 1.5x the eager AutoFormer-style step, 1.0x the compiled one, at most 75%
+of its peak memory (``peak_memory_mb``).
 
 The AutoFormer-style supernet (:class:`AutoFormerSupernet`) slices its super weights on every call, as
 microsoft/Cream's AutoFormer does: interleaved qkv gathered with ``torch.cat`` (``baselines.AutoFormerAttention``),
@@ -7,7 +9,8 @@ sliced ``F.linear``/``F.layer_norm`` for the MLP and norms, sliced patch-embeddi
 
 Workloads:
 - gpu-s: the AutoFormer-S space (224 px, 197 tokens), batch 128, bf16 autocast; this project runs its
-  Triton kernels. GPU only.
+  GPU path. GPU only. ``autoformer-compiled`` compiles the AutoFormer-style supernet with dynamic shapes; each
+  subnet configuration is still a recompile (its sizes are Python ints), all done in the warm-up.
 - cpu-tiny: a CIFAR-size version of AutoFormer-T (32 px, patch 4: 65 tokens), batch 16, float32; this
   project runs the path ``nas.train`` uses on a CPU (the PyTorch reference ops). ``BENCH_TRAIN_STEPS``
   (default 4) steps per timing round.
@@ -122,21 +125,29 @@ def build(name: str, steps: int) -> Workload:
     return Workload(space, images, labels, archs, device, autocast, backend)
 
 
+IMPLEMENTATIONS = ("elastic", "autoformer", "autoformer-compiled")
+
+
 def make_step(impl: str, work: Workload):
-    """A function running ``len(work.archs)`` training steps of ``impl`` (``elastic`` or ``autoformer``)."""
+    """A function running ``len(work.archs)`` training steps of ``impl`` (one of IMPLEMENTATIONS)."""
     torch.manual_seed(0)
     if impl == "elastic":
         model = VisionTransformerSupernet(SupernetConfig.from_space(work.space)).to(work.device)
     else:
         model = AutoFormerSupernet(work.space).to(work.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = model
+    if impl == "autoformer-compiled":  # one graph per subnet configuration, all of them kept
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(work.archs))
+        forward = torch.compile(model, dynamic=True)
+
     def run():
         with elastic_ops.use_backend(work.backend) if work.backend else contextlib.nullcontext():
             for arch in work.archs:
                 model.set_arch(arch)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(work.device.type, dtype=work.autocast or torch.float32, enabled=work.autocast is not None):
-                    logits = model(work.images)
+                    logits = forward(work.images)
                 F.cross_entropy(logits.float(), work.labels).backward()
                 optimizer.step()
         if work.device.type == "cuda":
@@ -145,41 +156,62 @@ def make_step(impl: str, work: Workload):
     return run
 
 
+def peak_memory_mb(run, device: torch.device) -> float | None:
+    """Peak GPU memory of ``run`` above what was live before it (parameters, optimizer state), in MB."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    live = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - live) / 2**20
+
+
 WORKLOADS = {"gpu-s": 10, "cpu-tiny": CPU_STEPS}
 
 
-@pytest.mark.parametrize("impl", ["elastic", "autoformer"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_train_step(benchmark, workload, impl):
     if workload.startswith("gpu") and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if impl == "autoformer-compiled" and not workload.startswith("gpu"):
+        pytest.skip("torch.compile baseline: a GPU target (compiling on the CPU takes minutes per subnet)")
     work = build(workload, WORKLOADS[workload])
     run = make_step(impl, work)
-    run()  # warm-up: Triton compile and autotune, allocator
+    run()  # warm-up: kernel compilation, torch.compile of every subnet, allocator
     benchmark.extra_info.update(steps_per_round=len(work.archs), batch=len(work.labels), torch=torch.__version__,
-                                device=torch.cuda.get_device_name() if work.device.type == "cuda" else "cpu")
+                                device=torch.cuda.get_device_name() if work.device.type == "cuda" else "cpu",
+                                peak_memory_mb=peak_memory_mb(run, work.device))
     benchmark.pedantic(run, rounds=5 if workload.startswith("gpu") else 3, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["images_per_s"] = len(work.archs) * len(work.labels) / benchmark.stats.stats.median
 
 
-def main(which: str) -> None:
+def main(which: str, implementations: list[str]) -> None:
     workload = "gpu-s" if which == "gpu" else "cpu-tiny"
     work = build(workload, WORKLOADS[workload])
     times = {}
-    for impl in ("elastic", "autoformer"):
+    for impl in implementations:
         run = make_step(impl, work)
+        start = time.perf_counter()
         run()
+        warm_up = time.perf_counter() - start
+        memory = peak_memory_mb(run, work.device)
         samples = []
         for _ in range(3):
             start = time.perf_counter()
             run()
             samples.append((time.perf_counter() - start) / len(work.archs))
         times[impl] = float(np.median(samples))
-        print(f"{workload} {impl:>10}: {1e3 * times[impl]:.1f} ms per step ({len(work.labels) / times[impl]:.0f} images/s)")
-    print(f"{workload}: AutoFormer-style / elastic = {times['autoformer'] / times['elastic']:.2f}x "
-          f"(torch {torch.__version__}, {torch.cuda.get_device_name() if work.device.type == 'cuda' else 'cpu'})")
+        print(f"{workload} {impl:>20}: {1e3 * times[impl]:.1f} ms per step ({len(work.labels) / times[impl]:.0f} "
+              f"images/s), warm-up {warm_up:.1f} s" + (f", peak {memory:.0f} MB" if memory is not None else ""),
+              flush=True)
+    for impl in implementations[1:]:
+        print(f"{workload}: {impl} / {implementations[0]} = {times[impl] / times[implementations[0]]:.2f}x "
+              f"(torch {torch.__version__}, {torch.cuda.get_device_name() if work.device.type == 'cuda' else 'cpu'})")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ("gpu" if torch.cuda.is_available() else "cpu"))
+    which = sys.argv[1] if len(sys.argv) > 1 else ("gpu" if torch.cuda.is_available() else "cpu")
+    main(which, sys.argv[2:] or ["elastic", "autoformer"])

@@ -1,5 +1,6 @@
-"""Print a pytest-benchmark JSON file as one table per suite: the median of every implementation side by side and
-how many times faster the first implementation of the row is than each of the others.
+"""Print a pytest-benchmark JSON file as one table per suite: the median of every implementation side by side (with
+kernel and host time where the GPU fixture measured them) and how many times faster this project's implementation
+is than each of the others.
 
 Run: python benchmarks/summarize.py results.json [more.json ...]
 """
@@ -24,16 +25,32 @@ def rows(benchmarks: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 
 def format_row(suite_params: tuple, impls: dict[str, dict]) -> str:
+    """One line per case: each implementation's synchronised wall time, kernel time and host time per call, and how
+    many times faster this project's implementation is than each other one (wall; kernel time in brackets)."""
     mine = next((name for name in CANDIDATES if name in impls), next(iter(impls)))
-    median = {name: bench["stats"]["median"] for name, bench in impls.items()}
-    cells = [f"{name} {1e3 * median[name]:.3f} ms" for name in impls]
-    ratios = [f"{median[name] / median[mine]:.2f}x vs {name}" for name in impls if name != mine]
+    wall = {name: bench["stats"]["median"] for name, bench in impls.items()}
+    kernel = {name: bench["extra_info"].get("kernel_ms") for name, bench in impls.items()}
+    host = {name: bench["extra_info"].get("host_us") for name, bench in impls.items()}
+
+    def cell(name: str) -> str:
+        text = f"{name} {1e3 * wall[name]:.3f} ms"
+        if kernel[name] is not None:
+            text += f" (kernel {kernel[name]:.3f} ms, host {host[name]:.0f} us)"
+        return text
+
+    def ratio(name: str) -> str:
+        text = f"{wall[name] / wall[mine]:.2f}x"
+        if kernel[name] is not None and kernel[mine] is not None:
+            text += f" [{kernel[name] / kernel[mine]:.2f}x]"
+        return f"{text} vs {name}"
+
     memory = {name: bench["extra_info"].get("peak_memory_mb") for name, bench in impls.items()}
     extra = ""
     if memory.get(mine) is not None:
         extra = " | peak MB " + ", ".join(f"{name} {mb:.0f}" for name, mb in memory.items() if mb is not None)
     params = "-".join(str(value) for _, value in suite_params[1])
-    return f"{suite_params[0]}[{params}]: " + ", ".join(cells) + " | " + ", ".join(ratios) + extra
+    return (f"{suite_params[0]}[{params}]: " + ", ".join(cell(name) for name in impls) + " | "
+            + ", ".join(ratio(name) for name in impls if name != mine) + extra)
 
 
 def main() -> None:

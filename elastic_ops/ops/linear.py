@@ -131,7 +131,7 @@ def _gelu_backward_kernel(
     col_mask = cols < N
     column_sums = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
     first_row = tl.program_id(0) * rows_per_program
-    for row_start in range(first_row, tl.minimum(first_row + rows_per_program, M), BLOCK_M):
+    for row_start in range(first_row, first_row + rows_per_program, BLOCK_M):  # rows past M: masked
         rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows[:, None] < M) & col_mask[None, :]
         pre = tl.load(pre_ptr + rows[:, None] * stride_pre_m + cols[None, :], mask=mask, other=0.0)
