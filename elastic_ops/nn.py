@@ -3,6 +3,9 @@
 Each layer has an active configuration (a few ints, all at their maximum after construction), set with
 ``set_active(...)`` or overridden for one call by keyword arguments of ``forward``. The parameters keep
 their full super size; the ops read the active leading block in place (DESIGN.md section 2).
+``grouped_forward`` runs K subnets at once on stacked activations ``[K, ..., E]`` whose padding past each
+subnet's size is zero, with a ``GroupSizes`` per elastic dimension (DESIGN.md section 3, batched mode), through the
+grouped ops; it is for inference (no drop-path).
 ``extract()`` returns the plain PyTorch module (``elastic_ops.plain``, ``nn.Linear``, ``nn.LayerNorm``)
 of the active configuration, holding copies of the active weights. Parameter names follow torch and timm,
 so at full width a layer's ``state_dict`` loads into the plain module and back.
@@ -10,13 +13,16 @@ so at full width a layer's ``state_dict`` loads into the plain module and back.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import plain
-from .functional import elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp
+from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
+                         grouped_layer_norm, grouped_linear, grouped_mlp)
+from .group_sizes import GroupSizes
 
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
@@ -136,6 +142,10 @@ class ElasticLayerNorm(ElasticModule):
         self.check_width(x, self.resolve(dim=dim)["dim"], "dim")
         return elastic_layer_norm(x, self.weight, self.bias, self.eps)
 
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes) -> Tensor:
+        """K subnets, each normalised over its own ``sizes`` channels of ``x [K, ..., sizes.width]``."""
+        return grouped_layer_norm(x, sizes, self.weight, self.bias, self.eps)
+
     def extract(self) -> nn.LayerNorm:
         norm = nn.LayerNorm(self.active["dim"], eps=self.eps, elementwise_affine=self.weight is not None)
         if self.weight is not None:
@@ -169,12 +179,27 @@ class ElasticMlp(ElasticModule):
         self.check_width(x, config["embed_dim"], "embed_dim")
         return elastic_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, config["hidden_features"])
 
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes, hidden: GroupSizes) -> Tensor:
+        """K subnets with embed dims ``sizes`` and hidden widths ``hidden`` on ``x [K, ..., sizes.width]``."""
+        return grouped_mlp(x, sizes, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, hidden)
+
     def extract(self) -> plain.Mlp:
         self.set_active()  # the children's configurations follow this layer's
         mlp = empty_module(lambda: plain.Mlp(self.active["embed_dim"], self.active["hidden_features"],
                                              bias=self.fc1.bias is not None), self.fc1.weight)
         mlp.fc1, mlp.fc2 = self.fc1.extract(), self.fc2.extract()
         return mlp
+
+
+@dataclass(frozen=True)
+class QkGroup:
+    """Subnets of a grouped pass whose q and k come from one weight: the shared qkv rows (``private_heads`` None) or
+    the private projections of one head count; ``subnets`` indexes them among the pass's subnets (None: all), and
+    ``width`` is their q/k width (heads times head dim)."""
+
+    private_heads: int | None
+    subnets: Tensor | None
+    width: GroupSizes
 
 
 class ElasticAttention(ElasticModule):
@@ -234,12 +259,22 @@ class ElasticAttention(ElasticModule):
         return elastic_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                                  config["num_heads"], self.head_dim)
 
+    # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
+    # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
+    # relative position adds terms to the logits and the context. So the unfused paths: elastic (or grouped) linears
+    # for q, k and v (in place on their super weights), the attention math in torch (``_attend``), and an elastic
+    # linear for the projection. Row blocks of qkv.weight are views, not leaves: their gradients reach
+    # qkv.weight.grad through autograd.
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``softmax(q k^T / sqrt(Dh) (+ relative position)) v`` of ``[batch, heads, tokens, head_dim]`` tensors."""
+        scale = self.head_dim ** -0.5
+        if self.rel_pos is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        rel_k, rel_v = self.rel_pos(q.shape[2])
+        return plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
+
     def _unfused_attention(self, x: Tensor, heads: int) -> Tensor:
-        # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
-        # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
-        # relative position adds terms to the logits and the context. So: elastic linears for q, k and v (in place on
-        # their super weights), the attention math in torch, and an elastic linear for the projection. Row blocks
-        # of qkv.weight are views, not leaves: their gradients reach qkv.weight.grad through autograd.
         batch, tokens, embed_dim = x.shape
         width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
@@ -255,14 +290,69 @@ class ElasticAttention(ElasticModule):
         else:
             (q,), (k,) = project(weight, bias, 0, 1), project(weight, bias, max_width, 1)
         (v,) = project(weight, bias, 2 * max_width, 1)
-        scale = self.head_dim ** -0.5
-        if self.rel_pos is None:
-            context = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:
-            rel_k, rel_v = self.rel_pos(tokens)
-            context = plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
+        context = self._attend(q, k, v)
         return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width), self.proj.weight, self.proj.bias,
                               embed_dim)
+
+    def qk_groups(self, heads: GroupSizes) -> tuple[QkGroup, ...]:
+        """The subnets of a grouped pass with ``heads`` that share a source of q and k (one group unless some head
+        counts have private q/k projections); a pass plans them once and reuses them for every batch."""
+        width = heads.scaled(self.head_dim)
+        by_source: dict[int | None, list[int]] = {}
+        for index, count in enumerate(heads.values):
+            by_source.setdefault(count if count in self.private_qk_heads else None, []).append(index)
+        if len(by_source) == 1:
+            return (QkGroup(next(iter(by_source)), None, width),)
+        device = heads.table.device
+        return tuple(QkGroup(source, torch.tensor(subnets, device=device),
+                             GroupSizes([width.values[k] for k in subnets], device))
+                     for source, subnets in by_source.items())
+
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes,
+                        qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
+        """K subnets with embed dims ``sizes`` and head counts ``heads`` on ``x [K, B, N, sizes.width]``;
+        ``qk_groups``: :meth:`qk_groups` of ``heads``, if the caller planned them already."""
+        qk_groups = self.qk_groups(heads) if qk_groups is None else qk_groups
+        if self.rel_pos is None and len(qk_groups) == 1 and qk_groups[0].private_heads is None:
+            return grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                     heads, self.head_dim)
+        return self._grouped_unfused_attention(x, sizes, heads, qk_groups)
+
+    def _grouped_unfused_attention(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes,
+                                   qk_groups: tuple[QkGroup, ...]) -> Tensor:
+        """The unfused path for K subnets: q and k by grouped linears per :class:`QkGroup`, v from the shared rows,
+        the attention over ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
+        groups, batch, tokens, _ = x.shape
+        head_dim, max_width = self.head_dim, self.num_heads * self.head_dim
+        width = heads.scaled(head_dim)
+        weight, bias = self.qkv.weight, self.qkv.bias
+
+        def rows(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: Tensor | None = None,
+                 out_sizes: GroupSizes = width) -> Tensor:
+            inputs = x if subnets is None else x[subnets]
+            return grouped_linear(inputs, source_weight[start:], None if source_bias is None else source_bias[start:],
+                                  out_sizes)
+
+        def q_and_k(group: QkGroup) -> tuple[Tensor, Tensor]:
+            if group.private_heads is None:
+                return (rows(weight, bias, 0, group.subnets, group.width),
+                        rows(weight, bias, max_width, group.subnets, group.width))
+            private = self.private_qk[str(group.private_heads)]
+            return (rows(private.weight, private.bias, 0, group.subnets, group.width),
+                    rows(private.weight, private.bias, group.private_heads * head_dim, group.subnets, group.width))
+
+        if len(qk_groups) == 1:
+            q, k = q_and_k(qk_groups[0])
+        else:
+            q, k = (x.new_zeros(groups, batch, tokens, width.width) for _ in range(2))
+            for group in qk_groups:
+                part_q, part_k = q_and_k(group)
+                q[group.subnets, ..., :part_q.shape[-1]] = part_q
+                k[group.subnets, ..., :part_k.shape[-1]] = part_k
+        v = rows(weight, bias, 2 * max_width)
+        q, k, v = (t.view(groups * batch, tokens, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        context = self._attend(q, k, v).transpose(1, 2).reshape(groups, batch, tokens, width.width)
+        return grouped_linear(context * width.mask(context.dtype, 4), self.proj.weight, self.proj.bias, sizes)
 
     def extract(self) -> plain.Attention:
         self.set_active()
@@ -324,12 +414,24 @@ class ElasticBlock(ElasticModule):
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
                 hidden_features: int | None = None) -> Tensor:
         config = self.resolve(embed_dim=embed_dim, num_heads=num_heads, hidden_features=hidden_features)
-        embed_dim = config["embed_dim"]
-        self.check_width(x, embed_dim, "embed_dim")
-        attn = self.attn(self.norm1(x, dim=embed_dim), embed_dim=embed_dim, num_heads=config["num_heads"])
-        x = x + drop_path(attn, self.drop_path, self.training)
-        mlp = self.mlp(self.norm2(x, dim=embed_dim), embed_dim=embed_dim, hidden_features=config["hidden_features"])
-        return x + drop_path(mlp, self.drop_path, self.training)
+        e, heads, hidden = config["embed_dim"], config["num_heads"], config["hidden_features"]
+        self.check_width(x, e, "embed_dim")
+        return self._residual(x, lambda h: self.attn(self.norm1(h, dim=e), embed_dim=e, num_heads=heads),
+                              lambda h: self.mlp(self.norm2(h, dim=e), embed_dim=e, hidden_features=hidden))
+
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes, hidden: GroupSizes,
+                        qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
+        """K subnets with embed dims ``sizes``, head counts ``heads`` and MLP widths ``hidden`` on
+        ``x [K, B, N, sizes.width]`` (eval mode); ``qk_groups`` as in :meth:`ElasticAttention.grouped_forward`."""
+        return self._residual(
+            x, lambda h: self.attn.grouped_forward(self.norm1.grouped_forward(h, sizes), sizes, heads, qk_groups),
+            lambda h: self.mlp.grouped_forward(self.norm2.grouped_forward(h, sizes), sizes, hidden))
+
+    def _residual(self, x: Tensor, attention, mlp) -> Tensor:
+        """The pre-norm residual structure, written once for single and grouped passes: ``attention`` and ``mlp``
+        map the residual stream to each branch's output (norm included)."""
+        x = x + drop_path(attention(x), self.drop_path, self.training)
+        return x + drop_path(mlp(x), self.drop_path, self.training)
 
     def extract(self) -> plain.Block:
         self.set_active()
@@ -382,4 +484,4 @@ class ElasticPatchEmbed(ElasticModule):
 
 
 __all__ = ["ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLinear", "ElasticMlp", "ElasticModule",
-           "ElasticPatchEmbed", "drop_path"]
+           "ElasticPatchEmbed", "QkGroup", "drop_path"]

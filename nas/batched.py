@@ -14,9 +14,9 @@ Every layer is one call per op for all the branches it runs: ``elastic_ops.group
 ``grouped_mlp``, ``grouped_attention``, which run the native (CPU) or Triton (GPU) grouped kernels, or the
 grouped PyTorch reference (``elastic_ops.reference``), chosen like every other op.
 
-With private q/k projections per head count (ViTAS, ``SupernetConfig.private_qk_heads``) or relative position
-(AutoFormer, ``SupernetConfig.relative_position``) the attention runs unfused, as in the single-subnet forward
-(``elastic_ops.nn.ElasticAttention``): q, k and v from grouped linears, the attention math in torch.
+The layers compute themselves (``ElasticBlock.grouped_forward``, including ViTAS's private q/k and AutoFormer's
+relative position), as the tokens do (``VisionTransformerSupernet.embed_tokens``); this module only plans which
+branch runs which layer, and the q/k sources of each layer once per pass.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from elastic_ops import (GroupSizes, elastic_linear, grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp,
-                         plain)
+from elastic_ops import GroupSizes, elastic_linear
+from elastic_ops.nn import QkGroup
 
 from .arch import Arch
 
@@ -49,30 +48,7 @@ class LayerPlan:
     embed: GroupSizes
     heads: GroupSizes
     hidden: GroupSizes
-    qk_sources: tuple[QkSource, ...]
-
-
-@dataclass
-class QkSource:
-    """Running branches whose q and k come from one weight: the shared qkv rows (``private_heads`` None) or the
-    private projections of one head count; ``subnets`` indexes them among the running branches (None: all)."""
-
-    private_heads: int | None
-    subnets: Tensor | None
-    width: GroupSizes
-
-
-def _qk_sources(heads: GroupSizes, private_heads: Sequence[int], head_dim: int) -> tuple[QkSource, ...]:
-    width = heads.scaled(head_dim)
-    by_source: dict[int | None, list[int]] = {}
-    for index, count in enumerate(heads.values):
-        by_source.setdefault(count if count in private_heads else None, []).append(index)
-    if len(by_source) == 1:
-        return (QkSource(next(iter(by_source)), None, width),)
-    device = heads.table.device
-    return tuple(QkSource(source, torch.tensor(subnets, device=device),
-                          GroupSizes([width.values[k] for k in subnets], device))
-                 for source, subnets in by_source.items())
+    qk_groups: tuple[QkGroup, ...]
 
 
 class BatchedSubnets:
@@ -112,14 +88,13 @@ class BatchedSubnets:
                 self.layers.append(None)
                 continue
             heads = GroupSizes([after[b][-1][1] for b in running], device)
-            attn = supernet.blocks[i].attn
             self.layers.append(LayerPlan(
                 parents=None if parents == list(range(len(index))) else torch.tensor(parents, device=device),
                 running=None if len(running) == len(after) else torch.tensor(running, device=device),
                 embed=GroupSizes([after[b][0] for b in running], device),
                 heads=heads,
                 hidden=GroupSizes([after[b][-1][2] for b in running], device),
-                qk_sources=_qk_sources(heads, attn.private_qk_heads, attn.head_dim),
+                qk_groups=supernet.blocks[i].attn.qk_groups(heads),
             ))
         final = {prefix: b for b, prefix in enumerate(branches)}
         self.branch_of_subnet = torch.tensor([final[prefix] for prefix in prefixes], device=device)
@@ -144,11 +119,8 @@ class BatchedSubnets:
         return torch.cat([self._forward(chunk) for chunk in images.split(rows)], dim=1)
 
     def _forward(self, images: Tensor) -> Tensor:
-        supernet, width = self.supernet, self.embed.width
-        patch_embed, cls_token, pos_embed = supernet.token_layers(self.patch_size)
-        tokens = patch_embed(images, embed_dim=width, patch_size=self.patch_size)
-        cls = cls_token[..., :width].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        shared = torch.cat([cls, tokens], dim=1) + pos_embed[..., :width].to(tokens.dtype)
+        supernet = self.supernet
+        shared = supernet.embed_tokens(images, self.embed.width, self.patch_size)
         x = shared.unsqueeze(0) * self.embed.mask(shared.dtype, 4)
         for block, plan in zip(supernet.blocks, self.layers):
             if plan is None:
@@ -156,69 +128,14 @@ class BatchedSubnets:
             if plan.parents is not None:
                 x = x[plan.parents]
             if plan.running is None:
-                x = _block(block, x, plan)
+                x = block.grouped_forward(x, plan.embed, plan.heads, plan.hidden, plan.qk_groups)
             else:
                 active = plan.embed.width
-                x[plan.running, ..., :active] = _block(block, x[plan.running, ..., :active], plan)
-        cls_out = grouped_layer_norm(x[:, :, 0], self.final_embed, supernet.norm.weight, supernet.norm.bias,
-                                     supernet.norm.eps)
+                x[plan.running, ..., :active] = block.grouped_forward(x[plan.running, ..., :active], plan.embed,
+                                                                      plan.heads, plan.hidden, plan.qk_groups)
+        cls_out = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
         head = supernet.head
         return elastic_linear(cls_out, head.weight, head.bias)[self.branch_of_subnet]
-
-
-def _block(block, x: Tensor, plan: LayerPlan) -> Tensor:
-    """One pre-norm transformer layer (``elastic_ops.nn.ElasticBlock``, eval mode) for the subnets of ``plan``."""
-    attn, mlp = block.attn, block.mlp
-    h = grouped_layer_norm(x, plan.embed, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    if attn.rel_pos is None and len(plan.qk_sources) == 1 and plan.qk_sources[0].private_heads is None:
-        x = x + grouped_attention(h, plan.embed, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                                  plan.heads, attn.head_dim)
-    else:
-        x = x + _unfused_attention(attn, h, plan)
-    h = grouped_layer_norm(x, plan.embed, block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    return x + grouped_mlp(h, plan.embed, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, plan.hidden)
-
-
-def _unfused_attention(attn, h: Tensor, plan: LayerPlan) -> Tensor:
-    """``ElasticAttention._unfused_attention`` for the subnets of ``plan``: q, k and v by grouped linears on the
-    rows of their super weights (q and k per :class:`QkSource`), the attention in torch over
-    ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
-    groups, batch, tokens, _ = h.shape
-    head_dim, max_width = attn.head_dim, attn.num_heads * attn.head_dim
-    width = plan.heads.scaled(head_dim)
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-
-    def rows(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: Tensor | None = None,
-             sizes: GroupSizes = width) -> Tensor:
-        x = h if subnets is None else h[subnets]
-        return grouped_linear(x, source_weight[start:], None if source_bias is None else source_bias[start:], sizes)
-
-    def q_and_k(source: QkSource) -> tuple[Tensor, Tensor]:
-        if source.private_heads is None:
-            return (rows(weight, bias, 0, source.subnets, source.width),
-                    rows(weight, bias, max_width, source.subnets, source.width))
-        private = attn.private_qk[str(source.private_heads)]
-        return (rows(private.weight, private.bias, 0, source.subnets, source.width),
-                rows(private.weight, private.bias, source.private_heads * head_dim, source.subnets, source.width))
-
-    if len(plan.qk_sources) == 1:
-        q, k = q_and_k(plan.qk_sources[0])
-    else:
-        q, k = (h.new_zeros(groups, batch, tokens, width.width) for _ in range(2))
-        for source in plan.qk_sources:
-            part_q, part_k = q_and_k(source)
-            q[source.subnets, ..., :part_q.shape[-1]] = part_q
-            k[source.subnets, ..., :part_k.shape[-1]] = part_k
-    v = rows(weight, bias, 2 * max_width)
-    q, k, v = (t.view(groups * batch, tokens, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-    scale = head_dim ** -0.5
-    if attn.rel_pos is None:
-        context = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        rel_k, rel_v = attn.rel_pos(tokens)
-        context = plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
-    context = context.transpose(1, 2).reshape(groups, batch, tokens, width.width) * width.mask(context.dtype, 4)
-    return grouped_linear(context, attn.proj.weight, attn.proj.bias, plan.embed)
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:

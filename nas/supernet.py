@@ -198,6 +198,14 @@ class VisionTransformerSupernet(nn.Module):
         pos_embed = self.pos_embed[key] if isinstance(self.pos_embed, nn.ParameterDict) else self.pos_embed
         return patch_embed, cls_token, pos_embed
 
+    def embed_tokens(self, images: Tensor, embed_dim: int, patch_size: int) -> Tensor:
+        """Tokens ``[B, N, embed_dim]`` of ``images``: the class token, then the patches, plus the position embedding.
+        A batched pass asks for its widest embed dim once: a narrower subnet's tokens are the leading channels."""
+        patch_embed, cls_token, pos_embed = self.token_layers(patch_size)
+        x = patch_embed(images, embed_dim=embed_dim, patch_size=patch_size)
+        cls = cls_token[..., :embed_dim].to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + pos_embed[..., :embed_dim].to(x.dtype)
+
     def forward(self, images: Tensor, arch: Arch | None = None) -> Tensor:
         """Logits ``[B, num_classes]`` of the subnet ``arch`` (which becomes the active one) or of the active subnet."""
         if arch is not None:
@@ -208,11 +216,7 @@ class VisionTransformerSupernet(nn.Module):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"VisionTransformerSupernet: expected images [batch, {', '.join(map(str, expected))}], "
                              f"got {shape}")
-        embed_dim = arch.embed_dim
-        patch_embed, cls_token, pos_embed = self.token_layers(self.patch_size(arch))
-        x = patch_embed(images)
-        cls = cls_token[..., :embed_dim].to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + pos_embed[..., :embed_dim].to(x.dtype)
+        x = self.embed_tokens(images, arch.embed_dim, self.patch_size(arch))
         for block, on in zip(self.blocks, arch.layer_on):
             if on:
                 x = block(x)

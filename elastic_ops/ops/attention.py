@@ -75,16 +75,28 @@ def row_stats(ptr, rows, tokens, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _attend_key_block(q, k_base, v_base, key_start, row_stride, tokens, qk_scale, acc, row_max, row_sum,
-                      HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step of a query tile over the BLOCK_N keys from ``key_start``; MASKED for the last block."""
+def key_block(q, k_base, v_base, key_start, row_stride, tokens, qk_scale,
+              HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """``(k, v, scaled scores q k^T)`` of the BLOCK_N keys from ``key_start``. MASKED (the last block): keys past
+    ``tokens`` load as zeros and score -inf, so that they weigh nothing (a zero score would: exp2(0 - lse)
+    overflows when every real score is far below zero)."""
     keys = key_start + tl.arange(0, BLOCK_N)
     k = head_rows(k_base, keys, row_stride, tokens, HEAD_DIM, MASKED)
     v = head_rows(v_base, keys, row_stride, tokens, HEAD_DIM, MASKED)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
     if MASKED:
         scores = tl.where(keys[None, :] < tokens, scores, float("-inf"))
+    return k, v, scores
+
+
+@triton.jit
+def _attend_key_block(q, k_base, v_base, key_start, row_stride, tokens, qk_scale, acc, row_max, row_sum,
+                      HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step of a query tile over the BLOCK_N keys from ``key_start``; MASKED for the last block."""
+    k, v, scores = key_block(q, k_base, v_base, key_start, row_stride, tokens, qk_scale, HEAD_DIM, ACC_DTYPE,
+                             DOT_PRECISION, BLOCK_N, MASKED)
     # Every block holds at least one real key, so the new maximum is finite.
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     rescale = tl.exp2(row_max - new_max)
@@ -119,12 +131,8 @@ def _dq_key_block(q, d_out, lse, delta, k_base, v_base, key_start, row_stride, t
                   HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dq of a query tile from the BLOCK_N keys from ``key_start``; MASKED for the last block."""
-    keys = key_start + tl.arange(0, BLOCK_N)
-    k = head_rows(k_base, keys, row_stride, tokens, HEAD_DIM, MASKED)
-    v = head_rows(v_base, keys, row_stride, tokens, HEAD_DIM, MASKED)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-    if MASKED:  # keys past N load as zeros, but exp2(0 - lse) overflows when every real score is far below zero
-        scores = tl.where(keys[None, :] < tokens, scores, float("-inf"))
+    k, v, scores = key_block(q, k_base, v_base, key_start, row_stride, tokens, qk_scale, HEAD_DIM, ACC_DTYPE,
+                             DOT_PRECISION, BLOCK_N, MASKED)
     p = tl.exp2(scores - lse[:, None])
     dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     ds = p * (dp - delta[:, None])
