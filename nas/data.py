@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from .errors import UserError
+
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -43,7 +45,7 @@ MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data set is missing, incomplete or malformed."""
 
 

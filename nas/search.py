@@ -36,6 +36,7 @@ import yaml
 from . import cost as cost_model
 from .arch import Arch
 from .atomic import atomic_open, atomic_torch_save, atomic_write_text
+from .errors import UserError
 from .searchers import SEARCHERS, InfeasibleBudgetError, build_searcher
 from .space import SearchSpace
 
@@ -453,7 +454,7 @@ def write_outputs(search: Search, output: str, extra: dict | None = None) -> dic
 
 # --- the command line ---------------------------------------------------------------------------------
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint, latency model or saved search that belongs to another space or run."""
 
 
@@ -622,12 +623,10 @@ def run(config: SearchConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .train import CheckpointError
-
     try:
         run(config_from_args(argv))
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError, DataError) as error:
+    # The search config, budget and state checks still raise plain ValueError (not yet in the UserError family).
+    except (UserError, ValueError, FileNotFoundError, ImportError) as error:
         print(f"nas.search: error: {error}", file=sys.stderr)
         return 2
     return 0

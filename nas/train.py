@@ -56,6 +56,7 @@ import elastic_ops
 from . import data as data_lib
 from .arch import Arch
 from .atomic import atomic_open, atomic_torch_save
+from .errors import CheckpointError, UserError
 from .samplers import SAMPLERS, ArchSampler, build_sampler
 from .space import SearchSpace, load_space
 from .supernet import SupernetConfig, VisionTransformerSupernet
@@ -66,15 +67,11 @@ RESUMABLE_CHANGES = {"out_dir", "resume", "progress", "plot", "log_every", "ckpt
                      "eval_every", "eval_batch_size", "num_workers", "cpu_threads"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A training config that cannot be used."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or does not belong to this run."""
-
-
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad step changed any weight."""
 
 
@@ -787,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_initialized():
             # No rank tears down its connections while another is still finishing the last collective.
             dist.barrier()
-    except (ConfigError, CheckpointError, NonFiniteLossError, data_lib.DataError) as err:
+    except UserError as err:
         print(f"nas.train: error: {err}", file=sys.stderr)
         return 2
     finally:

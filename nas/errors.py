@@ -1,0 +1,19 @@
+"""The user-error family (DESIGN.md section 10): a problem with what the user handed us (a config, data, a
+checkpoint, an output directory, a budget). ``python -m nas.train`` and ``python -m nas.search`` print a
+:class:`UserError` as one line and exit with status 2; any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class of every error that the command lines report as one line (exit status 2)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or saved state (training checkpoint, search state, evaluation cache) that is missing,
+    unreadable, malformed, or does not belong to this run."""
+
+
+class OutputError(UserError, OSError):
+    """An output directory or file that cannot be written (read-only, a file where a directory belongs, disk
+    full) or that holds another run."""
