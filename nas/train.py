@@ -620,14 +620,15 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states
+        path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
         if self.ranks.main:
-            path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
             save_checkpoint(path, state)
-            self.last_checkpoint = path
             for old in sorted(checkpoint_dir(self.config.out_dir).glob("step_*.pt"))[:-self.config.keep_checkpoints]:
                 old.unlink()
         if self.ranks.enabled:
             dist.barrier()
+        # On every rank: fit() decides from it whether to save at the end, and save() is a collective.
+        self.last_checkpoint = path
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)

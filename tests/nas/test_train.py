@@ -1,21 +1,19 @@
 """nas.train: config handling, exact resume, NaN stop, clear errors, DDP with two CPU processes, and a short
 real CIFAR-10 run whose subnets must beat chance."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import processes
 import torch
+from processes import TORCHRUN
 
 from nas import data as data_lib
 from nas import train as T
 from nas.space import load_space
 from nas.supernet import VisionTransformerSupernet
 
-REPO = Path(__file__).resolve().parents[2]
-CIFAR10 = REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
+CIFAR10 = processes.REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
 
 
 def tiny(tmp_path, name="run", **overrides):
@@ -187,23 +185,15 @@ def test_search_holdout_never_enters_a_training_batch(tmp_path, monkeypatch):
     assert split == {"images": 287, "seed": 1, "of": num_train, "dataset": "digits"}
 
 
-def child_env():
-    """The subprocess picks its own backend: tests/conftest.py's TRITON_INTERPRET=1 must not leak into it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, which the assertion shows.
-    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
-
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """Two gloo ranks with batch 16 each see, step by step, the same 32 images as one process with batch
     32 (DistributedSampler shards each batch), so with hand-averaged gradients the losses must agree."""
     common = ["max_steps=4", "train_subset=192", "test_subset=64", "warmup_steps=1", "log_every=1", "augment=false",
               "drop_path=0.0", "plot=false", "sampler=sandwich", "sampler_options={num_random: 1}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nas.train",
-               "--no-progress", "--out-dir", str(tmp_path / "ddp"), "--batch-size", "16"]
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir", str(tmp_path / "ddp"),
+                          "--batch-size", "16"]
     command += [arg for item in common for arg in ("--set", item)]
-    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    done = processes.run(command, tmp_path, timeout=120)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
     assert "test accuracy: smallest subnet" in done.stdout
     state = T.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
@@ -219,6 +209,18 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     ddp_log = [r for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "train"]
     one_log = [r for r in T.read_log(tmp_path / "one" / "log.jsonl") if r["event"] == "train"]
     assert [r["archs"] for r in ddp_log] == [r["archs"] for r in one_log]
+
+
+def test_torchrun_ending_on_a_checkpoint_step_finishes(tmp_path):
+    """The last step is a checkpoint step. Every rank must agree that the final checkpoint is written: when only
+    rank 0 knew, the other ranks saved again (a collective) while rank 0 evaluated (another), and both hung."""
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir", str(tmp_path / "ddp"),
+                          "--steps", "4", "--ckpt-every", "2", "--batch-size", "16"]
+    command += [arg for item in ("train_subset=64", "test_subset=32", "plot=false") for arg in ("--set", item)]
+    done = processes.run(command, tmp_path, timeout=120)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    assert [r["step"] for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "final"] == [4]
 
 
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10} (../shared/data from the repo root)")
