@@ -230,7 +230,8 @@ def load_cifar(root: str | None, split: str, num_classes: int = 10) -> TensorIma
         try:
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta_path)[names_key]]
         except (KeyError, TypeError, UnicodeDecodeError) as err:
-            raise DataError(f"CIFAR file {meta_path!r} does not hold the list {names_key!r} of class names: {err!r}") from err
+            raise DataError(f"CIFAR file {meta_path!r} does not hold the list {names_key!r} of class names: "
+                            f"{err!r}") from err
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, *stats)
 
 

@@ -1,7 +1,6 @@
 """nas.data: loaders checked against the files they read (written here, or the shared real data), and the
 batch augmentation against explicit per-image crops."""
 import gzip
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile import RunsCode
 
 from nas import data as D
 
@@ -72,16 +72,6 @@ def test_cifar_errors(tmp_path):
         D.load_dataset("cifar10", str(tmp_path / "c"), "train")
 
 
-class RunsCode:
-    """Unpickled by a plain unpickler, it runs ``touch MARKER``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("file, content", [
     ("test_batch", lambda code: code),
     ("test_batch", lambda code: {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"batch_label": code}),
@@ -93,7 +83,8 @@ def test_cifar_file_that_runs_code_is_refused(tmp_path, file, content):
     marker = tmp_path / "MARKER"
     payload = pickle.dumps(content(RunsCode(marker)), protocol=4)
     (root / file).write_bytes(payload)
-    with pytest.raises(D.DataError, match=rf"CIFAR file '.*{file}' is corrupt or not a CIFAR batch .*refers to \w+\.system"):
+    refused = rf"CIFAR file '.*{file}' is corrupt or not a CIFAR batch .*refers to \w+\.system"
+    with pytest.raises(D.DataError, match=refused):
         D.load_dataset("cifar10", str(root), "test")
     assert not marker.exists()
     pickle.loads(payload)  # the payload is live: a plain unpickler runs it

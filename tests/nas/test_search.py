@@ -3,9 +3,12 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
+import torch
+from hostile import RunsCode
 
 from nas.arch import Arch
 from nas.cost import macs_many, params_many
@@ -129,6 +132,35 @@ def test_resume_continues_exactly(tmp_path, algorithm):
     assert len(evaluated_after_resume) == len(set(evaluated_after_resume)), "a candidate was evaluated twice"
 
 
+def plain_types(value) -> set[type]:
+    """The types of ``value`` and of everything inside it."""
+    inside = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    keys = value.keys() if isinstance(value, dict) else ()
+    return {type(value)}.union(*(plain_types(v) for v in (*keys, *inside)))
+
+
+def test_tpe_state_is_plain_data_and_a_pickled_study_never_loads(tmp_path):
+    first, _ = synthetic_search(tmp_path, "tpe", generations=1)
+    first.run(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert plain_types(state) <= {dict, list, tuple, str, int, float, bool, type(None)}
+    assert len(state["searchers"][0]["trials"]) >= 16
+
+    marker = tmp_path / "MARKER"
+    searcher = {k: v for k, v in state["searchers"][0].items() if k not in ("trials", "generators", "pending")}
+    old = {**searcher, "study": pickle.dumps(RunsCode(marker))}  # what the state held before: a pickled study
+    torch.save({**state, "searchers": [old, *state["searchers"][1:]]}, tmp_path / "old.pt")
+    resumed, _ = synthetic_search(tmp_path, "tpe", generations=2)
+    with pytest.raises(ValueError, match="pickled the Optuna study; it is not loaded"):
+        resumed.load_state(tmp_path / "old.pt")
+    assert not marker.exists()
+
+    garbled = {**state["searchers"][0], "trials": [{"state": "DONE"}]}
+    torch.save({**state, "searchers": [garbled, *state["searchers"][1:]]}, tmp_path / "garbled.pt")
+    with pytest.raises(ValueError, match="the tpe search state is malformed"):
+        resumed.load_state(tmp_path / "garbled.pt")
+
+
 def test_budgets_share_candidates_and_are_respected(tmp_path):
     search, calls = synthetic_search(tmp_path)
     summary = search.run()
@@ -187,8 +219,6 @@ def test_config_from_yaml_and_flags(tmp_path):
 # --- search data: the training images the checkpoint held out ------------------------------------------
 
 def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
-    import torch
-
     from nas.data import load_digits
     from nas.search import main
     from nas.train import TrainConfig, load_checkpoint, train
