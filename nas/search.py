@@ -36,7 +36,7 @@ import yaml
 from . import cost as cost_model
 from .arch import Arch
 from .atomic import atomic_open, atomic_torch_save, atomic_write_text
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .searchers import SEARCHERS, InfeasibleBudgetError, build_searcher
 from .space import SearchSpace
 
@@ -466,6 +466,8 @@ def load_supernet(path: str | os.PathLike, device: torch.device, space_name: str
 
     state = load_checkpoint(path)
     trained = state["config"]
+    if not isinstance(trained.get("space"), str):
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} records no search space (config 'space')")
     if space_name is not None and load_space(space_name) != load_space(trained["space"]):
         raise CheckpointMismatchError(f"checkpoint {os.fspath(path)!r} holds a supernet of space {trained['space']!r}, "
                                       f"not of the requested space {space_name!r}")

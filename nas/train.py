@@ -38,7 +38,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,8 @@ class ConfigError(UserError, ValueError):
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN or infinite; training stopped before the bad step changed any weight."""
+    """The loss or its gradients became NaN or infinite (training stopped before the bad step changed any weight),
+    or the weights or optimizer state did (training stopped before writing them to a checkpoint)."""
 
 
 @dataclass
@@ -440,6 +441,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's state, checked: its format, the entries every reader needs, and only finite values."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")
@@ -449,7 +451,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: {err}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
+    problems = []
+    if type(state.get("step")) is not int or state["step"] < 0:
+        problems.append(f"its step is {state.get('step')!r}, not an integer >= 0")
+    if not isinstance(state.get("config"), dict):
+        problems.append(f"its config is {type(state.get('config')).__name__}, not a mapping")
+    if not isinstance(state.get("model"), dict) or not all(isinstance(v, Tensor) for v in state["model"].values()):
+        problems.append("it has no 'model' entry of weights")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} is malformed: {'; '.join(problems)}")
+    non_finite = non_finite_entries(state)
+    if non_finite:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(non_finite[:3])}"
+                              f"{', ...' if len(non_finite) > 3 else ''}): its run had diverged; use an earlier one")
     return state
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with one device synchronisation."""
+    checks = [t.isfinite().all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def non_finite_entries(state: Any, name: str = "") -> list[str]:
+    """The names (``model.head.weight``, ``optimizer.state.3.exp_avg``) of the floating-point tensors in a nested
+    state that hold NaN or infinite values."""
+    if isinstance(state, Tensor):
+        return [name] if state.is_floating_point() and not all_finite([state]) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [entry for key, value in items for entry in non_finite_entries(value, f"{name}.{key}" if name else str(key))]
 
 
 def gather_rng_states(ranks: Distributed, device: torch.device) -> dict[str, list[Tensor]]:
@@ -618,8 +648,17 @@ class Trainer:
             "search_split": self.data.search_split,
         }
 
+    def diverged(self, what: str) -> NonFiniteLossError:
+        where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
+        return NonFiniteLossError(f"{what}{where}. Lower lr or raise warmup_steps.")
+
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states
+        # Checked on every rank (they hold the same weights), so that all stop together.
+        non_finite = non_finite_entries(state)
+        if non_finite:
+            raise self.diverged(f"at step {self.step} the weights or optimizer state hold NaN or infinite values "
+                                f"({', '.join(non_finite[:3])}{', ...' if len(non_finite) > 3 else ''}); not saved")
         path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
         if self.ranks.main:
             save_checkpoint(path, state)
@@ -637,8 +676,8 @@ class Trainer:
         if changed:
             raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config: "
                                   + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed))
-        if state["world_size"] != self.ranks.world_size:
-            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state['world_size']} process(es); "
+        if state.get("world_size") != self.ranks.world_size:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state.get('world_size')} process(es); "
                                   f"resume with the same number (got {self.ranks.world_size}) to continue exactly")
         try:
             self.model.load_state_dict(state["model"])
@@ -698,12 +737,16 @@ class Trainer:
             stats /= self.ranks.world_size
         losses = stats[:-1].tolist()
         if not all(math.isfinite(v) for v in losses):
-            where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
-            raise NonFiniteLossError(f"loss became {losses} at step {self.step + 1} (archs {[a.to_json() for a in archs]}); "
-                                     f"stopped before updating the weights{where}. Lower lr or raise warmup_steps.")
+            raise self.diverged(f"loss became {losses} at step {self.step + 1} (archs {[a.to_json() for a in archs]}); "
+                                "stopped before updating the weights")
         if self.ranks.enabled:
             all_reduce_gradients(self.params, self.ranks.world_size)
         self.scaler.unscale_(self.optimizer)
+        # A GradScaler skips steps with non-finite gradients itself (and lowers its scale); without one they would
+        # turn the weights into NaN.
+        if not self.scaler.is_enabled() and not all_finite(p.grad for p in self.params if p.grad is not None):
+            raise self.diverged(f"gradients became non-finite at step {self.step + 1} with a finite loss {losses} "
+                                f"(archs {[a.to_json() for a in archs]}); stopped before updating the weights")
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad) if c.clip_grad is not None else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()

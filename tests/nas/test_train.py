@@ -1,5 +1,6 @@
 """nas.train: config handling, exact resume, NaN stop, clear errors, DDP with two CPU processes, and a short
 real CIFAR-10 run whose subnets must beat chance."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,79 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*"))
     assert kept == ["step_00000002.pt", "step_00000004.pt"]
     assert T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")["step"] == 4
+
+
+def floating_tensors(state):
+    """Every floating-point tensor inside a nested checkpoint state."""
+    if isinstance(state, torch.Tensor):
+        return [state] if state.is_floating_point() else []
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return [t for value in values for t in floating_tensors(value)]
+
+
+def test_diverging_run_never_writes_or_names_a_non_finite_checkpoint(tmp_path):
+    """The issue's recipe: lr=1e3 without warmup diverges within a few steps, through finite losses whose
+    gradients are not finite."""
+    config = tiny(tmp_path, max_steps=50, ckpt_every=1, warmup_steps=0, lr=1e3, min_lr=0.0)
+    with pytest.raises(T.NonFiniteLossError, match=r"the last good checkpoint is '(.*)'") as raised:
+        T.train(config)
+    named = Path(re.search(r"the last good checkpoint is '(.*?)'", str(raised.value)).group(1))
+    written = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert named in written
+    for path in written:
+        assert all(t.isfinite().all() for t in floating_tensors(torch.load(path, weights_only=True))), path
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path, monkeypatch):
+    forward = VisionTransformerSupernet.forward
+    calls = []
+
+    def poisoned_gradient(self, images, arch=None):
+        calls.append(1)
+        logits = forward(self, images, arch)
+        if len(calls) == 3:  # a finite loss whose gradient is NaN
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return logits
+
+    monkeypatch.setattr(VisionTransformerSupernet, "forward", poisoned_gradient)
+    trainer = T.Trainer(tiny(tmp_path, ckpt_every=2))
+    with pytest.raises(T.NonFiniteLossError, match=r"gradients became non-finite at step 3 with a finite loss.*"
+                                                   r"stopped before updating the weights.*step_00000002.pt"):
+        trainer.fit()
+    saved = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002.pt")["model"]
+    assert all(torch.equal(saved[name], value) for name, value in trainer.model.state_dict().items())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = T.Trainer(tiny(tmp_path))
+    trainer.save()
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    trainer.step = 1
+    with pytest.raises(T.NonFiniteLossError, match=r"at step 1 .* NaN or infinite values \(model.head.weight\); not "
+                                                   r"saved; the last good checkpoint is .*step_00000000.pt"):
+        trainer.save()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000000.pt"]
+
+
+def test_checkpoints_that_cannot_be_used_are_refused(tmp_path, capsys):
+    from nas.search import main as search
+
+    T.train(tiny(tmp_path, max_steps=1))
+    state = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001.pt")
+    poisoned = {**state, "model": {**state["model"], "blocks.0.attn.qkv.weight": state["model"]["blocks.0.attn.qkv.weight"] * float("nan")}}
+    cases = [(poisoned, r"holds NaN or infinite values \(model.blocks.0.attn.qkv.weight\): its run had diverged"),
+             ({**state, "config": ["space", "digits-tiny"]}, "malformed: its config is list, not a mapping"),
+             ({k: v for k, v in state.items() if k != "model"}, "malformed: it has no 'model' entry of weights"),
+             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0")]
+    for i, (bad, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.pt"
+        torch.save(bad, path)
+        with pytest.raises(T.CheckpointError, match=message):
+            T.Trainer(tiny(tmp_path, f"resumed{i}", max_steps=1), resume=str(path))
+        assert search(["--checkpoint", str(path), "--output", str(tmp_path / f"search{i}"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nas.search: error: checkpoint") and re.search(message, err) and err.count("\n") == 1
 
 
 def test_clear_errors(tmp_path, capsys):
