@@ -4,6 +4,8 @@ checkpoint, an output directory, a budget). ``python -m nas.train`` and ``python
 """
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """Base class of every error that the command lines report as one line (exit status 2)."""
@@ -17,3 +19,11 @@ class CheckpointError(UserError, RuntimeError):
 class OutputError(UserError, OSError):
     """An output directory or file that cannot be written (read-only, a file where a directory belongs, disk
     full) or that holds another run."""
+
+
+def first_line(error: BaseException) -> str:
+    """What an error says, on one line: torch.load's refusals with ``weights_only=True`` span a dozen lines (and
+    advise ``weights_only=False``, which would run the file's code); their cause follows "WeightsUnpickler error:"."""
+    text = str(error)
+    cause = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    return cause.group(1).strip() if cause else (text.strip().splitlines() or [type(error).__name__])[0]
