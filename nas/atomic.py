@@ -93,7 +93,8 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     :func:`atomic_open`'s pattern only) and return their names. Only for a directory this process owns (holds
     the lock of): a running writer's temporary has the same kind of name."""
     try:
-        names = [entry.name for entry in os.scandir(directory) if entry.is_file() and TEMPORARY_NAME.fullmatch(entry.name)]
+        names = [entry.name for entry in os.scandir(directory)
+                 if entry.is_file() and TEMPORARY_NAME.fullmatch(entry.name)]
     except FileNotFoundError:
         return []
     for name in names:

@@ -44,6 +44,7 @@ from .searchers import SEARCHERS, InfeasibleBudgetError, build_searcher
 from .space import SearchSpace
 
 STATE_VERSION = 1
+STATE_FILE = "state.pt"  # in the output directory
 METRICS = ("macs", "params", "latency")
 UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -246,7 +247,8 @@ class SearchConfig:
             with open(path) as f:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as error:
-            raise ValueError(f"search config {os.fspath(path)!r} is not valid YAML: {error}".replace("\n", " ")) from error
+            raise ValueError(f"search config {os.fspath(path)!r} is not valid YAML: "
+                             + str(error).replace("\n", " ")) from error
         return cls.from_dict(data or {})
 
 
@@ -450,7 +452,8 @@ class Search:
             raise CheckpointError(f"search state {os.fspath(path)!r} is corrupt or not a nas.search state: "
                                   f"{first_line(error)}") from error
         if not isinstance(state, dict):
-            raise CheckpointError(f"search state {os.fspath(path)!r} holds a {type(state).__name__}, not a nas.search state")
+            raise CheckpointError(f"search state {os.fspath(path)!r} holds a {type(state).__name__}, "
+                                  "not a nas.search state")
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, AttributeError, IndexError) as error:
@@ -606,9 +609,9 @@ def run(config: SearchConfig) -> dict:
         raise ValueError("a search needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
     output = OwnedDirectory(config.output, "output")
     try:
-        if not config.resume and os.path.exists(os.path.join(config.output, "state.pt")):
-            raise OutputError(f"output {config.output!r} already holds a search (state.pt); continue it with --resume, "
-                              "or choose another --output")
+        if not config.resume and os.path.exists(os.path.join(config.output, STATE_FILE)):
+            raise OutputError(f"output {config.output!r} already holds a search ({STATE_FILE}); continue it with "
+                              "--resume, or choose another --output")
         return _run(config)
     finally:
         output.release()
@@ -650,7 +653,7 @@ def _run(config: SearchConfig) -> dict:
         return [r.to_dict() for r in results]
 
     search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
-    state_path = os.path.join(config.output, "state.pt")
+    state_path = os.path.join(config.output, STATE_FILE)
     if config.resume:
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"--resume: no saved search at {state_path!r}")

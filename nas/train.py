@@ -23,9 +23,13 @@ the images left for training.
 
 Checkpoints (model, optimizer, scheduler, scaler, EMA, sampler, RNG states of every rank, step) are written
 atomically every ``ckpt_every`` steps and hold only tensors and plain containers (``torch.load(...,
-weights_only=True)``). ``--resume`` continues exactly: data order and augmentation are functions of
-``(seed, step, rank)`` and everything else random is restored, so a resumed run logs the same losses as
-an uninterrupted one.
+weights_only=True)``), never NaN or infinite values (a diverging run stops and names its last good checkpoint).
+``--resume`` continues exactly: data order and augmentation are functions of ``(seed, step, rank)`` and
+everything else random is restored, so a resumed run logs the same losses as an uninterrupted one.
+
+The out_dir belongs to one run (``nas.rundir``): the run locks it while it lives, a new run refuses an out_dir
+that holds files, and ``--resume`` continues the run there. ``log.jsonl`` is only ever appended to; a resumed
+run marks where it continued from, and :func:`read_log` reads the records as they stand.
 """
 from __future__ import annotations
 
@@ -458,7 +462,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: {first_line(err)}") from err
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: "
+                              f"{first_line(err)}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
     problems = []
@@ -472,9 +477,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is malformed: {'; '.join(problems)}")
     non_finite = non_finite_entries(state)
     if non_finite:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(non_finite[:3])}"
-                              f"{', ...' if len(non_finite) > 3 else ''}): its run had diverged; use an earlier one")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds NaN or infinite values ({some(non_finite)}): its run "
+                              "had diverged; use an earlier one")
     return state
+
+
+def some(names: Sequence[str], shown: int = 3) -> str:
+    """``names`` for a message: the first few, then "..."."""
+    return ", ".join(list(names[:shown]) + (["..."] if len(names) > shown else []))
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
@@ -679,11 +689,11 @@ class Trainer:
             raise CheckpointError(f"--resume: no checkpoint in {str(checkpoint_dir(c.out_dir))!r}")
         held = self.out_dir.contents() if self.out_dir is not None else []
         if held and path is None:
-            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({', '.join(held)}); continue it with "
-                              f"--resume, or choose another --out-dir")
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); continue it with --resume, "
+                              "or choose another --out-dir")
         if held and path.resolve().parent != checkpoint_dir(c.out_dir).resolve():
-            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({', '.join(held)}); resume into it only "
-                              f"from its own checkpoints, or choose another --out-dir to continue {str(path)!r}")
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); resume into it only from its "
+                              f"own checkpoints, or choose another --out-dir to continue {str(path)!r}")
         return path
 
     def close(self) -> None:
@@ -721,7 +731,7 @@ class Trainer:
         non_finite = non_finite_entries(state)
         if non_finite:
             raise self.diverged(f"at step {self.step} the weights or optimizer state hold NaN or infinite values "
-                                f"({', '.join(non_finite[:3])}{', ...' if len(non_finite) > 3 else ''}); not saved")
+                                f"({some(non_finite)}); not saved")
         path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
         if self.ranks.main:
             save_checkpoint(path, state)

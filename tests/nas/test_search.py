@@ -249,8 +249,8 @@ def test_a_search_owns_its_output(tiny_checkpoint, tmp_path, capsys):
     assert main(search_args(tiny_checkpoint, out, generations=1)) == 0
     state = (out / "state.pt").read_bytes()
     assert main(search_args(tiny_checkpoint, out)) == 2
-    assert one_line_error(capsys) == (f"nas.search: error: output '{out}' already holds a search (state.pt); continue it "
-                                      "with --resume, or choose another --output\n")
+    assert one_line_error(capsys) == (f"nas.search: error: output '{out}' already holds a search (state.pt); "
+                                      "continue it with --resume, or choose another --output\n")
     held = OwnedDirectory(out, "output")
     assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 2
     assert f"output '{out}' is in use by another run" in one_line_error(capsys)
@@ -291,12 +291,15 @@ def write(path: Path, content) -> Path:
     (["--device", "tpu"], {}, "device='tpu': Expected one of .* device type at start of device string: tpu"),
     (["--seed", "-1"], {}, r"bad search config: seed must be in 0..4294967295, got -1"),
     (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: [macs=1G\n"}, r"search config '.*c.yaml' is not valid YAML: "),
-    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: 5\n"}, r"bad search config: budgets must be list\[str\], got 5"),
-    (["--config", "{dir}/c.yaml"], {"c.yaml": "mutation_prob: high\n"}, "bad search config: mutation_prob must be float, got 'high'"),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: 5\n"}, r"bad search config: budgets must be list\[str\], "
+                                                               "got 5"),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "mutation_prob: high\n"}, "bad search config: mutation_prob must be "
+                                                                        "float, got 'high'"),
     (["--resume"], {"out/state.pt": b"garbage"}, r"search state '.*out/state.pt' is corrupt or not a nas.search state: "
                                                  "Unsupported operand 103"),
     (["--resume"], {"out/state.pt": [1, 2]}, r"search state '.*out/state.pt' holds a list, not a nas.search state"),
-    (["--resume"], {"out/state.pt": {"version": 1}}, r"search state '.*out/state.pt' is malformed: KeyError\('config'\)"),
+    (["--resume"], {"out/state.pt": {"version": 1}}, r"search state '.*out/state.pt' is malformed: "
+                                                     r"KeyError\('config'\)"),
     ([], {"out/eval_cache.json": "{not json"}, r"evaluation cache '.*out/eval_cache.json' is corrupt \(Expecting"),
     ([], {"out/eval_cache.json": '{"k": {"top1": "high"}}'}, r"evaluation cache '.*out/eval_cache.json' is corrupt "
                                                               r"\(an evaluation result is a mapping of top1, top5"),

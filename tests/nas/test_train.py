@@ -108,8 +108,9 @@ def test_out_dir_of_another_run_is_refused_and_left_alone(tmp_path, capsys):
     T.train(tiny(tmp_path, ckpt_every=4))
     before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert T.main(["--out-dir", str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"nas.train: error: out_dir '{tmp_path / 'run'}' already holds a run (checkpoints, "
-                                       "config.yaml, log.jsonl); continue it with --resume, or choose another --out-dir\n")
+    assert capsys.readouterr().err == (f"nas.train: error: out_dir '{tmp_path / 'run'}' already holds a run "
+                                       "(checkpoints, config.yaml, log.jsonl); continue it with --resume, or choose "
+                                       "another --out-dir\n")
     T.train(tiny(tmp_path, "other", max_steps=2))
     with pytest.raises(T.OutputError, match="resume into it only from its own checkpoints"):
         T.train(tiny(tmp_path), resume=str(tmp_path / "other" / "checkpoints" / "step_00000002.pt"))
@@ -126,7 +127,7 @@ def test_a_run_holds_its_out_dir_until_it_ends_or_is_killed(tmp_path):
     T.train(tiny(tmp_path), resume=True)
 
     holder = processes.Child([sys.executable, "-c", "import sys, time; from nas.rundir import OwnedDirectory; "
-                              "held = OwnedDirectory(sys.argv[1], 'out_dir'); print('held', flush=True); time.sleep(120)",
+                              "held = OwnedDirectory(sys.argv[1], 'out_dir'); print('held'); time.sleep(120)",
                               str(tmp_path / "run")], tmp_path)
     while "held" not in holder.stdout_path.read_text():
         assert holder.process.poll() is None, holder.output()
@@ -138,8 +139,8 @@ def test_a_run_holds_its_out_dir_until_it_ends_or_is_killed(tmp_path):
 
 
 UNWRITABLE = "(Permission denied|Read-only file system|Operation not permitted)"
-MAIN_TINY = ["--steps", "2", "--batch-size", "32", "--no-progress", "--set", "train_subset=64", "--set", "test_subset=32",
-             "--set", "plot=false"]
+MAIN_TINY = ["--steps", "2", "--batch-size", "32", "--no-progress", "--set", "train_subset=64",
+             "--set", "test_subset=32", "--set", "plot=false"]
 
 
 def test_read_only_out_dir_is_a_one_line_error(read_only_dir, capsys):
@@ -157,8 +158,8 @@ def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 def test_full_disk_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     fill_disk(monkeypatch, room=10_000)  # config.yaml fits, a checkpoint does not
     assert T.main(["--out-dir", str(tmp_path / "run")] + MAIN_TINY) == 2
-    assert capsys.readouterr().err == (f"nas.train: error: cannot write '{tmp_path / 'run' / 'checkpoints' / 'step_00000002.pt'}'"
-                                       ": No space left on device\n")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    assert capsys.readouterr().err == f"nas.train: error: cannot write '{checkpoint}': No space left on device\n"
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
@@ -289,7 +290,8 @@ def test_checkpoints_that_cannot_be_used_are_refused(tmp_path, capsys):
 
     T.train(tiny(tmp_path, max_steps=1))
     state = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001.pt")
-    poisoned = {**state, "model": {**state["model"], "blocks.0.attn.qkv.weight": state["model"]["blocks.0.attn.qkv.weight"] * float("nan")}}
+    qkv = "blocks.0.attn.qkv.weight"
+    poisoned = {**state, "model": {**state["model"], qkv: state["model"][qkv] * float("nan")}}
     cases = [(poisoned, r"holds NaN or infinite values \(model.blocks.0.attn.qkv.weight\): its run had diverged"),
              ({**state, "config": ["space", "digits-tiny"]}, "malformed: its config is list, not a mapping"),
              ({k: v for k, v in state.items() if k != "model"}, "malformed: it has no 'model' entry of weights"),
@@ -382,8 +384,8 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     32 (DistributedSampler shards each batch), so with hand-averaged gradients the losses must agree."""
     common = ["max_steps=4", "train_subset=192", "test_subset=64", "warmup_steps=1", "log_every=1", "augment=false",
               "drop_path=0.0", "plot=false", "sampler=sandwich", "sampler_options={num_random: 1}"]
-    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir", str(tmp_path / "ddp"),
-                          "--batch-size", "16"]
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir",
+                          str(tmp_path / "ddp"), "--batch-size", "16"]
     command += [arg for item in common for arg in ("--set", item)]
     done = processes.run(command, tmp_path, timeout=120)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
@@ -406,12 +408,13 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
 def test_torchrun_ending_on_a_checkpoint_step_finishes(tmp_path):
     """The last step is a checkpoint step. Every rank must agree that the final checkpoint is written: when only
     rank 0 knew, the other ranks saved again (a collective) while rank 0 evaluated (another), and both hung."""
-    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir", str(tmp_path / "ddp"),
-                          "--steps", "4", "--ckpt-every", "2", "--batch-size", "16"]
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir",
+                          str(tmp_path / "ddp"), "--steps", "4", "--ckpt-every", "2", "--batch-size", "16"]
     command += [arg for item in ("train_subset=64", "test_subset=32", "plot=false") for arg in ("--set", item)]
     done = processes.run(command, tmp_path, timeout=120)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    written = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
+    assert written == ["step_00000002.pt", "step_00000004.pt"]
     assert [r["step"] for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "final"] == [4]
 
 
