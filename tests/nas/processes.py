@@ -17,7 +17,9 @@ def child_env() -> dict[str, str]:
     """The subprocess picks its own backend: tests/conftest.py's TRITON_INTERPRET=1 must not leak into it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, which the assertion shows.
-    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    # PYTHONUNBUFFERED: what it prints reaches its output file at once, where a test may watch for it.
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 
