@@ -39,6 +39,12 @@ class TPESearch(Searcher):
         self.coding = GeneCoding(space)
         self.seed, self.startup_trials = seed, int(startup_trials)
         self.study = self._new_study()
+        try:
+            self.random_states(self.study)
+        except AttributeError as error:
+            raise ImportError(f"the 'tpe' search saves the state of TPE's random generators, which Optuna "
+                              f"{self.optuna.__version__} keeps elsewhere than nas.searchers.tpe expects: "
+                              f"{error}") from error
         self.pending: dict[Arch, list[int]] = {}  # numbers of the trials asked and not yet told, by arch
 
     def _new_study(self):
