@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from .errors import UserError
+
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -43,7 +45,7 @@ MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data set is missing, incomplete or malformed."""
 
 
@@ -138,14 +140,76 @@ def _require_dir(root: str | None, name: str) -> str:
     return root
 
 
+# numpy's own array reconstructors, wherever this numpy version keeps them (pickles name numpy.core.* or numpy._core.*).
+_RECONSTRUCT_ARRAY = np.ndarray((0,), np.uint8).__reduce__()[0]
+_ARRAY_FROM_BUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+
+
+def _reconstruct_array(subtype, shape, typecode):
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"an array of type {subtype!r}, not numpy.ndarray")
+    return _RECONSTRUCT_ARRAY(subtype, shape, typecode)
+
+
+def _numeric_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"an array of dtype {dtype}, not of numbers")
+    return dtype
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, bytes, str, numbers, numpy arrays of numbers) and
+    nothing else: a plain unpickler calls whatever function a file names, so a crafted file runs any code."""
+
+    GLOBALS = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _numeric_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,   # pickle protocols 2 to 4
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
+        ("numpy.core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,        # protocol 5
+        ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds") from None
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError as err:
         raise DataError(f"CIFAR file missing: {path!r} (expected the standard python layout)") from err
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise DataError(f"CIFAR file {path!r} is corrupt: {err}") from err
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as err:
+        raise DataError(f"CIFAR file {path!r} is corrupt or not a CIFAR batch (not unpickled): {err}") from err
+    if not isinstance(batch, dict):
+        raise DataError(f"CIFAR file {path!r} holds a {type(batch).__name__}, not a CIFAR batch (a dict)")
+    return batch
+
+
+def _read_cifar_batch(path: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``uint8 [N, 3, 32, 32]`` images and int64 labels of one batch file, checked."""
+    batch = _unpickle(path)
+    try:
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (KeyError, ValueError, TypeError, OverflowError) as err:
+        raise DataError(f"CIFAR file {path!r} does not hold {b'data'!r} (N x 3072 pixels) and {label_key!r} "
+                        f"(N labels): {err!r}") from err
+    if labels.shape != images.shape[:1]:
+        raise DataError(f"CIFAR file {path!r}: {images.shape[0]} images but labels of shape {labels.shape}")
+    _check_labels(labels, num_classes, path)
+    return images, labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise DataError(f"{path!r}: {outside.size} label(s) outside 0..{num_classes - 1}, e.g. {int(outside[0])}")
 
 
 def load_cifar(root: str | None, split: str, num_classes: int = 10) -> TensorImageDataset:
@@ -157,19 +221,22 @@ def load_cifar(root: str | None, split: str, num_classes: int = 10) -> TensorIma
     else:
         files = ["train"] if split == "train" else ["test"]
         label_key, meta_file, names_key, stats = b"fine_labels", "meta", b"fine_label_names", CIFAR100_STATS
-    batches = [_unpickle(os.path.join(root, f)) for f in files]
-    try:
-        images = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    except (KeyError, ValueError) as err:
-        raise DataError(f"{name} files under {root!r} do not have the expected contents: {err!r}") from err
+    batches = [_read_cifar_batch(os.path.join(root, f), label_key, num_classes) for f in files]
+    images = np.concatenate([images for images, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
     meta_path = os.path.join(root, meta_file)
-    classes = ([n.decode() for n in _unpickle(meta_path)[names_key]] if os.path.exists(meta_path)
-               else [str(i) for i in range(num_classes)])
+    classes = [str(i) for i in range(num_classes)]
+    if os.path.exists(meta_path):
+        try:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta_path)[names_key]]
+        except (KeyError, TypeError, UnicodeDecodeError) as err:
+            raise DataError(f"CIFAR file {meta_path!r} does not hold the list {names_key!r} of class names: "
+                            f"{err!r}") from err
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, *stats)
 
 
-def _read_idx(root: str, stem: str) -> np.ndarray:
+def _read_idx(root: str, stem: str) -> tuple[np.ndarray, str]:
+    """The array in the IDX file ``stem`` (gzipped or not) under ``root``, and the file's path."""
     for path in (os.path.join(root, stem), os.path.join(root, stem + ".gz")):
         if os.path.exists(path):
             break
@@ -183,7 +250,7 @@ def _read_idx(root: str, stem: str) -> np.ndarray:
         if zero != 0 or dtype_code != 0x08:
             raise ValueError(f"bad IDX magic (expected unsigned bytes), got {data[:4].hex()}")
         shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape), path
     except (OSError, EOFError, ValueError, struct.error) as err:
         raise DataError(f"MNIST file {path!r} is corrupt: {err}") from err
 
@@ -191,11 +258,16 @@ def _read_idx(root: str, stem: str) -> np.ndarray:
 def load_mnist(root: str | None, split: str) -> TensorImageDataset:
     root = _require_dir(root, "mnist")
     prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(root, f"{prefix}-images-idx3-ubyte")
-    labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images, images_path = _read_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels, labels_path = _read_idx(root, f"{prefix}-labels-idx1-ubyte")
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"MNIST {split}: expected N x H x W images and N labels, got shapes {images.shape} "
+                        f"({images_path!r}) and {labels.shape} ({labels_path!r})")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels under {root!r}")
-    return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+    labels = labels.astype(np.int64)
+    _check_labels(labels, 10, labels_path)
+    return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels),
                               [str(i) for i in range(10)], *MNIST_STATS)
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from .arch import Arch
 from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import normalize
+from .errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "EvalResult":
+        names = [f.name for f in fields(cls)]
+        if not isinstance(values, dict) or sorted(values) != sorted(names) or not all(
+                isinstance(values[n], (int, float)) and not isinstance(values[n], bool) for n in names):
+            raise ValueError(f"an evaluation result is a mapping of {', '.join(names)} to numbers, got {values!r}")
+        return cls(**values)
+
 
 class EvalCache:
     """Results keyed by (data fingerprint, arch); optionally persisted to a JSON file, written atomically."""
@@ -42,8 +51,12 @@ class EvalCache:
         self.path = None if path is None else os.fspath(path)
         self._results: dict[str, EvalResult] = {}
         if self.path is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                self._results = {key: EvalResult(**value) for key, value in json.load(f).items()}
+            try:
+                with open(self.path) as f:
+                    self.load_state_dict(json.load(f))
+            except (ValueError, AttributeError) as error:
+                raise CheckpointError(f"evaluation cache {self.path!r} is corrupt ({error}); delete it to evaluate "
+                                      "those archs again") from error
 
     @staticmethod
     def key(arch: Arch, data_key: str) -> str:
@@ -62,7 +75,7 @@ class EvalCache:
         return {key: result.to_dict() for key, result in self._results.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._results = {key: EvalResult(**value) for key, value in state.items()}
+        self._results = {key: EvalResult.from_dict(value) for key, value in state.items()}
 
     def save(self) -> None:
         if self.path is not None:

@@ -25,6 +25,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +38,13 @@ import yaml
 from . import cost as cost_model
 from .arch import Arch
 from .atomic import atomic_open, atomic_torch_save, atomic_write_text
+from .errors import CheckpointError, OutputError, UserError, first_line
+from .rundir import OwnedDirectory
 from .searchers import SEARCHERS, InfeasibleBudgetError, build_searcher
 from .space import SearchSpace
 
 STATE_VERSION = 1
+STATE_FILE = "state.pt"  # in the output directory
 METRICS = ("macs", "params", "latency")
 UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -190,23 +195,33 @@ class SearchConfig:
     export: bool = False
     progress: bool = True
 
-    # settings that may change when a search resumes
-    RESUMABLE = ("generations", "output", "resume", "export", "progress", "device", "subnets_per_pass", "batch_size")
+    # settings that may change when a search resumes; a moved checkpoint too: the data key holds its content hash
+    RESUMABLE = ("generations", "output", "resume", "export", "progress", "device", "subnets_per_pass", "batch_size",
+                 "checkpoint")
 
     def __post_init__(self):
-        self.budgets = [self.budgets] if isinstance(self.budgets, str) else list(self.budgets)
+        self.budgets = [self.budgets] if isinstance(self.budgets, str) else self.budgets
+        hints = typing.get_type_hints(type(self))
+        wrong = [f"{f.name} must be {_type_name(hints[f.name])}, got {getattr(self, f.name)!r}"
+                 for f in dataclasses.fields(self) if not _is_a(getattr(self, f.name), hints[f.name])]
+        if wrong:  # before the checks of values, which assume the types
+            raise ValueError("bad search config: " + "; ".join(wrong))
         problems = []
         if self.algorithm not in SEARCHERS:
             problems.append(f"algorithm {self.algorithm!r} is not one of {', '.join(SEARCHERS)}")
         for name in ("generations", "population", "parents", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass", "tpe_startup_trials"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("mutation_prob", "depth_embed_prob", "crossover_prob"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+            if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        # Searcher i is seeded with seed + 1000 i; TPE's numpy RandomState takes seeds below 2**32.
+        seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
+        if not 0 <= self.seed <= seed_limit:
+            problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
         if self.search_on not in ("holdout", "test"):
             problems.append(f"search_on must be 'holdout' or 'test', got {self.search_on!r}")
         if problems:
@@ -228,8 +243,30 @@ class SearchConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "SearchConfig":
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"search config {os.fspath(path)!r} is not valid YAML: "
+                             + str(error).replace("\n", " ")) from error
+        return cls.from_dict(data or {})
+
+
+def _is_a(value, hint) -> bool:
+    """Whether a setting has its declared type (an int is a float too; a bool is not an int)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, kind) for kind in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint) if typing.get_origin(hint) else hint.__name__  # "str | None", "list[str]", "int"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +446,18 @@ class Search:
         atomic_torch_save(self.state_dict(), path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, weights_only=True))
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
+            raise CheckpointError(f"search state {os.fspath(path)!r} is corrupt or not a nas.search state: "
+                                  f"{first_line(error)}") from error
+        if not isinstance(state, dict):
+            raise CheckpointError(f"search state {os.fspath(path)!r} holds a {type(state).__name__}, "
+                                  "not a nas.search state")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"search state {os.fspath(path)!r} is malformed: {error!r}") from error
 
 
 def plot_front(summary: dict, path: str | os.PathLike, budgets: Sequence[Budget]) -> None:
@@ -453,7 +501,7 @@ def write_outputs(search: Search, output: str, extra: dict | None = None) -> dic
 
 # --- the command line ---------------------------------------------------------------------------------
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint, latency model or saved search that belongs to another space or run."""
 
 
@@ -465,6 +513,8 @@ def load_supernet(path: str | os.PathLike, device: torch.device, space_name: str
 
     state = load_checkpoint(path)
     trained = state["config"]
+    if not isinstance(trained.get("space"), str):
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} records no search space (config 'space')")
     if space_name is not None and load_space(space_name) != load_space(trained["space"]):
         raise CheckpointMismatchError(f"checkpoint {os.fspath(path)!r} holds a supernet of space {trained['space']!r}, "
                                       f"not of the requested space {space_name!r}")
@@ -553,15 +603,27 @@ def held_out_split(config: SearchConfig, split: dict | None, dataset: str, train
 
 
 def run(config: SearchConfig) -> dict:
-    """A whole search as ``python -m nas.search`` runs it; returns the summary written to ``search.json``."""
+    """A whole search as ``python -m nas.search`` runs it; returns the summary written to ``search.json``.
+    The search owns its output directory meanwhile (``nas.rundir``): a second one there gets a clear error."""
+    if config.checkpoint is None:
+        raise ValueError("a search needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
+    output = OwnedDirectory(config.output, "output")
+    try:
+        if not config.resume and os.path.exists(os.path.join(config.output, STATE_FILE)):
+            raise OutputError(f"output {config.output!r} already holds a search ({STATE_FILE}); continue it with "
+                              "--resume, or choose another --output")
+        return _run(config)
+    finally:
+        output.release()
+
+
+def _run(config: SearchConfig) -> dict:
     from .evaluate import EvalCache, evaluate_archs
     from .latency import LatencyModel
     from .samplers import build_sampler
+    from .train import resolve_device
 
-    if config.checkpoint is None:
-        raise ValueError("a search needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
     latency_model = None
     if config.latency_model:
@@ -591,7 +653,7 @@ def run(config: SearchConfig) -> dict:
         return [r.to_dict() for r in results]
 
     search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
-    state_path = os.path.join(config.output, "state.pt")
+    state_path = os.path.join(config.output, STATE_FILE)
     if config.resume:
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"--resume: no saved search at {state_path!r}")
@@ -622,12 +684,10 @@ def run(config: SearchConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .train import CheckpointError
-
     try:
         run(config_from_args(argv))
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError, DataError) as error:
+    # The search config, budget and state checks still raise plain ValueError (not yet in the UserError family).
+    except (UserError, ValueError, FileNotFoundError, ImportError) as error:
         print(f"nas.search: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -23,9 +23,13 @@ the images left for training.
 
 Checkpoints (model, optimizer, scheduler, scaler, EMA, sampler, RNG states of every rank, step) are written
 atomically every ``ckpt_every`` steps and hold only tensors and plain containers (``torch.load(...,
-weights_only=True)``). ``--resume`` continues exactly: data order and augmentation are functions of
-``(seed, step, rank)`` and everything else random is restored, so a resumed run logs the same losses as
-an uninterrupted one.
+weights_only=True)``), never NaN or infinite values (a diverging run stops and names its last good checkpoint).
+``--resume`` continues exactly: data order and augmentation are functions of ``(seed, step, rank)`` and
+everything else random is restored, so a resumed run logs the same losses as an uninterrupted one.
+
+The out_dir belongs to one run (``nas.rundir``): the run locks it while it lives, a new run refuses an out_dir
+that holds files, and ``--resume`` continues the run there. ``log.jsonl`` is only ever appended to; a resumed
+run marks where it continued from, and :func:`read_log` reads the records as they stand.
 """
 from __future__ import annotations
 
@@ -35,10 +39,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +60,9 @@ import elastic_ops
 
 from . import data as data_lib
 from .arch import Arch
-from .atomic import atomic_open, atomic_torch_save
+from .atomic import atomic_open, atomic_torch_save, atomic_write_text
+from .errors import CheckpointError, OutputError, UserError, first_line
+from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
 from .space import SearchSpace, load_space
 from .supernet import SupernetConfig, VisionTransformerSupernet
@@ -66,16 +73,13 @@ RESUMABLE_CHANGES = {"out_dir", "resume", "progress", "plot", "log_every", "ckpt
                      "eval_every", "eval_batch_size", "num_workers", "cpu_threads"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A training config that cannot be used."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or does not belong to this run."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the bad step changed any weight."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss or its gradients became NaN or infinite (training stopped before the bad step changed any weight),
+    or the weights or optimizer state did (training stopped before writing them to a checkpoint)."""
 
 
 @dataclass
@@ -133,6 +137,8 @@ class TrainConfig:
         for name in ("max_steps", "train_subset", "test_subset", "cpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1 or null")
+        if not 0 <= self.seed < 2**32:  # the range every generator seeded from it takes (numpy's RandomState's)
+            problems.append(f"seed={self.seed} must be in 0..{2**32 - 1}")
         if self.search_holdout is not None and self.search_holdout < 0:
             problems.append(f"search_holdout={self.search_holdout} must be >= 0 or null")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
@@ -432,9 +438,15 @@ def checkpoint_dir(out_dir: str) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def list_checkpoints(out_dir: str) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints in ``out_dir``, by step."""
+    found = (re.fullmatch(r"step_(\d+)\.pt", path.name) for path in checkpoint_dir(out_dir).glob("step_*.pt"))
+    return sorted((int(match.group(1)), checkpoint_dir(out_dir) / match.group(0)) for match in found if match)
+
+
 def latest_checkpoint(out_dir: str) -> Path | None:
-    found = sorted(checkpoint_dir(out_dir).glob("step_*.pt"))
-    return found[-1] if found else None
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -443,16 +455,51 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's state, checked: its format, the entries every reader needs, and only finite values."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: {err}") from err
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: "
+                              f"{first_line(err)}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
+    problems = []
+    if type(state.get("step")) is not int or state["step"] < 0:
+        problems.append(f"its step is {state.get('step')!r}, not an integer >= 0")
+    if not isinstance(state.get("config"), dict):
+        problems.append(f"its config is {type(state.get('config')).__name__}, not a mapping")
+    if not isinstance(state.get("model"), dict) or not all(isinstance(v, Tensor) for v in state["model"].values()):
+        problems.append("it has no 'model' entry of weights")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} is malformed: {'; '.join(problems)}")
+    non_finite = non_finite_entries(state)
+    if non_finite:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds NaN or infinite values ({some(non_finite)}): its run "
+                              "had diverged; use an earlier one")
     return state
+
+
+def some(names: Sequence[str], shown: int = 3) -> str:
+    """``names`` for a message: the first few, then "..."."""
+    return ", ".join(list(names[:shown]) + (["..."] if len(names) > shown else []))
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with one device synchronisation."""
+    checks = [t.isfinite().all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def non_finite_entries(state: Any, name: str = "") -> list[str]:
+    """The names (``model.head.weight``, ``optimizer.state.3.exp_avg``) of the floating-point tensors in a nested
+    state that hold NaN or infinite values."""
+    if isinstance(state, Tensor):
+        return [name] if state.is_floating_point() and not all_finite([state]) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [entry for key, value in items for entry in non_finite_entries(value, f"{name}.{key}" if name else str(key))]
 
 
 def gather_rng_states(ranks: Distributed, device: torch.device) -> dict[str, list[Tensor]]:
@@ -470,17 +517,14 @@ def gather_rng_states(ranks: Distributed, device: torch.device) -> dict[str, lis
 # -- logging ----------------------------------------------------------------------------------------
 
 class JsonLog:
-    """JSON lines on rank 0; a resumed run keeps the records up to its checkpoint and appends."""
+    """JSON lines on rank 0, only ever appended to. A resumed run first cuts off a torn last line (what a killed
+    run left of a record) and appends a ``resume`` record; :func:`read_log` drops the records it supersedes."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        if enabled and resume_step is not None:
+            drop_torn_line(path)
+            self.write({"event": "resume", "step": resume_step})
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -488,8 +532,37 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def drop_torn_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate ``path`` just after its last newline, if anything follows it."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        end = position = f.seek(0, os.SEEK_END)
+        keep = 0
+        while position > 0:
+            start = max(0, position - chunk)
+            f.seek(start)
+            newline = f.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        if keep < end:
+            f.truncate(keep)
+
+
 def read_log(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """A run's records as they stand: without a torn last line (no newline), and without the records that a
+    ``resume`` record supersedes (those before it and past its step, written before the run stopped)."""
+    records: list[dict] = []
+    for line in Path(path).read_text().split("\n")[:-1]:  # the last piece is empty or torn
+        if not line:
+            continue
+        record = json.loads(line)
+        if record.get("event") == "resume":
+            records = [r for r in records if r.get("step", 0) <= record["step"]]
+        records.append(record)
+    return records
 
 
 def plot_curves(log_path: Path, out_path: Path) -> None:
@@ -591,15 +664,42 @@ class Trainer:
 
         self.step = 0
         self.last_checkpoint: Path | None = None
-        resume_path = latest_checkpoint(c.out_dir) if resume is True else (Path(resume) if resume else None)
-        if resume is True and resume_path is None:
+        self.resumed_at: int | None = None
+        # Rank 0 writes every file of the run: it owns the out_dir from here to close().
+        self.out_dir = OwnedDirectory(c.out_dir, "out_dir", subdirs=("checkpoints",)) if self.ranks.main else None
+        try:
+            resume_path = self.resume_path(resume)
+            if resume_path is not None:
+                self.load(resume_path)
+                self.resumed_at = self.step
+            out = Path(c.out_dir)
+            self.log = JsonLog(out / "log.jsonl", self.ranks.main, self.resumed_at)
+            if self.ranks.main:
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+        except BaseException:
+            self.close()
+            raise
+
+    def resume_path(self, resume: str | bool) -> Path | None:
+        """The checkpoint to resume from. An out_dir that holds files is continued only from its own checkpoints:
+        a new run there would mix its log and checkpoints with the earlier run's."""
+        c = self.config
+        path = latest_checkpoint(c.out_dir) if resume is True else (Path(resume) if resume else None)
+        if resume is True and path is None:
             raise CheckpointError(f"--resume: no checkpoint in {str(checkpoint_dir(c.out_dir))!r}")
-        if resume_path is not None:
-            self.load(resume_path)
-        out = Path(c.out_dir)
-        self.log = JsonLog(out / "log.jsonl", self.ranks.main, self.step if resume_path is not None else None)
-        if self.ranks.main:
-            (out / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+        held = self.out_dir.contents() if self.out_dir is not None else []
+        if held and path is None:
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); continue it with --resume, "
+                              "or choose another --out-dir")
+        if held and path.resolve().parent != checkpoint_dir(c.out_dir).resolve():
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); resume into it only from its "
+                              f"own checkpoints, or choose another --out-dir to continue {str(path)!r}")
+        return path
+
+    def close(self) -> None:
+        """Release the out_dir (the end of the process does too)."""
+        if self.out_dir is not None:
+            self.out_dir.release()
 
     # -- pieces --
     def autocast(self):
@@ -621,16 +721,32 @@ class Trainer:
             "search_split": self.data.search_split,
         }
 
+    def diverged(self, what: str) -> NonFiniteLossError:
+        where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
+        return NonFiniteLossError(f"{what}{where}. Lower lr or raise warmup_steps.")
+
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states
+        # Checked on every rank (they hold the same weights), so that all stop together.
+        non_finite = non_finite_entries(state)
+        if non_finite:
+            raise self.diverged(f"at step {self.step} the weights or optimizer state hold NaN or infinite values "
+                                f"({some(non_finite)}); not saved")
+        path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
         if self.ranks.main:
-            path = checkpoint_dir(self.config.out_dir) / f"step_{self.step:08d}.pt"
             save_checkpoint(path, state)
-            self.last_checkpoint = path
-            for old in sorted(checkpoint_dir(self.config.out_dir).glob("step_*.pt"))[:-self.config.keep_checkpoints]:
-                old.unlink()
+            self.prune_checkpoints()
         if self.ranks.enabled:
             dist.barrier()
+        # On every rank: fit() decides from it whether to save at the end, and save() is a collective.
+        self.last_checkpoint = path
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest ``keep_checkpoints`` up to this step's. Those of later steps, left before this run
+        resumed from an earlier checkpoint, stay: the run replaces each as it reaches its step."""
+        earlier = [path for step, path in list_checkpoints(self.config.out_dir) if step < self.step]
+        for path in earlier[:max(0, len(earlier) - (self.config.keep_checkpoints - 1))]:
+            path.unlink()
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -639,8 +755,8 @@ class Trainer:
         if changed:
             raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config: "
                                   + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed))
-        if state["world_size"] != self.ranks.world_size:
-            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state['world_size']} process(es); "
+        if state.get("world_size") != self.ranks.world_size:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state.get('world_size')} process(es); "
                                   f"resume with the same number (got {self.ranks.world_size}) to continue exactly")
         try:
             self.model.load_state_dict(state["model"])
@@ -700,12 +816,16 @@ class Trainer:
             stats /= self.ranks.world_size
         losses = stats[:-1].tolist()
         if not all(math.isfinite(v) for v in losses):
-            where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
-            raise NonFiniteLossError(f"loss became {losses} at step {self.step + 1} (archs {[a.to_json() for a in archs]}); "
-                                     f"stopped before updating the weights{where}. Lower lr or raise warmup_steps.")
+            raise self.diverged(f"loss became {losses} at step {self.step + 1} (archs {[a.to_json() for a in archs]}); "
+                                "stopped before updating the weights")
         if self.ranks.enabled:
             all_reduce_gradients(self.params, self.ranks.world_size)
         self.scaler.unscale_(self.optimizer)
+        # A GradScaler skips steps with non-finite gradients itself (and lowers its scale); without one they would
+        # turn the weights into NaN.
+        if not self.scaler.is_enabled() and not all_finite(p.grad for p in self.params if p.grad is not None):
+            raise self.diverged(f"gradients became non-finite at step {self.step + 1} with a finite loss {losses} "
+                                f"(archs {[a.to_json() for a in archs]}); stopped before updating the weights")
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad) if c.clip_grad is not None else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -739,6 +859,16 @@ class Trainer:
         self.log.write(record)
         return record
 
+    def logged_final(self) -> dict | None:
+        """The final record of this step in the log, where a finished run was resumed (read on rank 0, shared)."""
+        found = [None]
+        if self.ranks.main:
+            found[0] = next((r for r in reversed(read_log(self.log.path))
+                             if r.get("event") == "final" and r.get("step") == self.step), None)
+        if self.ranks.enabled:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     def fit(self) -> TrainResult:
         c = self.config
         from tqdm.auto import tqdm
@@ -766,7 +896,7 @@ class Trainer:
             bar.close()
             if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{self.step:08d}.pt":
                 self.save()
-            final = self.evaluate("final")
+            final = (self.logged_final() if self.step == self.resumed_at else None) or self.evaluate("final")
         if self.ranks.main and c.plot:
             plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
         return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
@@ -777,7 +907,11 @@ class Trainer:
 def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:
     """Train a supernet as ``config`` says (defaults: digits-tiny on the built-in digits) and evaluate its
     smallest and largest subnets on the test split."""
-    return Trainer(config or TrainConfig(), resume).fit()
+    trainer = Trainer(config or TrainConfig(), resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -787,7 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_initialized():
             # No rank tears down its connections while another is still finishing the last collective.
             dist.barrier()
-    except (ConfigError, CheckpointError, NonFiniteLossError, data_lib.DataError) as err:
+    except UserError as err:
         print(f"nas.train: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -13,13 +13,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..arch import Arch
+from ..errors import UserError
 from ..space import SearchSpace
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(UserError, ValueError):
     """No arch of the space meets a budget."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile import RunsCode
 
 from nas import data as D
 
@@ -30,7 +31,7 @@ def test_digits_split_covers_sklearn_exactly():
     assert train.mean[0] == pytest.approx(train_pixels.mean().item(), abs=0.01)
 
 
-def write_cifar(root: Path, rng, count=7, fine=False):
+def write_cifar(root: Path, rng, count=7, fine=False, protocol=4):
     root.mkdir()
     files = ["train", "test"] if fine else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     written = {}
@@ -38,14 +39,14 @@ def write_cifar(root: Path, rng, count=7, fine=False):
         pixels = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
         labels = rng.integers(0, 100 if fine else 10, count).tolist()
         key = b"fine_labels" if fine else b"labels"
-        (root / name).write_bytes(pickle.dumps({b"data": pixels, key: labels}, protocol=4))
+        (root / name).write_bytes(pickle.dumps({b"data": pixels, key: labels}, protocol=protocol))
         written[name] = (pixels, labels)
     return written
 
 
-@pytest.mark.parametrize("fine", [False, True])
-def test_cifar_layout_round_trip(tmp_path, fine):
-    written = write_cifar(tmp_path / "cifar", np.random.default_rng(1), fine=fine)
+@pytest.mark.parametrize("fine, protocol", [(False, 4), (True, 4), (False, 5)])
+def test_cifar_layout_round_trip(tmp_path, fine, protocol):
+    written = write_cifar(tmp_path / "cifar", np.random.default_rng(1), fine=fine, protocol=protocol)
     train = D.load_dataset("cifar100" if fine else "cifar10", str(tmp_path / "cifar"), "train")
     test = D.load_dataset("cifar100" if fine else "cifar10", str(tmp_path / "cifar"), "test")
     train_files = ["train"] if fine else [f"data_batch_{i}" for i in range(1, 6)]
@@ -69,6 +70,51 @@ def test_cifar_errors(tmp_path):
         D.load_dataset("cifar10", str(tmp_path / "c"), "test")
     with pytest.raises(D.DataError, match="missing"):
         D.load_dataset("cifar10", str(tmp_path / "c"), "train")
+
+
+@pytest.mark.parametrize("file, content", [
+    ("test_batch", lambda code: code),
+    ("test_batch", lambda code: {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"batch_label": code}),
+    ("batches.meta", lambda code: {b"label_names": [code]}),
+])
+def test_cifar_file_that_runs_code_is_refused(tmp_path, file, content):
+    root = tmp_path / "cifar"
+    write_cifar(root, np.random.default_rng(0))
+    marker = tmp_path / "MARKER"
+    payload = pickle.dumps(content(RunsCode(marker)), protocol=4)
+    (root / file).write_bytes(payload)
+    refused = rf"CIFAR file '.*{file}' is corrupt or not a CIFAR batch .*refers to \w+\.system"
+    with pytest.raises(D.DataError, match=refused):
+        D.load_dataset("cifar10", str(root), "test")
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: a plain unpickler runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "holds a list, not a CIFAR batch"),
+    ({b"data": np.zeros((2, 3072), object), b"labels": [0, 1]}, "an array of dtype object, not of numbers"),
+    ({b"data": np.ma.masked_array(np.zeros((2, 3072), np.uint8)), b"labels": [0, 1]}, r"refers to numpy\.ma\.core"),
+    ({b"data": np.zeros((2, 3072), np.uint8)}, r"does not hold b'data' .* and b'labels'"),
+    ({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]}, "does not hold b'data'"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1, 2]}, r"2 images but labels of shape \(3,\)"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"1 label\(s\) outside 0..9, e.g. 10"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [-1, 3]}, r"1 label\(s\) outside 0..9, e.g. -1"),
+])
+def test_malformed_cifar_batch_names_the_file(tmp_path, content, message):
+    root = tmp_path / "cifar"
+    write_cifar(root, np.random.default_rng(0))
+    (root / "data_batch_3").write_bytes(pickle.dumps(content, protocol=4))
+    with pytest.raises(D.DataError, match=f"'{root / 'data_batch_3'}'.*{message}"):
+        D.load_dataset("cifar10", str(root), "train")
+
+
+def test_cifar100_labels_out_of_range(tmp_path):
+    root = tmp_path / "cifar"
+    write_cifar(root, np.random.default_rng(0), fine=True)
+    (root / "test").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [100]}))
+    with pytest.raises(D.DataError, match=r"'.*test': 1 label\(s\) outside 0..99, e.g. 100"):
+        D.load_dataset("cifar100", str(root), "test")
 
 
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10}")
@@ -102,6 +148,10 @@ def test_mnist_idx_round_trip(tmp_path, compress):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03junk")
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, False)
     with pytest.raises(D.DataError, match="corrupt"):
+        D.load_dataset("mnist", str(tmp_path), "test")
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images, False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 10, 2, 3]), False)
+    with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte.*: 1 label\(s\) outside 0..9, e.g. 10"):
         D.load_dataset("mnist", str(tmp_path), "test")
 
 

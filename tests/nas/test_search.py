@@ -3,9 +3,14 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import json
+import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hostile import RunsCode, fill_disk
 
 from nas.arch import Arch
 from nas.cost import macs_many, params_many
@@ -129,6 +134,35 @@ def test_resume_continues_exactly(tmp_path, algorithm):
     assert len(evaluated_after_resume) == len(set(evaluated_after_resume)), "a candidate was evaluated twice"
 
 
+def plain_types(value) -> set[type]:
+    """The types of ``value`` and of everything inside it."""
+    inside = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    keys = value.keys() if isinstance(value, dict) else ()
+    return {type(value)}.union(*(plain_types(v) for v in (*keys, *inside)))
+
+
+def test_tpe_state_is_plain_data_and_a_pickled_study_never_loads(tmp_path):
+    first, _ = synthetic_search(tmp_path, "tpe", generations=1)
+    first.run(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert plain_types(state) <= {dict, list, tuple, str, int, float, bool, type(None)}
+    assert len(state["searchers"][0]["trials"]) >= 16
+
+    marker = tmp_path / "MARKER"
+    searcher = {k: v for k, v in state["searchers"][0].items() if k not in ("trials", "generators", "pending")}
+    old = {**searcher, "study": pickle.dumps(RunsCode(marker))}  # what the state held before: a pickled study
+    torch.save({**state, "searchers": [old, *state["searchers"][1:]]}, tmp_path / "old.pt")
+    resumed, _ = synthetic_search(tmp_path, "tpe", generations=2)
+    with pytest.raises(ValueError, match="pickled the Optuna study; it is not loaded"):
+        resumed.load_state(tmp_path / "old.pt")
+    assert not marker.exists()
+
+    garbled = {**state["searchers"][0], "trials": [{"state": "DONE"}]}
+    torch.save({**state, "searchers": [garbled, *state["searchers"][1:]]}, tmp_path / "garbled.pt")
+    with pytest.raises(ValueError, match="the tpe search state is malformed"):
+        resumed.load_state(tmp_path / "garbled.pt")
+
+
 def test_budgets_share_candidates_and_are_respected(tmp_path):
     search, calls = synthetic_search(tmp_path)
     summary = search.run()
@@ -184,11 +218,126 @@ def test_config_from_yaml_and_flags(tmp_path):
     assert (config.algorithm, config.population, config.budgets, config.progress) == ("nsga2", 20, ["params=5M"], False)
 
 
+# --- python -m nas.search on a tiny supernet: its output directory, resume, errors ----------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from nas.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    return Path(train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, search_holdout=64,
+                                  out_dir=str(out), ckpt_every=0, progress=False, plot=False,
+                                  backend="reference")).checkpoint)  # the autouse fixture's choice is per test
+
+
+def search_args(checkpoint: Path, output: Path, generations: int = 2) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--output", str(output), "--generations", str(generations), "--population",
+            "4", "--parents", "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16", "--no-progress"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("nas.search: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_search_owns_its_output(tiny_checkpoint, tmp_path, capsys):
+    from nas.rundir import OwnedDirectory
+    from nas.search import main
+
+    out = tmp_path / "out"
+    assert main(search_args(tiny_checkpoint, out, generations=1)) == 0
+    state = (out / "state.pt").read_bytes()
+    assert main(search_args(tiny_checkpoint, out)) == 2
+    assert one_line_error(capsys) == (f"nas.search: error: output '{out}' already holds a search (state.pt); "
+                                      "continue it with --resume, or choose another --output\n")
+    held = OwnedDirectory(out, "output")
+    assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 2
+    assert f"output '{out}' is in use by another run" in one_line_error(capsys)
+    assert (out / "state.pt").read_bytes() == state
+    held.release()
+    assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 0
+
+
+def test_resume_accepts_a_moved_checkpoint_with_the_same_content(tiny_checkpoint, tmp_path, capsys):
+    from nas.search import main
+
+    assert main(search_args(tiny_checkpoint, tmp_path / "straight")) == 0
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(tiny_checkpoint.read_bytes())
+    assert main(search_args(tiny_checkpoint, tmp_path / "out", generations=1)) == 0
+    assert main(search_args(moved, tmp_path / "out") + ["--resume"]) == 0
+    straight, resumed = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("straight", "out"))
+    assert resumed["candidates"] == straight["candidates"]
+
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state["model"]["head.bias"] += 1  # another supernet
+    torch.save(state, tmp_path / "other.pt")
+    assert main(search_args(tmp_path / "other.pt", tmp_path / "out", generations=3) + ["--resume"]) == 2
+    assert "evaluated on other data or another checkpoint" in one_line_error(capsys)
+
+
+def write(path: Path, content) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        torch.save(content, path)
+    return path
+
+
+@pytest.mark.parametrize("args, files, message", [
+    (["--device", "tpu"], {}, "device='tpu': Expected one of .* device type at start of device string: tpu"),
+    (["--seed", "-1"], {}, r"bad search config: seed must be in 0..4294967295, got -1"),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: [macs=1G\n"}, r"search config '.*c.yaml' is not valid YAML: "),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: 5\n"}, r"bad search config: budgets must be list\[str\], "
+                                                               "got 5"),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "mutation_prob: high\n"}, "bad search config: mutation_prob must be "
+                                                                        "float, got 'high'"),
+    (["--resume"], {"out/state.pt": b"garbage"}, r"search state '.*out/state.pt' is corrupt or not a nas.search state: "
+                                                 "Unsupported operand 103"),
+    (["--resume"], {"out/state.pt": [1, 2]}, r"search state '.*out/state.pt' holds a list, not a nas.search state"),
+    (["--resume"], {"out/state.pt": {"version": 1}}, r"search state '.*out/state.pt' is malformed: "
+                                                     r"KeyError\('config'\)"),
+    ([], {"out/eval_cache.json": "{not json"}, r"evaluation cache '.*out/eval_cache.json' is corrupt \(Expecting"),
+    ([], {"out/eval_cache.json": '{"k": {"top1": "high"}}'}, r"evaluation cache '.*out/eval_cache.json' is corrupt "
+                                                              r"\(an evaluation result is a mapping of top1, top5"),
+    ([], {"out": "a file"}, r"output '.*out' is a file, not a directory"),
+])
+def test_one_line_errors(tiny_checkpoint, tmp_path, capsys, args, files, message):
+    from nas.search import main
+
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write(tmp_path / name, content)
+    assert main(search_args(tiny_checkpoint, tmp_path / "out") + [a.format(dir=tmp_path) for a in args]) == 2
+    assert re.fullmatch(f"nas.search: error: {message}.*\n", one_line_error(capsys))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    from nas.search import main
+
+    assert main(search_args(tiny_checkpoint, tmp_path / "out") + ["--device", "cuda"]) == 2
+    assert one_line_error(capsys) == "nas.search: error: device='cuda' but CUDA is not available\n"
+
+
+def test_unwritable_output_is_a_one_line_error(tiny_checkpoint, tmp_path, monkeypatch, read_only_dir, capsys):
+    from nas.search import main
+
+    assert main(search_args(tiny_checkpoint, read_only_dir)) == 2
+    assert re.fullmatch(f"nas.search: error: cannot write to output '{read_only_dir}': "
+                        "(Permission denied|Read-only file system|Operation not permitted)\n", one_line_error(capsys))
+    fill_disk(monkeypatch, room=1000)
+    assert main(search_args(tiny_checkpoint, tmp_path / "out")) == 2
+    assert re.fullmatch(f"nas.search: error: cannot write '{tmp_path / 'out'}/.*': No space left on device\n",
+                        one_line_error(capsys))
+
+
 # --- search data: the training images the checkpoint held out ------------------------------------------
 
 def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
-    import torch
-
     from nas.data import load_digits
     from nas.search import main
     from nas.train import TrainConfig, load_checkpoint, train

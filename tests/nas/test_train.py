@@ -1,21 +1,25 @@
 """nas.train: config handling, exact resume, NaN stop, clear errors, DDP with two CPU processes, and a short
 real CIFAR-10 run whose subnets must beat chance."""
-import os
-import subprocess
+import json
+import re
+import stat
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import processes
 import torch
+from hostile import fill_disk
+from processes import TORCHRUN
 
 from nas import data as data_lib
 from nas import train as T
 from nas.space import load_space
 from nas.supernet import VisionTransformerSupernet
 
-REPO = Path(__file__).resolve().parents[2]
-CIFAR10 = REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
+CIFAR10 = processes.REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
 
 
 def tiny(tmp_path, name="run", **overrides):
@@ -50,6 +54,8 @@ def test_config_yaml_overrides_and_flags(tmp_path):
     (["lr=0.1", "min_lr=1"], "min_lr <= lr"),
     (["space.embed=3"], "only sampler_options"),
     (["lr"], "must look like key=value"),
+    (["seed=-1"], r"seed=-1 must be in 0..4294967295"),
+    (["seed=4294967296"], r"seed=4294967296 must be in 0..4294967295"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(T.ConfigError, match=message):
@@ -91,10 +97,122 @@ def test_resume_latest_in_place_and_logs(tmp_path):
     assert 0 <= final["smallest"] <= 1 and 0 <= final["largest"] <= 1
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert all("images_per_s" in r for r in log if r["event"] == "train")  # log_every=1
-    # --resume with no path takes the latest checkpoint (step 6, the end): nothing left to train
+    # --resume with no path takes the latest checkpoint (step 6, the end): nothing left to train, nor to evaluate
     result = T.train(config, resume=True)
-    assert result.steps == 6
+    assert (result.steps, result.smallest, result.largest) == (6, final["smallest"], final["largest"])
     assert [r["step"] for r in T.read_log(tmp_path / "run" / "log.jsonl") if r["event"] == "train"] == list(range(1, 7))
+    assert (tmp_path / "run" / "log.jsonl").read_text().count('"event": "final"') == 1
+
+
+def test_out_dir_of_another_run_is_refused_and_left_alone(tmp_path, capsys):
+    T.train(tiny(tmp_path, ckpt_every=4))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert T.main(["--out-dir", str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"nas.train: error: out_dir '{tmp_path / 'run'}' already holds a run "
+                                       "(checkpoints, config.yaml, log.jsonl); continue it with --resume, or choose "
+                                       "another --out-dir\n")
+    T.train(tiny(tmp_path, "other", max_steps=2))
+    with pytest.raises(T.OutputError, match="resume into it only from its own checkpoints"):
+        T.train(tiny(tmp_path), resume=str(tmp_path / "other" / "checkpoints" / "step_00000002.pt"))
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_run_holds_its_out_dir_until_it_ends_or_is_killed(tmp_path):
+    first = T.Trainer(tiny(tmp_path))
+    with pytest.raises(T.OutputError, match=f"out_dir '{tmp_path / 'run'}' is in use by another run"):
+        T.Trainer(tiny(tmp_path, "run"), resume=True)
+    first.fit()
+    first.close()
+    T.train(tiny(tmp_path), resume=True)
+
+    holder = processes.Child([sys.executable, "-c", "import sys, time; from nas.rundir import OwnedDirectory; "
+                              "held = OwnedDirectory(sys.argv[1], 'out_dir'); print('held'); time.sleep(120)",
+                              str(tmp_path / "run")], tmp_path)
+    while "held" not in holder.stdout_path.read_text():
+        assert holder.process.poll() is None, holder.output()
+        time.sleep(0.05)
+    with pytest.raises(T.OutputError, match="is in use by another run"):
+        T.train(tiny(tmp_path), resume=True)
+    holder.kill()  # kill -9: the kernel drops its lock
+    assert T.train(tiny(tmp_path), resume=True).steps == 8
+
+
+UNWRITABLE = "(Permission denied|Read-only file system|Operation not permitted)"
+MAIN_TINY = ["--steps", "2", "--batch-size", "32", "--no-progress", "--set", "train_subset=64",
+             "--set", "test_subset=32", "--set", "plot=false"]
+
+
+def test_read_only_out_dir_is_a_one_line_error(read_only_dir, capsys):
+    assert T.main(["--out-dir", str(read_only_dir)] + MAIN_TINY) == 2
+    assert re.fullmatch(f"nas.train: error: cannot write to out_dir '{read_only_dir}': {UNWRITABLE}\n",
+                        capsys.readouterr().err)
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("notes")
+    assert T.main(["--out-dir", str(tmp_path / "run")] + MAIN_TINY) == 2
+    assert capsys.readouterr().err == f"nas.train: error: out_dir '{tmp_path / 'run'}' is a file, not a directory\n"
+
+
+def test_full_disk_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    fill_disk(monkeypatch, room=10_000)  # config.yaml fits, a checkpoint does not
+    assert T.main(["--out-dir", str(tmp_path / "run")] + MAIN_TINY) == 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    assert capsys.readouterr().err == f"nas.train: error: cannot write '{checkpoint}': No space left on device\n"
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_resume_removes_stale_temporaries_and_nothing_else(tmp_path):
+    T.train(tiny(tmp_path, max_steps=4, ckpt_every=2))
+    run = tmp_path / "run"
+    # Left by writes killed midway (nas.atomic's names), and the user's own files, which stay.
+    stale = [run / ".config.yaml.k3j9x0qa.tmp", run / "checkpoints" / ".step_00000004.pt.ab12cd_4.tmp"]
+    others = [run / "notes.tmp", run / "checkpoints" / "step_00000004.pt.tmp", run / ".config.yaml.tmp"]
+    for path in stale + others:
+        path.write_text("x")
+    T.train(tiny(tmp_path, max_steps=4, ckpt_every=2), resume=True)
+    assert [path.exists() for path in stale + others] == [False] * len(stale) + [True] * len(others)
+    (tmp_path / "new").touch()  # what any new file gets: the oracle of the permissions
+    new_file = stat.S_IMODE((tmp_path / "new").stat().st_mode)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*") if p.is_file() and p not in others} == {new_file}
+
+
+def test_resuming_from_an_earlier_checkpoint_never_prunes_the_newest(tmp_path):
+    T.train(tiny(tmp_path, ckpt_every=2, keep_checkpoints=3))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004.pt", "step_00000006.pt", "step_00000008.pt"]
+    trainer = T.Trainer(tiny(tmp_path, ckpt_every=1, keep_checkpoints=1), resume=str(checkpoints / "step_00000004.pt"))
+    save = trainer.save
+
+    def checked_save():
+        save()
+        assert trainer.last_checkpoint.exists()  # it was once pruned right after it was written
+        later = {f"step_{s:08d}.pt" for s in (6, 8) if s > trainer.step}
+        assert sorted(p.name for p in checkpoints.iterdir()) == sorted({trainer.last_checkpoint.name} | later)
+
+    trainer.save = checked_save
+    result = trainer.fit()
+    trainer.close()
+    assert Path(result.checkpoint).exists() and [p.name for p in checkpoints.iterdir()] == ["step_00000008.pt"]
+
+
+def test_log_is_only_appended_to_and_survives_a_torn_line(tmp_path):
+    T.train(tiny(tmp_path, ckpt_every=4))
+    log = tmp_path / "run" / "log.jsonl"
+    straight = [r["losses"] for r in T.read_log(log) if r["event"] == "train"]
+    # What a run killed while logging step 6 leaves: the records up to step 5, half of step 6's, checkpoint 4.
+    kept = [line for line in log.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= 5]
+    complete = "".join(line for line in kept if json.loads(line)["event"] == "train")
+    log.write_text(complete + '{"event": "train", "step": 6, "lo')
+    (tmp_path / "run" / "checkpoints" / "step_00000008.pt").unlink()
+
+    T.train(tiny(tmp_path, ckpt_every=4), resume=True)
+    assert log.read_text().startswith(complete)  # no complete record lost, the torn one gone
+    records = T.read_log(log)
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 9))
+    assert [(r["event"], r["step"]) for r in records if r["event"] != "train"] == [("resume", 4), ("final", 8)]
+    assert [r["losses"] for r in records if r["event"] == "train"] == straight
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -112,6 +230,80 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*"))
     assert kept == ["step_00000002.pt", "step_00000004.pt"]
     assert T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")["step"] == 4
+
+
+def floating_tensors(state):
+    """Every floating-point tensor inside a nested checkpoint state."""
+    if isinstance(state, torch.Tensor):
+        return [state] if state.is_floating_point() else []
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return [t for value in values for t in floating_tensors(value)]
+
+
+def test_diverging_run_never_writes_or_names_a_non_finite_checkpoint(tmp_path):
+    """The issue's recipe: lr=1e3 without warmup diverges within a few steps, through finite losses whose
+    gradients are not finite."""
+    config = tiny(tmp_path, max_steps=50, ckpt_every=1, warmup_steps=0, lr=1e3, min_lr=0.0)
+    with pytest.raises(T.NonFiniteLossError, match=r"the last good checkpoint is '(.*)'") as raised:
+        T.train(config)
+    named = Path(re.search(r"the last good checkpoint is '(.*?)'", str(raised.value)).group(1))
+    written = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert named in written
+    for path in written:
+        assert all(t.isfinite().all() for t in floating_tensors(torch.load(path, weights_only=True))), path
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path, monkeypatch):
+    forward = VisionTransformerSupernet.forward
+    calls = []
+
+    def poisoned_gradient(self, images, arch=None):
+        calls.append(1)
+        logits = forward(self, images, arch)
+        if len(calls) == 3:  # a finite loss whose gradient is NaN
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return logits
+
+    monkeypatch.setattr(VisionTransformerSupernet, "forward", poisoned_gradient)
+    trainer = T.Trainer(tiny(tmp_path, ckpt_every=2))
+    with pytest.raises(T.NonFiniteLossError, match=r"gradients became non-finite at step 3 with a finite loss.*"
+                                                   r"stopped before updating the weights.*step_00000002.pt"):
+        trainer.fit()
+    saved = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002.pt")["model"]
+    assert all(torch.equal(saved[name], value) for name, value in trainer.model.state_dict().items())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = T.Trainer(tiny(tmp_path))
+    trainer.save()
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    trainer.step = 1
+    with pytest.raises(T.NonFiniteLossError, match=r"at step 1 .* NaN or infinite values \(model.head.weight\); not "
+                                                   r"saved; the last good checkpoint is .*step_00000000.pt"):
+        trainer.save()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000000.pt"]
+
+
+def test_checkpoints_that_cannot_be_used_are_refused(tmp_path, capsys):
+    from nas.search import main as search
+
+    T.train(tiny(tmp_path, max_steps=1))
+    state = T.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001.pt")
+    qkv = "blocks.0.attn.qkv.weight"
+    poisoned = {**state, "model": {**state["model"], qkv: state["model"][qkv] * float("nan")}}
+    cases = [(poisoned, r"holds NaN or infinite values \(model.blocks.0.attn.qkv.weight\): its run had diverged"),
+             ({**state, "config": ["space", "digits-tiny"]}, "malformed: its config is list, not a mapping"),
+             ({k: v for k, v in state.items() if k != "model"}, "malformed: it has no 'model' entry of weights"),
+             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0")]
+    for i, (bad, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.pt"
+        torch.save(bad, path)
+        with pytest.raises(T.CheckpointError, match=message):
+            T.Trainer(tiny(tmp_path, f"resumed{i}", max_steps=1), resume=str(path))
+        assert search(["--checkpoint", str(path), "--output", str(tmp_path / f"search{i}"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nas.search: error: checkpoint") and re.search(message, err) and err.count("\n") == 1
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -187,23 +379,15 @@ def test_search_holdout_never_enters_a_training_batch(tmp_path, monkeypatch):
     assert split == {"images": 287, "seed": 1, "of": num_train, "dataset": "digits"}
 
 
-def child_env():
-    """The subprocess picks its own backend: tests/conftest.py's TRITON_INTERPRET=1 must not leak into it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, which the assertion shows.
-    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
-
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """Two gloo ranks with batch 16 each see, step by step, the same 32 images as one process with batch
     32 (DistributedSampler shards each batch), so with hand-averaged gradients the losses must agree."""
     common = ["max_steps=4", "train_subset=192", "test_subset=64", "warmup_steps=1", "log_every=1", "augment=false",
               "drop_path=0.0", "plot=false", "sampler=sandwich", "sampler_options={num_random: 1}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nas.train",
-               "--no-progress", "--out-dir", str(tmp_path / "ddp"), "--batch-size", "16"]
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir",
+                          str(tmp_path / "ddp"), "--batch-size", "16"]
     command += [arg for item in common for arg in ("--set", item)]
-    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    done = processes.run(command, tmp_path, timeout=120)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
     assert "test accuracy: smallest subnet" in done.stdout
     state = T.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
@@ -219,6 +403,19 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     ddp_log = [r for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "train"]
     one_log = [r for r in T.read_log(tmp_path / "one" / "log.jsonl") if r["event"] == "train"]
     assert [r["archs"] for r in ddp_log] == [r["archs"] for r in one_log]
+
+
+def test_torchrun_ending_on_a_checkpoint_step_finishes(tmp_path):
+    """The last step is a checkpoint step. Every rank must agree that the final checkpoint is written: when only
+    rank 0 knew, the other ranks saved again (a collective) while rank 0 evaluated (another), and both hung."""
+    command = TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.train", "--no-progress", "--out-dir",
+                          str(tmp_path / "ddp"), "--steps", "4", "--ckpt-every", "2", "--batch-size", "16"]
+    command += [arg for item in ("train_subset=64", "test_subset=32", "plot=false") for arg in ("--set", item)]
+    done = processes.run(command, tmp_path, timeout=120)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
+    written = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
+    assert written == ["step_00000002.pt", "step_00000004.pt"]
+    assert [r["step"] for r in T.read_log(tmp_path / "ddp" / "log.jsonl") if r["event"] == "final"] == [4]
 
 
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10} (../shared/data from the repo root)")
