@@ -316,7 +316,7 @@ def _scales(head_dim: int) -> tuple[float, float]:
     return head_dim ** -0.5 * math.log2(math.e), head_dim ** -0.5
 
 
-def attention_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+def flash_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
     """``(context [B*N, h*Dh], lse [B*h, N])`` of the qkv buffer ``[3, B*N, h*Dh]``."""
     width = num_heads * head_dim
     context = torch.empty((batch * tokens, width), device=qkv.device, dtype=qkv.dtype)
@@ -328,8 +328,8 @@ def attention_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head
     return context, lse
 
 
-def attention_backward(qkv: Tensor, context: Tensor, lse: Tensor, d_context: Tensor, batch: int, tokens: int,
-                       num_heads: int, head_dim: int) -> Tensor:
+def flash_backward(qkv: Tensor, context: Tensor, lse: Tensor, d_context: Tensor, batch: int, tokens: int,
+                   num_heads: int, head_dim: int) -> Tensor:
     """Gradient of the qkv buffer, in its layout ``[3, B*N, width]``, from ``d_context: [B*N, width]`` (contiguous)."""
     width = num_heads * head_dim
     d_qkv = torch.empty_like(qkv)
@@ -367,18 +367,45 @@ def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tenso
 
 
 def self_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
-                           proj_bias: Tensor | None, num_heads: int, head_dim: int):
-    """``(out [B, N, e], what the backward needs)``: x as rows, the weight blocks in x's dtype, the qkv buffer, the
-    context and the log-sum-exp."""
+                           proj_bias: Tensor | None, num_heads: int, head_dim: int,
+                           keep_residuals: bool) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """``(out [B, N, e], residuals)``: what the backward needs besides the inputs, the qkv buffer, the context and
+    the log-sum-exp (None without ``keep_residuals``)."""
     batch, tokens, embed = x.shape
     width = num_heads * head_dim
     x2d = x.reshape(-1, embed)  # a view wherever x's strides allow
     weight_blocks, bias_blocks = qkv_blocks(qkv_weight, qkv_bias, width, embed, x.dtype)
     qkv = qkv_forward(x2d, weight_blocks, bias_blocks)
-    context, lse = attention_forward(qkv, batch, tokens, num_heads, head_dim)
-    proj_block = active_block(proj_weight, embed, width, x.dtype)
-    out = linear_gemm(context, proj_block, active_vector(proj_bias, embed, x.dtype))
-    return out.view(batch, tokens, embed), (x2d, proj_block, *weight_blocks, qkv, context, lse)
+    context, lse = flash_forward(qkv, batch, tokens, num_heads, head_dim)
+    out = linear_gemm(context, active_block(proj_weight, embed, width, x.dtype), active_vector(proj_bias, embed, x.dtype))
+    return out.view(batch, tokens, embed), ((qkv, context, lse) if keep_residuals else None)
+
+
+def self_attention_backward(d_out: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                            proj_bias: Tensor | None, qkv: Tensor, context: Tensor, lse: Tensor, num_heads: int,
+                            head_dim: int, needs: tuple[bool, ...]):
+    """``(dx, dW_qkv, db_qkv, dW_o, db_o)`` for ``needs`` flags of (x, qkv weight, qkv bias, proj weight, proj bias);
+    parameter gradients go into ``weight_grad_buffer`` views (returned only where autograd must receive them)."""
+    need_dx, need_dw_qkv, need_db_qkv, need_dw_proj, need_db_proj = needs
+    need_db_qkv, need_db_proj = need_db_qkv and qkv_bias is not None, need_db_proj and proj_bias is not None
+    batch, tokens, embed = x.shape
+    width = num_heads * head_dim
+    d_out2d = d_out.reshape(-1, embed)
+    d_proj_weight = d_proj_bias = None
+    if need_dw_proj:
+        view, d_proj_weight = weight_grad_buffer(proj_weight, embed, width)
+        add_weight_grad(view, d_out2d, context)
+    if need_db_proj:
+        view, d_proj_bias = weight_grad_buffer(proj_bias, embed)
+        add_bias_grad(view, d_out2d)
+    dx = d_qkv_weight = d_qkv_bias = None
+    if need_dx or need_dw_qkv or need_db_qkv:
+        d_context = torch.mm(d_out2d, active_block(proj_weight, embed, width, x.dtype))
+        d_qkv = flash_backward(qkv, context, lse, d_context, batch, tokens, num_heads, head_dim)
+        weight_blocks, _ = qkv_blocks(qkv_weight, None, width, embed, x.dtype)
+        dx, d_qkv_weight, d_qkv_bias = qkv_backward(d_qkv, x.reshape(-1, embed), qkv_weight, qkv_bias, weight_blocks,
+                                                    need_dx, need_dw_qkv, need_db_qkv)
+    return (None if dx is None else dx.view(x.shape)), d_qkv_weight, d_qkv_bias, d_proj_weight, d_proj_bias
 
 
 class ElasticAttentionFunction(torch.autograd.Function):
@@ -386,37 +413,17 @@ class ElasticAttentionFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                 proj_bias: Tensor | None, num_heads: int, head_dim: int):
         record_grad_mode(ctx)
-        out, saved = self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
-        ctx.save_for_backward(qkv_weight, qkv_bias, proj_weight, proj_bias, *saved)
-        ctx.dims = (x.shape[0], x.shape[1], num_heads, head_dim)
+        params = (qkv_weight, qkv_bias, proj_weight, proj_bias)
+        out, residuals = self_attention_forward(x, *params, num_heads, head_dim, keep_residuals=True)
+        ctx.save_for_backward(x, *params, *residuals)
+        ctx.heads = (num_heads, head_dim)
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
         with backward_grad_mode(ctx):
-            (qkv_weight, qkv_bias, proj_weight, proj_bias, x2d, proj_block, q_block, k_block, v_block, qkv, context,
-             lse) = ctx.saved_tensors
-            batch, tokens, num_heads, head_dim = ctx.dims
-            need_dx, need_dw_qkv, need_db_qkv, need_dw_proj, need_db_proj = ctx.needs_input_grad[:5]
-            d_out2d = d_out.reshape(-1, d_out.shape[-1])
-            embed, width = proj_block.shape
-            d_proj_weight = d_proj_bias = None
-            if need_dw_proj:
-                view, d_proj_weight = weight_grad_buffer(proj_weight, embed, width)
-                add_weight_grad(view, d_out2d, context)
-            if need_db_proj:
-                view, d_proj_bias = weight_grad_buffer(proj_bias, embed)
-                add_bias_grad(view, d_out2d)
-            dx = d_qkv_weight = d_qkv_bias = None
-            if need_dx or need_dw_qkv or need_db_qkv:
-                d_context = torch.mm(d_out2d, proj_block)
-                d_qkv = attention_backward(qkv, context, lse, d_context, batch, tokens, num_heads, head_dim)
-                dx, d_qkv_weight, d_qkv_bias = qkv_backward(d_qkv, x2d, qkv_weight, qkv_bias,
-                                                            [q_block, k_block, v_block], need_dx, need_dw_qkv,
-                                                            need_db_qkv)
-            if dx is not None:
-                dx = dx.view(batch, tokens, x2d.shape[1])
-            return dx, d_qkv_weight, d_qkv_bias, d_proj_weight, d_proj_bias, None, None
+            grads = self_attention_backward(d_out, *ctx.saved_tensors, *ctx.heads, tuple(ctx.needs_input_grad[:5]))
+            return *grads, None, None
 
 
 def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
@@ -429,4 +436,5 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
                          f"{MAX_HEAD_DIM}, got {head_dim}; the reference backend takes any head_dim")
     if needs_backward(x, qkv_weight, qkv_bias, proj_weight, proj_bias):
         return ElasticAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
-    return self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)[0]
+    return self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim,
+                                  keep_residuals=False)[0]

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import interpreter, needs_backward, sm_count
+from ._common import as_rows, interpreter, needs_backward, sm_count
 
 
 @triton.jit
@@ -147,66 +147,72 @@ def layer_norm_tiles(d: int) -> tuple[int, int, int]:
     return block_d, block_rows, 4 if block_d * block_rows <= 4096 else 8
 
 
-def layer_norm_forward(x2d: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                       store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)`` of ``x2d: [M, d]``; the statistics ``[M]`` only with ``store_stats`` (else empty)."""
+def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                       keep_residuals: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)`` for ``x [..., d]``; the row statistics ``[rows]`` only with ``keep_residuals`` (else
+    empty)."""
+    x2d = as_rows(x)
     M, d = x2d.shape
     y = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
-    mean = torch.empty((M if store_stats else 0,), device=x2d.device, dtype=compute_dtype(x2d)[0])
+    mean = torch.empty((M if keep_residuals else 0,), device=x2d.device, dtype=compute_dtype(x2d)[0])
     rstd = torch.empty_like(mean)
     block_d, block_rows, warps = layer_norm_tiles(d)
     if M > 0:
         _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
             x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
             M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=store_stats,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=keep_residuals,
             COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
         )
-    return y, mean, rstd
+    return y.view(x.shape), mean, rstd
+
+
+def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                        rstd: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None,
+                                                                             Tensor | None]:
+    """``(dx, dgamma, dbeta)`` for ``needs`` = (x, weight, bias); the parameter gradients go into
+    ``weight_grad_buffer`` views (returned only where autograd must receive them)."""
+    x2d, dy2d = as_rows(x), as_rows(dy)
+    M, d = x2d.shape
+    need_dx, need_dw, need_db = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+    dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype) if need_dx else None
+    dw_view, dw_returned = weight_grad_buffer(weight, d) if need_dw else (None, None)
+    db_view, db_returned = weight_grad_buffer(bias, d) if need_db else (None, None)
+    block_d, block_rows, warps = layer_norm_tiles(d)
+    # Enough programs to fill the device, each reducing several row tiles into one partial row.
+    programs = max(1, min(triton.cdiv(M, block_rows), 4 * sm_count(x2d.device)))
+    partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
+    if M > 0:
+        _layer_norm_backward_kernel[(programs,)](
+            dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
+            partial[0], partial[1],
+            M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), d,
+            HAS_WEIGHT=weight is not None, INPUT_GRAD=need_dx, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,
+            COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+        )
+        if need_dw or need_db:
+            block = 64 if interpreter() else 256
+            _add_partial_sums_kernel[(triton.cdiv(d, block),)](
+                partial[0], partial[1], dw_view if need_dw else partial, db_view if need_db else partial,
+                programs, d, dw_view.stride(0) if need_dw else 0, db_view.stride(0) if need_db else 0,
+                WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],
+                BLOCK_PROGRAMS=16, BLOCK_D=block,
+            )
+    return None if dx is None else dx.view(x.shape), dw_returned, db_returned
 
 
 class ElasticLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         record_grad_mode(ctx)
-        x2d = x.reshape(-1, x.shape[-1])
-        y, mean, rstd = layer_norm_forward(x2d, weight, bias, eps, store_stats=True)
-        ctx.save_for_backward(x2d, weight, bias, mean, rstd)  # bias only locates its gradient buffer
-        return y.view(x.shape)
+        y, mean, rstd = layer_norm_forward(x, weight, bias, eps, keep_residuals=True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)  # bias only locates its gradient buffer
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         with backward_grad_mode(ctx):
-            x2d, weight, bias, mean, rstd = ctx.saved_tensors
-            M, d = x2d.shape
-            dy2d = dy.reshape(-1, d)
-            need_dx = ctx.needs_input_grad[0]
-            need_dw = ctx.needs_input_grad[1] and weight is not None
-            need_db = ctx.needs_input_grad[2] and bias is not None
-            dx = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype) if need_dx else None
-            dw_view, dw_returned = weight_grad_buffer(weight, d) if need_dw else (None, None)
-            db_view, db_returned = weight_grad_buffer(bias, d) if need_db else (None, None)
-            block_d, block_rows, warps = layer_norm_tiles(d)
-            # Enough programs to fill the device, each reducing several row tiles into one partial row.
-            programs = max(1, min(triton.cdiv(M, block_rows), 4 * sm_count(x2d.device)))
-            partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
-            if M > 0:
-                _layer_norm_backward_kernel[(programs,)](
-                    dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
-                    partial[0], partial[1],
-                    M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), d,
-                    HAS_WEIGHT=weight is not None, INPUT_GRAD=need_dx, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,
-                    COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
-                )
-                if need_dw or need_db:
-                    block = 64 if interpreter() else 256
-                    _add_partial_sums_kernel[(triton.cdiv(d, block),)](
-                        partial[0], partial[1], dw_view if need_dw else partial, db_view if need_db else partial,
-                        programs, d, dw_view.stride(0) if need_dw else 0, db_view.stride(0) if need_db else 0,
-                        WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],
-                        BLOCK_PROGRAMS=16, BLOCK_D=block,
-                    )
-            return None if dx is None else dx.view(dy.shape), dw_returned, db_returned, None
+            return *layer_norm_backward(dy, *ctx.saved_tensors, tuple(ctx.needs_input_grad[:3])), None
 
 
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -214,5 +220,4 @@ def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, ep
     if needs_backward(x, weight, bias):
         return ElasticLayerNormFunction.apply(x, weight, bias, eps)
     # No backward will run: no autograd node, no statistics kept.
-    y, _, _ = layer_norm_forward(x.reshape(-1, x.shape[-1]), weight, bias, eps, store_stats=False)
-    return y.view(x.shape)
+    return layer_norm_forward(x, weight, bias, eps, keep_residuals=False)[0]

@@ -180,25 +180,31 @@ def gelu_backward(dy: Tensor, pre: Tensor, *, out: Tensor | None = None, want_ac
 
 
 # ---------------------------------------------------------------------------------------------- host side
+# ``linear_forward`` and ``linear_backward`` are the op for every caller: the autograd Function below (eager) and the
+# custom op of ``elastic_ops.library`` (torch.compile). The forward's residuals are what its backward needs.
 
-def linear_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None,
-                   keep_pre_activation: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(y, pre or None, weight block)`` for ``x2d: [M, K]``; the weight block (in x's dtype) is what the
-    backward multiplies with."""
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None,
+                   keep_residuals: bool) -> tuple[Tensor, Tensor | None]:
+    """``(y, pre-activation or None)`` for ``x [..., K]``: the pre-activation is kept only with GELU and
+    ``keep_residuals`` (a backward will run). Storing it costs what F.linear followed by F.gelu keeps too; recomputing
+    it would cost a third GEMM (+50% backward FLOPs)."""
+    x2d = as_rows(x)
     weight_block = active_block(weight, out_features, x2d.shape[1], x2d.dtype)
     bias_block = active_vector(bias, out_features, x2d.dtype)
     if activation == "gelu":
-        y, pre = linear_gelu_forward(x2d, weight_block, bias_block, keep_pre_activation)
-        return y, pre, weight_block
-    return linear_gemm(x2d, weight_block, bias_block), None, weight_block
+        y, pre = linear_gelu_forward(x2d, weight_block, bias_block, keep_residuals)
+    else:
+        y, pre = linear_gemm(x2d, weight_block, bias_block), None
+    return y.view(*x.shape[:-1], out_features), pre
 
 
-def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor, weight_block: Tensor,
-                    bias: Tensor | None, need_dx: bool, need_dw: bool,
-                    need_db: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, returned dW, returned db)``; dW and db go into ``weight_grad_buffer`` views, and the full-size
-    tensors are returned only where that buffer says autograd must receive them."""
-    N, K = weight_block.shape
+def linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, pre: Tensor | None,
+                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dW, db)`` for ``needs`` = (x, weight, bias): dx shaped like x; dW and db go into ``weight_grad_buffer``
+    views, and the full-size tensors are returned only where that buffer says autograd must receive them."""
+    need_dx, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
+    x2d, dy = as_rows(x), as_rows(dy)
+    N, K = dy.shape[1], x2d.shape[1]
     db_view, db_returned = weight_grad_buffer(bias, N) if need_db else (None, None)
     if pre is not None:
         dz, _, bias_sum = gelu_backward(dy, pre, want_bias_grad=need_db)
@@ -212,7 +218,7 @@ def linear_backward(dy: Tensor, pre: Tensor | None, x2d: Tensor, weight: Tensor,
     if need_dw:
         dw_view, dw_returned = weight_grad_buffer(weight, N, K)
         add_weight_grad(dw_view, dz, x2d)
-    dx = torch.mm(dz, weight_block) if need_dx else None
+    dx = torch.mm(dz, active_block(weight, N, K, x2d.dtype)).view(x.shape) if need_dx else None
     return dx, dw_returned, db_returned
 
 
@@ -220,22 +226,14 @@ class ElasticLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None):
         record_grad_mode(ctx)
-        x2d = as_rows(x)
-        # GELU's backward needs the pre-activation: the epilogue stores it (recomputing it would cost a third GEMM,
-        # +50% backward FLOPs), as F.linear followed by F.gelu keeps it too.
-        y, pre, weight_block = linear_forward(x2d, weight, bias, out_features, activation, keep_pre_activation=True)
-        ctx.save_for_backward(x2d, weight, weight_block, bias, pre)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], out_features)
+        y, pre = linear_forward(x, weight, bias, out_features, activation, keep_residuals=True)
+        ctx.save_for_backward(x, weight, bias, pre)
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         with backward_grad_mode(ctx):
-            x2d, weight, weight_block, bias, pre = ctx.saved_tensors
-            need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-            dx, dw, db = linear_backward(as_rows(dy), pre, x2d, weight, weight_block, bias, need_dx, need_dw,
-                                         need_db and bias is not None)
-            return (dx.view(ctx.x_shape) if dx is not None else None), dw, db, None, None
+            return *linear_backward(dy, *ctx.saved_tensors, tuple(ctx.needs_input_grad[:3])), None, None
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int,
@@ -245,5 +243,4 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
     if needs_backward(x, weight, bias):
         return ElasticLinearFunction.apply(x, weight, bias, out_features, activation)
     # No backward will run: no autograd node to build and nothing to keep.
-    y, _, _ = linear_forward(as_rows(x), weight, bias, out_features, activation, keep_pre_activation=False)
-    return y.view(*x.shape[:-1], out_features)
+    return linear_forward(x, weight, bias, out_features, activation, keep_residuals=False)[0]

@@ -20,29 +20,33 @@ from ._common import active_block, active_vector, add_bias_grad, add_weight_grad
 from .linear import gelu_backward, linear_gelu_forward
 
 
-def mlp_forward(x2d: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                fc2_bias: Tensor | None, hidden: int, keep_pre_activation: bool):
-    """``(y, z or None, W1 block, W2 block)`` for tokens ``x2d [M, e]``: the output, the pre-activation
-    ``[M, hidden]`` if asked for, and the weight blocks (in x's dtype) the backward multiplies with."""
+def mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
+                hidden: int, keep_residuals: bool) -> tuple[Tensor, Tensor | None]:
+    """``(y, z or None)`` for ``x [..., e]``: the output and, if a backward will run, the pre-activation
+    ``z [tokens, hidden]``, the one tensor the backward needs besides the inputs."""
+    x2d = as_rows(x)
     e, dtype = x2d.shape[1], x2d.dtype
     fc1_block = active_block(fc1_weight, hidden, e, dtype)
-    fc2_block = active_block(fc2_weight, e, hidden, dtype)
-    act, pre = linear_gelu_forward(x2d, fc1_block, active_vector(fc1_bias, hidden, dtype), keep_pre_activation)
-    return linear_gemm(act, fc2_block, active_vector(fc2_bias, e, dtype)), pre, fc1_block, fc2_block
+    act, pre = linear_gelu_forward(x2d, fc1_block, active_vector(fc1_bias, hidden, dtype), keep_residuals)
+    y = linear_gemm(act, active_block(fc2_weight, e, hidden, dtype), active_vector(fc2_bias, e, dtype))
+    return y.view(x.shape), pre
 
 
-def mlp_backward(dy: Tensor, x2d: Tensor, pre: Tensor, fc1_block: Tensor, fc2_block: Tensor,
-                 params: tuple[Tensor, Tensor | None, Tensor, Tensor | None], needs: tuple[bool, ...]):
-    """Gradients of ``mlp_forward`` for ``dy [M, e]``; ``params`` are (W1, b1, W2, b2), ``needs`` flags (x, W1, b1,
-    W2, b2). Returns ``(dx, dW1, db1, dW2, db2)``: dx ``[M, e]`` or None; for the parameters what autograd must
-    receive (None where the gradient went into ``param.grad`` in place, see ``weight_grad_buffer``)."""
+def mlp_backward(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                 fc2_bias: Tensor | None, pre: Tensor, needs: tuple[bool, ...]):
+    """Gradients of ``mlp_forward`` for ``dy`` shaped like x; ``needs`` flags (x, W1, b1, W2, b2).
+
+    Returns ``(dx, dW1, db1, dW2, db2)``: dx or None; for the parameters what autograd must receive (None where the
+    gradient went into ``param.grad`` in place, see ``weight_grad_buffer``).
+    """
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
-    fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
-    e, hidden = x2d.shape[1], pre.shape[1]
+    need_b1, need_b2 = need_b1 and fc1_bias is not None, need_b2 and fc2_bias is not None
+    x2d, dy2d = as_rows(x), as_rows(dy)
+    e, hidden, dtype = x2d.shape[1], pre.shape[1], x2d.dtype
     returned = {}
     dz = act = None
     if need_x or need_w1 or need_b1:
-        dh = torch.mm(dy, fc2_block)
+        dh = torch.mm(dy2d, active_block(fc2_weight, e, hidden, dtype))
         db1_view, returned["b1"] = weight_grad_buffer(fc1_bias, hidden) if need_b1 else (None, None)
         dz, act, db1 = gelu_backward(dh, pre, out=dh, want_activation=need_w2, want_bias_grad=need_b1)
         if need_b1:
@@ -51,15 +55,15 @@ def mlp_backward(dy: Tensor, x2d: Tensor, pre: Tensor, fc1_block: Tensor, fc2_bl
         act = F.gelu(pre)
     if need_w2:
         dw2_view, returned["w2"] = weight_grad_buffer(fc2_weight, e, hidden)
-        add_weight_grad(dw2_view, dy, act)
+        add_weight_grad(dw2_view, dy2d, act)
         del act
     if need_b2:
         db2_view, returned["b2"] = weight_grad_buffer(fc2_bias, e)
-        add_bias_grad(db2_view, dy)
+        add_bias_grad(db2_view, dy2d)
     if need_w1:
         dw1_view, returned["w1"] = weight_grad_buffer(fc1_weight, hidden, e)
         add_weight_grad(dw1_view, dz, x2d)
-    dx = torch.mm(dz, fc1_block) if need_x else None
+    dx = torch.mm(dz, active_block(fc1_weight, hidden, e, dtype)).view(x.shape) if need_x else None
     return dx, returned.get("w1"), returned.get("b1"), returned.get("w2"), returned.get("b2")
 
 
@@ -67,20 +71,14 @@ class ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features):
         record_grad_mode(ctx)
-        x2d = as_rows(x)
-        y, pre, fc1_block, fc2_block = mlp_forward(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features,
-                                                   keep_pre_activation=True)
-        ctx.save_for_backward(x2d, pre, fc1_block, fc2_block, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        ctx.x_shape = x.shape
-        return y.view(x.shape)
+        y, pre = mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features, keep_residuals=True)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pre)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         with backward_grad_mode(ctx):
-            x2d, pre, fc1_block, fc2_block, *params = ctx.saved_tensors
-            dx, dw1, db1, dw2, db2 = mlp_backward(as_rows(grad_y), x2d, pre, fc1_block, fc2_block, tuple(params),
-                                                  tuple(ctx.needs_input_grad[:5]))
-            return None if dx is None else dx.view(ctx.x_shape), dw1, db1, dw2, db2, None
+            return *mlp_backward(grad_y, *ctx.saved_tensors, tuple(ctx.needs_input_grad[:5])), None
 
 
 def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
@@ -93,5 +91,4 @@ def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weig
     if needs_backward(*tensors):
         return ElasticMLPFunction.apply(*tensors, hidden_features)
     # No backward will run: no autograd node, no pre-activation kept.
-    y, *_ = mlp_forward(as_rows(x), *tensors[1:], hidden_features, keep_pre_activation=False)
-    return y.view(x.shape)
+    return mlp_forward(*tensors, hidden_features, keep_residuals=False)[0]
