@@ -1,7 +1,9 @@
-"""The elastic ops: validate, choose a backend (``_backend.select``), run.
+"""The elastic ops: validate (``_validate``, every op in this one place), choose a backend (``_backend.select``), run.
 
 Every backend implements an op with the same signature; the Triton and native implementations are
 imported only when first chosen, so that importing the package never needs triton or a GPU.
+Under ``torch.compile`` the backend is chosen once per kind of call while dynamo traces, outside the graph, and the
+op runs through its custom op (``elastic_ops.library``).
 """
 from __future__ import annotations
 
@@ -61,9 +63,24 @@ def implementation(op: str, backend: str) -> Callable:
     return function
 
 
+@torch.compiler.assume_constant_result
+def _traced_choice(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool) -> str:
+    """:func:`select` run while dynamo traces, as Python (not traced: it reads the forced backend from a context
+    variable), its answer a constant of the graph. A compiled graph keeps the backend it was traced with."""
+    return select(op, device, dtype, needs_grad, triton_backward)
+
+
 def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True):
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        backend = _traced_choice(op, x.device, x.dtype, needs_grad, triton_backward)
+        # The grouped ops' custom ops are forward-only: a gradient through them (the reference) is traced inline.
+        if not needs_grad or triton_backward:
+            from . import library
+
+            return library.call(op, backend, needs_grad, *args)
+        return implementation(op, backend)(*args)
     return implementation(op, select(op, x.device, x.dtype, needs_grad, triton_backward))(*args)
 
 
@@ -103,23 +120,26 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
 
 
 # --- K subnets in one call: activations [K, ..., E] whose padding past each subnet's size is zero ---------
-# The kernels check their own inputs (the size tables are theirs to read); see elastic_ops.reference.
+# See elastic_ops.reference for what each computes.
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes: GroupSizes,
                    activation: str | None = None) -> Tensor:
     """``act(x[k] @ weight[:out_k, :in].T + bias[:out_k])`` for each subnet k, zero past ``out_k``."""
+    _validate.check_grouped_linear(x, weight, bias, out_sizes, activation)
     return _run("grouped_linear", (x, weight, bias), x, weight, bias, out_sizes, activation, triton_backward=False)
 
 
 def grouped_layer_norm(x: Tensor, sizes: GroupSizes, weight: Tensor | None, bias: Tensor | None,
                        eps: float = 1e-5) -> Tensor:
     """LayerNorm of each subnet over its own active channels; padding stays zero."""
+    _validate.check_grouped_layer_norm(x, sizes, weight, bias)
     return _run("grouped_layer_norm", (x, weight, bias), x, sizes, weight, bias, eps, triton_backward=False)
 
 
 def grouped_mlp(x: Tensor, sizes: GroupSizes, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
                 fc2_bias: Tensor | None, hidden_sizes: GroupSizes) -> Tensor:
     """``fc2(gelu(fc1(x)))`` of each subnet with ``W1[:hidden_k, :e_k]``, ``W2[:e_k, :hidden_k]``."""
+    _validate.check_grouped_mlp(x, sizes, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_sizes)
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return _run("grouped_mlp", tensors, x, sizes, *tensors[1:], hidden_sizes, triton_backward=False)
 
@@ -127,5 +147,6 @@ def grouped_mlp(x: Tensor, sizes: GroupSizes, fc1_weight: Tensor, fc1_bias: Tens
 def grouped_attention(x: Tensor, sizes: GroupSizes, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                       proj_bias: Tensor | None, head_counts: GroupSizes, head_dim: int = 64) -> Tensor:
     """Self-attention of each subnet ``x[k]: [B, N, e_k]`` with its ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``."""
+    _validate.check_grouped_attention(x, sizes, qkv_weight, qkv_bias, proj_weight, proj_bias, head_counts, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     return _run("grouped_attention", tensors, x, sizes, *tensors[1:], head_counts, head_dim, triton_backward=False)

@@ -15,12 +15,23 @@ class GroupSizes:
     """
 
     def __init__(self, values: Sequence[int], device: torch.device | str):
-        self.values = tuple(int(v) for v in values)
-        if not self.values or min(self.values) < 1:
-            raise ValueError(f"GroupSizes: every subnet needs an active size >= 1, got {self.values}")
-        self.width = max(self.values)
-        self.uniform = min(self.values) == self.width
-        self.table = torch.tensor(self.values, dtype=torch.int32, device=device)
+        values = tuple(int(v) for v in values)
+        if not values or min(values) < 1:
+            raise ValueError(f"GroupSizes: every subnet needs an active size >= 1, got {values}")
+        self._set(values, torch.tensor(values, dtype=torch.int32, device=device))
+
+    @classmethod
+    def with_table(cls, values: Sequence[int], table: Tensor) -> "GroupSizes":
+        """Sizes whose device table exists already (``table`` holds ``values``): no host-to-device copy."""
+        sizes = cls.__new__(cls)
+        sizes._set(tuple(int(v) for v in values), table)
+        return sizes
+
+    def _set(self, values: tuple[int, ...], table: Tensor) -> None:
+        self.values = values
+        self.width = max(values)
+        self.uniform = min(values) == self.width
+        self.table = table
         self._masks: dict[tuple[torch.dtype, int], Tensor] = {}
         self._scaled: dict[int, GroupSizes] = {}
 

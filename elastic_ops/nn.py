@@ -67,7 +67,8 @@ class ElasticModule(nn.Module):
         config = dict(self.active)
         config.update({key: value for key, value in overrides.items() if value is not None})
         for key, value in config.items():
-            if not isinstance(value, int) or isinstance(value, bool):
+            # A SymInt: a size that torch.compile traces as a symbol (so a new subnet does not recompile).
+            if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
                 raise TypeError(f"{name}: {key} must be an int, got {value!r}")
             if not 1 <= value <= maximum[key]:
                 raise ValueError(f"{name}: {key}={value} is outside 1..{maximum[key]} (the super weight's size)")

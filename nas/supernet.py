@@ -217,10 +217,25 @@ class VisionTransformerSupernet(nn.Module):
             raise ValueError(f"VisionTransformerSupernet: expected images [batch, {', '.join(map(str, expected))}], "
                              f"got {shape}")
         x = self.embed_tokens(images, arch.embed_dim, self.patch_size(arch))
-        for block, on in zip(self.blocks, arch.layer_on):
-            if on:
-                x = block(x)
+        for i, (block, on) in enumerate(zip(self.blocks, arch.layer_on)):
+            if on:  # sizes passed as arguments: a compiled block traces them as symbols (see compile)
+                x = block(x, embed_dim=arch.embed_dim, num_heads=arch.num_heads[i],
+                          hidden_features=arch.hidden_features(i))
         return self.head(self.norm(x)[:, 0])
+
+    def compile(self, **options) -> None:
+        """``torch.compile`` the transformer blocks (``options`` as torch.compile's), where the time goes.
+
+        The blocks are compiled, not the whole forward: which layers a subnet runs is Python control flow on its
+        arch, which a whole-model graph would have to specialise (a recompile per depth pattern), while one block
+        graph serves every layer and, once its sizes have changed once and become symbols, every subnet. The token
+        embedding, the final norm and the head, a small share of the work, stay eager. ``dynamic`` defaults to True:
+        the sizes are symbols from the first trace, so ten subnets of AutoFormer-T run on one block graph (with
+        torch's automatic dynamic shapes, each size would first cost a recompile of its own).
+        """
+        options.setdefault("dynamic", True)
+        for block in self.blocks:
+            block.compile(**options)
 
     # --- importance reordering (OFA, SuperSAM) ----------------------------------------------------
 

@@ -8,7 +8,7 @@ for buffers no later kernel reads there) and return, and reductions stop at the 
 inputs past it are never read. The super weights are shared by all subnets and read in place through their strides.
 
 Every function has the signature of the grouped reference op of the same name in ``elastic_ops.reference``
-and is the "triton" backend of ``elastic_ops.grouped_*``; they run forward only:
+and is the "triton" backend of ``elastic_ops.grouped_*``, which validates the inputs; they run forward only:
 
 - ``grouped_linear``: one GEMM kernel, optional fused exact GELU. It has no input size table, so its reduction runs
   over the full input width and relies on the input padding being zero, as the PyTorch op does.
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._validate import require, check_bias, check_same_device, check_tensor
+from .._validate import require
 from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
 from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_config, flash_attention_rows, head_program, head_rows,
                         store_head_rows)
@@ -221,50 +221,11 @@ def _grouped_gemm_config(dtype: torch.dtype) -> dict:
                 num_stages=3)
 
 
-def _check_group(op: str, name: str, x: Tensor, sizes, what: str) -> None:
-    """``sizes`` is a size table with one entry per subnet of ``x [K, ...]``, on x's device."""
-    require(all(hasattr(sizes, a) for a in ("values", "width", "table", "uniform")),
-             f"{op}: {what} must be a GroupSizes (values, width, table, uniform), got {type(sizes).__name__}", TypeError)
-    require(len(sizes.values) == x.shape[0],
-             f"{op}: {what} has {len(sizes.values)} subnets but {name} stacks {x.shape[0]} (shape {tuple(x.shape)})")
-    require(sizes.table.dtype == torch.int32 and sizes.table.device == x.device,
-             f"{op}: {what}.table must be int32 on {x.device}, got {sizes.table.dtype} on {sizes.table.device}")
-
-
-def _check_weight(op: str, name: str, weight: Tensor, rows: int, cols: int, x: Tensor) -> None:
-    check_tensor(op, name, weight, ndim=2)
-    check_same_device(op, x, **{name: weight})
-    require(weight.shape[0] >= rows and weight.shape[1] >= cols,
-             f"{op}: {name} of shape {tuple(weight.shape)} is smaller than the active block [{rows}, {cols}]")
-
-
-def _check_inference(op: str, *tensors: Tensor | None) -> None:
-    require(not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors),
-             f"{op}: the grouped kernels run forward only (batched evaluation) and would drop the gradient; "
-             "call it under torch.no_grad()", RuntimeError)
-
-
-def _check_stack(op: str, x: Tensor, sizes, what: str, ndim: int | None = None) -> None:
-    """x is a ``[K, ..., sizes.width]`` stack of activations."""
-    check_tensor(op, "x", x, ndim=ndim, min_ndim=None if ndim is not None else 2)
-    _check_group(op, "x", x, sizes, what)
-    require(x.shape[-1] == sizes.width,
-             f"{op}: x has {x.shape[-1]} channels but the widest subnet of {what} has {sizes.width}")
-
-
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes, activation: str | None = None) -> Tensor:
     """``act(x[k] @ weight[:out_k, :in].T + bias[:out_k])`` for each subnet k, zero past ``out_k``.
 
     x: ``[K, ..., in]`` with each subnet's input padding zero; out: ``[K, ..., out_sizes.width]``.
     """
-    op = "grouped_linear (triton)"
-    check_tensor(op, "x", x, min_ndim=2)
-    _check_group(op, "x", x, out_sizes, "out_sizes")
-    _check_weight(op, "weight", weight, out_sizes.width, x.shape[-1], x)
-    check_bias(op, "bias", bias, weight.shape[0])
-    check_same_device(op, x, bias=bias)
-    require(activation in (None, "gelu"), f"{op}: activation must be None or 'gelu', got {activation!r}")
-    _check_inference(op, x, weight, bias)
     y = _linear_launch(_group_rows(x, x.shape[0]), weight, bias, None, out_sizes.table, out_sizes.width,
                        gelu_on=activation == "gelu", zero_padding=True)
     return y.view(*x.shape[:-1], out_sizes.width)
@@ -275,15 +236,6 @@ def grouped_layer_norm(x: Tensor, sizes, weight: Tensor | None, bias: Tensor | N
 
     x: ``[K, ..., sizes.width]``; its padding is never read.
     """
-    op = "grouped_layer_norm (triton)"
-    _check_stack(op, x, sizes, "sizes")
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None:
-            check_tensor(op, name, param, ndim=1)
-            check_same_device(op, x, **{name: param})
-            require(param.shape[0] >= sizes.width, f"{op}: {name} has {param.shape[0]} entries, fewer than the "
-                                                    f"widest subnet's {sizes.width} channels")
-    _check_inference(op, x, weight, bias)
     x3d = _group_rows(x, x.shape[0])
     groups, M, D = x3d.shape
     y = torch.empty((groups, M, D), device=x.device, dtype=x.dtype)
@@ -304,15 +256,6 @@ def grouped_mlp(x: Tensor, sizes, fc1_weight: Tensor, fc1_bias: Tensor | None, f
 
     x: ``[K, ..., sizes.width]``; its padding is never read.
     """
-    op = "grouped_mlp (triton)"
-    _check_stack(op, x, sizes, "sizes")
-    _check_group(op, "x", x, hidden_sizes, "hidden_sizes")
-    _check_weight(op, "fc1_weight", fc1_weight, hidden_sizes.width, sizes.width, x)
-    _check_weight(op, "fc2_weight", fc2_weight, sizes.width, hidden_sizes.width, x)
-    check_bias(op, "fc1_bias", fc1_bias, fc1_weight.shape[0])
-    check_bias(op, "fc2_bias", fc2_bias, fc2_weight.shape[0])
-    check_same_device(op, x, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
-    _check_inference(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     x3d = _group_rows(x, x.shape[0])
     # fc2 reads each subnet's hidden units only up to its own hidden size: the buffer's padding stays unwritten.
     hidden = _linear_launch(x3d, fc1_weight, fc1_bias, sizes.table, hidden_sizes.table, hidden_sizes.width,
@@ -328,26 +271,11 @@ def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | N
 
     x: ``[K, B, N, sizes.width]``; its padding is never read.
     """
-    op = "grouped_attention (triton)"
-    _check_stack(op, x, sizes, "sizes", ndim=4)
-    _check_group(op, "x", x, head_counts, "head_counts")
-    require(isinstance(head_dim, int) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0,
-             f"{op}: head_dim must be a power of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {head_dim!r}")
-    check_tensor(op, "qkv_weight", qkv_weight, ndim=2)
-    require(qkv_weight.shape[0] % (3 * head_dim) == 0,
-             f"{op}: qkv_weight has {qkv_weight.shape[0]} rows, not a multiple of 3 * head_dim = {3 * head_dim} "
-             "(expected the block layout [3 * H_max * head_dim, E_max])")
+    require(MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0,
+            f"grouped_attention (triton): head_dim must be a power of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got "
+            f"{head_dim}; the reference backend takes any head_dim")
     max_width = qkv_weight.shape[0] // 3
     width = head_counts.width * head_dim
-    _check_weight(op, "qkv_weight", qkv_weight, width, sizes.width, x)
-    require(width <= max_width, f"{op}: the widest subnet has {head_counts.width} heads but qkv_weight holds "
-                                 f"{max_width // head_dim}")
-    _check_weight(op, "proj_weight", proj_weight, sizes.width, width, x)
-    check_bias(op, "qkv_bias", qkv_bias, qkv_weight.shape[0])
-    check_bias(op, "proj_bias", proj_bias, proj_weight.shape[0])
-    check_same_device(op, x, qkv_bias=qkv_bias, proj_bias=proj_bias)
-    _check_inference(op, x, qkv_weight, qkv_bias, proj_weight, proj_bias)
-
     groups, batch, tokens, _ = x.shape
     head_widths = head_counts.table * head_dim
     qkv = _linear_launch(_group_rows(x, groups), qkv_weight, qkv_bias, sizes.table, head_widths, width,

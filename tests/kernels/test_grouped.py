@@ -173,25 +173,32 @@ def test_registered_kernels_run_the_batched_supernet(device):
     assert (singles[0] - singles[-1]).abs().max() > 1e-2, "subnets should differ; the check would be vacuous"
 
 
-def test_bad_input_is_named_before_launch():
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
+def test_bad_input_is_named_before_launch(backend):
+    if not elastic_ops.backends()[backend].available:
+        pytest.skip(str(elastic_ops.backends()[backend]))
     weight, bias = torch.randn(32, 24), torch.randn(32)
     x = torch.randn(3, 2, 5, 24)
     sizes = GroupSizes([4, 24, 1], "cpu")
-    with pytest.raises(ValueError, match="out_sizes has 2 subnets but x stacks 3"):
-        grouped.grouped_linear(x, weight, bias, GroupSizes([4, 8], "cpu"))
-    with pytest.raises(ValueError, match=r"smaller than the active block \[40, 24\]"):
-        grouped.grouped_linear(x, weight, bias, GroupSizes([4, 40, 1], "cpu"))
-    with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
-        grouped.grouped_linear(x, weight, bias, sizes, "relu")
-    with pytest.raises(ValueError, match="x has 24 channels but the widest subnet of sizes has 20"):
-        grouped.grouped_layer_norm(x, GroupSizes([4, 20, 1], "cpu"), None, None)
-    with pytest.raises(TypeError, match="must be a GroupSizes"):
-        grouped.grouped_layer_norm(x, [4, 24, 1], None, None)
-    with pytest.raises(ValueError, match="head_dim must be a power of two"):
-        grouped.grouped_attention(x, sizes, torch.randn(72, 24), None, torch.randn(24, 24), None,
-                                  GroupSizes([1, 1, 1], "cpu"), 24)
-    with pytest.raises(ValueError, match="qkv_weight holds 2"):
-        grouped.grouped_attention(x, sizes, torch.randn(96, 24), None, torch.randn(24, 48), None,
-                                  GroupSizes([1, 3, 2], "cpu"), 16)
-    with torch.enable_grad(), pytest.raises(RuntimeError, match="forward only"):
-        grouped.grouped_linear(x, weight.requires_grad_(), bias, sizes)
+    with elastic_ops.use_backend(backend):
+        with pytest.raises(ValueError, match="out_sizes has 2 subnets but x stacks 3"):
+            elastic_ops.grouped_linear(x, weight, bias, GroupSizes([4, 8], "cpu"))
+        with pytest.raises(ValueError, match=r"smaller than the active block \[40, 24\]"):
+            elastic_ops.grouped_linear(x, weight, bias, GroupSizes([4, 40, 1], "cpu"))
+        with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
+            elastic_ops.grouped_linear(x, weight, bias, sizes, "relu")
+        with pytest.raises(ValueError, match="x has 24 channels but the widest subnet of sizes has 20"):
+            elastic_ops.grouped_layer_norm(x, GroupSizes([4, 20, 1], "cpu"), None, None)
+        with pytest.raises(TypeError, match="must be a GroupSizes"):
+            elastic_ops.grouped_layer_norm(x, [4, 24, 1], None, None)
+        with pytest.raises(ValueError, match="qkv_weight holds 2"):
+            elastic_ops.grouped_attention(x, sizes, torch.randn(96, 24), None, torch.randn(24, 48), None,
+                                          GroupSizes([1, 3, 2], "cpu"), 16)
+    if backend == "triton":  # the Triton kernels' own limit, named by their backend
+        with elastic_ops.use_backend(backend), pytest.raises(ValueError, match="power of two"):
+            elastic_ops.grouped_attention(x, sizes, torch.randn(72, 24), None, torch.randn(24, 24), None,
+                                          GroupSizes([1, 1, 1], "cpu"), 24)
+    if backend != "reference":  # forward-only kernels: asked for a gradient, they refuse and say why
+        with torch.enable_grad(), elastic_ops.use_backend(backend), \
+                pytest.raises(elastic_ops.BackendUnavailableError, match="forward-only"):
+            elastic_ops.grouped_linear(x, weight.requires_grad_(), bias, sizes)
