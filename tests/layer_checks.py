@@ -9,6 +9,12 @@ from torch import nn
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to fp32 rounding relative to the largest entry: gradients sum over the batch and the tokens in another
+    order on each side (fused attention against a plain softmax), and reach the hundreds on random weights."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
 def randomize(module: nn.Module) -> nn.Module:
     """Random values in every parameter (norms start at ones/zeros, which would hide slicing mistakes)."""
     with torch.no_grad():
@@ -76,12 +82,12 @@ def assert_grad_in(param: torch.Tensor, region: tuple | None, expected: torch.Te
     """``param.grad`` is ``expected`` in ``region`` (just nonzero somewhere if None) and exactly zero outside it."""
     grad = param.grad
     if region is None:
-        assert grad is None or torch.count_nonzero(grad) == 0, "a part the active configuration does not use got a gradient"
+        assert grad is None or torch.count_nonzero(grad) == 0, "a part the configuration does not use got a gradient"
         return
     if expected is None:
         assert grad[region].abs().sum() > 0
     else:
-        torch.testing.assert_close(grad[region], expected, **TOL)
+        assert_close_to_scale(grad[region], expected)
     outside = grad.clone()
     outside[region] = 0
     assert torch.count_nonzero(outside) == 0, "a gradient reached the weights outside the active slice"
@@ -104,7 +110,7 @@ def check_against_extracted(layer: nn.Module, make_input, by_hand: tuple[str, ..
     upstream = torch.randn_like(y)
     y.backward(upstream)
     y_plain.backward(upstream)
-    torch.testing.assert_close(x.grad, x_plain.grad, **TOL)
+    assert_close_to_scale(x.grad, x_plain.grad)
     params, plain_state = dict(layer.named_parameters()), extracted.state_dict(keep_vars=True)
     buffers = dict(layer.named_buffers())
     for name, region in regions.items():
