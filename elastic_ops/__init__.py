@@ -3,8 +3,8 @@
 Ops (``elastic_linear``, ``elastic_layer_norm``, ``elastic_mlp``, ``elastic_attention``) dispatch per
 call to Triton (GPU, or the CPU interpreter), native C++ kernels (CPU inference) or the PyTorch
 reference; see ``backends()`` and ``use_backend``. ``grouped_*`` run K subnets in one call (``GroupSizes``).
-Layers: ``elastic_ops.nn`` (ViT) and ``elastic_ops.conv`` (conv, BatchNorm, SE, MBConv); what they extract to:
-``plain`` and ``plain_hybrid``.
+Layers: ``elastic_ops.nn`` (ViT), ``elastic_ops.conv`` (conv, BatchNorm, SE, MBConv) and ``elastic_ops.hybrid``
+(token-mixing MLP, attention blocks, downsampling modules); what they extract to: ``plain`` and ``plain_hybrid``.
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
@@ -13,6 +13,9 @@ from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, 
 from .conv import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticInvertedResidual,
                    ElasticSqueezeExcite, make_divisible, recalibrate_batch_norm)
 from .group_sizes import GroupSizes
+from .hybrid import (ElasticGlobalDSM, ElasticLocalDSM, ElasticLocalGlobalDSM, ElasticMixerBlock,
+                     ElasticPositionalAttentionBlock, ElasticSeparableDownsample, ElasticVScaleAttention,
+                     ElasticVScaleBlock)
 from .nn import (ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLayerScale, ElasticLinear, ElasticMlp,
                  ElasticPatchEmbed)
 from .plain_hybrid import to_grid, to_tokens
@@ -29,13 +32,21 @@ __all__ = [
     "ElasticBlock",
     "ElasticConv2d",
     "ElasticDepthwiseConv2d",
+    "ElasticGlobalDSM",
     "ElasticInvertedResidual",
     "ElasticLayerNorm",
     "ElasticLayerScale",
     "ElasticLinear",
+    "ElasticLocalDSM",
+    "ElasticLocalGlobalDSM",
+    "ElasticMixerBlock",
     "ElasticMlp",
     "ElasticPatchEmbed",
+    "ElasticPositionalAttentionBlock",
+    "ElasticSeparableDownsample",
     "ElasticSqueezeExcite",
+    "ElasticVScaleAttention",
+    "ElasticVScaleBlock",
     "GroupSizes",
     "backends",
     "elastic_attention",
