@@ -179,7 +179,7 @@ class ElasticBatchNorm2d(ElasticModule):
         return norm
 
 
-BATCH_NORMS = (ElasticBatchNorm2d, nn.modules.batchnorm._BatchNorm)
+_BATCH_NORMS = (ElasticBatchNorm2d, nn.modules.batchnorm._BatchNorm)
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable, forward: Callabl
     BatchNorms run in training mode meanwhile, so dropout and drop-path stay off. The momenta and the train/eval
     mode of every module are restored afterwards; returns ``model``.
     """
-    norms = [module for module in model.modules() if isinstance(module, BATCH_NORMS)]
+    norms = [module for module in model.modules() if isinstance(module, _BATCH_NORMS)]
     modes = [(module, module.training) for module in model.modules()]
     momenta = [norm.momentum for norm in norms]
     try:
@@ -265,7 +265,9 @@ class ElasticSqueezeExcite(ElasticComposite):
                 "conv_expand": {"in_channels": reduced, "out_channels": channels}}
 
     def forward(self, x: Tensor, channels: int | None = None) -> Tensor:
-        children = self.child_configs(self.resolve(channels=channels))
+        config = self.resolve(channels=channels)
+        self.check_channels(x, config["channels"], "channels")
+        children = self.child_configs(config)
         squeezed = F.relu(self.conv_reduce(x.mean((2, 3), keepdim=True), **children["conv_reduce"]))
         return x * F.hardsigmoid(self.conv_expand(squeezed, **children["conv_expand"]))
 

@@ -90,9 +90,9 @@ class ElasticModule(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != channels:
-            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but expected [batch, {channels}, "
-                             f"height, width] (the active {what} is {channels}); call set_active({what}=...) or pass it "
-                             f"to forward")
+            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but expected [batch, "
+                             f"{channels}, height, width] (the active {what} is {channels}); call "
+                             f"set_active({what}=...) or pass it to forward")
 
     def extra_repr(self) -> str:
         maximum = self.max_config()
@@ -210,7 +210,8 @@ class ElasticMlp(ElasticModule):
     def extract(self) -> plain.Mlp:
         self.set_active()  # the children's configurations follow this layer's
         mlp = empty_module(lambda: plain.Mlp(self.active["embed_dim"], self.active["hidden_features"],
-                                             bias=self.fc1.bias is not None, activation=self.activation), self.fc1.weight)
+                                             bias=self.fc1.bias is not None, activation=self.activation),
+                           self.fc1.weight)
         mlp.fc1, mlp.fc2 = self.fc1.extract(), self.fc2.extract()
         return mlp
 

@@ -192,5 +192,5 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-__all__ = ["ACTIVATIONS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "RelativePosition2D", "VisionTransformer",
-           "make_activation", "relative_attention"]
+__all__ = ["ACTIVATIONS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "RelativePosition2D",
+           "VisionTransformer", "make_activation", "relative_attention"]
