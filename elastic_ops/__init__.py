@@ -3,13 +3,22 @@
 Ops (``elastic_linear``, ``elastic_layer_norm``, ``elastic_mlp``, ``elastic_attention``) dispatch per
 call to Triton (GPU, or the CPU interpreter), native C++ kernels (CPU inference) or the PyTorch
 reference; see ``backends()`` and ``use_backend``. ``grouped_*`` run K subnets in one call (``GroupSizes``).
+Layers: ``elastic_ops.nn`` (ViT), ``elastic_ops.conv`` (conv, BatchNorm, SE, MBConv) and ``elastic_ops.hybrid``
+(token-mixing MLP, attention blocks, downsampling modules); what they extract to: ``plain`` and ``plain_hybrid``.
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
 from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
                          grouped_layer_norm, grouped_linear, grouped_mlp)
+from .conv import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticInvertedResidual,
+                   ElasticSqueezeExcite, make_divisible, recalibrate_batch_norm)
 from .group_sizes import GroupSizes
-from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
+from .hybrid import (ElasticGlobalDSM, ElasticLocalDSM, ElasticLocalGlobalDSM, ElasticMixerBlock,
+                     ElasticPositionalAttentionBlock, ElasticSeparableDownsample, ElasticVScaleAttention,
+                     ElasticVScaleBlock)
+from .nn import (ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLayerScale, ElasticLinear, ElasticMlp,
+                 ElasticPatchEmbed)
+from .plain_hybrid import to_grid, to_tokens
 from ._weight_grads import weight_grads_in_place
 
 __version__ = "0.1.0"
@@ -19,11 +28,25 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "ElasticAttention",
+    "ElasticBatchNorm2d",
     "ElasticBlock",
+    "ElasticConv2d",
+    "ElasticDepthwiseConv2d",
+    "ElasticGlobalDSM",
+    "ElasticInvertedResidual",
     "ElasticLayerNorm",
+    "ElasticLayerScale",
     "ElasticLinear",
+    "ElasticLocalDSM",
+    "ElasticLocalGlobalDSM",
+    "ElasticMixerBlock",
     "ElasticMlp",
     "ElasticPatchEmbed",
+    "ElasticPositionalAttentionBlock",
+    "ElasticSeparableDownsample",
+    "ElasticSqueezeExcite",
+    "ElasticVScaleAttention",
+    "ElasticVScaleBlock",
     "GroupSizes",
     "backends",
     "elastic_attention",
@@ -35,7 +58,11 @@ __all__ = [
     "grouped_layer_norm",
     "grouped_linear",
     "grouped_mlp",
+    "make_divisible",
+    "recalibrate_batch_norm",
     "reference",
+    "to_grid",
+    "to_tokens",
     "use_backend",
     "weight_grads_in_place",
 ]

@@ -86,6 +86,15 @@ class ElasticModule(nn.Module):
             raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but the active {what} is {width}; "
                              f"call set_active({what}=...) or pass it to forward")
 
+    def check_channels(self, x: Tensor, channels: int, what: str) -> None:
+        """``x`` must be ``[batch, channels, height, width]`` (the layout of the conv layers)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but expected [batch, "
+                             f"{channels}, height, width] (the active {what} is {channels}); call "
+                             f"set_active({what}=...) or pass it to forward")
+
     def extra_repr(self) -> str:
         maximum = self.max_config()
         return ", ".join(f"{key}={self.active[key]}/{maximum[key]}" for key in maximum)
@@ -157,11 +166,18 @@ class ElasticLayerNorm(ElasticModule):
 
 
 class ElasticMlp(ElasticModule):
-    """timm's Mlp, ``fc2(gelu(fc1(x)))``, over ``fc1.weight[:hidden, :e]`` and ``fc2.weight[:e, :hidden]``."""
+    """timm's Mlp, ``fc2(act(fc1(x)))``, over ``fc1.weight[:hidden, :e]`` and ``fc2.weight[:e, :hidden]``.
 
-    def __init__(self, embed_dim: int, hidden_features: int, bias: bool = True, device=None, dtype=None):
+    ``activation``: a name of ``plain.ACTIVATIONS``. Exact GELU (the default) runs the fused MLP op; any other runs
+    two elastic linears with the activation in torch between them.
+    """
+
+    def __init__(self, embed_dim: int, hidden_features: int, bias: bool = True, device=None, dtype=None,
+                 activation: str = "gelu"):
         super().__init__()
         self.fc1 = ElasticLinear(embed_dim, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.act = plain.make_activation(activation)
+        self.activation = activation
         self.fc2 = ElasticLinear(hidden_features, embed_dim, bias=bias, device=device, dtype=dtype)
         self.active = self.max_config()
 
@@ -178,16 +194,25 @@ class ElasticMlp(ElasticModule):
     def forward(self, x: Tensor, embed_dim: int | None = None, hidden_features: int | None = None) -> Tensor:
         config = self.resolve(embed_dim=embed_dim, hidden_features=hidden_features)
         self.check_width(x, config["embed_dim"], "embed_dim")
-        return elastic_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, config["hidden_features"])
+        if self.activation == "gelu":
+            return elastic_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                               config["hidden_features"])
+        hidden = self.act(elastic_linear(x, self.fc1.weight, self.fc1.bias, config["hidden_features"]))
+        return elastic_linear(hidden, self.fc2.weight, self.fc2.bias, config["embed_dim"])
 
     def grouped_forward(self, x: Tensor, sizes: GroupSizes, hidden: GroupSizes) -> Tensor:
         """K subnets with embed dims ``sizes`` and hidden widths ``hidden`` on ``x [K, ..., sizes.width]``."""
-        return grouped_mlp(x, sizes, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, hidden)
+        if self.activation == "gelu":
+            return grouped_mlp(x, sizes, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, hidden)
+        # Every activation offered maps 0 to 0, so the zero padding past each subnet's hidden width stays zero.
+        return grouped_linear(self.act(grouped_linear(x, self.fc1.weight, self.fc1.bias, hidden)), self.fc2.weight,
+                              self.fc2.bias, sizes)
 
     def extract(self) -> plain.Mlp:
         self.set_active()  # the children's configurations follow this layer's
         mlp = empty_module(lambda: plain.Mlp(self.active["embed_dim"], self.active["hidden_features"],
-                                             bias=self.fc1.bias is not None), self.fc1.weight)
+                                             bias=self.fc1.bias is not None, activation=self.activation),
+                           self.fc1.weight)
         mlp.fc1, mlp.fc2 = self.fc1.extract(), self.fc2.extract()
         return mlp
 
@@ -378,17 +403,42 @@ class ElasticAttention(ElasticModule):
         return attn
 
 
+class ElasticLayerScale(ElasticModule):
+    """timm's LayerScale, ``x * gamma[:d]``, on the leading ``d = x.shape[-1]`` channels.
+
+    The width follows the input, so one call serves a single subnet and a grouped pass (whose zero padding stays
+    zero); the active ``dim`` is what ``extract()`` keeps.
+    """
+
+    def __init__(self, dim: int, init_value: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value, device=device, dtype=dtype))
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        return {"dim": self.gamma.shape[0]}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma[:x.shape[-1]].to(x.dtype)
+
+    def extract(self) -> plain.LayerScale:
+        scale = empty_module(lambda: plain.LayerScale(self.active["dim"]), self.gamma)
+        _copy_slice(scale.gamma, self.gamma)
+        return scale
+
+
 class ElasticBlock(ElasticModule):
-    """timm's pre-norm Block (``norm1, attn, norm2, mlp``) with elastic embed dim, heads and MLP width.
+    """timm's pre-norm Block (``norm1, attn, ls1, norm2, mlp, ls2``) with elastic embed dim, heads and MLP width.
 
     ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
     ``private_qk_heads``: head counts with their own q/k projections, ``relative_position``: the maximum distance of
-    the 2D relative position, 0 for none (:class:`ElasticAttention`).
+    the 2D relative position, 0 for none (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
+    :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
-                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
+                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, layer_scale: float | None = None):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
@@ -398,6 +448,11 @@ class ElasticBlock(ElasticModule):
                                      private_qk_heads=private_qk_heads, relative_position=relative_position)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
+        self.layer_scale = layer_scale
+        self.ls1 = self.ls2 = None
+        if layer_scale is not None:
+            self.ls1 = ElasticLayerScale(embed_dim, layer_scale, device=device, dtype=dtype)
+            self.ls2 = ElasticLayerScale(embed_dim, layer_scale, device=device, dtype=dtype)
         self.active = self.max_config()
 
     def max_config(self) -> dict[str, int]:
@@ -410,6 +465,9 @@ class ElasticBlock(ElasticModule):
         self.attn.set_active(embed_dim=embed_dim, num_heads=self.active["num_heads"])
         self.norm2.set_active(dim=embed_dim)
         self.mlp.set_active(embed_dim=embed_dim, hidden_features=self.active["hidden_features"])
+        if self.layer_scale is not None:
+            self.ls1.set_active(dim=embed_dim)
+            self.ls2.set_active(dim=embed_dim)
         return self
 
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
@@ -431,8 +489,12 @@ class ElasticBlock(ElasticModule):
     def _residual(self, x: Tensor, attention, mlp) -> Tensor:
         """The pre-norm residual structure, written once for single and grouped passes: ``attention`` and ``mlp``
         map the residual stream to each branch's output (norm included)."""
-        x = x + drop_path(attention(x), self.drop_path, self.training)
-        return x + drop_path(mlp(x), self.drop_path, self.training)
+        x = x + drop_path(self._scaled(self.ls1, attention(x)), self.drop_path, self.training)
+        return x + drop_path(self._scaled(self.ls2, mlp(x)), self.drop_path, self.training)
+
+    @staticmethod
+    def _scaled(layer_scale: ElasticLayerScale | None, branch: Tensor) -> Tensor:
+        return branch if layer_scale is None else layer_scale(branch)
 
     def extract(self) -> plain.Block:
         self.set_active()
@@ -440,9 +502,12 @@ class ElasticBlock(ElasticModule):
         block = empty_module(lambda: plain.Block(embed_dim, self.active["num_heads"], self.attn.head_dim,
                                                  self.active["hidden_features"], eps=self.norm1.eps,
                                                  qkv_bias=self.attn.qkv.bias is not None,
-                                                 relative_position=self.attn.relative_position), self.attn.qkv.weight)
+                                                 relative_position=self.attn.relative_position,
+                                                 layer_scale=self.layer_scale), self.attn.qkv.weight)
         block.norm1, block.attn = self.norm1.extract(), self.attn.extract()
         block.norm2, block.mlp = self.norm2.extract(), self.mlp.extract()
+        if self.layer_scale is not None:
+            block.ls1, block.ls2 = self.ls1.extract(), self.ls2.extract()
         return block
 
 
@@ -484,5 +549,5 @@ class ElasticPatchEmbed(ElasticModule):
         return embed
 
 
-__all__ = ["ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLinear", "ElasticMlp", "ElasticModule",
-           "ElasticPatchEmbed", "QkGroup", "drop_path"]
+__all__ = ["ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLayerScale", "ElasticLinear", "ElasticMlp",
+           "ElasticModule", "ElasticPatchEmbed", "QkGroup", "drop_path"]

@@ -4,6 +4,7 @@ This file imports only torch, so that it can be copied into a project that runs 
 without elastic_ops. The modules are TorchScript-able. Attention uses timm's qkv layout ``[3 * h * Dh, e]``
 (q, k, v blocks), which is the block layout of the elastic ops.
 Optional 2D relative position (AutoFormer's ``RelativePosition2D``): :class:`RelativePosition2D`.
+The hybrid (conv / attention / MLP) modules are in ``plain_hybrid.py``, which imports only torch and this file.
 """
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class Mlp(nn.Module):
-    """``fc2(gelu(fc1(x)))`` with exact (erf) GELU, as timm's Mlp."""
+ACTIVATIONS = {"gelu": nn.GELU, "hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 
-    def __init__(self, in_features: int, hidden_features: int, bias: bool = True):
+
+def make_activation(name: str) -> nn.Module:
+    """The activation module called ``name`` (a key of ``ACTIVATIONS``; GELU is the exact, erf one)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Mlp(nn.Module):
+    """``fc2(act(fc1(x)))``, as timm's Mlp; ``activation`` names the act (default exact GELU)."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = nn.GELU()
+        self.act = make_activation(activation)
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,20 +118,34 @@ class Attention(nn.Module):
         return self.proj(context.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale: ``x * gamma``, one learned factor per channel (CaiT)."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``; the layer scales
+    ``ls1, ls2`` are :class:`LayerScale` with ``layer_scale`` as initial value, or identities if it is None."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, hidden_features: int, eps: float = 1e-6,
-                 qkv_bias: bool = True, relative_position: int = 0):
+                 qkv_bias: bool = True, relative_position: int = 0, layer_scale: Optional[float] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, head_dim, qkv_bias=qkv_bias, relative_position=relative_position)
+        self.ls1 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden_features)
+        self.ls2 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -167,4 +192,5 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "RelativePosition2D", "VisionTransformer", "relative_attention"]
+__all__ = ["ACTIVATIONS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "RelativePosition2D",
+           "VisionTransformer", "make_activation", "relative_attention"]

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import elastic_ops
-from elastic_ops import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
+from elastic_ops import (ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed,
+                         GroupSizes)
 from elastic_ops import plain
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+from layer_checks import TOL, assert_extract_matches, assert_state_dict_round_trip, randomize
 
 
 @pytest.fixture(autouse=True)
@@ -21,31 +22,6 @@ def reference_backend():
     """Layers are checked on the reference; the Triton ops have their own tests (two checks below run them)."""
     with elastic_ops.use_backend("reference"):
         yield
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Random values in every parameter (LayerNorm starts at ones/zeros, which would hide slicing mistakes)."""
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn_like(param) * 0.3)
-    return module
-
-
-def assert_state_dict_round_trip(elastic: nn.Module, make_plain, inputs: torch.Tensor) -> None:
-    """Plain -> elastic and elastic -> plain at full width give the same keys and the same outputs."""
-    source = randomize(make_plain())
-    elastic.load_state_dict(source.state_dict())
-    torch.testing.assert_close(elastic(inputs), source(inputs), **TOL)
-    randomize(elastic)
-    target = make_plain()
-    target.load_state_dict(elastic.state_dict())
-    torch.testing.assert_close(target(inputs), elastic(inputs), **TOL)
-
-
-def assert_extract_matches(layer: nn.Module, inputs: torch.Tensor) -> nn.Module:
-    extracted = layer.extract()
-    torch.testing.assert_close(extracted(inputs), layer(inputs), **TOL)
-    return extracted
 
 
 # --- ElasticLinear ----------------------------------------------------------------------------------
@@ -126,6 +102,24 @@ def test_mlp_state_dict_round_trip_with_timm_named_mlp():
 def test_mlp_bad_config_raises_clear_error():
     with pytest.raises(ValueError, match="hidden_features=65 is outside 1..64"):
         ElasticMlp(32, 64)(torch.randn(2, 32), hidden_features=65)
+
+
+def test_mlp_with_another_activation_matches_extracted_and_grouped():
+    layer = randomize(ElasticMlp(48, 192, activation="hardswish")).set_active(embed_dim=40, hidden_features=97)
+    x = torch.randn(2, 9, 40)
+    extracted = assert_extract_matches(layer, x)
+    assert isinstance(extracted.act, nn.Hardswish)
+    torch.testing.assert_close(layer(x), extracted.fc2(nn.functional.hardswish(extracted.fc1(x))), **TOL)
+    # Grouped: two subnets stacked with zero padding give each its own output, zero past its width.
+    sizes, hidden = GroupSizes([40, 24], "cpu"), GroupSizes([97, 50], "cpu")
+    stacked = torch.zeros(2, 2, 9, 40)
+    stacked[0], stacked[1, ..., :24] = x, x[..., :24]
+    grouped = layer.grouped_forward(stacked, sizes, hidden)
+    torch.testing.assert_close(grouped[0], layer(x), **TOL)
+    torch.testing.assert_close(grouped[1, ..., :24], layer(x[..., :24], embed_dim=24, hidden_features=50), **TOL)
+    assert torch.count_nonzero(grouped[1, ..., 24:]) == 0
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        ElasticMlp(8, 16, activation="tanh")
 
 
 # --- ElasticAttention -------------------------------------------------------------------------------
@@ -297,6 +291,25 @@ def test_block_active_config_matches_extracted_plain_block():
     assert isinstance(extracted, plain.Block) and extracted.mlp.fc1.out_features == 131 and extracted.attn.num_heads == 2
     torch.testing.assert_close(layer(torch.randn(2, 10, 64), embed_dim=64, num_heads=4, hidden_features=256).shape,
                                torch.Size([2, 10, 64]))
+
+
+def test_block_with_layer_scale_matches_extracted_plain_block_and_grouped():
+    layer = randomize(ElasticBlock(64, 4, 256, head_dim=16, layer_scale=1e-6))
+    assert {name for name in layer.state_dict() if name.startswith("ls")} == {"ls1.gamma", "ls2.gamma"}
+    layer.set_active(embed_dim=48, num_heads=2, hidden_features=131)
+    x = torch.randn(2, 10, 48)
+    extracted = assert_extract_matches(layer, x)
+    assert extracted.ls1.gamma.shape == (48,)
+    torch.testing.assert_close(extracted.ls2.gamma, layer.ls2.gamma[:48], atol=0, rtol=0)
+    stacked = torch.zeros(2, 2, 10, 64)
+    stacked[0, ..., :48], stacked[1] = x, torch.randn(2, 10, 64)
+    grouped = layer.grouped_forward(stacked, GroupSizes([48, 64], "cpu"), GroupSizes([2, 4], "cpu"),
+                                    GroupSizes([131, 256], "cpu"))
+    torch.testing.assert_close(grouped[0, ..., :48], layer(x), **TOL)
+    torch.testing.assert_close(grouped[1], layer(stacked[1], embed_dim=64, num_heads=4, hidden_features=256), **TOL)
+    assert torch.count_nonzero(grouped[0, ..., 48:]) == 0
+    assert_state_dict_round_trip(ElasticBlock(32, 2, 64, head_dim=16, layer_scale=0.1),
+                                 lambda: plain.Block(32, 2, 16, 64, layer_scale=0.1), torch.randn(2, 5, 32))
 
 
 def test_block_state_dict_round_trip_with_timm_named_block():
