@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .arch import Arch
 from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import normalize
 from .errors import CheckpointError
+from .report import progress_bar
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
     else:
         groups = [[arch] for arch in archs]
     results = {}
-    bar = tqdm(total=len(archs), desc="evaluating subnets", unit="subnet", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=len(archs), desc="evaluating subnets", unit="subnet", leave=False)
     for group in groups:
         totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)
         samples = 0

@@ -67,6 +67,9 @@ class SupernetConfig:
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SupernetConfig: img_size {self.img_size} is not a multiple of patch size(s) {bad}")
+        if self.private_class_tokens and len(self.patch_sizes) == 1:
+            raise ValueError("SupernetConfig: private_class_tokens keeps the tokens of each patch size apart, but there "
+                             f"is one patch size, {self.patch_sizes[0]}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not isinstance(self.relative_position, int) or isinstance(self.relative_position, bool) \

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..arch import Arch
+from ..errors import ConfigError
 from .base import Searcher
 
 
@@ -20,11 +21,11 @@ class Evolution(Searcher):
                  crossovers: int = 25, mutation_prob: float = 0.2, depth_embed_prob: float = 0.4, **options):
         super().__init__(space, feasible, seed=seed, cost=cost, **options)
         if parents < 1 or mutations < 0 or crossovers < 0 or mutations + crossovers < 1:
-            raise ValueError(f"evolution: need parents >= 1 and mutations + crossovers >= 1, got parents={parents}, "
+            raise ConfigError(f"evolution: need parents >= 1 and mutations + crossovers >= 1, got parents={parents}, "
                              f"mutations={mutations}, crossovers={crossovers}")
         for label, prob in (("mutation_prob", mutation_prob), ("depth_embed_prob", depth_embed_prob)):
             if not 0.0 <= prob <= 1.0:
-                raise ValueError(f"evolution: {label} must be in [0, 1], got {prob}")
+                raise ConfigError(f"evolution: {label} must be in [0, 1], got {prob}")
         self.num_parents, self.mutations, self.crossovers = int(parents), int(mutations), int(crossovers)
         self.mutation_prob, self.depth_embed_prob = float(mutation_prob), float(depth_embed_prob)
 

@@ -1,4 +1,4 @@
-"""A reinforcement-learning controller as UniNet searches with: REINFORCE with a moving-average baseline.
+"""A REINFORCE controller (Williams 1992) with a moving-average baseline, as in Zoph & Le's NAS (2017).
 
 The policy is one independent categorical distribution per gene of :class:`~.base.GeneCoding` (a
 factorised controller). Draws outside the budget are rejected. After each step the logits move along
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..arch import Arch
-from .base import GeneCoding, InfeasibleBudgetError, Searcher
+from ..errors import ConfigError, InfeasibleBudgetError
+from .base import GeneCoding, Searcher
 
 
 class Reinforce(Searcher):
@@ -22,7 +23,7 @@ class Reinforce(Searcher):
                  **options):
         super().__init__(space, feasible, seed=seed, cost=cost, **options)
         if lr <= 0 or not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"rl: need lr > 0 and baseline_decay in [0, 1), got lr={lr}, baseline_decay={baseline_decay}")
+            raise ConfigError(f"rl: need lr > 0 and baseline_decay in [0, 1), got lr={lr}, baseline_decay={baseline_decay}")
         self.coding = GeneCoding(space)
         self.lr, self.baseline_decay = float(lr), float(baseline_decay)
         self.logits = [np.zeros(size) for size in self.coding.sizes]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nas import atomic, latency
+from nas import atomic
+from nas.errors import CheckpointError
 from nas.cost import macs_many
 from nas.latency import FEATURES, LatencyModel, latency_features, measure_archs, measure_latency
 from nas.space import load_space
@@ -110,7 +111,7 @@ def test_load_rejects_corrupt_files(tmp_path):
     }
     for message, text in cases.items():
         path.write_text(text)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(CheckpointError, match=message):
             LatencyModel.load(path)
 
 

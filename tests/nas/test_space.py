@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nas.arch import Arch
-from nas.cost import macs, macs_many
+from nas.cost import macs, macs_many, macs_range, sample_in_flops_window
 from nas.space import (PRESETS, SearchSpace, load_space, read_autoformer_space, read_autoformer_subnet,
                        read_autoformer_yaml)
 
@@ -103,8 +103,8 @@ def test_min_max_arch_bound_every_sample(name):
     assert (low.embed_dim, low.depth, set(low.num_heads), set(low.mlp_ratio)) == (
         space.embed_dims[0], space.depths[0], {space.num_heads[0]}, {space.mlp_ratios[0]})
     cost = macs_many(space.sample_many(np.random.default_rng(), 2000), space)
-    assert space.macs_range == (macs(low, space), macs(high, space))
-    assert cost.min() >= space.macs_range[0] and cost.max() <= space.macs_range[1]
+    assert macs_range(space) == (macs(low, space), macs(high, space))
+    assert cost.min() >= macs_range(space)[0] and cost.max() <= macs_range(space)[1]
 
 
 @pytest.mark.parametrize("name", SPACES)
@@ -122,7 +122,7 @@ def test_same_seed_same_arch_on_every_rank():
     space = load_space("vitas-t")
     rank0, rank1 = np.random.default_rng(1234), np.random.default_rng(1234)
     assert [space.sample(rank0) for _ in range(20)] == [space.sample(rank1) for _ in range(20)]
-    assert space.sample_in_flops_window(rank0, 1e9, 1.5e9) == space.sample_in_flops_window(rank1, 1e9, 1.5e9)
+    assert sample_in_flops_window(space, rank0, 1e9, 1.5e9) == sample_in_flops_window(space, rank1, 1e9, 1.5e9)
     assert space.mutate(space.sample(5), rank0) == space.mutate(space.sample(5), rank1)
     with pytest.raises(TypeError, match="numpy.random.Generator or an int seed"):
         space.sample(random.Random(0))
@@ -232,24 +232,24 @@ def test_flops_window_draws_land_in_the_window(name):
     for _ in range(20):
         start = rng.uniform(0.0, 0.9)
         low, high = np.quantile(cost, [start, start + 0.1])
-        arch = space.sample_in_flops_window(rng, low, high)
+        arch = sample_in_flops_window(space, rng, low, high)
         space.validate(arch)
         assert low <= macs(arch, space) <= high
 
 
 def test_flops_window_errors():
     space = load_space("autoformer-t")
-    low, high = space.macs_range
+    low, high = macs_range(space)
     with pytest.raises(ValueError, match=r"outside space 'autoformer-t'.s range"):
-        space.sample_in_flops_window(0, high + 1, high + 2)
+        sample_in_flops_window(space, 0, high + 1, high + 2)
     with pytest.raises(ValueError, match=r"outside"):
-        space.sample_in_flops_window(0, 0, low - 1)
+        sample_in_flops_window(space, 0, 0, low - 1)
     with pytest.raises(ValueError, match=r"low=2 > high=1"):
-        space.sample_in_flops_window(0, 2, 1)
+        sample_in_flops_window(space, 0, 2, 1)
     # Only max_arch reaches the top MAC count: a feasible window that uniform draws do not hit.
     with pytest.raises(RuntimeError, match="after 64 uniform draws"):
-        space.sample_in_flops_window(0, high, high, max_tries=2, batch_size=32)
-    assert space.sample_in_flops_window(0, low, high) is not None
+        sample_in_flops_window(space, 0, high, high, max_tries=2, batch_size=32)
+    assert sample_in_flops_window(space, 0, low, high) is not None
 
 
 SUPERNET_YAML = """\

@@ -95,6 +95,14 @@ def test_private_class_tokens_per_patch_size():
     torch.testing.assert_close(model(x, arch4), before, atol=0, rtol=0)
 
 
+def test_private_class_tokens_need_several_patch_sizes():
+    """With one patch size there is nothing to keep apart: an error, not a flag that silently does nothing."""
+    with pytest.raises(ValueError, match="private_class_tokens .* the only patch size is 4"):
+        dataclasses.replace(TINY, private_class_tokens=True)
+    with pytest.raises(ValueError, match="private_class_tokens .* one patch size, 4"):
+        dataclasses.replace(SupernetConfig.from_space(TINY), private_class_tokens=True)
+
+
 def test_shared_patch_embedding_with_several_patch_sizes_uses_leading_kernel_block():
     space = dataclasses.replace(TINY, patch_sizes=[2, 4])
     model = build(space)
