@@ -161,6 +161,8 @@ class LatencyModel:
     def load(cls, path: str | os.PathLike) -> "LatencyModel":
         try:
             data = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot read the latency model: {error.strerror or error}") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{path}: not a latency model (invalid JSON: {error})") from error
         if not isinstance(data, dict):

@@ -306,6 +306,10 @@ def write(path: Path, content) -> Path:
     ([], {"out/eval_cache.json": '{"k": {"top1": "high"}}'}, r"evaluation cache '.*out/eval_cache.json' is corrupt "
                                                               r"\(an evaluation result is a mapping of top1, top5"),
     ([], {"out": "a file"}, r"out_dir '.*out' is a file, not a directory"),
+    # The checkpoint trained on digits and records no data_dir: another data set needs one.
+    (["--dataset", "cifar10"], {}, r"data set 'cifar10' needs a data directory \(data_dir / --data-dir\)"),
+    (["--latency-model", "{dir}/none.json"], {}, r".*none.json: cannot read the latency model: No such file"),
+    (["--algorithm", "sampler"], {}, r"--algorithm sampler needs a supernet trained with the learned sampler"),
 ])
 def test_one_line_errors(tiny_checkpoint, tmp_path, capsys, args, files, message):
     from nas.search import main
