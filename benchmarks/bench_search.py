@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from nas.evaluate import TensorBatches, evaluate_archs
 from nas.budget import Costs
 from nas.checkpoint import load_supernet
+from nas.evaluate import TensorBatches, evaluate_archs
 from nas.searching import Search, SearchConfig, search_data
 from nas.space import load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet

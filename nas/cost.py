@@ -14,10 +14,10 @@ Convention (also in ``CONVENTION``):
 * ``macs`` counts the multiply-accumulates of one image's forward pass in the matrix products:
   the patch-embedding convolution, qkv, q @ k^T, attn @ v, the output projection, fc1, fc2, and the
   classifier on the class token; with relative position also q . r_k and attn . r_v (``tokens ** 2 *
-  num_heads * head_dim`` each; the table look-ups and additions are not counted). LayerNorm, softmax, GELU, bias and residual additions, the
-  position-embedding add and the attention scale are not counted (AutoFormer does not count them
-  either; they are well under 1% of the total). FLOPs in the "2 per multiply-add" sense, as
-  ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
+  num_heads * head_dim`` each; the table look-ups and additions are not counted). LayerNorm, softmax,
+  GELU, bias and residual additions, the position-embedding add and the attention scale are not counted
+  (AutoFormer does not count them either; they are well under 1% of the total). FLOPs in the "2 per
+  multiply-add" sense, as ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
 * The number of tokens is ``N = (img_size // patch_size) ** 2 + 1`` (patches plus the class token);
   attention has ``num_heads * head_dim`` q/k/v channels, and the MLP ``int(embed_dim * mlp_ratio)``
   hidden units.
@@ -104,7 +104,8 @@ def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position:
 
 def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0) -> dict:
     """MACs of one transformer layer by kind: ``projections`` (qkv and output projection),
-    ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and fc2)."""
+    ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and
+    fc2)."""
     attn_dim = num_heads * head_dim
     products = 4 if relative_position else 2
     return {

@@ -51,9 +51,11 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class TensorImageDataset(Dataset):
     """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op."""
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float]):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"TensorImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
@@ -454,7 +456,8 @@ def eval_batches(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
     return _iterate(dataset, index_batches, num_workers, seed=(rank,))
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> Tensor:
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 ``[B, C, H, W]`` -> ``(x / 255 - mean) / std`` in ``dtype``, on the images' device."""
     mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)

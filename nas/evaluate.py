@@ -169,8 +169,10 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
 def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
     """Indices of ``archs`` sorted by patch size, embed dim, then layer by layer, so that subnets of one embed
     dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass."""
-    return sorted(range(len(archs)), key=lambda i: (archs[i].patch_size or 0, archs[i].embed_dim,
-                                                   tuple(zip(archs[i].layer_on, archs[i].num_heads, archs[i].mlp_ratio))))
+    def key(arch: Arch) -> tuple:
+        return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio))
+
+    return sorted(range(len(archs)), key=lambda i: key(archs[i]))
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ import torch
 
 from .arch import Arch, ArchBatch
 from .atomic import atomic_write_text
-from .errors import CheckpointError, require
 from .cost import embed_macs, head_macs, layer_dims, layer_macs_parts
+from .errors import CheckpointError, require
 from .space import SearchSpace
 
 FORMAT_VERSION = 1
@@ -167,11 +167,13 @@ class LatencyModel:
             raise CheckpointError(f"{path}: not a latency model (invalid JSON: {error})") from error
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: not a latency model (expected a JSON object)")
-        missing = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"} - set(data)
+        keys = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"}
+        missing = keys - set(data)
         if missing:
             raise CheckpointError(f"{path}: not a latency model (missing {sorted(missing)})")
         if data["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: latency model format {data['format_version']}, this code reads {FORMAT_VERSION}")
+            raise CheckpointError(f"{path}: latency model format {data['format_version']}, this code reads "
+                                  f"{FORMAT_VERSION}")
         if tuple(data["features"]) != FEATURES or len(data["coef"]) != len(FEATURES):
             raise CheckpointError(f"{path}: latency model features {data['features']} (with {len(data['coef'])} "
                              f"coefficients) differ from this code's {list(FEATURES)}")

@@ -103,7 +103,8 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.private_class_tokens keeps a class token, position and patch embedding per "
                              f"patch size, but the only patch size is {self.patch_sizes[0]}; set it to false")
         if int(self.embed_dims[0] * self.mlp_ratios[0]) < 1:
-            raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) is 0")
+            raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) "
+                             "is 0")
 
     # -- derived sizes -------------------------------------------------------------------------------
     @property
@@ -148,7 +149,8 @@ class SearchSpace:
             raise TypeError(f"expected an Arch, got {type(arch).__name__}")
         where = f"space {self.name!r}"
         if arch.max_depth != self.max_depth:
-            raise ValueError(f"arch has {arch.max_depth} layers (len(arch.layer_on)) but {where} has max depth {self.max_depth}")
+            raise ValueError(f"arch has {arch.max_depth} layers (len(arch.layer_on)) but {where} has max depth "
+                             f"{self.max_depth}")
         if arch.embed_dim not in self.embed_dims:
             raise ValueError(f"arch.embed_dim={arch.embed_dim} not in {self.embed_dims} ({where})")
         for i, (heads, ratio) in enumerate(zip(arch.num_heads, arch.mlp_ratio)):
@@ -161,7 +163,8 @@ class SearchSpace:
         if not self.identity_layers and arch.layer_on != tuple(i < arch.depth for i in range(self.max_depth)):
             first_gap = arch.layer_on.index(False)
             raise ValueError(
-                f"arch.layer_on[{first_gap}]=False before an active layer: {where} turns on the first `depth` layers only"
+                f"arch.layer_on[{first_gap}]=False before an active layer: {where} turns on the first `depth` layers "
+                "only"
             )
         if arch.patch_size is None:
             if len(self.patch_sizes) > 1:
@@ -195,11 +198,14 @@ class SearchSpace:
 
     def max_arch(self) -> Arch:
         """The largest and most costly arch: every maximum, all layers on, the smallest patch size."""
-        return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio, self.patch_sizes[0])
+        return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio,
+                                  self.patch_sizes[0])
 
     def min_arch(self) -> Arch:
-        """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch size."""
-        return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0], self.patch_sizes[-1])
+        """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch
+        size."""
+        return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0],
+                                  self.patch_sizes[-1])
 
     def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
         patch = patch_size if len(self.patch_sizes) > 1 else None
@@ -232,7 +238,8 @@ class SearchSpace:
 
     @functools.cached_property
     def _choice_arrays(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(getattr(self, name)) for name in ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")}
+        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")
+        return {name: np.asarray(getattr(self, name)) for name in names}
 
     def sample(self, rng: np.random.Generator | int) -> Arch:
         return self.sample_many(rng, 1).arch(0)
@@ -356,7 +363,8 @@ def load_space(name_or_path: str | os.PathLike) -> SearchSpace:
 
 
 # -- AutoFormer's own config files (microsoft/Cream, AutoFormer/experiments) ------------------------------
-def _autoformer_section(config: dict, section: str, path, keys=("MLP_RATIO", "NUM_HEADS", "DEPTH", "EMBED_DIM")) -> dict:
+def _autoformer_section(config: dict, section: str, path,
+                        keys=("MLP_RATIO", "NUM_HEADS", "DEPTH", "EMBED_DIM")) -> dict:
     values = config.get(section)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: no {section} section")

@@ -41,12 +41,21 @@ import elastic_ops
 from . import data as data_lib
 from .arch import Arch
 from .atomic import atomic_write_text
-from .checkpoint import (CHECKPOINT_FORMAT, all_finite, checkpoint_dir, checkpoint_path, list_checkpoints,
-                         load_checkpoint, non_finite_entries, resume_checkpoint, save_checkpoint, some)
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    all_finite,
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    non_finite_entries,
+    resume_checkpoint,
+    save_checkpoint,
+    some,
+)
 from .config import Config, changes_on_resume, setting
 from .device import resolve_device
-from .distributed import (Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states,
-                          init_distributed)
+from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from .optim import parameter_groups, warmup_cosine
 from .report import JsonLog, plot_curves, progress_bar, read_log
@@ -505,9 +514,9 @@ class Trainer:
             final = (self.logged_final() if self.step == self.resumed_at else None) or self.evaluate("final")
         if self.ranks.main and c.plot:
             plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
+        checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
         return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
-                           time.perf_counter() - self.started, str(self.last_checkpoint) if self.last_checkpoint else None,
-                           self.data.search_split.images)
+                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images)
 
 
 def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:

@@ -34,7 +34,8 @@ class ArchSampler:
     def draw(self) -> list[Arch]:
         raise NotImplementedError
 
-    def update(self, archs: Sequence[Arch], losses: Sequence[float], measure: Measure | None = None) -> dict[str, float]:
+    def update(self, archs: Sequence[Arch], losses: Sequence[float], measure: Measure | None = None
+               ) -> dict[str, float]:
         return {}
 
     def require_measure(self, measure: Measure | None) -> Measure:

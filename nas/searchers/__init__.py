@@ -16,7 +16,8 @@ SEARCHERS: dict[str, type[Searcher]] = {
 }
 
 
-def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None, **options) -> Searcher:
+def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None,
+                   **options) -> Searcher:
     """The searcher registered as ``name``; ``options`` are its keyword arguments."""
     if name not in SEARCHERS:
         raise ConfigError(f"unknown search algorithm {name!r}; choose one of {', '.join(SEARCHERS)}")

@@ -72,7 +72,8 @@ class Searcher:
                 if len(found) == n:
                     return found
         if not found and not repeats:
-            raise InfeasibleBudgetError(f"{self.name}: no arch inside the budget in {self.max_draws * batch} uniform draws "
+            raise InfeasibleBudgetError(f"{self.name}: no arch inside the budget in {self.max_draws * batch} uniform "
+                                        "draws "
                                         f"of space {self.space.name!r}; the budget is too tight for random sampling")
         return found + repeats[: n - len(found)]  # a small space may hold fewer feasible archs than asked
 

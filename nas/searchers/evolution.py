@@ -2,8 +2,8 @@
 
 Generation 0 is ``n`` uniform draws inside the budget. After that, each generation of ``n`` is ``mutations``
 mutants and ``crossovers`` children of the ``parents`` best archs seen so far (AutoFormer: 25 + 25 for a
-population of 50; fewer where ``n`` is smaller), topped up with uniform draws to ``n``; a mutant or child outside the budget, or already seen,
-is drawn again (up to ``10x`` as many tries, as AutoFormer does).
+population of 50; fewer where ``n`` is smaller), topped up with uniform draws to ``n``; a mutant or child outside
+the budget, or already seen, is drawn again (up to ``10x`` as many tries, as AutoFormer does).
 """
 from __future__ import annotations
 

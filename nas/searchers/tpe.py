@@ -61,7 +61,8 @@ class TPESearch(Searcher):
             if len(found) == n:
                 return found
             trial = self.study.ask()
-            indices = [trial.suggest_categorical(name, list(range(len(choices)))) for name, choices in self.coding.genes]
+            indices = [trial.suggest_categorical(name, list(range(len(choices))))
+                       for name, choices in self.coding.genes]
             arch = self.coding.decode(indices)
             if self.feasible([arch])[0]:
                 trial.set_user_attr("violation", (0.0,))
@@ -71,7 +72,8 @@ class TPESearch(Searcher):
                 trial.set_user_attr("violation", (1.0,))
                 self.study.tell(trial, 0.0)
         if len(found) < n:
-            raise InfeasibleBudgetError(f"tpe: found {len(found)} of {n} archs inside the budget in {self.max_draws * n} trials")
+            raise InfeasibleBudgetError(f"tpe: found {len(found)} of {n} archs inside the budget in "
+                                        f"{self.max_draws * n} trials")
         return found
 
     def observe(self, archs: Sequence[Arch], scores: Sequence[float]) -> None:
@@ -103,7 +105,8 @@ class TPESearch(Searcher):
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         if "trials" not in state:
-            raise CheckpointMismatchError("this tpe search state was written by an older version, which pickled the Optuna study; "
+            raise CheckpointMismatchError("this tpe search state was written by an older version, which pickled the "
+                                          "Optuna study; "
                              "it is not loaded (unpickling a file can run any code): start the search again")
         from_json = self.optuna.distributions.json_to_distribution
         study = self._new_study()

@@ -88,7 +88,8 @@ def plain_vit_counts(arch, space):
 @pytest.mark.parametrize("name", ["digits-tiny", "cifar-tiny", "vitas-t", "autoformer-s"])
 def test_params_and_macs_match_plain_vit(name):
     space = load_space(name)
-    archs = space.sample_many(np.random.default_rng(zlib.crc32(name.encode())), 4).archs() + [space.min_arch(), space.max_arch()]
+    archs = space.sample_many(np.random.default_rng(zlib.crc32(name.encode())), 4).archs()
+    archs += [space.min_arch(), space.max_arch()]
     expected = np.array([plain_vit_counts(arch, space) for arch in archs])
     np.testing.assert_array_equal(params_many(archs, space), expected[:, 0])
     np.testing.assert_array_equal(macs_many(archs, space), expected[:, 1])

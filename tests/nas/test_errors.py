@@ -32,7 +32,8 @@ def test_a_user_error_is_one_line_and_exit_status_2(capsys):
         raise ConfigError("config file 'c.yaml' is not valid YAML: while parsing\n  in line 3\n")
 
     assert run_command("nas.train", refuse) == 2
-    assert capsys.readouterr().err == "nas.train: error: config file 'c.yaml' is not valid YAML: while parsing in line 3\n"
+    assert capsys.readouterr().err == ("nas.train: error: config file 'c.yaml' is not valid YAML: while parsing in "
+                                       "line 3\n")
 
 
 @pytest.mark.parametrize("module, entry", [(train, "train"), (search, "run_search")])

@@ -3,6 +3,7 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -13,13 +14,13 @@ import torch
 from hostile import RunsCode, fill_disk
 
 from nas.arch import Arch
-from nas.cost import macs_many, params_many
 from nas.budget import Budget, Costs
+from nas.cost import macs_many, params_many
 from nas.errors import CheckpointError, CheckpointMismatchError
 from nas.samplers import LearnedSampler
 from nas.search import parse_args
-from nas.searching import Search, SearchConfig, search_data, write_outputs
 from nas.searchers import SEARCHERS, InfeasibleBudgetError, build_searcher, non_dominated_fronts
+from nas.searching import Search, SearchConfig, search_data, write_outputs
 from nas.space import load_space
 
 ALGORITHMS = sorted(SEARCHERS)
@@ -233,8 +234,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def search_args(checkpoint: Path, output: Path, generations: int = 2) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--out-dir", str(output), "--generations", str(generations), "--population",
-            "4", "--parents", "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16", "--no-progress"]
+    return ["--checkpoint", str(checkpoint), "--out-dir", str(output), "--generations", str(generations),
+            "--population", "4", "--parents", "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16",
+            "--no-progress"]
 
 
 def one_line_error(capsys) -> str:
@@ -344,8 +346,8 @@ def test_unwritable_output_is_a_one_line_error(tiny_checkpoint, tmp_path, monkey
 # --- search data: the training images the checkpoint held out ------------------------------------------
 
 def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
-    from nas.data import load_digits
     from nas.checkpoint import load_checkpoint
+    from nas.data import load_digits
     from nas.search import main
     from nas.trainer import TrainConfig, train
 
@@ -378,14 +380,13 @@ def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
     with pytest.warns(UserWarning, match="records no held-out split"):
         searched({k: v for k, v in state.items() if k != "search_split"})
 
-    args = ["--checkpoint", trained.checkpoint, "--holdout-images", "101", "--out-dir", str(tmp_path / "s"), "--no-progress"]
+    args = ["--checkpoint", trained.checkpoint, "--holdout-images", "101", "--out-dir", str(tmp_path / "s"),
+            "--no-progress"]
     assert main(args) == 2
     assert "held only 100 digits training images out of training" in capsys.readouterr().err
 
 
 # --- end to end on CIFAR-10 with a supernet trained by nas.train ---------------------------------------
-
-import os
 
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
 

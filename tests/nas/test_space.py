@@ -9,8 +9,14 @@ import pytest
 
 from nas.arch import Arch
 from nas.cost import macs, macs_many, macs_range, sample_in_flops_window
-from nas.space import (PRESETS, SearchSpace, load_space, read_autoformer_space, read_autoformer_subnet,
-                       read_autoformer_yaml)
+from nas.space import (
+    PRESETS,
+    SearchSpace,
+    load_space,
+    read_autoformer_space,
+    read_autoformer_subnet,
+    read_autoformer_yaml,
+)
 
 SPACES = sorted(PRESETS)
 # An AutoFormer-like space and a ViTAS-like one (identity layers, several patch sizes) cover both kinds.
@@ -18,10 +24,12 @@ KINDS = ["autoformer-t", "vitas-t"]
 
 
 def test_presets_are_the_documented_ones():
-    assert {"autoformer-t", "autoformer-s", "autoformer-b", "vitas-t", "cifar-tiny", "mnist-tiny", "digits-tiny"} <= set(PRESETS)
+    documented = {"autoformer-t", "autoformer-s", "autoformer-b", "vitas-t", "cifar-tiny", "mnist-tiny", "digits-tiny"}
+    assert documented <= set(PRESETS)
     t = load_space("autoformer-t")
     assert (t.embed_dims, t.depths, t.num_heads, t.mlp_ratios) == ((192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0))
-    assert (t.max_embed_dim, t.max_depth, t.max_heads, t.max_mlp_ratio, t.max_hidden, t.max_tokens) == (240, 14, 4, 4.0, 960, 197)
+    largest = (t.max_embed_dim, t.max_depth, t.max_heads, t.max_mlp_ratio, t.max_hidden, t.max_tokens)
+    assert largest == (240, 14, 4, 4.0, 960, 197)
     digits = load_space("digits-tiny")
     assert (digits.img_size, digits.in_chans, digits.num_classes) == (8, 1, 10)
     vitas = load_space("vitas-t")
@@ -75,10 +83,13 @@ def test_validate_names_the_field():
     space.validate(good)
     cases = {
         r"arch.embed_dim=200 not in \(192, 216, 240\)": dataclasses.replace(good, embed_dim=200),
-        r"arch.num_heads\[3\]=8 not in \(3, 4\)": dataclasses.replace(good, num_heads=good.num_heads[:3] + (8,) + good.num_heads[4:]),
-        r"arch.mlp_ratio\[13\]=2.0 not in \(3.5, 4.0\)": dataclasses.replace(good, mlp_ratio=good.mlp_ratio[:13] + (2.0,)),
+        r"arch.num_heads\[3\]=8 not in \(3, 4\)":
+            dataclasses.replace(good, num_heads=good.num_heads[:3] + (8,) + good.num_heads[4:]),
+        r"arch.mlp_ratio\[13\]=2.0 not in \(3.5, 4.0\)":
+            dataclasses.replace(good, mlp_ratio=good.mlp_ratio[:13] + (2.0,)),
         r"arch.depth=11 \(layers on\) not in \(12, 13, 14\)": Arch.from_depth(216, 11, 3, 4.0, 14),
-        r"arch.layer_on\[2\]=False before an active layer": dataclasses.replace(good, layer_on=(True, True, False) + (True,) * 10 + (False,)),
+        r"arch.layer_on\[2\]=False before an active layer":
+            dataclasses.replace(good, layer_on=(True, True, False) + (True,) * 10 + (False,)),
         r"arch has 16 layers.*max depth 14": Arch.from_depth(216, 13, 3, 4.0, 16),
         r"arch.patch_size=14 not in \(16,\)": dataclasses.replace(good, patch_size=14),
     }
@@ -87,7 +98,8 @@ def test_validate_names_the_field():
             space.validate(arch)
         assert not space.contains(arch)
     vitas = load_space("vitas-t")
-    with pytest.raises(ValueError, match=r"arch.patch_size=None but space 'vitas-t' has several patch sizes \(14, 16\)"):
+    with pytest.raises(ValueError, match=r"arch.patch_size=None but space 'vitas-t' has several patch sizes "
+                                         r"\(14, 16\)"):
         vitas.validate(Arch.from_depth(192, 12, 3, 4.0, 16))
     gappy = Arch(192, (3,) * 16, (4.0,) * 16, (True, False) * 6 + (True,) * 4, 16)
     assert vitas.contains(gappy) and gappy.depth == 10
@@ -188,7 +200,8 @@ def test_mutate_probabilities(name):
     # Per-layer mutation only: embed dim, depth, active set and patch size stay.
     for _ in range(50):
         child = space.mutate(parent, rng, prob=1.0, depth_embed_prob=0.0)
-        assert (child.embed_dim, child.layer_on, child.patch_size) == (parent.embed_dim, parent.layer_on, parent.patch_size)
+        assert (child.embed_dim, child.layer_on, child.patch_size) == \
+            (parent.embed_dim, parent.layer_on, parent.patch_size)
     depths = {space.mutate(parent, rng, prob=0.0, depth_embed_prob=1.0).depth for _ in range(100)}
     assert depths == set(space.depths)
 
@@ -295,7 +308,8 @@ def test_reads_autoformer_config_files(tmp_path):
     supernet.write_text(SUPERNET_YAML)
     subnet.write_text(SUBNET_YAML)
     space = read_autoformer_yaml(supernet)
-    assert space == SearchSpace("supernet-X", embed_dims=(96, 128), depths=(4, 6), num_heads=(2, 4), mlp_ratios=(3.0, 4.0))
+    assert space == SearchSpace("supernet-X", embed_dims=(96, 128), depths=(4, 6), num_heads=(2, 4),
+                                mlp_ratios=(3.0, 4.0))
     assert read_autoformer_space(subnet, name="x", img_size=32, patch_sizes=(4,)).img_size == 32
     arch = read_autoformer_yaml(subnet)
     assert arch == Arch(128, (2, 4, 2, 2, 2, 2), (3.0, 4.0, 4.0, 3.0, 3.0, 3.0), (True,) * 4 + (False,) * 2)

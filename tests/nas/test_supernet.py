@@ -309,7 +309,8 @@ class TimmStyleViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         batch, tokens, dim = x.shape
         for blk in self.blocks:
-            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+            qkv = blk.attn.qkv(blk.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
             x = x + blk.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
             x = x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
         return self.head(self.norm(x)[:, 0])
@@ -355,7 +356,8 @@ def test_timm_state_dict_into_a_supernet_with_relative_position():
 
 def test_timm_state_dict_that_does_not_fit_raises_clear_errors():
     state = TimmStyleViT(dim=24, heads=1, hidden=48).state_dict()
-    with pytest.raises(ValueError, match=r"shape mismatch: .*blocks.0.attn.qkv.weight: timm \(72, 24\) vs supernet \(96, 32\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch: .*blocks.0.attn.qkv.weight: timm \(72, 24\) vs "
+                                         r"supernet \(96, 32\)"):
         from_timm_state_dict(state, TINY)
     state = TimmStyleViT().state_dict()
     state["fc_norm.weight"] = torch.ones(32)

@@ -90,7 +90,8 @@ def test_resume_continues_exactly(tmp_path, sampler, options):
     checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step_*.pt"))
     assert [p.name for p in checkpoints] == ["step_00000003.pt", "step_00000006.pt", "step_00000008.pt"]
     state = load_checkpoint(checkpoints[0])  # weights_only=True inside
-    assert state["step"] == 3 and isinstance(state["sampler"], dict) and isinstance(state["rng"]["cpu"][0], torch.Tensor)
+    assert state["step"] == 3 and isinstance(state["sampler"], dict)
+    assert isinstance(state["rng"]["cpu"][0], torch.Tensor)
 
     resumed = train(tiny(tmp_path, "resumed", **common), resume=str(checkpoints[0]))
     expected, got = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
@@ -432,12 +433,14 @@ def test_torchrun_ending_on_a_checkpoint_step_finishes(tmp_path):
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10} (../shared/data from the repo root)")
 def test_cifar10_short_run_beats_chance(tmp_path):
     space = tmp_path / "cifar-micro.yaml"
-    space.write_text("name: cifar-micro\nembed_dims: [48, 64]\ndepths: [2, 3]\nnum_heads: [2, 4]\nmlp_ratios: [2.0, 3.0]\n"
-                     "head_dim: 16\npatch_sizes: [8]\nimg_size: 32\nin_chans: 3\nnum_classes: 10\n")
+    space.write_text("name: cifar-micro\nembed_dims: [48, 64]\ndepths: [2, 3]\nnum_heads: [2, 4]\n"
+                     "mlp_ratios: [2.0, 3.0]\nhead_dim: 16\npatch_sizes: [8]\nimg_size: 32\nin_chans: 3\n"
+                     "num_classes: 10\n")
     config = TrainConfig(space=str(space), dataset="cifar10", data_dir=str(CIFAR10), train_subset=16000,
                            test_subset=1000, batch_size=64, epochs=2, lr=3e-3, warmup_steps=20, sampler="sandwich",
-                           sampler_options={"num_random": 0}, augment=False, out_dir=str(tmp_path / "cifar"), ckpt_every=0,
-                           progress=False, plot=False, log_every=20)
+                           sampler_options={"num_random": 0}, augment=False, out_dir=str(tmp_path / "cifar"),
+                           ckpt_every=0, progress=False, plot=False, log_every=20)
     result = train(config)
-    print(f"CIFAR-10, {result.steps} steps: smallest {result.smallest:.3f}, largest {result.largest:.3f}, {result.seconds:.1f} s")
+    print(f"CIFAR-10, {result.steps} steps: smallest {result.smallest:.3f}, largest {result.largest:.3f}, "
+          f"{result.seconds:.1f} s")
     assert result.smallest > 0.25 and result.largest > 0.25  # chance is 0.10
