@@ -6,11 +6,19 @@ reference; see ``backends()`` and ``use_backend``. ``grouped_*`` run K subnets i
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
-from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
-                         grouped_layer_norm, grouped_linear, grouped_mlp)
+from ._weight_grads import weight_grads_in_place
+from .functional import (
+    elastic_attention,
+    elastic_layer_norm,
+    elastic_linear,
+    elastic_mlp,
+    grouped_attention,
+    grouped_layer_norm,
+    grouped_linear,
+    grouped_mlp,
+)
 from .group_sizes import GroupSizes
 from .nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed
-from ._weight_grads import weight_grads_in_place
 
 __version__ = "0.1.0"
 

@@ -96,7 +96,8 @@ def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weig
 
 def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                       proj_bias: Tensor | None, num_heads: int, head_dim: int = 64) -> Tensor:
-    """Self-attention of ``x: [B, N, e]`` with ``num_heads`` active heads (block qkv layout), then ``W_o[:e, :h*Dh]``."""
+    """Self-attention of ``x: [B, N, e]`` with ``num_heads`` active heads (block qkv layout), then
+    ``W_o[:e, :h*Dh]``."""
     _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     return _run("attention", tensors, *tensors, num_heads, head_dim)

@@ -29,8 +29,17 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import (acc_dtype, active_block, active_vector, add_bias_grad, add_weight_grad, dot_precision,
-                      interpreter, linear_gemm, needs_backward)
+from ._common import (
+    acc_dtype,
+    active_block,
+    active_vector,
+    add_bias_grad,
+    add_weight_grad,
+    dot_precision,
+    interpreter,
+    linear_gemm,
+    needs_backward,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 

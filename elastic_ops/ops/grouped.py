@@ -26,12 +26,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._validate import require, check_bias, check_same_device, check_tensor
+from .._validate import check_bias, check_same_device, check_tensor, require
 from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_config, flash_attention_rows, head_program, head_rows,
-                        store_head_rows)
+from .attention import (
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    attention_config,
+    flash_attention_rows,
+    head_program,
+    head_rows,
+    store_head_rows,
+)
 from .layernorm import compute_dtype, layer_norm_tiles
-
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -130,7 +136,8 @@ def _grouped_layer_norm_kernel(
     """LayerNorm of BLOCK_ROWS rows of subnet ``g = program_id(1)`` over its ``d_g = sizes[g]`` active channels.
 
     x_ptr: x ``[G, M, D]`` (strided); its padding ``[:, :, d_g:]`` is loaded with the row (a vectorised load: masks by
-    ``d_g`` would not be) and discarded, whatever it holds. w_ptr, b_ptr: super gamma/beta ``[>= D]``, active ``[:d_g]``.
+    ``d_g`` would not be) and discarded, whatever it holds. w_ptr, b_ptr: super gamma/beta ``[>= D]``, active
+    ``[:d_g]``.
     y_ptr: y ``[G, M, D]``, unit column stride; columns ``d_g:`` are set to zero. sizes_ptr: int32 ``[G]``.
     """
     group = tl.program_id(1).to(tl.int64)
@@ -152,8 +159,8 @@ def _grouped_layer_norm_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=in_row, other=0.0).to(COMPUTE_DTYPE)[None, :]
     y = tl.where(active, y, 0.0)
-    tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols[None, :] < D))
+    tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < D))
 
 
 @triton.jit
@@ -224,7 +231,8 @@ def _grouped_gemm_config(dtype: torch.dtype) -> dict:
 def _check_group(op: str, name: str, x: Tensor, sizes, what: str) -> None:
     """``sizes`` is a size table with one entry per subnet of ``x [K, ...]``, on x's device."""
     require(all(hasattr(sizes, a) for a in ("values", "width", "table", "uniform")),
-             f"{op}: {what} must be a GroupSizes (values, width, table, uniform), got {type(sizes).__name__}", TypeError)
+             f"{op}: {what} must be a GroupSizes (values, width, table, uniform), got {type(sizes).__name__}",
+             TypeError)
     require(len(sizes.values) == x.shape[0],
              f"{op}: {what} has {len(sizes.values)} subnets but {name} stacks {x.shape[0]} (shape {tuple(x.shape)})")
     require(sizes.table.dtype == torch.int32 and sizes.table.device == x.device,
