@@ -8,6 +8,7 @@ caught before (``ValueError``, ``RuntimeError``, ``OSError``, ``ImportError``).
 """
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from collections.abc import Callable
@@ -58,8 +59,6 @@ class MissingDependencyError(UserError, ImportError):
 
 def require(module: str, extra: str, needed_for: str):
     """``module`` imported, or a :class:`MissingDependencyError` naming the extra that installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as error:

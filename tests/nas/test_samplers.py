@@ -296,6 +296,20 @@ def test_learned_sampler_places_identity_layers_where_the_space_allows(vitas_t):
     assert not sampler.propose(np.mean(sampler.ranges["macs"]))[0].layer_on[0]
 
 
+def test_a_learned_sampler_saved_before_budget_kinds_loads_for_mac_budgets(autoformer_t):
+    """A state without ``budget_kinds`` (written when the sampler served MAC budgets only) restores into a sampler
+    for MAC budgets, whose policy has the same shape, and is refused, with the reason, by one for other kinds."""
+    old = build_sampler("learned", autoformer_t, seed=1, budget_kinds=["macs"])
+    draws(old, 3, measure=lambda arch: 0.5)
+    state = {k: v for k, v in old.state_dict().items() if k != "budget_kinds"}
+    restored = build_sampler("learned", autoformer_t, seed=2, budget_kinds=["macs"])
+    restored.load_state_dict(state)
+    budget = float(np.mean(macs_range(autoformer_t)))
+    assert restored.propose(budget, num=2) == old.propose(budget, num=2)
+    with pytest.raises(ValueError, match="trained for macs budgets, this sampler for macs, params"):
+        build_sampler("learned", autoformer_t).load_state_dict(state)
+
+
 def test_identity_probability_hits_the_flops_range(vitas_t):
     low, high = macs_range(vitas_t)
     target = (low + 0.45 * (high - low), low + 0.55 * (high - low))

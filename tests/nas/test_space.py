@@ -236,35 +236,6 @@ def test_crossover_takes_every_gene_from_a_parent(name):
         space.crossover(a, dataclasses.replace(b, embed_dim=7), rng)
 
 
-@pytest.mark.parametrize("name", KINDS + ["cifar-tiny"])
-def test_flops_window_draws_land_in_the_window(name):
-    space = load_space(name)
-    rng = np.random.default_rng()
-    # Windows holding ~10% of the space's MACs distribution: rejection sampling hits them at once.
-    cost = macs_many(space.sample_many(rng, 2000), space)
-    for _ in range(20):
-        start = rng.uniform(0.0, 0.9)
-        low, high = np.quantile(cost, [start, start + 0.1])
-        arch = sample_in_flops_window(space, rng, low, high)
-        space.validate(arch)
-        assert low <= macs(arch, space) <= high
-
-
-def test_flops_window_errors():
-    space = load_space("autoformer-t")
-    low, high = macs_range(space)
-    with pytest.raises(ValueError, match=r"outside space 'autoformer-t'.s range"):
-        sample_in_flops_window(space, 0, high + 1, high + 2)
-    with pytest.raises(ValueError, match=r"outside"):
-        sample_in_flops_window(space, 0, 0, low - 1)
-    with pytest.raises(ValueError, match=r"low=2 > high=1"):
-        sample_in_flops_window(space, 0, 2, 1)
-    # Only max_arch reaches the top MAC count: a feasible window that uniform draws do not hit.
-    with pytest.raises(RuntimeError, match="after 64 uniform draws"):
-        sample_in_flops_window(space, 0, high, high, max_tries=2, batch_size=32)
-    assert sample_in_flops_window(space, 0, low, high) is not None
-
-
 SUPERNET_YAML = """\
 SUPERNET:
   MLP_RATIO: 4.0
