@@ -273,6 +273,27 @@ def test_learned_sampler_serves_params_budgets_too():
         build_sampler("learned", space, budget_kinds=["macs", "latency"])
 
 
+def test_learned_sampler_serves_latency_budgets_with_a_latency_model(tmp_path):
+    """With a latency model (milliseconds, as search budgets are), ``latency`` is a budget kind like the others."""
+    from nas.latency import FEATURES, LatencyModel
+
+    space = load_space("cifar-tiny")
+    # 1 ms, plus 0.1 ms per layer and 1 ms per 10M linear MACs: a model as nas.latency fits one
+    coef = dict(zip(FEATURES, [0.0] * len(FEATURES))) | {"constant": 1e-3, "layers": 1e-4, "linear_macs": 1e-10}
+    model = LatencyModel(space, tuple(coef[name] for name in FEATURES), batch_size=1, device="cpu",
+                         mean_relative_error=0.0)
+    model.save(tmp_path / "latency.json")
+    sampler = build_sampler("learned", space, seed=0, budget_kinds=["macs", "latency"],
+                            latency_model=str(tmp_path / "latency.json"))
+    low, high = sampler.ranges["latency"]
+    assert (low, high) == pytest.approx((1e3 * model.predict(space.min_arch()), 1e3 * model.predict(space.max_arch())))
+    budget = (low + high) / 2
+    for arch in sampler.propose(budget, num=4, kind="latency"):
+        assert 1e3 * model.predict(arch) <= budget
+    with pytest.raises(ValueError, match="trained for macs, latency budgets, not params"):
+        sampler.propose(budget, kind="params")
+
+
 def test_learned_sampler_places_identity_layers_where_the_space_allows(vitas_t):
     """In a space with identity layers the policy decides which layers are on, not only how many: rewarded for
     switching off the first half of the layers, it learns to (the first `depth` layers would always hold layer 0)."""
