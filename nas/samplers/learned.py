@@ -1,4 +1,4 @@
-"""FocusFormer's learned architecture sampler (Liu et al. 2023): a policy that maps a resource budget to archs at
+"""FocusFormer's learned architecture sampler (Liu et al. 2022): a policy that maps a resource budget to archs at
 the Pareto frontier of the supernet, trained alongside it, for budgets of several kinds."""
 from __future__ import annotations
 

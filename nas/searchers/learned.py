@@ -1,4 +1,4 @@
-"""FocusFormer's learned sampler as a search (Liu et al. 2023): the trained sampler proposes for each budget.
+"""FocusFormer's learned sampler as a search (Liu et al. 2022): the trained sampler proposes for each budget.
 
 Archs for a budget come straight from the sampler that was trained with the supernet
 (``nas.samplers.LearnedSampler.propose``, for a budget of a kind it was trained on); later generations, if any,
