@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import cost
 from ..arch import Arch, ArchBatch
+from ..latency import LatencyModel
 from ..space import SearchSpace
 from .base import ArchSampler, Measure
 
@@ -107,8 +108,6 @@ class LearnedSampler(ArchSampler):
             return lambda archs: cost.macs_many(archs, self.space).astype(np.float64)
         if kind == "params":
             return lambda archs: cost.params_many(archs, self.space).astype(np.float64)
-        from ..latency import LatencyModel
-
         model = LatencyModel.load(latency_model)
         if model.space != self.space:
             raise ValueError(f"{self.name}: latency model {latency_model!r} is for space {model.space.name!r}")
