@@ -23,11 +23,11 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from baselines import AutoFormerAttention, compiled
+from shapes import BATCH, HEAD_DIM, SHAPES, TOKENS
 
 import elastic_ops
-from baselines import AutoFormerAttention, compiled
 from elastic_ops import reference
-from shapes import BATCH, HEAD_DIM, SHAPES, TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs a CUDA device (interpreter timings would mean nothing)")

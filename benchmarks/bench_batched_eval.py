@@ -115,7 +115,8 @@ def main(which: str) -> None:
     for impl in others:  # every implementation evaluates the same subnets: their losses must agree
         print(f"max |loss {impl} - loss {first}|: {np.abs(losses[impl] - losses[first]).max():.2e}")
     device = torch.cuda.get_device_name() if work.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{len(work.archs)} subnets x {sum(len(b[1]) for b in work.batches)} images on {device}, torch {torch.__version__}")
+    images = sum(len(b[1]) for b in work.batches)
+    print(f"{len(work.archs)} subnets x {images} images on {device}, torch {torch.__version__}")
     if workload == "gpu-t":
         print(f"batched speed-up over sequential: {times['sequential'] / times['batched']:.2f}x (target 3x)")
     else:

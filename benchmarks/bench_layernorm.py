@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from baselines import compiled
+from shapes import BATCH, SHAPES, TOKENS
 
 import elastic_ops
-from baselines import compiled
 from elastic_ops import reference
-from shapes import BATCH, SHAPES, TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs a CUDA device (interpreter timings would mean nothing)")

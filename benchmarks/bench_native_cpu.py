@@ -53,7 +53,8 @@ def call(op: str, x: torch.Tensor, w: dict, heads: int, hidden: int):
     if op == "layer_norm":
         return lambda: elastic_ops.elastic_layer_norm(x, w["norm_weight"], w["norm_bias"])
     if op == "mlp":
-        return lambda: elastic_ops.elastic_mlp(x, w["fc1_weight"], w["fc1_bias"], w["fc2_weight"], w["fc2_bias"], hidden)
+        return lambda: elastic_ops.elastic_mlp(x, w["fc1_weight"], w["fc1_bias"], w["fc2_weight"], w["fc2_bias"],
+                                               hidden)
     return lambda: elastic_ops.elastic_attention(x, w["qkv_weight"], w["qkv_bias"], w["proj_weight"], w["proj_bias"],
                                                  heads, SUPER["head_dim"])
 

@@ -20,8 +20,10 @@ import time
 
 import torch
 
+from nas.budget import Costs
+from nas.checkpoint import load_supernet
 from nas.evaluate import TensorBatches, evaluate_archs
-from nas.search import Costs, Search, SearchConfig, load_supernet, search_data
+from nas.searching import Search, SearchConfig, search_data
 from nas.space import load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
 

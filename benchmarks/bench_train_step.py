@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import elastic_ops  # noqa: E402
 from baselines import AutoFormerAttention  # noqa: E402
+
+import elastic_ops  # noqa: E402
 from nas.arch import Arch  # noqa: E402
 from nas.space import SearchSpace, load_space  # noqa: E402
 from nas.supernet import SupernetConfig, VisionTransformerSupernet  # noqa: E402
@@ -79,7 +80,8 @@ class AutoFormerSupernet(nn.Module):
         self.patch_embed = nn.Conv2d(space.in_chans, embed, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, space.num_tokens(patch), embed) * 0.02)
-        self.blocks = nn.ModuleList(AutoFormerBlock(embed, space.max_heads, hidden, space.head_dim) for _ in range(space.max_depth))
+        self.blocks = nn.ModuleList(AutoFormerBlock(embed, space.max_heads, hidden, space.head_dim)
+                                    for _ in range(space.max_depth))
         self.norm = nn.LayerNorm(embed, eps=1e-6)
         self.head = nn.Linear(embed, space.num_classes)
         self.arch: Arch | None = None
@@ -114,7 +116,8 @@ class Workload:
 
 def build(name: str, steps: int) -> Workload:
     if name == "gpu-s":
-        space, device, batch, autocast, backend = load_space("autoformer-s"), torch.device("cuda"), 128, torch.bfloat16, None
+        space, device, batch = load_space("autoformer-s"), torch.device("cuda"), 128
+        autocast, backend = torch.bfloat16, None
     else:
         space = dataclasses.replace(load_space("autoformer-t"), img_size=32, patch_sizes=(4,), num_classes=10)
         device, batch, autocast, backend = torch.device("cpu"), 16, None, "reference"
@@ -146,7 +149,8 @@ def make_step(impl: str, work: Workload):
             for arch in work.archs:
                 model.set_arch(arch)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(work.device.type, dtype=work.autocast or torch.float32, enabled=work.autocast is not None):
+                with torch.autocast(work.device.type, dtype=work.autocast or torch.float32,
+                                    enabled=work.autocast is not None):
                     logits = forward(work.images)
                 F.cross_entropy(logits.float(), work.labels).backward()
                 optimizer.step()

@@ -8,18 +8,47 @@ Layers: ``elastic_ops.nn`` (ViT), ``elastic_ops.conv`` (conv, BatchNorm, SE, MBC
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
-from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
-                         grouped_layer_norm, grouped_linear, grouped_mlp)
-from .conv import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticInvertedResidual,
-                   ElasticSqueezeExcite, make_divisible, recalibrate_batch_norm)
-from .group_sizes import GroupSizes
-from .hybrid import (ElasticGlobalDSM, ElasticLocalDSM, ElasticLocalGlobalDSM, ElasticMixerBlock,
-                     ElasticPositionalAttentionBlock, ElasticSeparableDownsample, ElasticVScaleAttention,
-                     ElasticVScaleBlock)
-from .nn import (ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLayerScale, ElasticLinear, ElasticMlp,
-                 ElasticPatchEmbed)
-from .plain_hybrid import to_grid, to_tokens
 from ._weight_grads import weight_grads_in_place
+from .conv import (
+                         ElasticBatchNorm2d,
+                         ElasticConv2d,
+                         ElasticDepthwiseConv2d,
+                         ElasticInvertedResidual,
+                         ElasticSqueezeExcite,
+                         make_divisible,
+                         recalibrate_batch_norm,
+)
+from .functional import (
+                         elastic_attention,
+                         elastic_layer_norm,
+                         elastic_linear,
+                         elastic_mlp,
+                         grouped_attention,
+                         grouped_layer_norm,
+                         grouped_linear,
+                         grouped_mlp,
+)
+from .group_sizes import GroupSizes
+from .hybrid import (
+                         ElasticGlobalDSM,
+                         ElasticLocalDSM,
+                         ElasticLocalGlobalDSM,
+                         ElasticMixerBlock,
+                         ElasticPositionalAttentionBlock,
+                         ElasticSeparableDownsample,
+                         ElasticVScaleAttention,
+                         ElasticVScaleBlock,
+)
+from .nn import (
+                         ElasticAttention,
+                         ElasticBlock,
+                         ElasticLayerNorm,
+                         ElasticLayerScale,
+                         ElasticLinear,
+                         ElasticMlp,
+                         ElasticPatchEmbed,
+)
+from .plain_hybrid import to_grid, to_tokens
 
 __version__ = "0.1.0"
 

@@ -61,7 +61,8 @@ def native_status() -> BackendStatus:
     try:
         importlib.import_module("elastic_ops._C")
     except ImportError as err:
-        return BackendStatus(False, f"the native extension elastic_ops._C is not built ({err}); reinstall with a C++17 compiler")
+        return BackendStatus(False, f"the native extension elastic_ops._C is not built ({err}); reinstall with a "
+                                    "C++17 compiler")
     return BackendStatus(True, "native C++ kernels (float32 CPU inference)")
 
 

@@ -220,7 +220,8 @@ def mlp_grouped(x: Tensor, sizes, fc1_weight: Tensor, fc1_bias: Tensor | None, f
 
 def attention_grouped(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                       proj_bias: Tensor | None, head_counts, head_dim: int = 64) -> Tensor:
-    """Subnet k: self-attention of ``x[k] [B, N, :e_k]`` with ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``; zero past ``e_k``."""
+    """Subnet k: self-attention of ``x[k] [B, N, :e_k]`` with ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``; zero past
+    ``e_k``."""
     op = "native attention_grouped"
     x3 = _grouped_x(op, x, 4)
     _check(op, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias)

@@ -63,22 +63,15 @@ def implementation(op: str, backend: str) -> Callable:
     return function
 
 
-@torch.compiler.assume_constant_result
-def _traced_choice(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool) -> str:
-    """:func:`select` run while dynamo traces, as Python (not traced: it reads the forced backend from a context
-    variable), its answer a constant of the graph. A compiled graph keeps the backend it was traced with."""
-    return select(op, device, dtype, needs_grad, triton_backward)
-
-
 def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True):
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
-        backend = _traced_choice(op, x.device, x.dtype, needs_grad, triton_backward)
+        from . import library  # imports torch._dynamo: only once something compiles
+
+        backend = library.traced_choice(op, x.device, x.dtype, needs_grad, triton_backward)
         # The grouped ops' custom ops are forward-only: a gradient through them (the reference) is traced inline.
         if not needs_grad or triton_backward:
-            from . import library
-
             return library.call(op, backend, needs_grad, *args)
         return implementation(op, backend)(*args)
     return implementation(op, select(op, x.device, x.dtype, needs_grad, triton_backward))(*args)
@@ -113,7 +106,8 @@ def elastic_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weig
 
 def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                       proj_bias: Tensor | None, num_heads: int, head_dim: int = 64) -> Tensor:
-    """Self-attention of ``x: [B, N, e]`` with ``num_heads`` active heads (block qkv layout), then ``W_o[:e, :h*Dh]``."""
+    """Self-attention of ``x: [B, N, e]`` with ``num_heads`` active heads (block qkv layout), then
+    ``W_o[:e, :h*Dh]``."""
     _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     return _run("attention", tensors, *tensors, num_heads, head_dim)

@@ -10,15 +10,16 @@ too: traced inline, every weight slice would make the compiler specialise on whe
 
 The single-subnet ops return their residuals (what the backward needs) as extra outputs, and ``register_autograd``
 pairs each with a backward op (the reference's, which also serves the forward-only native kernels, recomputes its
-forward under autograd: it is the fallback, not the fast path). On this path weight gradients are returned through autograd, full size and zero outside the active
-slice (``weight_grads_in_place(False)``): a compiled graph owns its outputs, and the copy is one weight-sized add per
-step beside activation-sized work.
+forward under autograd: it is the fallback, not the fast path). On this path weight gradients are returned through
+autograd, full size and zero outside the active slice (``weight_grads_in_place(False)``): a compiled graph owns its
+outputs, and the copy is one weight-sized add per step beside activation-sized work.
 
 The GPU path is registered with ``torch.library.custom_op``, not ``triton_op``: its launches take host-side tensor
 descriptors and interleave cuBLAS calls, and an opaque op keeps exactly the launches eager mode makes.
 
-Active sizes are ``SymInt``: a compiled region sees them as symbols after the first size change, so a new subnet
-does not recompile it. Size tables of the grouped ops travel as the device table and the host list of sizes.
+Active sizes are ``SymInt``: a region compiled with dynamic sizes sees them as symbols, so a new subnet does not
+recompile it (``VisionTransformerSupernet.compile``). Size tables of the grouped ops travel as the device table and
+the host list of sizes.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._backend import select
 from ._weight_grads import weight_grads_in_place
 from .group_sizes import GroupSizes
 
@@ -267,7 +269,8 @@ def _(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim, back
 @torch.library.custom_op("elastic_ops::attention_backward", mutates_args=())
 def _attention_backward(d_out: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                         proj_bias: Tensor | None, qkv: Tensor, context: Tensor, lse: Tensor, num_heads: int,
-                        head_dim: int, backend: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        head_dim: int, backend: str,
+                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
     if backend != "triton":  # the native kernels are forward-only; the reference's autograd serves them
         grads = _reference_backward("attention", d_out, inputs, (num_heads, head_dim), needs)
@@ -353,6 +356,13 @@ def _(x, table, sizes, qkv_weight, qkv_bias, proj_weight, proj_bias, heads_table
 
 
 # ---------------------------------------------------------------------------------------------- calls
+
+@torch.compiler.assume_constant_result
+def traced_choice(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool) -> str:
+    """``_backend.select`` run while dynamo traces, as Python (not traced: it reads the forced backend from a context
+    variable), its answer a constant of the graph. A compiled graph keeps the backend it was traced with."""
+    return select(op, device, dtype, needs_grad, triton_backward)
+
 
 def call(op: str, backend: str, backward_follows: bool, *args):
     """``op`` of ``elastic_ops.functional`` (its arguments as there) through its custom op on ``backend``."""

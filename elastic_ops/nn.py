@@ -1,4 +1,5 @@
-"""Drop-in elastic layers: nn.Modules that hold the super weights and run an active configuration through the elastic ops.
+"""Drop-in elastic layers: nn.Modules that hold the super weights and run an active configuration through the elastic
+ops.
 
 Each layer has an active configuration (a few ints, all at their maximum after construction), set with
 ``set_active(...)`` or overridden for one call by keyword arguments of ``forward``. The parameters keep
@@ -20,8 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import plain
-from .functional import (elastic_attention, elastic_layer_norm, elastic_linear, elastic_mlp, grouped_attention,
-                         grouped_layer_norm, grouped_linear, grouped_mlp)
+from .functional import (
+    elastic_attention,
+    elastic_layer_norm,
+    elastic_linear,
+    elastic_mlp,
+    grouped_attention,
+    grouped_layer_norm,
+    grouped_linear,
+    grouped_mlp,
+)
 from .group_sizes import GroupSizes
 
 
@@ -63,7 +72,8 @@ class ElasticModule(nn.Module):
         maximum = self.max_config()
         unknown = set(overrides) - set(maximum)
         if unknown:
-            raise TypeError(f"{name}: unknown configuration key(s) {sorted(unknown)}; expected some of {sorted(maximum)}")
+            raise TypeError(f"{name}: unknown configuration key(s) {sorted(unknown)}; expected some of "
+                            f"{sorted(maximum)}")
         config = dict(self.active)
         config.update({key: value for key, value in overrides.items() if value is not None})
         for key, value in config.items():
@@ -83,8 +93,8 @@ class ElasticModule(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != width:
-            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but the active {what} is {width}; "
-                             f"call set_active({what}=...) or pass it to forward")
+            raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but the active {what} is "
+                             f"{width}; call set_active({what}=...) or pass it to forward")
 
     def check_channels(self, x: Tensor, channels: int, what: str) -> None:
         """``x`` must be ``[batch, channels, height, width]`` (the layout of the conv layers)."""
@@ -229,7 +239,8 @@ class QkGroup:
 
 
 class ElasticAttention(ElasticModule):
-    """timm's Attention with ``num_heads`` of the super weight's heads active (block qkv layout) on ``embed_dim`` channels.
+    """timm's Attention with ``num_heads`` of the super weight's heads active (block qkv layout) on ``embed_dim``
+    channels.
 
     ``qkv.weight: [3 * max_heads * head_dim, embed_dim]`` holds the q, k and v blocks one after another,
     as timm's qkv does; ``proj.weight: [embed_dim, max_heads * head_dim]``.
@@ -245,11 +256,12 @@ class ElasticAttention(ElasticModule):
     distance, so every grid size (patch size) uses the same ones.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None, dtype=None,
-                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
+                 dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
         super().__init__()
         if not isinstance(relative_position, int) or isinstance(relative_position, bool) or relative_position < 0:
-            raise ValueError(f"ElasticAttention: relative_position must be an int >= 0 (0: off), got {relative_position!r}")
+            raise ValueError(f"ElasticAttention: relative_position must be an int >= 0 (0: off), "
+                             f"got {relative_position!r}")
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.private_qk_heads = tuple(sorted({int(h) for h in private_qk_heads}))
@@ -263,7 +275,8 @@ class ElasticAttention(ElasticModule):
             for h in self.private_qk_heads
         }) if self.private_qk_heads else None
         self.relative_position = relative_position
-        self.rel_pos = plain.RelativePosition2D(head_dim, relative_position).to(device, dtype) if relative_position else None
+        self.rel_pos = (plain.RelativePosition2D(head_dim, relative_position).to(device, dtype)
+                        if relative_position else None)
         self.active = self.max_config()
 
     def max_config(self) -> dict[str, int]:
@@ -272,7 +285,8 @@ class ElasticAttention(ElasticModule):
     def set_active(self, **config: int | None):
         super().set_active(**config)
         # The qkv rows of the active heads are not one leading block: extract() slices each of q, k, v.
-        self.proj.set_active(in_features=self.active["num_heads"] * self.head_dim, out_features=self.active["embed_dim"])
+        self.proj.set_active(in_features=self.active["num_heads"] * self.head_dim,
+                             out_features=self.active["embed_dim"])
         return self
 
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None) -> Tensor:
@@ -520,7 +534,8 @@ class ElasticPatchEmbed(ElasticModule):
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, device=None, dtype=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, device=device,
+                              dtype=dtype)
         self.active = self.max_config()
 
     def max_config(self) -> dict[str, int]:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 ACTIVATIONS = {"gelu": nn.GELU, "hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 
 
@@ -52,7 +51,8 @@ class RelativePosition2D(nn.Module):
     def __init__(self, head_dim: int, max_relative_position: int = 14):
         super().__init__()
         if max_relative_position < 1:
-            raise ValueError("RelativePosition2D: max_relative_position must be >= 1, got " + str(max_relative_position))
+            raise ValueError("RelativePosition2D: max_relative_position must be >= 1, got "
+                             + str(max_relative_position))
         self.max_relative_position = max_relative_position
         size = 2 * max_relative_position + 2
         self.k_rows = nn.Parameter(torch.empty(size, head_dim))
@@ -168,7 +168,8 @@ class VisionTransformer(nn.Module):
                  qkv_bias: bool = True, relative_position: int = 0):
         super().__init__()
         if len(num_heads) != len(hidden_features):
-            raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} hidden_features")
+            raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} "
+                             "hidden_features")
         if img_size % patch_size:
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size

@@ -26,7 +26,8 @@ def _active(weight: Tensor | None, *sizes: int, dtype: torch.dtype) -> Tensor | 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None = None) -> Tensor:
     """``act(x @ weight[:out, :in].T + bias[:out])`` with ``in = x.shape[-1]``; activation is None or "gelu"."""
-    y = F.linear(x, _active(weight, out_features, x.shape[-1], dtype=x.dtype), _active(bias, out_features, dtype=x.dtype))
+    y = F.linear(x, _active(weight, out_features, x.shape[-1], dtype=x.dtype),
+                 _active(bias, out_features, dtype=x.dtype))
     return F.gelu(y) if activation == "gelu" else y
 
 
@@ -110,7 +111,8 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes: Gr
 
 def grouped_layer_norm(x: Tensor, sizes: GroupSizes, weight: Tensor | None, bias: Tensor | None,
                        eps: float = 1e-5) -> Tensor:
-    """LayerNorm of each subnet over ITS active channels ``:e_k`` (``weight[:e_k]``, ``bias[:e_k]``); padding stays zero.
+    """LayerNorm of each subnet over ITS active channels ``:e_k`` (``weight[:e_k]``, ``bias[:e_k]``); padding stays
+    zero.
 
     x: ``[K, ..., sizes.width]`` with zero padding.
     """

@@ -1,1 +1,2 @@
-"""nas: search spaces, the ViT supernet, samplers, training, batched evaluation, search and export on top of elastic_ops."""
+"""nas: search spaces, the ViT supernet, samplers, training, batched evaluation, search and export on top of
+elastic_ops."""

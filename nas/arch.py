@@ -38,7 +38,8 @@ class Arch:
             )
 
     @classmethod
-    def from_depth(cls, embed_dim: int, depth: int, num_heads, mlp_ratio, max_depth: int, patch_size: int | None = None) -> "Arch":
+    def from_depth(cls, embed_dim: int, depth: int, num_heads, mlp_ratio, max_depth: int,
+                   patch_size: int | None = None) -> "Arch":
         """AutoFormer's form: the first ``depth`` of ``max_depth`` layers on. ``num_heads``/``mlp_ratio``
         are per active layer (length ``depth``) or per supernet layer (length ``max_depth``); an int or
         float applies to every layer."""
@@ -47,7 +48,8 @@ class Arch:
             if len(values) == depth:
                 values += [fill] * (max_depth - depth)
             if len(values) != max_depth:
-                raise ValueError(f"Arch.from_depth: expected {depth} or {max_depth} per-layer values, got {len(values)}")
+                raise ValueError(f"Arch.from_depth: expected {depth} or {max_depth} per-layer values, "
+                                 f"got {len(values)}")
             return values
 
         heads = per_layer(num_heads, None)
@@ -71,7 +73,8 @@ class Arch:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["num_heads"], data["mlp_ratio"], data["layer_on"] = list(self.num_heads), list(self.mlp_ratio), list(self.layer_on)
+        for name in ("num_heads", "mlp_ratio", "layer_on"):
+            data[name] = list(getattr(self, name))
         return data
 
     @classmethod
@@ -126,7 +129,8 @@ class ArchBatch:
         if len(shapes) != 1 or next(iter(shapes))[0] != k or len(self.patch_size) != k:
             raise ValueError(
                 f"ArchBatch: expected embed_dim [K], patch_size [K] and per-layer arrays [K, L] with one K; got "
-                f"embed_dim {self.embed_dim.shape}, num_heads {self.num_heads.shape}, mlp_ratio {self.mlp_ratio.shape}, "
+                f"embed_dim {self.embed_dim.shape}, num_heads {self.num_heads.shape}, "
+                f"mlp_ratio {self.mlp_ratio.shape}, "
                 f"layer_on {self.layer_on.shape}, patch_size {self.patch_size.shape}"
             )
 
@@ -136,7 +140,8 @@ class ArchBatch:
         if not archs:
             raise ValueError("ArchBatch.from_archs: no archs given")
         if len({a.max_depth for a in archs}) != 1:
-            raise ValueError(f"ArchBatch.from_archs: archs of different supernet depths {sorted({a.max_depth for a in archs})}")
+            raise ValueError(f"ArchBatch.from_archs: archs of different supernet depths "
+                             f"{sorted({a.max_depth for a in archs})}")
         return cls(
             embed_dim=[a.embed_dim for a in archs],
             num_heads=[a.num_heads for a in archs],

@@ -107,9 +107,11 @@ class BatchedSubnets:
 
     def __call__(self, images: Tensor) -> Tensor:
         c = self.supernet.config
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
+        expected = (c.in_chans, c.img_size, c.img_size)
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"batched_forward: expected images [batch, {c.in_chans}, {c.img_size}, {c.img_size}], got {shape}")
+            raise ValueError(f"batched_forward: expected images [batch, {c.in_chans}, {c.img_size}, {c.img_size}], "
+                             f"got {shape}")
         if images.device.type != "cpu":
             return self._forward(images)
         # On a CPU the stacked activations of a whole batch stream through memory between every two ops; in

@@ -14,10 +14,10 @@ Convention (also in ``CONVENTION``):
 * ``macs`` counts the multiply-accumulates of one image's forward pass in the matrix products:
   the patch-embedding convolution, qkv, q @ k^T, attn @ v, the output projection, fc1, fc2, and the
   classifier on the class token; with relative position also q . r_k and attn . r_v (``tokens ** 2 *
-  num_heads * head_dim`` each; the table look-ups and additions are not counted). LayerNorm, softmax, GELU, bias and residual additions, the
-  position-embedding add and the attention scale are not counted (AutoFormer does not count them
-  either; they are well under 1% of the total). FLOPs in the "2 per multiply-add" sense, as
-  ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
+  num_heads * head_dim`` each; the table look-ups and additions are not counted). LayerNorm, softmax,
+  GELU, bias and residual additions, the position-embedding add and the attention scale are not counted
+  (AutoFormer does not count them either; they are well under 1% of the total). FLOPs in the "2 per
+  multiply-add" sense, as ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
 * The number of tokens is ``N = (img_size // patch_size) ** 2 + 1`` (patches plus the class token);
   attention has ``num_heads * head_dim`` q/k/v channels, and the MLP ``int(embed_dim * mlp_ratio)``
   hidden units.
@@ -28,10 +28,15 @@ sense; tests/nas/test_cost.py checks them.
 The totals are a sum of per-layer costs (``layer_params``/``layer_macs``) plus embedding and head
 terms, all numpy-broadcastable, so that a later space made of stages of other operator types only adds
 its own per-layer functions.
+
+On top of the counts: the range of a cost over a space (:func:`cost_range`, :func:`macs_range`) and uniform
+draws of a space inside a MACs window (:func:`sample_in_flops_window`), which the samplers build on.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -99,7 +104,8 @@ def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position:
 
 def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0) -> dict:
     """MACs of one transformer layer by kind: ``projections`` (qkv and output projection),
-    ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and fc2)."""
+    ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and
+    fc2)."""
     attn_dim = num_heads * head_dim
     products = 4 if relative_position else 2
     return {
@@ -157,3 +163,43 @@ def params(arch: Arch, space: "SearchSpace") -> int:
 
 def macs(arch: Arch, space: "SearchSpace") -> int:
     return int(macs_many([arch], space)[0])
+
+
+def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray]) -> tuple[float, float]:
+    """The smallest and the largest ``cost`` (a vectorised cost such as :func:`params_many`) of an arch of ``space``:
+    of its smallest and its largest arch at every patch size, since every other choice only adds work and weights."""
+    def at_every_patch_size(arch: Arch) -> list[Arch]:
+        return [dataclasses.replace(arch, patch_size=p) for p in space.patch_sizes] if len(space.patch_sizes) > 1 \
+            else [arch]
+
+    low = cost(at_every_patch_size(space.min_arch()))
+    high = cost(at_every_patch_size(space.max_arch()))
+    return float(np.min(low)), float(np.max(high))
+
+
+@functools.cache
+def macs_range(space: "SearchSpace") -> tuple[int, int]:
+    """MACs of ``space.min_arch()`` and ``space.max_arch()``: every arch of the space lies in between, since each
+    choice only adds work (the patch embedding costs the same for every patch size)."""
+    return macs(space.min_arch(), space), macs(space.max_arch(), space)
+
+
+def sample_in_flops_window(space: "SearchSpace", rng: np.random.Generator | int, low: float, high: float,
+                           max_tries: int = 64, batch_size: int = 256) -> Arch:
+    """A uniform draw of ``space`` conditioned on ``low <= macs(arch) <= high``, by rejection over vectorised batches
+    (``SearchSpace.sample_where``).
+
+    Raises ValueError when the window misses the space's MACs range, RuntimeError when no draw of ``max_tries``
+    batches lands in it (a window too narrow to hit by chance)."""
+    if not low <= high:
+        raise ValueError(f"MACs window low={low} > high={high}")
+    space_low, space_high = macs_range(space)
+    if high < space_low or low > space_high:
+        raise ValueError(f"MACs window [{low:.4g}, {high:.4g}] is outside space {space.name!r}'s range "
+                         f"[{space_low:.4g}, {space_high:.4g}] (min_arch, max_arch)")
+
+    def inside(batch: ArchBatch) -> np.ndarray:
+        cost = macs_many(batch, space)
+        return (cost >= low) & (cost <= high)
+
+    return space.sample_where(rng, inside, f"MACs window [{low:.4g}, {high:.4g}]", max_tries, batch_size)

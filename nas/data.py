@@ -11,9 +11,10 @@ Built in:
 - ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), gzipped or not.
 - ``imagefolder``: ``root/{train,val|test}/<class>/<image>``, read with PIL and resized to the model's size.
 
-Held-out search split: :func:`holdout_split` keeps the first images of a fixed permutation of the training
-set (``np.random.default_rng(HOLDOUT_SEED)``) out of training, so that ``nas.search`` ranks archs on images
-the supernet never saw; ``nas.train`` records the count and the seed in its checkpoints.
+Held-out search split (:class:`SearchSplit`): the first images of a fixed permutation of the training set
+(``np.random.default_rng(HOLDOUT_SEED)``) stay out of training, so that ``nas.search`` ranks archs on images the
+supernet never saw; training records the split in its checkpoints and the search reads it back
+(:func:`images_to_search`).
 
 Sharding and order come from :class:`torch.utils.data.DistributedSampler`: batch ``i`` of epoch ``e`` is a
 pure function of ``(seed, e, rank, world_size)``, which is what lets a resumed run see the same batches.
@@ -24,7 +25,9 @@ import gzip
 import os
 import pickle
 import struct
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from .errors import UserError
+from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
@@ -45,16 +48,14 @@ MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class DataError(UserError, RuntimeError):
-    """A data set is missing, incomplete or malformed."""
-
-
 class TensorImageDataset(Dataset):
     """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op."""
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float]):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"TensorImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
@@ -273,9 +274,7 @@ def load_mnist(root: str | None, split: str) -> TensorImageDataset:
 
 def load_digits(split: str, test_fraction: float = 0.2) -> TensorImageDataset:
     """scikit-learn's 1797 8x8 digits (grey levels 0..16 scaled to 0..255); a fixed shuffled split."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
+    bunch = require("sklearn.datasets", "nas", "the digits data set").load_digits()
     order = np.random.default_rng(0).permutation(len(bunch.target))
     n_test = int(round(len(order) * test_fraction))
     index = order[n_test:] if split == "train" else order[:n_test]
@@ -319,6 +318,13 @@ def subset(dataset: Dataset, indices: Sequence[int] | np.ndarray | Tensor) -> Da
     return torch.utils.data.Subset(dataset, index.tolist())
 
 
+def fixed_subset(dataset: Dataset, count: int | None, seed: int = 0) -> Dataset:
+    """``count`` images of ``dataset`` picked by a fixed permutation (all when None or larger)."""
+    if count is None or count >= len(dataset):
+        return dataset
+    return subset(dataset, np.random.default_rng(seed).permutation(len(dataset))[:count])
+
+
 def default_holdout(num_images: int) -> int:
     """Training images held out for search unless told otherwise: AutoFormer's 10,000, at most a fifth."""
     return min(10_000, num_images // 5)
@@ -332,6 +338,71 @@ def holdout_split(num_images: int, count: int, seed: int = HOLDOUT_SEED) -> tupl
         raise ValueError(f"holdout_split: cannot hold out {count} of {num_images} images")
     order = np.random.default_rng(seed).permutation(num_images)
     return order[:count], np.sort(order[count:])
+
+
+@dataclass(frozen=True)
+class SearchSplit:
+    """The training images kept out of supernet training for the search: the first ``images`` of
+    :func:`holdout_split`'s permutation (``seed``) of the ``dataset`` training set of ``of`` images. Training
+    writes it into its checkpoints as a mapping (:meth:`to_dict`), the search reads it back (:meth:`from_dict`)."""
+
+    images: int
+    seed: int
+    of: int
+    dataset: str
+
+    @classmethod
+    def hold_out(cls, dataset: str, train_images: int, count: int | None) -> SearchSplit:
+        """``count`` images of a training set of ``train_images`` (None: :func:`default_holdout`; 0: none)."""
+        count = default_holdout(train_images) if count is None else count
+        if count >= train_images:
+            raise ConfigError(f"search_holdout={count} leaves no images to train on: the {dataset} training set has "
+                              f"{train_images}")
+        return cls(count, HOLDOUT_SEED, train_images, dataset)
+
+    def indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(held_out, kept)``: see :func:`holdout_split`."""
+        return holdout_split(self.of, self.images, self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping, source: str) -> SearchSplit:
+        """The split a checkpoint (named ``source`` in errors) records."""
+        kinds = {"images": int, "seed": int, "of": int, "dataset": str}
+        if not isinstance(values, Mapping) or not all(type(values.get(k)) is kind for k, kind in kinds.items()):
+            raise CheckpointError(f"{source} records a malformed search split {values!r}; expected a mapping of "
+                                  "images, seed, of (integers) and dataset (a name)")
+        return cls(**{k: values[k] for k in kinds})
+
+
+def images_to_search(split: SearchSplit | None, dataset: str, train_images: int, requested: int,
+                     source: str) -> np.ndarray:
+    """Indices of the training images to search on: the first ``requested`` (0: all) of those that ``split``, the
+    split the ``source`` checkpoint records, held out. A checkpoint that held none out (or that records no split)
+    gets a warning and the default count of the same permutation: the supernet trained on those images."""
+    if split is not None and (split.dataset, split.of) != (dataset, train_images):
+        raise CheckpointMismatchError(
+            f"{source} held out search images of a {split.dataset} training set of {split.of} images, not of this "
+            f"{dataset} one ({train_images}); search on that data set or with --set search_on=test")
+    if split is None or split.images == 0:
+        why = ("was trained with search_holdout=0" if split is not None
+               else "records no held-out split (written before nas.train held one out)")
+        count = requested or default_holdout(train_images)
+        warnings.warn(f"{source} {why}: the supernet trained on every {dataset} training image, so the {count} "
+                      f"search images score near training accuracy and rank archs poorly; train with search_holdout "
+                      f"> 0 (the default) or search with --search-on test", stacklevel=2)
+        if not 1 <= count < train_images:
+            raise ConfigError(f"holdout_images must be in 1..{train_images - 1} (the {dataset} training images), "
+                              f"got {requested}")
+        return holdout_split(train_images, count)[0]
+    count = requested or split.images
+    if count > split.images:
+        raise ConfigError(f"holdout_images={count}, but {source} held only {split.images} {dataset} training images "
+                          f"out of training (nas.train's search_holdout); ask for at most {split.images}, or search "
+                          "with --set search_on=test")
+    return holdout_split(train_images, count, split.seed)[0]
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -385,7 +456,8 @@ def eval_batches(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
     return _iterate(dataset, index_batches, num_workers, seed=(rank,))
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> Tensor:
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 ``[B, C, H, W]`` -> ``(x / 255 - mean) / std`` in ``dtype``, on the images' device."""
     mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)

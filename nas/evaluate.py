@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .arch import Arch
 from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import normalize
 from .errors import CheckpointError
+from .report import progress_bar
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,10 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
 def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
     """Indices of ``archs`` sorted by patch size, embed dim, then layer by layer, so that subnets of one embed
     dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass."""
-    return sorted(range(len(archs)), key=lambda i: (archs[i].patch_size or 0, archs[i].embed_dim,
-                                                   tuple(zip(archs[i].layer_on, archs[i].num_heads, archs[i].mlp_ratio))))
+    def key(arch: Arch) -> tuple:
+        return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio))
+
+    return sorted(range(len(archs)), key=lambda i: key(archs[i]))
 
 
 @torch.no_grad()
@@ -222,7 +224,7 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
     else:
         groups = [[arch] for arch in archs]
     results = {}
-    bar = tqdm(total=len(archs), desc="evaluating subnets", unit="subnet", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=len(archs), desc="evaluating subnets", unit="subnet", leave=False)
     for group in groups:
         totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)
         samples = 0

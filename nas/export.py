@@ -90,11 +90,13 @@ def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"load_subnet: {path} is not a readable torch file (corrupt or truncated?): {error}") from error
+        raise ValueError(f"load_subnet: {path} is not a readable torch file (corrupt or truncated?): "
+                         f"{error}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_subnet: {path} is not a subnet saved by nas.export.save_subnet (format {FORMAT!r})")
     if payload.get("version") != VERSION:
-        raise ValueError(f"load_subnet: {path} has format version {payload.get('version')!r}; this code reads {VERSION}")
+        raise ValueError(f"load_subnet: {path} has format version {payload.get('version')!r}; this code reads "
+                         f"{VERSION}")
     try:
         arch = Arch.from_dict(payload["arch"])
         model = VisionTransformer(**payload["model"])
@@ -129,4 +131,5 @@ def to_onnx(model: VisionTransformer, path: str | os.PathLike, example: Tensor) 
                       dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
 
 
-__all__ = ["FORMAT", "VERSION", "extract_subnet", "load_subnet", "model_kwargs", "save_subnet", "to_onnx", "to_torchscript"]
+__all__ = ["FORMAT", "VERSION", "extract_subnet", "load_subnet", "model_kwargs", "save_subnet", "to_onnx",
+           "to_torchscript"]

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
 
 from .arch import Arch, ArchBatch
 from .atomic import atomic_write_text
 from .cost import embed_macs, head_macs, layer_dims, layer_macs_parts
+from .errors import CheckpointError, require
 from .space import SearchSpace
 
 FORMAT_VERSION = 1
@@ -130,6 +130,7 @@ class LatencyModel:
         # Columns span ~10 orders of magnitude (1 vs MACs): scale them so that NNLS is well conditioned.
         scale = np.abs(features).max(axis=0)
         scale[scale == 0] = 1.0
+        nnls = require("scipy.optimize", "nas", "fitting a latency model").nnls
         coef, _ = nnls(features / scale, seconds)
         coef = coef / scale
         relative_error = float(np.mean(np.abs(features @ coef - seconds) / seconds))
@@ -160,23 +161,27 @@ class LatencyModel:
     def load(cls, path: str | os.PathLike) -> "LatencyModel":
         try:
             data = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot read the latency model: {error.strerror or error}") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not a latency model (invalid JSON: {error})") from error
+            raise CheckpointError(f"{path}: not a latency model (invalid JSON: {error})") from error
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: not a latency model (expected a JSON object)")
-        missing = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"} - set(data)
+            raise CheckpointError(f"{path}: not a latency model (expected a JSON object)")
+        keys = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"}
+        missing = keys - set(data)
         if missing:
-            raise ValueError(f"{path}: not a latency model (missing {sorted(missing)})")
+            raise CheckpointError(f"{path}: not a latency model (missing {sorted(missing)})")
         if data["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: latency model format {data['format_version']}, this code reads {FORMAT_VERSION}")
+            raise CheckpointError(f"{path}: latency model format {data['format_version']}, this code reads "
+                                  f"{FORMAT_VERSION}")
         if tuple(data["features"]) != FEATURES or len(data["coef"]) != len(FEATURES):
-            raise ValueError(f"{path}: latency model features {data['features']} (with {len(data['coef'])} "
+            raise CheckpointError(f"{path}: latency model features {data['features']} (with {len(data['coef'])} "
                              f"coefficients) differ from this code's {list(FEATURES)}")
         coef = tuple(float(c) for c in data["coef"])
         if not all(np.isfinite(c) and c >= 0 for c in coef):
-            raise ValueError(f"{path}: latency model coefficients must be finite and >= 0, got {coef}")
+            raise CheckpointError(f"{path}: latency model coefficients must be finite and >= 0, got {coef}")
         try:
             space = SearchSpace.from_dict(data["space"])
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: invalid search space in latency model: {error}") from error
+            raise CheckpointError(f"{path}: invalid search space in latency model: {error}") from error
         return cls(space, coef, int(data["batch_size"]), str(data["device"]), float(data["mean_relative_error"]))

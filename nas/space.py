@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ import numpy as np
 import yaml
 
 from .arch import Arch, ArchBatch
-from .cost import macs, macs_many
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
@@ -55,8 +55,8 @@ class SearchSpace:
     layers may be identities. ``num_heads`` and ``mlp_ratios`` are per-layer choices; attention has
     ``num_heads * head_dim`` channels. With several ``patch_sizes`` every arch names its own.
     ``private_class_tokens``/``private_qk`` tell the supernet to keep a class token, position and patch
-    embedding per patch size, and q/k projections per head choice (ViTAS); they change neither
-    sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
+    embedding per patch size (so the space needs several), and q/k projections per head choice (ViTAS); they
+    change neither sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
     Choices are stored sorted and without repeats.
     """
@@ -99,8 +99,12 @@ class SearchSpace:
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SearchSpace.patch_sizes {tuple(bad)} do not divide img_size={self.img_size}")
+        if self.private_class_tokens and len(self.patch_sizes) == 1:
+            raise ValueError(f"SearchSpace.private_class_tokens keeps a class token, position and patch embedding per "
+                             f"patch size, but the only patch size is {self.patch_sizes[0]}; set it to false")
         if int(self.embed_dims[0] * self.mlp_ratios[0]) < 1:
-            raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) is 0")
+            raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) "
+                             "is 0")
 
     # -- derived sizes -------------------------------------------------------------------------------
     @property
@@ -145,7 +149,8 @@ class SearchSpace:
             raise TypeError(f"expected an Arch, got {type(arch).__name__}")
         where = f"space {self.name!r}"
         if arch.max_depth != self.max_depth:
-            raise ValueError(f"arch has {arch.max_depth} layers (len(arch.layer_on)) but {where} has max depth {self.max_depth}")
+            raise ValueError(f"arch has {arch.max_depth} layers (len(arch.layer_on)) but {where} has max depth "
+                             f"{self.max_depth}")
         if arch.embed_dim not in self.embed_dims:
             raise ValueError(f"arch.embed_dim={arch.embed_dim} not in {self.embed_dims} ({where})")
         for i, (heads, ratio) in enumerate(zip(arch.num_heads, arch.mlp_ratio)):
@@ -158,7 +163,8 @@ class SearchSpace:
         if not self.identity_layers and arch.layer_on != tuple(i < arch.depth for i in range(self.max_depth)):
             first_gap = arch.layer_on.index(False)
             raise ValueError(
-                f"arch.layer_on[{first_gap}]=False before an active layer: {where} turns on the first `depth` layers only"
+                f"arch.layer_on[{first_gap}]=False before an active layer: {where} turns on the first `depth` layers "
+                "only"
             )
         if arch.patch_size is None:
             if len(self.patch_sizes) > 1:
@@ -175,9 +181,10 @@ class SearchSpace:
 
     def canonical(self, arch: Arch) -> Arch:
         """The same network with inactive layers holding their nearest active layer's choices."""
-        return self._canonical_batch(ArchBatch.from_archs([arch])).arch(0)
+        return self.canonical_batch(ArchBatch.from_archs([arch])).arch(0)
 
-    def _canonical_batch(self, batch: ArchBatch) -> ArchBatch:
+    def canonical_batch(self, batch: ArchBatch) -> ArchBatch:
+        """``canonical`` of every arch of a batch, vectorised."""
         layers = np.arange(batch.max_depth)
         source = np.maximum.accumulate(np.where(batch.layer_on, layers, -1), axis=1)
         source = np.where(source < 0, batch.layer_on.argmax(axis=1)[:, None], source)
@@ -191,28 +198,25 @@ class SearchSpace:
 
     def max_arch(self) -> Arch:
         """The largest and most costly arch: every maximum, all layers on, the smallest patch size."""
-        return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio, self.patch_sizes[0])
+        return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio,
+                                  self.patch_sizes[0])
 
     def min_arch(self) -> Arch:
-        """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch size."""
-        return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0], self.patch_sizes[-1])
+        """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch
+        size."""
+        return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0],
+                                  self.patch_sizes[-1])
 
     def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
         patch = patch_size if len(self.patch_sizes) > 1 else None
         return Arch.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
-
-    @functools.cached_property
-    def macs_range(self) -> tuple[int, int]:
-        """MACs of ``min_arch()`` and ``max_arch()``: every arch of the space lies in between, since
-        each choice only adds work (the patch embedding costs the same for every patch size)."""
-        return macs(self.min_arch(), self), macs(self.max_arch(), self)
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample_many(self, rng: np.random.Generator | int, count: int) -> ArchBatch:
         """``count`` uniform draws, AutoFormer style: a depth, one embed dim, per-layer heads and MLP
         ratios (and a patch size where there are several). With identity layers, the active layers
         are a uniform subset of the drawn size."""
-        return self._canonical_batch(self._draw(as_generator(rng), int(count)))
+        return self.canonical_batch(self._draw(as_generator(rng), int(count)))
 
     def _draw(self, rng: np.random.Generator, n: int) -> ArchBatch:
         """Uniform draws, not yet canonical (inactive layers hold random choices)."""
@@ -234,41 +238,29 @@ class SearchSpace:
 
     @functools.cached_property
     def _choice_arrays(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(getattr(self, name)) for name in ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")}
+        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")
+        return {name: np.asarray(getattr(self, name)) for name in names}
 
     def sample(self, rng: np.random.Generator | int) -> Arch:
         return self.sample_many(rng, 1).arch(0)
 
-    def sample_in_flops_window(self, rng: np.random.Generator | int, low: float, high: float,
-                               max_tries: int = 64, batch_size: int = 256) -> Arch:
-        """A uniform draw conditioned on ``low <= macs(arch) <= high`` (MACs, see nas.cost), by
-        rejection over vectorised batches of candidates (32 first, growing to ``batch_size``).
-
-        Raises ValueError when the window misses the space's MACs range, RuntimeError when no draw
-        of ``max_tries`` batches lands in it (a window too narrow to hit by chance)."""
+    def sample_where(self, rng: np.random.Generator | int, accept: Callable[[ArchBatch], np.ndarray], what: str,
+                     max_tries: int = 64, batch_size: int = 256) -> Arch:
+        """A uniform draw conditioned on ``accept(batch)`` (a bool mask over a batch of draws), by rejection over
+        vectorised batches of candidates (32 first, growing to ``batch_size``). ``what`` names the condition in the
+        RuntimeError raised when no draw of ``max_tries`` batches meets it."""
         rng = as_generator(rng)
-        if not low <= high:
-            raise ValueError(f"MACs window low={low} > high={high}")
-        space_low, space_high = self.macs_range
-        if high < space_low or low > space_high:
-            raise ValueError(
-                f"MACs window [{low:.4g}, {high:.4g}] is outside space {self.name!r}'s range "
-                f"[{space_low:.4g}, {space_high:.4g}] (min_arch, max_arch)"
-            )
-        # Small batches first: a window holding a good share of the space is hit by the first few draws.
+        # Small batches first: a condition that a good share of the space meets is met by the first few draws.
         draws, drawn = min(32, batch_size), 0
         for _ in range(max_tries):
             batch = self._draw(rng, draws)
             drawn += draws
-            cost = macs_many(batch, self)
-            hits = np.flatnonzero((cost >= low) & (cost <= high))
+            hits = np.flatnonzero(accept(batch))
             if hits.size:
                 return self.canonical(batch.arch(int(hits[0])))
             draws = min(4 * draws, batch_size)
-        raise RuntimeError(
-            f"no arch of space {self.name!r} in MACs window [{low:.4g}, {high:.4g}] after "
-            f"{drawn} uniform draws; widen the window or raise max_tries"
-        )
+        raise RuntimeError(f"no arch of space {self.name!r} in {what} after {drawn} uniform draws; widen the window "
+                           "or raise max_tries")
 
     # -- evolution -----------------------------------------------------------------------------------
     def mutate(self, arch: Arch, rng: np.random.Generator | int, prob: float = 0.2,
@@ -371,7 +363,8 @@ def load_space(name_or_path: str | os.PathLike) -> SearchSpace:
 
 
 # -- AutoFormer's own config files (microsoft/Cream, AutoFormer/experiments) ------------------------------
-def _autoformer_section(config: dict, section: str, path, keys=("MLP_RATIO", "NUM_HEADS", "DEPTH", "EMBED_DIM")) -> dict:
+def _autoformer_section(config: dict, section: str, path,
+                        keys=("MLP_RATIO", "NUM_HEADS", "DEPTH", "EMBED_DIM")) -> dict:
     values = config.get(section)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: no {section} section")

@@ -67,14 +67,19 @@ class SupernetConfig:
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SupernetConfig: img_size {self.img_size} is not a multiple of patch size(s) {bad}")
+        if self.private_class_tokens and len(self.patch_sizes) == 1:
+            raise ValueError("SupernetConfig: private_class_tokens keeps the tokens of each patch size apart, but "
+                             f"there is one patch size, {self.patch_sizes[0]}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not isinstance(self.relative_position, int) or isinstance(self.relative_position, bool) \
                 or self.relative_position < 0:
-            raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), got {self.relative_position!r}")
+            raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), "
+                             f"got {self.relative_position!r}")
 
     @classmethod
-    def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6) -> "SupernetConfig":
+    def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0,
+                   layer_norm_eps: float = 1e-6) -> "SupernetConfig":
         """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
         count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the
         relative position is ``space.relative_position``, so that ``nas.cost`` counts what the supernet holds."""
@@ -107,8 +112,10 @@ class VisionTransformerSupernet(nn.Module):
         c = config
         multi_patch = len(c.patch_sizes) > 1
         if c.private_class_tokens and multi_patch:
-            self.patch_embed = nn.ModuleDict({str(p): ElasticPatchEmbed(p, c.in_chans, c.embed_dim) for p in c.patch_sizes})
-            self.cls_token = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(1, 1, c.embed_dim)) for p in c.patch_sizes})
+            self.patch_embed = nn.ModuleDict({str(p): ElasticPatchEmbed(p, c.in_chans, c.embed_dim)
+                                              for p in c.patch_sizes})
+            self.cls_token = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+                                               for p in c.patch_sizes})
         else:
             self.patch_embed = ElasticPatchEmbed(max(c.patch_sizes), c.in_chans, c.embed_dim)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
@@ -171,7 +178,8 @@ class VisionTransformerSupernet(nn.Module):
             if on and not 1 <= heads <= c.num_heads:
                 problems.append(f"layer {i} has {heads} heads, outside 1..{c.num_heads}")
             if on and not 1 <= arch.hidden_features(i) <= c.hidden_features:
-                problems.append(f"layer {i} has {arch.hidden_features(i)} MLP hidden units, outside 1..{c.hidden_features}")
+                problems.append(f"layer {i} has {arch.hidden_features(i)} MLP hidden units, outside "
+                                f"1..{c.hidden_features}")
         if problems:
             raise ValueError(f"VisionTransformerSupernet: arch is not a subnet of this supernet: {'; '.join(problems)}")
 
@@ -185,13 +193,15 @@ class VisionTransformerSupernet(nn.Module):
         self.token_layers(patch)[0].set_active(embed_dim=embed_dim, patch_size=patch)
         for i, block in enumerate(self.blocks):
             if arch.layer_on[i]:
-                block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i], hidden_features=arch.hidden_features(i))
+                block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i],
+                                 hidden_features=arch.hidden_features(i))
         self.norm.set_active(dim=embed_dim)
         self.head.set_active(in_features=embed_dim)
         self.arch = arch
 
     def token_layers(self, patch_size: int) -> tuple[ElasticPatchEmbed, Tensor, Tensor]:
-        """The patch embedding, class token ``[1, 1, E]`` and position embedding ``[1, N, E]`` used with ``patch_size``."""
+        """The patch embedding, class token ``[1, 1, E]`` and position embedding ``[1, N, E]`` used with
+        ``patch_size``."""
         key = str(patch_size)
         patch_embed = self.patch_embed[key] if isinstance(self.patch_embed, nn.ModuleDict) else self.patch_embed
         cls_token = self.cls_token[key] if isinstance(self.cls_token, nn.ParameterDict) else self.cls_token
@@ -279,7 +289,8 @@ class VisionTransformerSupernet(nn.Module):
             self.set_arch(previous)
         if min(counts) == 0:
             raise ValueError("mlp_importance: batches was empty (or the largest subnet switches a layer off)")
-        return [(total / count).to(block.mlp.fc1.weight.device) for total, count, block in zip(totals, counts, self.blocks)]
+        return [(total / count).to(block.mlp.fc1.weight.device)
+                for total, count, block in zip(totals, counts, self.blocks)]
 
     @torch.no_grad()
     def reorder_mlp_importance(self, method: str = "magnitude", batches: Iterable | None = None,
@@ -327,7 +338,8 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     model = VisionTransformerSupernet(config)
     target = model.state_dict()
     if "patch_embed.proj.weight" not in state_dict:
-        raise ValueError("from_timm_state_dict: no 'patch_embed.proj.weight'; is this a timm VisionTransformer state dict?")
+        raise ValueError("from_timm_state_dict: no 'patch_embed.proj.weight'; is this a timm VisionTransformer state "
+                         "dict?")
     patch = str(state_dict["patch_embed.proj.weight"].shape[-1])
     renamed = {}
     for name, tensor in state_dict.items():

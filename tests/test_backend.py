@@ -117,9 +117,11 @@ def test_module_entry_point_lists_backends():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: elastic_ops.elastic_linear(torch.randn(2, 3), torch.randn(4, 3), None, 5), r"out_features=5 is outside 1..4"),
+        (lambda: elastic_ops.elastic_linear(torch.randn(2, 3), torch.randn(4, 3), None, 5),
+         r"out_features=5 is outside 1..4"),
         (lambda: elastic_ops.elastic_linear(torch.randn(2, 6), torch.randn(4, 3)), r"in_features .* outside 1..3"),
-        (lambda: elastic_ops.elastic_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(3)), r"bias has 3 entries"),
+        (lambda: elastic_ops.elastic_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(3)),
+         r"bias has 3 entries"),
         (lambda: elastic_ops.elastic_linear(torch.randint(0, 3, (2, 3)), torch.randn(4, 3)), r"floating-point"),
         (lambda: elastic_ops.elastic_linear([1.0, 2.0], torch.randn(4, 3)), r"must be a torch.Tensor"),
         (lambda: elastic_ops.elastic_linear(torch.randn(2, 3), torch.randn(4, 3, 1)), r"weight must have 2 dimensions"),

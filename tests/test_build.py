@@ -18,11 +18,13 @@ def test_native_extension_is_built_and_importable():
 
 def _build(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.so", "__pycache__", ".*venv*", "*.egg-info"))
+    shutil.copytree(ROOT, source,
+                    ignore=shutil.ignore_patterns(".git", "build", "*.so", "__pycache__", ".*venv*", "*.egg-info"))
     child_env = {k: v for k, v in os.environ.items() if k != "ELASTIC_OPS_REQUIRE_NATIVE"}  # CI sets it
     child_env.update(env)
     return subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--build-temp", str(tmp_path / "tmp"), "--build-lib", str(tmp_path / "lib")],
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-temp", str(tmp_path / "tmp"),
+         "--build-lib", str(tmp_path / "lib")],
         cwd=source, capture_output=True, text=True, env=child_env, timeout=300,
     )
 

@@ -8,13 +8,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_checks import TOL, assert_state_dict_round_trip, check_against_extracted, randomize
 from torch import nn
 
 import elastic_ops
-from elastic_ops import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticInvertedResidual,
-                         ElasticSqueezeExcite, make_divisible, plain_hybrid, recalibrate_batch_norm)
-
-from layer_checks import TOL, assert_state_dict_round_trip, check_against_extracted, randomize
+from elastic_ops import (
+    ElasticBatchNorm2d,
+    ElasticConv2d,
+    ElasticDepthwiseConv2d,
+    ElasticInvertedResidual,
+    ElasticSqueezeExcite,
+    make_divisible,
+    plain_hybrid,
+    recalibrate_batch_norm,
+)
 
 
 @pytest.fixture(autouse=True)

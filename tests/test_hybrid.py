@@ -9,14 +9,30 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_checks import (
+    TOL,
+    assert_grad_in,
+    assert_state_dict_round_trip,
+    check_against_extracted,
+    keep_only,
+    randomize,
+)
 
 import elastic_ops
-from elastic_ops import (ElasticBlock, ElasticGlobalDSM, ElasticLocalDSM, ElasticLocalGlobalDSM, ElasticMixerBlock,
-                         ElasticPositionalAttentionBlock, ElasticVScaleAttention, ElasticVScaleBlock, GroupSizes,
-                         plain_hybrid, to_grid, to_tokens)
-
-from layer_checks import (TOL, assert_grad_in, assert_state_dict_round_trip, check_against_extracted, keep_only,
-                          randomize)
+from elastic_ops import (
+    ElasticBlock,
+    ElasticGlobalDSM,
+    ElasticLocalDSM,
+    ElasticLocalGlobalDSM,
+    ElasticMixerBlock,
+    ElasticPositionalAttentionBlock,
+    ElasticVScaleAttention,
+    ElasticVScaleBlock,
+    GroupSizes,
+    plain_hybrid,
+    to_grid,
+    to_tokens,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -7,14 +7,20 @@ import math
 
 import pytest
 import torch
+from layer_checks import TOL, assert_extract_matches, assert_state_dict_round_trip, randomize
 from torch import nn
 
 import elastic_ops
-from elastic_ops import (ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticPatchEmbed,
-                         GroupSizes)
-from elastic_ops import plain
-
-from layer_checks import TOL, assert_extract_matches, assert_state_dict_round_trip, randomize
+from elastic_ops import (
+    ElasticAttention,
+    ElasticBlock,
+    ElasticLayerNorm,
+    ElasticLinear,
+    ElasticMlp,
+    ElasticPatchEmbed,
+    GroupSizes,
+    plain,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -165,14 +171,16 @@ def test_private_qk_attention_matches_extracted_plain_attention(embed_dim, num_h
         qk_weight, qk_bias = private.weight, private.bias
     else:
         qk_weight, qk_bias = blocks[:2, :width].reshape(2 * width, 64), bias_blocks[:2, :width].reshape(-1)
-    torch.testing.assert_close(extracted.qkv.weight, torch.cat([qk_weight, blocks[2, :width]])[:, :embed_dim], atol=0, rtol=0)
+    torch.testing.assert_close(extracted.qkv.weight, torch.cat([qk_weight, blocks[2, :width]])[:, :embed_dim],
+                               atol=0, rtol=0)
     torch.testing.assert_close(extracted.qkv.bias, torch.cat([qk_bias, bias_blocks[2, :width]]), atol=0, rtol=0)
 
 
 def test_private_qk_attention_parameters_and_bad_head_counts():
     layer = ElasticAttention(48, 3, head_dim=16, private_qk_heads=(1, 2))
     assert {name: tuple(p.shape) for name, p in layer.named_parameters() if "private" in name} == {
-        "private_qk.1.weight": (32, 48), "private_qk.1.bias": (32,), "private_qk.2.weight": (64, 48), "private_qk.2.bias": (64,)}
+        "private_qk.1.weight": (32, 48), "private_qk.1.bias": (32,), "private_qk.2.weight": (64, 48),
+        "private_qk.2.bias": (64,)}
     assert ElasticAttention(48, 3, head_dim=16).private_qk is None
     with pytest.raises(ValueError, match=r"private_qk_heads \[0, 4\] are outside 1..3"):
         ElasticAttention(48, 3, head_dim=16, private_qk_heads=(0, 2, 4))
@@ -241,7 +249,8 @@ def autoformer_relative_attention(attn_layer: plain.Attention, x: torch.Tensor) 
     attn = logits.softmax(dim=-1)
     out = (attn @ v).transpose(1, 2).reshape(batch, tokens, -1)
     by_query = attn.permute(2, 0, 1, 3).reshape(tokens, batch * heads, tokens)
-    out = out + (by_query @ r_v).transpose(1, 0).reshape(batch, heads, tokens, dh).transpose(2, 1).reshape(batch, tokens, -1)
+    by_position = (by_query @ r_v).transpose(1, 0).reshape(batch, heads, tokens, dh)
+    out = out + by_position.transpose(2, 1).reshape(batch, tokens, -1)
     return attn_layer.proj(out)
 
 
@@ -249,7 +258,8 @@ def autoformer_relative_attention(attn_layer: plain.Attention, x: torch.Tensor) 
                                                                      (40, 2, 50, True), (64, 4, 17, True)])
 def test_relative_position_attention_matches_extracted_and_autoformer(embed_dim, num_heads, tokens, private):
     # max distance 2 < the grid side in most cases, so clipping is exercised; grids of 3, 4, 5 and 7 patches a side.
-    layer = randomize(ElasticAttention(64, 4, head_dim=16, relative_position=2, private_qk_heads=(1, 2) if private else ()))
+    layer = randomize(ElasticAttention(64, 4, head_dim=16, relative_position=2,
+                                       private_qk_heads=(1, 2) if private else ()))
     layer.set_active(embed_dim=embed_dim, num_heads=num_heads)
     x = torch.randn(2, tokens, embed_dim)
     extracted = assert_extract_matches(layer, x)
@@ -288,7 +298,8 @@ def test_block_with_relative_position_matches_extracted_plain_block():
 def test_block_active_config_matches_extracted_plain_block():
     layer = randomize(ElasticBlock(64, 4, 256, head_dim=16)).set_active(embed_dim=48, num_heads=2, hidden_features=131)
     extracted = assert_extract_matches(layer, torch.randn(2, 10, 48))
-    assert isinstance(extracted, plain.Block) and extracted.mlp.fc1.out_features == 131 and extracted.attn.num_heads == 2
+    assert isinstance(extracted, plain.Block)
+    assert extracted.mlp.fc1.out_features == 131 and extracted.attn.num_heads == 2
     torch.testing.assert_close(layer(torch.randn(2, 10, 64), embed_dim=64, num_heads=4, hidden_features=256).shape,
                                torch.Size([2, 10, 64]))
 
@@ -344,7 +355,8 @@ def test_patch_embed_active_config_matches_extracted_plain_patch_embed(embed_dim
 
 
 def test_patch_embed_state_dict_round_trip_and_errors():
-    assert_state_dict_round_trip(ElasticPatchEmbed(4, 3, 24), lambda: plain.PatchEmbed(4, 3, 24), torch.randn(2, 3, 8, 8))
+    assert_state_dict_round_trip(ElasticPatchEmbed(4, 3, 24), lambda: plain.PatchEmbed(4, 3, 24),
+                                 torch.randn(2, 3, 8, 8))
     layer = ElasticPatchEmbed(8, 3, 32)
     with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
         layer(torch.randn(1, 3, 12, 16))
@@ -363,7 +375,8 @@ def test_gradients_reach_only_the_active_slice():
 
 
 def _has_triton_op(name: str) -> bool:
-    return importlib.util.find_spec(f"elastic_ops.ops.{name}") is not None and elastic_ops.backends()["triton"].available
+    found = importlib.util.find_spec(f"elastic_ops.ops.{name}") is not None
+    return found and elastic_ops.backends()["triton"].available
 
 
 # The Triton kernels run compiled where there is a GPU (fp32 products, another summation order), else interpreted.

@@ -29,8 +29,17 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import (acc_dtype, active_block, active_vector, add_bias_grad, add_weight_grad, dot_precision,
-                      interpreter, linear_gemm, needs_backward)
+from ._common import (
+    acc_dtype,
+    active_block,
+    active_vector,
+    add_bias_grad,
+    add_weight_grad,
+    dot_precision,
+    interpreter,
+    linear_gemm,
+    needs_backward,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
@@ -377,7 +386,8 @@ def self_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | Non
     weight_blocks, bias_blocks = qkv_blocks(qkv_weight, qkv_bias, width, embed, x.dtype)
     qkv = qkv_forward(x2d, weight_blocks, bias_blocks)
     context, lse = flash_forward(qkv, batch, tokens, num_heads, head_dim)
-    out = linear_gemm(context, active_block(proj_weight, embed, width, x.dtype), active_vector(proj_bias, embed, x.dtype))
+    proj_block = active_block(proj_weight, embed, width, x.dtype)
+    out = linear_gemm(context, proj_block, active_vector(proj_bias, embed, x.dtype))
     return out.view(batch, tokens, embed), ((qkv, context, lse) if keep_residuals else None)
 
 

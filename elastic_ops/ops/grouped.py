@@ -28,10 +28,16 @@ from torch import Tensor
 
 from .._validate import require
 from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, attention_config, flash_attention_rows, head_program, head_rows,
-                        store_head_rows)
+from .attention import (
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    attention_config,
+    flash_attention_rows,
+    head_program,
+    head_rows,
+    store_head_rows,
+)
 from .layernorm import compute_dtype, layer_norm_tiles
-
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -130,7 +136,8 @@ def _grouped_layer_norm_kernel(
     """LayerNorm of BLOCK_ROWS rows of subnet ``g = program_id(1)`` over its ``d_g = sizes[g]`` active channels.
 
     x_ptr: x ``[G, M, D]`` (strided); its padding ``[:, :, d_g:]`` is loaded with the row (a vectorised load: masks by
-    ``d_g`` would not be) and discarded, whatever it holds. w_ptr, b_ptr: super gamma/beta ``[>= D]``, active ``[:d_g]``.
+    ``d_g`` would not be) and discarded, whatever it holds. w_ptr, b_ptr: super gamma/beta ``[>= D]``, active
+    ``[:d_g]``.
     y_ptr: y ``[G, M, D]``, unit column stride; columns ``d_g:`` are set to zero. sizes_ptr: int32 ``[G]``.
     """
     group = tl.program_id(1).to(tl.int64)
@@ -152,8 +159,8 @@ def _grouped_layer_norm_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=in_row, other=0.0).to(COMPUTE_DTYPE)[None, :]
     y = tl.where(active, y, 0.0)
-    tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols[None, :] < D))
+    tl.store(y_ptr + group * stride_y_group + rows[:, None] * stride_y_row + cols[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < D))
 
 
 @triton.jit

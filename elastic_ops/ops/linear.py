@@ -22,9 +22,24 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import (active_block, active_vector, add_bias_grad, add_weight_grad, as_rows, descriptor,
-                      descriptor_compatible, descriptors_supported, dot_precision, gelu, gelu_and_grad, grouped_tile,
-                      interpreter, linear_gemm, needs_backward, sm_count)
+from ._common import (
+    active_block,
+    active_vector,
+    add_bias_grad,
+    add_weight_grad,
+    as_rows,
+    descriptor,
+    descriptor_compatible,
+    descriptors_supported,
+    dot_precision,
+    gelu,
+    gelu_and_grad,
+    grouped_tile,
+    interpreter,
+    linear_gemm,
+    needs_backward,
+    sm_count,
+)
 
 # ---------------------------------------------------------------------------------------------- forward epilogue
 

@@ -2,7 +2,8 @@
 ``observe(archs, scores)``, chosen by name from :data:`SEARCHERS`."""
 from __future__ import annotations
 
-from .base import Cost, Feasible, GeneCoding, InfeasibleBudgetError, Searcher
+from ..errors import ConfigError, InfeasibleBudgetError
+from .base import Cost, Feasible, GeneCoding, Searcher
 from .evolution import Evolution
 from .learned import LearnedSamplerSearch
 from .nsga2 import NSGA2, crowding_distance, non_dominated_fronts
@@ -15,14 +16,15 @@ SEARCHERS: dict[str, type[Searcher]] = {
 }
 
 
-def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None, **options) -> Searcher:
+def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None,
+                   **options) -> Searcher:
     """The searcher registered as ``name``; ``options`` are its keyword arguments."""
     if name not in SEARCHERS:
-        raise ValueError(f"unknown search algorithm {name!r}; choose one of {', '.join(SEARCHERS)}")
+        raise ConfigError(f"unknown search algorithm {name!r}; choose one of {', '.join(SEARCHERS)}")
     try:
         return SEARCHERS[name](space, feasible, seed=seed, cost=cost, **options)
     except TypeError as error:
-        raise ValueError(f"search algorithm {name!r}: bad options {sorted(options)}: {error}") from error
+        raise ConfigError(f"search algorithm {name!r}: bad options {sorted(options)}: {error}") from error
 
 
 __all__ = ["SEARCHERS", "NSGA2", "Cost", "Evolution", "Feasible", "GeneCoding", "InfeasibleBudgetError",

@@ -13,15 +13,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..arch import Arch
-from ..errors import UserError
+from ..errors import CheckpointMismatchError, InfeasibleBudgetError
 from ..space import SearchSpace
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
-
-
-class InfeasibleBudgetError(UserError, ValueError):
-    """No arch of the space meets a budget."""
 
 
 class Searcher:
@@ -52,7 +48,7 @@ class Searcher:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
-            raise ValueError(f"search state is for {state.get('name')!r}, this searcher is {self.name!r}")
+            raise CheckpointMismatchError(f"search state is for {state.get('name')!r}, this searcher is {self.name!r}")
         self.rng.bit_generator.state = state["rng"]
         self.scores = {Arch.from_dict(arch): score for arch, score in state["scores"]}
 
@@ -76,7 +72,8 @@ class Searcher:
                 if len(found) == n:
                     return found
         if not found and not repeats:
-            raise InfeasibleBudgetError(f"{self.name}: no arch inside the budget in {self.max_draws * batch} uniform draws "
+            raise InfeasibleBudgetError(f"{self.name}: no arch inside the budget in {self.max_draws * batch} uniform "
+                                        "draws "
                                         f"of space {self.space.name!r}; the budget is too tight for random sampling")
         return found + repeats[: n - len(found)]  # a small space may hold fewer feasible archs than asked
 

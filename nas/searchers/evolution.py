@@ -2,14 +2,15 @@
 
 Generation 0 is ``n`` uniform draws inside the budget. After that, each generation of ``n`` is ``mutations``
 mutants and ``crossovers`` children of the ``parents`` best archs seen so far (AutoFormer: 25 + 25 for a
-population of 50; fewer where ``n`` is smaller), topped up with uniform draws to ``n``; a mutant or child outside the budget, or already seen,
-is drawn again (up to ``10x`` as many tries, as AutoFormer does).
+population of 50; fewer where ``n`` is smaller), topped up with uniform draws to ``n``; a mutant or child outside
+the budget, or already seen, is drawn again (up to ``10x`` as many tries, as AutoFormer does).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from ..arch import Arch
+from ..errors import ConfigError
 from .base import Searcher
 
 
@@ -20,11 +21,11 @@ class Evolution(Searcher):
                  crossovers: int = 25, mutation_prob: float = 0.2, depth_embed_prob: float = 0.4, **options):
         super().__init__(space, feasible, seed=seed, cost=cost, **options)
         if parents < 1 or mutations < 0 or crossovers < 0 or mutations + crossovers < 1:
-            raise ValueError(f"evolution: need parents >= 1 and mutations + crossovers >= 1, got parents={parents}, "
+            raise ConfigError(f"evolution: need parents >= 1 and mutations + crossovers >= 1, got parents={parents}, "
                              f"mutations={mutations}, crossovers={crossovers}")
         for label, prob in (("mutation_prob", mutation_prob), ("depth_embed_prob", depth_embed_prob)):
             if not 0.0 <= prob <= 1.0:
-                raise ValueError(f"evolution: {label} must be in [0, 1], got {prob}")
+                raise ConfigError(f"evolution: {label} must be in [0, 1], got {prob}")
         self.num_parents, self.mutations, self.crossovers = int(parents), int(mutations), int(crossovers)
         self.mutation_prob, self.depth_embed_prob = float(mutation_prob), float(depth_embed_prob)
 

@@ -1,4 +1,4 @@
-"""NSGA-II (Deb et al. 2002), the multi-objective search ViTAS uses: maximise the score, minimise a cost.
+"""NSGA-II (Deb et al. 2002), a multi-objective evolutionary search: maximise the score, minimise a cost.
 
 The population is the best ``n`` archs seen, ranked by non-dominated front and, inside a front, by crowding
 distance. Offspring: two binary tournaments pick parents, a uniform crossover and a mutation make the child.
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..arch import Arch
+from ..errors import ConfigError
 from .base import Searcher
 
 
@@ -48,9 +49,9 @@ class NSGA2(Searcher):
                  mutation_prob: float = 0.2, depth_embed_prob: float = 0.4, **options):
         super().__init__(space, feasible, seed=seed, cost=cost, **options)
         if cost is None:
-            raise ValueError("nsga2: needs the cost to minimise (a FLOPs, params or latency budget)")
+            raise ConfigError("nsga2: needs the cost to minimise (a FLOPs, params or latency budget)")
         if not 0.0 <= crossover_prob <= 1.0:
-            raise ValueError(f"nsga2: crossover_prob must be in [0, 1], got {crossover_prob}")
+            raise ConfigError(f"nsga2: crossover_prob must be in [0, 1], got {crossover_prob}")
         self.crossover_prob, self.mutation_prob, self.depth_embed_prob = crossover_prob, mutation_prob, depth_embed_prob
         self.population: list[Arch] = []
         self.rank: list[int] = []

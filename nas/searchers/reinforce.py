@@ -1,4 +1,4 @@
-"""A reinforcement-learning controller as UniNet searches with: REINFORCE with a moving-average baseline.
+"""A REINFORCE controller (Williams 1992) with a moving-average baseline, as in Zoph & Le's NAS (2017).
 
 The policy is one independent categorical distribution per gene of :class:`~.base.GeneCoding` (a
 factorised controller). Draws outside the budget are rejected. After each step the logits move along
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..arch import Arch
-from .base import GeneCoding, InfeasibleBudgetError, Searcher
+from ..errors import ConfigError, InfeasibleBudgetError
+from .base import GeneCoding, Searcher
 
 
 class Reinforce(Searcher):
@@ -22,7 +23,8 @@ class Reinforce(Searcher):
                  **options):
         super().__init__(space, feasible, seed=seed, cost=cost, **options)
         if lr <= 0 or not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"rl: need lr > 0 and baseline_decay in [0, 1), got lr={lr}, baseline_decay={baseline_decay}")
+            raise ConfigError(f"rl: need lr > 0 and baseline_decay in [0, 1), got lr={lr}, "
+                              f"baseline_decay={baseline_decay}")
         self.coding = GeneCoding(space)
         self.lr, self.baseline_decay = float(lr), float(baseline_decay)
         self.logits = [np.zeros(size) for size in self.coding.sizes]
@@ -30,7 +32,7 @@ class Reinforce(Searcher):
         self.choices: dict[Arch, np.ndarray] = {}
 
     def probabilities(self) -> list[np.ndarray]:
-        return [np.exp(l - l.max()) / np.exp(l - l.max()).sum() for l in self.logits]
+        return [np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum() for logits in self.logits]
 
     def propose(self, n: int) -> list[Arch]:
         probs = self.probabilities()
@@ -60,11 +62,11 @@ class Reinforce(Searcher):
         self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * float(rewards.mean())
 
     def state_dict(self):
-        return {**super().state_dict(), "logits": [l.tolist() for l in self.logits], "baseline": self.baseline,
+        return {**super().state_dict(), "logits": [gene.tolist() for gene in self.logits], "baseline": self.baseline,
                 "choices": [(a.to_dict(), c.tolist()) for a, c in self.choices.items()]}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.logits = [np.asarray(l, dtype=np.float64) for l in state["logits"]]
+        self.logits = [np.asarray(gene, dtype=np.float64) for gene in state["logits"]]
         self.baseline = state["baseline"]
         self.choices = {Arch.from_dict(a): np.asarray(c) for a, c in state["choices"]}

@@ -1,6 +1,8 @@
-"""An autotuner-driven search: Optuna's TPE sampler over the categorical genes of the space.
+"""TPE (Bergstra et al. 2011), a sequential model-based optimiser, as Optuna implements it.
 
-Optuna is an optional dependency (``pip install elastic-ops[search]``). Draws outside the budget are told
+Optuna's Tree-structured Parzen Estimator searches the categorical genes of the space.
+
+Optuna is an optional dependency (``pip install 'elastic-ops[search]'``). Draws outside the budget are told
 to the study as infeasible (through TPE's constraints), so it learns to avoid them, and are never evaluated.
 
 The saved state holds the study's trials as plain data (params, values, states, attributes), replayed into a
@@ -14,14 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..arch import Arch
-from .base import GeneCoding, InfeasibleBudgetError, Searcher
+from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError, MissingDependencyError, require
+from .base import GeneCoding, Searcher
 
 
 def _optuna():
-    try:
-        import optuna
-    except ImportError as error:
-        raise ImportError("the 'tpe' search needs Optuna: pip install 'elastic-ops[search]' (or pip install optuna)") from error
+    optuna = require("optuna", "search", "the 'tpe' search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -42,7 +42,7 @@ class TPESearch(Searcher):
         try:
             self.random_states(self.study)
         except AttributeError as error:
-            raise ImportError(f"the 'tpe' search saves the state of TPE's random generators, which Optuna "
+            raise MissingDependencyError(f"the 'tpe' search saves the state of TPE's random generators, which Optuna "
                               f"{self.optuna.__version__} keeps elsewhere than nas.searchers.tpe expects: "
                               f"{error}") from error
         self.pending: dict[Arch, list[int]] = {}  # numbers of the trials asked and not yet told, by arch
@@ -61,7 +61,8 @@ class TPESearch(Searcher):
             if len(found) == n:
                 return found
             trial = self.study.ask()
-            indices = [trial.suggest_categorical(name, list(range(len(choices)))) for name, choices in self.coding.genes]
+            indices = [trial.suggest_categorical(name, list(range(len(choices))))
+                       for name, choices in self.coding.genes]
             arch = self.coding.decode(indices)
             if self.feasible([arch])[0]:
                 trial.set_user_attr("violation", (0.0,))
@@ -71,7 +72,8 @@ class TPESearch(Searcher):
                 trial.set_user_attr("violation", (1.0,))
                 self.study.tell(trial, 0.0)
         if len(found) < n:
-            raise InfeasibleBudgetError(f"tpe: found {len(found)} of {n} archs inside the budget in {self.max_draws * n} trials")
+            raise InfeasibleBudgetError(f"tpe: found {len(found)} of {n} archs inside the budget in "
+                                        f"{self.max_draws * n} trials")
         return found
 
     def observe(self, archs: Sequence[Arch], scores: Sequence[float]) -> None:
@@ -103,7 +105,8 @@ class TPESearch(Searcher):
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         if "trials" not in state:
-            raise ValueError("this tpe search state was written by an older version, which pickled the Optuna study; "
+            raise CheckpointMismatchError("this tpe search state was written by an older version, which pickled the "
+                                          "Optuna study; "
                              "it is not loaded (unpickling a file can run any code): start the search again")
         from_json = self.optuna.distributions.json_to_distribution
         study = self._new_study()
@@ -117,5 +120,5 @@ class TPESearch(Searcher):
                 rng.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
             pending = {Arch.from_dict(arch): [int(n) for n in numbers] for arch, numbers in state["pending"]}
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"the tpe search state is malformed: {error!r}") from error
+            raise CheckpointError(f"the tpe search state is malformed: {error!r}") from error
         self.study, self.pending = study, pending

@@ -24,7 +24,6 @@ os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default; set, so that 3.9 does not warn about it
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -113,8 +112,8 @@ def run_ops(dtype: torch.dtype) -> None:
         y.backward(torch.randn_like(y))
 
     x = torch.randn(batch, tokens, embed, dtype=dtype, requires_grad=True)
-    fc1_w, fc1_b, fc2_w, fc2_b = param(super_hidden, super_embed), param(super_hidden), param(super_embed, super_hidden), \
-        param(super_embed)
+    fc1_w, fc1_b = param(super_hidden, super_embed), param(super_hidden)
+    fc2_w, fc2_b = param(super_embed, super_hidden), param(super_embed)
     backward(linear.elastic_linear(x, fc1_w, fc1_b, hidden, "gelu"))
     with torch.no_grad():
         linear.elastic_linear(x, fc1_w, fc1_b, hidden, "gelu")

@@ -6,21 +6,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_checks import (
+    TOLERANCES,
+    AttentionCase,
+    assert_grad_accumulated,
+    kernel_dtypes,
+    reference_copy,
+    seed_grad,
+    super_param,
+)
 
 import elastic_ops
-from elastic_ops import reference
-from elastic_ops import weight_grads_in_place
-
-from kernel_checks import (TOLERANCES, AttentionCase, assert_grad_accumulated, kernel_dtypes, reference_copy,
-                           seed_grad, super_param)
+from elastic_ops import reference, weight_grads_in_place
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 MAIN = AttentionCase(batch=2, tokens=64, embed=40, max_embed=48, heads=2, max_heads=3, head_dim=64)
 AWKWARD = {
-    "197-tokens-prime-embed": AttentionCase(batch=1, tokens=197, embed=37, max_embed=41, heads=2, max_heads=3, head_dim=64),
-    "one-head-prime-tokens": AttentionCase(batch=2, tokens=97, embed=24, max_embed=32, heads=1, max_heads=3, head_dim=16),
+    "197-tokens-prime-embed": AttentionCase(batch=1, tokens=197, embed=37, max_embed=41, heads=2, max_heads=3,
+                                            head_dim=64),
+    "one-head-prime-tokens": AttentionCase(batch=2, tokens=97, embed=24, max_embed=32, heads=1, max_heads=3,
+                                           head_dim=16),
     "max-heads-max-embed": AttentionCase(batch=3, tokens=20, embed=32, max_embed=32, heads=2, max_heads=2, head_dim=32),
 }
 
@@ -45,7 +52,8 @@ def as_blocks(t: torch.Tensor, case: AttentionCase) -> torch.Tensor:
     return t.view(3, case.max_width, *t.shape[1:])
 
 
-def check_against_reference(case: AttentionCase, x: torch.Tensor, params: dict, tol: dict, backward_passes: int = 1) -> None:
+def check_against_reference(case: AttentionCase, x: torch.Tensor, params: dict, tol: dict,
+                            backward_passes: int = 1) -> None:
     """Run the Triton op (forward, then ``backward_passes`` backward passes) and compare the output, dx and the
     in-place weight gradients with the fp32 reference; gradients outside the active parts must not change."""
     before = {name: seed_grad(p) for name, p in params.items() if p is not None}

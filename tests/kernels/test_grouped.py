@@ -9,14 +9,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from kernel_checks import TOLERANCES, kernel_dtypes, super_param
 
 import elastic_ops
-from elastic_ops import reference
+from elastic_ops import GroupSizes, reference
 from elastic_ops.ops import grouped
-from elastic_ops import GroupSizes
 from nas import batched
-
-from kernel_checks import TOLERANCES, kernel_dtypes, super_param
 
 EMBEDS = [1, 29, 40]  # size 1, prime, the super embed dim of the MLP and attention tests
 
@@ -74,7 +72,8 @@ def run_both(op: str, x_zero_padded: torch.Tensor, *args) -> tuple[torch.Tensor,
 
 
 DTYPES = [(d, d) for d in kernel_dtypes()] + [(torch.float16, torch.float32)]
-dtype_ids = lambda d: str(d).replace("torch.", "")
+def dtype_ids(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])

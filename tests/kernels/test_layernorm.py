@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
 
 import elastic_ops
-from elastic_ops import reference
-from elastic_ops import weight_grads_in_place
-
-from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
+from elastic_ops import reference, weight_grads_in_place
 
 # (batch, tokens, D, d): 197 tokens, prime widths, active 1, active = max, batch 1.
 SHAPES = {

@@ -5,12 +5,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
 
 import elastic_ops
-from elastic_ops import reference
-from elastic_ops import weight_grads_in_place
-
-from kernel_checks import TOLERANCES, assert_grad_accumulated, kernel_dtypes, reference_copy, seed_grad, super_param
+from elastic_ops import reference, weight_grads_in_place
 
 
 @dataclass(frozen=True)
@@ -196,9 +194,11 @@ def test_gradcheck_float64(triton_backend, device):
     torch.manual_seed(0)
     x = torch.randn(case.batch, case.tokens, case.embed, device=device, dtype=torch.float64, requires_grad=True)
     # Finite everywhere: gradcheck perturbs every element, also those outside the active block.
-    fc1_weight = torch.randn(case.super_hidden, case.super_embed, device=device, dtype=torch.float64, requires_grad=True)
+    fc1_weight = torch.randn(case.super_hidden, case.super_embed, device=device, dtype=torch.float64,
+                             requires_grad=True)
     fc1_bias = torch.randn(case.super_hidden, device=device, dtype=torch.float64, requires_grad=True)
-    fc2_weight = torch.randn(case.super_embed, case.super_hidden, device=device, dtype=torch.float64, requires_grad=True)
+    fc2_weight = torch.randn(case.super_embed, case.super_hidden, device=device, dtype=torch.float64,
+                             requires_grad=True)
     fc2_bias = torch.randn(case.super_embed, device=device, dtype=torch.float64, requires_grad=True)
     with weight_grads_in_place(False):
         assert torch.autograd.gradcheck(
@@ -220,6 +220,7 @@ def test_bad_inputs_raise_clear_errors(triton_backend, device, change, error, me
     x = torch.randn(2, 3, e, device=device).to(change.get("x_dtype", torch.float32))
     fc1_weight = torch.randn(160, 48, device=device)
     fc1_bias = torch.randn(change.get("fc1_bias_len", 160), device=device)
-    fc2_weight = torch.randn(48 * 160, device=device) if change.get("fc2_weight_1d") else torch.randn(48, 160, device=device)
+    fc2_shape = (48 * 160,) if change.get("fc2_weight_1d") else (48, 160)
+    fc2_weight = torch.randn(*fc2_shape, device=device)
     with pytest.raises(error, match=message):
         elastic_ops.elastic_mlp(x, fc1_weight, fc1_bias, fc2_weight, None, change.get("hidden", 101))

@@ -17,8 +17,9 @@ import elastic_ops
 from elastic_ops import BackendUnavailableError, _backend, reference
 
 _C = pytest.importorskip("elastic_ops._C")
-from elastic_ops import _native  # noqa: E402  (needs the extension)
 from kernel_checks import AttentionCase, super_tensor  # noqa: E402
+
+from elastic_ops import _native  # noqa: E402  (needs the extension)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -318,7 +319,8 @@ def test_grouped_ops_match_the_reference_looped_over_subnets(isa, embed, hidden,
         }
         expected = {
             "linear": padded([reference.linear(x[k], w1, b1, o, "gelu") for k, o in enumerate(hidden)], max(hidden)),
-            "layer_norm": padded([reference.layer_norm(x[k, ..., :e], gamma, beta) for k, e in enumerate(embed)], e_max),
+            "layer_norm": padded([reference.layer_norm(x[k, ..., :e], gamma, beta) for k, e in enumerate(embed)],
+                                 e_max),
             "mlp": padded([reference.mlp(x[k, ..., :e], w1, b1, w2, b2, h)
                            for k, (e, h) in enumerate(zip(embed, hidden))], e_max),
             "attention": padded([reference.attention(x[k, ..., :e], **attn, num_heads=h, head_dim=dh)

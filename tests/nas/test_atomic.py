@@ -5,7 +5,6 @@ import stat
 
 import pytest
 import torch
-
 from hostile import fill_disk
 
 from nas import atomic

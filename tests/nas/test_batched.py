@@ -1,18 +1,27 @@
 """Grouped K-subnet ops and the batched supernet forward against the single-subnet reference, per subnet."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from elastic_ops import reference
 from elastic_ops.group_sizes import GroupSizes
 from elastic_ops.reference import grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp
+from nas.arch import Arch
+from nas.batched import BatchedSubnets, batched_forward
+from nas.space import PRESETS, load_space
+from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def super_weight(*shape: int, active: tuple[int, ...]) -> torch.Tensor:
-    """Random in the leading ``active`` block, NaN outside: a grouped op must not read past the group's widest subnet."""
+    """Random in the leading ``active`` block, NaN outside: a grouped op must not read past the group's widest
+    subnet."""
     data = torch.full(shape, float("nan"))
     data[tuple(slice(0, a) for a in active)] = torch.randn(*active) * shape[-1] ** -0.5
     return data
@@ -29,7 +38,8 @@ def stacked(per_subnet: list[torch.Tensor], width: int) -> torch.Tensor:
 def assert_matches_per_subnet(y: torch.Tensor, expected: list[torch.Tensor]) -> None:
     for k, e in enumerate(expected):
         torch.testing.assert_close(y[k, ..., : e.shape[-1]], e, **TOL)
-        assert torch.equal(y[k, ..., e.shape[-1]:], torch.zeros_like(y[k, ..., e.shape[-1]:])), f"subnet {k}: padding is not zero"
+        padding = y[k, ..., e.shape[-1]:]
+        assert torch.equal(padding, torch.zeros_like(padding)), f"subnet {k}: padding is not zero"
 
 
 EMBEDS = [17, 1, 24, 9]  # prime, size 1, the group max, another
@@ -100,16 +110,6 @@ def test_group_sizes_rejects_empty_and_zero():
 
 
 # --- the batched supernet forward ---------------------------------------------------------------------
-
-import dataclasses
-import math
-
-import numpy as np
-
-from nas.arch import Arch
-from nas.batched import BatchedSubnets, batched_forward
-from nas.space import PRESETS, load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
 
 def small_supernet(space_name: str, seed: int = 0, full_size: bool = False, **changes) -> VisionTransformerSupernet:
@@ -262,7 +262,8 @@ def test_relative_position_in_one_pass():
             if ".rel_pos." in name:
                 param.zero_()
         without = batched_forward(model, images, archs)
-    assert (without - logits).abs().max() > 1e-2, "relative position should change the logits; the check would be vacuous"
+    assert (without - logits).abs().max() > 1e-2, ("relative position should change the logits; the check would "
+                                                   "be vacuous")
 
 
 def test_batched_forward_rejects_bad_input():

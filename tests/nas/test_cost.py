@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.arch import Arch, ArchBatch
-from nas.cost import macs, macs_many, params, params_many
+from nas.cost import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
 from nas.space import SearchSpace, load_space
 
 
@@ -88,7 +88,8 @@ def plain_vit_counts(arch, space):
 @pytest.mark.parametrize("name", ["digits-tiny", "cifar-tiny", "vitas-t", "autoformer-s"])
 def test_params_and_macs_match_plain_vit(name):
     space = load_space(name)
-    archs = space.sample_many(np.random.default_rng(zlib.crc32(name.encode())), 4).archs() + [space.min_arch(), space.max_arch()]
+    archs = space.sample_many(np.random.default_rng(zlib.crc32(name.encode())), 4).archs()
+    archs += [space.min_arch(), space.max_arch()]
     expected = np.array([plain_vit_counts(arch, space) for arch in archs])
     np.testing.assert_array_equal(params_many(archs, space), expected[:, 0])
     np.testing.assert_array_equal(macs_many(archs, space), expected[:, 1])
@@ -184,3 +185,34 @@ def test_deit_sizes(embed_dim, heads, exact_params, published_macs):
     space = SearchSpace("deit", embed_dims=(embed_dim,), depths=(12,), num_heads=(heads,), mlp_ratios=(4.0,))
     assert params(space.max_arch(), space) == exact_params
     assert macs(space.max_arch(), space) == pytest.approx(published_macs, rel=0.04)
+
+
+# --- the MACs range of a space and draws inside a MACs window -------------------------------------------
+
+@pytest.mark.parametrize("name", ["autoformer-t", "vitas-t", "cifar-tiny"])
+def test_flops_window_draws_land_in_the_window(name):
+    space = load_space(name)
+    rng = np.random.default_rng()
+    # Windows holding ~10% of the space's MACs distribution: rejection sampling hits them at once.
+    cost = macs_many(space.sample_many(rng, 2000), space)
+    for _ in range(20):
+        start = rng.uniform(0.0, 0.9)
+        low, high = np.quantile(cost, [start, start + 0.1])
+        arch = sample_in_flops_window(space, rng, low, high)
+        space.validate(arch)
+        assert low <= macs(arch, space) <= high
+
+
+def test_flops_window_errors():
+    space = load_space("autoformer-t")
+    low, high = macs_range(space)
+    with pytest.raises(ValueError, match=r"outside space 'autoformer-t'.s range"):
+        sample_in_flops_window(space, 0, high + 1, high + 2)
+    with pytest.raises(ValueError, match=r"outside"):
+        sample_in_flops_window(space, 0, 0, low - 1)
+    with pytest.raises(ValueError, match=r"low=2 > high=1"):
+        sample_in_flops_window(space, 0, 2, 1)
+    # Only max_arch reaches the top MAC count: a feasible window that uniform draws do not hit.
+    with pytest.raises(RuntimeError, match="after 64 uniform draws"):
+        sample_in_flops_window(space, 0, high, high, max_tries=2, batch_size=32)
+    assert sample_in_flops_window(space, 0, low, high) is not None

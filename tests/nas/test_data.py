@@ -24,7 +24,8 @@ def test_digits_split_covers_sklearn_exactly():
     train, test = D.load_dataset("digits", split="train"), D.load_dataset("digits", split="test")
     assert len(train) + len(test) == len(bunch.target) and len(test) == 359
     assert train.image_shape == test.image_shape == (1, 8, 8) and train.classes == [str(i) for i in range(10)]
-    expected = {(tuple(np.round(img * 255 / 16).astype(np.uint8).ravel()), int(t)) for img, t in zip(bunch.images, bunch.target)}
+    expected = {(tuple(np.round(img * 255 / 16).astype(np.uint8).ravel()), int(t))
+                for img, t in zip(bunch.images, bunch.target)}
     got = {(tuple(img.ravel().tolist()), int(t)) for ds in (train, test) for img, t in zip(ds.images, ds.labels)}
     assert got == expected
     train_pixels = train.images.double() / 255
@@ -226,7 +227,8 @@ def test_train_batches_shard_and_resume():
     digits = D.load_dataset("digits", split="test")
     # labels = image indices, so that a batch's labels say exactly which images it holds
     ds = D.TensorImageDataset(digits.images, torch.arange(len(digits)), digits.classes, digits.mean, digits.std)
-    per_rank = [[labels for _, labels in D.train_batches(ds, 16, epoch=3, seed=5, rank=r, world_size=2)] for r in (0, 1)]
+    per_rank = [[labels for _, labels in D.train_batches(ds, 16, epoch=3, seed=5, rank=r, world_size=2)]
+                for r in (0, 1)]
     steps = D.steps_per_epoch(ds, 16, world_size=2)
     assert len(per_rank[0]) == len(per_rank[1]) == steps == (len(ds) // 2) // 16
     # the two ranks' batches of one step are disjoint; one process with twice the batch sees their union

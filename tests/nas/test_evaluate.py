@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_batched import small_supernet
 
 import nas.evaluate as evaluate_module
 from nas.data import CIFAR10_STATS
 from nas.evaluate import EvalCache, TensorBatches, evaluate_archs, subnets_per_pass
 from nas.space import SearchSpace
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
-
-from test_batched import small_supernet
 
 IMAGES = 128
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
@@ -48,7 +47,8 @@ def by_hand(model, arch, batches):
     logits = torch.cat([model(images, arch) for images, _ in batches])
     labels = torch.cat([labels for _, labels in batches])
     top5 = logits.topk(5, dim=1).indices
-    return (100.0 * (top5[:, 0] == labels).double().mean().item(), 100.0 * (top5 == labels[:, None]).any(1).double().mean().item(),
+    return (100.0 * (top5[:, 0] == labels).double().mean().item(),
+            100.0 * (top5 == labels[:, None]).any(1).double().mean().item(),
             F.cross_entropy(logits, labels).item())
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from nas.atomic import TEMPORARY_NAME
-from nas.train import load_checkpoint, read_log
+from nas.checkpoint import load_checkpoint
+from nas.report import read_log
 
 TRAIN = [sys.executable, "-m", "nas.train", "--steps", "30", "--ckpt-every", "3", "--batch-size", "32", "--no-progress",
          "--set", "train_subset=192", "--set", "test_subset=64", "--set", "search_holdout=64", "--set", "plot=false"]
@@ -80,14 +81,14 @@ def test_training_and_search_killed_at_random_resume_exactly(tmp_path):
 
     # Search from the trained supernet: uninterrupted, then killed three times.
     checkpoint = ["--checkpoint", str(tmp_path / "straight" / "checkpoints" / "step_00000030.pt")]
-    straight = processes.run(SEARCH + checkpoint + ["--output", "straight-search"], tmp_path, timeout=300)
+    straight = processes.run(SEARCH + checkpoint + ["--out-dir", "straight-search"], tmp_path, timeout=300)
     assert straight.returncode == 0, straight.stderr
 
     def generations_done(child) -> int:
         return max(map(int, re.findall(r"\[search\] step (\d+)/", child.stdout_path.read_text())), default=0)
 
     # Step n is printed before its state is saved: once step 2 is, step 1's state is there to resume.
-    killed_at = killed_and_resumed(SEARCH + checkpoint + ["--output", "killed-search"], tmp_path, 3,
+    killed_at = killed_and_resumed(SEARCH + checkpoint + ["--out-dir", "killed-search"], tmp_path, 3,
                                    generations_done, 12, 2, rng)
     assert len(killed_at) >= 2, killed_at
     results = {name: json.loads((tmp_path / name / "search.json").read_text())

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from nas import atomic, latency
+from nas import atomic
 from nas.cost import macs_many
+from nas.errors import CheckpointError
 from nas.latency import FEATURES, LatencyModel, latency_features, measure_archs, measure_latency
 from nas.space import load_space
 
@@ -40,7 +41,8 @@ def test_fit_recovers_a_linear_latency():
     space, rng = load_space("autoformer-t"), np.random.default_rng()
     # Seconds per unit of each feature: 1 ms fixed, 50 us per layer, 1 ns per 20 linear MACs, ...
     coef = np.array([1e-3, 5e-5, 5e-11, 2e-10, 4e-10, 2e-10])
-    model = LatencyModel.fit(synthetic_measurements(space, rng, 80, coef, noise=0.01), space, batch_size=8, device="cpu")
+    measured = synthetic_measurements(space, rng, 80, coef, noise=0.01)
+    model = LatencyModel.fit(measured, space, batch_size=8, device="cpu")
     assert all(c >= 0 for c in model.coef)
     assert model.mean_relative_error < 0.02
     held_out = synthetic_measurements(space, rng, 40, coef, noise=0.0)
@@ -110,7 +112,7 @@ def test_load_rejects_corrupt_files(tmp_path):
     }
     for message, text in cases.items():
         path.write_text(text)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(CheckpointError, match=message):
             LatencyModel.load(path)
 
 

@@ -3,6 +3,7 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -13,11 +14,13 @@ import torch
 from hostile import RunsCode, fill_disk
 
 from nas.arch import Arch
+from nas.budget import Budget, Costs
 from nas.cost import macs_many, params_many
+from nas.errors import CheckpointError, CheckpointMismatchError
 from nas.samplers import LearnedSampler
-from nas.search import (Budget, CheckpointMismatchError, Costs, Search, SearchConfig, config_from_args, search_data,
-                        write_outputs)
+from nas.search import parse_args
 from nas.searchers import SEARCHERS, InfeasibleBudgetError, build_searcher, non_dominated_fronts
+from nas.searching import Search, SearchConfig, search_data, write_outputs
 from nas.space import load_space
 
 ALGORITHMS = sorted(SEARCHERS)
@@ -108,7 +111,7 @@ def test_non_dominated_fronts_by_hand():
 def synthetic_search(tmp_path, algorithm="evolution", generations=4, budgets=("macs=35M", "params=500K"), **overrides):
     space = load_space("cifar-tiny")
     config = SearchConfig(algorithm=algorithm, budgets=list(budgets), generations=generations, population=16,
-                          parents=4, mutations=8, crossovers=8, seed=5, output=str(tmp_path), **overrides)
+                          parents=4, mutations=8, crossovers=8, seed=5, out_dir=str(tmp_path), **overrides)
     target = space.sample(np.random.default_rng(11))
     score = distance_objective(target)
     calls = []
@@ -159,7 +162,7 @@ def test_tpe_state_is_plain_data_and_a_pickled_study_never_loads(tmp_path):
 
     garbled = {**state["searchers"][0], "trials": [{"state": "DONE"}]}
     torch.save({**state, "searchers": [garbled, *state["searchers"][1:]]}, tmp_path / "garbled.pt")
-    with pytest.raises(ValueError, match="the tpe search state is malformed"):
+    with pytest.raises(CheckpointError, match="the tpe search state is malformed"):
         resumed.load_state(tmp_path / "garbled.pt")
 
 
@@ -189,11 +192,11 @@ def test_clear_errors(tmp_path):
         synthetic_search(tmp_path, budgets=("macs=1M",))
     with pytest.raises(ValueError, match="latency model"):
         synthetic_search(tmp_path, budgets=("latency=5ms",))
-    with pytest.raises(ValueError, match="algorithm 'genetic' is not one of"):
+    with pytest.raises(ValueError, match="algorithm='genetic' must be one of"):
         SearchConfig(algorithm="genetic")
     with pytest.raises(ValueError, match="population must be a positive int"):
         SearchConfig(population=0)
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ValueError, match="unknown key"):
         SearchConfig.from_dict({"populaton": 10})
     with pytest.raises(ValueError, match="unknown metric 'energy'"):
         Budget.parse("energy=5")
@@ -214,7 +217,7 @@ def test_budget_parsing():
 def test_config_from_yaml_and_flags(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("algorithm: nsga2\npopulation: 12\nbudgets: [macs=1G]\n")
-    config = config_from_args(["--config", str(path), "--population", "20", "--budget", "params=5M", "--no-progress"])
+    config, _ = parse_args(["--config", str(path), "--population", "20", "--budget", "params=5M", "--no-progress"])
     assert (config.algorithm, config.population, config.budgets, config.progress) == ("nsga2", 20, ["params=5M"], False)
 
 
@@ -222,7 +225,7 @@ def test_config_from_yaml_and_flags(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from nas.train import TrainConfig, train
+    from nas.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("train") / "run"
     return Path(train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, search_holdout=64,
@@ -231,8 +234,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def search_args(checkpoint: Path, output: Path, generations: int = 2) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--output", str(output), "--generations", str(generations), "--population",
-            "4", "--parents", "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16", "--no-progress"]
+    return ["--checkpoint", str(checkpoint), "--out-dir", str(output), "--generations", str(generations),
+            "--population", "4", "--parents", "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16",
+            "--no-progress"]
 
 
 def one_line_error(capsys) -> str:
@@ -249,11 +253,11 @@ def test_a_search_owns_its_output(tiny_checkpoint, tmp_path, capsys):
     assert main(search_args(tiny_checkpoint, out, generations=1)) == 0
     state = (out / "state.pt").read_bytes()
     assert main(search_args(tiny_checkpoint, out)) == 2
-    assert one_line_error(capsys) == (f"nas.search: error: output '{out}' already holds a search (state.pt); "
-                                      "continue it with --resume, or choose another --output\n")
+    assert one_line_error(capsys) == (f"nas.search: error: out_dir '{out}' already holds a search (state.pt); "
+                                      "continue it with --resume, or choose another --out-dir\n")
     held = OwnedDirectory(out, "output")
     assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 2
-    assert f"output '{out}' is in use by another run" in one_line_error(capsys)
+    assert f"out_dir '{out}' is in use by another run" in one_line_error(capsys)
     assert (out / "state.pt").read_bytes() == state
     held.release()
     assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 0
@@ -290,7 +294,7 @@ def write(path: Path, content) -> Path:
 @pytest.mark.parametrize("args, files, message", [
     (["--device", "tpu"], {}, "device='tpu': Expected one of .* device type at start of device string: tpu"),
     (["--seed", "-1"], {}, r"bad search config: seed must be in 0..4294967295, got -1"),
-    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: [macs=1G\n"}, r"search config '.*c.yaml' is not valid YAML: "),
+    (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: [macs=1G\n"}, r"config file '.*c.yaml' is not valid YAML: "),
     (["--config", "{dir}/c.yaml"], {"c.yaml": "budgets: 5\n"}, r"bad search config: budgets must be list\[str\], "
                                                                "got 5"),
     (["--config", "{dir}/c.yaml"], {"c.yaml": "mutation_prob: high\n"}, "bad search config: mutation_prob must be "
@@ -303,7 +307,11 @@ def write(path: Path, content) -> Path:
     ([], {"out/eval_cache.json": "{not json"}, r"evaluation cache '.*out/eval_cache.json' is corrupt \(Expecting"),
     ([], {"out/eval_cache.json": '{"k": {"top1": "high"}}'}, r"evaluation cache '.*out/eval_cache.json' is corrupt "
                                                               r"\(an evaluation result is a mapping of top1, top5"),
-    ([], {"out": "a file"}, r"output '.*out' is a file, not a directory"),
+    ([], {"out": "a file"}, r"out_dir '.*out' is a file, not a directory"),
+    # The checkpoint trained on digits and records no data_dir: another data set needs one.
+    (["--dataset", "cifar10"], {}, r"data set 'cifar10' needs a data directory \(data_dir / --data-dir\)"),
+    (["--latency-model", "{dir}/none.json"], {}, r".*none.json: cannot read the latency model: No such file"),
+    (["--algorithm", "sampler"], {}, r"--algorithm sampler needs a supernet trained with the learned sampler"),
 ])
 def test_one_line_errors(tiny_checkpoint, tmp_path, capsys, args, files, message):
     from nas.search import main
@@ -327,7 +335,7 @@ def test_unwritable_output_is_a_one_line_error(tiny_checkpoint, tmp_path, monkey
     from nas.search import main
 
     assert main(search_args(tiny_checkpoint, read_only_dir)) == 2
-    assert re.fullmatch(f"nas.search: error: cannot write to output '{read_only_dir}': "
+    assert re.fullmatch(f"nas.search: error: cannot write to out_dir '{read_only_dir}': "
                         "(Permission denied|Read-only file system|Operation not permitted)\n", one_line_error(capsys))
     fill_disk(monkeypatch, room=1000)
     assert main(search_args(tiny_checkpoint, tmp_path / "out")) == 2
@@ -338,9 +346,10 @@ def test_unwritable_output_is_a_one_line_error(tiny_checkpoint, tmp_path, monkey
 # --- search data: the training images the checkpoint held out ------------------------------------------
 
 def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
+    from nas.checkpoint import load_checkpoint
     from nas.data import load_digits
     from nas.search import main
-    from nas.train import TrainConfig, load_checkpoint, train
+    from nas.trainer import TrainConfig, train
 
     trained = train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, search_holdout=100,
                                 out_dir=str(tmp_path / "train"), ckpt_every=0, progress=False, plot=False))
@@ -371,14 +380,13 @@ def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
     with pytest.warns(UserWarning, match="records no held-out split"):
         searched({k: v for k, v in state.items() if k != "search_split"})
 
-    args = ["--checkpoint", trained.checkpoint, "--holdout-images", "101", "--output", str(tmp_path / "s"), "--no-progress"]
+    args = ["--checkpoint", trained.checkpoint, "--holdout-images", "101", "--out-dir", str(tmp_path / "s"),
+            "--no-progress"]
     assert main(args) == 2
     assert "held only 100 digits training images out of training" in capsys.readouterr().err
 
 
 # --- end to end on CIFAR-10 with a supernet trained by nas.train ---------------------------------------
-
-import os
 
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
 
@@ -388,7 +396,7 @@ def test_end_to_end_on_cifar(tmp_path, capsys):
     if not os.path.exists(os.path.join(CIFAR_DIR, "test_batch")):
         pytest.skip(f"CIFAR-10 is not at {os.path.abspath(CIFAR_DIR)} (expected ../shared/data next to the repo)")
     from nas.search import main
-    from nas.train import TrainConfig, train
+    from nas.trainer import TrainConfig, train
 
     trained = train(TrainConfig(space="cifar-tiny", dataset="cifar10", data_dir=CIFAR_DIR, max_steps=2, batch_size=16,
                                 train_subset=128, test_subset=32, warmup_steps=1, out_dir=str(tmp_path / "train"),
@@ -396,7 +404,7 @@ def test_end_to_end_on_cifar(tmp_path, capsys):
     out = tmp_path / "search"
     args = ["--checkpoint", trained.checkpoint, "--budget", "macs=30M", "--generations", "2", "--population", "4",
             "--parents", "2", "--mutations", "2", "--crossovers", "2", "--holdout-images", "48", "--test-images", "32",
-            "--batch-size", "48", "--output", str(out), "--export", "--no-progress"]
+            "--batch-size", "48", "--out-dir", str(out), "--export", "--no-progress"]
     assert main(args) == 0
     summary = json.loads((out / "search.json").read_text())
     assert len(summary["candidates"]) == 8 and summary["steps"] == 2
@@ -408,9 +416,9 @@ def test_end_to_end_on_cifar(tmp_path, capsys):
     assert resumed["steps"] == 3 and resumed["candidates"][:8] == summary["candidates"]
 
     capsys.readouterr()
-    assert main(args[:2] + ["--space", "digits-tiny", "--output", str(tmp_path / "x")]) == 2
+    assert main(args[:2] + ["--space", "digits-tiny", "--out-dir", str(tmp_path / "x")]) == 2
     assert "not of the requested space 'digits-tiny'" in capsys.readouterr().err
-    assert main(args[:2] + ["--budget", "params=1K", "--output", str(tmp_path / "y")]) == 2
+    assert main(args[:2] + ["--budget", "params=1K", "--out-dir", str(tmp_path / "y")]) == 2
     assert "no arch of space 'cifar-tiny' can meet it" in capsys.readouterr().err
     assert main(args[:2] + ["--population", "0"]) == 2
     assert "population must be a positive int" in capsys.readouterr().err

@@ -95,6 +95,14 @@ def test_private_class_tokens_per_patch_size():
     torch.testing.assert_close(model(x, arch4), before, atol=0, rtol=0)
 
 
+def test_private_class_tokens_need_several_patch_sizes():
+    """With one patch size there is nothing to keep apart: an error, not a flag that silently does nothing."""
+    with pytest.raises(ValueError, match="private_class_tokens .* the only patch size is 4"):
+        dataclasses.replace(TINY, private_class_tokens=True)
+    with pytest.raises(ValueError, match="private_class_tokens .* one patch size, 4"):
+        dataclasses.replace(SupernetConfig.from_space(TINY), private_class_tokens=True)
+
+
 def test_shared_patch_embedding_with_several_patch_sizes_uses_leading_kernel_block():
     space = dataclasses.replace(TINY, patch_sizes=[2, 4])
     model = build(space)
@@ -301,7 +309,8 @@ class TimmStyleViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         batch, tokens, dim = x.shape
         for blk in self.blocks:
-            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+            qkv = blk.attn.qkv(blk.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
             x = x + blk.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
             x = x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
         return self.head(self.norm(x)[:, 0])
@@ -347,7 +356,8 @@ def test_timm_state_dict_into_a_supernet_with_relative_position():
 
 def test_timm_state_dict_that_does_not_fit_raises_clear_errors():
     state = TimmStyleViT(dim=24, heads=1, hidden=48).state_dict()
-    with pytest.raises(ValueError, match=r"shape mismatch: .*blocks.0.attn.qkv.weight: timm \(72, 24\) vs supernet \(96, 32\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch: .*blocks.0.attn.qkv.weight: timm \(72, 24\) vs "
+                                         r"supernet \(96, 32\)"):
         from_timm_state_dict(state, TINY)
     state = TimmStyleViT().state_dict()
     state["fc_norm.weight"] = torch.ones(32)

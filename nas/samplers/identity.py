@@ -1,0 +1,114 @@
+"""ViTAS's identity probability (Su et al. 2021) and SuperSAM's layer-drop probabilities, in spaces with identity
+layers."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import cost
+from ..arch import Arch, ArchBatch
+from ..space import SearchSpace
+from .base import ArchSampler
+
+
+class IdentitySampler(ArchSampler):
+    """ViTAS identity probability and SuperSAM layer-drop probabilities (spaces with ``identity_layers``).
+
+    Layer ``i`` is an identity with probability ``min(1, scale * profile[i])``; widths are drawn uniformly
+    per layer. ``profile`` is ``"uniform"`` (ViTAS: one identity probability for every layer), ``"linear"``
+    (SuperSAM: drop probability growing with depth, ``(i + 1) / L``) or a list of per-layer weights. Where
+    fewer layers stay on than the space's smallest depth allows, the dropped layers whose draws came
+    closest to their threshold come back on. Before training, ``scale`` is found by bisection so that the
+    mean MACs of sampled subnets lie in ``macs_range`` (default: the middle third between the smallest and
+    the largest subnet); the estimate uses ``samples`` draws with common random numbers, so that it falls
+    monotonically as ``scale`` grows.
+    """
+
+    name = "identity"
+
+    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1,
+                 profile: str | Sequence[float] = "uniform", macs_range: Sequence[float] | None = None,
+                 samples: int = 1024):
+        super().__init__(space, seed=seed, total_steps=total_steps)
+        if not space.identity_layers:
+            raise ValueError(f"identity sampler: space {space.name!r} has identity_layers=False (only the first "
+                             "`depth` layers may be on); use a ViTAS-style space")
+        layers = space.max_depth
+        if isinstance(profile, str):
+            if profile not in ("uniform", "linear"):
+                raise ValueError(f"identity sampler: profile must be 'uniform', 'linear' or a list, got {profile!r}")
+            weights = np.ones(layers) if profile == "uniform" else np.arange(1, layers + 1) / layers
+        else:
+            weights = np.asarray(profile, dtype=np.float64)
+            if weights.shape != (layers,) or (weights < 0).any() or not (weights > 0).any():
+                raise ValueError(f"identity sampler: profile must list {layers} non-negative weights, not all zero")
+        self.profile = weights
+        low, high = cost.macs_range(space)
+        if macs_range is None:
+            macs_range = (low + (high - low) / 3, low + 2 * (high - low) / 3)
+        self.macs_range = (float(macs_range[0]), float(macs_range[1]))
+        self.scale = self.search_scale(np.random.default_rng([seed, 1]), samples)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Per-layer identity probability."""
+        return np.minimum(1.0, self.scale * self.profile)
+
+    def draw_batch(self, rng: np.random.Generator, count: int) -> tuple[ArchBatch, np.ndarray]:
+        """``count`` archs with uniform widths in every layer and all layers on, and their uniform draws
+        ``[count, L]``."""
+        s, layers = self.space, self.space.max_depth
+        widths = ArchBatch(
+            embed_dim=np.asarray(s.embed_dims)[rng.integers(len(s.embed_dims), size=count)],
+            num_heads=np.asarray(s.num_heads)[rng.integers(len(s.num_heads), size=(count, layers))],
+            mlp_ratio=np.asarray(s.mlp_ratios)[rng.integers(len(s.mlp_ratios), size=(count, layers))],
+            layer_on=np.ones((count, layers), dtype=bool),
+            patch_size=(np.asarray(s.patch_sizes)[rng.integers(len(s.patch_sizes), size=count)]
+                        if len(s.patch_sizes) > 1 else np.zeros(count, dtype=np.int64)),
+        )
+        return widths, rng.random((count, layers))
+
+    def with_layers(self, widths: ArchBatch, uniforms: np.ndarray, probabilities: np.ndarray) -> ArchBatch:
+        """``widths`` with layer i off where its uniform draw is below its identity probability, then the
+        fewest dropped layers (those closest to their threshold) back on to reach a depth of the space."""
+        margin = uniforms - probabilities  # < 0: dropped
+        on = margin >= 0
+        depths = np.asarray(self.space.depths)
+        target = depths[np.searchsorted(depths, on.sum(axis=1))]
+        rank = (-np.where(on, np.inf, margin)).argsort(axis=1).argsort(axis=1)  # kept first, then closest drops
+        return dataclasses.replace(widths, layer_on=rank < target[:, None])
+
+    def search_scale(self, rng: np.random.Generator, samples: int) -> float:
+        widths, uniforms = self.draw_batch(rng, samples)
+        low, high = self.macs_range
+
+        def mean_macs(scale: float) -> float:
+            probabilities = np.minimum(1.0, scale * self.profile)
+            return float(cost.macs_many(self.with_layers(widths, uniforms, probabilities), self.space).mean())
+
+        lo, hi = 0.0, 1.0 / self.profile.max()
+        reachable = (mean_macs(hi), mean_macs(lo))
+        if reachable[0] > high or reachable[1] < low:
+            raise ValueError(f"identity sampler: the mean MACs of sampled subnets range over [{reachable[0]:.4g}, "
+                             f"{reachable[1]:.4g}], which misses macs_range [{low:.4g}, {high:.4g}]")
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            mean = mean_macs(mid)
+            if low <= mean <= high:
+                return mid
+            lo, hi = (mid, hi) if mean > high else (lo, mid)
+        raise ValueError(f"identity sampler: no identity probability puts the mean MACs in [{low:.4g}, {high:.4g}]")
+
+    def draw(self) -> list[Arch]:
+        widths, uniforms = self.draw_batch(self.rng, 1)
+        return [self.space.canonical(self.with_layers(widths, uniforms, self.probabilities).arch(0))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "scale": float(self.scale)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scale = float(state["scale"])

@@ -1,0 +1,409 @@
+"""Architecture search under FLOPs, params and latency budgets: the config of a search (:class:`SearchConfig`), the
+search loop (:class:`Search`), and a whole search from a supernet checkpoint (:func:`run_search`).
+
+A search algorithm (``nas.searchers``: evolution, nsga2, random, sampler, rl, tpe) proposes candidates step by step;
+each step's new candidates of every budget are evaluated together, K subnets per pass over the data
+(``nas.evaluate``). Several budgets in one run share every evaluated candidate. The state is saved atomically after
+every step and a resumed search continues exactly; a candidate is never evaluated twice.
+
+Outputs in ``out_dir``: ``search.json`` (every evaluated arch with its metrics, the Pareto front, the best arch per
+budget and its test-split metrics), ``pareto.png``, ``state.pt`` and, with ``export``, one standalone subnet per
+budget (``best-<budget>.pt``, ``nas.export`` format).
+
+Search data is, by default, the training images the checkpoint's supernet never trained on (as AutoFormer searches
+on its subImageNet): training holds out a split (``nas.data.SearchSplit``) and records it in the checkpoint;
+``holdout_images`` takes its first N. The test split is reported separately for the best archs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import data as data_lib
+from .arch import Arch
+from .atomic import atomic_torch_save, atomic_write_text
+from .budget import METRICS, Budget, Costs, format_count
+from .checkpoint import load_supernet
+from .config import Config, changes_on_resume, setting
+from .device import resolve_device
+from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
+from .evaluate import EvalCache, TensorBatches, evaluate_archs
+from .export import extract_subnet, save_subnet
+from .latency import LatencyModel
+from .report import plot_front
+from .rundir import OwnedDirectory
+from .samplers import build_sampler
+from .searchers import SEARCHERS, build_searcher
+from .space import SearchSpace
+
+STATE_VERSION = 1
+STATE_FILE = "state.pt"  # in the output directory
+
+
+@dataclass
+class SearchConfig(Config):
+    """Every setting of a search; YAML keys, ``--set`` keys and flags have these names."""
+
+    NAME = "search"
+
+    checkpoint: str | None = setting(None, "supernet checkpoint written by python -m nas.train", resumable=True)
+    space: str | None = setting(None, "the space the checkpoint's supernet must be of (null: whichever it is)")
+    algorithm: str = setting("evolution", "search algorithm (nas.searchers)", choices=tuple(SEARCHERS))
+    budgets: list[str] = setting([], "METRIC=LIMIT or METRIC=LOW:HIGH (macs, flops, params, latency in ms); repeat "
+                                     "for several", flag="--budget")
+    generations: int = setting(20, "search steps", resumable=True)
+    population: int = setting(50, "candidates per step and budget")
+    parents: int = setting(10, "evolution: the best archs seen that breed")
+    mutations: int = setting(25, "evolution: mutants per step")
+    crossovers: int = setting(25, "evolution: crossover children per step")
+    mutation_prob: float = setting(0.2, "evolution, nsga2: probability of redrawing a layer's choice")
+    depth_embed_prob: float = setting(0.4, "evolution, nsga2: probability of redrawing the depth and embed dim")
+    crossover_prob: float = setting(0.9, "nsga2: probability of a crossover")
+    rl_lr: float = setting(0.5, "rl: learning rate of the controller")
+    tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
+    seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
+    dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
+    data_dir: str | None = setting(None, "data directory (null: the checkpoint's)")
+    search_on: str = setting("holdout", "rank archs on the held-out training images or on the test split",
+                             choices=("holdout", "test"))
+    holdout_images: int = setting(0, "search on the first this many held-out images (0: all the checkpoint held "
+                                     "out)")
+    test_images: int = setting(0, "test images to report the best archs on (0: all)")
+    batch_size: int = setting(256, "images per evaluation batch", resumable=True)
+    subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
+                                    resumable=True)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)
+    latency_model: str | None = setting(None, "latency model (JSON written by nas.latency) for latency budgets")
+    out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
+    export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
+    progress: bool = setting(True, "print progress", resumable=True)
+
+    def problems(self) -> list[str]:
+        problems = []
+        for name in ("generations", "population", "parents", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass",
+                     "tpe_startup_trials"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name in ("mutation_prob", "depth_embed_prob", "crossover_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        # Searcher i is seeded with seed + 1000 i; TPE's numpy RandomState takes seeds below 2**32.
+        seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
+        if not 0 <= self.seed <= seed_limit:
+            problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
+        for text in self.budgets:
+            try:
+                Budget.parse(text)
+            except UserError as error:
+                problems.append(str(error))
+        return problems
+
+    @property
+    def parsed_budgets(self) -> list[Budget]:
+        return [Budget.parse(text) for text in self.budgets]
+
+
+# --- the search loop ----------------------------------------------------------------------------------
+
+Evaluate = Callable[[list[Arch]], list[dict[str, float]]]
+
+
+@dataclass
+class Candidate:
+    arch: Arch
+    metrics: dict[str, float]
+    step: int
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch.to_dict(), "step": self.step, **self.metrics}
+
+
+class Search:
+    """The search loop, independent of where scores come from: ``evaluate(archs) -> [{"top1": ...}, ...]``.
+
+    One searcher per budget (one for all budgets with ``nsga2``, which searches the whole front); every
+    step, the new candidates of all of them are evaluated in one call. ``score`` (default top-1) is what
+    the searchers maximise.
+    """
+
+    def __init__(self, config: SearchConfig, space: SearchSpace, evaluate: Evaluate, costs: Costs, *,
+                 sampler=None, score: str = "top1", data_key: str = "", log: Callable[[str], None] = print):
+        self.config, self.space, self.evaluate, self.costs = config, space, evaluate, costs
+        self.data_key = data_key
+        self.score, self.log = score, log
+        self.budgets = config.parsed_budgets
+        costs.check_reachable(self.budgets)
+        self.evaluated: dict[Arch, Candidate] = {}
+        self.step = 0
+        self.searchers = self._build_searchers(sampler)
+
+    def _build_searchers(self, sampler):
+        c = self.config
+        options = {
+            "evolution": dict(parents=c.parents, mutations=c.mutations, crossovers=c.crossovers,
+                              mutation_prob=c.mutation_prob, depth_embed_prob=c.depth_embed_prob),
+            "nsga2": dict(crossover_prob=c.crossover_prob, mutation_prob=c.mutation_prob,
+                          depth_embed_prob=c.depth_embed_prob),
+            "rl": dict(lr=c.rl_lr),
+            "tpe": dict(startup_trials=c.tpe_startup_trials),
+            "random": {},
+        }
+        options["sampler"] = dict(options["evolution"], sampler=sampler)
+        if c.algorithm == "nsga2" or not self.budgets:
+            metric = self.budgets[0].metric if self.budgets else "macs"
+            return [build_searcher(c.algorithm, self.space, self.costs.feasible(self.budgets), seed=c.seed,
+                                   cost=self.costs.metric(metric), **options[c.algorithm])]
+        searchers = []
+        for i, budget in enumerate(self.budgets):
+            extra = {"budget": budget} if c.algorithm == "sampler" else {}
+            searchers.append(build_searcher(c.algorithm, self.space, self.costs.feasible([budget]),
+                                            seed=c.seed + 1000 * i, cost=self.costs.metric(budget.metric),
+                                            **options[c.algorithm], **extra))
+        return searchers
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self, state_path: str | os.PathLike | None = None) -> dict:
+        while self.step < self.config.generations:
+            self.run_step()
+            if state_path is not None:
+                self.save_state(state_path)
+        return self.summary()
+
+    def run_step(self) -> None:
+        start = time.perf_counter()
+        proposals = [searcher.propose(self.config.population) for searcher in self.searchers]
+        new = [a for a in dict.fromkeys(a for archs in proposals for a in archs) if a not in self.evaluated]
+        if new:
+            results = self.evaluate(new)
+            for arch, metrics in zip(new, results, strict=True):
+                self.evaluated[arch] = Candidate(arch, {**metrics, **self.costs.of(arch)}, self.step)
+        for searcher, archs in zip(self.searchers, proposals):
+            searcher.observe(archs, [self.evaluated[a].metrics[self.score] for a in archs])
+        self.step += 1
+        best = "; ".join(f"{label}: {c.metrics[self.score]:.2f}" if c else f"{label}: -"
+                         for label, c in self.best_per_budget().items())
+        self.log(f"[search] step {self.step}/{self.config.generations}: {len(new)} new, {len(self.evaluated)} "
+                 f"evaluated, {time.perf_counter() - start:.1f}s; best {self.score} per budget: {best}")
+
+    # -- results ---------------------------------------------------------------------------------------
+    def best_per_budget(self) -> dict[str, Candidate | None]:
+        groups = {b.label: [b] for b in self.budgets} or {"unconstrained": []}
+        best = {}
+        for label, budget in groups.items():
+            inside = [c for c in self.evaluated.values() if all(b.ok(np.array(c.metrics[b.metric])) for b in budget)]
+            best[label] = max(inside, key=lambda c: (c.metrics[self.score], -c.metrics.get("loss", 0.0)), default=None)
+        return best
+
+    def pareto_front(self, metric: str) -> list[Candidate]:
+        """Evaluated candidates that no other beats on both the score and ``metric``, cheapest first."""
+        ranked = sorted(self.evaluated.values(), key=lambda c: (c.metrics[metric], -c.metrics[self.score]))
+        front, best = [], -math.inf
+        for candidate in ranked:
+            if candidate.metrics[self.score] > best:
+                front.append(candidate)
+                best = candidate.metrics[self.score]
+        return front
+
+    def summary(self) -> dict:
+        metrics = [m for m in METRICS if m in next(iter(self.evaluated.values())).metrics] if self.evaluated else []
+        return {
+            "space": self.space.name,
+            "algorithm": self.config.algorithm,
+            "budgets": [b.label for b in self.budgets],
+            "score": self.score,
+            "steps": self.step,
+            "candidates": [c.to_dict() for c in self.evaluated.values()],
+            "pareto_front": {m: [c.to_dict() for c in self.pareto_front(m)] for m in metrics},
+            "best": {label: c.to_dict() if c else None for label, c in self.best_per_budget().items()},
+        }
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "data_key": self.data_key,
+            "step": self.step,
+            "evaluated": [(c.arch.to_dict(), c.metrics, c.step) for c in self.evaluated.values()],
+            "searchers": [s.state_dict() for s in self.searchers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"search state version {state.get('version')!r}, expected {STATE_VERSION}")
+        changed = changes_on_resume(state["config"], self.config)
+        if changed:
+            raise CheckpointMismatchError("cannot resume: the search state was written with a different config: "
+                                          + ", ".join(changed))
+        if state["data_key"] != self.data_key:
+            raise CheckpointMismatchError(f"cannot resume: the saved search evaluated on other data or another "
+                                          f"checkpoint (saved {state['data_key']!r}, now {self.data_key!r})")
+        self.step = int(state["step"])
+        self.evaluated = {}
+        for arch, metrics, step in state["evaluated"]:
+            arch = Arch.from_dict(arch)
+            self.evaluated[arch] = Candidate(arch, dict(metrics), int(step))
+        for searcher, saved in zip(self.searchers, state["searchers"], strict=True):
+            searcher.load_state_dict(saved)
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        state = read_state(path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"search state {os.fspath(path)!r} is malformed: {error!r}") from error
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """A saved search state (``torch.load(..., weights_only=True)``), not yet checked beyond being a mapping."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(f"search state {os.fspath(path)!r} is corrupt or not a nas.search state: "
+                              f"{first_line(error)}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"search state {os.fspath(path)!r} holds a {type(state).__name__}, "
+                              "not a nas.search state")
+    return state
+
+
+def write_outputs(search: Search, out_dir: str, extra: dict | None = None) -> dict:
+    summary = {**search.summary(), **(extra or {})}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, "search.json"), json.dumps(summary, indent=1))
+    if search.evaluated:
+        plot_front(summary, os.path.join(out_dir, "pareto.png"), search.budgets)
+    return summary
+
+
+# --- a whole search from a checkpoint ----------------------------------------------------------------------
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, device: torch.device | str):
+    """``(search batches, test batches, description)``: the training images that the supernet's training held out
+    (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the test split with
+    ``search_on="test"``, and the test split."""
+    trained = checkpoint["config"]
+    dataset = config.dataset or trained["dataset"]
+    root = config.data_dir or trained.get("data_dir")
+    kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
+    test = data_lib.load_dataset(dataset, root, "test", **kwargs)
+    data_lib.check_matches(test, space.img_size, space.in_chans, space.num_classes, f"{dataset} test")
+    test = data_lib.fixed_subset(test, config.test_images or None)
+    if config.search_on == "test":
+        search = test
+        described = f"{dataset} test split ({len(test)} images)"
+    else:
+        train = data_lib.load_dataset(dataset, root, "train", **kwargs)
+        source = f"checkpoint {config.checkpoint!r}"
+        recorded = checkpoint.get("search_split")
+        split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
+        indices = data_lib.images_to_search(split, dataset, len(train), config.holdout_images, source)
+        search = data_lib.subset(train, indices)
+        never_trained_on = split is not None and split.images > 0
+        described = f"{len(indices)} held-out {dataset} training images" + (
+            "" if never_trained_on else " (which the supernet trained on)")
+    batches = [TensorBatches.from_dataset(d, config.batch_size, device) for d in (search, test)]
+    return batches[0], batches[1], described
+
+
+def run_search(config: SearchConfig, resume: bool = False) -> dict:
+    """A whole search as ``python -m nas.search`` runs it; returns the summary written to ``search.json``.
+    The search owns its output directory meanwhile (``nas.rundir``): a second one there gets a clear error."""
+    if config.checkpoint is None:
+        raise ConfigError("a search needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
+    output = OwnedDirectory(config.out_dir, "out_dir")
+    try:
+        if not resume and os.path.exists(os.path.join(config.out_dir, STATE_FILE)):
+            raise OutputError(f"out_dir {config.out_dir!r} already holds a search ({STATE_FILE}); continue it with "
+                              "--resume, or choose another --out-dir")
+        return _run(config, resume)
+    finally:
+        output.release()
+
+
+def _run(config: SearchConfig, resume: bool) -> dict:
+    device = resolve_device(config.device)
+    supernet, space, state = load_supernet(config.checkpoint, device, config.space)
+    latency_model = None
+    if config.latency_model:
+        latency_model = LatencyModel.load(config.latency_model)
+        if latency_model.space != space:
+            raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for space "
+                                          f"{latency_model.space.name!r}, the supernet is of {space.name!r}")
+    costs = Costs(space, latency_model)
+    costs.check_reachable(config.parsed_budgets)  # before any data is read
+    sampler = None
+    if config.algorithm == "sampler":
+        trained = state["config"]
+        if trained["sampler"] != "learned":
+            raise ConfigError(f"--algorithm sampler needs a supernet trained with the learned sampler; "
+                              f"{config.checkpoint!r} was trained with {trained['sampler']!r}")
+        # A checkpoint from before the sampler served several budget kinds served MAC budgets only.
+        options = {"budget_kinds": state["sampler"].get("budget_kinds", ["macs"]), **trained["sampler_options"]}
+        try:
+            sampler = build_sampler("learned", space, seed=trained["seed"], **options)
+            sampler.load_state_dict(state["sampler"])
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise CheckpointMismatchError(f"the learned sampler of checkpoint {config.checkpoint!r} cannot be "
+                                          f"restored: {first_line(error)}") from error
+    search_batches, test_batches, described = search_data(config, state, space, device)
+    data_key = f"ckpt={file_digest(config.checkpoint)}|{search_batches.fingerprint}"
+    cache = EvalCache(os.path.join(config.out_dir, "eval_cache.json"))
+    log = print if config.progress else (lambda _: None)
+
+    def evaluate(archs: list[Arch]) -> list[dict[str, float]]:
+        results = evaluate_archs(supernet, archs, search_batches, subnets=config.subnets_per_pass or None,
+                                 cache=cache, data_key=data_key, progress=config.progress)
+        cache.save()
+        return [r.to_dict() for r in results]
+
+    search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
+    state_path = os.path.join(config.out_dir, STATE_FILE)
+    if resume:
+        if not os.path.exists(state_path):
+            raise CheckpointError(f"--resume: no saved search at {state_path!r}")
+        search.load_state(state_path)
+        log(f"[search] resumed at step {search.step} with {len(search.evaluated)} evaluated candidates")
+    log(f"[search] {config.algorithm} on space {space.name!r}, budgets {[b.label for b in search.budgets] or 'none'}; "
+        f"searching on {described}")
+    search.run(state_path)
+    best = {label: c for label, c in search.best_per_budget().items() if c is not None}
+    test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False)
+    extra = {"search_data": described, "test_data": f"{len(test_batches.images)} test images",
+             "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
+    if config.export:
+        exported = {}
+        for label, candidate in best.items():
+            path = os.path.join(config.out_dir, "best-" + re.sub(r"[^\w.=-]+", "_", label) + ".pt")
+            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch)
+            exported[label] = path
+        extra["exported"] = exported
+    summary = write_outputs(search, config.out_dir, extra)
+    for label, candidate in best.items():
+        print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test top-1 "
+              f"{extra['test'][label]['top1']:.2f}, {format_count(candidate.metrics['macs'])} MACs, "
+              f"{format_count(candidate.metrics['params'])} params: {candidate.arch.to_json()}")
+    return summary

@@ -1,0 +1,529 @@
+"""Supernet training: the config of a run (:class:`TrainConfig`), the :class:`Trainer`, and :func:`train`.
+
+One step: the sampler (``nas.samplers``) picks the archs, each runs forward and backward on the step's batch
+(gradients summed; with the sandwich rule the smaller subnets learn from the largest's outputs), then AdamW with
+warmup + cosine (``nas.optim``), label smoothing, drop-path, gradient clipping, mixed precision on GPU and an
+optional EMA of the weights. Several processes (torchrun) all-reduce the gradients by hand (``nas.distributed``).
+
+Held-out search split: ``search_holdout`` training images (by default 10,000, at most a fifth of the training set)
+never enter a training batch (``nas.data.SearchSplit``); checkpoints record the split and ``nas.search`` ranks
+archs on exactly those images. Samplers that measure accuracy measure it on the first ``measure_images`` of the
+same split; ``train_subset`` picks from the images left for training.
+
+Checkpoints (``nas.checkpoint``) hold the model, optimizer, scheduler, scaler, EMA, sampler, the RNG states of
+every rank and the step; they are written atomically every ``ckpt_every`` steps and never hold NaN or infinite
+values (a diverging run stops and names its last good checkpoint). Resuming continues exactly: data order and
+augmentation are functions of ``(seed, step, rank)`` and everything else random is restored, so a resumed run logs
+the same losses as an uninterrupted one.
+
+The out_dir belongs to one run (``nas.rundir``): the run locks it while it lives, a new run refuses an out_dir that
+holds files, and resuming continues the run there. ``log.jsonl`` (``nas.report``) is only ever appended to.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+import elastic_ops
+
+from . import data as data_lib
+from .arch import Arch
+from .atomic import atomic_write_text
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    all_finite,
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    non_finite_entries,
+    resume_checkpoint,
+    save_checkpoint,
+    some,
+)
+from .config import Config, changes_on_resume, setting
+from .device import resolve_device
+from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from .optim import parameter_groups, warmup_cosine
+from .report import JsonLog, plot_curves, progress_bar, read_log
+from .rundir import OwnedDirectory
+from .samplers import SAMPLERS, ArchSampler, build_sampler
+from .space import SearchSpace, load_space
+from .supernet import SupernetConfig, VisionTransformerSupernet
+
+
+@dataclass
+class TrainConfig(Config):
+    """Everything that defines a training run; YAML keys, ``--set`` keys and flags have these names."""
+
+    NAME = "training"
+
+    space: str = setting("digits-tiny", "search space: a preset name (nas/spaces) or a SearchSpace YAML file")
+    dataset: str = setting("digits", "data set", choices=data_lib.DATASETS)
+    data_dir: str | None = setting(None, "data directory (every data set but digits needs one)")
+    train_subset: int | None = setting(None, "train on this many images: a fixed random subset of those not held "
+                                             "out for search")
+    test_subset: int | None = setting(None, "evaluate on this many test images")
+    search_holdout: int | None = setting(None, "training images kept out of training for nas.search (null: "
+                                               "min(10000, a fifth of the training set); 0: none)")
+    measure_images: int = setting(256, "samplers that measure accuracy use the first this many (at most all) of the "
+                                       "held-out search images")
+    sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
+    sampler_options: dict = setting({}, "keyword arguments of the sampler (sampler_options.NAME=VALUE sets one)")
+    epochs: int = setting(80, "epochs to train (unless max_steps is set)")
+    max_steps: int | None = setting(None, "steps to train; overrides epochs", flag="--steps")
+    batch_size: int = setting(64, "images per step and process")
+    lr: float = setting(3e-3, "peak learning rate (not scaled: set it for your total batch)")
+    min_lr: float = setting(1e-5, "learning rate at the end of the cosine")
+    warmup_steps: int = setting(50, "steps of linear warmup")
+    weight_decay: float = setting(0.05, "AdamW weight decay (none on biases, norms and tokens)")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
+    drop_path: float = setting(0.0, "drop-path rate of the last layer (rising linearly over the layers)")
+    clip_grad: float | None = setting(5.0, "maximum global gradient norm (null: no clipping)")
+    augment: bool = setting(True, "random crop with padding (+ horizontal flip for natural images)")
+    amp: bool = setting(True, "autocast on CUDA (ignored on the CPU)")
+    amp_dtype: str = setting("bfloat16", "autocast dtype (float16 adds a GradScaler)", choices=("bfloat16", "float16"))
+    ema_decay: float | None = setting(None, "evaluate an exponential moving average of the weights with this "
+                                            "decay, e.g. 0.999")
+    eval_archs: list = setting([], "extra archs (Arch.to_dict() mappings) to evaluate at the end", flag=False)
+    seed: int = setting(0, "seed of every random choice of the run")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    backend: str = setting("auto", "elastic_ops backend (auto: chosen per call, DESIGN.md section 4)",
+                           choices=("auto",) + elastic_ops.BACKENDS)
+    cpu_threads: int | None = setting(1, "torch threads on a CPU device (null: torch's default); at these sizes "
+                                         "more threads cost more than they give", resumable=True)
+    out_dir: str = setting("runs/supernet", "output directory of the run: log, checkpoints, plots",
+                           resumable=True)
+    log_every: int = setting(10, "steps between throughput measurements in the log", resumable=True)
+    ckpt_every: int = setting(500, "steps between checkpoints (0: only at the end)", resumable=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept", resumable=True)
+    eval_every: int = setting(0, "steps between test evaluations (0: only at the end)", resumable=True)
+    eval_batch_size: int = setting(256, "images per evaluation batch", resumable=True)
+    num_workers: int = setting(0, "data loader worker processes", resumable=True)
+    progress: bool = setting(True, "show a progress bar", resumable=True)
+    plot: bool = setting(True, "write curves.png at the end", resumable=True)
+
+    def problems(self) -> list[str]:
+        positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images"]
+        non_negative = ["warmup_steps", "ckpt_every", "eval_every", "num_workers"]
+        problems = [f"{n}={getattr(self, n)} must be >= 1" for n in positive if getattr(self, n) < 1]
+        problems += [f"{n}={getattr(self, n)} must be >= 0" for n in non_negative if getattr(self, n) < 0]
+        for name in ("max_steps", "train_subset", "test_subset", "cpu_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1 or null")
+        if not 0 <= self.seed < 2**32:  # the range every generator seeded from it takes (numpy's RandomState's)
+            problems.append(f"seed={self.seed} must be in 0..{2**32 - 1}")
+        if self.search_holdout is not None and self.search_holdout < 0:
+            problems.append(f"search_holdout={self.search_holdout} must be >= 0 or null")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
+            problems.append("label_smoothing and drop_path must be in [0, 1)")
+        if self.weight_decay < 0 or (self.clip_grad is not None and self.clip_grad <= 0):
+            problems.append("weight_decay must be >= 0 and clip_grad > 0 or null")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            problems.append(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
+        if not all(isinstance(a, dict) for a in self.eval_archs):
+            problems.append("eval_archs must be a list of arch mappings (Arch.to_dict())")
+        return problems
+
+
+# -- pieces of a step ------------------------------------------------------------------------------------------
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """In-place distillation: cross-entropy against the teacher's (detached) probabilities."""
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Augmentation randomness of one step on one rank: a pure function of its indices."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+@dataclass
+class Data:
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    measure: tuple[Tensor, Tensor] | None   # held-out uint8 images and labels for measure(), the same on every rank
+    search_split: data_lib.SearchSplit      # the held-out split, which checkpoints record for nas.search
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
+    """Training images less the held-out search split (then ``train_subset`` of them), the test split, and
+    for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images."""
+    kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
+    train = data_lib.load_dataset(config.dataset, config.data_dir, "train", **kwargs)
+    test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
+    for split, dataset in (("train", train), ("test", test)):
+        data_lib.check_matches(dataset, space.img_size, space.in_chans, space.num_classes, f"{config.dataset} {split}")
+    search_split = data_lib.SearchSplit.hold_out(config.dataset, len(train), config.search_holdout)
+    held_out, kept = search_split.indices()
+    measure = None
+    if measures:
+        if search_split.images == 0:
+            raise ConfigError(f"sampler {config.sampler!r} measures accuracy on the held-out search images, but "
+                              f"search_holdout=0 holds none out; set search_holdout >= 1")
+        measure = train.__getitems__(held_out[:config.measure_images].tolist())
+    mean, std = train.mean, train.std
+    train = data_lib.fixed_subset(data_lib.subset(train, kept), config.train_subset)
+    return Data(train, data_lib.fixed_subset(test, config.test_subset), measure, search_split, mean, std)
+
+
+@torch.no_grad()
+def accuracy(model: VisionTransformerSupernet, arch: Arch, batches, data: Data, device: torch.device,
+             ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
+    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    model.set_arch(arch)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        images = data_lib.normalize(images.to(device, non_blocking=True), data.mean, data.std)
+        with autocast():
+            logits = model(images)
+        counts[0] += (logits.argmax(dim=-1) == labels.to(device)).sum()
+        counts[1] += labels.numel()
+    if ranks.enabled:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    steps: int
+    smallest: float          # test accuracy (0..1) of the smallest subnet
+    largest: float           # test accuracy of the largest subnet
+    eval_archs: list[float]  # test accuracy of config.eval_archs
+    seconds: float
+    checkpoint: str | None
+    search_holdout: int      # training images held out for nas.search (never trained on)
+
+
+class Trainer:
+    """State of one run; :meth:`fit` trains to the end. Build with :func:`train` unless stepping by hand."""
+
+    def __init__(self, config: TrainConfig, resume: str | bool = False):
+        self.config = c = config
+        self.started = time.perf_counter()
+        self.device = resolve_device(c.device)
+        self.ranks = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.ranks.local_rank)  # one GPU per rank unless a device is named
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif c.cpu_threads is not None:
+            torch.set_num_threads(c.cpu_threads)
+        self.backend = None if c.backend == "auto" else c.backend  # None: elastic_ops' choice per call
+        try:
+            self.space = load_space(c.space)
+        except ValueError as err:
+            raise ConfigError(f"space={c.space!r}: {err}") from err
+        self.eval_archs = []
+        for i, values in enumerate(c.eval_archs):
+            try:
+                arch = Arch.from_dict(values)
+                self.space.validate(arch)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"eval_archs[{i}] is not an arch of space {self.space.name!r}: {err}") from err
+            self.eval_archs.append(arch)
+        sampler_cls = SAMPLERS[c.sampler]
+        self.data = load_data(c, self.space, measures=sampler_cls.measures)
+        self.steps_per_epoch = data_lib.steps_per_epoch(self.data.train, c.batch_size, self.ranks.world_size)
+        self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        augmentation = data_lib.default_augmentation(c.dataset, self.space.img_size)
+        self.crop_padding, self.flip = augmentation if c.augment else (0, False)
+
+        torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
+        supernet_config = SupernetConfig.from_space(self.space, drop_path_rate=c.drop_path)
+        self.model = VisionTransformerSupernet(supernet_config).to(self.device)
+        if self.ranks.enabled:
+            broadcast_parameters(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, c.weight_decay), lr=c.lr, **fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, c.warmup_steps, c.min_lr / c.lr))
+        self.use_amp = c.amp and self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, c.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.ema = None
+        if c.ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay), use_buffers=True)
+        try:
+            self.sampler: ArchSampler = build_sampler(c.sampler, self.space, seed=c.seed, total_steps=self.total_steps,
+                                                      **c.sampler_options)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"sampler {c.sampler!r}: {err}") from err
+        torch.manual_seed(c.seed + 1 + self.ranks.rank)  # drop-path: independent across ranks
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(c.seed + 1 + self.ranks.rank)
+
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.resumed_at: int | None = None
+        # Rank 0 writes every file of the run: it owns the out_dir from here to close().
+        self.out_dir = OwnedDirectory(c.out_dir, "out_dir", subdirs=("checkpoints",)) if self.ranks.main else None
+        try:
+            resume_path = self.resume_path(resume)
+            if resume_path is not None:
+                self.load(resume_path)
+                self.resumed_at = self.step
+            out = Path(c.out_dir)
+            self.log = JsonLog(out / "log.jsonl", self.ranks.main, self.resumed_at)
+            if self.ranks.main:
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+        except BaseException:
+            self.close()
+            raise
+
+    def resume_path(self, resume: str | bool) -> Path | None:
+        """The checkpoint to resume from. An out_dir that holds files is continued only from its own checkpoints:
+        a new run there would mix its log and checkpoints with the earlier run's."""
+        c = self.config
+        path = resume_checkpoint(c.out_dir, resume)
+        if resume is True and path is None:
+            raise CheckpointError(f"--resume: no checkpoint in {str(checkpoint_dir(c.out_dir))!r}")
+        held = self.out_dir.contents() if self.out_dir is not None else []
+        if held and path is None:
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); continue it with --resume, "
+                              "or choose another --out-dir")
+        if held and path.resolve().parent != checkpoint_dir(c.out_dir).resolve():
+            raise OutputError(f"out_dir {c.out_dir!r} already holds a run ({some(held)}); resume into it only from its "
+                              f"own checkpoints, or choose another --out-dir to continue {str(path)!r}")
+        return path
+
+    def close(self) -> None:
+        """Release the out_dir (the end of the process does too)."""
+        if self.out_dir is not None:
+            self.out_dir.release()
+
+    # -- pieces --
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def backend_scope(self):
+        return elastic_ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+
+    def eval_model(self) -> VisionTransformerSupernet:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.config.to_dict(),
+            "world_size": self.ranks.world_size, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "sampler": self.sampler.state_dict(), "rng": gather_rng_states(self.ranks, self.device),
+            "search_split": self.data.search_split.to_dict(),
+        }
+
+    def diverged(self, what: str) -> NonFiniteLossError:
+        where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
+        return NonFiniteLossError(f"{what}{where}. Lower lr or raise warmup_steps.")
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank takes part in gathering the RNG states
+        # Checked on every rank (they hold the same weights), so that all stop together.
+        non_finite = non_finite_entries(state)
+        if non_finite:
+            raise self.diverged(f"at step {self.step} the weights or optimizer state hold NaN or infinite values "
+                                f"({some(non_finite)}); not saved")
+        path = checkpoint_path(self.config.out_dir, self.step)
+        if self.ranks.main:
+            save_checkpoint(path, state)
+            self.prune_checkpoints()
+        if self.ranks.enabled:
+            dist.barrier()
+        # On every rank: fit() decides from it whether to save at the end, and save() is a collective.
+        self.last_checkpoint = path
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest ``keep_checkpoints`` up to this step's. Those of later steps, left before this run
+        resumed from an earlier checkpoint, stay: the run replaces each as it reaches its step."""
+        earlier = [path for step, path in list_checkpoints(self.config.out_dir) if step < self.step]
+        for path in earlier[:max(0, len(earlier) - (self.config.keep_checkpoints - 1))]:
+            path.unlink()
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        changed = changes_on_resume(state["config"], self.config)
+        if changed:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config: "
+                                  + ", ".join(changed))
+        if state.get("world_size") != self.ranks.world_size:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state.get('world_size')} process(es); "
+                                  f"resume with the same number (got {self.ranks.world_size}) to continue exactly")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"]["cpu"][self.ranks.rank])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"][self.ranks.rank], self.device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {err}") from err
+        self.step = int(state["step"])
+        self.last_checkpoint = path
+
+    def measure(self, arch: Arch) -> float:
+        """Accuracy of ``arch`` on the held-out training images (the same on every rank)."""
+        images, labels = self.data.measure
+        size = self.config.eval_batch_size
+        batches = [(images[i:i + size], labels[i:i + size]) for i in range(0, len(labels), size)]
+        return accuracy(self.model, arch, batches, self.data, self.device, Distributed(), self.autocast)
+
+    def test_accuracy(self, arch: Arch) -> float:
+        batches = data_lib.eval_batches(self.data.test, self.config.eval_batch_size, self.ranks.rank,
+                                        self.ranks.world_size, self.config.num_workers)
+        return accuracy(self.eval_model(), arch, batches, self.data, self.device, self.ranks, self.autocast)
+
+    def train_step(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
+        """One optimizer step on one batch; returns the step's record (losses averaged over ranks)."""
+        c = self.config
+        archs = self.sampler.sample()
+        images = data_lib.normalize(images.to(self.device, non_blocking=True), self.data.mean, self.data.std)
+        if self.crop_padding or self.flip:
+            generator = step_generator(c.seed, self.step, self.ranks.rank)
+            images = data_lib.augment(images, self.crop_padding, self.flip, generator)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(len(archs) + 1, dtype=torch.float64, device=self.device)
+        teacher = None
+        for i, arch in enumerate(archs):
+            self.model.set_arch(arch)
+            with self.autocast():
+                logits = self.model(images).float()
+            if teacher is not None:
+                loss = soft_cross_entropy(logits, teacher)
+            else:
+                loss = F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
+            if self.sampler.distill and i == 0:
+                teacher = logits.detach().softmax(dim=-1)
+            if i == 0:
+                stats[-1] = (logits.argmax(dim=-1) == labels).sum() / labels.numel()
+            self.scaler.scale(loss).backward()
+            stats[i] = loss.detach()
+        if self.ranks.enabled:
+            dist.all_reduce(stats)
+            stats /= self.ranks.world_size
+        losses = stats[:-1].tolist()
+        if not all(math.isfinite(v) for v in losses):
+            raise self.diverged(f"loss became {losses} at step {self.step + 1} (archs {[a.to_json() for a in archs]}); "
+                                "stopped before updating the weights")
+        if self.ranks.enabled:
+            all_reduce_gradients(self.params, self.ranks.world_size)
+        self.scaler.unscale_(self.optimizer)
+        # A GradScaler skips steps with non-finite gradients itself (and lowers its scale); without one they would
+        # turn the weights into NaN.
+        if not self.scaler.is_enabled() and not all_finite(p.grad for p in self.params if p.grad is not None):
+            raise self.diverged(f"gradients became non-finite at step {self.step + 1} with a finite loss {losses} "
+                                f"(archs {[a.to_json() for a in archs]}); stopped before updating the weights")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad) if c.clip_grad is not None else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        sampler_stats = self.sampler.update(archs, losses, self.measure if self.sampler.measures else None)
+        self.step += 1
+        record = {"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "lr": lr,
+                  "loss": sum(losses) / len(losses), "losses": losses, "acc": float(stats[-1]),
+                  "archs": [a.to_dict() for a in archs], **sampler_stats}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        return record
+
+    def batches_from(self, step: int):
+        """The training batches from ``step`` on, epoch after epoch."""
+        epoch, start = divmod(step, self.steps_per_epoch)
+        c = self.config
+        while True:
+            yield from data_lib.train_batches(self.data.train, c.batch_size, epoch=epoch, seed=c.seed,
+                                              rank=self.ranks.rank, world_size=self.ranks.world_size, start=start,
+                                              num_workers=c.num_workers)
+            epoch, start = epoch + 1, 0
+
+    def evaluate(self, event: str) -> dict[str, Any]:
+        record = {"event": event, "step": self.step, "smallest": self.test_accuracy(self.space.min_arch()),
+                  "largest": self.test_accuracy(self.space.max_arch())}
+        if event == "final" and self.eval_archs:
+            record["eval_archs"] = [self.test_accuracy(arch) for arch in self.eval_archs]
+        self.log.write(record)
+        return record
+
+    def logged_final(self) -> dict | None:
+        """The final record of this step in the log, where a finished run was resumed (read on rank 0, shared)."""
+        found = [None]
+        if self.ranks.main:
+            found[0] = next((r for r in reversed(read_log(self.log.path))
+                             if r.get("event") == "final" and r.get("step") == self.step), None)
+        if self.ranks.enabled:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
+    def fit(self) -> TrainResult:
+        c = self.config
+        bar = progress_bar(c.progress and self.ranks.main, total=self.total_steps, initial=self.step,
+                           dynamic_ncols=True, desc=f"{self.space.name} {c.sampler}")
+        window_images, window_start = 0, time.perf_counter()
+        batches = self.batches_from(self.step)
+        with self.backend_scope():
+            while self.step < self.total_steps:
+                images, labels = next(batches)
+                record = self.train_step(images, labels)
+                window_images += labels.numel() * self.ranks.world_size
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                    record["images_per_s"] = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    window_images, window_start = 0, time.perf_counter()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
+                                    img_s=f"{record['images_per_s']:.0f}")
+                self.log.write(record)
+                if c.ckpt_every and self.step % c.ckpt_every == 0:
+                    self.save()
+                if c.eval_every and self.step % c.eval_every == 0:
+                    self.evaluate("eval")
+            bar.close()
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{self.step:08d}.pt":
+                self.save()
+            final = (self.logged_final() if self.step == self.resumed_at else None) or self.evaluate("final")
+        if self.ranks.main and c.plot:
+            plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
+        checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
+        return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
+                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images)
+
+
+def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:
+    """Train a supernet as ``config`` says (defaults: digits-tiny on the built-in digits) and evaluate its
+    smallest and largest subnets on the test split."""
+    trainer = Trainer(config or TrainConfig(), resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
