@@ -32,8 +32,6 @@ from ._backend import select
 from ._weight_grads import weight_grads_in_place
 from .group_sizes import GroupSizes
 
-FORWARD_BACKENDS = ("triton", "native")
-
 
 def _none(t: Tensor | None, like: Tensor) -> Tensor:
     """A custom op's output cannot be None: an empty tensor stands for it."""
