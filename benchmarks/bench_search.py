@@ -29,7 +29,7 @@ from nas.supernet import SupernetConfig, VisionTransformerSupernet
 
 
 def timed_search(supernet, space, batches, config: SearchConfig, batched: bool) -> tuple[float, Search]:
-    def evaluate(archs):
+    def evaluate(archs, contenders=None):
         return [r.to_dict() for r in evaluate_archs(supernet, archs, batches, batched=batched, progress=False)]
 
     search = Search(config, space, evaluate, Costs(space), log=lambda _: None)

@@ -1,5 +1,5 @@
-"""Several training processes (``torchrun --nproc_per_node N -m nas.train``): the process group, and what the
-ranks exchange by hand.
+"""Several processes (``torchrun --nproc_per_node N -m nas.train`` or ``-m nas.search``): the process group, and what
+the ranks exchange by hand.
 
 Every rank builds the same model and the same sampler, reads its own shard of each batch, and the gradients are
 all-reduced after backward (:func:`all_reduce_gradients`). The model is not wrapped in DistributedDataParallel: the
@@ -66,6 +66,14 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world_size: int, bucket
 def broadcast_parameters(module: nn.Module) -> None:
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=0)
+
+
+def sum_over_ranks(values: Tensor, ranks: Distributed) -> Tensor:
+    """``values`` summed over the ranks, on every rank (itself with one process). A CPU tensor: gloo's and NCCL's
+    shared ground is the host for the few numbers exchanged here."""
+    if ranks.enabled:
+        dist.all_reduce(values)
+    return values
 
 
 def gather_rng_states(ranks: Distributed, device: torch.device) -> dict[str, list[Tensor]]:

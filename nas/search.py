@@ -12,6 +12,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch.distributed as dist
+
 from .config import parse_command_line
 from .errors import run_command
 from .searchers import SEARCHERS
@@ -43,7 +45,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SearchConfig, bool]:
 
 
 def run(argv: Sequence[str] | None) -> int:
-    run_search(*parse_args(argv))
+    try:
+        run_search(*parse_args(argv))
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears down its connections while another still finishes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

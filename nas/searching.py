@@ -35,10 +35,12 @@ from .budget import METRICS, Budget, Costs, format_count
 from .checkpoint import load_supernet
 from .config import Config, changes_on_resume, setting
 from .device import resolve_device
+from .distributed import Distributed, init_distributed, sum_over_ranks
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
-from .evaluate import EvalCache, TensorBatches, evaluate_archs
+from .evaluate import EvalCache, EvalResult, TensorBatches, available_memory, evaluate_archs
 from .export import extract_subnet, save_subnet
 from .latency import LatencyModel
+from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
@@ -81,6 +83,10 @@ class SearchConfig(Config):
     batch_size: int = setting(256, "images per evaluation batch", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
                                     resumable=True)
+    race: bool = setting(True, "race the candidates of each step over growing slices of the search data, stopping "
+                               "those the search confidently will not keep (nas.racing)")
+    race_confidence: float = setting(0.999, "racing: confidence of each candidate's accuracy interval")
+    race_first_fraction: float = setting(0.125, "racing: the first slice's share of the search data")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)
     latency_model: str | None = setting(None, "latency model (JSON written by nas.latency) for latency budgets")
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
@@ -99,6 +105,9 @@ class SearchConfig(Config):
         for name in ("mutation_prob", "depth_embed_prob", "crossover_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("race_confidence", "race_first_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         # Searcher i is seeded with seed + 1000 i; TPE's numpy RandomState takes seeds below 2**32.
         seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
         if not 0 <= self.seed <= seed_limit:
@@ -117,7 +126,9 @@ class SearchConfig(Config):
 
 # --- the search loop ----------------------------------------------------------------------------------
 
-Evaluate = Callable[[list[Arch]], list[dict[str, float]]]
+# archs, and which of them must be evaluated fully (None: all) -> metrics of each; a metrics dict with
+# ``raced_out: True`` holds the metrics of a candidate stopped early (``nas.racing``), over its ``samples`` images.
+Evaluate = Callable[[list[Arch], Contenders | None], list[dict[str, float]]]
 
 
 @dataclass
@@ -125,9 +136,10 @@ class Candidate:
     arch: Arch
     metrics: dict[str, float]
     step: int
+    complete: bool = True  # evaluated on all the search data (False: stopped early by racing)
 
     def to_dict(self) -> dict:
-        return {"arch": self.arch.to_dict(), "step": self.step, **self.metrics}
+        return {"arch": self.arch.to_dict(), "step": self.step, "complete": self.complete, **self.metrics}
 
 
 class Search:
@@ -186,9 +198,10 @@ class Search:
         proposals = [searcher.propose(self.config.population) for searcher in self.searchers]
         new = [a for a in dict.fromkeys(a for archs in proposals for a in archs) if a not in self.evaluated]
         if new:
-            results = self.evaluate(new)
+            results = self.evaluate(new, self._contenders(proposals))
             for arch, metrics in zip(new, results, strict=True):
-                self.evaluated[arch] = Candidate(arch, {**metrics, **self.costs.of(arch)}, self.step)
+                complete = not metrics.pop("raced_out", False)
+                self.evaluated[arch] = Candidate(arch, {**metrics, **self.costs.of(arch)}, self.step, complete)
         for searcher, archs in zip(self.searchers, proposals):
             searcher.observe(archs, [self.evaluated[a].metrics[self.score] for a in archs])
         self.step += 1
@@ -197,18 +210,33 @@ class Search:
         self.log(f"[search] step {self.step}/{self.config.generations}: {len(new)} new, {len(self.evaluated)} "
                  f"evaluated, {time.perf_counter() - start:.1f}s; best {self.score} per budget: {best}")
 
+    def _contenders(self, proposals: list[list[Arch]]) -> Contenders:
+        """The racing rule of this step: a candidate goes on while a searcher that proposed it may still keep it."""
+        def contenders(racing):
+            keep = set()
+            for searcher, archs in zip(self.searchers, proposals):
+                mine = set(archs)
+                keep |= searcher.contenders({arch: bounds for arch, bounds in racing.items() if arch in mine})
+            return keep
+        return contenders
+
     # -- results ---------------------------------------------------------------------------------------
+    def complete_candidates(self) -> list[Candidate]:
+        """Those evaluated on all the search data: the only ones results are chosen from."""
+        return [c for c in self.evaluated.values() if c.complete]
+
     def best_per_budget(self) -> dict[str, Candidate | None]:
         groups = {b.label: [b] for b in self.budgets} or {"unconstrained": []}
         best = {}
         for label, budget in groups.items():
-            inside = [c for c in self.evaluated.values() if all(b.ok(np.array(c.metrics[b.metric])) for b in budget)]
+            inside = [c for c in self.complete_candidates()
+                      if all(b.ok(np.array(c.metrics[b.metric])) for b in budget)]
             best[label] = max(inside, key=lambda c: (c.metrics[self.score], -c.metrics.get("loss", 0.0)), default=None)
         return best
 
     def pareto_front(self, metric: str) -> list[Candidate]:
         """Evaluated candidates that no other beats on both the score and ``metric``, cheapest first."""
-        ranked = sorted(self.evaluated.values(), key=lambda c: (c.metrics[metric], -c.metrics[self.score]))
+        ranked = sorted(self.complete_candidates(), key=lambda c: (c.metrics[metric], -c.metrics[self.score]))
         front, best = [], -math.inf
         for candidate in ranked:
             if candidate.metrics[self.score] > best:
@@ -236,7 +264,7 @@ class Search:
             "config": self.config.to_dict(),
             "data_key": self.data_key,
             "step": self.step,
-            "evaluated": [(c.arch.to_dict(), c.metrics, c.step) for c in self.evaluated.values()],
+            "evaluated": [(c.arch.to_dict(), c.metrics, c.step, c.complete) for c in self.evaluated.values()],
             "searchers": [s.state_dict() for s in self.searchers],
         }
 
@@ -252,9 +280,9 @@ class Search:
                                           f"checkpoint (saved {state['data_key']!r}, now {self.data_key!r})")
         self.step = int(state["step"])
         self.evaluated = {}
-        for arch, metrics, step in state["evaluated"]:
+        for arch, metrics, step, *complete in state["evaluated"]:  # states before racing hold no flag
             arch = Arch.from_dict(arch)
-            self.evaluated[arch] = Candidate(arch, dict(metrics), int(step))
+            self.evaluated[arch] = Candidate(arch, dict(metrics), int(step), bool(complete[0]) if complete else True)
         for searcher, saved in zip(self.searchers, state["searchers"], strict=True):
             searcher.load_state_dict(saved)
 
@@ -325,27 +353,80 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
         never_trained_on = split is not None and split.images > 0
         described = f"{len(indices)} held-out {dataset} training images" + (
             "" if never_trained_on else " (which the supernet trained on)")
-    batches = [TensorBatches.from_dataset(d, config.batch_size, device) for d in (search, test)]
+    # Normalised once where it costs little memory: into bf16 on a GPU, and on a CPU where fp32 copies take under a
+    # quarter of the free memory (each pass of a search then reads them as they are).
+    device = torch.device(device)
+    normalised = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if normalised.itemsize * sum(d.images.numel() for d in (search, test)) > available_memory(device) / 4:
+        normalised = None
+    batches = [TensorBatches.from_dataset(d, config.batch_size, device, normalised) for d in (search, test)]
     return batches[0], batches[1], described
+
+
+def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches, cache: EvalCache, data_key: str,
+                  ranks: Distributed) -> Evaluate:
+    """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
+    them; results cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
+    evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
+    rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache."""
+    slices = [(0, batches.samples)]
+    if config.race:
+        slices = slice_bounds(batches.samples, config.race_first_fraction)
+    race_config = RaceConfig(config.race_confidence, config.race_first_fraction)
+    autocast = torch.bfloat16 if batches.images.device.type == "cuda" else None
+
+    def evaluate_slice(archs: list[Arch], index: int) -> list[EvalResult]:
+        start, stop = slices[index]
+        key = f"{data_key}|{start}:{stop}"
+        mine = archs[ranks.rank::ranks.world_size]
+        results = evaluate_archs(supernet, mine, batches.slice(start, stop), subnets=config.subnets_per_pass or None,
+                                 cache=cache, data_key=key, progress=config.progress and ranks.main,
+                                 autocast_dtype=autocast)
+        rows = torch.zeros(len(archs), 4, dtype=torch.float64)
+        rows[ranks.rank::ranks.world_size] = torch.tensor([[r.top1, r.top5, r.loss, r.samples] for r in results],
+                                                          dtype=torch.float64).view(-1, 4)
+        gathered = [EvalResult(top1, top5, loss, int(samples))
+                    for top1, top5, loss, samples in sum_over_ranks(rows, ranks).tolist()]
+        for arch, result in zip(archs, gathered):
+            cache.put(arch, key, result)
+        if ranks.main:
+            cache.save()
+        return gathered
+
+    def evaluate(archs: list[Arch], contenders: Contenders | None) -> list[dict[str, float]]:
+        results = race(archs, len(slices), evaluate_slice, contenders or set, race_config)  # set: all go on
+        return [{**results[a].to_dict(), "raced_out": results[a].samples < batches.samples} for a in archs]
+
+    return evaluate
 
 
 def run_search(config: SearchConfig, resume: bool = False) -> dict:
     """A whole search as ``python -m nas.search`` runs it; returns the summary written to ``search.json``.
-    The search owns its output directory meanwhile (``nas.rundir``): a second one there gets a clear error."""
+    The search owns its output directory meanwhile (``nas.rundir``): a second one there gets a clear error.
+
+    Under ``torchrun --nproc_per_node N`` every rank runs the same search (the same proposals from the same seeded
+    searchers), evaluates its share of each step's candidates (:func:`make_evaluate`), and sees every result; rank 0
+    alone owns and writes the output directory."""
     if config.checkpoint is None:
         raise ConfigError("a search needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
-    output = OwnedDirectory(config.out_dir, "out_dir")
+    device = resolve_device(config.device)
+    ranks = init_distributed(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank unless a device is named
+    elif device.type == "cpu" and ranks.enabled:
+        torch.set_num_threads(max(1, torch.get_num_threads() // ranks.world_size))  # the ranks share the cores
+    output = OwnedDirectory(config.out_dir, "out_dir") if ranks.main else None
     try:
         if not resume and os.path.exists(os.path.join(config.out_dir, STATE_FILE)):
             raise OutputError(f"out_dir {config.out_dir!r} already holds a search ({STATE_FILE}); continue it with "
                               "--resume, or choose another --out-dir")
-        return _run(config, resume)
+        return _run(config, resume, device, ranks)
     finally:
-        output.release()
+        if output is not None:
+            output.release()
 
 
-def _run(config: SearchConfig, resume: bool) -> dict:
-    device = resolve_device(config.device)
+def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
     latency_model = None
     if config.latency_model:
@@ -372,14 +453,9 @@ def _run(config: SearchConfig, resume: bool) -> dict:
     search_batches, test_batches, described = search_data(config, state, space, device)
     data_key = f"ckpt={file_digest(config.checkpoint)}|{search_batches.fingerprint}"
     cache = EvalCache(os.path.join(config.out_dir, "eval_cache.json"))
-    log = print if config.progress else (lambda _: None)
+    log = print if config.progress and ranks.main else (lambda _: None)
 
-    def evaluate(archs: list[Arch]) -> list[dict[str, float]]:
-        results = evaluate_archs(supernet, archs, search_batches, subnets=config.subnets_per_pass or None,
-                                 cache=cache, data_key=data_key, progress=config.progress)
-        cache.save()
-        return [r.to_dict() for r in results]
-
+    evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks)
     search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
     state_path = os.path.join(config.out_dir, STATE_FILE)
     if resume:
@@ -389,7 +465,9 @@ def _run(config: SearchConfig, resume: bool) -> dict:
         log(f"[search] resumed at step {search.step} with {len(search.evaluated)} evaluated candidates")
     log(f"[search] {config.algorithm} on space {space.name!r}, budgets {[b.label for b in search.budgets] or 'none'}; "
         f"searching on {described}")
-    search.run(state_path)
+    search.run(state_path if ranks.main else None)
+    if not ranks.main:
+        return search.summary()
     best = {label: c for label, c in search.best_per_budget().items() if c is not None}
     test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False)
     extra = {"search_data": described, "test_data": f"{len(test_batches.images)} test images",

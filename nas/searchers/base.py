@@ -7,13 +7,14 @@ restored from its state proposes exactly what the original would have proposed n
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..arch import Arch
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..racing import Interval
 from ..space import SearchSpace
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
@@ -38,6 +39,12 @@ class Searcher:
     def observe(self, archs: Sequence[Arch], scores: Sequence[float]) -> None:
         for arch, score in zip(archs, scores, strict=True):
             self.scores[arch] = float(score)
+
+    def contenders(self, racing: Mapping[Arch, Interval]) -> set[Arch]:
+        """Of the candidates being raced (``nas.racing``: a confidence interval of each score so far), those this
+        searcher may still keep, which must be evaluated further. By default all: the searcher learns from every
+        score (REINFORCE, TPE)."""
+        return set(racing)
 
     def best(self) -> tuple[Arch, float] | None:
         return max(self.scores.items(), key=lambda item: item[1]) if self.scores else None

@@ -7,10 +7,11 @@ the budget, or already seen, is drawn again (up to ``10x`` as many tries, as Aut
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..arch import Arch
 from ..errors import ConfigError
+from ..racing import Interval, top_k_contenders
 from .base import Searcher
 
 
@@ -28,6 +29,10 @@ class Evolution(Searcher):
                 raise ConfigError(f"evolution: {label} must be in [0, 1], got {prob}")
         self.num_parents, self.mutations, self.crossovers = int(parents), int(mutations), int(crossovers)
         self.mutation_prob, self.depth_embed_prob = float(mutation_prob), float(depth_embed_prob)
+
+    def contenders(self, racing: Mapping[Arch, Interval]) -> set[Arch]:
+        """What evolution keeps is its ``parents`` best: a candidate confidently below them is out."""
+        return top_k_contenders(self.scores, racing, self.num_parents)
 
     def parents(self) -> list[Arch]:
         ranked = sorted(self.scores.items(), key=lambda item: item[1], reverse=True)

@@ -5,12 +5,13 @@ distance. Offspring: two binary tournaments pick parents, a uniform crossover an
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..arch import Arch
 from ..errors import ConfigError
+from ..racing import Interval
 from .base import Searcher
 
 
@@ -63,6 +64,18 @@ class NSGA2(Searcher):
         pool = list(dict.fromkeys(self.population + list(archs)))
         self.size = max(self.size, len(archs))
         self.population, self.rank, self.crowding = self._select(pool, self.size)
+
+    def contenders(self, racing: Mapping[Arch, Interval]) -> set[Arch]:
+        """What NSGA-II keeps first is the Pareto front: a candidate that another (decided, or racing with its lower
+        bound) confidently dominates, at no higher cost and a higher score than its upper bound, is out."""
+        pool = list(dict.fromkeys([*self.scores, *racing]))
+        cost = np.asarray(self.cost(pool), dtype=np.float64)
+        floor = np.array([racing[a][0] if a in racing else self.scores[a] for a in pool])
+        out = set()
+        for i, arch in enumerate(pool):
+            if arch in racing and ((cost <= cost[i]) & (floor > racing[arch][1])).any():
+                out.add(arch)
+        return set(racing) - out
 
     def _select(self, pool: list[Arch], size: int):
         score = np.array([self.scores[a] for a in pool])

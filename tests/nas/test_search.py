@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import torch
 from hostile import RunsCode, fill_disk
@@ -116,7 +117,7 @@ def synthetic_search(tmp_path, algorithm="evolution", generations=4, budgets=("m
     score = distance_objective(target)
     calls = []
 
-    def evaluate(archs):
+    def evaluate(archs, contenders=None):  # every candidate evaluated fully: the synthetic score has no noise
         calls.append(list(archs))
         return [{"top1": score(a), "top5": 100.0, "loss": 100.0 - score(a)} for a in archs]
 
@@ -347,7 +348,7 @@ def test_unwritable_output_is_a_one_line_error(tiny_checkpoint, tmp_path, monkey
 
 def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
     from nas.checkpoint import load_checkpoint
-    from nas.data import load_digits
+    from nas.data import load_digits, normalize
     from nas.search import main
     from nas.trainer import TrainConfig, train
 
@@ -362,12 +363,17 @@ def test_search_data_is_the_split_the_checkpoint_held_out(tmp_path, capsys):
         batches, _, described = search_data(config, checkpoint, space, "cpu")
         return batches.images, described
 
+    def normalised(images):  # the search data are kept normalised, read as they are by every pass
+        return normalize(images, full.mean, full.std)
+
     order = np.random.default_rng(1).permutation(len(full))
     images, described = searched(state)
-    assert torch.equal(images, full.images[order[:100]]) and described == "100 held-out digits training images"
-    assert torch.equal(searched(state, 30)[0], full.images[order[:30]])
+    assert torch.equal(images, normalised(full.images[order[:100]]))
+    assert described == "100 held-out digits training images"
+    assert torch.equal(searched(state, 30)[0], normalised(full.images[order[:30]]))
     reseeded = {**state, "search_split": {**state["search_split"], "seed": 5}}  # the seed is read, not assumed
-    assert torch.equal(searched(reseeded)[0], full.images[np.random.default_rng(5).permutation(len(full))[:100]])
+    assert torch.equal(searched(reseeded)[0],
+                       normalised(full.images[np.random.default_rng(5).permutation(len(full))[:100]]))
 
     with pytest.raises(ValueError, match="holdout_images=101, but .* held only 100 digits training images out"):
         searched(state, 101)
@@ -422,3 +428,25 @@ def test_end_to_end_on_cifar(tmp_path, capsys):
     assert "no arch of space 'cifar-tiny' can meet it" in capsys.readouterr().err
     assert main(args[:2] + ["--population", "0"]) == 2
     assert "population must be a positive int" in capsys.readouterr().err
+
+
+def test_torchrun_search_equals_one_process(tiny_checkpoint, tmp_path):
+    """Two gloo ranks share each step's candidates (racing on): the same candidates, metrics and best archs as one
+    process, written once by rank 0."""
+    from nas.search import main
+
+    args = search_args(tiny_checkpoint, tmp_path / "one", generations=3)
+    assert main(args) == 0
+    command = processes.TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.search",
+                                    *search_args(tiny_checkpoint, tmp_path / "two", generations=3)]
+    done = processes.run(command, tmp_path, timeout=240)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
+    one, two = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("one", "two"))
+    assert [c["arch"] for c in two["candidates"]] == [c["arch"] for c in one["candidates"]]
+    for mine, theirs in zip(two["candidates"], one["candidates"]):
+        assert (mine["top1"], mine["samples"], mine["complete"]) == (theirs["top1"], theirs["samples"],
+                                                                   theirs["complete"])
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert {label: best and best["arch"] for label, best in two["best"].items()} == \
+        {label: best and best["arch"] for label, best in one["best"].items()}
+    assert done.stdout.count("[search] best for") == sum(best is not None for best in one["best"].values())
