@@ -36,7 +36,7 @@ from .checkpoint import load_supernet
 from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
-from .evaluate import EvalCache, TensorBatches, evaluate_archs
+from .evaluate import EvalCache, evaluate_archs, evaluation_batches
 from .export import extract_subnet, save_subnet
 from .latency import LatencyModel
 from .report import plot_front
@@ -79,6 +79,7 @@ class SearchConfig(Config):
                                      "out)")
     test_images: int = setting(0, "test images to report the best archs on (0: all)")
     batch_size: int = setting(256, "images per evaluation batch", resumable=True)
+    num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
                                     resumable=True)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)
@@ -92,7 +93,7 @@ class SearchConfig(Config):
         for name in ("generations", "population", "parents", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass",
+        for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass", "num_workers",
                      "tpe_startup_trials"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
@@ -325,7 +326,7 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
         never_trained_on = split is not None and split.images > 0
         described = f"{len(indices)} held-out {dataset} training images" + (
             "" if never_trained_on else " (which the supernet trained on)")
-    batches = [TensorBatches.from_dataset(d, config.batch_size, device) for d in (search, test)]
+    batches = [evaluation_batches(d, config.batch_size, device, config.num_workers) for d in (search, test)]
     return batches[0], batches[1], described
 
 
@@ -392,7 +393,7 @@ def _run(config: SearchConfig, resume: bool) -> dict:
     search.run(state_path)
     best = {label: c for label, c in search.best_per_budget().items() if c is not None}
     test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False)
-    extra = {"search_data": described, "test_data": f"{len(test_batches.images)} test images",
+    extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images",
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
     if config.export:
         exported = {}
