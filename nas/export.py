@@ -40,7 +40,8 @@ def extract_subnet(supernet: VisionTransformerSupernet, arch: Arch | None = None
     heads, hidden = [b.attn.num_heads for b in blocks], [b.mlp.fc1.out_features for b in blocks]
     model = empty_module(lambda: VisionTransformer(c.img_size, patch, c.in_chans, c.num_classes, arch.embed_dim, heads,
                                                    hidden, c.head_dim, eps=c.layer_norm_eps,
-                                                   relative_position=c.relative_position), weight)
+                                                   relative_position=c.relative_position,
+                                                   global_pool=c.global_pool), weight)
     patch_embed, cls_token, pos_embed = supernet.token_layers(patch)
     model.patch_embed = patch_embed.extract()
     model.cls_token.copy_(cls_token[..., : arch.embed_dim])
@@ -65,6 +66,7 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
         "eps": model.norm.eps,
         "qkv_bias": all(block.attn.qkv.bias is not None for block in model.blocks),
         "relative_position": model.relative_position,
+        "global_pool": model.global_pool,
     }
 
 
