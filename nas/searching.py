@@ -38,7 +38,7 @@ from .device import resolve_device
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
 from .evaluate import EvalCache, evaluate_archs, evaluation_batches
 from .export import extract_subnet, save_subnet
-from .latency import LatencyModel
+from .latency import LatencyModel, environment
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
@@ -84,6 +84,8 @@ class SearchConfig(Config):
                                     resumable=True)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)
     latency_model: str | None = setting(None, "latency model (JSON written by nas.latency) for latency budgets")
+    latency_other_device: bool = setting(False, "use a latency model measured on another device than the search's",
+                                         resumable=True)
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
     export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
     progress: bool = setting(True, "print progress", resumable=True)
@@ -351,6 +353,8 @@ def _run(config: SearchConfig, resume: bool) -> dict:
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
+        latency_model.check_environment(environment(device), config.latency_other_device,
+                                        f"latency model {config.latency_model!r}")
         if latency_model.space != space:
             raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for space "
                                           f"{latency_model.space.name!r}, the supernet is of {space.name!r}")

@@ -17,9 +17,9 @@ from torch import Tensor
 from elastic_ops.nn import empty_module
 from elastic_ops.plain import VisionTransformer
 
-from .arch import Arch
-from .atomic import atomic_torch_save
-from .supernet import VisionTransformerSupernet
+from ..arch import Arch
+from ..atomic import atomic_torch_save
+from ..supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
 VERSION = 1
