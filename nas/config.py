@@ -102,6 +102,12 @@ def _is_mapping(hint) -> bool:
     return any((typing.get_origin(option) or option) is dict for option in _options(hint))
 
 
+def _item(hint):
+    """The item type of a list setting (``list[int]`` -> int; a bare list's items are strings on the command line)."""
+    list_hint = next(option for option in _options(hint) if (typing.get_origin(option) or option) is list)
+    return (typing.get_args(list_hint) or (str,))[0]
+
+
 def _is_list(hint) -> bool:
     return any((typing.get_origin(option) or option) is list for option in _options(hint))
 
@@ -291,7 +297,7 @@ def parse_command_line(cls: type[Config], argv: Sequence[str] | None, *, prog: s
         if f.name in args:
             texts = args[f.name]
             where = f"{_flag(f)} {texts!r}"
-            flags[f.name] = (texts if hints[f.name] is bool else [_value(t, str, where) for t in texts]
+            flags[f.name] = (texts if hints[f.name] is bool else [_value(t, _item(hints[f.name]), where) for t in texts]
                              if _is_list(hints[f.name]) else _value(texts, hints[f.name], where))
     from_file = read_config_file(args["config"]) if args["config"] else {}
 

@@ -1,5 +1,6 @@
 """Subnet export: a standalone plain ViT (``elastic_ops/plain.py``, which imports only torch), its file
-format, and TorchScript / ONNX.
+format, and TorchScript, ``torch.export``, ONNX and safetensors (:data:`FORMATS`, each with a way to run it again);
+``python -m nas.export`` is the command line.
 
 The saved file is a ``torch.save`` of a dict of plain types (loaded with ``weights_only=True``):
 ``{"format": FORMAT, "version": VERSION, "arch": Arch.to_dict(), "model": VisionTransformer kwargs,
@@ -7,8 +8,11 @@ The saved file is a ``torch.save`` of a dict of plain types (loaded with ``weigh
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +22,8 @@ from elastic_ops.nn import empty_module
 from elastic_ops.plain import VisionTransformer
 
 from ..arch import Arch
-from ..atomic import atomic_torch_save
+from ..atomic import atomic_torch_save, atomic_write_text
+from ..errors import require
 from ..supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
@@ -119,19 +124,96 @@ def to_torchscript(model: VisionTransformer, path: str | os.PathLike | None = No
     return scripted
 
 
+def _example_batch(example: Tensor) -> dict:
+    """The dynamic batch dimension of a model's one input, for torch.export and the ONNX exporter (an example batch
+    of one would be specialised to one)."""
+    if example.shape[0] < 2:
+        raise ValueError(f"export: the example batch must hold at least 2 images, got {example.shape[0]}")
+    return {"images": {0: torch.export.Dim("batch")}}
+
+
+def to_torch_export(model: VisionTransformer, path: str | os.PathLike, example: Tensor) -> None:
+    """``torch.export`` of the plain ViT (eval mode) with a dynamic batch size, saved to ``path`` (``.pt2``);
+    :func:`load_torch_export` reads it back."""
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=_example_batch(example))
+    torch.export.save(program, os.fspath(path))
+
+
+def load_torch_export(path: str | os.PathLike) -> Callable[[Tensor], Tensor]:
+    return torch.export.load(os.fspath(path)).module()
+
+
 def to_onnx(model: VisionTransformer, path: str | os.PathLike, example: Tensor) -> None:
-    """Export the plain ViT to ONNX with ``torch.onnx.export`` (dynamic batch size).
+    """Export the plain ViT to ONNX with torch's current (``torch.export``-based) exporter, dynamic batch size.
 
-    Needs the ``onnx`` and ``onnxscript`` packages (torch's exporter uses them); raises ImportError naming
-    what is missing otherwise.
+    Needs the ``onnx`` and ``onnxscript`` packages (torch's exporter uses them): a
+    :class:`~nas.errors.MissingDependencyError` names the extra otherwise.
     """
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f"to_onnx: ONNX export needs {' and '.join(missing)}, which is not installed "
-                          f"(pip install {' '.join(missing)}); TorchScript export (to_torchscript) needs nothing extra")
+    for name in ("onnx", "onnxscript"):
+        require(name, "export", "ONNX export")
     torch.onnx.export(model.eval(), (example,), os.fspath(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                      dynamo=True, dynamic_shapes=_example_batch(example), verbose=False)
 
 
-__all__ = ["FORMAT", "VERSION", "extract_subnet", "load_subnet", "model_kwargs", "save_subnet", "to_onnx",
+def load_onnx(path: str | os.PathLike) -> Callable[[Tensor], Tensor]:
+    """An ONNX file as a function of CPU images, run by onnxruntime."""
+    session = require("onnxruntime", "export", "running an ONNX model").InferenceSession(
+        os.fspath(path), providers=["CPUExecutionProvider"])
+    return lambda images: torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
+
+
+SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG = "model.safetensors", "config.json"
+
+
+def to_safetensors(model: VisionTransformer, arch: Arch, directory: str | os.PathLike) -> None:
+    """``directory/model.safetensors`` (the weights) and ``directory/config.json`` (the format, the arch and the
+    constructor arguments of ``elastic_ops.plain.VisionTransformer``); :func:`load_safetensors` reads them back."""
+    save_file = require("safetensors.torch", "export", "safetensors export").save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()},
+              str(directory / SAFETENSORS_WEIGHTS))
+    config = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(), "model": model_kwargs(model)}
+    atomic_write_text(directory / SAFETENSORS_CONFIG, json.dumps(config, indent=1))
+
+
+def load_safetensors(directory: str | os.PathLike) -> tuple[VisionTransformer, Arch]:
+    """The plain ViT (eval mode) and arch that :func:`to_safetensors` wrote (ValueError for a folder that is not
+    one)."""
+    load_file = require("safetensors.torch", "export", "reading safetensors").load_file
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / SAFETENSORS_CONFIG).read_text())
+        if config.get("format") != FORMAT or config.get("version") != VERSION:
+            raise ValueError(f"its {SAFETENSORS_CONFIG} is not of format {FORMAT} version {VERSION}")
+        model = VisionTransformer(**config["model"])
+        model.load_state_dict(load_file(str(directory / SAFETENSORS_WEIGHTS)))
+        return model.eval(), Arch.from_dict(config["arch"])
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"load_safetensors: {os.fspath(directory)} does not hold an exported subnet: "
+                         f"{error}") from error
+
+
+@dataclass(frozen=True)
+class Format:
+    """An export format: where it writes under an output folder, how, and how the result runs again."""
+
+    path: str
+    write: Callable[[VisionTransformer, Arch, Path, Tensor], None]
+    load: Callable[[Path], Callable[[Tensor], Tensor]]
+
+
+FORMATS = {
+    "pytorch": Format("subnet.pt", lambda model, arch, path, example: save_subnet(path, model, arch),
+                      lambda path: load_subnet(path)[0]),
+    "torch-export": Format("subnet.pt2", lambda model, arch, path, example: to_torch_export(model, path, example),
+                           load_torch_export),
+    "onnx": Format("subnet.onnx", lambda model, arch, path, example: to_onnx(model, path, example), load_onnx),
+    "safetensors": Format("safetensors", lambda model, arch, path, example: to_safetensors(model, arch, path),
+                          lambda path: load_safetensors(path)[0]),
+}
+
+
+__all__ = ["FORMAT", "FORMATS", "VERSION", "Format", "extract_subnet", "load_onnx", "load_safetensors", "load_subnet",
+           "load_torch_export", "model_kwargs", "save_subnet", "to_onnx", "to_safetensors", "to_torch_export",
            "to_torchscript"]
