@@ -108,6 +108,17 @@ def measure_archs(archs: Sequence[Arch], build_model: Callable[[Arch], torch.nn.
     return results
 
 
+def read_json(path: str | os.PathLike, what: str, kind: str):
+    """The JSON in ``path``, or a :class:`~nas.errors.CheckpointError` saying that ``what`` cannot be read or is not
+    ``kind``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read {what}: {error.strerror or error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not {kind} (invalid JSON: {error})") from error
+
+
 def device_name(device: torch.device) -> str:
     """The accelerator's or the CPU's model name (the CPU's from /proc/cpuinfo where there is one)."""
     if device.type == "cuda":
@@ -195,12 +206,7 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyModel":
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as error:
-            raise CheckpointError(f"{path}: cannot read the latency model: {error.strerror or error}") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: not a latency model (invalid JSON: {error})") from error
+        data = read_json(path, "the latency model", "a latency model")
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: not a latency model (expected a JSON object)")
         keys = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"}

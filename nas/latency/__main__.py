@@ -16,7 +16,6 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from ..config import Config, parse_command_line, setting
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, run_command
 from ..space import SearchSpace, load_space
-from . import LatencyModel, environment, measure_space, relative_errors
+from . import LatencyModel, environment, measure_space, read_json, relative_errors
 
 MEASUREMENTS_FORMAT = "nas.latency.measurements/1"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,17 +37,23 @@ def _positive(config: Config, *names: str) -> list[str]:
 
 
 @dataclass
-class MeasureConfig(Config):
+class TimingConfig(Config):
+    """The settings of the commands that time subnets on this device."""
+
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    warmup: int = setting(5, "untimed calls before timing each subnet")
+    repeats: int = setting(20, "timed calls per subnet (the median is kept)")
+
+
+@dataclass
+class MeasureConfig(TimingConfig):
     NAME = "latency measure"
 
     space: str = setting("digits-tiny", "search space: a preset name (nas/spaces) or a SearchSpace YAML file")
     archs: int = setting(50, "random subnets to time (the smallest and largest are added)")
     batch_size: int = setting(1, "images per forward pass")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = setting("float32", "dtype of the weights and images", choices=DTYPES)
     threads: int | None = setting(None, "torch threads on a CPU (null: torch's default)")
-    warmup: int = setting(5, "untimed calls before timing each subnet")
-    repeats: int = setting(20, "timed calls per subnet (the median is kept)")
     seed: int = setting(0, "seed of the subnets drawn")
     out: str = setting("latency/measurements.json", "where to write the measurements")
 
@@ -71,15 +76,12 @@ class FitConfig(Config):
 
 
 @dataclass
-class ValidateConfig(Config):
+class ValidateConfig(TimingConfig):
     NAME = "latency validate"
 
     model: str = setting("latency/model.json", "latency model written by the fit command")
     archs: int = setting(20, "random subnets to time now")
     seed: int = setting(1, "seed of the subnets drawn (another than the measurements' to see new archs)")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
-    warmup: int = setting(5, "untimed calls before timing each subnet")
-    repeats: int = setting(20, "timed calls per subnet (the median is kept)")
     other_device: bool = setting(False, "validate a model measured on another device")
 
     def problems(self) -> list[str]:
@@ -122,12 +124,7 @@ def measure(config: MeasureConfig) -> None:
 
 def read_measurements(path: str) -> tuple[SearchSpace, int, dict, list[tuple[Arch, float]]]:
     """The space, batch size, environment and ``[(arch, seconds)]`` of a measurements file."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read the measurements: {error.strerror or error}") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not latency measurements (invalid JSON: {error})") from error
+    payload = read_json(path, "the measurements", "latency measurements")
     if not isinstance(payload, dict) or payload.get("format") != MEASUREMENTS_FORMAT:
         raise CheckpointError(f"{path}: not latency measurements written by python -m nas.latency measure")
     try:
