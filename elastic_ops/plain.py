@@ -161,18 +161,23 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width.
-    ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well."""
+    ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well.
+    ``global_pool``: the classifier reads the class token (``"token"``) or the mean of the patch tokens (``"avg"``,
+    AutoFormer's ``--gp``), after the final norm."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
                  num_heads: List[int], hidden_features: List[int], head_dim: int, eps: float = 1e-6,
-                 qkv_bias: bool = True, relative_position: int = 0):
+                 qkv_bias: bool = True, relative_position: int = 0, global_pool: str = "token"):
         super().__init__()
         if len(num_heads) != len(hidden_features):
             raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} "
                              "hidden_features")
         if img_size % patch_size:
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.img_size = img_size
+        self.global_pool = global_pool
         self.head_dim = head_dim
         self.relative_position = relative_position
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -190,7 +195,8 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)[:, 0])
+        x = self.norm(x)
+        return self.head(x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1))
 
 
 __all__ = ["ACTIVATIONS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "RelativePosition2D",

@@ -30,6 +30,7 @@ from elastic_ops import GroupSizes, elastic_linear
 from elastic_ops.nn import QkGroup
 
 from .arch import Arch
+from .supernet import pool
 
 # --- the K-subnet supernet forward ----------------------------------------------------------------
 
@@ -135,9 +136,12 @@ class BatchedSubnets:
                 active = plan.embed.width
                 x[plan.running, ..., :active] = block.grouped_forward(x[plan.running, ..., :active], plan.embed,
                                                                       plan.heads, plan.hidden, plan.qk_groups)
-        cls_out = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
+        if supernet.config.global_pool == "token":  # the class token alone is normalised
+            pooled = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
+        else:
+            pooled = pool(supernet.norm.grouped_forward(x, self.final_embed), "avg")
         head = supernet.head
-        return elastic_linear(cls_out, head.weight, head.bias)[self.branch_of_subnet]
+        return elastic_linear(pooled, head.weight, head.bias)[self.branch_of_subnet]
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:

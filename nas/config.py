@@ -102,6 +102,12 @@ def _is_mapping(hint) -> bool:
     return any((typing.get_origin(option) or option) is dict for option in _options(hint))
 
 
+def _item(hint):
+    """The item type of a list setting (``list[int]`` -> int; a bare list's items are strings on the command line)."""
+    list_hint = next(option for option in _options(hint) if (typing.get_origin(option) or option) is list)
+    return (typing.get_args(list_hint) or (str,))[0]
+
+
 def _is_list(hint) -> bool:
     return any((typing.get_origin(option) or option) is list for option in _options(hint))
 
@@ -239,21 +245,24 @@ def _help(f: dataclasses.Field, default: Any) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
 
-def build_parser(cls: type[Config], prog: str, description: str, resume_help: str,
+def build_parser(cls: type[Config], prog: str, description: str, resume_help: str | None,
                  resume_takes_path: bool) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     no_flag = [f.name for f in dataclasses.fields(cls) if _flag(f) is None or _is_mapping(hints[f.name])]
     epilog = ("Every setting is also a key of --config and --set; "
               + (f"{', '.join(no_flag)} only there. " if no_flag else "")
               + "Later sources override earlier ones: the defaults (with --resume, the settings the run was saved "
-                "with), --config, --set, the flags. A resumed run may change only the settings marked so.")
+                "with), --config, --set, the flags."
+              + (" A resumed run may change only the settings marked so." if resume_help is not None else ""))
     parser = _Parser(prog=prog, description=description, epilog=textwrap.fill(epilog, 100),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings (read with yaml.safe_load)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set a setting (the value is read as YAML; KEY.NAME=VALUE sets one entry of a "
                              "mapping setting); repeatable")
-    if resume_takes_path:
+    if resume_help is None:
+        pass  # a command with nothing to resume
+    elif resume_takes_path:
         parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH", help=resume_help)
     else:
         parser.add_argument("--resume", action="store_true", help=resume_help)
@@ -273,9 +282,11 @@ def build_parser(cls: type[Config], prog: str, description: str, resume_help: st
 
 
 def parse_command_line(cls: type[Config], argv: Sequence[str] | None, *, prog: str, description: str,
-                       resume_help: str, resume_takes_path: bool,
-                       saved: Callable[[str, bool | str], Mapping[str, Any] | None]) -> tuple[Config, bool | str]:
-    """The config the command line describes, and ``--resume`` (False, True, or a path where it takes one).
+                       resume_help: str | None = None, resume_takes_path: bool = False,
+                       saved: Callable[[str, bool | str], Mapping[str, Any] | None] | None = None
+                       ) -> tuple[Config, bool | str]:
+    """The config the command line describes, and ``--resume`` (False, True, or a path where it takes one; a command
+    without ``resume_help`` has no ``--resume``).
 
     With ``--resume``, ``saved(out_dir, resume)`` gives the settings the run was saved with (None where there is no
     saved run, which the run itself reports), and they take the place of the defaults."""
@@ -286,7 +297,7 @@ def parse_command_line(cls: type[Config], argv: Sequence[str] | None, *, prog: s
         if f.name in args:
             texts = args[f.name]
             where = f"{_flag(f)} {texts!r}"
-            flags[f.name] = (texts if hints[f.name] is bool else [_value(t, str, where) for t in texts]
+            flags[f.name] = (texts if hints[f.name] is bool else [_value(t, _item(hints[f.name]), where) for t in texts]
                              if _is_list(hints[f.name]) else _value(texts, hints[f.name], where))
     from_file = read_config_file(args["config"]) if args["config"] else {}
 
@@ -294,8 +305,8 @@ def parse_command_line(cls: type[Config], argv: Sequence[str] | None, *, prog: s
         return {**apply_overrides(cls, {**base, **from_file}, args["overrides"]), **flags}
 
     values = merged({})
-    if args["resume"]:
+    if args.get("resume"):
         known = {f.name for f in dataclasses.fields(cls)}
         base = saved(str(values.get("out_dir", _default(cls, "out_dir"))), args["resume"]) or {}
         values = merged({k: v for k, v in base.items() if k in known})  # settings since removed are dropped
-    return cls.from_dict(values), args["resume"]
+    return cls.from_dict(values), args.get("resume", False)

@@ -1,15 +1,16 @@
 """Image classification data for supernet training, with no torchvision.
 
 Every data set yields batches ``(images, labels)``: ``uint8 [B, C, H, W]`` and ``int64 [B]``. Images are
-normalised and augmented on the training device, batch at a time, with plain torch ops
-(:func:`normalize`, :func:`augment`), so that a GPU does that work and no per-image Python runs.
+normalised (:func:`normalize`) and augmented (``nas.augment``) on the training device, batch at a time, with plain
+torch ops, so that a GPU does that work and no per-image Python runs.
 
 Built in:
 - ``digits``: scikit-learn's 8x8 digits (ships inside the package, no files needed), a fixed 80/20 split.
 - ``cifar10`` / ``cifar100``: the standard "python version" layout (``data_batch_1..5``/``test_batch``,
   or ``train``/``test``).
 - ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), gzipped or not.
-- ``imagefolder``: ``root/{train,val|test}/<class>/<image>``, read with PIL and resized to the model's size.
+- ``imagefolder``: ``root/{train,val|test}/<class>/<image>``, read lazily (``nas.imagefolder``): decoded with PIL and
+  cropped to the model's size when a batch asks for it, in the data loader's workers.
 
 Held-out search split (:class:`SearchSplit`): the first images of a fixed permutation of the training set
 (``np.random.default_rng(HOLDOUT_SEED)``) stay out of training, so that ``nas.search`` ranks archs on images the
@@ -31,21 +32,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
+from .imagefolder import ImageFolder
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # Published per-channel statistics (pixel values in [0, 1]).
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 MNIST_STATS = ((0.1307,), (0.3081,))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class TensorImageDataset(Dataset):
@@ -78,59 +77,6 @@ class TensorImageDataset(Dataset):
     def subset(self, indices: Sequence[int] | Tensor) -> "TensorImageDataset":
         index = torch.as_tensor(indices, dtype=torch.long)
         return TensorImageDataset(self.images[index], self.labels[index], self.classes, self.mean, self.std)
-
-
-class ImageFolder(Dataset):
-    """``root/<class>/<image>`` decoded with PIL on access and resized to ``image_size`` (square, bilinear)."""
-
-    def __init__(self, root: str, image_size: int, in_chans: int = 3):
-        try:
-            from PIL import Image  # noqa: F401
-        except ImportError as err:
-            raise DataError(f"ImageFolder needs Pillow to read {root!r} (pip install pillow): {err}") from err
-        if in_chans not in (1, 3):
-            raise DataError(f"ImageFolder: in_chans must be 1 (grey) or 3 (RGB), got {in_chans}")
-        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        if not self.classes:
-            raise DataError(f"ImageFolder: {root!r} has no class sub-folders (expected root/<class>/<image>)")
-        self.samples = [
-            (os.path.join(dirpath, name), label)
-            for label, cls in enumerate(self.classes)
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, cls)))
-            for name in sorted(names)
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        if not self.samples:
-            raise DataError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
-        self.image_size, self.in_chans = image_size, in_chans
-        self.mean, self.std = (IMAGENET_STATS if in_chans == 3 else ((0.5,), (0.5,)))
-        self.labels = torch.tensor([label for _, label in self.samples])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.in_chans, self.image_size, self.image_size)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _load(self, index: int) -> Tensor:
-        from PIL import Image
-
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB" if self.in_chans == 3 else "L")
-                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.in_chans)
-        except OSError as err:
-            raise DataError(f"ImageFolder: cannot read image {path!r}: {err}") from err
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self._load(index), self.labels[index]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        return torch.stack([self._load(i) for i in indices]), self.labels[torch.as_tensor(indices, dtype=torch.long)]
 
 
 def _require_dir(root: str | None, name: str) -> str:
@@ -289,8 +235,9 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
                  in_chans: int = 3) -> Dataset:
     """One split (``"train"`` or ``"test"``) of a data set named in :data:`DATASETS`.
 
-    ``image_size``/``in_chans`` only matter for ``imagefolder`` (images are resized to the model's input);
-    the other data sets have a fixed size that the search space must match.
+    ``image_size``/``in_chans`` only matter for ``imagefolder`` (images are cropped to the model's input with the
+    evaluation crop; training switches to its own, ``ImageFolder.with_crop``); the other data sets have a fixed size
+    that the search space must match.
     """
     if split not in ("train", "test"):
         raise ValueError(f"load_dataset: split must be 'train' or 'test', got {split!r}")
@@ -311,9 +258,10 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
 
 
 def subset(dataset: Dataset, indices: Sequence[int] | np.ndarray | Tensor) -> Dataset:
-    """The images ``indices`` of ``dataset``, in that order (still one tensor for in-memory data sets)."""
+    """The images ``indices`` of ``dataset``, in that order (still one tensor for in-memory data sets, still a lazy
+    folder for image folders)."""
     index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-    if isinstance(dataset, TensorImageDataset):
+    if isinstance(dataset, (TensorImageDataset, ImageFolder)):
         return dataset.subset(index)
     return torch.utils.data.Subset(dataset, index.tolist())
 
@@ -433,7 +381,10 @@ def _iterate(dataset: Dataset, index_batches: list, num_workers: int, seed: tupl
 
 def train_batches(dataset: Dataset, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                   start: int = 0, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """The training batches of one epoch for ``rank``, shuffled by ``(seed, epoch)``, from batch ``start`` on."""
+    """The training batches of one epoch for ``rank``, shuffled by ``(seed, epoch)``, from batch ``start`` on (an image
+    folder's random crops drawn for ``epoch``)."""
+    if isinstance(dataset, ImageFolder):
+        dataset = dataset.for_epoch(epoch)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     index_batches = list(BatchSampler(sampler, batch_size, drop_last=True))[start:]
@@ -462,34 +413,3 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float],
     mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     return (images.to(dtype) / 255.0 - mean_t) / std_t
-
-
-def augment(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
-    """Random crop after zero padding by ``padding`` on each side, and a random horizontal flip.
-
-    Offsets and flips are drawn on the CPU from ``generator`` (so a seed fixes them on any device); the
-    crop is one gather on the images' device.
-    """
-    batch, channels, height, width = images.shape
-    out = images
-    if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
-        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
-        rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
-        out = padded[torch.arange(batch, device=images.device)[:, None, None, None],
-                     torch.arange(channels, device=images.device)[None, :, None, None], rows, cols]
-    if flip:
-        flipped = torch.rand(batch, generator=generator).lt(0.5).to(images.device)
-        out = torch.where(flipped[:, None, None, None], out.flip(-1), out)
-    return out
-
-
-def default_augmentation(dataset_name: str, img_size: int) -> tuple[int, bool]:
-    """``(crop padding, horizontal flip)``: the CIFAR recipe (pad 4 at 32 px, i.e. 1/8 of the side, and flip)
-    for natural images; crop only for MNIST, whose mirror images are other symbols; nothing for the 8x8
-    digits, where a one-pixel shift already moves an eighth of the image and stalls a short run."""
-    if dataset_name == "digits":
-        return 0, False
-    return max(1, img_size // 8), dataset_name != "mnist"

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Subset
 
 from .arch import Arch
 from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image
-from .data import normalize
+from .data import TensorImageDataset, eval_batches, normalize
 from .errors import CheckpointError
 from .report import progress_bar
 
@@ -110,12 +111,16 @@ class TensorBatches:
         """From a ``nas.data.TensorImageDataset``."""
         return cls(dataset.images, dataset.labels, dataset.mean, dataset.std, batch_size, device, normalised_dtype)
 
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
     def __len__(self) -> int:
         return -(-self.images.shape[0] // self.batch_size)
 
     @property
-    def samples(self) -> int:
-        return self.images.shape[0]
+    def device(self) -> torch.device:
+        return self.images.device
 
     def slice(self, start: int, stop: int) -> "TensorBatches":
         """The images ``start:stop`` (views of these, on the same device: nothing is copied), fingerprinted as the
@@ -144,10 +149,59 @@ class TensorBatches:
         return self._fingerprint
 
 
+class LoaderBatches:
+    """Re-iterable evaluation batches of a data set read lazily (``nas.imagefolder.ImageFolder``): every pass reads it
+    in order through a DataLoader with ``num_workers`` worker processes, and the batches are normalised on ``device``.
+    Nothing is kept between passes, so a folder of any size evaluates in the memory of a few batches."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device | str = "cpu", num_workers: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"LoaderBatches: batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.device, self.num_workers = dataset, int(batch_size), device, num_workers
+        self.mean, self.std = dataset.mean, dataset.std
+        self._fingerprint: str | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        for images, labels in eval_batches(self.dataset, self.batch_size, num_workers=self.num_workers):
+            images = images.to(self.device, non_blocking=True)
+            yield normalize(images, self.mean, self.std), labels.to(self.device, non_blocking=True)
+
+    def slice(self, start: int, stop: int) -> "LoaderBatches":
+        """The images ``start:stop``, read lazily as these are, fingerprinted as the slice of these data."""
+        part = copy.copy(self)
+        part.dataset = Subset(self.dataset, range(start, stop))
+        part._fingerprint = f"{self.fingerprint}[{start}:{stop}]"
+        return part
+
+    @property
+    def fingerprint(self) -> str:
+        """The data set's own (``ImageFolder.fingerprint``): its files, labels and crop."""
+        if self._fingerprint is None:
+            self._fingerprint = self.dataset.fingerprint()
+        return self._fingerprint
+
+
+def evaluation_batches(dataset, batch_size: int, device: torch.device | str = "cpu", num_workers: int = 0,
+                       normalised_dtype: torch.dtype | None = None) -> TensorBatches | LoaderBatches:
+    """Re-iterable normalised batches of ``dataset`` in order: held on ``device`` once for an in-memory data set
+    (:class:`TensorBatches`, normalised once into ``normalised_dtype`` if given), read anew on each pass for an image
+    folder (:class:`LoaderBatches`)."""
+    if isinstance(dataset, TensorImageDataset):
+        return TensorBatches.from_dataset(dataset, batch_size, device, normalised_dtype)
+    return LoaderBatches(dataset, batch_size, device, num_workers)
+
+
 def data_fingerprint(loader: Iterable) -> str:
-    """A key for the data a loader yields: :attr:`TensorBatches.fingerprint`, else its size and a hash of its
-    first batch (loaders for evaluation do not shuffle)."""
-    if isinstance(loader, TensorBatches):
+    """A key for the data a loader yields: :attr:`TensorBatches.fingerprint` or :attr:`LoaderBatches.fingerprint`,
+    else its size and a hash of its first batch (loaders for evaluation do not shuffle)."""
+    if isinstance(loader, (TensorBatches, LoaderBatches)):
         return loader.fingerprint
     images, labels = next(iter(loader))
     digest = hashlib.sha1()

@@ -1,6 +1,7 @@
-"""What runs report: progress bars, the JSON-lines log of training and reading it back, and the plots (training
-curves, the Pareto front of a search). Progress bars need tqdm and plots matplotlib (``pip install
-'elastic-ops[nas]'``), only where one is shown or drawn; all files are written atomically."""
+"""What runs report: progress bars, the JSON-lines log of training and reading it back, the optional TensorBoard log
+beside it, and the plots (training curves, the Pareto front of a search). Progress bars need tqdm and plots
+matplotlib (``pip install 'elastic-ops[nas]'``), TensorBoard its package (``'elastic-ops[tensorboard]'``), only where
+one is shown, drawn or written; all files but TensorBoard's event files are written atomically."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,29 @@ class JsonLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardLog:
+    """The numbers of the log's records as TensorBoard scalars at their step, under ``<event>/<key>`` (``train/loss``,
+    ``train/lr``, ``final/largest``; a list such as the losses of a step's subnets as ``train/losses/<i>``). TensorBoard
+    appends event files of its own; a resumed run writes a new one, and TensorBoard shows the latest value of a step."""
+
+    def __init__(self, log_dir: Path):
+        writer = require("torch.utils.tensorboard", "tensorboard", "logging to TensorBoard (or set tensorboard to "
+                                                                   "false)").SummaryWriter
+        self.writer = writer(log_dir=str(log_dir))
+
+    def write(self, record: dict) -> None:
+        event, step = record.get("event", "record"), record.get("step", 0)
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            for i, number in enumerate(values):
+                if isinstance(number, (int, float)) and not isinstance(number, bool) and key != "step":
+                    name = f"{event}/{key}" + (f"/{i}" if isinstance(value, list) else "")
+                    self.writer.add_scalar(name, number, global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def drop_torn_line(path: Path, chunk: int = 1 << 16) -> None:

@@ -37,9 +37,17 @@ from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, init_distributed, sum_over_ranks
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
-from .evaluate import EvalCache, EvalResult, TensorBatches, available_memory, evaluate_archs
+from .evaluate import (
+    EvalCache,
+    EvalResult,
+    LoaderBatches,
+    TensorBatches,
+    available_memory,
+    evaluate_archs,
+    evaluation_batches,
+)
 from .export import extract_subnet, save_subnet
-from .latency import LatencyModel
+from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
@@ -81,6 +89,7 @@ class SearchConfig(Config):
                                      "out)")
     test_images: int = setting(0, "test images to report the best archs on (0: all)")
     batch_size: int = setting(256, "images per evaluation batch", resumable=True)
+    num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
                                     resumable=True)
     race: bool = setting(True, "race the candidates of each step over growing slices of the search data, stopping "
@@ -89,6 +98,8 @@ class SearchConfig(Config):
     race_first_fraction: float = setting(0.125, "racing: the first slice's share of the search data")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)
     latency_model: str | None = setting(None, "latency model (JSON written by nas.latency) for latency budgets")
+    latency_other_device: bool = setting(False, "use a latency model measured on another device than the search's",
+                                         resumable=True)
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
     export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
     progress: bool = setting(True, "print progress", resumable=True)
@@ -98,7 +109,7 @@ class SearchConfig(Config):
         for name in ("generations", "population", "parents", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass",
+        for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass", "num_workers",
                      "tpe_startup_trials"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
@@ -354,26 +365,28 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
         described = f"{len(indices)} held-out {dataset} training images" + (
             "" if never_trained_on else " (which the supernet trained on)")
     # Normalised once where it costs little memory: into bf16 on a GPU, and on a CPU where fp32 copies take under a
-    # quarter of the free memory (each pass of a search then reads them as they are).
+    # quarter of the free memory (each pass of a search then reads them as they are). Image folders are read anew.
     device = torch.device(device)
     normalised = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if normalised.itemsize * sum(d.images.numel() for d in (search, test)) > available_memory(device) / 4:
+    in_memory = [d for d in (search, test) if hasattr(d, "images")]
+    if normalised.itemsize * sum(d.images.numel() for d in in_memory) > available_memory(device) / 4:
         normalised = None
-    batches = [TensorBatches.from_dataset(d, config.batch_size, device, normalised) for d in (search, test)]
+    batches = [evaluation_batches(d, config.batch_size, device, config.num_workers, normalised) for d in (search, test)]
     return batches[0], batches[1], described
 
 
-def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches, cache: EvalCache, data_key: str,
+def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | LoaderBatches, cache: EvalCache,
+                  data_key: str,
                   ranks: Distributed) -> Evaluate:
     """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
     them; results cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
     evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
     rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache."""
-    slices = [(0, batches.samples)]
+    slices = [(0, batches.num_images)]
     if config.race:
-        slices = slice_bounds(batches.samples, config.race_first_fraction)
+        slices = slice_bounds(batches.num_images, config.race_first_fraction)
     race_config = RaceConfig(config.race_confidence, config.race_first_fraction)
-    autocast = torch.bfloat16 if batches.images.device.type == "cuda" else None
+    autocast = torch.bfloat16 if torch.device(batches.device).type == "cuda" else None
 
     def evaluate_slice(archs: list[Arch], index: int) -> list[EvalResult]:
         start, stop = slices[index]
@@ -395,7 +408,7 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches, cache:
 
     def evaluate(archs: list[Arch], contenders: Contenders | None) -> list[dict[str, float]]:
         results = race(archs, len(slices), evaluate_slice, contenders or set, race_config)  # set: all go on
-        return [{**results[a].to_dict(), "raced_out": results[a].samples < batches.samples} for a in archs]
+        return [{**results[a].to_dict(), "raced_out": results[a].samples < batches.num_images} for a in archs]
 
     return evaluate
 
@@ -431,6 +444,8 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
+        latency_model.check_environment(environment(device), config.latency_other_device,
+                                        f"latency model {config.latency_model!r}")
         if latency_model.space != space:
             raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for space "
                                           f"{latency_model.space.name!r}, the supernet is of {space.name!r}")
@@ -470,7 +485,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         return search.summary()
     best = {label: c for label, c in search.best_per_budget().items() if c is not None}
     test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False)
-    extra = {"search_data": described, "test_data": f"{len(test_batches.images)} test images",
+    extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images",
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
     if config.export:
         exported = {}

@@ -36,11 +36,20 @@ if TYPE_CHECKING:
     from .space import SearchSpace
 
 
+GLOBAL_POOLS = ("token", "avg")
+
+
+def pool(tokens: Tensor, global_pool: str) -> Tensor:
+    """What the classifier reads from normalised tokens ``[..., N, E]``: the class token, or the patch tokens' mean."""
+    return tokens[..., 0, :] if global_pool == "token" else tokens[..., 1:, :].mean(dim=-2)
+
+
 @dataclass
 class SupernetConfig:
     """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
     own q/k projections (``ElasticAttention``); ``relative_position``: the maximum distance of the 2D relative
-    position, 0 for none; ``space``, if given, is what
+    position, 0 for none; ``global_pool``: what the classifier reads after the final norm, the class token
+    (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``); ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
     img_size: int
@@ -57,6 +66,7 @@ class SupernetConfig:
     relative_position: int = 0
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
+    global_pool: str = "token"
     space: SearchSpace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -72,6 +82,8 @@ class SupernetConfig:
                              f"there is one patch size, {self.patch_sizes[0]}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"SupernetConfig: global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
         if not isinstance(self.relative_position, int) or isinstance(self.relative_position, bool) \
                 or self.relative_position < 0:
             raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), "
@@ -124,7 +136,7 @@ class VisionTransformerSupernet(nn.Module):
                                                for p in c.patch_sizes})
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens(c.patch_sizes[0]), c.embed_dim))
-        drop_paths = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        drop_paths = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
                          drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position)
@@ -231,7 +243,7 @@ class VisionTransformerSupernet(nn.Module):
             if on:  # sizes passed as arguments: a compiled block traces them as symbols (see compile)
                 x = block(x, embed_dim=arch.embed_dim, num_heads=arch.num_heads[i],
                           hidden_features=arch.hidden_features(i))
-        return self.head(self.norm(x)[:, 0])
+        return self.head(pool(self.norm(x), self.config.global_pool))
 
     def compile(self, **options) -> None:
         """``torch.compile`` the transformer blocks (``options`` as torch.compile's), where the time goes.

@@ -1,9 +1,11 @@
 """Supernet training: the config of a run (:class:`TrainConfig`), the :class:`Trainer`, and :func:`train`.
 
-One step: the sampler (``nas.samplers``) picks the archs, each runs forward and backward on the step's batch
+One step: the batch is augmented on the device (``nas.augment``: the data set's recipe, AutoFormer's for image
+folders), the sampler (``nas.samplers``) picks the archs, each runs forward and backward on the step's batch
 (gradients summed; with the sandwich rule the smaller subnets learn from the largest's outputs), then AdamW with
-warmup + cosine (``nas.optim``), label smoothing, drop-path, gradient clipping, mixed precision on GPU and an
-optional EMA of the weights. Several processes (torchrun) all-reduce the gradients by hand (``nas.distributed``).
+warmup + cosine (``nas.optim``; the learning rate optionally scaled by the total batch, as AutoFormer's by
+batch / 512), label smoothing, drop-path, gradient clipping, mixed precision on GPU and an optional EMA of the
+weights. Several processes (torchrun) all-reduce the gradients by hand (``nas.distributed``).
 
 Held-out search split: ``search_holdout`` training images (by default 10,000, at most a fifth of the training set)
 never enter a training batch (``nas.data.SearchSplit``); checkpoints record the split and ``nas.search`` ranks
@@ -38,6 +40,7 @@ from torch import Tensor
 
 import elastic_ops
 
+from . import augment as augment_lib
 from . import data as data_lib
 from .arch import Arch
 from .atomic import atomic_write_text
@@ -57,8 +60,9 @@ from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
-from .report import JsonLog, plot_curves, progress_bar, read_log
+from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
 from .space import SearchSpace, load_space
@@ -86,14 +90,25 @@ class TrainConfig(Config):
     epochs: int = setting(80, "epochs to train (unless max_steps is set)")
     max_steps: int | None = setting(None, "steps to train; overrides epochs", flag="--steps")
     batch_size: int = setting(64, "images per step and process")
-    lr: float = setting(3e-3, "peak learning rate (not scaled: set it for your total batch)")
+    lr: float = setting(3e-3, "peak learning rate (for lr_reference_batch images a step where that is set)")
+    lr_reference_batch: int | None = setting(None, "scale lr and min_lr by the total batch (all processes) over this "
+                                                   "many images, as AutoFormer's lr is per 512 (null: use lr as set)")
     min_lr: float = setting(1e-5, "learning rate at the end of the cosine")
     warmup_steps: int = setting(50, "steps of linear warmup")
     weight_decay: float = setting(0.05, "AdamW weight decay (none on biases, norms and tokens)")
     label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
     drop_path: float = setting(0.0, "drop-path rate of the last layer (rising linearly over the layers)")
     clip_grad: float | None = setting(5.0, "maximum global gradient norm (null: no clipping)")
-    augment: bool = setting(True, "random crop with padding (+ horizontal flip for natural images)")
+    augment: bool = setting(True, "augment the training images as the settings below say (false: none of it)")
+    crop: str | None = setting(None, "training crop (null: random-resized for imagefolder, as AutoFormer; pad for "
+                                     "cifar and mnist; none for digits)", choices=(None,) + augment_lib.CROPS)
+    flip: bool | None = setting(None, "random horizontal flip (null: on, but for mnist and digits)")
+    rand_augment: str | None = setting(None, "RandAugment in timm's notation, or none (null: rand-m9-mstd0.5-inc1 for "
+                                             "imagefolder, as AutoFormer; none for the others)")
+    random_erasing: float | None = setting(None, "probability of erasing a random box (null: 0.25 for imagefolder, "
+                                                 "0 for the others)")
+    mixup: float | None = setting(None, "mixup alpha, 0 for none (null: 0.8 for imagefolder, 0 for the others)")
+    cutmix: float | None = setting(None, "cutmix alpha, 0 for none (null: 1.0 for imagefolder, 0 for the others)")
     amp: bool = setting(True, "autocast on CUDA (ignored on the CPU)")
     amp_dtype: str = setting("bfloat16", "autocast dtype (float16 adds a GradScaler)", choices=("bfloat16", "float16"))
     ema_decay: float | None = setting(None, "evaluate an exponential moving average of the weights with this "
@@ -115,6 +130,8 @@ class TrainConfig(Config):
     num_workers: int = setting(0, "data loader worker processes", resumable=True)
     progress: bool = setting(True, "show a progress bar", resumable=True)
     plot: bool = setting(True, "write curves.png at the end", resumable=True)
+    tensorboard: bool = setting(False, "also log to TensorBoard in <out_dir>/tensorboard (pip install "
+                                       "'elastic-ops[tensorboard]')", resumable=True)
 
     def problems(self) -> list[str]:
         positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images"]
@@ -138,6 +155,20 @@ class TrainConfig(Config):
             problems.append(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
         if not all(isinstance(a, dict) for a in self.eval_archs):
             problems.append("eval_archs must be a list of arch mappings (Arch.to_dict())")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            problems.append(f"lr_reference_batch={self.lr_reference_batch} must be >= 1 or null")
+        if self.crop == "random-resized" and self.dataset != "imagefolder":
+            problems.append(f"crop=random-resized reads every image anew, which only imagefolder does; {self.dataset} "
+                            "images are held in memory (use crop=pad)")
+        if self.random_erasing is not None and not 0 <= self.random_erasing <= 1:
+            problems.append(f"random_erasing={self.random_erasing} must be a probability in [0, 1] or null")
+        if min(self.mixup or 0, self.cutmix or 0) < 0:
+            problems.append(f"mixup={self.mixup} and cutmix={self.cutmix} must be >= 0 (0: off) or null")
+        if self.rand_augment not in (None, "none"):
+            try:
+                augment_lib.RandAugment.parse(self.rand_augment)
+            except ValueError as err:
+                problems.append(str(err))
         return problems
 
 
@@ -164,8 +195,8 @@ class Data:
 
 
 def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
-    """Training images less the held-out search split (then ``train_subset`` of them), the test split, and
-    for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images."""
+    """Training images less the held-out search split (then ``train_subset`` of them, read with the training crop),
+    the test split, and for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images."""
     kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
     train = data_lib.load_dataset(config.dataset, config.data_dir, "train", **kwargs)
     test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
@@ -181,6 +212,8 @@ def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
         measure = train.__getitems__(held_out[:config.measure_images].tolist())
     mean, std = train.mean, train.std
     train = data_lib.fixed_subset(data_lib.subset(train, kept), config.train_subset)
+    if config.augment and augment_lib.training_crop(config.dataset, config.crop) == "random-resized":
+        train = train.with_crop(RandomResizedCrop(), seed=config.seed)
     return Data(train, data_lib.fixed_subset(test, config.test_subset), measure, search_split, mean, std)
 
 
@@ -248,8 +281,12 @@ class Trainer:
         self.data = load_data(c, self.space, measures=sampler_cls.measures)
         self.steps_per_epoch = data_lib.steps_per_epoch(self.data.train, c.batch_size, self.ranks.world_size)
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
-        augmentation = data_lib.default_augmentation(c.dataset, self.space.img_size)
-        self.crop_padding, self.flip = augmentation if c.augment else (0, False)
+        self.augmentation = augment_lib.Augmentation()
+        if c.augment:
+            self.augmentation = augment_lib.recipe(
+                c.dataset, self.space.img_size, self.data.mean, crop=c.crop, flip=c.flip, rand_augment=c.rand_augment,
+                random_erasing=c.random_erasing, mixup=c.mixup, cutmix=c.cutmix)
+        lr_scale = 1.0 if c.lr_reference_batch is None else c.batch_size * self.ranks.world_size / c.lr_reference_batch
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
         supernet_config = SupernetConfig.from_space(self.space, drop_path_rate=c.drop_path)
@@ -258,7 +295,7 @@ class Trainer:
             broadcast_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, c.weight_decay), lr=c.lr, **fused)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, c.weight_decay), lr=c.lr * lr_scale, **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, c.warmup_steps, c.min_lr / c.lr))
         self.use_amp = c.amp and self.device.type == "cuda"
@@ -290,6 +327,7 @@ class Trainer:
                 self.resumed_at = self.step
             out = Path(c.out_dir)
             self.log = JsonLog(out / "log.jsonl", self.ranks.main, self.resumed_at)
+            self.tensorboard = TensorBoardLog(out / "tensorboard") if c.tensorboard and self.ranks.main else None
             if self.ranks.main:
                 atomic_write_text(out / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
         except BaseException:
@@ -313,7 +351,9 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release the out_dir (the end of the process does too)."""
+        """Release the out_dir (the end of the process does too) and close the TensorBoard log."""
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()
         if self.out_dir is not None:
             self.out_dir.release()
 
@@ -405,11 +445,10 @@ class Trainer:
         """One optimizer step on one batch; returns the step's record (losses averaged over ranks)."""
         c = self.config
         archs = self.sampler.sample()
-        images = data_lib.normalize(images.to(self.device, non_blocking=True), self.data.mean, self.data.std)
-        if self.crop_padding or self.flip:
-            generator = step_generator(c.seed, self.step, self.ranks.rank)
-            images = data_lib.augment(images, self.crop_padding, self.flip, generator)
         labels = labels.to(self.device, non_blocking=True)
+        images, targets = self.augmentation(images.to(self.device, non_blocking=True), labels,
+                                            step_generator(c.seed, self.step, self.ranks.rank), self.data.mean,
+                                            self.data.std, self.space.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(len(archs) + 1, dtype=torch.float64, device=self.device)
         teacher = None
@@ -420,7 +459,7 @@ class Trainer:
             if teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:
-                loss = F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
+                loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
             if self.sampler.distill and i == 0:
                 teacher = logits.detach().softmax(dim=-1)
             if i == 0:
@@ -473,8 +512,14 @@ class Trainer:
                   "largest": self.test_accuracy(self.space.max_arch())}
         if event == "final" and self.eval_archs:
             record["eval_archs"] = [self.test_accuracy(arch) for arch in self.eval_archs]
-        self.log.write(record)
+        self.record(record)
         return record
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Into the JSON-lines log and, where asked, TensorBoard."""
+        self.log.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def logged_final(self) -> dict | None:
         """The final record of this step in the log, where a finished run was resumed (read on rank 0, shared)."""
@@ -503,7 +548,7 @@ class Trainer:
                     window_images, window_start = 0, time.perf_counter()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
                                     img_s=f"{record['images_per_s']:.0f}")
-                self.log.write(record)
+                self.record(record)
                 if c.ckpt_every and self.step % c.ckpt_every == 0:
                     self.save()
                 if c.eval_every and self.step % c.eval_every == 0:

@@ -203,26 +203,6 @@ def test_normalize_matches_formula():
         assert torch.allclose(out[:, c], (images[:, c].float() / 255 - mean[c]) / std[c], atol=1e-6)
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_augment_is_a_padded_crop_or_its_mirror(flip):
-    images = torch.randn(64, 2, 6, 7)
-    padding = 2
-    out = D.augment(images, padding, flip, torch.Generator().manual_seed(4))
-    padded = torch.nn.functional.pad(images, (padding,) * 4)
-    flips = 0
-    for b in range(len(images)):
-        crops = [padded[b, :, dy:dy + 6, dx:dx + 7] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
-        plain = any(torch.equal(out[b], c) for c in crops)
-        mirrored = any(torch.equal(out[b], c.flip(-1)) for c in crops)
-        assert plain or (flip and mirrored)
-        flips += not plain
-    assert (8 < flips < 56) if flip else flips == 0
-    again = D.augment(images, padding, flip, torch.Generator().manual_seed(4))
-    assert torch.equal(out, again)
-    assert D.default_augmentation("cifar10", 32) == (4, True) and D.default_augmentation("digits", 8) == (0, False)
-    assert D.default_augmentation("mnist", 28) == (3, False)
-
-
 def test_train_batches_shard_and_resume():
     digits = D.load_dataset("digits", split="test")
     # labels = image indices, so that a batch's labels say exactly which images it holds

@@ -138,3 +138,49 @@ def test_onnx_export_or_clear_message(supernet, arch, x, tmp_path):
         pytest.skip("onnx/onnxscript are not installed: checked the error message only")
     to_onnx(plain, tmp_path / "subnet.onnx", x)
     assert (tmp_path / "subnet.onnx").stat().st_size > 0
+
+
+# -- python -m nas.export ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from nas.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    return train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, out_dir=str(out),
+                             ckpt_every=0, progress=False, plot=False, backend="reference")).checkpoint
+
+
+def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp_path, capsys):
+    from nas.export import load_safetensors
+    from nas.export.__main__ import main
+
+    formats = ["pytorch", "torch-export", "safetensors"]
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript") and \
+            importlib.util.find_spec("onnxruntime"):
+        formats.append("onnx")
+    arch = '{"embed_dim": 48, "num_heads": [2, 1, 2, 2], "mlp_ratio": [2.0, 3.0, 2.0, 2.0], "layer_on": [true, true, ' \
+           'true, false]}'
+    args = ["--checkpoint", digits_checkpoint, "--arch", arch, "--out-dir", str(tmp_path / "out")]
+    assert main(args + [a for f in formats for a in ("--format", f)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[export] {f}: " in out for f in formats), out
+    model, loaded_arch = load_safetensors(tmp_path / "out" / "safetensors")
+    assert loaded_arch.embed_dim == 48 and len(model.blocks) == 3
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"subnet.pt", "subnet.pt2", "safetensors"}
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "needs a supernet checkpoint"),
+    (["--checkpoint", "{ckpt}", "--arch", "{{embed_dim: 4096}}"], "is not an arch of space 'digits-tiny'"),
+    (["--checkpoint", "{ckpt}", "--format", "tflite"], "format 'tflite' is not one of pytorch"),
+    (["--checkpoint", "{ckpt}", "--check-batch", "1"], "the first >= 2"),
+    (["--checkpoint", "{dir}/none.pt"], "checkpoint not found"),
+])
+def test_the_command_line_errors_are_one_line(digits_checkpoint, tmp_path, capsys, args, message):
+    from nas.export.__main__ import main
+
+    assert main([a.format(ckpt=digits_checkpoint, dir=tmp_path) for a in args]
+                + ["--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nas.export: error: ") and message in err and err.count("\n") == 1, err

@@ -12,7 +12,7 @@ import processes
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CLIS = {"nas.train", "nas.search"}
+CLIS = {"nas.train", "nas.search", "nas.latency.__main__", "nas.export.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -102,7 +102,8 @@ def test_elastic_ops_never_imports_nas():
 
 BLOCKER = """
 import importlib.abc, sys
-OPTIONAL = {"tqdm", "matplotlib", "sklearn", "scipy", "optuna"}
+OPTIONAL = {"tqdm", "matplotlib", "sklearn", "scipy", "optuna", "tensorboard", "onnx", "onnxscript", "onnxruntime",
+            "safetensors"}
 
 class Missing(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -140,8 +141,8 @@ def test_the_base_install_does_not_pull_the_extras():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = " ".join(project["dependencies"]).lower()
-    for heavy in ("tqdm", "matplotlib", "scikit-learn", "scipy", "optuna"):
+    for heavy in ("tqdm", "matplotlib", "scikit-learn", "scipy", "optuna", "tensorboard", "onnx", "safetensors"):
         assert heavy not in base, heavy
     extras = project["optional-dependencies"]
     assert {"tqdm", "matplotlib", "scikit-learn", "scipy"} <= set(extras["nas"])
-    assert "elastic-ops[nas,search]" in extras["test"]
+    assert "elastic-ops[nas,search,tensorboard,export]" in extras["test"]

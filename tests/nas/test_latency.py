@@ -63,7 +63,7 @@ def test_fit_rejects_bad_measurements():
         LatencyModel.fit([(a, 1e-3) for a in archs[:-1]] + [(other, 1e-3)], space, batch_size=1, device="cpu")
 
 
-def fitted_model():
+def fitted_model():  # written before environments were recorded: none
     space, rng = load_space("cifar-tiny"), np.random.default_rng()
     coef = rng.uniform(0.5, 2.0, len(FEATURES)) * np.array([1e-4, 1e-5, 1e-11, 1e-11, 1e-9, 1e-9])
     return LatencyModel.fit(synthetic_measurements(space, rng, 20, coef, 0.05), space, batch_size=32, device="cpu")
@@ -148,3 +148,59 @@ def test_measure_archs_builds_and_times_each_arch():
     assert training_flags == [False] * 12  # eval mode, 1 warm-up and 3 timed calls per arch
     assert [arch for arch, _ in results] == archs
     assert all(0 < seconds < 1 for _, seconds in results)
+
+
+# -- python -m nas.latency --------------------------------------------------------------------------------------
+
+def test_the_command_line_measures_fits_and_validates(tmp_path, monkeypatch, capsys):
+    from nas.latency.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["--warmup", "1", "--repeats", "2"]
+    assert main(["measure", "--space", "digits-tiny", "--archs", "10", "--batch-size", "4"] + quick) == 0
+    measured = json.loads((tmp_path / "latency" / "measurements.json").read_text())
+    assert 10 <= len(measured["measurements"]) <= 12 and measured["batch_size"] == 4  # draws may repeat an arch
+    assert set(measured["environment"]) == {"device", "device_name", "dtype", "threads", "torch", "elastic_ops",
+                                            "python"}
+    assert main(["fit", "--holdout", "0.25"]) == 0
+    assert "held-out subnets: mean" in capsys.readouterr().out
+    model = LatencyModel.load(tmp_path / "latency" / "model.json")
+    assert model.environment == measured["environment"] and model.batch_size == 4
+    assert main(["validate", "--archs", "3"] + quick) == 0
+    assert "rank correlation" in capsys.readouterr().out
+    # Another device's model is refused, unless asked for.
+    other = json.loads((tmp_path / "latency" / "model.json").read_text())
+    other["environment"]["device_name"] = "Some Other CPU"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["validate", "--model", "other.json", "--archs", "1"] + quick) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nas.latency: error: latency model 'other.json' was measured on Some Other CPU") \
+        and err.count("\n") == 1
+    assert main(["validate", "--model", "other.json", "--archs", "1", "--other-device"] + quick) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "needs a command, measure, fit or validate (got none)"),
+    (["time"], "needs a command, measure, fit or validate (got 'time')"),
+    (["fit", "--measurements", "none.json"], "none.json: cannot read the measurements: No such file"),
+    (["measure", "--archs", "0"], "archs=0 must be >= 1"),
+    (["measure", "--space", "nowhere"], "space='nowhere'"),
+])
+def test_the_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    from nas.latency.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nas.latency: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_search_refuses_another_devices_latency_model(tmp_path):
+    model = fitted_model()
+    here = {"device_name": "This CPU"}
+    other = LatencyModel(model.space, model.coef, 32, "cpu", 0.0, {"device_name": "That GPU", "dtype": "float16"})
+    with pytest.raises(CheckpointError, match="was measured on That GPU .*this is This CPU"):
+        other.check_environment(here)
+    other.check_environment(here, other_device_ok=True)
+    with pytest.raises(CheckpointError, match="does not record the device"):
+        model.check_environment(here)

@@ -6,29 +6,35 @@ builder (the supernet's extracted subnet, a plain ViT, an exported model). ``Lat
 non-negative least squares on per-arch features that are sums of per-layer terms (``FEATURES``), and
 saves to / loads from JSON.
 
-Measurements and predictions are in seconds, for the batch size and device they were measured on
-(stored in the model file; a model predicts nothing about other batch sizes or devices).
+Measurements and predictions are in seconds, for the batch size and device they were measured on. The model file
+records where (:func:`environment`: the device's name, the dtype, the CPU threads, the torch, elastic-ops and Python
+versions), and :meth:`LatencyModel.check_environment` refuses a model measured on another device unless told to.
+:func:`measure_space` measures a space's subnets as standalone models on this device; ``python -m nas.latency
+measure|fit|validate`` is its command line.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .arch import Arch, ArchBatch
-from .atomic import atomic_write_text
-from .cost import embed_macs, head_macs, layer_dims, layer_macs_parts
-from .errors import CheckpointError, require
-from .space import SearchSpace
+from ..arch import Arch, ArchBatch
+from ..atomic import atomic_write_text
+from ..cost import embed_macs, head_macs, layer_dims, layer_macs_parts
+from ..errors import CheckpointError, CheckpointMismatchError, require
+from ..export import extract_subnet
+from ..space import SearchSpace
+from ..supernet import SupernetConfig, VisionTransformerSupernet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the environment of the measurements; 1 (no environment) still loads
 
 FEATURES = (
     "constant",          # launch and framework overhead of a forward pass
@@ -102,21 +108,60 @@ def measure_archs(archs: Sequence[Arch], build_model: Callable[[Arch], torch.nn.
     return results
 
 
+def read_json(path: str | os.PathLike, what: str, kind: str):
+    """The JSON in ``path``, or a :class:`~nas.errors.CheckpointError` saying that ``what`` cannot be read or is not
+    ``kind``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read {what}: {error.strerror or error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not {kind} (invalid JSON: {error})") from error
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's or the CPU's model name (the CPU's from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Where latencies are measured: the device's kind and name, the dtype, torch's CPU threads, and the versions of
+    torch, elastic-ops and Python."""
+    device = torch.device(device)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("elastic-ops")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"device": device.type, "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "elastic_ops": ours,
+            "python": platform.python_version()}
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """Latency in seconds = ``latency_features(arch) @ coef``, with non-negative ``coef`` (one per
     ``FEATURES`` entry, seconds per unit), for one space, batch size and device.
-    ``mean_relative_error`` is the mean |predicted - measured| / measured on the fitting data."""
+    ``mean_relative_error`` is the mean |predicted - measured| / measured on the fitting data; ``environment``
+    (:func:`environment`) is where the measurements were taken (empty for files written before it was recorded)."""
 
     space: SearchSpace
     coef: tuple[float, ...]
     batch_size: int
     device: str
     mean_relative_error: float
+    environment: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def fit(cls, measurements: Sequence[tuple[Arch, float]], space: SearchSpace, batch_size: int,
-            device: str) -> "LatencyModel":
+            device: str, environment: dict | None = None) -> "LatencyModel":
         """Fit on ``[(arch, seconds)]`` from ``measure_archs`` (at least as many as ``FEATURES``)."""
         if len(measurements) < len(FEATURES):
             raise ValueError(f"LatencyModel.fit: {len(measurements)} measurements, need at least {len(FEATURES)}")
@@ -134,7 +179,8 @@ class LatencyModel:
         coef, _ = nnls(features / scale, seconds)
         coef = coef / scale
         relative_error = float(np.mean(np.abs(features @ coef - seconds) / seconds))
-        return cls(space, tuple(float(c) for c in coef), int(batch_size), str(device), relative_error)
+        return cls(space, tuple(float(c) for c in coef), int(batch_size), str(device), relative_error,
+                   dict(environment or {}))
 
     def predict_many(self, archs: Sequence[Arch] | ArchBatch) -> np.ndarray:
         return latency_features(archs, self.space) @ np.asarray(self.coef)
@@ -151,6 +197,7 @@ class LatencyModel:
             "batch_size": self.batch_size,
             "device": self.device,
             "mean_relative_error": self.mean_relative_error,
+            "environment": self.environment,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -159,19 +206,14 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyModel":
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as error:
-            raise CheckpointError(f"{path}: cannot read the latency model: {error.strerror or error}") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: not a latency model (invalid JSON: {error})") from error
+        data = read_json(path, "the latency model", "a latency model")
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: not a latency model (expected a JSON object)")
         keys = {"format_version", "features", "coef", "space", "batch_size", "device", "mean_relative_error"}
         missing = keys - set(data)
         if missing:
             raise CheckpointError(f"{path}: not a latency model (missing {sorted(missing)})")
-        if data["format_version"] != FORMAT_VERSION:
+        if data["format_version"] not in (1, FORMAT_VERSION):
             raise CheckpointError(f"{path}: latency model format {data['format_version']}, this code reads "
                                   f"{FORMAT_VERSION}")
         if tuple(data["features"]) != FEATURES or len(data["coef"]) != len(FEATURES):
@@ -184,4 +226,40 @@ class LatencyModel:
             space = SearchSpace.from_dict(data["space"])
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: invalid search space in latency model: {error}") from error
-        return cls(space, coef, int(data["batch_size"]), str(data["device"]), float(data["mean_relative_error"]))
+        return cls(space, coef, int(data["batch_size"]), str(data["device"]), float(data["mean_relative_error"]),
+                   dict(data.get("environment") or {}))
+
+    def check_environment(self, here: dict, other_device_ok: bool = False, source: str = "latency model") -> None:
+        """Refuse (:class:`~nas.errors.CheckpointMismatchError`) to predict for a device other than the one measured
+        (``here`` as :func:`environment` gives it) unless ``other_device_ok``."""
+        measured = self.environment.get("device_name")
+        if other_device_ok or measured == here["device_name"]:
+            return
+        where = (f"was measured on {measured} ({self.environment.get('dtype')}, {self.environment.get('threads')} "
+                 f"threads, torch {self.environment.get('torch')})" if measured else
+                 "does not record the device it was measured on (written before nas.latency recorded it)")
+        raise CheckpointMismatchError(f"{source} {where}, and this is {here['device_name']}: its predictions are not "
+                                      "latencies here; measure this device (python -m nas.latency measure, then fit), "
+                                      "or use it anyway with latency_other_device")
+
+
+def measure_space(space: SearchSpace, archs: Sequence[Arch], batch_size: int, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, warmup: int = 5, repeats: int = 20,
+                  progress: Callable[[int], None] | None = None) -> list[tuple[Arch, float]]:
+    """``[(arch, seconds)]``: each arch of ``space`` as the standalone model it exports to (``nas.export``, random
+    weights: latency does not depend on them), in ``dtype`` on ``device``, timed on a batch of ``batch_size``."""
+    supernet = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
+    shape = (batch_size, space.in_chans, space.img_size, space.img_size)
+    results = []
+    for arch in archs:
+        results += measure_archs([arch], lambda a: extract_subnet(supernet, a).to(dtype),
+                                 lambda a: torch.randn(shape, dtype=dtype), device, warmup, repeats)
+        if progress is not None:
+            progress(len(results))
+    return results
+
+
+def relative_errors(model: LatencyModel, measurements: Sequence[tuple[Arch, float]]) -> np.ndarray:
+    """|predicted - measured| / measured of each measurement."""
+    measured = np.array([seconds for _, seconds in measurements])
+    return np.abs(model.predict_many([arch for arch, _ in measurements]) - measured) / measured

@@ -1,0 +1,111 @@
+"""Standalone subnets from the command line: ``python -m nas.export --checkpoint CKPT --arch ARCH --format ...``.
+
+The subnet ``--arch`` of a ``python -m nas.train`` checkpoint's supernet becomes a plain PyTorch ViT
+(``elastic_ops/plain.py``), written in each ``--format`` (repeat the flag) to ``--out-dir``: ``pytorch``
+(``subnet.pt``, ``nas.export.load_subnet``), ``torch-export`` (``subnet.pt2``, ``torch.export.load``), ``onnx``
+(``subnet.onnx``, dynamic batch; needs ``pip install 'elastic-ops[export]'``) and ``safetensors``
+(``safetensors/model.safetensors`` with ``config.json``). Each file is loaded back and run on random batches of two
+sizes; its logits must equal the supernet's. Settings are flags, ``--set`` keys and keys of a ``--config`` file
+(``nas.config``); errors are one line and exit status 2 (``nas.errors``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..arch import Arch
+from ..checkpoint import load_supernet
+from ..config import Config, parse_command_line, setting
+from ..errors import ConfigError, OutputError, run_command
+from ..space import SearchSpace
+from . import FORMATS, extract_subnet
+
+
+@dataclass
+class ExportConfig(Config):
+    NAME = "export"
+
+    checkpoint: str | None = setting(None, "supernet checkpoint written by python -m nas.train")
+    arch: str = setting("largest", "the subnet: largest, smallest, an arch mapping (JSON or YAML, as search.json "
+                                   "holds them) or a file holding one")
+    formats: list[str] = setting(["pytorch", "torch-export"], f"formats to write; of {', '.join(FORMATS)}",
+                                 flag="--format")
+    out_dir: str = setting("export", "output directory")
+    check_batches: list[int] = setting([2, 3], "batch sizes the exported model is run on and compared with the "
+                                               "supernet (the first is also the example batch of the export)",
+                                       flag="--check-batch")
+    tolerance: float = setting(1e-4, "largest difference of logits allowed, relative to their largest magnitude")
+    seed: int = setting(0, "seed of the random check images")
+
+    def problems(self) -> list[str]:
+        problems = [f"format {f!r} is not one of {', '.join(FORMATS)}" for f in self.formats if f not in FORMATS]
+        if not self.formats:
+            problems.append("no format to write")
+        if not self.check_batches or min(self.check_batches) < 1 or self.check_batches[0] < 2:
+            problems.append(f"check_batches={self.check_batches}: batch sizes >= 1, the first >= 2 (the example batch "
+                            "of an export with a dynamic batch size)")
+        return problems
+
+
+def read_arch(text: str, space: SearchSpace) -> Arch:
+    """``largest``, ``smallest``, an arch mapping or a file holding one, checked against ``space``."""
+    if text in ("largest", "smallest"):
+        return space.max_arch() if text == "largest" else space.min_arch()
+    source = Path(text).read_text() if os.path.isfile(text) else text
+    try:
+        values = yaml.safe_load(source)
+        arch = Arch.from_dict(values.get("arch", values) if isinstance(values, dict) else values)
+        space.validate(arch)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ConfigError(f"arch {text[:80]!r} is not an arch of space {space.name!r} (largest, smallest, an arch "
+                          f"mapping or a file holding one): {error}") from error
+    return arch
+
+
+def run(argv: Sequence[str] | None) -> int:
+    config, _ = parse_command_line(ExportConfig, argv, prog="python -m nas.export",
+                                   description=__doc__.split("\n\n")[1])
+    if config.checkpoint is None:
+        raise ConfigError("an export needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
+    supernet, space, _ = load_supernet(config.checkpoint)
+    arch = read_arch(config.arch, space)
+    model = extract_subnet(supernet, arch)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = [torch.randn(n, space.in_chans, space.img_size, space.img_size, generator=generator)
+               for n in config.check_batches]
+    with torch.no_grad():
+        expected = [supernet(images, arch) for images in batches]
+    out = Path(config.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"out_dir {config.out_dir!r} cannot be created: {error.strerror or error}") from error
+    for name in config.formats:
+        export = FORMATS[name]
+        path = out / export.path
+        export.write(model, arch, path, batches[0])
+        runner = export.load(path)
+        with torch.no_grad():
+            differences = [float((runner(images) - logits).abs().max() / logits.abs().max().clamp(min=1e-12))
+                           for images, logits in zip(batches, expected)]
+        if max(differences) > config.tolerance:
+            raise AssertionError(f"the {name} export at {path} computes other logits than the supernet: relative "
+                                 f"difference {max(differences):.3g} > {config.tolerance}")
+        print(f"[export] {name}: {path}; loaded back and run on batches of {', '.join(map(str, config.check_batches))}:"
+              f" largest relative difference {max(differences):.2g}")
+    print(f"[export] subnet {arch.to_json()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("nas.export", lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

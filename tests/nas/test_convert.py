@@ -1,0 +1,339 @@
+"""AutoFormer checkpoints and timm models into the supernet: equal outputs.
+
+AutoFormer's model code is not in this repository (nor importable here), so its side is a hand-built state dict with
+AutoFormer's key names and layout (``Vision_TransformerSuper`` with ``change_qkv=True``, ``relative_position=True`` and
+``gp=True``, as its released supernets were trained) and, below, an independent implementation of its forward written
+from microsoft/Cream ``AutoFormer/model/vision_transformer/{supernet_transformer.py, module/multihead_super.py}`` and
+its ``qkv_super``: the interleaved qkv rows gathered with stride-3 slices and ``torch.cat``, the qkv bias sliced as a
+leading block, the relative position computed with its distance matrices and reshapes, LayerNorm eps 1e-5, exact
+GELU, and the patch tokens' mean classified.
+
+timm does not import beside the CPU build of torch (its torchvision dependency fails), so its side is a module tree
+with timm's structure and parameter names and timm's forward, built here; timm itself is used where it imports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.arch import Arch
+from nas.convert import (
+    blocks_to_interleaved,
+    convert_timm_vit,
+    from_autoformer_state_dict,
+    interleaved_to_blocks,
+    timm_space,
+    to_autoformer_state_dict,
+)
+from nas.evaluate import evaluate_archs
+from nas.export import extract_subnet
+from nas.space import SearchSpace
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+# A small AutoFormer space: head dim 64 and embed dim = heads * 64 at the largest, as AutoFormer's qkv_super needs.
+AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112, 128], depths=[2, 3], num_heads=[1, 2],
+                       mlp_ratios=[2.0, 3.0], head_dim=64, patch_sizes=[8], img_size=32, in_chans=3, num_classes=7)
+MAX_DISTANCE = 3
+
+
+def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too)."""
+    g = torch.Generator().manual_seed(seed)
+    embed, hidden = space.max_embed_dim, space.max_hidden
+    tokens = (space.img_size // space.patch_sizes[0]) ** 2 + 1
+    patch = space.patch_sizes[0]
+
+    def t(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"patch_embed_super.proj.weight": t(embed, space.in_chans, patch, patch),
+             "patch_embed_super.proj.bias": t(embed), "cls_token": t(1, 1, embed), "pos_embed": t(1, tokens, embed)}
+    for i in range(space.max_depth):
+        b = f"blocks.{i}."
+        for norm in ("attn_layer_norm", "ffn_layer_norm"):
+            state[b + norm + ".weight"], state[b + norm + ".bias"] = 1 + t(embed), t(embed)
+        state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"] = t(3 * embed, embed), t(3 * embed)
+        state[b + "attn.proj.weight"], state[b + "attn.proj.bias"] = t(embed, embed), t(embed)
+        for which in ("k", "v"):
+            for axis in ("v", "h"):
+                state[f"{b}attn.rel_pos_embed_{which}.embeddings_table_{axis}"] = t(2 * MAX_DISTANCE + 2, 64)
+        state[b + "fc1.weight"], state[b + "fc1.bias"] = t(hidden, embed), t(hidden)
+        state[b + "fc2.weight"], state[b + "fc2.bias"] = t(embed, hidden), t(embed)
+    state["norm.weight"], state["norm.bias"] = 1 + t(embed), t(embed)
+    state["head.weight"], state["head.bias"] = t(space.num_classes, embed), t(space.num_classes)
+    return state
+
+
+def autoformer_relative(table_v, table_h, length, max_distance, head_dim):
+    """AutoFormer's RelativePosition2D_super.forward."""
+    length = length - 1
+    side = int(length ** 0.5)
+    range_q, range_k = torch.arange(length), torch.arange(length)
+    distance_v = range_k[None, :] // side - range_q[:, None] // side
+    distance_h = range_k[None, :] % side - range_q[:, None] % side
+    final_v = F.pad(torch.clamp(distance_v, -max_distance, max_distance) + max_distance + 1, (1, 0, 1, 0))
+    final_h = F.pad(torch.clamp(distance_h, -max_distance, max_distance) + max_distance + 1, (1, 0, 1, 0))
+    return table_v[:, :head_dim][final_v] + table_h[:, :head_dim][final_h]
+
+
+def autoformer_forward(state, images, arch: Arch, max_distance=MAX_DISTANCE):
+    """AutoFormer's Vision_TransformerSuper.forward for one subnet (eval mode), on its own state dict."""
+    e = arch.embed_dim
+    w = state["patch_embed_super.proj.weight"]
+    x = F.conv2d(images, w[:e], state["patch_embed_super.proj.bias"][:e], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    batch = x.shape[0]
+    x = torch.cat((state["cls_token"][..., :e].expand(batch, -1, -1), x), dim=1) + state["pos_embed"][..., :e]
+    for i in range(arch.depth):
+        b, heads, hidden = f"blocks.{i}.", arch.num_heads[i], arch.hidden_features(i)
+
+        def norm(name, v):
+            return F.layer_norm(v, (e,), state[b + name + ".weight"][:e], state[b + name + ".bias"][:e], 1e-5)
+
+        residual, h = x, norm("attn_layer_norm", x)
+        out_dim = 3 * heads * 64
+        qkv_w = state[b + "attn.qkv.weight"][:, :e]
+        qkv_w = torch.cat([qkv_w[j:out_dim:3, :] for j in range(3)], dim=0)  # qkv_super.sample_weight
+        qkv_b = state[b + "attn.qkv.bias"][:out_dim]  # qkv_super.sample_bias
+        n = h.shape[1]
+        qkv = F.linear(h, qkv_w, qkv_b).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scale = 64 ** -0.5
+        attn = (q @ k.transpose(-2, -1)) * scale
+        r_p_k = autoformer_relative(state[b + "attn.rel_pos_embed_k.embeddings_table_v"],
+                                    state[b + "attn.rel_pos_embed_k.embeddings_table_h"], n, max_distance, 64)
+        attn = attn + (q.permute(2, 0, 1, 3).reshape(n, heads * batch, -1) @ r_p_k.transpose(2, 1)) \
+            .transpose(1, 0).reshape(batch, heads, n, n) * scale
+        attn = attn.softmax(dim=-1)
+        h = (attn @ v).transpose(1, 2).reshape(batch, n, -1)
+        r_p_v = autoformer_relative(state[b + "attn.rel_pos_embed_v.embeddings_table_v"],
+                                    state[b + "attn.rel_pos_embed_v.embeddings_table_h"], n, max_distance, 64)
+        attn_1 = attn.permute(2, 0, 1, 3).reshape(n, batch * heads, -1)
+        h = h + (attn_1 @ r_p_v).transpose(1, 0).reshape(batch, heads, n, -1).transpose(2, 1).reshape(batch, n, -1)
+        h = F.linear(h, state[b + "attn.proj.weight"][:e, :heads * 64], state[b + "attn.proj.bias"][:e])
+        x = residual + h
+        residual, h = x, norm("ffn_layer_norm", x)
+        h = F.gelu(F.linear(h, state[b + "fc1.weight"][:hidden, :e], state[b + "fc1.bias"][:hidden]))
+        x = residual + F.linear(h, state[b + "fc2.weight"][:e, :hidden], state[b + "fc2.bias"][:e])
+    x = F.layer_norm(x, (e,), state["norm.weight"][:e], state["norm.bias"][:e], 1e-5)
+    x = torch.mean(x[:, 1:], dim=1)  # gp
+    return F.linear(x, state["head.weight"][:, :e], state["head.bias"])
+
+
+def subnets(space: SearchSpace, count: int, seed: int, full_heads: bool) -> list[Arch]:
+    archs = [space.sample(np.random.default_rng(seed + i)) for i in range(count)] + [space.max_arch(), space.min_arch()]
+    if full_heads:
+        archs = [dataclasses.replace(a, num_heads=(max(space.num_heads),) * a.max_depth) for a in archs]
+    return archs
+
+
+def test_qkv_rows_interleaved_and_in_blocks():
+    heads, head_dim, embed = 3, 4, 5
+    interleaved = torch.randn(3 * heads * head_dim, embed)
+    blocks = interleaved_to_blocks(interleaved)
+    for j in range(3):  # q, k, v
+        for u in range(heads * head_dim):
+            assert torch.equal(blocks[j * heads * head_dim + u], interleaved[3 * u + j])
+    assert torch.equal(blocks_to_interleaved(blocks), interleaved)
+
+
+def test_autoformer_supernet_gives_autoformers_logits():
+    state = autoformer_state_dict(AF_SPACE)
+    images = torch.randn(3, 3, 32, 32)
+    with pytest.warns(UserWarning, match="fewer than 2 heads"):
+        model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).eval()
+    assert model.config.relative_position == MAX_DISTANCE and model.config.global_pool == "avg"
+    # Every subnet at the largest head count: AutoFormer's logits.
+    for arch in subnets(AF_SPACE, 3, 0, full_heads=True):
+        torch.testing.assert_close(model(images, arch), autoformer_forward(state, images, arch), **TOL)
+    # Any head count, where AutoFormer's v biases of the head choices agree (here: zero where any head count reads
+    # them; the q and k biases stay random, and a k bias changes nothing).
+    for i in range(AF_SPACE.max_depth):
+        bias = state[f"blocks.{i}.attn.qkv.bias"]
+        for heads in AF_SPACE.num_heads:
+            bias[2 * heads * 64:3 * heads * 64] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = from_autoformer_state_dict(state, AF_SPACE).eval()
+    archs = subnets(AF_SPACE, 4, 10, full_heads=False)
+    assert any(min(a.num_heads[:a.depth]) < 2 for a in archs)
+    expected = torch.stack([autoformer_forward(state, images, arch) for arch in archs])
+    torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, **TOL)
+    # Batched evaluation and export see the same model.
+    results = evaluate_archs(model, archs, [(images, expected[0].argmax(-1))], progress=False)
+    assert results[0].top1 == 100.0
+    torch.testing.assert_close(extract_subnet(model, archs[1])(images), expected[1], **TOL)
+
+
+def test_autoformer_round_trip_and_errors():
+    state = autoformer_state_dict(AF_SPACE, seed=1)
+    with pytest.warns(UserWarning):
+        model = from_autoformer_state_dict(state, AF_SPACE)
+    back = to_autoformer_state_dict(model)
+    assert sorted(back) == sorted(state)
+    assert all(torch.equal(back[name], state[name]) for name in state)
+    with pytest.raises(ValueError, match=r"missing: \['blocks.2.mlp.fc1.bias'\]"):
+        from_autoformer_state_dict({k: v for k, v in state.items() if k != "blocks.2.fc1.bias"}, AF_SPACE)
+    with pytest.raises(ValueError, match=r"unexpected: \['blocks.0.attn.q_norm.weight'\]"):
+        from_autoformer_state_dict({**state, "blocks.0.attn.q_norm.weight": torch.ones(3)}, AF_SPACE)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, embed_dims=[96, 112]))
+    with pytest.raises(ValueError, match="64 channels"):
+        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, head_dim=32))
+
+
+# -- timm ----------------------------------------------------------------------------------------------------------
+
+class TimmLayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmAttention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm, self.k_norm, self.attn_drop = nn.Identity(), nn.Identity(), nn.Dropout(0.0)
+        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, num_heads, hidden, qkv_bias, layer_scale):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), TimmAttention(dim, num_heads, qkv_bias)
+        self.ls1 = TimmLayerScale(dim) if layer_scale else nn.Identity()
+        self.drop_path1, self.norm2 = nn.Identity(), nn.LayerNorm(dim, eps=1e-6)
+        self.mlp, self.ls2 = TimmMlp(dim, hidden), TimmLayerScale(dim) if layer_scale else nn.Identity()
+        self.drop_path2 = nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class TimmPatchEmbed(nn.Module):
+    def __init__(self, img_size, patch, in_chans, dim):
+        super().__init__()
+        self.img_size, self.patch_size = (img_size, img_size), (patch, patch)
+        self.proj, self.norm = nn.Conv2d(in_chans, dim, patch, stride=patch), nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class TimmVisionTransformer(nn.Module):
+    """timm's VisionTransformer as its module tree, names and forward are (class token, global_pool="token")."""
+
+    def __init__(self, img_size=32, patch=8, in_chans=3, num_classes=6, dim=48, depth=3, num_heads=3, mlp_ratio=4.0,
+                 qkv_bias=True, layer_scale=False):
+        super().__init__()
+        self.global_pool, self.num_prefix_tokens, self.no_embed_class, self.dynamic_img_size = "token", 1, False, False
+        self.patch_embed = TimmPatchEmbed(img_size, patch, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.2)
+        self.reg_token = None
+        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2 + 1, dim) * 0.2)
+        self.pos_drop, self.patch_drop, self.norm_pre = nn.Dropout(0.0), nn.Identity(), nn.Identity()
+        self.blocks = nn.Sequential(*[TimmBlock(dim, num_heads, int(dim * mlp_ratio), qkv_bias, layer_scale)
+                                      for _ in range(depth)])
+        self.norm, self.fc_norm, self.head_drop = nn.LayerNorm(dim, eps=1e-6), nn.Identity(), nn.Dropout(0.0)
+        self.head = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    param.add_(torch.randn_like(param) * 0.2)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(self.norm_pre(self.patch_drop(self.pos_drop(x)))))
+        return self.head(self.head_drop(self.fc_norm(x[:, 0])))
+
+
+def check_conversion(model: nn.Module, images: torch.Tensor) -> None:
+    model.eval()
+    expected = model(images)
+    before = {name: p for name, p in model.named_parameters()}
+    supernet = convert_timm_vit(model)
+    # In place, sharing: the timm model holds the same parameter tensors, and so does the supernet.
+    after = dict(model.named_parameters())
+    assert all(before[name] is after[name] for name in before) and set(before) == set(after)
+    shared = {id(p) for p in before.values()}
+    assert {id(p) for p in supernet.parameters()} <= shared
+    assert type(model.blocks[0]).__name__ == "ElasticBlock"
+    torch.testing.assert_close(model(images), expected, **TOL)
+    space = supernet.config.space
+    torch.testing.assert_close(supernet(images, space.max_arch()), expected, **TOL)
+    # Any subnet runs, and is the subnet: its extracted plain model computes the same.
+    for i in range(4):
+        arch = space.sample(np.random.default_rng(i))
+        torch.testing.assert_close(supernet(images, arch), extract_subnet(supernet, arch)(images), **TOL)
+    # Training the supernet trains the timm model's parameters.
+    supernet.train()
+    supernet(images, space.min_arch()).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("qkv_bias, layer_scale", [(True, False), (False, True)])
+def test_a_timm_tree_converts_in_place(qkv_bias, layer_scale):
+    torch.manual_seed(0)
+    model = TimmVisionTransformer(qkv_bias=qkv_bias, layer_scale=layer_scale)
+    space = timm_space(model)
+    assert (space.embed_dims, space.depths, space.num_heads, space.mlp_ratios, space.head_dim) == \
+        ((32, 48), (2, 3), (2, 3), (2.0, 3.0, 4.0), 16)
+    check_conversion(model, torch.randn(2, 3, 32, 32))
+
+
+def test_unsupported_timm_models_are_refused():
+    model = TimmVisionTransformer()
+    model.global_pool = "avg"
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        convert_timm_vit(model)
+    model = TimmVisionTransformer()
+    model.blocks[1].mlp.act = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match="block 1: MLP activation GELU"):
+        convert_timm_vit(model)
+    with pytest.raises(ValueError, match="is not the timm model"):
+        convert_timm_vit(TimmVisionTransformer(), dataclasses.replace(timm_space(TimmVisionTransformer()),
+                                                                       embed_dims=[32]))
+
+
+def import_timm():
+    try:
+        import timm
+    except Exception as error:  # noqa: BLE001 - beside the CPU torch, torchvision fails with a RuntimeError
+        pytest.skip(f"timm does not import here: {type(error).__name__}: {error}")
+    return timm
+
+
+def test_a_real_timm_vit_converts_in_place():
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=6)
+    check_conversion(model, torch.randn(2, 3, 32, 32))
