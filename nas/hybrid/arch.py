@@ -2,6 +2,7 @@
 serialisable like the ViT's :class:`nas.arch.Arch` (DESIGN.md section 9)."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -171,13 +172,23 @@ class HybridArchBatch:
         return self.op.shape[1]
 
     def arch(self, index: int) -> HybridArch:
-        columns = [getattr(self, name)[index].tolist() for name in STAGE_FIELDS]
-        stages = tuple(Stage(OPS[op], depth, channels, expansion, kernel, v_scale, DSMS[dsm])
-                       for op, depth, channels, expansion, kernel, v_scale, dsm in zip(*columns))
-        return HybridArch(int(self.resolution[index]), stages)
+        return self._archs([index])[0]
 
     def archs(self) -> list[HybridArch]:
-        return [self.arch(i) for i in range(len(self))]
+        return self._archs(range(len(self)))
+
+    def _archs(self, indices) -> list[HybridArch]:
+        columns = [getattr(self, name)[list(indices)].tolist() for name in STAGE_FIELDS]
+        resolutions = self.resolution[list(indices)].tolist()
+        return [HybridArch(resolution, tuple(_stage(*values) for values in zip(*(column[row] for column in columns))))
+                for row, resolution in enumerate(resolutions)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stage(op: int, depth: int, channels: int, expansion: int, kernel_size: int, v_scale: int, dsm: int) -> Stage:
+    """The stage of these codes and sizes. Stages repeat across the archs of a space: each is built (and checked)
+    once, which makes turning thousands of sampled arrays into archs several times faster."""
+    return Stage(OPS[op], depth, channels, expansion, kernel_size, v_scale, DSMS[dsm])
 
 
 __all__ = ["DSMS", "OPS", "STAGE_FIELDS", "HybridArch", "HybridArchBatch", "Stage"]
