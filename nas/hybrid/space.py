@@ -229,7 +229,7 @@ class HybridSpace:
                 if not choices.applies(stage.op, name):
                     allowed = (0,)  # canonical: a field that does not apply is 0
                 if value not in allowed:
-                    for_op = f", for a {stage.op} stage" if name in ("kernel_size", "v_scale") else ""
+                    for_op = f"; {name} does not apply to operator {stage.op!r}" if allowed == (0,) else ""
                     raise ValueError(f"arch.stages[{i}].{name}={value!r} not in {tuple(allowed)} ({where}{for_op})")
 
     def contains(self, arch: HybridArch) -> bool:
