@@ -38,6 +38,7 @@ from .device import resolve_device
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, OutputError, UserError, first_line
 from .evaluate import EvalCache, TensorBatches, evaluate_archs
 from .export import extract_subnet, save_subnet
+from .hybrid.space import HybridSpace
 from .latency import LatencyModel
 from .report import plot_front
 from .rundir import OwnedDirectory
@@ -347,6 +348,10 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 def _run(config: SearchConfig, resume: bool) -> dict:
     device = resolve_device(config.device)
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
+    if isinstance(space, HybridSpace):
+        raise ConfigError(f"{config.checkpoint!r} holds a hybrid supernet (space {space.name!r}), which nas.search "
+                          "does not evaluate yet; search it from Python (nas.searchers, HybridSupernet with BatchNorm "
+                          "recalibrated per subnet)")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)

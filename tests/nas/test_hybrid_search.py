@@ -12,9 +12,11 @@ from nas import cost
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
+from nas.errors import ConfigError
 from nas.hybrid.supernet import HybridSupernet
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
+from nas.searching import SearchConfig, run_search
 from nas.space import load_space
 from nas.trainer import TrainConfig, train
 
@@ -136,6 +138,8 @@ def test_training_a_hybrid_supernet(tmp_path):
     assert len(result.eval_archs) == 1
     model, loaded_space, _ = load_supernet(result.checkpoint)
     assert isinstance(model, HybridSupernet) and loaded_space == space
+    with pytest.raises(ConfigError, match="holds a hybrid supernet .* which nas.search does not evaluate yet"):
+        run_search(SearchConfig(checkpoint=result.checkpoint, out_dir=str(tmp_path / "search"), progress=False))
 
 
 def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path, capsys):
