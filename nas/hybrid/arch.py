@@ -56,6 +56,16 @@ class Stage:
 STAGE_FIELDS = tuple(f.name for f in fields(Stage))
 
 
+def check_mapping(where: str, data, known, required) -> None:
+    """Raise ValueError unless ``data`` is a mapping whose keys are some of ``known`` and include ``required``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown, missing = set(data) - set(known), set(required) - set(data)
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}, missing field(s) {sorted(missing)}; expected "
+                         f"some of {list(known)}")
+
+
 @dataclass(frozen=True)
 class HybridArch:
     """One subnet of a hybrid supernet: its input ``resolution`` (square images) and its ``stages``."""
@@ -86,24 +96,12 @@ class HybridArch:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridArch:
-        if not isinstance(data, dict):
-            raise ValueError(f"HybridArch: expected a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"resolution", "stages"}
-        missing = {"resolution", "stages"} - set(data)
-        if unknown or missing:
-            raise ValueError(f"HybridArch: unknown field(s) {sorted(unknown)}, missing field(s) {sorted(missing)}; "
-                             "expected resolution and stages")
+        check_mapping("HybridArch", data, ("resolution", "stages"), ("resolution", "stages"))
         if not isinstance(data["stages"], list):
             raise ValueError(f"HybridArch.stages must be a list of mappings, got {type(data['stages']).__name__}")
         stages = []
         for i, stage in enumerate(data["stages"]):
-            if not isinstance(stage, dict):
-                raise ValueError(f"HybridArch.stages[{i}] must be a mapping, got {type(stage).__name__}")
-            unknown = set(stage) - set(STAGE_FIELDS)
-            missing = {"op", "depth", "channels", "expansion"} - set(stage)
-            if unknown or missing:
-                raise ValueError(f"HybridArch.stages[{i}]: unknown field(s) {sorted(unknown)}, missing field(s) "
-                                 f"{sorted(missing)}; expected some of {list(STAGE_FIELDS)}")
+            check_mapping(f"HybridArch.stages[{i}]", stage, STAGE_FIELDS, ("op", "depth", "channels", "expansion"))
             try:
                 stages.append(Stage(**stage))
             except ValueError as error:
@@ -191,4 +189,4 @@ def _stage(op: int, depth: int, channels: int, expansion: int, kernel_size: int,
     return Stage(OPS[op], depth, channels, expansion, kernel_size, v_scale, DSMS[dsm])
 
 
-__all__ = ["DSMS", "OPS", "STAGE_FIELDS", "HybridArch", "HybridArchBatch", "Stage"]
+__all__ = ["DSMS", "OPS", "STAGE_FIELDS", "HybridArch", "HybridArchBatch", "Stage", "check_mapping"]

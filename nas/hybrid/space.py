@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from ..rng import as_generator
-from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage
+from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
 
 NUMERIC_CHOICES = ("depths", "channels", "expansions", "kernel_sizes", "v_scales")
@@ -158,13 +158,8 @@ class HybridSpace:
 
     @staticmethod
     def _stage_from_dict(index: int, data) -> StageChoices:
-        if not isinstance(data, dict):
-            raise ValueError(f"stages[{index}] must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(StageChoices)}
-        unknown, missing = set(data) - known, {"ops", "depths", "channels", "expansions"} - set(data)
-        if unknown or missing:
-            raise ValueError(f"stages[{index}]: unknown field(s) {sorted(unknown)}, missing field(s) "
-                             f"{sorted(missing)}; expected some of {sorted(known)}")
+        check_mapping(f"stages[{index}]", data, [f.name for f in fields(StageChoices)],
+                      ("ops", "depths", "channels", "expansions"))
         try:
             return StageChoices(**data)
         except (ValueError, TypeError) as error:
@@ -386,13 +381,7 @@ class HybridSpace:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridSpace:
-        if not isinstance(data, dict):
-            raise ValueError(f"HybridSpace: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown, missing = set(data) - known, {"name", "style", "resolutions", "stages"} - set(data)
-        if unknown or missing:
-            raise ValueError(f"HybridSpace: unknown field(s) {sorted(unknown)}, missing field(s) {sorted(missing)}; "
-                             f"expected some of {sorted(known)}")
+        check_mapping("HybridSpace", data, [f.name for f in fields(cls)], ("name", "style", "resolutions", "stages"))
         if not isinstance(data["stages"], list):
             raise ValueError(f"HybridSpace.stages must be a list of mappings, got {type(data['stages']).__name__}")
         return cls(**data)
