@@ -20,12 +20,14 @@ convolutions (DESIGN.md section 9).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from .arch import DSMS, OPS, HybridArch, HybridArchBatch, Stage
-from .space import HybridSpace, StageChoices
+from .space import HybridSpace
 from .style import SE_REDUCTION, STYLES, TRANSITION_EXPANSION, TRANSITION_KERNEL, Style
 
 Counts = tuple[np.ndarray, np.ndarray]  # (params, macs), broadcast over archs and stages
@@ -132,47 +134,72 @@ def dsm_counts(dsm: str, c_in, c_out, side_in, side_out, stride, space: HybridSp
     return queries[0] + rest[0], queries[1] + rest[1]
 
 
-def block_counts(op: str, stage: StageChoices, index: int, b: HybridArchBatch, side, space: HybridSpace) -> Counts:
-    """One block of operator ``op`` in stage ``index`` (its width in and out, stride 1), for every arch."""
-    channels, expansion = b.channels[:, index], b.expansion[:, index]
+class StageSizes(NamedTuple):
+    """What the cost of every stage of a space depends on besides an arch's choices, ``[S]`` each: the stride, the
+    stride from the stem's map on (a side is ``ceil(stem side / downsampling)``, since ceilings of successive
+    divisions compose), squeeze-excite, the grid side at the largest resolution and the token MLP's width."""
+
+    stride: np.ndarray
+    downsampling: np.ndarray
+    se: np.ndarray
+    max_side: np.ndarray
+    token_hidden: np.ndarray
+
+
+@functools.cache
+def stage_sizes(space: HybridSpace) -> StageSizes:
+    stride = np.array([stage.stride for stage in space.stages])
+    return StageSizes(stride, np.cumprod(stride), np.array([stage.se for stage in space.stages]),
+                      np.array(space.grid_sides(space.img_size)),
+                      np.array([space.token_hidden(i) for i in range(space.num_stages)]))
+
+
+def block_counts(op: str, b: HybridArchBatch, side, sizes: StageSizes, space: HybridSpace) -> Counts:
+    """One block of operator ``op`` in every stage (its width in and out, stride 1), ``[K, S]``."""
     style = STYLES[space.style]
     if op == "conv":
-        return inverted_residual(channels, channels, expansion, b.kernel_size[:, index], side, side, 1, stage.se, style)
+        return inverted_residual(b.channels, b.channels, b.expansion, b.kernel_size, side, side, 1, sizes.se, style)
     if op == "mlp":
-        return mixer_block(channels, expansion, side, space.token_hidden(index))
+        return mixer_block(b.channels, b.expansion, side, sizes.token_hidden)
     if style.v_scale:
-        max_side = space.grid_sides(space.img_size)[index]
-        return vscale_attention_block(channels, expansion, b.v_scale[:, index], side, max_side, space.head_dim)
-    return positional_attention_block(channels, expansion, side, space.head_dim)
+        return vscale_attention_block(b.channels, b.expansion, b.v_scale, side, sizes.max_side, space.head_dim)
+    return positional_attention_block(b.channels, b.expansion, side, space.head_dim)
 
 
 def counts(archs: HybridArch | Sequence[HybridArch] | HybridArchBatch, space: HybridSpace) -> Counts:
-    """``(params, macs)``, each ``[K]`` int64, of every arch (see the module docstring for what is counted)."""
+    """``(params, macs)``, each ``[K]`` int64, of every arch (see the module docstring for what is counted). Every
+    operator and DSM is counted for all stages at once, ``[K, S]``, and each stage keeps its own."""
     b = as_batch(archs)
     if b.num_stages != space.num_stages:
         raise ValueError(f"archs have {b.num_stages} stages, space {space.name!r} has {space.num_stages}")
-    style = STYLES[space.style]
-    side = -(-b.resolution // space.stem_stride)
-    width = b.channels[:, 0] if space.stem_channels is None else np.full(len(b), space.stem_channels)
-    params, macs = 9 * space.in_chans * width + 2 * width, side * side * 9 * space.in_chans * width
-    for i, stage in enumerate(space.stages):
-        side_in, side = side, -(-side // stage.stride)
-        channels, depth, ops, dsms = b.channels[:, i], b.depth[:, i], b.op[:, i], b.dsm[:, i]
-        for code, dsm in enumerate(DSMS):
-            if dsm in stage.dsms:
-                p, m = dsm_counts(dsm, width, channels, side_in, side, stage.stride, space)
-                params, macs = params + np.where(dsms == code, p, 0), macs + np.where(dsms == code, m, 0)
-        blocks = depth
-        if "none" in stage.dsms:  # the first block reads the previous width and map, and downsamples
-            p, m = inverted_residual(width, channels, b.expansion[:, i], b.kernel_size[:, i], side_in, side,
-                                     stage.stride, stage.se, style)
-            params, macs, blocks = params + p, macs + m, depth - 1
-        for code, op in enumerate(OPS):
-            if op in stage.ops:
-                p, m = block_counts(op, stage, i, b, side, space)
-                params = params + np.where(ops == code, blocks * p, 0)
-                macs = macs + np.where(ops == code, blocks * m, 0)
-        width = channels
+    sizes = stage_sizes(space)
+    stem_side = -(-b.resolution // space.stem_stride)
+    side = -(-stem_side[:, None] // sizes.downsampling)
+    side_in = np.concatenate([stem_side[:, None], side[:, :-1]], axis=1)
+    stem_width = b.channels[:, 0] if space.stem_channels is None else np.full(len(b), space.stem_channels)
+    width_in = np.concatenate([stem_width[:, None], b.channels[:, :-1]], axis=1)
+    params = np.zeros_like(b.channels)
+    macs = np.zeros_like(b.channels)
+    used_dsms = {dsm for stage in space.stages for dsm in stage.dsms}
+    for code, dsm in enumerate(DSMS):
+        if dsm in used_dsms:
+            p, m = dsm_counts(dsm, width_in, b.channels, side_in, side, sizes.stride, space)
+            params, macs = params + np.where(b.dsm == code, p, 0), macs + np.where(b.dsm == code, m, 0)
+    # With dsm "none" the first block reads the previous width and map, and downsamples.
+    first = b.dsm == DSMS.index("none")
+    p, m = inverted_residual(width_in, b.channels, b.expansion, b.kernel_size, side_in, side, sizes.stride, sizes.se,
+                             STYLES[space.style])
+    params, macs = params + np.where(first, p, 0), macs + np.where(first, m, 0)
+    blocks = b.depth - first
+    used_ops = {op for stage in space.stages for op in stage.ops}
+    for code, op in enumerate(OPS):
+        if op in used_ops:
+            p, m = block_counts(op, b, side, sizes, space)
+            params = params + np.where(b.op == code, blocks * p, 0)
+            macs = macs + np.where(b.op == code, blocks * m, 0)
+    width, side = b.channels[:, -1], side[:, -1]
+    params = params.sum(axis=1) + 9 * space.in_chans * stem_width + 2 * stem_width
+    macs = macs.sum(axis=1) + stem_side * stem_side * 9 * space.in_chans * stem_width
     features = np.full(len(b), space.head_features) if space.head_features else space.head_expansion * width
     params, macs = params + width * features + 2 * features, macs + side * side * width * features
     if space.pre_logits:
