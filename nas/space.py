@@ -1,4 +1,5 @@
-"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets.
+"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets; ``load_space`` reads
+a preset or file of either kind (hybrid spaces: ``nas.hybrid.space``).
 
 Randomness: every function that draws takes a ``numpy.random.Generator`` (or an int seed, turned into
 one with ``numpy.random.default_rng``). The number and order of draws depend only on the space and the

@@ -26,8 +26,8 @@ class Searcher:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, space: Space, feasible: Feasible, *, seed: int = 0,
-                 cost: Cost | None = None, max_draws: int = 64):
+    def __init__(self, space: Space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None,
+                 max_draws: int = 64):
         self.space, self.feasible, self.cost = space, feasible, cost
         self.rng = np.random.default_rng(seed)
         self.max_draws = int(max_draws)
