@@ -53,7 +53,7 @@ def test_rebuild_has_the_structure_the_supernet_extracts(name):
     shapes as the full supernet's extraction."""
     model = supernet(name)
     space = model.space
-    for arch in [space.max_arch()] + space.sample_many(np.random.default_rng(3), 2).archs():
+    for arch in [space.max_arch(), space.sample(3)]:
         extracted, rebuilt = model.extract(arch), rebuild(space, arch, "meta")
         assert [(n, t.shape) for n, t in rebuilt.state_dict().items()] == \
             [(n, t.shape) for n, t in extracted.state_dict().items()]
