@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from elastic_ops import plain_hybrid
-from elastic_ops.conv import ElasticBatchNorm2d, ElasticInvertedResidual, recalibrate_batch_norm
+from elastic_ops.conv import (
+    ElasticBatchNorm2d,
+    ElasticClassifierHead,
+    ElasticConvNormAct,
+    ElasticInvertedResidual,
+    recalibrate_batch_norm,
+)
 from elastic_ops.hybrid import (
     ElasticGlobalDSM,
     ElasticLocalDSM,
@@ -33,7 +39,6 @@ from elastic_ops.hybrid import (
 from elastic_ops.nn import ElasticLinear
 
 from .arch import HybridArch, Stage
-from .layers import ElasticClassifierHead, ElasticConvNormAct
 from .space import ATTENTION_DSMS, HybridSpace, StageChoices
 from .style import LAYER_SCALE, SE_REDUCTION, STYLES, TRANSITION_EXPANSION, TRANSITION_KERNEL, Style
 
