@@ -80,7 +80,7 @@ class HybridStage(nn.Module):
     def _conv_block(self, in_channels: int, expansion: int, kernel_size: int, stride: int, se: bool,
                     reshapes: bool, drop_path: float = 0.0) -> ElasticInvertedResidual:
         """An inverted residual of the style; ``reshapes``: it may change the shape, so it needs the style's shortcut
-        (other blocks keep it, and their residual is the identity)."""
+        (the others keep the shape, and their residual is the identity)."""
         style: Style = self.style
         return ElasticInvertedResidual(in_channels, self.channels, expansion, kernel_size, stride, style.activation,
                                        SE_REDUCTION if se else 0, style.se_divisor, style.input_norm,
