@@ -3,15 +3,18 @@
 Ops (``elastic_linear``, ``elastic_layer_norm``, ``elastic_mlp``, ``elastic_attention``) dispatch per
 call to Triton (GPU, or the CPU interpreter), native C++ kernels (CPU inference) or the PyTorch
 reference; see ``backends()`` and ``use_backend``. ``grouped_*`` run K subnets in one call (``GroupSizes``).
-Layers: ``elastic_ops.nn`` (ViT), ``elastic_ops.conv`` (conv, BatchNorm, SE, MBConv) and ``elastic_ops.hybrid``
-(token-mixing MLP, attention blocks, downsampling modules); what they extract to: ``plain`` and ``plain_hybrid``.
+Layers: ``elastic_ops.nn`` (ViT), ``elastic_ops.conv`` (conv, BatchNorm, SE, MBConv, stem, head) and
+``elastic_ops.hybrid`` (token-mixing MLP, attention blocks, downsampling modules); what they extract to: ``plain`` and
+``plain_hybrid``.
 """
 from . import reference
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends, forced_backend, use_backend
 from ._weight_grads import weight_grads_in_place
 from .conv import (
                          ElasticBatchNorm2d,
+                         ElasticClassifierHead,
                          ElasticConv2d,
+                         ElasticConvNormAct,
                          ElasticDepthwiseConv2d,
                          ElasticInvertedResidual,
                          ElasticSqueezeExcite,
@@ -58,8 +61,10 @@ __all__ = [
     "BackendUnavailableError",
     "ElasticAttention",
     "ElasticBatchNorm2d",
+    "ElasticClassifierHead",
     "ElasticBlock",
     "ElasticConv2d",
+    "ElasticConvNormAct",
     "ElasticDepthwiseConv2d",
     "ElasticGlobalDSM",
     "ElasticInvertedResidual",

@@ -1,5 +1,6 @@
-"""Elastic convolution layers: conv, depthwise conv, BatchNorm, squeeze-and-excitation and the inverted residual
-(MBConv) block, on feature maps ``[B, C, H, W]`` (DESIGN.md section 9).
+"""Elastic convolution layers: conv, depthwise conv, BatchNorm, squeeze-and-excitation, the inverted residual
+(MBConv) block, a conv-BatchNorm-activation stem and a classifier head, on feature maps ``[B, C, H, W]`` (DESIGN.md
+section 9).
 
 A conv weight ``[C_out_max, C_in_max / groups, K, K]`` is used through its leading channels and the centre
 ``k x k`` of its kernel: a smaller kernel is the centre of the largest one, as in once-for-all (OFA). OFA also learns a
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import plain_hybrid
-from .nn import ElasticModule, drop_path, empty_module
+from .nn import ElasticLinear, ElasticModule, drop_path, empty_module
 from .plain import make_activation
 
 
@@ -393,3 +394,93 @@ class ElasticInvertedResidual(ElasticComposite):
         return self.extract_children(empty_module(lambda: plain_hybrid.InvertedResidual(
             config["in_channels"], config["out_channels"], config["expand_ratio"], config["kernel_size"], self.stride,
             self.activation, se_channels, self.input_norm, self.shortcut_pool), self.conv_dw.weight))
+
+
+class ElasticConvNormAct(ElasticComposite):
+    """A conv without bias (``kernel_size``, padding ``kernel_size // 2``, ``stride``), BatchNorm and ``activation``
+    (a name of ``plain.ACTIVATIONS``), elastic over its channels: :class:`elastic_ops.plain_hybrid.ConvNormAct`, the
+    stem of UniNet and ElasticViT."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 activation: str = "relu", device=None, dtype=None):
+        super().__init__()
+        self.kernel_size, self.stride, self.activation = kernel_size, stride, activation
+        self.conv = ElasticConv2d(in_channels, out_channels, kernel_size, stride, bias=False, device=device,
+                                  dtype=dtype)
+        self.bn = ElasticBatchNorm2d(out_channels, device=device, dtype=dtype)
+        self.act = make_activation(activation)
+        self.active = self.max_config()
+
+    def max_config(self) -> dict[str, int]:
+        out_channels, in_channels = self.conv.weight.shape[:2]
+        return {"in_channels": in_channels, "out_channels": out_channels}
+
+    def child_configs(self, config: dict[str, int]) -> dict[str, dict[str, int]]:
+        return {"conv": {**config, "kernel_size": self.kernel_size}, "bn": {"num_features": config["out_channels"]}}
+
+    def forward(self, x: Tensor, in_channels: int | None = None, out_channels: int | None = None) -> Tensor:
+        config = self.resolve(in_channels=in_channels, out_channels=out_channels)
+        self.check_channels(x, config["in_channels"], "in_channels")
+        children = self.child_configs(config)
+        return self.act(self.bn(self.conv(x, **children["conv"]), **children["bn"]))
+
+    def extract(self) -> plain_hybrid.ConvNormAct:
+        return self.extract_children(empty_module(lambda: plain_hybrid.ConvNormAct(
+            self.active["in_channels"], self.active["out_channels"], self.kernel_size, self.stride, self.activation),
+            self.conv.weight))
+
+
+class ElasticClassifierHead(ElasticComposite):
+    """The classifier head of a conv network (:class:`elastic_ops.plain_hybrid.ClassifierHead`), elastic over its
+    ``in_channels``: a 1x1 conv to ``features`` channels, or with ``expansion`` > 0 to ``expansion * in_channels``
+    (ElasticViT's ``classifier_mul``), BatchNorm and the activation, average pooling, the pre-logits layer
+    (``pre_logits`` > 0: MobileNetV3, ElasticViT), dropout (in training) and the classifier; feature map in, logits
+    out."""
+
+    def __init__(self, in_channels: int, num_classes: int, features: int = 0, expansion: int = 0, pre_logits: int = 0,
+                 activation: str = "gelu", dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if (features > 0) == (expansion > 0):
+            raise ValueError(f"ElasticClassifierHead: set one of features and expansion, got {features}, {expansion}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"ElasticClassifierHead: dropout must be in [0, 1), got {dropout}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_channels, self.fixed_features, self.expansion = in_channels, features, expansion
+        self.pre_logits_width, self.activation, self.dropout = pre_logits, activation, dropout
+        widest = self.features(in_channels)
+        self.conv = ElasticConv2d(in_channels, widest, bias=False, **factory)
+        self.bn = ElasticBatchNorm2d(widest, **factory)
+        self.act = make_activation(activation)
+        self.pre_logits = ElasticLinear(widest, pre_logits, **factory) if pre_logits else None
+        self.classifier = ElasticLinear(pre_logits or widest, num_classes, **factory)
+        self.active = self.max_config()
+
+    def features(self, in_channels: int) -> int:
+        """The conv's width for ``in_channels`` input channels."""
+        return self.fixed_features or self.expansion * in_channels
+
+    def max_config(self) -> dict[str, int]:
+        return {"in_channels": self.in_channels}
+
+    def child_configs(self, config: dict[str, int]) -> dict[str, dict[str, int]]:
+        features = self.features(config["in_channels"])
+        children = {"conv": {"in_channels": config["in_channels"], "out_channels": features},
+                    "bn": {"num_features": features}, "pre_logits": {"in_features": features},
+                    "classifier": {"in_features": self.pre_logits_width or features}}
+        return {name: child for name, child in children.items() if getattr(self, name) is not None}
+
+    def forward(self, x: Tensor, in_channels: int | None = None) -> Tensor:
+        config = self.resolve(in_channels=in_channels)
+        self.check_channels(x, config["in_channels"], "in_channels")
+        children = self.child_configs(config)
+        pooled = self.act(self.bn(self.conv(x, **children["conv"]), **children["bn"])).mean((2, 3))
+        if self.pre_logits is not None:
+            pooled = self.act(self.pre_logits(pooled, **children["pre_logits"]))
+        pooled = F.dropout(pooled, self.dropout, self.training)
+        return self.classifier(pooled, **children["classifier"])
+
+    def extract(self) -> plain_hybrid.ClassifierHead:
+        in_channels = self.active["in_channels"]
+        return self.extract_children(empty_module(lambda: plain_hybrid.ClassifierHead(
+            in_channels, self.features(in_channels), self.classifier.out_features, self.pre_logits_width,
+            self.activation, self.dropout), self.conv.weight))

@@ -331,7 +331,82 @@ class GlobalDSM(AttentionDSM):
         return self.attend(self.q(self.kv_norm(to_tokens(strided))), x)
 
 
-__all__ = ["AttentionDSM", "GlobalDSM", "InvertedResidual", "LocalDSM", "LocalGlobalDSM", "MixerBlock",
-           "PositionalAttentionBlock", "RelativePositionBias", "SeparableDownsample", "SqueezeExcite",
-           "VScaleAttention", "VScaleBlock", "avg_pool", "dot_product_attention", "grid_side", "heads_first",
-           "max_pool", "relative_position_index", "to_grid", "to_tokens"]
+# --- whole networks: stem, layers, head --------------------------------------------------------------------------
+
+class ConvNormAct(nn.Module):
+    """A conv without bias (padding ``k // 2``), BatchNorm and an activation: the stem of UniNet and ElasticViT."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, activation: str):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = make_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class ClassifierHead(nn.Module):
+    """A 1x1 conv to ``features`` channels (no bias), BatchNorm and the activation, global average pooling, then with
+    ``pre_logits`` > 0 a linear layer to that width and the activation (MobileNetV3, ElasticViT), dropout and the
+    classifier; feature map in, logits out. UniNet's head has no pre-logits layer."""
+
+    def __init__(self, in_channels: int, features: int, num_classes: int, pre_logits: int = 0,
+                 activation: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, features, 1, bias=False)
+        self.bn = nn.BatchNorm2d(features)
+        self.act = make_activation(activation)
+        self.pre_logits = nn.Linear(features, pre_logits) if pre_logits else nn.Identity()
+        self.pre_act = make_activation(activation) if pre_logits else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(pre_logits or features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.act(self.bn(self.conv(x))).mean((2, 3))
+        return self.classifier(self.dropout(self.pre_act(self.pre_logits(pooled))))
+
+
+class ToTokens(nn.Module):
+    """Feature map to tokens (:func:`to_tokens`), between a conv layer and a token layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return to_tokens(x)
+
+
+class ToGrid(nn.Module):
+    """Tokens of a square grid to a feature map (:func:`to_grid`), between a token layer and a conv layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return to_grid(x)
+
+
+class HybridNetwork(nn.Module):
+    """A hybrid conv / attention / MLP network: ``stem``, then ``layers`` (conv blocks and DSMs, token blocks, with
+    :class:`ToTokens` and :class:`ToGrid` where the layout changes), then ``head``. Images of another size than
+    ``resolution`` are first resized to it (bicubic), as ElasticViT's supernet does, so that one data set serves
+    subnets of every resolution."""
+
+    def __init__(self, resolution: int, stem: nn.Module, layers: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.resolution = resolution
+        self.stem = stem
+        self.layers = nn.Sequential(*layers)
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.layers(self.stem(resize(images, self.resolution))))
+
+
+def resize(images: Tensor, resolution: int) -> Tensor:
+    """``images`` at ``resolution x resolution`` (bicubic, no antialiasing, as ElasticViT), unchanged if they are."""
+    if images.shape[-2] == resolution and images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=[resolution, resolution], mode="bicubic", align_corners=False)
+
+
+__all__ = ["AttentionDSM", "ClassifierHead", "ConvNormAct", "GlobalDSM", "HybridNetwork", "InvertedResidual",
+           "LocalDSM", "LocalGlobalDSM", "MixerBlock", "PositionalAttentionBlock", "RelativePositionBias",
+           "SeparableDownsample", "SqueezeExcite", "ToGrid", "ToTokens", "VScaleAttention", "VScaleBlock", "avg_pool",
+           "dot_product_attention", "grid_side", "heads_first", "max_pool", "relative_position_index", "resize",
+           "to_grid", "to_tokens"]

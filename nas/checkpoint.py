@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_torch_save
+from .build import build_supernet
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
-from .space import SearchSpace, load_space
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .hybrid.supernet import HybridSupernet
+from .space import Space, load_space
+from .supernet import VisionTransformerSupernet
 
 CHECKPOINT_FORMAT = "nas.train/1"
 
@@ -119,7 +121,7 @@ def non_finite_entries(state: Any, name: str = "") -> list[str]:
 
 
 def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu", space_name: str | None = None
-                  ) -> tuple[VisionTransformerSupernet, SearchSpace, dict]:
+                  ) -> tuple[VisionTransformerSupernet | HybridSupernet, Space, dict]:
     """The supernet of a checkpoint (its EMA weights where it kept an EMA) in eval mode on ``device``, its space,
     and the checkpoint's state. ``space_name``, if given, must name the space the supernet was trained on."""
     state = load_checkpoint(path)
@@ -138,7 +140,7 @@ def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu", s
     if requested != space:
         raise CheckpointMismatchError(f"checkpoint {os.fspath(path)!r} holds a supernet of space {trained['space']!r}, "
                                       f"not of the requested space {space_name!r}")
-    supernet = VisionTransformerSupernet(SupernetConfig.from_space(space))
+    supernet = build_supernet(space)
     weights = state["model"]
     if state.get("ema"):
         weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}

@@ -26,8 +26,9 @@ Published AutoFormer sizes (T 5.8M / 1.3G, S 22.9M / 5.1G, B 53.7M / 11G) are MA
 sense; tests/nas/test_cost.py checks them.
 
 The totals are a sum of per-layer costs (``layer_params``/``layer_macs``) plus embedding and head
-terms, all numpy-broadcastable, so that a later space made of stages of other operator types only adds
-its own per-layer functions.
+terms, all numpy-broadcastable. Hybrid spaces (stages of conv, attention and MLP operators) have their own
+per-block functions in ``nas.hybrid.cost``, with this convention extended to convolutions; the functions
+below dispatch to them for a ``HybridSpace``.
 
 On top of the counts: the range of a cost over a space (:func:`cost_range`, :func:`macs_range`) and uniform
 draws of a space inside a MACs window (:func:`sample_in_flops_window`), which the samplers build on.
@@ -42,6 +43,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .arch import Arch, ArchBatch
+from .hybrid import cost as hybrid_cost
+from .hybrid.space import HybridSpace
 
 if TYPE_CHECKING:
     from .space import SearchSpace
@@ -139,6 +142,8 @@ def head_macs(embed_dim, num_classes: int):
 
 def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
+    if isinstance(space, HybridSpace):
+        return hybrid_cost.params_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
@@ -149,6 +154,8 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
 
 def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 multiply-accumulates of one image's forward pass (see the module docstring)."""
+    if isinstance(space, HybridSpace):
+        return hybrid_cost.macs_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
@@ -167,7 +174,10 @@ def macs(arch: Arch, space: "SearchSpace") -> int:
 
 def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray]) -> tuple[float, float]:
     """The smallest and the largest ``cost`` (a vectorised cost such as :func:`params_many`) of an arch of ``space``:
-    of its smallest and its largest arch at every patch size, since every other choice only adds work and weights."""
+    of its smallest and its largest arch at every patch size, since every other choice only adds work and weights.
+    In a hybrid space, the extremes also choose each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
+    if isinstance(space, HybridSpace):
+        return hybrid_cost.cost_range(space, cost)
     def at_every_patch_size(arch: Arch) -> list[Arch]:
         return [dataclasses.replace(arch, patch_size=p) for p in space.patch_sizes] if len(space.patch_sizes) > 1 \
             else [arch]
@@ -180,7 +190,11 @@ def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray
 @functools.cache
 def macs_range(space: "SearchSpace") -> tuple[int, int]:
     """MACs of ``space.min_arch()`` and ``space.max_arch()``: every arch of the space lies in between, since each
-    choice only adds work (the patch embedding costs the same for every patch size)."""
+    choice only adds work (the patch embedding costs the same for every patch size). In a hybrid space, of the
+    cheapest and costliest choice of each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
+    if isinstance(space, HybridSpace):
+        low, high = hybrid_cost.cost_range(space, lambda archs: macs_many(archs, space))
+        return int(low), int(high)
     return macs(space.min_arch(), space), macs(space.max_arch(), space)
 
 

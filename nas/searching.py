@@ -47,6 +47,7 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
+from .hybrid.space import HybridSpace
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
@@ -441,6 +442,10 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
+    if isinstance(space, HybridSpace):
+        raise ConfigError(f"{config.checkpoint!r} holds a hybrid supernet (space {space.name!r}), which nas.search "
+                          "does not evaluate yet; search it from Python (nas.searchers, HybridSupernet with BatchNorm "
+                          "recalibrated per subnet)")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)

@@ -1,4 +1,5 @@
-"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets.
+"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets; ``load_space`` reads
+a preset or file of either kind (hybrid spaces: ``nas.hybrid.space``).
 
 Randomness: every function that draws takes a ``numpy.random.Generator`` (or an int seed, turned into
 one with ``numpy.random.default_rng``). The number and order of draws depend only on the space and the
@@ -16,23 +17,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
 
 from .arch import Arch, ArchBatch
+from .hybrid.space import HybridSpace, is_hybrid
+from .rng import as_generator
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
-
-
-def as_generator(rng: np.random.Generator | int) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
 
 
 def _choices(name: str, values, kind) -> tuple:
@@ -75,6 +70,8 @@ class SearchSpace:
     private_class_tokens: bool = False
     private_qk: bool = False
     relative_position: int = 0
+
+    arch_type: ClassVar[type] = Arch
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)
@@ -325,6 +322,38 @@ class SearchSpace:
     def _pick(rng: np.random.Generator, values: tuple):
         return values[int(rng.integers(len(values)))]
 
+    # -- categorical genes (REINFORCE, TPE) ------------------------------------------------------------------
+    def genes(self) -> list[tuple[str, tuple]]:
+        """The space as independent categorical genes: embed dim, depth, patch size (where several), and per layer
+        heads and MLP ratio; with identity layers, per layer an on/off preference."""
+        layers = range(self.max_depth)
+        genes: list[tuple[str, tuple]] = [("embed_dim", self.embed_dims), ("depth", self.depths)]
+        if len(self.patch_sizes) > 1:
+            genes.append(("patch_size", self.patch_sizes))
+        genes += [(f"num_heads_{i}", self.num_heads) for i in layers]
+        genes += [(f"mlp_ratio_{i}", self.mlp_ratios) for i in layers]
+        if self.identity_layers:
+            genes += [(f"layer_on_{i}", (False, True)) for i in layers]
+        return genes
+
+    def decode_genes(self, indices: np.ndarray) -> ArchBatch:
+        """Canonical archs from ``[B, genes]`` choice indices (in the order of :meth:`genes`). With identity layers,
+        the layers that prefer to be on come first, in order, and the depth gene says how many are on."""
+        indices = np.atleast_2d(np.asarray(indices, dtype=np.int64))
+        values = {name: np.asarray(choices)[indices[:, g]] for g, (name, choices) in enumerate(self.genes())}
+        layers = range(self.max_depth)
+        depth = values["depth"]
+        if self.identity_layers:
+            prefers_off = ~np.stack([values[f"layer_on_{i}"] for i in layers], axis=1)
+            order = np.argsort(prefers_off, axis=1, kind="stable")
+            layer_on = np.argsort(order, axis=1) < depth[:, None]
+        else:
+            layer_on = np.arange(self.max_depth) < depth[:, None]
+        batch = ArchBatch(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
+                          np.stack([values[f"mlp_ratio_{i}"] for i in layers], axis=1), layer_on,
+                          values.get("patch_size", np.zeros(len(indices), dtype=np.int64)))
+        return self.canonical_batch(batch)
+
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -350,14 +379,19 @@ class SearchSpace:
         return cls.from_dict(yaml.safe_load(text))
 
 
-def load_space(name_or_path: str | os.PathLike) -> SearchSpace:
-    """A preset by name (``PRESETS``: files in nas/spaces/) or a SearchSpace YAML file."""
+Space = SearchSpace | HybridSpace  # what samplers, searchers and the cost model take: a ViT or a hybrid space
+
+
+def load_space(name_or_path: str | os.PathLike) -> Space:
+    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, or a
+    ``HybridSpace`` where the file lists stages."""
     key = str(name_or_path)
     path = PRESETS.get(key, Path(key))
     if not path.is_file():
         raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
     try:
-        return SearchSpace.from_yaml(path.read_text())
+        data = yaml.safe_load(path.read_text())
+        return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
     except (ValueError, TypeError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: not a valid search space: {error}") from error
 

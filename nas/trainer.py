@@ -44,6 +44,7 @@ from . import augment as augment_lib
 from . import data as data_lib
 from .arch import Arch
 from .atomic import atomic_write_text
+from .build import build_supernet
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     all_finite,
@@ -60,13 +61,16 @@ from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from .hybrid.arch import HybridArch
+from .hybrid.space import HybridSpace
+from .hybrid.supernet import HybridSupernet
 from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
-from .space import SearchSpace, load_space
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .space import Space, load_space
+from .supernet import VisionTransformerSupernet
 
 
 @dataclass
@@ -75,7 +79,8 @@ class TrainConfig(Config):
 
     NAME = "training"
 
-    space: str = setting("digits-tiny", "search space: a preset name (nas/spaces) or a SearchSpace YAML file")
+    space: str = setting("digits-tiny", "search space: a preset name (nas/spaces) or a space's YAML file (ViT or "
+                                        "hybrid)")
     dataset: str = setting("digits", "data set", choices=data_lib.DATASETS)
     data_dir: str | None = setting(None, "data directory (every data set but digits needs one)")
     train_subset: int | None = setting(None, "train on this many images: a fixed random subset of those not held "
@@ -85,6 +90,8 @@ class TrainConfig(Config):
                                                "min(10000, a fifth of the training set); 0: none)")
     measure_images: int = setting(256, "samplers that measure accuracy use the first this many (at most all) of the "
                                        "held-out search images")
+    bn_calibration_images: int = setting(512, "supernets with BatchNorm (hybrid spaces) re-estimate its statistics "
+                                              "for each subnet they evaluate on the first this many training images")
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
     sampler_options: dict = setting({}, "keyword arguments of the sampler (sampler_options.NAME=VALUE sets one)")
     epochs: int = setting(80, "epochs to train (unless max_steps is set)")
@@ -134,7 +141,8 @@ class TrainConfig(Config):
                                        "'elastic-ops[tensorboard]')", resumable=True)
 
     def problems(self) -> list[str]:
-        positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images"]
+        positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images",
+                    "bn_calibration_images"]
         non_negative = ["warmup_steps", "ckpt_every", "eval_every", "num_workers"]
         problems = [f"{n}={getattr(self, n)} must be >= 1" for n in positive if getattr(self, n) < 1]
         problems += [f"{n}={getattr(self, n)} must be >= 0" for n in non_negative if getattr(self, n) < 0]
@@ -189,14 +197,16 @@ class Data:
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
     measure: tuple[Tensor, Tensor] | None   # held-out uint8 images and labels for measure(), the same on every rank
+    calibration: list[Tensor]               # uint8 training image batches for BatchNorm statistics (none without BN)
     search_split: data_lib.SearchSplit      # the held-out split, which checkpoints record for nas.search
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
-def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
+def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
     """Training images less the held-out search split (then ``train_subset`` of them, read with the training crop),
-    the test split, and for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images."""
+    the test split, for a sampler that ``measures`` accuracy the first ``measure_images`` held-out images, and for
+    a supernet with BatchNorm (a hybrid space) the first ``bn_calibration_images`` training images."""
     kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
     train = data_lib.load_dataset(config.dataset, config.data_dir, "train", **kwargs)
     test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
@@ -210,20 +220,31 @@ def load_data(config: TrainConfig, space: SearchSpace, measures: bool) -> Data:
             raise ConfigError(f"sampler {config.sampler!r} measures accuracy on the held-out search images, but "
                               f"search_holdout=0 holds none out; set search_holdout >= 1")
         measure = train.__getitems__(held_out[:config.measure_images].tolist())
+    calibration = []
+    if isinstance(space, HybridSpace):
+        images = train.__getitems__(kept[:config.bn_calibration_images].tolist())[0]
+        calibration = list(images.split(config.eval_batch_size))
     mean, std = train.mean, train.std
     train = data_lib.fixed_subset(data_lib.subset(train, kept), config.train_subset)
     if config.augment and augment_lib.training_crop(config.dataset, config.crop) == "random-resized":
         train = train.with_crop(RandomResizedCrop(), seed=config.seed)
-    return Data(train, data_lib.fixed_subset(test, config.test_subset), measure, search_split, mean, std)
+    return Data(train, data_lib.fixed_subset(test, config.test_subset), measure, calibration, search_split, mean, std)
 
 
 @torch.no_grad()
-def accuracy(model: VisionTransformerSupernet, arch: Arch, batches, data: Data, device: torch.device,
-             ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
-    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks."""
+def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch, batches, data: Data,
+             device: torch.device, ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]
+             ) -> float:
+    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks. A supernet with
+    BatchNorm first re-estimates its statistics for ``arch`` on ``data.calibration`` (the same images on every rank,
+    so every rank gets the same statistics)."""
     was_training = model.training
     model.eval()
     model.set_arch(arch)
+    if data.calibration:
+        with autocast():
+            model.recalibrate_batch_norm(data_lib.normalize(images.to(device), data.mean, data.std)
+                                         for images in data.calibration)
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for images, labels in batches:
         images = data_lib.normalize(images.to(device, non_blocking=True), data.mean, data.std)
@@ -272,7 +293,7 @@ class Trainer:
         self.eval_archs = []
         for i, values in enumerate(c.eval_archs):
             try:
-                arch = Arch.from_dict(values)
+                arch = self.space.arch_type.from_dict(values)
                 self.space.validate(arch)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"eval_archs[{i}] is not an arch of space {self.space.name!r}: {err}") from err
@@ -289,8 +310,7 @@ class Trainer:
         lr_scale = 1.0 if c.lr_reference_batch is None else c.batch_size * self.ranks.world_size / c.lr_reference_batch
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
-        supernet_config = SupernetConfig.from_space(self.space, drop_path_rate=c.drop_path)
-        self.model = VisionTransformerSupernet(supernet_config).to(self.device)
+        self.model = build_supernet(self.space, drop_path_rate=c.drop_path).to(self.device)
         if self.ranks.enabled:
             broadcast_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -364,7 +384,7 @@ class Trainer:
     def backend_scope(self):
         return elastic_ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
 
-    def eval_model(self) -> VisionTransformerSupernet:
+    def eval_model(self) -> VisionTransformerSupernet | HybridSupernet:
         return self.ema.module if self.ema is not None else self.model
 
     def state_dict(self) -> dict:

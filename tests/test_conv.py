@@ -14,7 +14,9 @@ from torch import nn
 import elastic_ops
 from elastic_ops import (
     ElasticBatchNorm2d,
+    ElasticClassifierHead,
     ElasticConv2d,
+    ElasticConvNormAct,
     ElasticDepthwiseConv2d,
     ElasticInvertedResidual,
     ElasticSqueezeExcite,
@@ -374,3 +376,57 @@ def test_inverted_residual_bad_config_raises_clear_error(kwargs, config, error, 
     with pytest.raises(error, match=match):
         block = ElasticInvertedResidual(16, 24, 6, kernel_size=5, **kwargs)
         block.set_active(**config)
+
+
+# --- ElasticConvNormAct and ElasticClassifierHead --------------------------------------------------
+
+@pytest.mark.parametrize("in_channels, out_channels", [(3, 8), (2, 5)])
+def test_conv_norm_act_matches_extracted(in_channels, out_channels):
+    layer = randomize(ElasticConvNormAct(3, 8, kernel_size=3, stride=2, activation="hardswish"))
+    layer.set_active(in_channels=in_channels, out_channels=out_channels)
+    extracted = check_against_extracted(layer, lambda: torch.randn(2, in_channels, 7, 7))
+    assert isinstance(extracted, plain_hybrid.ConvNormAct) and extracted.conv.stride == (2, 2)
+    assert isinstance(extracted.act, nn.Hardswish) and extracted.conv.bias is None
+    assert_state_dict_round_trip(ElasticConvNormAct(3, 8, 3, 2), lambda: plain_hybrid.ConvNormAct(3, 8, 3, 2, "relu"),
+                                 torch.randn(2, 3, 7, 7))
+
+
+def head_by_hand(head: ElasticClassifierHead, x: torch.Tensor) -> torch.Tensor:
+    """The head in eval mode from torch functions and hand-taken slices of the super weights."""
+    act = {"gelu": F.gelu, "hardswish": F.hardswish}[head.activation]
+    channels = x.shape[1]
+    features = head.fixed_features or head.expansion * channels
+    norm = head.bn
+    h = F.batch_norm(F.conv2d(x, head.conv.weight[:features, :channels]), norm.running_mean[:features],
+                     norm.running_var[:features], norm.weight[:features], norm.bias[:features], eps=norm.eps)
+    h = act(h).mean((2, 3))
+    if head.pre_logits is not None:
+        h = act(F.linear(h, head.pre_logits.weight[:, :features], head.pre_logits.bias))
+    return F.linear(h, head.classifier.weight[:, :h.shape[-1]], head.classifier.bias)
+
+
+@pytest.mark.parametrize("kwargs, in_channels, features", [
+    (dict(features=32), 12, 32),                                            # UniNet: a fixed width
+    (dict(expansion=3, pre_logits=20, activation="hardswish"), 10, 30),    # ElasticViT: it follows the input
+    (dict(expansion=2), 16, 32),
+])
+def test_classifier_head_matches_extracted_and_by_hand(kwargs, in_channels, features):
+    head = randomize(ElasticClassifierHead(16, 7, **kwargs)).set_active(in_channels=in_channels)
+    with torch.no_grad():
+        head.bn.running_mean.normal_()
+        head.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, in_channels, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(head.eval()(x), head_by_hand(head, x), **TOL)
+    extracted = check_against_extracted(head, lambda: x.clone())
+    assert isinstance(extracted, plain_hybrid.ClassifierHead) and extracted.conv.out_channels == features
+
+
+def test_classifier_head_state_dict_round_trip_and_errors():
+    assert_state_dict_round_trip(ElasticClassifierHead(8, 5, expansion=4, pre_logits=12),
+                                 lambda: plain_hybrid.ClassifierHead(8, 32, 5, pre_logits=12), torch.randn(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="set one of features and expansion"):
+        ElasticClassifierHead(8, 5, features=16, expansion=2)
+    with pytest.raises(ValueError, match=r"expected \[batch, 6, height, width\] \(the active in_channels is 6\)"):
+        ElasticClassifierHead(8, 5, features=16).set_active(in_channels=6)(torch.randn(2, 8, 3, 3))
+

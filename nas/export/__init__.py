@@ -1,10 +1,11 @@
-"""Subnet export: a standalone plain ViT (``elastic_ops/plain.py``, which imports only torch), its file
-format, and TorchScript, ``torch.export``, ONNX and safetensors (:data:`FORMATS`, each with a way to run it again);
-``python -m nas.export`` is the command line.
+"""Subnet export: a standalone plain ViT (``elastic_ops/plain.py``, which imports only torch) or hybrid network
+(``elastic_ops/plain_hybrid.py``), its file format, and TorchScript, ``torch.export``, ONNX and safetensors
+(:data:`FORMATS`, each with a way to run it again); ``python -m nas.export`` is the command line.
 
 The saved file is a ``torch.save`` of a dict of plain types (loaded with ``weights_only=True``):
 ``{"format": FORMAT, "version": VERSION, "arch": Arch.to_dict(), "model": VisionTransformer kwargs,
-"state_dict": ...}``.
+"state_dict": ...}``; a hybrid subnet's also has ``"kind": "hybrid"``, and its ``"model"`` is its space
+(``HybridSpace.to_dict()``), from which and the arch ``nas.hybrid.export.rebuild`` makes the network.
 """
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ from torch import Tensor
 
 from elastic_ops.nn import empty_module
 from elastic_ops.plain import VisionTransformer
+from elastic_ops.plain_hybrid import HybridNetwork
 
 from ..arch import Arch
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..errors import require
+from ..hybrid.arch import HybridArch
+from ..hybrid.export import rebuild
+from ..hybrid.space import HybridSpace
+from ..hybrid.supernet import HybridSupernet
 from ..supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
@@ -31,11 +37,15 @@ VERSION = 1
 
 
 @torch.no_grad()
-def extract_subnet(supernet: VisionTransformerSupernet, arch: Arch | None = None) -> VisionTransformer:
+def extract_subnet(supernet: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch | None = None
+                   ) -> VisionTransformer | HybridNetwork:
     """A plain ViT holding copies of the active weights of ``arch`` (default: the active subnet), in eval mode.
 
-    Its outputs match ``supernet(images, arch)`` in eval mode; identity layers are left out.
+    Its outputs match ``supernet(images, arch)`` in eval mode; identity layers are left out. A hybrid supernet gives
+    its plain ``HybridNetwork`` (``HybridSupernet.extract``; recalibrate its BatchNorms for the arch first).
     """
+    if isinstance(supernet, HybridSupernet):
+        return supernet.extract(arch)
     if arch is not None:
         supernet.set_arch(arch)
     arch, c = supernet.arch, supernet.config
@@ -75,18 +85,29 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
     }
 
 
-def save_subnet(path: str | os.PathLike, model: VisionTransformer, arch: Arch) -> None:
-    """Write ``model`` (an extracted subnet) and its ``arch`` to ``path`` atomically (temporary file, then rename)."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"save_subnet: model must be an elastic_ops.plain.VisionTransformer (see extract_subnet), "
-                        f"got {type(model).__name__}")
-    payload = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(), "model": model_kwargs(model),
+def save_subnet(path: str | os.PathLike, model: VisionTransformer | HybridNetwork, arch: Arch | HybridArch,
+                space: HybridSpace | None = None) -> None:
+    """Write ``model`` (an extracted subnet) and its ``arch`` to ``path`` atomically (temporary file, then rename).
+    A hybrid subnet also needs its ``space``, from which the loader rebuilds the network."""
+    payload = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(),
                "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()}}
+    if isinstance(model, HybridNetwork):
+        if not isinstance(space, HybridSpace):
+            raise TypeError("save_subnet: a hybrid subnet is saved with its space (space=HybridSpace), got "
+                            f"{type(space).__name__}")
+        space.validate(arch)
+        payload.update(kind="hybrid", model=space.to_dict())
+    elif isinstance(model, VisionTransformer):
+        payload["model"] = model_kwargs(model)
+    else:
+        raise TypeError(f"save_subnet: model must be an elastic_ops.plain.VisionTransformer or "
+                        f"elastic_ops.plain_hybrid.HybridNetwork (see extract_subnet), got {type(model).__name__}")
     atomic_torch_save(payload, path)
 
 
-def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[VisionTransformer, Arch]:
-    """The plain ViT (eval mode) and arch saved by :func:`save_subnet`.
+def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                ) -> tuple[VisionTransformer | HybridNetwork, Arch | HybridArch]:
+    """The plain ViT or hybrid network (eval mode) and arch saved by :func:`save_subnet`.
 
     Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that is corrupt
     or not a saved subnet.
@@ -105,16 +126,21 @@ def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise ValueError(f"load_subnet: {path} has format version {payload.get('version')!r}; this code reads "
                          f"{VERSION}")
     try:
-        arch = Arch.from_dict(payload["arch"])
-        model = VisionTransformer(**payload["model"])
+        if payload.get("kind") == "hybrid":
+            arch = HybridArch.from_dict(payload["arch"])
+            model = rebuild(HybridSpace.from_dict(payload["model"]), arch)
+        else:
+            arch = Arch.from_dict(payload["arch"])
+            model = VisionTransformer(**payload["model"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"load_subnet: {path} holds an inconsistent subnet: {error}") from error
     return model.to(map_location).eval(), arch
 
 
-def to_torchscript(model: VisionTransformer, path: str | os.PathLike | None = None) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` of the plain ViT (eval mode), saved to ``path`` if given.
+def to_torchscript(model: VisionTransformer | HybridNetwork, path: str | os.PathLike | None = None
+                   ) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of the plain ViT or hybrid network (eval mode), saved to ``path`` if given.
 
     TorchScript is deprecated from torch 2.10 on (it warns) but still runs everywhere without this library.
     """
@@ -132,9 +158,9 @@ def _example_batch(example: Tensor) -> dict:
     return {"images": {0: torch.export.Dim("batch")}}
 
 
-def to_torch_export(model: VisionTransformer, path: str | os.PathLike, example: Tensor) -> None:
-    """``torch.export`` of the plain ViT (eval mode) with a dynamic batch size, saved to ``path`` (``.pt2``);
-    :func:`load_torch_export` reads it back."""
+def to_torch_export(model: VisionTransformer | HybridNetwork, path: str | os.PathLike, example: Tensor) -> None:
+    """``torch.export`` of the plain ViT or hybrid network (eval mode) with a dynamic batch size, saved to ``path``
+    (``.pt2``); :func:`load_torch_export` reads it back."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=_example_batch(example))
     torch.export.save(program, os.fspath(path))
 
@@ -143,8 +169,9 @@ def load_torch_export(path: str | os.PathLike) -> Callable[[Tensor], Tensor]:
     return torch.export.load(os.fspath(path)).module()
 
 
-def to_onnx(model: VisionTransformer, path: str | os.PathLike, example: Tensor) -> None:
-    """Export the plain ViT to ONNX with torch's current (``torch.export``-based) exporter, dynamic batch size.
+def to_onnx(model: VisionTransformer | HybridNetwork, path: str | os.PathLike, example: Tensor) -> None:
+    """Export the plain ViT or hybrid network to ONNX with torch's current (``torch.export``-based) exporter, dynamic
+    batch size.
 
     Needs the ``onnx`` and ``onnxscript`` packages (torch's exporter uses them): a
     :class:`~nas.errors.MissingDependencyError` names the extra otherwise.

@@ -18,7 +18,7 @@ Costs are MACs (``nas.cost.macs``; FLOPs are ``2 * macs``) unless a sampler says
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..space import SearchSpace
+from ..space import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
 from .identity import IdentitySampler
@@ -33,7 +33,7 @@ SAMPLERS: dict[str, type[ArchSampler]] = {
 }
 
 
-def build_sampler(name: str, space: SearchSpace, *, seed: int = 0, total_steps: int = 1, **options) -> ArchSampler:
+def build_sampler(name: str, space: Space, *, seed: int = 0, total_steps: int = 1, **options) -> ArchSampler:
     """The sampler registered as ``name`` in :data:`SAMPLERS`; ``options`` are its keyword arguments."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

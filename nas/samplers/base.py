@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..arch import Arch
-from ..space import SearchSpace
+from ..space import Space
 
 Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images
 
@@ -19,7 +19,7 @@ class ArchSampler:
     distill: ClassVar[bool] = False   # the first arch of each step is the others' teacher
     measures: ClassVar[bool] = False  # update() needs measure(arch) -> held-out accuracy
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1):
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1):
         if total_steps < 1:
             raise ValueError(f"{type(self).__name__}: total_steps must be >= 1, got {total_steps}")
         self.space, self.total_steps = space, int(total_steps)

@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import cost
 from ..arch import Arch
-from ..space import SearchSpace
+from ..space import Space
 from .base import ArchSampler
 
 
@@ -18,7 +18,7 @@ class FlopsBanks:
     share of the space (equal-width banks would leave the top banks nearly impossible to draw into: few
     archs are close to the largest one)."""
 
-    def __init__(self, space: SearchSpace, num_banks: int, samples: int = 4096, seed: int = 0):
+    def __init__(self, space: Space, num_banks: int, samples: int = 4096, seed: int = 0):
         if num_banks < 1:
             raise ValueError(f"num_banks must be >= 1, got {num_banks}")
         low, high = cost.macs_range(space)
@@ -42,7 +42,7 @@ class ComplexityAwareSampler(ArchSampler):
 
     name = "complexity"
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1, num_banks: int = 8,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, num_banks: int = 8,
                  archs_per_step: int = 1):
         super().__init__(space, seed=seed, total_steps=total_steps)
         if archs_per_step < 1:

@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import cost
 from ..arch import Arch, ArchBatch
-from ..space import SearchSpace
+from ..hybrid.space import HybridSpace
+from ..space import Space
 from .base import ArchSampler
 
 
@@ -29,10 +30,14 @@ class IdentitySampler(ArchSampler):
 
     name = "identity"
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1,
                  profile: str | Sequence[float] = "uniform", macs_range: Sequence[float] | None = None,
                  samples: int = 1024):
         super().__init__(space, seed=seed, total_steps=total_steps)
+        if isinstance(space, HybridSpace):
+            raise ValueError(f"identity sampler: space {space.name!r} is a hybrid space, whose stages have a depth "
+                             "rather than layers that may be identities; use uniform, sandwich, complexity, "
+                             "performance or learned")
         if not space.identity_layers:
             raise ValueError(f"identity sampler: space {space.name!r} has identity_layers=False (only the first "
                              "`depth` layers may be on); use a ViTAS-style space")

@@ -11,26 +11,33 @@ from torch import nn
 
 from .. import cost
 from ..arch import Arch, ArchBatch
+from ..hybrid.arch import HybridArchBatch
+from ..hybrid.space import HybridSpace
 from ..latency import LatencyModel
-from ..space import SearchSpace
+from ..space import Space
 from .base import ArchSampler, Measure
 
 BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a latency model (nas.latency)
 
 
 class BudgetPolicy(nn.Module):
-    """Independent categorical decisions (embed dim, depth, patch size, then heads and MLP ratio of every layer and,
-    in a space with identity layers, whether each layer would rather be on) whose logits come from a small MLP of
-    the normalised budget and the one-hot kind of budget.
+    """Independent categorical decisions whose logits come from a small MLP of the normalised budget and the one-hot
+    kind of budget. In a ViT space: embed dim, depth, patch size, then heads and MLP ratio of every layer and, in a
+    space with identity layers, whether each layer would rather be on (the layout saved policies were trained with);
+    in a hybrid space: the space's genes (``HybridSpace.genes``).
 
     All decisions share one padded ``[decisions, max choices]`` logit table (padding masked out), so
     that a draw for a batch of budgets is a handful of tensor ops however deep the space is."""
 
-    def __init__(self, space: SearchSpace, kinds: int = 1, hidden: int = 32):
+    def __init__(self, space: Space, kinds: int = 1, hidden: int = 32):
         super().__init__()
-        self.space, layers = space, space.max_depth
-        self.options = ([space.embed_dims, space.depths, space.patch_sizes] + [space.num_heads] * layers
-                        + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0))
+        self.space = space
+        if isinstance(space, HybridSpace):
+            self.options = [choices for _, choices in space.genes()]
+        else:
+            layers = space.max_depth
+            self.options = ([space.embed_dims, space.depths, space.patch_sizes] + [space.num_heads] * layers
+                            + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0))
         width = max(len(o) for o in self.options)
         self.register_buffer("valid", torch.tensor([[c < len(o) for c in range(width)] for o in self.options]))
         self.net = nn.Sequential(nn.Linear(1 + kinds, hidden), nn.Tanh(), nn.Linear(hidden, self.valid.numel()))
@@ -44,9 +51,11 @@ class BudgetPolicy(nn.Module):
         # a large finite negative, not -inf: 0 * -inf in the entropy's backward would be NaN
         return logits.masked_fill(~self.valid, -1e9).log_softmax(dim=-1)
 
-    def to_archs(self, choices: np.ndarray) -> ArchBatch:
+    def to_archs(self, choices: np.ndarray) -> ArchBatch | HybridArchBatch:
         """Canonical archs from ``[B, decisions]`` choice indices: the first ``depth`` layers on or, with identity
         layers, the first ``depth`` of the layers in order of preference (those that would rather be on first)."""
+        if isinstance(self.space, HybridSpace):
+            return self.space.decode_genes(choices)
         s, layers = self.space, self.space.max_depth
         depth = np.asarray(s.depths)[choices[:, 1]]
         if s.identity_layers:
@@ -78,7 +87,7 @@ class LearnedSampler(ArchSampler):
     name = "learned"
     measures = True
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1, policy_every: int = 20,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 20,
                  policy_updates: int = 1, budgets_per_update: int = 4, archs_per_budget: int = 4,
                  penalty: float = 20.0, entropy: float = 0.01, lr: float = 0.03, explore: float = 0.1, hidden: int = 32,
                  budget_kinds: Sequence[str] = ("macs", "params"), latency_model: str | None = None):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import cost
 from ..arch import Arch
-from ..space import SearchSpace
+from ..space import Space
 from .base import Measure
 from .complexity import ComplexityAwareSampler
 
@@ -41,7 +41,7 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
     name = "performance"
     measures = True
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1, num_banks: int = 8,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, num_banks: int = 8,
                  memory_size: int = 16, exploit_max: float = 0.8, temperature: float = 0.01,
                  refresh_every: int = 100):
         super().__init__(space, seed=seed, total_steps=total_steps, num_banks=num_banks)
@@ -65,7 +65,7 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
             return [self.explore(bank)]
         accuracy = np.array([score for _, score in entries])
         weights = np.exp((accuracy - accuracy.max()) / self.temperature)
-        return [Arch.from_dict(entries[self.rng.choice(len(entries), p=weights / weights.sum())][0])]
+        return [self.space.arch_type.from_dict(entries[self.rng.choice(len(entries), p=weights / weights.sum())][0])]
 
     def update(self, archs: Sequence[Arch], losses: Sequence[float], measure: Measure | None = None
                ) -> dict[str, float]:
@@ -73,7 +73,7 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
         stats = {"exploited": float(self.exploited)}
         if self.step % self.refresh_every == 0:
             for entry in self.memory[self.bank]:
-                entry[1] = float(measure(Arch.from_dict(entry[0])))
+                entry[1] = float(measure(self.space.arch_type.from_dict(entry[0])))
         if not self.exploited:
             for arch in archs:
                 stats["measured"] = self.remember(arch, float(measure(arch)))

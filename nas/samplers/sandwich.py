@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..arch import Arch
-from ..space import SearchSpace
+from ..space import Space
 from .base import ArchSampler
 
 
@@ -16,7 +16,7 @@ class SandwichSampler(ArchSampler):
     name = "sandwich"
     distill = True
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, total_steps: int = 1, num_random: int = 1):
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, num_random: int = 1):
         super().__init__(space, seed=seed, total_steps=total_steps)
         if num_random < 0:
             raise ValueError(f"sandwich: num_random must be >= 0, got {num_random}")

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..arch import Arch
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..hybrid.arch import HybridArch
 from ..racing import Interval
-from ..space import SearchSpace
+from ..space import Space
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
@@ -26,7 +27,7 @@ class Searcher:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, space: SearchSpace, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None,
+    def __init__(self, space: Space, feasible: Feasible, *, seed: int = 0, cost: Cost | None = None,
                  max_draws: int = 64):
         self.space, self.feasible, self.cost = space, feasible, cost
         self.rng = np.random.default_rng(seed)
@@ -57,7 +58,7 @@ class Searcher:
         if state.get("name") != self.name:
             raise CheckpointMismatchError(f"search state is for {state.get('name')!r}, this searcher is {self.name!r}")
         self.rng.bit_generator.state = state["rng"]
-        self.scores = {Arch.from_dict(arch): score for arch, score in state["scores"]}
+        self.scores = {self.space.arch_type.from_dict(arch): score for arch, score in state["scores"]}
 
     def is_new(self, arch: Arch, taken: set[Arch]) -> bool:
         return arch not in self.scores and arch not in taken
@@ -86,33 +87,15 @@ class Searcher:
 
 
 class GeneCoding:
-    """A space as independent categorical genes: embed dim, depth, patch size (where several), and per layer
-    heads and MLP ratio; with identity layers, per layer an on/off preference. Every gene vector decodes to
-    a valid (canonical) arch of the space."""
+    """A space as independent categorical genes (``space.genes()``: name and choices of each); every gene vector
+    decodes to a valid (canonical) arch of the space (``space.decode_genes``)."""
 
-    def __init__(self, space: SearchSpace):
+    def __init__(self, space: Space):
         self.space = space
-        layers = range(space.max_depth)
-        genes: list[tuple[str, tuple]] = [("embed_dim", space.embed_dims), ("depth", space.depths)]
-        if len(space.patch_sizes) > 1:
-            genes.append(("patch_size", space.patch_sizes))
-        genes += [(f"num_heads_{i}", space.num_heads) for i in layers]
-        genes += [(f"mlp_ratio_{i}", space.mlp_ratios) for i in layers]
-        if space.identity_layers:
-            genes += [(f"layer_on_{i}", (False, True)) for i in layers]
-        self.genes = genes
-        self.sizes = [len(choices) for _, choices in genes]
+        self.genes = space.genes()
+        self.sizes = [len(choices) for _, choices in self.genes]
 
-    def decode(self, indices: Sequence[int]) -> Arch:
-        values = {name: choices[int(i)] for (name, choices), i in zip(self.genes, indices, strict=True)}
-        layers, depth = self.space.max_depth, values["depth"]
-        if self.space.identity_layers:
-            # The layers that prefer to be on come first, in order; the depth gene says how many are on.
-            order = sorted(range(layers), key=lambda i: (not values[f"layer_on_{i}"], i))
-            on = set(order[:depth])
-            layer_on = tuple(i in on for i in range(layers))
-        else:
-            layer_on = tuple(i < depth for i in range(layers))
-        arch = Arch(values["embed_dim"], tuple(values[f"num_heads_{i}"] for i in range(layers)),
-                    tuple(values[f"mlp_ratio_{i}"] for i in range(layers)), layer_on, values.get("patch_size"))
-        return self.space.canonical(arch)
+    def decode(self, indices: Sequence[int]) -> Arch | HybridArch:
+        if len(indices) != len(self.genes):
+            raise ValueError(f"GeneCoding.decode: expected {len(self.genes)} gene indices, got {len(indices)}")
+        return self.space.decode_genes(np.asarray(indices)[None]).arch(0)

@@ -119,5 +119,5 @@ class NSGA2(Searcher):
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.size = int(state["size"])
-        population = [Arch.from_dict(a) for a in state["population"]]
+        population = [self.space.arch_type.from_dict(a) for a in state["population"]]
         self.population, self.rank, self.crowding = self._select(population, self.size) if population else ([], [], [])

@@ -69,4 +69,4 @@ class Reinforce(Searcher):
         super().load_state_dict(state)
         self.logits = [np.asarray(gene, dtype=np.float64) for gene in state["logits"]]
         self.baseline = state["baseline"]
-        self.choices = {Arch.from_dict(a): np.asarray(c) for a, c in state["choices"]}
+        self.choices = {self.space.arch_type.from_dict(a): np.asarray(c) for a, c in state["choices"]}

@@ -118,7 +118,8 @@ class TPESearch(Searcher):
                     user_attrs=saved["user_attrs"], system_attrs=saved["system_attrs"]))
             for rng, (kind, keys, *rest) in zip(self.random_states(study), state["generators"], strict=True):
                 rng.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-            pending = {Arch.from_dict(arch): [int(n) for n in numbers] for arch, numbers in state["pending"]}
+            pending = {self.space.arch_type.from_dict(arch): [int(n) for n in numbers]
+                       for arch, numbers in state["pending"]}
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointError(f"the tpe search state is malformed: {error!r}") from error
         self.study, self.pending = study, pending

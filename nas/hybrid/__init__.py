@@ -1,0 +1,7 @@
+"""Hybrid conv / attention / MLP search spaces and supernets (ElasticViT, UniNet; DESIGN.md section 9), one module a
+concern: ``arch`` (a subnet: stages and a resolution), ``style`` (how the two families' blocks differ), ``space`` (the
+choices, validation, sampling, evolution operators), ``cost`` (exact params and MACs), ``supernet`` (the supernet and
+its BatchNorm recalibration), ``export`` (a saved subnet rebuilt).
+
+The modules are imported by name, not from here, so that the spaces and the cost model load without the supernet.
+"""

@@ -1,0 +1,103 @@
+"""Hybrid subnet export: the extracted plain network saved and loaded (rebuilt from its space and arch) equal to the
+supernet's subnet, TorchScript and ONNX, clear errors."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from hybrid_models import supernet
+from test_hybrid_space import HYBRID_PRESETS
+
+from elastic_ops import plain_hybrid
+from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
+from nas.hybrid.export import rebuild
+from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
+from nas.space import load_space
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["uninet-cifar", "elasticvit-mobile-cifar"])
+def calibrated(request):
+    """A CIFAR preset's supernet, a random arch with every operator where the space has several, BatchNorm
+    recalibrated for it, and images."""
+    torch.manual_seed(0)
+    space = load_space(request.param)
+    model = HybridSupernet(HybridSupernetConfig(space)).eval()
+    arch = space.sample(np.random.default_rng(2))
+    images = torch.randn(3, 3, 32, 32)
+    model.recalibrate_batch_norm([images * 2, images - 1], arch)
+    return model, arch, images
+
+
+def test_save_and_load_round_trip(calibrated, tmp_path):
+    model, arch, images = calibrated
+    with torch.no_grad():
+        expected = model(images, arch)
+    path = tmp_path / "subnet.pt"
+    save_subnet(path, extract_subnet(model, arch), arch, model.space)
+    assert os.listdir(tmp_path) == ["subnet.pt"], "the temporary file of the atomic write is left behind"
+    payload = torch.load(path, weights_only=True)
+    assert payload["kind"] == "hybrid" and payload["model"] == model.space.to_dict()
+    loaded, loaded_arch = load_subnet(path)
+    assert loaded_arch == arch and isinstance(loaded, plain_hybrid.HybridNetwork) and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected, **TOL)
+
+
+@pytest.mark.parametrize("name", HYBRID_PRESETS)
+def test_rebuild_has_the_structure_the_supernet_extracts(name):
+    """A loaded subnet is rebuilt from the supernet of the space narrowed to its arch: the same modules, names and
+    shapes as the full supernet's extraction."""
+    model = supernet(name)
+    space = model.space
+    for arch in [space.max_arch(), space.sample(3)]:
+        extracted, rebuilt = model.extract(arch), rebuild(space, arch, "meta")
+        assert [(n, t.shape) for n, t in rebuilt.state_dict().items()] == \
+            [(n, t.shape) for n, t in extracted.state_dict().items()]
+        assert str(rebuilt) == str(extracted)
+
+
+def test_save_needs_the_space_and_load_refuses_an_inconsistent_file(calibrated, tmp_path):
+    model, arch, _ = calibrated
+    plain = extract_subnet(model, arch)
+    with pytest.raises(TypeError, match=r"a hybrid subnet is saved with its space \(space=HybridSpace\)"):
+        save_subnet(tmp_path / "s.pt", plain, arch)
+    other = model.space.sample(np.random.default_rng(9))
+    path = tmp_path / "other.pt"
+    save_subnet(path, plain, other, model.space)  # the weights of one arch under the name of another
+    with pytest.raises(ValueError, match="inconsistent subnet"):
+        load_subnet(path)
+    assert os.listdir(tmp_path) == ["other.pt"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_torchscript_export_matches(calibrated, tmp_path):
+    model, arch, images = calibrated
+    with torch.no_grad():
+        expected = model(images, arch)
+    scripted = to_torchscript(extract_subnet(model, arch), tmp_path / "subnet.ts")
+    torch.testing.assert_close(scripted(images), expected, **TOL)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "subnet.ts"))(images), expected, **TOL)
+
+
+def test_onnx_export_or_clear_message(calibrated, tmp_path):
+    model, arch, images = calibrated
+    plain = extract_subnet(model, arch)
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        with pytest.raises(ImportError, match="ONNX export needs"):
+            to_onnx(plain, tmp_path / "subnet.onnx", images)
+        pytest.skip("onnx/onnxscript are not installed: checked the error message only")
+    to_onnx(plain, tmp_path / "subnet.onnx", images)
+    if importlib.util.find_spec("onnxruntime") is None:
+        assert (tmp_path / "subnet.onnx").stat().st_size > 0
+        return
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "subnet.onnx"))
+    with torch.no_grad():
+        expected = plain(images[:2]).numpy()
+    (logits,) = session.run(None, {"images": images[:2].numpy()})  # another batch size than exported
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,150 @@
+"""Every training sampler and search algorithm on the hybrid CIFAR presets (budgets respected, states that continue
+exactly), the identity sampler's refusal, and nas.train on a hybrid space."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from nas import cost
+from nas import train as cli
+from nas.budget import Budget, Costs
+from nas.checkpoint import load_supernet
+from nas.errors import ConfigError
+from nas.hybrid.supernet import HybridSupernet
+from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
+from nas.searchers import SEARCHERS, build_searcher
+from nas.searching import SearchConfig, run_search
+from nas.space import load_space
+from nas.trainer import TrainConfig, train
+
+SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
+SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 3, "memory_size": 4},
+                   "learned": {"policy_every": 3, "budgets_per_update": 2}}
+
+
+def accuracy_of(space):
+    """A synthetic accuracy that grows with size, as a supernet's does."""
+    high = cost.macs_range(space)[1]
+    return lambda arch: cost.macs(arch, space) / high
+
+
+def run(sampler, steps: int, measure) -> list:
+    drawn = []
+    for _ in range(steps):
+        archs = sampler.sample()
+        sampler.update(archs, [1.0] * len(archs), measure)
+        drawn.append(archs)
+    return drawn
+
+
+@pytest.mark.parametrize("space_name", SPACES)
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"identity"}))
+def test_every_sampler_draws_archs_of_a_hybrid_space_and_continues_exactly(name, space_name):
+    space = load_space(space_name)
+    measure = accuracy_of(space)
+    sampler = build_sampler(name, space, seed=3, total_steps=30, **SAMPLER_OPTIONS.get(name, {}))
+    for archs in run(sampler, 10, measure):
+        for arch in archs:
+            space.validate(arch)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    expected = run(sampler, 6, measure)
+    resumed = build_sampler(name, space, seed=99, total_steps=30, **SAMPLER_OPTIONS.get(name, {}))
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert run(resumed, 6, measure) == expected
+
+
+def test_the_complexity_walk_draws_inside_its_banks():
+    space = load_space("uninet-cifar")
+    sampler = build_sampler("complexity", space, seed=1, num_banks=4)
+    for _ in range(30):
+        archs = sampler.sample()
+        low, high = sampler.banks.window(sampler.bank)
+        assert all(low <= cost.macs(arch, space) <= high for arch in archs)
+
+
+def test_the_learned_sampler_proposes_within_a_budget():
+    space = load_space("elasticvit-mobile-cifar")
+    sampler = LearnedSampler(space, seed=0, policy_every=1, budgets_per_update=2)
+    run(sampler, 3, accuracy_of(space))
+    low, high = cost.macs_range(space)
+    budget = low + 0.3 * (high - low)
+    for arch in sampler.propose(budget, num=5):
+        assert space.contains(arch) and cost.macs(arch, space) <= budget
+
+
+def test_the_identity_sampler_refuses_a_hybrid_space():
+    with pytest.raises(ValueError, match="identity sampler: space 'uninet-cifar' is a hybrid space, whose stages have "
+                                         "a depth rather than layers that may be identities"):
+        build_sampler("identity", load_space("uninet-cifar"))
+
+
+@pytest.mark.parametrize("space_name", SPACES)
+@pytest.mark.parametrize("name", sorted(SEARCHERS))
+def test_every_searcher_respects_the_budget_on_a_hybrid_space(name, space_name):
+    space = load_space(space_name)
+    costs = Costs(space)
+    limit = float(np.quantile(cost.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
+    feasible = costs.feasible([Budget("macs", limit)])
+    options = {"sampler": LearnedSampler(space, seed=0)} if name == "sampler" else {}
+    searcher = build_searcher(name, space, feasible, seed=2, cost=costs.metric("macs"), **options)
+    score = accuracy_of(space)
+    for _ in range(3):
+        archs = searcher.propose(8)
+        assert len(archs) == 8 and all(space.contains(arch) for arch in archs)
+        assert (cost.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
+        searcher.observe(archs, [score(arch) for arch in archs])
+    restored = build_searcher(name, space, feasible, seed=5, cost=costs.metric("macs"), **options)
+    restored.load_state_dict(searcher.state_dict())
+    assert restored.best() == searcher.best()
+
+
+def digits_space(tmp_path):
+    """A hybrid space for the built-in 8x8 digits (one channel): a conv stage, then attention or MLP."""
+    path = tmp_path / "digits-hybrid.yaml"
+    path.write_text("""
+name: digits-hybrid
+style: uninet
+resolutions: [6, 8]
+stem_channels: 8
+stem_stride: 1
+head_features: 32
+head_dim: 8
+in_chans: 1
+num_classes: 10
+stages:
+  - {ops: [conv], depths: [1, 2], channels: [8, 16], expansions: [2, 3], dsms: [none], se: true}
+  - {ops: [conv, mlp, attention], depths: [1, 2], channels: [16, 24], expansions: [2], dsms: [local, local-global],
+     stride: 2}
+""")
+    return str(path)
+
+
+def test_training_a_hybrid_supernet(tmp_path):
+    """nas.train builds the hybrid supernet, evaluates subnets with BatchNorm recalibrated for each, and its
+    checkpoint loads as a hybrid supernet."""
+    space_path = digits_space(tmp_path)
+    space = load_space(space_path)
+    eval_arch = space.sample(3)
+    config = TrainConfig(space=space_path, out_dir=str(tmp_path / "run"), train_subset=128, test_subset=64,
+                         batch_size=32, max_steps=4, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
+                         bn_calibration_images=64, eval_archs=[eval_arch.to_dict()])
+    result = train(config)
+    assert result.steps == 4 and all(0.0 <= acc <= 1.0 for acc in (result.smallest, result.largest))
+    assert len(result.eval_archs) == 1
+    model, loaded_space, _ = load_supernet(result.checkpoint)
+    assert isinstance(model, HybridSupernet) and loaded_space == space
+    with pytest.raises(ConfigError, match="holds a hybrid supernet .* which nas.search does not evaluate yet"):
+        run_search(SearchConfig(checkpoint=result.checkpoint, out_dir=str(tmp_path / "search"), progress=False))
+
+
+def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path, capsys):
+    status = cli.main(["--space", "uninet-cifar", "--out-dir", str(tmp_path / "run"), "--steps", "1",
+                       "--no-progress", "--no-plot"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "nas.train: error:" in error
