@@ -5,8 +5,8 @@ steps under ``--budget`` on the first ``--images`` held-out images of ``--checkp
 ``nas.train``; without one, a randomly initialised cifar-tiny supernet on random images, for timing only). Every
 variant evaluates the candidates of the same seeded search:
 
-- ``racing``: this project's default (``nas.searching.make_evaluate``: K subnets per pass, shared prefixes, racing);
-- ``full``: the same, racing off (every candidate on every image);
+- ``racing``: ``nas.search --race`` (``nas.searching.make_evaluate``: K subnets per pass, shared prefixes, racing);
+- ``full``: the same, racing off, as ``nas.search`` runs by default (every candidate on every image);
 - ``sequential``: every candidate on every image, one subnet after another (``evaluate_archs(batched=False)``);
 - ``autoformer``: AutoFormer's own loop: per candidate, ``set_arch`` and a pass of a DataLoader over the data set
   (its ``evaluate`` in ``lib/evolution.py``), here over the images already normalised (its transforms would

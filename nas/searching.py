@@ -93,8 +93,9 @@ class SearchConfig(Config):
     num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
                                     resumable=True)
-    race: bool = setting(True, "race the candidates of each step over growing slices of the search data, stopping "
-                               "those the search confidently will not keep (nas.racing)")
+    race: bool = setting(False, "race the candidates of each step over growing slices of the search data, stopping "
+                                "those the search confidently will not keep (nas.racing; pays where candidates' "
+                                "accuracies spread wider than their confidence intervals)")
     race_confidence: float = setting(0.999, "racing: confidence of each candidate's accuracy interval")
     race_first_fraction: float = setting(0.125, "racing: the first slice's share of the search data")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", resumable=True)

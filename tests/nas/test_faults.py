@@ -21,7 +21,7 @@ from nas.report import read_log
 TRAIN = [sys.executable, "-m", "nas.train", "--steps", "30", "--ckpt-every", "3", "--batch-size", "32", "--no-progress",
          "--set", "train_subset=192", "--set", "test_subset=64", "--set", "search_holdout=64", "--set", "plot=false"]
 SEARCH = [sys.executable, "-m", "nas.search", "--algorithm", "tpe", "--tpe-startup-trials", "12", "--generations", "12",
-          "--population", "6", "--budget", "macs=1M", "--test-images", "32"]
+          "--population", "6", "--budget", "macs=1M", "--test-images", "32", "--race"]
 
 
 def killed_and_resumed(command: list[str], cwd: Path, kills: int, progress: Callable[[processes.Child], int],

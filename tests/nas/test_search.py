@@ -435,10 +435,10 @@ def test_torchrun_search_equals_one_process(tiny_checkpoint, tmp_path):
     process, written once by rank 0."""
     from nas.search import main
 
-    args = search_args(tiny_checkpoint, tmp_path / "one", generations=3)
+    args = search_args(tiny_checkpoint, tmp_path / "one", generations=3) + ["--race"]
     assert main(args) == 0
     command = processes.TORCHRUN + ["--nproc_per_node", "2", "-m", "nas.search",
-                                    *search_args(tiny_checkpoint, tmp_path / "two", generations=3)]
+                                    *search_args(tiny_checkpoint, tmp_path / "two", generations=3), "--race"]
     done = processes.run(command, tmp_path, timeout=240)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
     one, two = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("one", "two"))
