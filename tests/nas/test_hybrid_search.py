@@ -12,11 +12,13 @@ from nas import cost
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
-from nas.errors import ConfigError
+from nas.data import load_dataset, normalize
+from nas.export import load_subnet
+from nas.hybrid.arch import HybridArch
 from nas.hybrid.supernet import HybridSupernet
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
-from nas.searching import SearchConfig, run_search
+from nas.searching import SearchConfig, read_state, run_search
 from nas.space import load_space
 from nas.trainer import TrainConfig, train
 
@@ -138,8 +140,52 @@ def test_training_a_hybrid_supernet(tmp_path):
     assert len(result.eval_archs) == 1
     model, loaded_space, _ = load_supernet(result.checkpoint)
     assert isinstance(model, HybridSupernet) and loaded_space == space
-    with pytest.raises(ConfigError, match="holds a hybrid supernet .* which nas.search does not evaluate yet"):
-        run_search(SearchConfig(checkpoint=result.checkpoint, out_dir=str(tmp_path / "search"), progress=False))
+
+
+@pytest.fixture(scope="module")
+def hybrid_checkpoint(tmp_path_factory) -> str:
+    """A digits-hybrid supernet trained a few steps with the learned sampler (which the sampler search needs)."""
+    tmp_path = tmp_path_factory.mktemp("hybrid")
+    config = TrainConfig(space=digits_space(tmp_path), out_dir=str(tmp_path / "run"), train_subset=96, test_subset=48,
+                         batch_size=32, max_steps=3, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
+                         bn_calibration_images=64, sampler="learned", measure_images=32,
+                         sampler_options={"policy_every": 2, "budgets_per_update": 2}, backend="reference")
+    return train(config).checkpoint
+
+
+def hybrid_search(checkpoint: str, out_dir, algorithm: str, generations: int = 2, **options) -> dict:
+    return run_search(SearchConfig(checkpoint=checkpoint, out_dir=str(out_dir), algorithm=algorithm,
+                                   generations=generations, population=4, parents=2, mutations=2, crossovers=1,
+                                   budgets=["macs=50k"], holdout_images=48, test_images=48, progress=False,
+                                   **options))
+
+
+@pytest.mark.parametrize("algorithm", sorted(SEARCHERS))
+def test_nas_search_on_a_hybrid_checkpoint(hybrid_checkpoint, tmp_path, algorithm):
+    """Every algorithm searches a hybrid supernet within the budget; the best arch's test top-1 is that of the exported
+    subnet, whose BatchNorm statistics were re-estimated for it as the search's evaluation does."""
+    summary = hybrid_search(hybrid_checkpoint, tmp_path, algorithm, export=True)
+    space = load_supernet(hybrid_checkpoint)[1]
+    assert summary["candidates"] and all(c["macs"] <= 50_000 for c in summary["candidates"])
+    best = summary["best"]["macs=50K"]
+    arch = HybridArch.from_dict(best["arch"])
+    assert space.contains(arch) and cost.macs(arch, space) == best["macs"]
+    model, saved_arch = load_subnet(summary["exported"]["macs=50K"])
+    assert saved_arch == arch
+    data = load_dataset("digits", split="test")
+    images, labels = data.images[:48], data.labels[:48]
+    with torch.no_grad():
+        logits = model(normalize(images, data.mean, data.std))
+    assert summary["test"]["macs=50K"]["top1"] == pytest.approx(100.0 * float((logits.argmax(-1) == labels).float()
+                                                                              .mean()))
+
+
+def test_a_hybrid_search_resumes_exactly(hybrid_checkpoint, tmp_path):
+    straight = hybrid_search(hybrid_checkpoint, tmp_path / "straight", "evolution", generations=3)
+    hybrid_search(hybrid_checkpoint, tmp_path / "resumed", "evolution", generations=1)
+    resumed = run_search(SearchConfig.from_dict({**read_state(tmp_path / "resumed" / "state.pt")["config"],
+                                                 "generations": 3}), resume=True)
+    assert resumed["candidates"] == straight["candidates"] and resumed["best"] == straight["best"]
 
 
 def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path, capsys):
