@@ -359,10 +359,11 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
     test = data_lib.fixed_subset(test, config.test_images or None)
     hybrid = isinstance(space, HybridSpace)
     source = f"checkpoint {config.checkpoint!r}"
-    recorded = checkpoint.get("search_split")
-    split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
-    train = data_lib.load_dataset(dataset, root, "train", **kwargs) if hybrid or config.search_on != "test" else None
-    calibration = None
+    split = train = calibration = None
+    if hybrid or config.search_on != "test":
+        recorded = checkpoint.get("search_split")
+        split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
+        train = data_lib.load_dataset(dataset, root, "train", **kwargs)
     if hybrid:
         if split is None:
             raise CheckpointError(f"{source} records no search split, so not which training images calibrate its "

@@ -16,6 +16,7 @@ from nas.data import load_dataset, normalize
 from nas.export import load_subnet
 from nas.hybrid.arch import HybridArch
 from nas.hybrid.supernet import HybridSupernet
+from nas.report import read_log
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
 from nas.searching import SearchConfig, read_state, run_search
@@ -24,6 +25,7 @@ from nas.trainer import TrainConfig, train
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
 SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 3, "memory_size": 4},
+                   "elasticvit": {"num_banks": 3, "memory_size": 4},
                    "learned": {"policy_every": 3, "budgets_per_update": 2}}
 
 
@@ -194,3 +196,59 @@ def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path,
     assert status == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nas.train: error:" in error
+
+
+def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_largest_and_smallest():
+    """ElasticViT's step: the largest subnet (the teacher), subnets of one FLOPs bank, the smallest; the bank moves at
+    most one bank a step and the banks cover the space; only the bank subnets are measured, and those drawn from the
+    memory are members of it; over a run the bank subnets come at every resolution of the space."""
+    space = load_space("elasticvit-mobile-cifar")
+    score = accuracy_of(space)
+    measured = []
+
+    def measure(arch):
+        measured.append(arch)
+        return score(arch)
+
+    sampler = build_sampler("elasticvit", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
+                            archs_per_step=2)
+    assert sampler.distill
+    assert sampler.banks.edges[0] == cost.macs(space.min_arch(), space)
+    assert sampler.banks.edges[-1] == cost.macs(space.max_arch(), space)
+    banks, resolutions, exploited = [], set(), 0
+    for _ in range(200):
+        memory = [entry[0] for entry in sampler.memory[sampler.bank]] + [
+            entry[0] for b in (sampler.bank - 1, sampler.bank + 1) if 0 <= b < 4 for entry in sampler.memory[b]]
+        archs = sampler.sample()
+        assert len(archs) == 4 and archs[0] == space.max_arch() and archs[-1] == space.min_arch()
+        low, high = sampler.banks.window(sampler.bank)
+        for arch, from_memory in zip(archs[1:-1], sampler.exploited):
+            assert low <= cost.macs(arch, space) <= high
+            if from_memory:
+                exploited += 1
+                assert arch.to_dict() in memory
+            resolutions.add(arch.resolution)
+        if banks:
+            assert abs(sampler.bank - banks[-1]) <= 1
+        banks.append(sampler.bank)
+        measured.clear()
+        sampler.update(archs, [1.0] * len(archs), measure)
+        assert space.max_arch() not in measured[:2] or space.max_arch() in archs[1:-1]
+    assert set(banks) == {0, 1, 2, 3} and resolutions == set(space.resolutions) and exploited > 20
+
+
+def test_nas_train_with_the_elasticvit_sampler(tmp_path):
+    """Every step trains the largest subnet first (the teacher of the others) and the smallest last."""
+    space_path = digits_space(tmp_path)
+    space = load_space(space_path)
+    config = TrainConfig(space=space_path, out_dir=str(tmp_path / "run"), train_subset=96, test_subset=32,
+                         batch_size=32, max_steps=3, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
+                         bn_calibration_images=32, measure_images=32, sampler="elasticvit",
+                         sampler_options={"num_banks": 2, "memory_size": 2}, backend="reference")
+    train(config)
+    steps = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["event"] == "train"]
+    assert len(steps) == 3
+    for record in steps:
+        archs = [HybridArch.from_dict(a) for a in record["archs"]]
+        assert len(archs) == 4 and archs[0] == space.max_arch() and archs[-1] == space.min_arch()
+        assert "exploited" in record
