@@ -47,6 +47,7 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
+from .hybrid.scaling import CompoundScaling, compound_family
 from .hybrid.space import HybridSpace
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
@@ -80,6 +81,12 @@ class SearchConfig(Config):
     depth_embed_prob: float = setting(0.4, "evolution, nsga2: probability of redrawing the depth and embed dim")
     crossover_prob: float = setting(0.9, "nsga2: probability of a crossover")
     rl_lr: float = setting(0.5, "rl: learning rate of the controller")
+    rl_constraint: str = setting("soft", "rl: the budget as UniNet's (MnasNet's) soft constraint, rewarding score * "
+                                         "(cost / limit) ** w, or as rejection of draws outside it ('hard')",
+                                 choices=("soft", "hard"))
+    rl_alpha: float = setting(0.0, "rl, soft constraint: the exponent w inside the budget (MnasNet: 0, or -0.07 for a "
+                                   "Pareto trade-off)")
+    rl_beta: float = setting(-1.0, "rl, soft constraint: the exponent w over the budget (MnasNet: -1, or -0.07)")
     tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
     seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
     dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
@@ -106,6 +113,10 @@ class SearchConfig(Config):
                                          resumable=True)
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
     export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
+    scale_family: int = setting(0, "hybrid spaces: scale the best arch of every budget into this many larger models "
+                                   "(UniNet's compound scaling) and write each as a space of its own", resumable=True)
+    scale_coefficients: list[float] = setting([1.2, 1.1, 1.15], "compound scaling: per step the growth of depth, width "
+                                                                "and resolution", resumable=True)
     progress: bool = setting(True, "print progress", resumable=True)
 
     def problems(self) -> list[str]:
@@ -127,6 +138,11 @@ class SearchConfig(Config):
         seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
         if not 0 <= self.seed <= seed_limit:
             problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
+        if self.scale_family < 0:
+            problems.append(f"scale_family must be an int >= 0, got {self.scale_family!r}")
+        if len(self.scale_coefficients) != 3 or min(self.scale_coefficients, default=0) < 1:
+            problems.append(f"scale_coefficients must be three numbers >= 1 (depth, width, resolution), got "
+                            f"{self.scale_coefficients!r}")
         for text in self.budgets:
             try:
                 Budget.parse(text)
@@ -195,6 +211,8 @@ class Search:
         searchers = []
         for i, budget in enumerate(self.budgets):
             extra = {"budget": budget} if c.algorithm == "sampler" else {}
+            if c.algorithm == "rl" and c.rl_constraint == "soft":
+                extra = {"target": budget.high, "alpha": c.rl_alpha, "beta": c.rl_beta}
             searchers.append(build_searcher(c.algorithm, self.space, self.costs.feasible([budget]),
                                             seed=c.seed + 1000 * i, cost=self.costs.metric(budget.metric),
                                             **options[c.algorithm], **extra))
@@ -323,6 +341,32 @@ def read_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"search state {os.fspath(path)!r} holds a {type(state).__name__}, "
                               "not a nas.search state")
     return state
+
+
+def write_families(space: Space, best: dict[str, Candidate], config: SearchConfig) -> dict[str, list[dict]]:
+    """UniNet's compound scaling of the best arch of every budget (``nas.hybrid.scaling``): per budget, the members'
+    archs, MACs, params and their growth over the baseline beside the growth the coefficients state, each member's
+    space written to ``<out_dir>/family-<budget>/b<phi>.yaml`` (``python -m nas.train --space`` trains it)."""
+    scaling = CompoundScaling(*config.scale_coefficients)
+    families = {}
+    for label, candidate in best.items():
+        folder = os.path.join(config.out_dir, "family-" + file_label(label))
+        os.makedirs(folder, exist_ok=True)
+        members = compound_family(space, candidate.arch, config.scale_family, scaling, name=f"{space.name}-family")
+        rows = []
+        for member in members:
+            path = os.path.join(folder, f"b{member.phi}.yaml")
+            atomic_write_text(path, member.space.to_yaml())
+            rows.append({"phi": member.phi, "arch": member.arch.to_dict(), "macs": member.macs,
+                         "params": member.params, "macs_growth": member.macs / members[0].macs,
+                         "stated_growth": scaling.flops_growth ** member.phi, "space": path})
+        families[label] = rows
+    return families
+
+
+def file_label(label: str) -> str:
+    """A budget's label as a file name."""
+    return re.sub(r"[^\w.=-]+", "_", label)
 
 
 def write_outputs(search: Search, out_dir: str, extra: dict | None = None) -> dict:
@@ -460,6 +504,9 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
+    if config.scale_family and not isinstance(space, HybridSpace):
+        raise ConfigError(f"scale_family: compound scaling is for hybrid spaces (UniNet's), and {config.checkpoint!r} "
+                          f"holds a supernet of the ViT space {space.name!r}")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
@@ -509,10 +556,12 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
                                   calibration=calibration)
     extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images",
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
+    if config.scale_family:
+        extra["family"] = write_families(space, best, config)
     if config.export:
         exported = {}
         for label, candidate in best.items():
-            path = os.path.join(config.out_dir, "best-" + re.sub(r"[^\w.=-]+", "_", label) + ".pt")
+            path = os.path.join(config.out_dir, "best-" + file_label(label) + ".pt")
             if calibration is not None:
                 supernet.recalibrate_batch_norm(calibration, candidate.arch)
             save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch,
