@@ -8,7 +8,9 @@ in a stage with attention (its blocks or its DSM), of the head dim (EfficientNet
 are whole), the resolution to a multiple of the network's total stride. The members grow past the searched space, and
 UniNet trains each from scratch: every member comes with a space of its own that holds it alone (the baseline space
 with each stage's choices narrowed to the member's, and a stem of its own width grown as the first stage), which
-``python -m nas.train --space`` trains and the cost model counts.
+``python -m nas.train --space`` trains and the cost model counts. A member's MLP stages size their token MLP for its own
+grid, so the baseline's own network differs from the supernet's subnet (sized for the largest grid of the searched
+space) where it has an MLP stage and runs below the searched space's largest resolution.
 """
 from __future__ import annotations
 

@@ -322,7 +322,7 @@ def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_ch
     best = HybridArch.from_dict(summary["best"]["macs=50K"]["arch"])
     family = summary["family"]["macs=50K"]
     assert [row["phi"] for row in family] == [0, 1, 2]
-    assert HybridArch.from_dict(family[0]["arch"]) == best and family[0]["macs"] == summary["best"]["macs=50K"]["macs"]
+    assert HybridArch.from_dict(family[0]["arch"]) == best
     for row in family:
         own = load_space(row["space"])  # a space holding the member alone, which nas.train can train
         arch = HybridArch.from_dict(row["arch"])
