@@ -30,6 +30,8 @@ from elastic_ops import GroupSizes, elastic_linear
 from elastic_ops.nn import QkGroup
 
 from .arch import Arch
+from .hybrid import batched as hybrid_batched
+from .hybrid.supernet import HybridSupernet
 from .supernet import pool
 
 # --- the K-subnet supernet forward ----------------------------------------------------------------
@@ -154,13 +156,17 @@ def check_archs(supernet, archs: Sequence[Arch]) -> None:
 
 
 def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
-    """Logits ``[K, B, num_classes]`` of the K subnets ``archs`` on one batch, computed in one pass per patch size."""
+    """Logits ``[K, B, num_classes]`` of the K subnets ``archs`` on one batch, computed in one pass per patch size
+    (per layout on a hybrid supernet: ``nas.hybrid.batched``, with the supernet's BatchNorm statistics)."""
     archs = list(archs)
     if not archs:
         raise ValueError("batched_forward: no archs given")
     if supernet.training:
         raise ValueError("batched_forward: the supernet is in training mode; batched evaluation runs in eval mode "
                          "(call supernet.eval())")
+    if isinstance(supernet, HybridSupernet):
+        check_archs(supernet, archs)
+        return hybrid_batched.batched_pass(supernet, archs)(images)
     by_patch: dict[int, list[int]] = {}
     for k, arch in enumerate(archs):
         by_patch.setdefault(supernet.patch_size(arch) if isinstance(arch, Arch) else 0, []).append(k)
@@ -176,7 +182,10 @@ def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
 def pass_memory_per_image(supernet, archs: Sequence[Arch], dtype: torch.dtype) -> int:
     """Bytes of activations one subnet of a batched pass needs per image at its peak (inside one layer),
     sized at the group's widest subnet: the residual stream, the normalised input, q/k/v, attention
-    scores and context, and the MLP hidden layer with its GELU."""
+    scores and context, and the MLP hidden layer with its GELU (``nas.hybrid.batched.pass_memory_per_image`` on a
+    hybrid supernet)."""
+    if isinstance(supernet, HybridSupernet):
+        return hybrid_batched.pass_memory_per_image(supernet, archs, dtype)
     c = supernet.config
     tokens = max(c.num_tokens(supernet.patch_size(arch)) for arch in archs)
     embed = max(arch.embed_dim for arch in archs)

@@ -312,6 +312,11 @@ class SearchSplit:
         """``(held_out, kept)``: see :func:`holdout_split`."""
         return holdout_split(self.of, self.images, self.seed)
 
+    def calibration_indices(self, count: int) -> np.ndarray:
+        """The first ``count`` training images kept for training: those a supernet with BatchNorm re-estimates its
+        statistics on for each subnet it evaluates, in training and in the search alike."""
+        return self.indices()[1][:count]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -2,6 +2,11 @@
 
 Subnets are evaluated K at a time in one pass over the data (``nas.batched``), K chosen from the memory
 available; results are cached by (arch, data), so that a search never evaluates a candidate twice.
+
+A supernet with BatchNorm (a hybrid one) evaluates each subnet with statistics re-estimated for it on calibration
+images (DESIGN.md section 9): before a pass, the BatchNorms are recalibrated for each of its subnets in turn and the
+statistics kept (``nas.hybrid.batched.BatchNormStats``); the pass runs each subnet with its own. The supernet's
+statistics are as before afterwards.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,9 @@ from .atomic import atomic_write_text
 from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import TensorImageDataset, eval_batches, normalize
 from .errors import CheckpointError
+from .hybrid.arch import HybridArch
+from .hybrid.batched import BatchNormStats, batched_pass, has_batch_norm, layout
+from .hybrid.supernet import HybridSupernet
 from .report import progress_bar
 
 
@@ -243,10 +251,13 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
     totals[:, 2] += hits.any(-1).sum(1)
 
 
-def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
+def _order_for_grouping(archs: Sequence[Arch | HybridArch]) -> list[int]:
     """Indices of ``archs`` sorted by patch size, embed dim, then layer by layer, so that subnets of one embed
-    dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass."""
-    def key(arch: Arch) -> tuple:
+    dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass; hybrid archs
+    by layout (``nas.hybrid.batched.layout``), then stage by stage."""
+    def key(arch: Arch | HybridArch) -> tuple:
+        if isinstance(arch, HybridArch):
+            return layout(arch), tuple(astuple(stage) for stage in arch.stages)
         return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio))
 
     return sorted(range(len(archs)), key=lambda i: key(archs[i]))
@@ -256,9 +267,14 @@ def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
 def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device: torch.device | str | None = None,
                    subnets: int | None = None, batched: bool = True, cache: EvalCache | None = None,
                    data_key: str | None = None, progress: bool = True, memory_fraction: float = 0.5,
-                   autocast_dtype: torch.dtype | None = None) -> list[EvalResult]:
+                   autocast_dtype: torch.dtype | None = None, calibration: Iterable | None = None
+                   ) -> list[EvalResult]:
     """Top-1/top-5 accuracy and loss of every arch in ``archs`` over ``loader``, a re-iterable of normalised
     ``(images, labels)`` batches (e.g. :class:`TensorBatches`, or a DataLoader without shuffling).
+
+    ``calibration``: a re-iterable of normalised batches (images, or tuples whose first item is the images) on which a
+    supernet with BatchNorm re-estimates its statistics for each arch before evaluating it; such a supernet needs it
+    (ValueError without), and its results are cached under ``data_key`` with the calibration data's fingerprint.
 
     ``batched``: evaluate ``subnets`` archs per pass over the data (default: as many as fit in
     ``memory_fraction`` of the free memory); False runs each arch alone with the supernet's own forward.
@@ -270,8 +286,13 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
         return []
     device = torch.device(device) if device is not None else next(supernet.parameters()).device
     check_archs(supernet, archs)
+    if has_batch_norm(supernet) and calibration is None:
+        raise ValueError("evaluate_archs: the supernet has BatchNorm, whose statistics are re-estimated for each "
+                         "subnet before it is evaluated: pass calibration batches (calibration=...)")
     if cache is not None and data_key is None:
         data_key = data_fingerprint(loader)
+        if calibration is not None:
+            data_key += f"|bn={data_fingerprint(calibration)}"
     results: dict[Arch, EvalResult] = {}
     if cache is not None:
         results = {arch: cached for arch in archs if (cached := cache.get(arch, data_key)) is not None}
@@ -279,10 +300,13 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
     if todo:
         was_training = supernet.training
         supernet.eval()
+        own_statistics = BatchNormStats(supernet) if calibration is not None else None
         try:
             results.update(_evaluate_uncached(supernet, todo, loader, device, subnets, batched, progress,
-                                              memory_fraction, autocast_dtype))
+                                              memory_fraction, autocast_dtype, calibration))
         finally:
+            if own_statistics is not None:
+                own_statistics.load(supernet)
             supernet.train(was_training)
         if cache is not None:
             for arch in todo:
@@ -290,7 +314,26 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
     return [results[arch] for arch in archs]
 
 
-def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype):
+def _pass(supernet, group, batched: bool, calibration, autocast):
+    """images -> logits ``[K, B, num_classes]`` of the subnets ``group``, in one pass (``batched``) or a single forward
+    of a group of one; with ``calibration``, each subnet's BatchNorm statistics are re-estimated first and kept for
+    its share of the pass."""
+    statistics = None
+    if calibration is not None:
+        statistics = []
+        for arch in group:
+            with autocast():
+                supernet.recalibrate_batch_norm(calibration, arch)
+            statistics.append(BatchNormStats(supernet))
+    if not batched:
+        return lambda images: supernet(images, group[0]).unsqueeze(0)
+    if isinstance(supernet, HybridSupernet):
+        return batched_pass(supernet, group, statistics)
+    return lambda images: batched_forward(supernet, images, group)
+
+
+def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype,
+                       calibration):
     if batched:
         order = [archs[i] for i in _order_for_grouping(archs)]
         if subnets is None:
@@ -302,17 +345,18 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
         groups = [[arch] for arch in archs]
     results = {}
     bar = progress_bar(progress, total=len(archs), desc="evaluating subnets", unit="subnet", leave=False)
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
     for group in groups:
         totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)
         samples = 0
+        forward = _pass(supernet, group, batched, calibration, autocast)
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if batched:
-                    logits = batched_forward(supernet, images, group)
-                else:
-                    logits = supernet(images, group[0]).unsqueeze(0)
+            with autocast():
+                logits = forward(images)
             _accumulate(totals, logits, labels)
             samples += labels.shape[0]
         if samples == 0:

@@ -47,6 +47,7 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
+from .hybrid.scaling import CompoundScaling, compound_family
 from .hybrid.space import HybridSpace
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
@@ -54,7 +55,7 @@ from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
 from .searchers import SEARCHERS, build_searcher
-from .space import SearchSpace
+from .space import Space
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
@@ -80,6 +81,12 @@ class SearchConfig(Config):
     depth_embed_prob: float = setting(0.4, "evolution, nsga2: probability of redrawing the depth and embed dim")
     crossover_prob: float = setting(0.9, "nsga2: probability of a crossover")
     rl_lr: float = setting(0.5, "rl: learning rate of the controller")
+    rl_constraint: str = setting("soft", "rl: the budget as UniNet's (MnasNet's) soft constraint, rewarding score * "
+                                         "(cost / limit) ** w, or as rejection of draws outside it ('hard')",
+                                 choices=("soft", "hard"))
+    rl_alpha: float = setting(0.0, "rl, soft constraint: the exponent w inside the budget (MnasNet: 0, or -0.07 for a "
+                                   "Pareto trade-off)")
+    rl_beta: float = setting(-1.0, "rl, soft constraint: the exponent w over the budget (MnasNet: -1, or -0.07)")
     tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
     seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
     dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
@@ -89,6 +96,9 @@ class SearchConfig(Config):
     holdout_images: int = setting(0, "search on the first this many held-out images (0: all the checkpoint held "
                                      "out)")
     test_images: int = setting(0, "test images to report the best archs on (0: all)")
+    bn_calibration_images: int = setting(0, "hybrid supernets: training images on which BatchNorm statistics are "
+                                            "re-estimated for each subnet before it is evaluated (0: as many as its "
+                                            "training used)")
     batch_size: int = setting(256, "images per evaluation batch", resumable=True)
     num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
@@ -104,6 +114,10 @@ class SearchConfig(Config):
                                          resumable=True)
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
     export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
+    scale_family: int = setting(0, "hybrid spaces: scale the best arch of every budget into this many larger models "
+                                   "(UniNet's compound scaling) and write each as a space of its own", resumable=True)
+    scale_coefficients: list[float] = setting([1.2, 1.1, 1.15], "compound scaling: per step the growth of depth, width "
+                                                                "and resolution", resumable=True)
     progress: bool = setting(True, "print progress", resumable=True)
 
     def problems(self) -> list[str]:
@@ -112,7 +126,7 @@ class SearchConfig(Config):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("mutations", "crossovers", "holdout_images", "test_images", "subnets_per_pass", "num_workers",
-                     "tpe_startup_trials"):
+                     "tpe_startup_trials", "bn_calibration_images"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("mutation_prob", "depth_embed_prob", "crossover_prob"):
@@ -125,6 +139,11 @@ class SearchConfig(Config):
         seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
         if not 0 <= self.seed <= seed_limit:
             problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
+        if self.scale_family < 0:
+            problems.append(f"scale_family must be an int >= 0, got {self.scale_family!r}")
+        if len(self.scale_coefficients) != 3 or min(self.scale_coefficients, default=0) < 1:
+            problems.append(f"scale_coefficients must be three numbers >= 1 (depth, width, resolution), got "
+                            f"{self.scale_coefficients!r}")
         for text in self.budgets:
             try:
                 Budget.parse(text)
@@ -163,7 +182,7 @@ class Search:
     the searchers maximise.
     """
 
-    def __init__(self, config: SearchConfig, space: SearchSpace, evaluate: Evaluate, costs: Costs, *,
+    def __init__(self, config: SearchConfig, space: Space, evaluate: Evaluate, costs: Costs, *,
                  sampler=None, score: str = "top1", data_key: str = "", log: Callable[[str], None] = print):
         self.config, self.space, self.evaluate, self.costs = config, space, evaluate, costs
         self.data_key = data_key
@@ -193,6 +212,8 @@ class Search:
         searchers = []
         for i, budget in enumerate(self.budgets):
             extra = {"budget": budget} if c.algorithm == "sampler" else {}
+            if c.algorithm == "rl" and c.rl_constraint == "soft":
+                extra = {"target": budget.high, "alpha": c.rl_alpha, "beta": c.rl_beta}
             searchers.append(build_searcher(c.algorithm, self.space, self.costs.feasible([budget]),
                                             seed=c.seed + 1000 * i, cost=self.costs.metric(budget.metric),
                                             **options[c.algorithm], **extra))
@@ -294,7 +315,7 @@ class Search:
         self.step = int(state["step"])
         self.evaluated = {}
         for arch, metrics, step, *complete in state["evaluated"]:  # states before racing hold no flag
-            arch = Arch.from_dict(arch)
+            arch = self.space.arch_type.from_dict(arch)
             self.evaluated[arch] = Candidate(arch, dict(metrics), int(step), bool(complete[0]) if complete else True)
         for searcher, saved in zip(self.searchers, state["searchers"], strict=True):
             searcher.load_state_dict(saved)
@@ -323,6 +344,32 @@ def read_state(path: str | os.PathLike) -> dict:
     return state
 
 
+def write_families(space: Space, best: dict[str, Candidate], config: SearchConfig) -> dict[str, list[dict]]:
+    """UniNet's compound scaling of the best arch of every budget (``nas.hybrid.scaling``): per budget, the members'
+    archs, MACs, params and their growth over the baseline beside the growth the coefficients state, each member's
+    space written to ``<out_dir>/family-<budget>/b<phi>.yaml`` (``python -m nas.train --space`` trains it)."""
+    scaling = CompoundScaling(*config.scale_coefficients)
+    families = {}
+    for label, candidate in best.items():
+        folder = os.path.join(config.out_dir, "family-" + file_label(label))
+        os.makedirs(folder, exist_ok=True)
+        members = compound_family(space, candidate.arch, config.scale_family, scaling, name=f"{space.name}-family")
+        rows = []
+        for member in members:
+            path = os.path.join(folder, f"b{member.phi}.yaml")
+            atomic_write_text(path, member.space.to_yaml())
+            rows.append({"phi": member.phi, "arch": member.arch.to_dict(), "macs": member.macs,
+                         "params": member.params, "macs_growth": member.macs / members[0].macs,
+                         "stated_growth": scaling.flops_growth ** member.phi, "space": path})
+        families[label] = rows
+    return families
+
+
+def file_label(label: str) -> str:
+    """A budget's label as a file name."""
+    return re.sub(r"[^\w.=-]+", "_", label)
+
+
 def write_outputs(search: Search, out_dir: str, extra: dict | None = None) -> dict:
     summary = {**search.summary(), **(extra or {})}
     os.makedirs(out_dir, exist_ok=True)
@@ -342,10 +389,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, device: torch.device | str):
-    """``(search batches, test batches, description)``: the training images that the supernet's training held out
-    (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the test split with
-    ``search_on="test"``, and the test split."""
+def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: torch.device | str):
+    """``(search batches, test batches, calibration batches, description)``: the training images that the supernet's
+    training held out (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the test split with
+    ``search_on="test"``; the test split; for a hybrid space (BatchNorm) the training images its statistics are
+    re-estimated on for each subnet, as training did (:meth:`nas.data.SearchSplit.calibration_indices`, in batches of
+    the training's ``eval_batch_size``), else None."""
     trained = checkpoint["config"]
     dataset = config.dataset or trained["dataset"]
     root = config.data_dir or trained.get("data_dir")
@@ -353,14 +402,23 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
     test = data_lib.load_dataset(dataset, root, "test", **kwargs)
     data_lib.check_matches(test, space.img_size, space.in_chans, space.num_classes, f"{dataset} test")
     test = data_lib.fixed_subset(test, config.test_images or None)
+    hybrid = isinstance(space, HybridSpace)
+    source = f"checkpoint {config.checkpoint!r}"
+    split = train = calibration = None
+    if hybrid or config.search_on != "test":
+        recorded = checkpoint.get("search_split")
+        split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
+        train = data_lib.load_dataset(dataset, root, "train", **kwargs)
+    if hybrid:
+        if split is None:
+            raise CheckpointError(f"{source} records no search split, so not which training images calibrate its "
+                                  "BatchNorm statistics")
+        count = config.bn_calibration_images or trained.get("bn_calibration_images", 512)
+        calibration = data_lib.subset(train, split.calibration_indices(count))
     if config.search_on == "test":
         search = test
         described = f"{dataset} test split ({len(test)} images)"
     else:
-        train = data_lib.load_dataset(dataset, root, "train", **kwargs)
-        source = f"checkpoint {config.checkpoint!r}"
-        recorded = checkpoint.get("search_split")
-        split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
         indices = data_lib.images_to_search(split, dataset, len(train), config.holdout_images, source)
         search = data_lib.subset(train, indices)
         never_trained_on = split is not None and split.images > 0
@@ -370,18 +428,22 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
     # quarter of the free memory (each pass of a search then reads them as they are). Image folders are read anew.
     device = torch.device(device)
     normalised = torch.bfloat16 if device.type == "cuda" else torch.float32
-    in_memory = [d for d in (search, test) if hasattr(d, "images")]
+    in_memory = [d for d in (search, test, calibration) if hasattr(d, "images")]
     if normalised.itemsize * sum(d.images.numel() for d in in_memory) > available_memory(device) / 4:
         normalised = None
     batches = [evaluation_batches(d, config.batch_size, device, config.num_workers, normalised) for d in (search, test)]
-    return batches[0], batches[1], described
+    if calibration is not None:
+        calibration = evaluation_batches(calibration, trained.get("eval_batch_size", 256), device, config.num_workers,
+                                         normalised)
+    return batches[0], batches[1], calibration, described
 
 
 def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | LoaderBatches, cache: EvalCache,
-                  data_key: str,
-                  ranks: Distributed) -> Evaluate:
+                  data_key: str, ranks: Distributed, calibration: TensorBatches | LoaderBatches | None = None
+                  ) -> Evaluate:
     """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
-    them; results cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
+    them, with the BatchNorm statistics of a hybrid supernet re-estimated per candidate on ``calibration``; results
+    cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
     evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
     rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache."""
     slices = [(0, batches.num_images)]
@@ -396,7 +458,7 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | Loade
         mine = archs[ranks.rank::ranks.world_size]
         results = evaluate_archs(supernet, mine, batches.slice(start, stop), subnets=config.subnets_per_pass or None,
                                  cache=cache, data_key=key, progress=config.progress and ranks.main,
-                                 autocast_dtype=autocast)
+                                 autocast_dtype=autocast, calibration=calibration)
         rows = torch.zeros(len(archs), 4, dtype=torch.float64)
         rows[ranks.rank::ranks.world_size] = torch.tensor([[r.top1, r.top5, r.loss, r.samples] for r in results],
                                                           dtype=torch.float64).view(-1, 4)
@@ -443,10 +505,9 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
-    if isinstance(space, HybridSpace):
-        raise ConfigError(f"{config.checkpoint!r} holds a hybrid supernet (space {space.name!r}), which nas.search "
-                          "does not evaluate yet; search it from Python (nas.searchers, HybridSupernet with BatchNorm "
-                          "recalibrated per subnet)")
+    if config.scale_family and not isinstance(space, HybridSpace):
+        raise ConfigError(f"scale_family: compound scaling is for hybrid spaces (UniNet's), and {config.checkpoint!r} "
+                          f"holds a supernet of the ViT space {space.name!r}")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
@@ -471,12 +532,14 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         except (ValueError, RuntimeError, KeyError) as error:
             raise CheckpointMismatchError(f"the learned sampler of checkpoint {config.checkpoint!r} cannot be "
                                           f"restored: {first_line(error)}") from error
-    search_batches, test_batches, described = search_data(config, state, space, device)
+    search_batches, test_batches, calibration, described = search_data(config, state, space, device)
     data_key = f"ckpt={file_digest(config.checkpoint)}|{search_batches.fingerprint}"
+    if calibration is not None:
+        data_key += f"|bn={calibration.fingerprint}"
     cache = EvalCache(os.path.join(config.out_dir, "eval_cache.json"))
     log = print if config.progress and ranks.main else (lambda _: None)
 
-    evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks)
+    evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks, calibration)
     search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
     state_path = os.path.join(config.out_dir, STATE_FILE)
     if resume:
@@ -490,14 +553,20 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     if not ranks.main:
         return search.summary()
     best = {label: c for label, c in search.best_per_budget().items() if c is not None}
-    test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False)
+    test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False,
+                                  calibration=calibration)
     extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images",
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
+    if config.scale_family:
+        extra["family"] = write_families(space, best, config)
     if config.export:
         exported = {}
         for label, candidate in best.items():
-            path = os.path.join(config.out_dir, "best-" + re.sub(r"[^\w.=-]+", "_", label) + ".pt")
-            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch)
+            path = os.path.join(config.out_dir, "best-" + file_label(label) + ".pt")
+            if calibration is not None:
+                supernet.recalibrate_batch_norm(calibration, candidate.arch)
+            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch,
+                        space if isinstance(space, HybridSpace) else None)
             exported[label] = path
         extra["exported"] = exported
     summary = write_outputs(search, config.out_dir, extra)

@@ -222,7 +222,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
         measure = train.__getitems__(held_out[:config.measure_images].tolist())
     calibration = []
     if isinstance(space, HybridSpace):
-        images = train.__getitems__(kept[:config.bn_calibration_images].tolist())[0]
+        images = train.__getitems__(search_split.calibration_indices(config.bn_calibration_images).tolist())[0]
         calibration = list(images.split(config.eval_batch_size))
     mean, std = train.mean, train.std
     train = data_lib.fixed_subset(data_lib.subset(train, kept), config.train_subset)

@@ -188,9 +188,13 @@ class HybridSupernet(nn.Module):
             elif isinstance(module, ElasticInvertedResidual) and isinstance(module.bn3, ElasticBatchNorm2d):
                 nn.init.zeros_(module.bn3.weight)
 
+    def check_arch(self, arch: HybridArch) -> None:
+        """Raise TypeError or ValueError naming the problem if ``arch`` is not a subnet of this supernet's space."""
+        self.space.validate(arch)
+
     def set_arch(self, arch: HybridArch) -> None:
         """Make ``arch`` the active subnet (validated against the space first; a rejected arch changes nothing)."""
-        self.space.validate(arch)
+        self.check_arch(arch)
         width = self.space.stem_width(arch)
         self.stem.set_active(out_channels=width)
         layers = []

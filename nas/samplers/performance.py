@@ -34,8 +34,9 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
     measured after its step and enters the memory of its bank while there is room, or in place of the least
     accurate member if it is more accurate. Every ``refresh_every`` steps the memory of the step's bank is measured
     again (the supernet changes under it). With probability ``exploit_max * step / total_steps``, once the target
-    bank's memory is at least half full, a step exploits: it retrains a member drawn with probability
-    ``softmax(accuracy / temperature)``; otherwise it explores a fresh arch in the bank's window.
+    bank's memory is at least half full, a draw exploits: it retrains a member drawn with probability
+    ``softmax(accuracy / temperature)``; otherwise it explores a fresh arch in the bank's window. A step draws
+    ``archs_per_step`` archs of its bank, each exploiting or exploring on its own (ElasticViT's ``uniform`` modes).
     """
 
     name = "performance"
@@ -43,39 +44,45 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
 
     def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, num_banks: int = 8,
                  memory_size: int = 16, exploit_max: float = 0.8, temperature: float = 0.01,
-                 refresh_every: int = 100):
-        super().__init__(space, seed=seed, total_steps=total_steps, num_banks=num_banks)
+                 refresh_every: int = 100, archs_per_step: int = 1):
+        super().__init__(space, seed=seed, total_steps=total_steps, num_banks=num_banks,
+                         archs_per_step=archs_per_step)
         if memory_size < 1 or not 0.0 <= exploit_max <= 1.0 or temperature <= 0 or refresh_every < 1:
             raise ValueError(f"{self.name}: need memory_size >= 1, 0 <= exploit_max <= 1, temperature > 0, "
                              f"refresh_every >= 1; got {memory_size}, {exploit_max}, {temperature}, {refresh_every}")
         self.memory_size, self.exploit_max = int(memory_size), float(exploit_max)
         self.temperature, self.refresh_every = float(temperature), int(refresh_every)
         self.memory: list[list[list]] = [[] for _ in range(num_banks)]  # bank -> [arch as dict, accuracy]
-        self.exploited = False
+        self.exploited: list[bool] = []  # per arch of the last step: drawn from the memory
 
     def exploit_probability(self) -> float:
         return self.exploit_max * min(1.0, self.step / self.total_steps)
 
     def draw(self) -> list[Arch]:
         bank = self.next_bank()
-        entries = self.memory[bank]
-        ready = len(entries) >= max(1, self.memory_size // 2)
-        self.exploited = ready and self.rng.random() < self.exploit_probability()
-        if not self.exploited:
-            return [self.explore(bank)]
-        accuracy = np.array([score for _, score in entries])
-        weights = np.exp((accuracy - accuracy.max()) / self.temperature)
-        return [self.space.arch_type.from_dict(entries[self.rng.choice(len(entries), p=weights / weights.sum())][0])]
+        archs, self.exploited = [], []
+        for _ in range(self.archs_per_step):
+            entries = self.memory[bank]
+            ready = len(entries) >= max(1, self.memory_size // 2)
+            self.exploited.append(bool(ready and self.rng.random() < self.exploit_probability()))
+            if not self.exploited[-1]:
+                archs.append(self.explore(bank))
+                continue
+            accuracy = np.array([score for _, score in entries])
+            weights = np.exp((accuracy - accuracy.max()) / self.temperature)
+            chosen = entries[self.rng.choice(len(entries), p=weights / weights.sum())][0]
+            archs.append(self.space.arch_type.from_dict(chosen))
+        return archs
 
     def update(self, archs: Sequence[Arch], losses: Sequence[float], measure: Measure | None = None
                ) -> dict[str, float]:
         measure = self.require_measure(measure)
-        stats = {"exploited": float(self.exploited)}
+        stats = {"exploited": float(np.mean(self.exploited)) if self.exploited else 0.0}
         if self.step % self.refresh_every == 0:
             for entry in self.memory[self.bank]:
                 entry[1] = float(measure(self.space.arch_type.from_dict(entry[0])))
-        if not self.exploited:
-            for arch in archs:
+        for i, arch in enumerate(archs):
+            if not (i < len(self.exploited) and self.exploited[i]):
                 stats["measured"] = self.remember(arch, float(measure(arch)))
         return stats
 
@@ -100,7 +107,8 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.exploited = bool(state["exploited"])
+        exploited = state["exploited"]  # one flag per step before a step drew several archs
+        self.exploited = [bool(flag) for flag in exploited] if isinstance(exploited, list) else [bool(exploited)]
         # A state from before the memory held accuracies ranked by training loss: its memory is dropped (the banks
         # fill again as the walk explores), everything else continues.
         kept = state.get("scores") == "accuracy"

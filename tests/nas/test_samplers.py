@@ -109,8 +109,8 @@ def test_performance_aware_exploits_the_most_accurate_more_as_training_goes(auto
     exploited, picks = [], Counter()
     for _ in range(total):
         archs = sampler.sample()
-        exploited.append(sampler.exploited)
-        if sampler.exploited:
+        exploited.append(sampler.exploited[0])
+        if sampler.exploited[0]:
             picks[archs[0]] += 1
         else:
             assert archs[0] not in accuracy
@@ -135,7 +135,7 @@ def test_performance_memory_keeps_the_most_accurate_and_measures_them_again(auto
     assert sorted(score for _, score in sampler.memory[0]) == [0.5, 0.7, 0.8, 0.9]
     assert archs[2].to_dict() not in [entry[0] for entry in sampler.memory[0]]
     sampler.step = 10  # a refresh step: the whole memory is measured again on the current supernet
-    sampler.exploited = True  # and an exploiting step adds nothing new
+    sampler.exploited = [True]  # and an exploiting step adds nothing new
     sampler.update([archs[4]], [1.0], lambda arch: 0.25)
     assert [score for _, score in sampler.memory[0]] == [0.25] * 4
     with pytest.raises(ValueError, match="needs measure"):
@@ -166,7 +166,7 @@ def exploit_margin(space, seed: int, **options) -> float:
     picks = []
     for _ in range(total):
         archs = sampler.sample()
-        if sampler.exploited:
+        if sampler.exploited[0]:
             picks.append((sampler.bank, accuracy(archs[0])))
         sampler.update(archs, [2.0], lambda arch: accuracy(arch) + noise.normal(0.0, 0.01))
     rng = np.random.default_rng(0)
