@@ -145,12 +145,20 @@ class BatchedSubnets:
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:
-    """Every arch must be a subnet of ``supernet`` (ValueError naming the first that is not)."""
+    """Every arch must be a subnet of ``supernet`` read from the leading channels (ValueError naming the first that is
+    not). The grouped ops read leading slices only: an arch on the right side runs alone (``supernet(images, arch)``).
+    """
     for index, arch in enumerate(archs):
         try:
             supernet.check_arch(arch)
+            if getattr(arch, "side", "left") != "left":
+                raise ValueError("batched passes read the leading channels only, but the arch is on the right side; "
+                                 "run it alone with supernet(images, arch)")
         except (ValueError, TypeError) as error:
             raise type(error)(f"arch {index} of {len(archs)}: {error}") from error
+    active = getattr(supernet, "arch", None)
+    if getattr(active, "side", "left") != "left":  # the layers keep the side of the last arch set
+        supernet.set_arch(active.on_side("left"))
 
 
 def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
