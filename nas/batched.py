@@ -65,6 +65,7 @@ class BatchedSubnets:
         self.supernet = supernet
         self.archs = list(archs)
         check_archs(supernet, self.archs)
+        check_leading(supernet, self.archs)
         patch_sizes = {supernet.patch_size(arch) for arch in self.archs}
         if len(patch_sizes) != 1:
             raise ValueError(f"BatchedSubnets: archs of one pass must share a patch size, got {sorted(patch_sizes)}; "
@@ -145,19 +146,23 @@ class BatchedSubnets:
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:
-    """Every arch must be a subnet of ``supernet`` read from the leading channels (ValueError naming the first that is
-    not). The grouped ops read leading slices only: an arch on the right side runs alone (``supernet(images, arch)``).
-    """
+    """Every arch must be a subnet of ``supernet`` (ValueError naming the first that is not)."""
     for index, arch in enumerate(archs):
         try:
             supernet.check_arch(arch)
-            if getattr(arch, "side", "left") != "left":
-                raise ValueError("batched passes read the leading channels only, but the arch is on the right side; "
-                                 "run it alone with supernet(images, arch)")
         except (ValueError, TypeError) as error:
             raise type(error)(f"arch {index} of {len(archs)}: {error}") from error
+
+
+def check_leading(supernet, archs: Sequence[Arch]) -> None:
+    """The grouped ops read leading channels only: refuse an arch on the right side (it runs alone, with
+    ``supernet(images, arch)``), and put the layers, which keep the side of the last arch set, on the left."""
+    for index, arch in enumerate(archs):
+        if getattr(arch, "side", "left") != "left":
+            raise ValueError(f"arch {index} of {len(archs)}: batched passes read the leading channels only, but it is "
+                             "on the right side; run it alone with supernet(images, arch)")
     active = getattr(supernet, "arch", None)
-    if getattr(active, "side", "left") != "left":  # the layers keep the side of the last arch set
+    if getattr(active, "side", "left") != "left":
         supernet.set_arch(active.on_side("left"))
 
 

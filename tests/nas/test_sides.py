@@ -107,3 +107,24 @@ def test_two_sided_width_sharing_refuses_hybrid_spaces(tmp_path):
                          width_sharing="two_sided", progress=False, plot=False)
     with pytest.raises(ConfigError, match="two_sided"):
         Trainer(config)
+
+
+def test_two_sided_evaluation_averages_both_sides_and_caches_each_side_alone():
+    from nas.evaluate import EvalCache, evaluate_archs, evaluate_sides
+
+    model = randomized_supernet()
+    archs = [SPACE.sample(6), SPACE.sample(7)]
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(2)]
+    cache = EvalCache()
+    both = evaluate_sides(model, archs, batches, ("left", "right"), cache=cache, data_key="d", progress=False)
+    for arch, result in zip(archs, both):
+        with torch.no_grad():
+            correct = [sum(int((model(x, arch.on_side(side)).argmax(-1) == y).sum()) for x, y in batches)
+                       for side in ("left", "right")]
+        assert result.top1 == pytest.approx(100 * sum(correct) / 2 / 16)
+        assert cache.get(arch, "d|left").top1 == pytest.approx(100 * correct[0] / 16)
+        assert cache.get(arch.on_side("right"), "d|right").top1 == pytest.approx(100 * correct[1] / 16)
+        assert cache.get(arch, "d") is None
+    left = evaluate_sides(model, archs, batches, progress=False)
+    assert left == evaluate_archs(model, archs, batches, progress=False)
