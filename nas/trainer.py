@@ -308,7 +308,7 @@ class Trainer:
                 raise ConfigError(f"eval_archs[{i}] is not an arch of space {self.space.name!r}: {err}") from err
             self.eval_archs.append(arch)
         sampler_cls = SAMPLERS[c.sampler]
-        self.data = load_data(c, self.space, measures=sampler_cls.measures)
+        self.data = load_data(c, self.space, measures=sampler_cls.measures_with(c.sampler_options))
         self.steps_per_epoch = data_lib.steps_per_epoch(self.data.train, c.batch_size, self.ranks.world_size)
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
         self.augmentation = augment_lib.Augmentation()
