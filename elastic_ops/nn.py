@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,7 @@ class ElasticModule(nn.Module):
 
     active: dict[str, int]
     sides: dict[str, str] = {}  # per dimension of max_config(); missing ones are "left" (replaced, never mutated)
+    two_sided: ClassVar[bool] = False  # whether set_side may choose the right side (the ViT layers)
 
     def max_config(self) -> dict[str, int]:
         """The largest configuration: the sizes of the super weights."""
@@ -118,6 +120,8 @@ class ElasticModule(nn.Module):
         """Read the named widths (keys of ``max_config()``) from their leading (``"left"``) or trailing
         (``"right"``) channels; ``side`` sets every width first. Returns self."""
         name = type(self).__name__
+        if not self.two_sided:
+            raise TypeError(f"{name} reads leading channels only; two-sided width sharing covers the ViT layers")
         unknown = set(sides) - set(self.max_config())
         if unknown:
             raise TypeError(f"{name}: unknown width(s) {sorted(unknown)}; expected some of {sorted(self.max_config())}")
@@ -167,6 +171,8 @@ class ElasticModule(nn.Module):
 class ElasticLinear(ElasticModule):
     """``nn.Linear`` over ``weight[:out_features, :in_features]`` and ``bias[:out_features]``."""
 
+    two_sided = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -208,6 +214,8 @@ class ElasticLinear(ElasticModule):
 class ElasticLayerNorm(ElasticModule):
     """LayerNorm over the first ``dim`` channels with ``weight[:dim]``, ``bias[:dim]``."""
 
+    two_sided = True
+
     def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
         super().__init__()
         self.dim, self.eps = dim, eps
@@ -245,6 +253,8 @@ class ElasticMlp(ElasticModule):
     ``activation``: a name of ``plain.ACTIVATIONS``. Exact GELU (the default) runs the fused MLP op; any other runs
     two elastic linears with the activation in torch between them.
     """
+
+    two_sided = True
 
     def __init__(self, embed_dim: int, hidden_features: int, bias: bool = True, device=None, dtype=None,
                  activation: str = "gelu"):
@@ -329,6 +339,8 @@ class ElasticAttention(ElasticModule):
     ``head_dim``). The input is then a class token plus a square grid of patches; the tables are indexed by
     distance, so every grid size (patch size) uses the same ones.
     """
+
+    two_sided = True
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
                  dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
@@ -521,6 +533,8 @@ class ElasticLayerScale(ElasticModule):
     zero); the active ``dim`` is what ``extract()`` keeps.
     """
 
+    two_sided = True
+
     def __init__(self, dim: int, init_value: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), init_value, device=device, dtype=dtype))
@@ -546,6 +560,8 @@ class ElasticBlock(ElasticModule):
     the 2D relative position, 0 for none (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
     :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
+
+    two_sided = True
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
@@ -637,6 +653,8 @@ class ElasticPatchEmbed(ElasticModule):
     A smaller patch size uses the leading ``patch_size x patch_size`` block of the largest kernel.
     Input ``[B, in_chans, H, W]`` with H and W multiples of the active patch size; output ``[B, N, embed_dim]``.
     """
+
+    two_sided = True
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, device=None, dtype=None):
         super().__init__()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from layer_checks import TOL, assert_close_to_scale, randomize
 
 import elastic_ops
+from elastic_ops.conv import ElasticBatchNorm2d
 from elastic_ops.nn import ElasticAttention, ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticMlp, ElasticModule
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,3 +232,5 @@ def test_bad_sides_and_grouped_passes_raise_clear_errors():
     with pytest.raises(ValueError, match="leading channels only"):
         norm.grouped_forward(torch.zeros(1, 2, 8), elastic_ops.GroupSizes([8], "cpu"))
     assert ElasticModule.sides == {}, "set_side mutated the class default"
+    with pytest.raises(TypeError, match="leading channels only"):
+        ElasticBatchNorm2d(8).set_side("right")
