@@ -8,14 +8,14 @@ their full super size; the ops read the active leading block in place (DESIGN.md
 subnet's size is zero, with a ``GroupSizes`` per elastic dimension (DESIGN.md section 3, batched mode), through the
 grouped ops; it is for inference (no drop-path).
 ``extract()`` returns the plain PyTorch module (``elastic_ops.plain``, ``nn.Linear``, ``nn.LayerNorm``)
-of the active configuration, holding copies of the active weights.
-
-Two-sided width sharing (BCNet, as ViTAS trains): each elastic width may be read from the leading channels
-(``"left"``, the default) or the trailing ones (``"right"``): ``set_side(...)`` per dimension, or one side for all.
-A right-side block is the strided view ``W[-out:, -in:]`` of the super weight, passed to the same ops (no copy);
-its gradient lands in place in the same view of ``param.grad`` (``elastic_ops._weight_grads``). The grouped
-(K subnet) passes read leading slices only. Parameter names follow torch and timm,
+of the active configuration, holding copies of the active weights. Parameter names follow torch and timm,
 so at full width a layer's ``state_dict`` loads into the plain module and back.
+
+Two-sided width sharing (BCNet, as ViTAS trains): each elastic width of the ViT layers may be read from the leading
+channels (``"left"``, the default) or the trailing ones (``"right"``): ``set_side(...)`` per dimension, or one side
+for all. A right-side block is the strided view ``W[-out:, -in:]`` of the super weight, passed to the same ops (no
+copy); its gradient lands in place in the same view of ``param.grad`` (``elastic_ops._weight_grads``). The grouped
+(K subnet) passes read leading slices only.
 """
 from __future__ import annotations
 
