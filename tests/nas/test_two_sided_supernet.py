@@ -128,3 +128,29 @@ def test_two_sided_evaluation_averages_both_sides_and_caches_each_side_alone():
         assert cache.get(arch, "d") is None
     left = evaluate_sides(model, archs, batches, progress=False)
     assert left == evaluate_archs(model, archs, batches, progress=False)
+
+
+def test_search_on_a_two_sided_checkpoint_scores_the_mean_of_both_sides(tmp_path):
+    """python -m nas.search reads width_sharing from the checkpoint: every candidate's top-1 is the mean of its left
+    and right side's on the search images, each side cached alone, and search.json says which sides."""
+    import json
+
+    from nas.evaluate import EvalCache
+    from nas.search import main
+    from nas.trainer import train
+
+    checkpoint = train(TrainConfig(max_steps=1, batch_size=32, train_subset=64, test_subset=32, search_holdout=64,
+                                   out_dir=str(tmp_path / "run"), ckpt_every=0, progress=False, plot=False,
+                                   width_sharing="two_sided", backend="reference")).checkpoint
+    out = tmp_path / "search"
+    assert main(["--checkpoint", checkpoint, "--out-dir", str(out), "--generations", "1", "--population", "3",
+                 "--test-images", "16", "--no-race", "--no-progress"]) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["sides"] == ["left", "right"] and summary["candidates"]
+    cached = EvalCache(out / "eval_cache.json").state_dict()  # "<data>|<slice>|<side>|<arch json>": result
+    for candidate in summary["candidates"]:
+        arch = Arch.from_dict(candidate["arch"])
+        left = [r["top1"] for k, r in cached.items() if k.endswith("|left|" + arch.to_json())]
+        right = [r["top1"] for k, r in cached.items() if k.endswith("|right|" + arch.on_side("right").to_json())]
+        assert len(left) == len(right) == 1
+        assert candidate["top1"] == pytest.approx((left[0] + right[0]) / 2)
