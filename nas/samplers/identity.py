@@ -31,10 +31,10 @@ class IdentitySampler(ArchSampler):
     operation"): with ``search_probabilities`` (candidate values of ``scale``, the identity probability itself for the
     uniform profile), at step ``search_step`` of training (default: a quarter of the run) each candidate is scored by
     the mean held-out accuracy of ``search_archs`` archs drawn with it whose MACs lie in ``macs_range`` (the budget),
-    all candidates on the same draws (common random numbers), and the best one replaces the bisection's scale for the
-    rest of training. The bisection stays the fast default (no ``search_probabilities``: nothing is measured). The
-    record, budget, calibrated scale, each candidate's score and the choice, is ``probability_search`` (in the
-    sampler's state and the training log).
+    all candidates on the same draws (common random numbers), and the best of those that drew the most archs inside
+    the budget replaces the bisection's scale for the rest of training. The bisection stays the fast default (no
+    ``search_probabilities``: nothing is measured). The record, budget, calibrated scale, each candidate's score and
+    the choice, is ``probability_search`` (in the sampler's state and the training log).
     """
 
     name = "identity"
@@ -136,8 +136,8 @@ class IdentitySampler(ArchSampler):
 
     def score_probabilities(self, measure: Measure, rng: np.random.Generator) -> dict[str, Any]:
         """Score every candidate probability by the mean ``measure`` of up to ``search_archs`` archs drawn with it
-        whose MACs lie in ``macs_range``, all candidates on the same draws; returns the record (the best candidate
-        under ``"chosen"``, None where no candidate drew an arch inside the budget)."""
+        whose MACs lie in ``macs_range``, all candidates on the same draws; returns the record (under ``"chosen"`` the
+        best of the candidates that drew the most archs inside the budget, None where none drew any)."""
         widths, uniforms = self.draw_batch(rng, 8 * self.search_archs)
         low, high = self.macs_range
         scores: dict[Arch, float] = {}  # an arch drawn under several candidates is measured once
@@ -152,8 +152,11 @@ class IdentitySampler(ArchSampler):
                     scores[arch] = float(measure(arch))
             mean = float(np.mean([scores[a] for a in archs])) if archs else None
             table.append({"probability": probability, "archs": len(archs), "score": mean})
-        scored = [row for row in table if row["score"] is not None]
-        chosen = max(scored, key=lambda row: row["score"])["probability"] if scored else None
+        # A candidate that drew fewer archs inside the budget than another samples that budget worse, and its mean
+        # rests on fewer archs: the best is chosen among those that drew the most.
+        most = max(row["archs"] for row in table)
+        eligible = [row for row in table if row["archs"] == most and most > 0]
+        chosen = max(eligible, key=lambda row: row["score"])["probability"] if eligible else None
         return {"macs_range": list(self.macs_range), "calibrated": float(self.scale), "candidates": table,
                 "chosen": chosen}
 

@@ -70,6 +70,20 @@ def test_only_archs_inside_the_budget_are_scored():
     assert all(row["archs"] <= 50 for row in record["candidates"]) and record["chosen"] in (0.2, 0.5, 0.8)
 
 
+def test_a_candidate_that_rarely_draws_inside_the_budget_is_not_chosen():
+    """Deep archs fall in this window; p = 0.9 leaves one or two layers on, so it seldom draws inside the window.
+    Its few archs score best, but it samples the budget worse than 0.1 and 0.3, which draw every arch asked for."""
+    low, high = cost.macs_range(SPACE)
+    window = (low + 0.5 * (high - low), high)
+    sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=window,
+                            search_probabilities=[0.1, 0.3, 0.9], search_step=1, search_archs=20)
+    sampler.sample()
+    record = sampler.update([], [], lambda arch: 1.0 / arch.depth)["identity_probability_search"]
+    archs = {row["probability"]: row["archs"] for row in record["candidates"]}
+    assert archs[0.1] == 20 and archs[0.9] < 20
+    assert record["chosen"] == 0.3  # the shallower of the two full ones scores higher
+
+
 def test_the_bisection_stays_the_default_and_bad_options_are_refused():
     sampler = build_sampler("identity", SPACE, seed=5)
     assert not sampler.measures and sampler.update([], [], None) == {}
