@@ -210,7 +210,8 @@ class VisionTransformerSupernet(nn.Module):
         for i, block in enumerate(self.blocks):
             if arch.layer_on[i]:
                 block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i],
-                                 hidden_features=arch.hidden_features(i)).set_side(arch.side)
+                                 hidden_features=arch.hidden_features(i))
+            block.set_side(arch.side)  # every block: a batched pass after this arch may run those it switched off
         self.norm.set_active(dim=embed_dim).set_side(arch.side)
         self.head.set_active(in_features=embed_dim).set_side(in_features=arch.side)
         self.arch = arch

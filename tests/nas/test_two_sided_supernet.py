@@ -66,13 +66,14 @@ def test_right_side_reads_only_the_trailing_channels():
 
 def test_batched_passes_refuse_right_side_archs_and_read_leading_slices_after_one():
     model = randomized_supernet()
-    archs = [SPACE.sample(4), SPACE.sample(5)]
+    archs = [SPACE.sample(4), SPACE.sample(5), SPACE.max_arch()]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         with pytest.raises(ValueError, match="leading channels only"):
             batched_forward(model, images, [archs[0].on_side("right")])
         expected = torch.stack([model(images, a) for a in archs])
-        model(images, archs[0].on_side("right"))  # leaves the layers on the right side
+        model(images, SPACE.max_arch().on_side("right"))  # every layer on the right side
+        model(images, Arch.from_depth(16, 2, 2, 2.0, 3, patch_size=8).on_side("right"))  # the last one switched off
         torch.testing.assert_close(batched_forward(model, images, archs), expected, atol=1e-5, rtol=1e-5)
 
 
