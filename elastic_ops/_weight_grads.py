@@ -34,20 +34,36 @@ def backward_grad_mode(ctx):
     return weight_grads_in_place(ctx.weight_grads_in_place and _in_place.get())
 
 
+def _parameter_of(weight: Tensor) -> Tensor | None:
+    """The leaf that ``weight`` is (a parameter) or is a view of (a trailing slice of one, ``W[-rows:, -cols:]``,
+    or a row block of it), if that leaf wants a gradient; else None."""
+    if weight.is_leaf:
+        return weight if weight.requires_grad else None
+    base = weight._base
+    return base if base is not None and base.is_leaf and base.requires_grad else None
+
+
 def weight_grad_buffer(weight: Tensor, *sizes: int) -> tuple[Tensor, Tensor | None]:
     """Where a backward accumulates the gradient of ``weight``'s active leading block ``[:sizes[0], :sizes[1], ...]``.
 
     Returns ``(view, returned)``. For a leaf parameter (the normal case) the view is
     ``weight.grad[:sizes]``, allocated once at full size the first time, and ``returned`` is None: the
     backward adds into the slice and autograd never sees a full-size temporary, so outside the slice the
-    gradient stays exactly as it was (DESIGN.md section 3). For a non-leaf weight, or with in-place
-    gradients turned off, the view is into a fresh zero tensor of full size that backward returns.
+    gradient stays exactly as it was (DESIGN.md section 3). ``weight`` may also be a strided view of such a
+    parameter (a trailing block, two-sided width sharing): the gradient view is then the same view of
+    ``param.grad``, in place too. For any other non-leaf weight, or with in-place gradients turned off, the view
+    is into a fresh zero tensor of ``weight``'s size that backward returns.
     The backward must *add* into the view, never overwrite it.
     """
     block = tuple(slice(0, s) for s in sizes)
-    if _in_place.get() and weight.is_leaf and weight.requires_grad:
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        return weight.grad[block], None
+    param = _parameter_of(weight) if _in_place.get() else None
+    if param is not None:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if param is weight:
+            return param.grad[block], None
+        if param.grad.stride() == param.stride():
+            offset = param.grad.storage_offset() + weight.storage_offset() - param.storage_offset()
+            return param.grad.as_strided(weight.shape, weight.stride(), offset)[block], None
     full = torch.zeros_like(weight)
     return full[block], full

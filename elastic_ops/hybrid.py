@@ -132,6 +132,8 @@ class ElasticPositionalAttentionBlock(ElasticBlock):
     UniNet's: head dim 32, LayerNorm eps 1e-5, qkv bias, layer scale initialised to 1e-6.
     """
 
+    two_sided = False  # its positional conv reads leading channels
+
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 32, eps: float = 1e-5,
                  qkv_bias: bool = True, drop_path: float = 0.0, layer_scale: float | None = 1e-6, device=None,
                  dtype=None):

@@ -10,11 +10,18 @@ grouped ops; it is for inference (no drop-path).
 ``extract()`` returns the plain PyTorch module (``elastic_ops.plain``, ``nn.Linear``, ``nn.LayerNorm``)
 of the active configuration, holding copies of the active weights. Parameter names follow torch and timm,
 so at full width a layer's ``state_dict`` loads into the plain module and back.
+
+Two-sided width sharing (BCNet, as ViTAS trains): each elastic width of the ViT layers may be read from the leading
+channels (``"left"``, the default) or the trailing ones (``"right"``): ``set_side(...)`` per dimension, or one side
+for all. A right-side block is the strided view ``W[-out:, -in:]`` of the super weight, passed to the same ops (no
+copy); its gradient lands in place in the same view of ``param.grad`` (``elastic_ops._weight_grads``). The grouped
+(K subnet) passes read leading slices only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +58,36 @@ def empty_module(factory, like: Tensor) -> nn.Module:
     return module.to_empty(device=like.device).to(like.dtype)
 
 
-def _copy_slice(target: Tensor, source: Tensor) -> None:
-    """Copy the leading block of ``source`` with ``target``'s shape into ``target``."""
+SIDES = ("left", "right")
+
+
+def side_span(size: int, maximum: int, side: str) -> slice:
+    """The channels of ``maximum`` that a width of ``size`` reads: the first ``size`` (``"left"``) or the last."""
+    return slice(0, size) if side == "left" else slice(maximum - size, maximum)
+
+
+def side_view(tensor: Tensor | None, sizes: tuple[int, ...], sides: tuple[str, ...]) -> Tensor | None:
+    """What an op receives for ``tensor`` with active ``sizes`` on ``sides`` (one per leading dimension): the tensor
+    itself where every side is left (the ops read its leading block), else the strided view of the active block."""
+    if tensor is None or all(side == "left" for side in sides):
+        return tensor
+    return tensor[tuple(side_span(n, m, side) for n, m, side in zip(sizes, tensor.shape, sides))]
+
+
+def _copy_slice(target: Tensor, source: Tensor, sides: tuple[str, ...] = ()) -> None:
+    """Copy the active block of ``source`` with ``target``'s shape into ``target``: leading, or on ``sides`` for its
+    first dimensions."""
+    sides = tuple(sides) + ("left",) * (target.dim() - len(sides))
     with torch.no_grad():
-        target.copy_(source[tuple(slice(0, s) for s in target.shape)])
+        target.copy_(source[tuple(side_span(n, m, side) for n, m, side in zip(target.shape, source.shape, sides))])
 
 
 class ElasticModule(nn.Module):
     """Base of the elastic layers: an active configuration of named sizes, each in ``1..max_config()[name]``."""
 
     active: dict[str, int]
+    sides: dict[str, str] = {}  # per dimension of max_config(); missing ones are "left" (replaced, never mutated)
+    two_sided: ClassVar[bool] = False  # whether set_side may choose the right side (the ViT layers)
 
     def max_config(self) -> dict[str, int]:
         """The largest configuration: the sizes of the super weights."""
@@ -89,6 +116,37 @@ class ElasticModule(nn.Module):
         self.active = self.resolve(**config)
         return self
 
+    def set_side(self, side: str | None = None, **sides: str):
+        """Read the named widths (keys of ``max_config()``) from their leading (``"left"``) or trailing
+        (``"right"``) channels; ``side`` sets every width first. Returns self."""
+        name = type(self).__name__
+        if not self.two_sided:
+            raise TypeError(f"{name} reads leading channels only; two-sided width sharing covers the ViT layers")
+        unknown = set(sides) - set(self.max_config())
+        if unknown:
+            raise TypeError(f"{name}: unknown width(s) {sorted(unknown)}; expected some of {sorted(self.max_config())}")
+        chosen = dict.fromkeys(self.max_config(), side) if side is not None else dict(self.sides)
+        chosen.update(sides)
+        for key, value in chosen.items():
+            if value not in SIDES:
+                raise ValueError(f"{name}: the side of {key} must be one of {SIDES}, got {value!r}")
+        self.sides = chosen
+        self.sides_changed()
+        return self
+
+    def side(self, key: str) -> str:
+        return self.sides.get(key, "left")
+
+    def sides_changed(self) -> None:
+        """Pass the sides on to child layers (composite layers override this)."""
+
+    def check_leading(self, what: str) -> None:
+        """Raise if some width reads its trailing channels: ``what`` reads leading slices only."""
+        right = sorted(key for key, side in self.sides.items() if side == "right")
+        if right:
+            raise ValueError(f"{type(self).__name__}: {what} reads leading channels only, but {right} are set to the "
+                             "right side; set_side('left') first")
+
     def check_width(self, x: Tensor, width: int, what: str) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
@@ -113,6 +171,8 @@ class ElasticModule(nn.Module):
 class ElasticLinear(ElasticModule):
     """``nn.Linear`` over ``weight[:out_features, :in_features]`` and ``bias[:out_features]``."""
 
+    two_sided = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -134,19 +194,27 @@ class ElasticLinear(ElasticModule):
     def forward(self, x: Tensor, in_features: int | None = None, out_features: int | None = None) -> Tensor:
         config = self.resolve(in_features=in_features, out_features=out_features)
         self.check_width(x, config["in_features"], "in_features")
-        return elastic_linear(x, self.weight, self.bias, config["out_features"])
+        out_features, sides = config["out_features"], self.weight_sides()
+        return elastic_linear(x, side_view(self.weight, (out_features, config["in_features"]), sides),
+                              side_view(self.bias, (out_features,), sides), out_features)
+
+    def weight_sides(self) -> tuple[str, str]:
+        """(side of the rows, side of the columns) of the weight."""
+        return self.side("out_features"), self.side("in_features")
 
     def extract(self) -> nn.Linear:
         out_features, in_features = self.active["out_features"], self.active["in_features"]
         linear = empty_module(lambda: nn.Linear(in_features, out_features, bias=self.bias is not None), self.weight)
-        _copy_slice(linear.weight, self.weight)
+        _copy_slice(linear.weight, self.weight, self.weight_sides())
         if self.bias is not None:
-            _copy_slice(linear.bias, self.bias)
+            _copy_slice(linear.bias, self.bias, self.weight_sides())
         return linear
 
 
 class ElasticLayerNorm(ElasticModule):
     """LayerNorm over the first ``dim`` channels with ``weight[:dim]``, ``bias[:dim]``."""
+
+    two_sided = True
 
     def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
         super().__init__()
@@ -159,19 +227,23 @@ class ElasticLayerNorm(ElasticModule):
         return {"dim": self.dim}
 
     def forward(self, x: Tensor, dim: int | None = None) -> Tensor:
-        self.check_width(x, self.resolve(dim=dim)["dim"], "dim")
-        return elastic_layer_norm(x, self.weight, self.bias, self.eps)
+        dim = self.resolve(dim=dim)["dim"]
+        self.check_width(x, dim, "dim")
+        sides = (self.side("dim"),)
+        return elastic_layer_norm(x, side_view(self.weight, (dim,), sides), side_view(self.bias, (dim,), sides),
+                                  self.eps)
 
     def grouped_forward(self, x: Tensor, sizes: GroupSizes) -> Tensor:
         """K subnets, each normalised over its own ``sizes`` channels of ``x [K, ..., sizes.width]``."""
+        self.check_leading("grouped_forward")
         return grouped_layer_norm(x, sizes, self.weight, self.bias, self.eps)
 
     def extract(self) -> nn.LayerNorm:
         norm = nn.LayerNorm(self.active["dim"], eps=self.eps, elementwise_affine=self.weight is not None)
         if self.weight is not None:
             norm = norm.to(self.weight.device, self.weight.dtype)
-            _copy_slice(norm.weight, self.weight)
-            _copy_slice(norm.bias, self.bias)
+            _copy_slice(norm.weight, self.weight, (self.side("dim"),))
+            _copy_slice(norm.bias, self.bias, (self.side("dim"),))
         return norm
 
 
@@ -181,6 +253,8 @@ class ElasticMlp(ElasticModule):
     ``activation``: a name of ``plain.ACTIVATIONS``. Exact GELU (the default) runs the fused MLP op; any other runs
     two elastic linears with the activation in torch between them.
     """
+
+    two_sided = True
 
     def __init__(self, embed_dim: int, hidden_features: int, bias: bool = True, device=None, dtype=None,
                  activation: str = "gelu"):
@@ -201,17 +275,27 @@ class ElasticMlp(ElasticModule):
         self.fc2.set_active(in_features=hidden, out_features=embed_dim)
         return self
 
+    def sides_changed(self) -> None:
+        embed, hidden = self.side("embed_dim"), self.side("hidden_features")
+        self.fc1.set_side(in_features=embed, out_features=hidden)
+        self.fc2.set_side(in_features=hidden, out_features=embed)
+
     def forward(self, x: Tensor, embed_dim: int | None = None, hidden_features: int | None = None) -> Tensor:
         config = self.resolve(embed_dim=embed_dim, hidden_features=hidden_features)
-        self.check_width(x, config["embed_dim"], "embed_dim")
+        e, hidden = config["embed_dim"], config["hidden_features"]
+        self.check_width(x, e, "embed_dim")
         if self.activation == "gelu":
-            return elastic_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                               config["hidden_features"])
-        hidden = self.act(elastic_linear(x, self.fc1.weight, self.fc1.bias, config["hidden_features"]))
-        return elastic_linear(hidden, self.fc2.weight, self.fc2.bias, config["embed_dim"])
+            sides = (self.side("hidden_features"), self.side("embed_dim"))
+            return elastic_mlp(x, side_view(self.fc1.weight, (hidden, e), sides),
+                               side_view(self.fc1.bias, (hidden,), sides),
+                               side_view(self.fc2.weight, (e, hidden), sides[::-1]),
+                               side_view(self.fc2.bias, (e,), sides[::-1]), hidden)
+        return self.fc2(self.act(self.fc1(x, in_features=e, out_features=hidden)), in_features=hidden,
+                        out_features=e)
 
     def grouped_forward(self, x: Tensor, sizes: GroupSizes, hidden: GroupSizes) -> Tensor:
         """K subnets with embed dims ``sizes`` and hidden widths ``hidden`` on ``x [K, ..., sizes.width]``."""
+        self.check_leading("grouped_forward")
         if self.activation == "gelu":
             return grouped_mlp(x, sizes, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, hidden)
         # Every activation offered maps 0 to 0, so the zero padding past each subnet's hidden width stays zero.
@@ -256,6 +340,8 @@ class ElasticAttention(ElasticModule):
     distance, so every grid size (patch size) uses the same ones.
     """
 
+    two_sided = True
+
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
                  dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
         super().__init__()
@@ -289,15 +375,26 @@ class ElasticAttention(ElasticModule):
                              out_features=self.active["embed_dim"])
         return self
 
+    def sides_changed(self) -> None:
+        embed, heads = self.side("embed_dim"), self.side("num_heads")
+        self.qkv.set_side(in_features=embed)  # its rows: three blocks, see _qkv_rows
+        self.proj.set_side(in_features=heads, out_features=embed)
+        for private in (self.private_qk or {}).values():
+            private.set_side(in_features=embed)  # its rows are all of one head count's q and k
+
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None) -> Tensor:
         config = self.resolve(embed_dim=embed_dim, num_heads=num_heads)
-        self.check_width(x, config["embed_dim"], "embed_dim")
+        e, heads = config["embed_dim"], config["num_heads"]
+        self.check_width(x, e, "embed_dim")
         if x.dim() != 3:
             raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
-        if config["num_heads"] in self.private_qk_heads or self.rel_pos is not None:
-            return self._unfused_attention(x, config["num_heads"])
-        return elastic_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
-                                 config["num_heads"], self.head_dim)
+        # The fused op reads the leading heads of each of q, k and v; the trailing heads go the unfused way.
+        if heads in self.private_qk_heads or self.rel_pos is not None or self.side("num_heads") == "right":
+            return self._unfused_attention(x, heads)
+        embed_side = (self.side("embed_dim"),)
+        qkv_weight = side_view(self.qkv.weight, (self.qkv.out_features, e), ("left",) + embed_side)
+        return elastic_attention(x, qkv_weight, self.qkv.bias, side_view(self.proj.weight, (e,), embed_side),
+                                 side_view(self.proj.bias, (e,), embed_side), heads, self.head_dim)
 
     # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
     # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
@@ -314,25 +411,34 @@ class ElasticAttention(ElasticModule):
         rel_k, rel_v = self.rel_pos(q.shape[2])
         return plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
 
+    def _qkv_rows(self, heads: int) -> int:
+        """The first row, within each of the q, k and v blocks of ``qkv.weight``, of ``heads`` active heads."""
+        return (self.num_heads - heads) * self.head_dim if self.side("num_heads") == "right" else 0
+
     def _unfused_attention(self, x: Tensor, heads: int) -> Tensor:
         batch, tokens, embed_dim = x.shape
         width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
+        embed_side = self.side("embed_dim")
 
         def project(source_weight: Tensor, source_bias: Tensor | None, start: int, parts: int) -> Tensor:
-            rows = elastic_linear(x, source_weight[start:], None if source_bias is None else source_bias[start:],
-                                  parts * width)
+            end = start + parts * width
+            rows = side_view(source_weight[start:end], (parts * width, embed_dim), ("left", embed_side))
+            rows = elastic_linear(x, rows, None if source_bias is None else source_bias[start:end], parts * width)
             return rows.view(batch, tokens, parts, heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
+        first = self._qkv_rows(heads)
         if heads in self.private_qk_heads:
             private = self.private_qk[str(heads)]
             q, k = project(private.weight, private.bias, 0, 2)
         else:
-            (q,), (k,) = project(weight, bias, 0, 1), project(weight, bias, max_width, 1)
-        (v,) = project(weight, bias, 2 * max_width, 1)
+            (q,), (k,) = project(weight, bias, first, 1), project(weight, bias, max_width + first, 1)
+        (v,) = project(weight, bias, 2 * max_width + first, 1)
         context = self._attend(q, k, v)
-        return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width), self.proj.weight, self.proj.bias,
-                              embed_dim)
+        sides = (embed_side, self.side("num_heads"))
+        return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width),
+                              side_view(self.proj.weight, (embed_dim, width), sides),
+                              side_view(self.proj.bias, (embed_dim,), sides), embed_dim)
 
     def qk_groups(self, heads: GroupSizes) -> tuple[QkGroup, ...]:
         """The subnets of a grouped pass with ``heads`` that share a source of q and k (one group unless some head
@@ -352,6 +458,7 @@ class ElasticAttention(ElasticModule):
                         qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
         """K subnets with embed dims ``sizes`` and head counts ``heads`` on ``x [K, B, N, sizes.width]``;
         ``qk_groups``: :meth:`qk_groups` of ``heads``, if the caller planned them already."""
+        self.check_leading("grouped_forward")
         qk_groups = self.qk_groups(heads) if qk_groups is None else qk_groups
         if self.rel_pos is None and len(qk_groups) == 1 and qk_groups[0].private_heads is None:
             return grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
@@ -401,14 +508,16 @@ class ElasticAttention(ElasticModule):
         weight, bias = self.qkv.weight, self.qkv.bias
         attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=bias is not None,
                                                     relative_position=self.relative_position), weight)
+        first = self._qkv_rows(heads)
+        columns = side_span(embed_dim, weight.shape[1], self.side("embed_dim"))
         with torch.no_grad():
-            rows = weight.view(3, max_width, -1)[:, :width]
-            biases = None if bias is None else bias.view(3, max_width)[:, :width]
+            rows = weight.view(3, max_width, -1)[:, first:first + width]
+            biases = None if bias is None else bias.view(3, max_width)[:, first:first + width]
             if heads in self.private_qk_heads:
                 private = self.private_qk[str(heads)]
                 rows = torch.cat([private.weight.view(2, width, -1), rows[2:]])
                 biases = None if biases is None else torch.cat([private.bias.view(2, width), biases[2:]])
-            attn.qkv.weight.copy_(rows[..., :embed_dim].reshape(3 * width, embed_dim))
+            attn.qkv.weight.copy_(rows[..., columns].reshape(3 * width, embed_dim))
             if biases is not None:
                 attn.qkv.bias.copy_(biases.reshape(-1))
         attn.proj = self.proj.extract()
@@ -424,6 +533,8 @@ class ElasticLayerScale(ElasticModule):
     zero); the active ``dim`` is what ``extract()`` keeps.
     """
 
+    two_sided = True
+
     def __init__(self, dim: int, init_value: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), init_value, device=device, dtype=dtype))
@@ -433,11 +544,11 @@ class ElasticLayerScale(ElasticModule):
         return {"dim": self.gamma.shape[0]}
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma[:x.shape[-1]].to(x.dtype)
+        return x * self.gamma[side_span(x.shape[-1], self.gamma.shape[0], self.side("dim"))].to(x.dtype)
 
     def extract(self) -> plain.LayerScale:
         scale = empty_module(lambda: plain.LayerScale(self.active["dim"]), self.gamma)
-        _copy_slice(scale.gamma, self.gamma)
+        _copy_slice(scale.gamma, self.gamma, (self.side("dim"),))
         return scale
 
 
@@ -449,6 +560,8 @@ class ElasticBlock(ElasticModule):
     the 2D relative position, 0 for none (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
     :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
+
+    two_sided = True
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
@@ -484,6 +597,14 @@ class ElasticBlock(ElasticModule):
             self.ls2.set_active(dim=embed_dim)
         return self
 
+    def sides_changed(self) -> None:
+        embed = self.side("embed_dim")
+        for norm in (self.norm1, self.norm2, self.ls1, self.ls2):
+            if norm is not None:
+                norm.set_side(dim=embed)
+        self.attn.set_side(embed_dim=embed, num_heads=self.side("num_heads"))
+        self.mlp.set_side(embed_dim=embed, hidden_features=self.side("hidden_features"))
+
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
                 hidden_features: int | None = None) -> Tensor:
         config = self.resolve(embed_dim=embed_dim, num_heads=num_heads, hidden_features=hidden_features)
@@ -496,6 +617,7 @@ class ElasticBlock(ElasticModule):
                         qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
         """K subnets with embed dims ``sizes``, head counts ``heads`` and MLP widths ``hidden`` on
         ``x [K, B, N, sizes.width]`` (eval mode); ``qk_groups`` as in :meth:`ElasticAttention.grouped_forward`."""
+        self.check_leading("grouped_forward")
         return self._residual(
             x, lambda h: self.attn.grouped_forward(self.norm1.grouped_forward(h, sizes), sizes, heads, qk_groups),
             lambda h: self.mlp.grouped_forward(self.norm2.grouped_forward(h, sizes), sizes, hidden))
@@ -532,6 +654,8 @@ class ElasticPatchEmbed(ElasticModule):
     Input ``[B, in_chans, H, W]`` with H and W multiples of the active patch size; output ``[B, N, embed_dim]``.
     """
 
+    two_sided = True
+
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, device=None, dtype=None):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, device=device,
@@ -551,18 +675,19 @@ class ElasticPatchEmbed(ElasticModule):
         if images.shape[2] % patch or images.shape[3] % patch:
             raise ValueError(f"ElasticPatchEmbed: image size {tuple(images.shape[2:])} is not a multiple of "
                              f"patch_size {patch}")
-        weight = self.proj.weight[:embed_dim, :, :patch, :patch].to(images.dtype)
-        bias = None if self.proj.bias is None else self.proj.bias[:embed_dim].to(images.dtype)
+        channels = side_span(embed_dim, self.proj.out_channels, self.side("embed_dim"))
+        weight = self.proj.weight[channels, :, :patch, :patch].to(images.dtype)
+        bias = None if self.proj.bias is None else self.proj.bias[channels].to(images.dtype)
         return F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
 
     def extract(self) -> plain.PatchEmbed:
         embed_dim, patch = self.active["embed_dim"], self.active["patch_size"]
         weight = self.proj.weight
         embed = empty_module(lambda: plain.PatchEmbed(patch, self.proj.in_channels, embed_dim), weight)
-        _copy_slice(embed.proj.weight, weight)
-        _copy_slice(embed.proj.bias, self.proj.bias)
+        _copy_slice(embed.proj.weight, weight, (self.side("embed_dim"),))
+        _copy_slice(embed.proj.bias, self.proj.bias, (self.side("embed_dim"),))
         return embed
 
 
-__all__ = ["ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLayerScale", "ElasticLinear", "ElasticMlp",
-           "ElasticModule", "ElasticPatchEmbed", "QkGroup", "drop_path"]
+__all__ = ["SIDES", "ElasticAttention", "ElasticBlock", "ElasticLayerNorm", "ElasticLayerScale", "ElasticLinear",
+           "ElasticMlp", "ElasticModule", "ElasticPatchEmbed", "QkGroup", "drop_path", "side_span", "side_view"]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import yaml
+
+SIDES = ("left", "right")  # as elastic_ops.nn.SIDES; nas.arch imports nothing heavy
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,9 @@ class Arch:
     False makes layer i an identity; AutoFormer's depth d is "the first d layers on" (``from_depth``).
     The MLP hidden size of layer i is ``int(embed_dim * mlp_ratio[i])``, as in AutoFormer.
     ``patch_size`` is None where the space has one patch size.
+    ``side``: which channels of the super weights every width reads, the leading (``"left"``, the default) or the
+    trailing ones (``"right"``; two-sided width sharing, BCNet as ViTAS trains it). It is how the supernet runs the
+    arch, not a gene: searches and the cost model ignore it, and it is written out only when it is ``"right"``.
     """
 
     embed_dim: int
@@ -24,8 +29,11 @@ class Arch:
     mlp_ratio: tuple[float, ...]
     layer_on: tuple[bool, ...]
     patch_size: int | None = None
+    side: str = "left"
 
     def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"Arch: side must be one of {SIDES}, got {self.side!r}")
         # Normalise lists from JSON/YAML into tuples so that equal archs hash equally.
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         object.__setattr__(self, "mlp_ratio", tuple(float(r) for r in self.mlp_ratio))
@@ -71,19 +79,25 @@ class Arch:
     def hidden_features(self, layer: int) -> int:
         return int(self.embed_dim * self.mlp_ratio[layer])
 
+    def on_side(self, side: str) -> "Arch":
+        """This arch read from the other ``side`` of the super weights."""
+        return replace(self, side=side)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.side == "left":
+            del data["side"]
         for name in ("num_heads", "mlp_ratio", "layer_on"):
             data[name] = list(getattr(self, name))
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Arch":
-        known = {"embed_dim", "num_heads", "mlp_ratio", "layer_on", "patch_size"}
+        known = {"embed_dim", "num_heads", "mlp_ratio", "layer_on", "patch_size", "side"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Arch: unknown field(s) {sorted(unknown)}; expected {sorted(known)}")
-        missing = known - {"patch_size"} - set(data)
+        missing = known - {"patch_size", "side"} - set(data)
         if missing:
             raise ValueError(f"Arch: missing field(s) {sorted(missing)}")
         return cls(**data)

@@ -67,6 +67,7 @@ class BatchedSubnets:
         self.supernet = supernet
         self.archs = list(archs)
         check_archs(supernet, self.archs)
+        check_leading(supernet, self.archs)
         patch_sizes = {supernet.patch_size(arch) for arch in self.archs}
         if len(patch_sizes) != 1:
             raise ValueError(f"BatchedSubnets: archs of one pass must share a patch size, got {sorted(patch_sizes)}; "
@@ -153,6 +154,18 @@ def check_archs(supernet, archs: Sequence[Arch]) -> None:
             supernet.check_arch(arch)
         except (ValueError, TypeError) as error:
             raise type(error)(f"arch {index} of {len(archs)}: {error}") from error
+
+
+def check_leading(supernet, archs: Sequence[Arch]) -> None:
+    """The grouped ops read leading channels only: refuse an arch on the right side (it runs alone, with
+    ``supernet(images, arch)``), and put the layers, which keep the side of the last arch set, on the left."""
+    for index, arch in enumerate(archs):
+        if getattr(arch, "side", "left") != "left":
+            raise ValueError(f"arch {index} of {len(archs)}: batched passes read the leading channels only, but it is "
+                             "on the right side; run it alone with supernet(images, arch)")
+    active = getattr(supernet, "arch", None)
+    if getattr(active, "side", "left") != "left":
+        supernet.set_arch(active.on_side("left"))
 
 
 def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:

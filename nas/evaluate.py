@@ -332,6 +332,25 @@ def _pass(supernet, group, batched: bool, calibration, autocast):
     return lambda images: batched_forward(supernet, images, group)
 
 
+def evaluate_sides(supernet, archs: Sequence[Arch], loader: Iterable, sides: Sequence[str] = ("left",), *,
+                   cache: EvalCache | None = None, data_key: str | None = None, batched: bool = True,
+                   **options) -> list[EvalResult]:
+    """:func:`evaluate_archs` of every arch read from each of ``sides``, the metrics averaged over the sides: ViTAS
+    scores a subnet of its two-sided supernet by the mean of its left and right accuracy. Batched passes read leading
+    channels, so the right side runs arch by arch. With several sides, results are cached under ``data_key`` and the
+    side (each side's alone, never the average)."""
+    sides = tuple(sides)
+    if sides == ("left",):
+        return evaluate_archs(supernet, archs, loader, cache=cache, data_key=data_key, batched=batched, **options)
+    if cache is not None and data_key is None:
+        data_key = data_fingerprint(loader)
+    per_side = [evaluate_archs(supernet, [arch.on_side(side) for arch in archs], loader, cache=cache,
+                               data_key=None if data_key is None else f"{data_key}|{side}",
+                               batched=batched and side == "left", **options) for side in sides]
+    return [EvalResult(*(sum(getattr(r, name) for r in results) / len(results) for name in ("top1", "top5", "loss")),
+                       results[0].samples) for results in zip(*per_side)]
+
+
 def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype,
                        calibration):
     if batched:

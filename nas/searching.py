@@ -43,7 +43,7 @@ from .evaluate import (
     LoaderBatches,
     TensorBatches,
     available_memory,
-    evaluate_archs,
+    evaluate_sides,
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
@@ -439,13 +439,15 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
 
 
 def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | LoaderBatches, cache: EvalCache,
-                  data_key: str, ranks: Distributed, calibration: TensorBatches | LoaderBatches | None = None
-                  ) -> Evaluate:
+                  data_key: str, ranks: Distributed, calibration: TensorBatches | LoaderBatches | None = None,
+                  sides: tuple[str, ...] = ("left",)) -> Evaluate:
     """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
     them, with the BatchNorm statistics of a hybrid supernet re-estimated per candidate on ``calibration``; results
     cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
     evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
-    rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache."""
+    rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache. ``sides``: the
+    sides of the super weights each candidate is read from, its metrics averaged over them (:func:`evaluate_sides`;
+    ViTAS's evaluation of a two-sided supernet)."""
     slices = [(0, batches.num_images)]
     if config.race:
         slices = slice_bounds(batches.num_images, config.race_first_fraction)
@@ -456,15 +458,16 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | Loade
         start, stop = slices[index]
         key = f"{data_key}|{start}:{stop}"
         mine = archs[ranks.rank::ranks.world_size]
-        results = evaluate_archs(supernet, mine, batches.slice(start, stop), subnets=config.subnets_per_pass or None,
-                                 cache=cache, data_key=key, progress=config.progress and ranks.main,
-                                 autocast_dtype=autocast, calibration=calibration)
+        results = evaluate_sides(supernet, mine, batches.slice(start, stop), sides,
+                                 subnets=config.subnets_per_pass or None, cache=cache, data_key=key,
+                                 progress=config.progress and ranks.main, autocast_dtype=autocast,
+                                 calibration=calibration)
         rows = torch.zeros(len(archs), 4, dtype=torch.float64)
         rows[ranks.rank::ranks.world_size] = torch.tensor([[r.top1, r.top5, r.loss, r.samples] for r in results],
                                                           dtype=torch.float64).view(-1, 4)
         gathered = [EvalResult(top1, top5, loss, int(samples))
                     for top1, top5, loss, samples in sum_over_ranks(rows, ranks).tolist()]
-        for arch, result in zip(archs, gathered):
+        for arch, result in zip(archs, gathered):  # several sides: each side's result is cached under key|side
             cache.put(arch, key, result)
         if ranks.main:
             cache.save()
@@ -539,7 +542,9 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     cache = EvalCache(os.path.join(config.out_dir, "eval_cache.json"))
     log = print if config.progress and ranks.main else (lambda _: None)
 
-    evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks, calibration)
+    # A supernet trained two-sided (ViTAS) scores each candidate by the mean of its left and right side.
+    sides = ("left", "right") if state["config"].get("width_sharing") == "two_sided" else ("left",)
+    evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks, calibration, sides)
     search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
     state_path = os.path.join(config.out_dir, STATE_FILE)
     if resume:
@@ -553,9 +558,9 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     if not ranks.main:
         return search.summary()
     best = {label: c for label, c in search.best_per_budget().items() if c is not None}
-    test_results = evaluate_archs(supernet, [c.arch for c in best.values()], test_batches, progress=False,
+    test_results = evaluate_sides(supernet, [c.arch for c in best.values()], test_batches, sides, progress=False,
                                   calibration=calibration)
-    extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images",
+    extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images", "sides": list(sides),
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
     if config.scale_family:
         extra["family"] = write_families(space, best, config)

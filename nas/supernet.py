@@ -14,6 +14,10 @@ v and the output projection stay shared. The largest head count's are the q and 
 ``blocks.i.attn.qkv`` (no smaller head count reads them); each smaller one has ``blocks.i.attn.private_qk.<h>``.
 So no weight is dead, and the largest subnet is still a timm ViT.
 
+Two-sided width sharing (BCNet, ViTAS): an arch with ``side="right"`` reads every width (embed dim, heads, MLP
+hidden units) from the trailing channels of the super weights, the patch embedding, class token and position
+embedding included; the head's classes are always all of them.
+
 Relative position (AutoFormer): ``relative_position > 0`` gives every block's attention the 2D relative position
 tables ``blocks.i.attn.rel_pos`` (``elastic_ops.plain.RelativePosition2D``); the absolute position embedding stays,
 as in AutoFormer. The tables are indexed by distance, so all patch sizes share them.
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticPatchEmbed
+from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticPatchEmbed, side_span
 
 from .arch import Arch
 
@@ -202,14 +206,19 @@ class VisionTransformerSupernet(nn.Module):
         """Make ``arch`` the active subnet (validated first; a rejected arch changes nothing)."""
         self.check_arch(arch)
         embed_dim, patch = arch.embed_dim, self.patch_size(arch)
-        self.token_layers(patch)[0].set_active(embed_dim=embed_dim, patch_size=patch)
+        self.token_layers(patch)[0].set_active(embed_dim=embed_dim, patch_size=patch).set_side(embed_dim=arch.side)
         for i, block in enumerate(self.blocks):
             if arch.layer_on[i]:
                 block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i],
                                  hidden_features=arch.hidden_features(i))
-        self.norm.set_active(dim=embed_dim)
-        self.head.set_active(in_features=embed_dim)
+            block.set_side(arch.side)  # every block: a batched pass after this arch may run those it switched off
+        self.norm.set_active(dim=embed_dim).set_side(arch.side)
+        self.head.set_active(in_features=embed_dim).set_side(in_features=arch.side)
         self.arch = arch
+
+    def embed_channels(self, embed_dim: int, side: str = "left") -> slice:
+        """The channels of the class token and position embedding that ``embed_dim`` on ``side`` reads."""
+        return side_span(embed_dim, self.config.embed_dim, side)
 
     def token_layers(self, patch_size: int) -> tuple[ElasticPatchEmbed, Tensor, Tensor]:
         """The patch embedding, class token ``[1, 1, E]`` and position embedding ``[1, N, E]`` used with
@@ -225,8 +234,9 @@ class VisionTransformerSupernet(nn.Module):
         A batched pass asks for its widest embed dim once: a narrower subnet's tokens are the leading channels."""
         patch_embed, cls_token, pos_embed = self.token_layers(patch_size)
         x = patch_embed(images, embed_dim=embed_dim, patch_size=patch_size)
-        cls = cls_token[..., :embed_dim].to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + pos_embed[..., :embed_dim].to(x.dtype)
+        channels = self.embed_channels(embed_dim, patch_embed.side("embed_dim"))
+        cls = cls_token[..., channels].to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + pos_embed[..., channels].to(x.dtype)
 
     def forward(self, images: Tensor, arch: Arch | None = None) -> Tensor:
         """Logits ``[B, num_classes]`` of the subnet ``arch`` (which becomes the active one) or of the active subnet."""

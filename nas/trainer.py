@@ -72,6 +72,8 @@ from .samplers import SAMPLERS, ArchSampler, build_sampler
 from .space import Space, load_space
 from .supernet import VisionTransformerSupernet
 
+WIDTH_SHARING = ("leading", "two_sided")
+
 
 @dataclass
 class TrainConfig(Config):
@@ -93,6 +95,10 @@ class TrainConfig(Config):
     bn_calibration_images: int = setting(512, "supernets with BatchNorm (hybrid spaces) re-estimate its statistics "
                                               "for each subnet they evaluate on the first this many training images")
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
+    width_sharing: str = setting("leading", "which channels of the super weights a width reads: the leading ones "
+                                 "(leading), or, as ViTAS (BCNet), each step the leading and the trailing ones with "
+                                 "their logits summed, and evaluation averaging both sides' accuracy (two_sided)",
+                                 choices=WIDTH_SHARING)
     sampler_options: dict = setting({}, "keyword arguments of the sampler (sampler_options.NAME=VALUE sets one)")
     epochs: int = setting(80, "epochs to train (unless max_steps is set)")
     max_steps: int | None = setting(None, "steps to train; overrides epochs", flag="--steps")
@@ -290,6 +296,9 @@ class Trainer:
             self.space = load_space(c.space)
         except ValueError as err:
             raise ConfigError(f"space={c.space!r}: {err}") from err
+        if c.width_sharing == "two_sided" and isinstance(self.space, HybridSpace):
+            raise ConfigError(f"width_sharing=two_sided shares the widths of ViT layers; space {self.space.name!r} is "
+                              "hybrid (its conv layers read leading channels only)")
         self.eval_archs = []
         for i, values in enumerate(c.eval_archs):
             try:
@@ -299,7 +308,7 @@ class Trainer:
                 raise ConfigError(f"eval_archs[{i}] is not an arch of space {self.space.name!r}: {err}") from err
             self.eval_archs.append(arch)
         sampler_cls = SAMPLERS[c.sampler]
-        self.data = load_data(c, self.space, measures=sampler_cls.measures)
+        self.data = load_data(c, self.space, measures=sampler_cls.measures_with(c.sampler_options))
         self.steps_per_epoch = data_lib.steps_per_epoch(self.data.train, c.batch_size, self.ranks.world_size)
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
         self.augmentation = augment_lib.Augmentation()
@@ -449,17 +458,42 @@ class Trainer:
         self.step = int(state["step"])
         self.last_checkpoint = path
 
+    def sides(self, arch: Arch | HybridArch) -> list[Arch | HybridArch]:
+        """The arch as each step trains it and evaluation scores it: itself, or, with two-sided width sharing, read
+        from the left and from the right."""
+        if self.config.width_sharing == "two_sided":
+            return [arch.on_side("left"), arch.on_side("right")]
+        return [arch]
+
     def measure(self, arch: Arch) -> float:
-        """Accuracy of ``arch`` on the held-out training images (the same on every rank)."""
+        """Accuracy of ``arch`` on the held-out training images (the same on every rank); two-sided: the mean of
+        both sides' (ViTAS's evaluation)."""
         images, labels = self.data.measure
         size = self.config.eval_batch_size
         batches = [(images[i:i + size], labels[i:i + size]) for i in range(0, len(labels), size)]
-        return accuracy(self.model, arch, batches, self.data, self.device, Distributed(), self.autocast)
+        scores = [accuracy(self.model, a, batches, self.data, self.device, Distributed(), self.autocast)
+                  for a in self.sides(arch)]
+        return sum(scores) / len(scores)
 
     def test_accuracy(self, arch: Arch) -> float:
-        batches = data_lib.eval_batches(self.data.test, self.config.eval_batch_size, self.ranks.rank,
-                                        self.ranks.world_size, self.config.num_workers)
-        return accuracy(self.eval_model(), arch, batches, self.data, self.device, self.ranks, self.autocast)
+        """Test accuracy of ``arch``; two-sided: the mean of both sides'."""
+        scores = []
+        for side in self.sides(arch):
+            batches = data_lib.eval_batches(self.data.test, self.config.eval_batch_size, self.ranks.rank,
+                                            self.ranks.world_size, self.config.num_workers)
+            scores.append(accuracy(self.eval_model(), side, batches, self.data, self.device, self.ranks,
+                                   self.autocast))
+        return sum(scores) / len(scores)
+
+    def logits(self, images: Tensor, arch: Arch | HybridArch) -> Tensor:
+        """fp32 logits of ``arch`` in training; two-sided, the sum of the left and the right side's (ViTAS)."""
+        total = None
+        for side in self.sides(arch):
+            self.model.set_arch(side)
+            with self.autocast():
+                logits = self.model(images).float()
+            total = logits if total is None else total + logits
+        return total
 
     def train_step(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
         """One optimizer step on one batch; returns the step's record (losses averaged over ranks)."""
@@ -473,9 +507,7 @@ class Trainer:
         stats = torch.zeros(len(archs) + 1, dtype=torch.float64, device=self.device)
         teacher = None
         for i, arch in enumerate(archs):
-            self.model.set_arch(arch)
-            with self.autocast():
-                logits = self.model(images).float()
+            logits = self.logits(images, arch)
             if teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:

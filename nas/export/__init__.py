@@ -41,7 +41,8 @@ def extract_subnet(supernet: VisionTransformerSupernet | HybridSupernet, arch: A
                    ) -> VisionTransformer | HybridNetwork:
     """A plain ViT holding copies of the active weights of ``arch`` (default: the active subnet), in eval mode.
 
-    Its outputs match ``supernet(images, arch)`` in eval mode; identity layers are left out. A hybrid supernet gives
+    Its outputs match ``supernet(images, arch)`` in eval mode; identity layers are left out. An arch on the right
+    side (two-sided width sharing) gets copies of the trailing channels it reads. A hybrid supernet gives
     its plain ``HybridNetwork`` (``HybridSupernet.extract``; recalibrate its BatchNorms for the arch first).
     """
     if isinstance(supernet, HybridSupernet):
@@ -59,8 +60,9 @@ def extract_subnet(supernet: VisionTransformerSupernet | HybridSupernet, arch: A
                                                    global_pool=c.global_pool), weight)
     patch_embed, cls_token, pos_embed = supernet.token_layers(patch)
     model.patch_embed = patch_embed.extract()
-    model.cls_token.copy_(cls_token[..., : arch.embed_dim])
-    model.pos_embed.copy_(pos_embed[..., : arch.embed_dim])
+    channels = supernet.embed_channels(arch.embed_dim, arch.side)
+    model.cls_token.copy_(cls_token[..., channels])
+    model.pos_embed.copy_(pos_embed[..., channels])
     model.blocks = torch.nn.ModuleList(blocks)
     model.norm = supernet.norm.extract()
     model.head = supernet.head.extract()

@@ -26,6 +26,12 @@ class ArchSampler:
         self.rng = np.random.default_rng(seed)
         self.step = 0
 
+    @classmethod
+    def measures_with(cls, options: dict[str, Any]) -> bool:
+        """Whether a sampler built with these keyword ``options`` measures held-out accuracy (before building it:
+        the trainer loads the held-out images only for one that does)."""
+        return cls.measures
+
     def sample(self) -> list[Arch]:
         archs = self.draw()
         self.step += 1

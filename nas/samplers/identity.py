@@ -12,7 +12,7 @@ from .. import cost
 from ..arch import Arch, ArchBatch
 from ..hybrid.space import HybridSpace
 from ..space import Space
-from .base import ArchSampler
+from .base import ArchSampler, Measure
 
 
 class IdentitySampler(ArchSampler):
@@ -26,13 +26,23 @@ class IdentitySampler(ArchSampler):
     mean MACs of sampled subnets lie in ``macs_range`` (default: the middle third between the smallest and
     the largest subnet); the estimate uses ``samples`` draws with common random numbers, so that it falls
     monotonically as ``scale`` grows.
+
+    The identity probability searched per budget (ViTAS: "we propose to search the sampling probability of identity
+    operation"): with ``search_probabilities`` (candidate values of ``scale``, the identity probability itself for the
+    uniform profile), at step ``search_step`` of training (default: a quarter of the run) each candidate is scored by
+    the mean held-out accuracy of ``search_archs`` archs drawn with it whose MACs lie in ``macs_range`` (the budget),
+    all candidates on the same draws (common random numbers), and the best of those that drew the most archs inside
+    the budget replaces the bisection's scale for the rest of training. The bisection stays the fast default (no
+    ``search_probabilities``: nothing is measured). The record, budget, calibrated scale, each candidate's score and
+    the choice, is ``probability_search`` (in the sampler's state and the training log).
     """
 
     name = "identity"
 
     def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1,
                  profile: str | Sequence[float] = "uniform", macs_range: Sequence[float] | None = None,
-                 samples: int = 1024):
+                 samples: int = 1024, search_probabilities: Sequence[float] | None = None,
+                 search_step: int | None = None, search_archs: int = 16):
         super().__init__(space, seed=seed, total_steps=total_steps)
         if isinstance(space, HybridSpace):
             raise ValueError(f"identity sampler: space {space.name!r} is a hybrid space, whose stages have a depth "
@@ -56,6 +66,23 @@ class IdentitySampler(ArchSampler):
             macs_range = (low + (high - low) / 3, low + 2 * (high - low) / 3)
         self.macs_range = (float(macs_range[0]), float(macs_range[1]))
         self.scale = self.search_scale(np.random.default_rng([seed, 1]), samples)
+        self.candidates = None
+        if search_probabilities is not None:
+            self.candidates = tuple(float(p) for p in search_probabilities)
+            if not self.candidates or not all(0.0 <= p <= 1.0 / self.profile.max() for p in self.candidates):
+                raise ValueError(f"identity sampler: search_probabilities must be a non-empty list of values in "
+                                 f"[0, {1.0 / self.profile.max():.4g}], got {list(search_probabilities)}")
+        self.search_step = max(1, total_steps // 4) if search_step is None else int(search_step)
+        if self.search_step < 1 or int(search_archs) < 1:
+            raise ValueError(f"identity sampler: search_step ({search_step}) and search_archs ({search_archs}) must "
+                             "be >= 1")
+        self.search_archs = int(search_archs)
+        self.measures = self.candidates is not None  # update() measures held-out accuracy only to search
+        self.probability_search: dict[str, Any] | None = None
+
+    @classmethod
+    def measures_with(cls, options: dict[str, Any]) -> bool:
+        return options.get("search_probabilities") is not None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -107,13 +134,52 @@ class IdentitySampler(ArchSampler):
             lo, hi = (mid, hi) if mean > high else (lo, mid)
         raise ValueError(f"identity sampler: no identity probability puts the mean MACs in [{low:.4g}, {high:.4g}]")
 
+    def score_probabilities(self, measure: Measure, rng: np.random.Generator) -> dict[str, Any]:
+        """Score every candidate probability by the mean ``measure`` of up to ``search_archs`` archs drawn with it
+        whose MACs lie in ``macs_range``, all candidates on the same draws; returns the record (under ``"chosen"`` the
+        best of the candidates that drew the most archs inside the budget, None where none drew any)."""
+        widths, uniforms = self.draw_batch(rng, 8 * self.search_archs)
+        low, high = self.macs_range
+        scores: dict[Arch, float] = {}  # an arch drawn under several candidates is measured once
+        table = []
+        for probability in self.candidates:
+            batch = self.with_layers(widths, uniforms, np.minimum(1.0, probability * self.profile))
+            macs = cost.macs_many(batch, self.space)
+            inside = np.flatnonzero((macs >= low) & (macs <= high))[: self.search_archs]
+            archs = [self.space.canonical(batch.arch(int(i))) for i in inside]
+            for arch in archs:
+                if arch not in scores:
+                    scores[arch] = float(measure(arch))
+            mean = float(np.mean([scores[a] for a in archs])) if archs else None
+            table.append({"probability": probability, "archs": len(archs), "score": mean})
+        # A candidate that drew fewer archs inside the budget than another samples that budget worse, and its mean
+        # rests on fewer archs: the best is chosen among those that drew the most.
+        most = max(row["archs"] for row in table)
+        eligible = [row for row in table if row["archs"] == most and most > 0]
+        chosen = max(eligible, key=lambda row: row["score"])["probability"] if eligible else None
+        return {"macs_range": list(self.macs_range), "calibrated": float(self.scale), "candidates": table,
+                "chosen": chosen}
+
+    def update(self, archs: Sequence[Arch], losses: Sequence[float], measure: Measure | None = None
+               ) -> dict[str, Any]:
+        if self.candidates is None or self.probability_search is not None or self.step < self.search_step:
+            return {}
+        record = self.score_probabilities(self.require_measure(measure), self.rng)
+        if record["chosen"] is None:
+            raise ValueError(f"identity sampler: no candidate probability of {list(self.candidates)} drew an arch "
+                             f"with MACs in {self.macs_range}; widen macs_range or change the candidates")
+        self.probability_search = record
+        self.scale = record["chosen"]
+        return {"identity_probability_search": record}
+
     def draw(self) -> list[Arch]:
         widths, uniforms = self.draw_batch(self.rng, 1)
         return [self.space.canonical(self.with_layers(widths, uniforms, self.probabilities).arch(0))]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "scale": float(self.scale)}
+        return {**super().state_dict(), "scale": float(self.scale), "probability_search": self.probability_search}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.scale = float(state["scale"])
+        self.probability_search = state.get("probability_search")  # states from before the search hold none

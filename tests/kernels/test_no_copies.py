@@ -86,3 +86,36 @@ def test_first_backward_allocates_the_full_gradient_once(device):
     elastic_ops.elastic_linear(x, weight, None, 1900).backward(torch.randn(2, 8, 1900, device=device))
     assert weight.grad.shape == weight.shape
     assert weight.grad[1900:].abs().sum() == 0 and weight.grad[:, 1400:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_a_trailing_block_copies_nothing_and_its_gradient_lands_in_place(activation, device):
+    """Two-sided width sharing: the right-side block ``W[-1900:, -1400:]`` is a strided view with an offset; the op
+    reads it in place and adds its gradient into the same view of ``weight.grad``, the leading rows and columns
+    untouched."""
+    weight, bias = params_with_grads((2048, 1536), (2048,), device=device)
+    x = torch.randn(2, 8, 1400, device=device, requires_grad=True)
+
+    def step():
+        y = elastic_ops.elastic_linear(x, weight[-1900:, -1400:], bias[-1900:], 1900, activation)
+        y.backward(torch.randn(2, 8, 1900, device=device))
+
+    step()
+    assert largest_allocation(step, device) < block_bytes(1900, 1400) / 8
+    assert weight.grad[:148].abs().sum() == 0 and weight.grad[:, :136].abs().sum() == 0
+    assert weight.grad[148:, 136:].abs().sum() > 0 and bias.grad[:148].abs().sum() == 0
+
+
+def test_a_trailing_mlp_block_copies_no_weight_block(device):
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = params_with_grads((2048, 1536), (2048,), (1536, 2048), (1536,),
+                                                                   device=device)
+    x = torch.randn(2, 8, 1400, device=device, requires_grad=True)
+
+    def step():
+        elastic_ops.elastic_mlp(x, fc1_weight[-1900:, -1400:], fc1_bias[-1900:], fc2_weight[-1400:, -1900:],
+                                fc2_bias[-1400:], 1900).backward(torch.randn_like(x))
+
+    step()
+    assert largest_allocation(step, device) < block_bytes(1900, 1400) / 8
+    assert fc1_weight.grad[:148].abs().sum() == 0 and fc2_weight.grad[:, :148].abs().sum() == 0
+    assert fc1_weight.grad[148:, 136:].abs().sum() > 0

@@ -36,6 +36,21 @@ def test_presets_are_the_documented_ones():
     assert vitas.identity_layers and vitas.private_class_tokens and len(vitas.patch_sizes) > 1
 
 
+@pytest.mark.parametrize("name, embed, mlp_max, patches, img", [("vitas", 384, 1440, (14, 16, 32), 224),
+                                                                  ("vitas-cifar", 96, 360, (4, 8), 32)])
+def test_vitas_presets_hold_its_space(name, embed, mlp_max, patches, img):
+    """ViTAS's 1.3G space (vit_tiny_search_1.3G_search.yaml): 16 blocks that may be identities, its patch sizes, heads
+    3/6/12/16 with private q/k and tokens, MLP widths the ten fractions 0.1..1.0 of the largest."""
+    space = load_space(name)
+    assert (space.embed_dims, space.max_depth, space.num_heads, space.patch_sizes, space.img_size) == (
+        (embed,), 16, (3, 6, 12, 16), patches, img)
+    assert space.identity_layers and space.private_qk and space.private_class_tokens
+    assert space.depths == tuple(range(1, 17))
+    assert [int(embed * r) for r in space.mlp_ratios] == [round(mlp_max * k / 10) for k in range(1, 11)]
+    if name == "vitas":
+        assert space.max_heads * space.head_dim == 480  # ViTAS's qkv width 1440 / 3
+
+
 @pytest.mark.parametrize("name", SPACES)
 def test_space_round_trips(name, tmp_path):
     space = load_space(name)

@@ -24,7 +24,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 # The ImageNet spaces at a small image size (fewer tokens and a 10-class head) keep the test fast;
 # the layer widths, which are what slicing gets wrong, stay as published.
-SMALL_IMAGES = {"autoformer-t": 32, "autoformer-s": 32, "autoformer-b": 32, "vitas-t": 112}
+SMALL_IMAGES = {"autoformer-t": 32, "autoformer-s": 32, "autoformer-b": 32, "vitas-t": 112, "vitas": 224,
+               "vitas-cifar": 16}
 
 TINY = SearchSpace(name="tiny", embed_dims=[24, 32], depths=[2, 3], num_heads=[1, 2], mlp_ratios=[2.0, 4.0],
                    head_dim=16, patch_sizes=[4], img_size=16, in_chans=3, num_classes=5)
