@@ -1,8 +1,8 @@
 """Architecture search under FLOPs, params and latency budgets: the config of a search (:class:`SearchConfig`), the
 search loop (:class:`Search`), and a whole search from a supernet checkpoint (:func:`run_search`).
 
-A search algorithm (``nas.searchers``: evolution, nsga2, random, sampler, rl, tpe) proposes candidates step by step;
-each step's new candidates of every budget are evaluated together, K subnets per pass over the data
+A search algorithm (``nas.searchers``: evolution, nsga2, random, sampler, rl, tpe, autotuner) proposes candidates
+step by step; each step's new candidates of every budget are evaluated together, K subnets per pass over the data
 (``nas.evaluate``). Several budgets in one run share every evaluated candidate. The state is saved atomically after
 every step and a resumed search continues exactly; a candidate is never evaluated twice.
 
@@ -183,6 +183,7 @@ class Search:
             "rl": dict(lr=c.rl_lr),
             "tpe": dict(startup_trials=c.tpe_startup_trials),
             "random": {},
+            "autotuner": {},
         }
         options["sampler"] = dict(options["evolution"], sampler=sampler)
         if c.algorithm == "nsga2" or not self.budgets:
