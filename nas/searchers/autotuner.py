@@ -1,7 +1,8 @@
 """A program autotuner (OpenTuner, Ansel et al. 2014): an ensemble of search techniques chosen by an AUC bandit.
 
-Each proposal comes from one technique, the one the bandit ranks first (ties broken at random); a technique that
-has nothing to offer (no new arch inside the budget in a few tries) passes to the next. When the scores come back,
+Each proposal comes from one technique, the one the bandit ranks first (ties broken at random) among those with
+enough scored archs to work from; a technique that has nothing to offer (no new arch inside the budget in ``tries``
+draws) passes to the next and is told 0. When the scores come back,
 a technique is credited with 1 for each arch that was a new best when it was told, else 0. The bandit is
 OpenTuner's ``AUCBanditQueue`` (Fialho et al. 2010): over a sliding ``window`` of the latest results, a technique's
 exploitation term is the area under its credit curve (credits late in its own history weigh more), plus ``C`` times
@@ -36,6 +37,7 @@ from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
 from .base import GeneCoding, Searcher
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")
+MIN_SCORES = {"random": 0, "hillclimb": 1, "de": 4, "model": 8}  # scored archs a technique needs to work from
 
 
 class AUCBandit:
@@ -121,6 +123,8 @@ class ProgramAutotuner(Searcher):
         taken: set[Arch] = set()
         for _ in range(n):
             for technique in self.bandit.ordered(self.rng, picks):
+                if len(self.scores) < MIN_SCORES[technique]:
+                    continue  # not ready: it needs more scored archs to work from
                 arch = self._from(technique, taken)
                 if arch is not None:
                     break
@@ -158,8 +162,6 @@ class ProgramAutotuner(Searcher):
         vector, or several in order of preference (the model's)."""
         for _ in range(self.tries):
             rows = getattr(self, f"_{technique}")()
-            if rows is None:
-                return None
             for genes in np.clip(np.atleast_2d(rows), 0, self.sizes - 1):
                 genes = tuple(int(g) for g in genes)
                 arch = self.coding.decode(genes)
@@ -187,14 +189,11 @@ class ProgramAutotuner(Searcher):
     def _random(self) -> np.ndarray:
         return self._uniform()
 
-    def _hillclimb(self) -> np.ndarray | None:
-        ranked = self._ranked()
-        return self._mutants(ranked[0], 1)[0] if ranked else None
+    def _hillclimb(self) -> np.ndarray:
+        return self._mutants(self._ranked()[0], 1)[0]
 
-    def _de(self) -> np.ndarray | None:
+    def _de(self) -> np.ndarray:
         population = self._ranked()[: self.population]
-        if len(population) < 4:
-            return None
         target, a, b, c = (population[i] for i in self.rng.choice(len(population), 4, replace=False))
         mutant = np.rint(a + self.de_weight * (b - c)).astype(np.int64)
         cross = self.rng.random(len(target)) < self.de_crossover
@@ -208,10 +207,8 @@ class ProgramAutotuner(Searcher):
         np.put_along_axis(features, genes + offsets, 1.0, axis=1)
         return features
 
-    def _model(self) -> np.ndarray | None:
+    def _model(self) -> np.ndarray:
         """Candidates best predicted first; the ridge fit is redone only when new scores have come in."""
-        if len(self.scores) < 8:
-            return None
         if self._fit is None or self._fit[0] != len(self.scores):
             archs = list(self.scores)
             x = self._one_hot(np.array([self.genotypes[a] for a in archs]))
