@@ -24,6 +24,7 @@ holds files, and resuming continues the run there. ``log.jsonl`` (``nas.report``
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from .checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    load_supernet,
     non_finite_entries,
     resume_checkpoint,
     save_checkpoint,
@@ -66,6 +68,7 @@ from .hybrid.space import HybridSpace
 from .hybrid.supernet import HybridSupernet
 from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
+from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
@@ -92,6 +95,18 @@ class TrainConfig(Config):
                                        "held-out search images")
     bn_calibration_images: int = setting(512, "supernets with BatchNorm (hybrid spaces) re-estimate its statistics "
                                               "for each subnet they evaluate on the first this many training images")
+    init_from: str | None = setting(None, "start from pretrained weights: a nas.train checkpoint or a state dict file "
+                                          "(read with weights_only=True); tensors of other shapes fill, or are taken "
+                                          "from, leading slices (nas.pretrained); the report goes to init_report.json")
+    init_reorder: str = setting("magnitude", "order a wider pretrained MLP's hidden units by importance before its "
+                                             "leading slice is taken", choices=("magnitude", "none"))
+    reorder_mlp: str | None = setting(None, "before training, put every layer's MLP hidden units in order of "
+                                            "importance (SuperSAM): by outgoing weight magnitude or by activation on "
+                                            "reorder_images training images", choices=(None, "magnitude", "activation"))
+    reorder_images: int = setting(256, "training images that reorder_mlp=activation measures on")
+    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, or from "
+                                      "the pretrained model of init_from (a nas.train checkpoint)",
+                           choices=("largest", "pretrained"))
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
     sampler_options: dict = setting({}, "keyword arguments of the sampler (sampler_options.NAME=VALUE sets one)")
     epochs: int = setting(80, "epochs to train (unless max_steps is set)")
@@ -142,7 +157,7 @@ class TrainConfig(Config):
 
     def problems(self) -> list[str]:
         positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images",
-                    "bn_calibration_images"]
+                    "bn_calibration_images", "reorder_images"]
         non_negative = ["warmup_steps", "ckpt_every", "eval_every", "num_workers"]
         problems = [f"{n}={getattr(self, n)} must be >= 1" for n in positive if getattr(self, n) < 1]
         problems += [f"{n}={getattr(self, n)} must be >= 0" for n in non_negative if getattr(self, n) < 0]
@@ -172,6 +187,10 @@ class TrainConfig(Config):
             problems.append(f"random_erasing={self.random_erasing} must be a probability in [0, 1] or null")
         if min(self.mixup or 0, self.cutmix or 0) < 0:
             problems.append(f"mixup={self.mixup} and cutmix={self.cutmix} must be >= 0 (0: off) or null")
+        if self.teacher == "pretrained" and self.init_from is None:
+            problems.append("teacher=pretrained distils from the model of init_from; set init_from")
+        if self.teacher == "pretrained" and not SAMPLERS[self.sampler].distill:
+            problems.append(f"teacher=pretrained needs a sampler that distils (sandwich), not {self.sampler!r}")
         if self.rand_augment not in (None, "none"):
             try:
                 augment_lib.RandAugment.parse(self.rand_augment)
@@ -311,6 +330,9 @@ class Trainer:
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
         self.model = build_supernet(self.space, drop_path_rate=c.drop_path).to(self.device)
+        # A resumed run does this again and then loads its checkpoint's weights over it (the EMA copies the model).
+        self.init_report = self.initialise()
+        self.teacher = self.pretrained_teacher()
         if self.ranks.enabled:
             broadcast_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -350,6 +372,11 @@ class Trainer:
             self.tensorboard = TensorBoardLog(out / "tensorboard") if c.tensorboard and self.ranks.main else None
             if self.ranks.main:
                 atomic_write_text(out / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+            if self.init_report is not None and self.resumed_at is None:
+                self.log.write({"event": "init", "init_from": c.init_from, **self.init_report.to_dict()})
+                if self.ranks.main:
+                    atomic_write_text(out / "init_report.json", json.dumps(self.init_report.to_dict(), indent=1))
+                    print(f"[train] init_from {c.init_from!r}: {self.init_report.summary()} (init_report.json)")
         except BaseException:
             self.close()
             raise
@@ -378,6 +405,38 @@ class Trainer:
             self.out_dir.release()
 
     # -- pieces --
+    def initialise(self) -> InitReport | None:
+        """SuperSAM's start: the pretrained weights of ``init_from`` (``nas.pretrained``), then, with
+        ``reorder_mlp``, every layer's MLP hidden units in order of importance. Returns the report of init_from."""
+        c = self.config
+        report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
+        if c.reorder_mlp is not None:
+            if not isinstance(self.model, VisionTransformerSupernet):
+                raise ConfigError(f"reorder_mlp: space {self.space.name!r} is a hybrid space; MLP importance "
+                                  "reordering is for ViT supernets")
+            batches = None
+            if c.reorder_mlp == "activation":
+                count = min(c.reorder_images, len(self.data.train))
+                images = data_lib.eval_batches(data_lib.subset(self.data.train, range(count)), c.eval_batch_size)
+                batches = [data_lib.normalize(x.to(self.device), self.data.mean, self.data.std) for x, _ in images]
+            with self.backend_scope():
+                self.model.reorder_mlp_importance(c.reorder_mlp, batches)
+        return report
+
+    def pretrained_teacher(self) -> VisionTransformerSupernet | HybridSupernet | None:
+        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen."""
+        c = self.config
+        if c.teacher != "pretrained":
+            return None
+        teacher, space, _ = load_supernet(c.init_from, self.device)
+        theirs, ours = ((s.in_chans, s.img_size, s.num_classes) for s in (space, self.space))
+        if theirs != ours:
+            raise ConfigError(f"teacher=pretrained: the model of {c.init_from!r} takes {theirs[0]}x{theirs[1]}x"
+                              f"{theirs[1]} images into {theirs[2]} classes, this run {ours[0]}x{ours[1]}x{ours[1]} "
+                              f"into {ours[2]}")
+        teacher.set_arch(space.max_arch())
+        return teacher.requires_grad_(False)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
@@ -471,16 +530,19 @@ class Trainer:
                                             self.data.std, self.space.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(len(archs) + 1, dtype=torch.float64, device=self.device)
-        teacher = None
+        teacher = None  # the probabilities the subnets after the first learn from
+        if self.teacher is not None:
+            with torch.no_grad(), self.autocast():
+                teacher = self.teacher(images).float().softmax(dim=-1)
         for i, arch in enumerate(archs):
             self.model.set_arch(arch)
             with self.autocast():
                 logits = self.model(images).float()
-            if teacher is not None:
+            if i > 0 and teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:
                 loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
-            if self.sampler.distill and i == 0:
+            if self.sampler.distill and i == 0 and teacher is None:
                 teacher = logits.detach().softmax(dim=-1)
             if i == 0:
                 stats[-1] = (logits.argmax(dim=-1) == labels).sum() / labels.numel()
