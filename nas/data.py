@@ -38,7 +38,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 from .imagefolder import ImageFolder
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "mnist-seg", "imagefolder")
+DENSE_DATASETS = ("mnist-seg",)  # labelled per pixel (nas.canvases)
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
 
 # Published per-channel statistics (pixel values in [0, 1]).
@@ -48,15 +49,17 @@ MNIST_STATS = ((0.1307,), (0.3081,))
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op."""
+    """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op. Labels are ``[N]``,
+    or ``[N, H, W]`` for a segmentation data set (a class per pixel)."""
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float]):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} "
                              f"{tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"TensorImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        if labels.shape not in ((images.shape[0],), (images.shape[0], *images.shape[2:])):
+            raise ValueError(f"TensorImageDataset: {images.shape[0]} images of {tuple(images.shape[1:])} but labels of "
+                             f"shape {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
         self.classes, self.mean, self.std = list(classes), tuple(mean), tuple(std)
 
@@ -247,6 +250,10 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
         return load_cifar(root, split, num_classes=int(name[5:]))
     if name == "mnist":
         return load_mnist(root, split)
+    if name == "mnist-seg":
+        from .canvases import load_digit_canvases  # which builds on load_mnist here
+
+        return load_digit_canvases(root, split)
     if name == "imagefolder":
         root = _require_dir(root, name)
         candidates = ["train"] if split == "train" else ["test", "val"]
@@ -351,6 +358,14 @@ def images_to_search(split: SearchSplit | None, dataset: str, train_images: int,
                           f"out of training (nas.train's search_holdout); ask for at most {split.images}, or search "
                           "with --set search_on=test")
     return holdout_split(train_images, count, split.seed)[0]
+
+
+def check_task(dataset: str, task: str) -> None:
+    """A data set labelled per pixel needs a segmentation space, one labelled per image a classification space."""
+    dense = dataset in DENSE_DATASETS
+    if dense != (task == "segmentation"):
+        raise DataError(f"data set {dataset!r} is labelled per {'pixel' if dense else 'image'} but the search space's "
+                        f"task is {task}; use a {'segmentation' if dense else 'classification'} space")
 
 
 def num_classes_of(dataset: Dataset) -> int:

@@ -380,12 +380,14 @@ def search_data(config: SearchConfig, checkpoint: dict, space: SearchSpace, devi
 def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | LoaderBatches, cache: EvalCache,
                   data_key: str,
                   ranks: Distributed) -> Evaluate:
-    """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
-    them; results cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
-    evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
-    rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache."""
+    """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``; not for a
+    segmentation supernet, whose mIoU does not add up over slices), or on all of them; results cached per slice, so a
+    resumed search evaluates nothing twice. With several processes each rank evaluates every ``world_size``-th
+    candidate of a slice and the results are summed over the ranks, so that every rank races (and searches) on the
+    same numbers as one process would; only rank 0 writes the cache."""
+    dense = supernet.config.global_pool == "dense"
     slices = [(0, batches.num_images)]
-    if config.race:
+    if config.race and not dense:  # racing compares top-1 intervals; a segmentation search ranks by mIoU
         slices = slice_bounds(batches.num_images, config.race_first_fraction)
     race_config = RaceConfig(config.race_confidence, config.race_first_fraction)
     autocast = torch.bfloat16 if torch.device(batches.device).type == "cuda" else None
@@ -397,11 +399,11 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | Loade
         results = evaluate_archs(supernet, mine, batches.slice(start, stop), subnets=config.subnets_per_pass or None,
                                  cache=cache, data_key=key, progress=config.progress and ranks.main,
                                  autocast_dtype=autocast)
-        rows = torch.zeros(len(archs), 4, dtype=torch.float64)
-        rows[ranks.rank::ranks.world_size] = torch.tensor([[r.top1, r.top5, r.loss, r.samples] for r in results],
-                                                          dtype=torch.float64).view(-1, 4)
-        gathered = [EvalResult(top1, top5, loss, int(samples))
-                    for top1, top5, loss, samples in sum_over_ranks(rows, ranks).tolist()]
+        rows = torch.zeros(len(archs), 5, dtype=torch.float64)
+        rows[ranks.rank::ranks.world_size] = torch.tensor(
+            [[r.top1, r.top5, r.loss, r.samples, r.miou or 0.0] for r in results], dtype=torch.float64).view(-1, 5)
+        gathered = [EvalResult(top1, top5, loss, int(samples), miou if dense else None)
+                    for top1, top5, loss, samples, miou in sum_over_ranks(rows, ranks).tolist()]
         for arch, result in zip(archs, gathered):
             cache.put(arch, key, result)
         if ranks.main:
@@ -477,7 +479,8 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     log = print if config.progress and ranks.main else (lambda _: None)
 
     evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks)
-    search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
+    score = "miou" if space.task == "segmentation" else "top1"
+    search = Search(config, space, evaluate, costs, sampler=sampler, score=score, data_key=data_key, log=log)
     state_path = os.path.join(config.out_dir, STATE_FILE)
     if resume:
         if not os.path.exists(state_path):
@@ -502,7 +505,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         extra["exported"] = exported
     summary = write_outputs(search, config.out_dir, extra)
     for label, candidate in best.items():
-        print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test top-1 "
-              f"{extra['test'][label]['top1']:.2f}, {format_count(candidate.metrics['macs'])} MACs, "
+        print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test {score} "
+              f"{extra['test'][label][score]:.2f}, {format_count(candidate.metrics['macs'])} MACs, "
               f"{format_count(candidate.metrics['params'])} params: {candidate.arch.to_json()}")
     return summary

@@ -63,6 +63,7 @@ from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from .evaluate import confusion_matrix, mean_iou
 from .hybrid.arch import HybridArch
 from .hybrid.space import HybridSpace
 from .hybrid.supernet import HybridSupernet
@@ -191,6 +192,13 @@ class TrainConfig(Config):
             problems.append("teacher=pretrained distils from the model of init_from; set init_from")
         if self.teacher == "pretrained" and not SAMPLERS[self.sampler].distill:
             problems.append(f"teacher=pretrained needs a sampler that distils (sandwich), not {self.sampler!r}")
+        if self.dataset in data_lib.DENSE_DATASETS:
+            moved = [f"{n}={getattr(self, n)!r}" for n in ("crop", "rand_augment") if getattr(self, n) not in
+                     (None, "none")] + [f"{n}={getattr(self, n)!r}" for n in ("flip", "random_erasing", "mixup",
+                                                                              "cutmix") if getattr(self, n)]
+            if self.augment and moved:
+                problems.append(f"{self.dataset} is labelled per pixel, and {', '.join(moved)} would change the images "
+                                "without their label maps; leave them unset")
         if self.rand_augment not in (None, "none"):
             try:
                 augment_lib.RandAugment.parse(self.rand_augment)
@@ -202,8 +210,9 @@ class TrainConfig(Config):
 # -- pieces of a step ------------------------------------------------------------------------------------------
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """In-place distillation: cross-entropy against the teacher's (detached) probabilities."""
-    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    """In-place distillation: cross-entropy against the teacher's (detached) probabilities, over the classes (dim 1:
+    logits ``[B, C]``, or ``[B, C, H, W]`` per pixel)."""
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -231,6 +240,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
     test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
     for split, dataset in (("train", train), ("test", test)):
         data_lib.check_matches(dataset, space.img_size, space.in_chans, space.num_classes, f"{config.dataset} {split}")
+    data_lib.check_task(config.dataset, getattr(space, "task", "classification"))
     search_split = data_lib.SearchSplit.hold_out(config.dataset, len(train), config.search_holdout)
     held_out, kept = search_split.indices()
     measure = None
@@ -254,9 +264,9 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
 def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch, batches, data: Data,
              device: torch.device, ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]
              ) -> float:
-    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks. A supernet with
-    BatchNorm first re-estimates its statistics for ``arch`` on ``data.calibration`` (the same images on every rank,
-    so every rank gets the same statistics)."""
+    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks; for a segmentation
+    supernet the mean IoU (0..1) of the pixels' classes. A supernet with BatchNorm first re-estimates its statistics
+    for ``arch`` on ``data.calibration`` (the same images on every rank, so every rank gets the same statistics)."""
     was_training = model.training
     model.eval()
     model.set_arch(arch)
@@ -264,16 +274,23 @@ def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | Hyb
         with autocast():
             model.recalibrate_batch_norm(data_lib.normalize(images.to(device), data.mean, data.std)
                                          for images in data.calibration)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    dense = getattr(model.config, "global_pool", None) == "dense"
+    classes = model.config.num_classes if dense else 0
+    counts = torch.zeros(classes * classes if dense else 2, dtype=torch.float64, device=device)
     for images, labels in batches:
         images = data_lib.normalize(images.to(device, non_blocking=True), data.mean, data.std)
         with autocast():
-            logits = model(images)
-        counts[0] += (logits.argmax(dim=-1) == labels.to(device)).sum()
-        counts[1] += labels.numel()
+            predictions = model(images).argmax(dim=1)
+        labels = labels.to(device)
+        if dense:
+            counts += confusion_matrix(predictions, labels, classes).flatten()
+        else:
+            counts += torch.stack([(predictions == labels).sum(), torch.tensor(labels.numel(), device=device)])
     if ranks.enabled:
         dist.all_reduce(counts)
     model.train(was_training)
+    if dense:
+        return mean_iou(counts.view(classes, classes))
     return float(counts[0] / counts[1].clamp(min=1))
 
 
@@ -282,12 +299,13 @@ def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | Hyb
 @dataclass
 class TrainResult:
     steps: int
-    smallest: float          # test accuracy (0..1) of the smallest subnet
+    smallest: float          # test accuracy (0..1; segmentation: mIoU) of the smallest subnet
     largest: float           # test accuracy of the largest subnet
     eval_archs: list[float]  # test accuracy of config.eval_archs
     seconds: float
     checkpoint: str | None
     search_holdout: int      # training images held out for nas.search (never trained on)
+    metric: str = "accuracy"  # what smallest, largest and eval_archs are: top-1 accuracy, or mIoU (segmentation)
 
 
 class Trainer:
@@ -533,7 +551,7 @@ class Trainer:
         teacher = None  # the probabilities the subnets after the first learn from
         if self.teacher is not None:
             with torch.no_grad(), self.autocast():
-                teacher = self.teacher(images).float().softmax(dim=-1)
+                teacher = self.teacher(images).float().softmax(dim=1)
         for i, arch in enumerate(archs):
             self.model.set_arch(arch)
             with self.autocast():
@@ -543,9 +561,9 @@ class Trainer:
             else:
                 loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
             if self.sampler.distill and i == 0 and teacher is None:
-                teacher = logits.detach().softmax(dim=-1)
+                teacher = logits.detach().softmax(dim=1)
             if i == 0:
-                stats[-1] = (logits.argmax(dim=-1) == labels).sum() / labels.numel()
+                stats[-1] = (logits.argmax(dim=1) == labels).sum() / labels.numel()
             self.scaler.scale(loss).backward()
             stats[i] = loss.detach()
         if self.ranks.enabled:
@@ -643,7 +661,8 @@ class Trainer:
             plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
         checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
         return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
-                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images)
+                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images,
+                           "mIoU" if getattr(self.space, "task", "") == "segmentation" else "accuracy")
 
 
 def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:
