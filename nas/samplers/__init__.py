@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..space import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
+from .fixed import FixedSampler
 from .identity import IdentitySampler
 from .learned import BUDGET_KINDS, BudgetPolicy, LearnedSampler
 from .performance import PerformanceAwareSampler
@@ -29,7 +30,7 @@ from .uniform import UniformSampler
 
 SAMPLERS: dict[str, type[ArchSampler]] = {
     cls.name: cls for cls in (UniformSampler, SandwichSampler, ComplexityAwareSampler, PerformanceAwareSampler,
-                              LearnedSampler, IdentitySampler)
+                              LearnedSampler, IdentitySampler, FixedSampler)
 }
 
 
@@ -44,6 +45,6 @@ def build_sampler(name: str, space: Space, *, seed: int = 0, total_steps: int = 
         raise ConfigError(f"sampler {name!r}: bad options {sorted(options)}: {err}") from err
 
 
-__all__ = ["BUDGET_KINDS", "SAMPLERS", "ArchSampler", "BudgetPolicy", "ComplexityAwareSampler", "FlopsBanks",
-           "IdentitySampler", "LearnedSampler", "Measure", "PerformanceAwareSampler", "SandwichSampler",
+__all__ = ["BUDGET_KINDS", "SAMPLERS", "ArchSampler", "BudgetPolicy", "ComplexityAwareSampler", "FixedSampler",
+           "FlopsBanks", "IdentitySampler", "LearnedSampler", "Measure", "PerformanceAwareSampler", "SandwichSampler",
            "UniformSampler", "build_sampler"]
