@@ -427,11 +427,11 @@ class Trainer:
         """SuperSAM's start: the pretrained weights of ``init_from`` (``nas.pretrained``), then, with
         ``reorder_mlp``, every layer's MLP hidden units in order of importance. Returns the report of init_from."""
         c = self.config
+        if (c.init_from or c.reorder_mlp) and not isinstance(self.model, VisionTransformerSupernet):
+            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is a hybrid space; pretrained "
+                              "weights of another size (leading slices) and MLP reordering are for ViT supernets")
         report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
         if c.reorder_mlp is not None:
-            if not isinstance(self.model, VisionTransformerSupernet):
-                raise ConfigError(f"reorder_mlp: space {self.space.name!r} is a hybrid space; MLP importance "
-                                  "reordering is for ViT supernets")
             batches = None
             if c.reorder_mlp == "activation":
                 count = min(c.reorder_images, len(self.data.train))

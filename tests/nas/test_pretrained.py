@@ -174,3 +174,12 @@ def test_pipeline_init_reorder_drop_profile_and_pretrained_teacher(tmp_path):
         run_config(tmp_path, "bad", teacher="pretrained")
     with pytest.raises(ConfigError, match="needs a sampler that distils"):
         run_config(tmp_path, "bad", teacher="pretrained", init_from=checkpoint, sampler="uniform")
+
+
+def test_fixed_sampler_draws_its_arch():
+    arch = Arch.from_depth(48, 2, 1, 2.0, 4)
+    sampler = build_sampler("fixed", DIGITS, arch=arch.to_dict())
+    assert [sampler.sample() for _ in range(3)] == [[arch]] * 3
+    assert build_sampler("fixed", DIGITS).sample() == [DIGITS.max_arch()]
+    with pytest.raises(ValueError, match="not in"):
+        build_sampler("fixed", DIGITS, arch=Arch.from_depth(40, 2, 1, 2.0, 4).to_dict())
