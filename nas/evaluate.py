@@ -331,7 +331,7 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
         groups = [[arch] for arch in archs]
     results = {}
     bar = progress_bar(progress, total=len(archs), desc="evaluating subnets", unit="subnet", leave=False)
-    dense = supernet.config.global_pool == "dense"
+    dense = getattr(supernet.config, "global_pool", None) == "dense"  # hybrid supernets classify
     classes = supernet.config.num_classes
     for group in groups:
         totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)

@@ -385,7 +385,7 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | Loade
     resumed search evaluates nothing twice. With several processes each rank evaluates every ``world_size``-th
     candidate of a slice and the results are summed over the ranks, so that every rank races (and searches) on the
     same numbers as one process would; only rank 0 writes the cache."""
-    dense = supernet.config.global_pool == "dense"
+    dense = getattr(supernet.config, "global_pool", None) == "dense"  # hybrid supernets classify
     slices = [(0, batches.num_images)]
     if config.race and not dense:  # racing compares top-1 intervals; a segmentation search ranks by mIoU
         slices = slice_bounds(batches.num_images, config.race_first_fraction)
