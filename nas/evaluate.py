@@ -264,8 +264,8 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor, confusion: Tenso
     top = logits.topk(min(5, classes), dim=2).indices
     hits = top == labels.unsqueeze(0).unsqueeze(2)
     totals[:, 0] += loss.sum(1)
-    totals[:, 1] += hits[:, :, 0].flatten(2).float().mean(-1).sum(1)
-    totals[:, 2] += hits.any(2).flatten(2).float().mean(-1).sum(1)
+    totals[:, 1] += hits[:, :, 0].reshape(groups, batch, -1).float().mean(-1).sum(1)
+    totals[:, 2] += hits.any(2).reshape(groups, batch, -1).float().mean(-1).sum(1)
     if confusion is not None:
         for k in range(groups):
             confusion[k] += confusion_matrix(top[k, :, 0], labels, classes)
