@@ -8,7 +8,6 @@ The hybrid (conv / attention / MLP) modules are in ``plain_hybrid.py``, which im
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -165,7 +164,7 @@ def dense_logits(patch_outputs: Tensor, patch_size: int, num_classes: int) -> Te
     square grid of ``N`` patches: each patch token predicts the classes of its own ``p x p`` pixels."""
     lead = list(patch_outputs.shape[:-2])
     tokens, width = patch_outputs.shape[-2], patch_outputs.shape[-1]
-    grid = int(math.sqrt(tokens) + 0.5)
+    grid = int(tokens ** 0.5 + 0.5)
     if grid * grid != tokens or width != num_classes * patch_size * patch_size:
         raise ValueError("dense_logits: need outputs [..., a square number of patches, num_classes * patch_size^2]")
     x = patch_outputs.reshape(-1, grid, grid, num_classes, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
