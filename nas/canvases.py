@@ -15,9 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from .data import TensorImageDataset, load_mnist
 
 CANVAS = 32
 DIGIT = 14
@@ -68,24 +65,5 @@ def paint(small: np.ndarray, labels: np.ndarray, placement: Placement) -> tuple[
     return images, np.where(images >= INK, classes, BACKGROUND)
 
 
-def load_digit_canvases(root: str | None, split: str) -> TensorImageDataset:
-    """The ``split`` of ``mnist-seg`` from the MNIST test files under ``root``."""
-    source = load_mnist(root, "test")
-    indices, count, seed = SPLITS[split]
-    index = torch.as_tensor(list(indices))
-    small = shrink(source.images[index, 0].numpy())
-    placement = place(count, len(small), np.random.default_rng(seed))
-    images, labels = paint(small, source.labels[index].numpy(), placement)
-    mean, std = canvas_stats(root) if split == "test" else (images.mean() / 255.0, images.std() / 255.0)
-    return TensorImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), CLASSES,
-                              (float(mean),), (float(std),))
-
-
-def canvas_stats(root: str | None) -> tuple[float, float]:
-    """Mean and standard deviation of the training canvases' pixels (in [0, 1]), which both splits normalise by."""
-    train = load_digit_canvases(root, "train")
-    return train.mean[0], train.std[0]
-
-
-__all__ = ["BACKGROUND", "CANVAS", "CLASSES", "DIGIT", "DIGITS_PER_CANVAS", "INK", "Placement", "load_digit_canvases",
-           "paint", "place", "shrink"]
+__all__ = ["BACKGROUND", "CANVAS", "CLASSES", "DIGIT", "DIGITS_PER_CANVAS", "INK", "SPLITS", "Placement", "paint",
+           "place", "shrink"]

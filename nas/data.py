@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from . import canvases
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 from .imagefolder import ImageFolder
 
@@ -221,6 +222,26 @@ def load_mnist(root: str | None, split: str) -> TensorImageDataset:
                               [str(i) for i in range(10)], *MNIST_STATS)
 
 
+def load_digit_canvases(root: str | None, split: str) -> TensorImageDataset:
+    """The ``split`` of ``mnist-seg`` (``nas.canvases``: digit canvases labelled per pixel) from the MNIST test files
+    under ``root``."""
+    source = load_mnist(root, "test")
+    indices, count, seed = canvases.SPLITS[split]
+    index = torch.as_tensor(list(indices))
+    small = canvases.shrink(source.images[index, 0].numpy())
+    placement = canvases.place(count, len(small), np.random.default_rng(seed))
+    images, labels = canvases.paint(small, source.labels[index].numpy(), placement)
+    mean, std = canvas_stats(root) if split == "test" else (images.mean() / 255.0, images.std() / 255.0)
+    return TensorImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), canvases.CLASSES,
+                              (float(mean),), (float(std),))
+
+
+def canvas_stats(root: str | None) -> tuple[float, float]:
+    """Mean and standard deviation of the training canvases' pixels (in [0, 1]), which both splits normalise by."""
+    train = load_digit_canvases(root, "train")
+    return train.mean[0], train.std[0]
+
+
 def load_digits(split: str, test_fraction: float = 0.2) -> TensorImageDataset:
     """scikit-learn's 1797 8x8 digits (grey levels 0..16 scaled to 0..255); a fixed shuffled split."""
     bunch = require("sklearn.datasets", "nas", "the digits data set").load_digits()
@@ -251,8 +272,6 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
     if name == "mnist":
         return load_mnist(root, split)
     if name == "mnist-seg":
-        from .canvases import load_digit_canvases  # which builds on load_mnist here
-
         return load_digit_canvases(root, split)
     if name == "imagefolder":
         root = _require_dir(root, name)
