@@ -641,7 +641,7 @@ class Trainer:
             while self.step < self.total_steps:
                 images, labels = next(batches)
                 record = self.train_step(images, labels)
-                window_images += labels.numel() * self.ranks.world_size
+                window_images += labels.shape[0] * self.ranks.world_size  # images, not pixels
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     record["images_per_s"] = window_images / max(time.perf_counter() - window_start, 1e-9)
