@@ -338,13 +338,30 @@ class ElasticAttention(ElasticModule):
     position tables ``rel_pos`` (:class:`elastic_ops.plain.RelativePosition2D`, shared by the heads, of width
     ``head_dim``). The input is then a class token plus a square grid of patches; the tables are indexed by
     distance, so every grid size (patch size) uses the same ones.
+
+    SAM's image encoder (Kirillov et al. 2023): the input is a square ``grid x grid`` of patches and no class token.
+    ``window_size > 0`` partitions it into ``window_size x window_size`` windows (zero-padded at the bottom and right
+    to a multiple, as SAM pads) that attend within themselves; ``decomposed_rel_pos`` adds SAM's (MViTv2's)
+    decomposed relative position to the logits, ``q . rel_pos_h[i_q - i_k + s - 1] + q . rel_pos_w[j_q - j_k + s - 1]``
+    over the unscaled q, with tables ``[2 s - 1, head_dim]`` shared by the heads, ``s`` the window's side (the
+    grid's without windows).
     """
 
     two_sided = True
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
-                 dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0):
+                 dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, grid: int = 0,
+                 window_size: int = 0, decomposed_rel_pos: bool = False):
         super().__init__()
+        if (window_size or decomposed_rel_pos) and (grid < 1 or relative_position or private_qk_heads):
+            raise ValueError("ElasticAttention: windows and decomposed relative position need the grid side (grid >= "
+                             "1) and neither AutoFormer's relative position nor private q/k")
+        self.grid, self.window_size = int(grid), int(window_size)
+        side = self.window_size or self.grid
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, head_dim, device=device, dtype=dtype)) \
+            if decomposed_rel_pos else None
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, head_dim, device=device, dtype=dtype)) \
+            if decomposed_rel_pos else None
         if not isinstance(relative_position, int) or isinstance(relative_position, bool) or relative_position < 0:
             raise ValueError(f"ElasticAttention: relative_position must be an int >= 0 (0: off), "
                              f"got {relative_position!r}")
@@ -388,13 +405,38 @@ class ElasticAttention(ElasticModule):
         self.check_width(x, e, "embed_dim")
         if x.dim() != 3:
             raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
+        x, unpartition = self._windows(x)
         # The fused op reads the leading heads of each of q, k and v; the trailing heads go the unfused way.
-        if heads in self.private_qk_heads or self.rel_pos is not None or self.side("num_heads") == "right":
-            return self._unfused_attention(x, heads)
+        if (heads in self.private_qk_heads or self.rel_pos is not None or self.rel_pos_h is not None
+                or self.side("num_heads") == "right"):
+            return unpartition(self._unfused_attention(x, heads))
         embed_side = (self.side("embed_dim"),)
         qkv_weight = side_view(self.qkv.weight, (self.qkv.out_features, e), ("left",) + embed_side)
-        return elastic_attention(x, qkv_weight, self.qkv.bias, side_view(self.proj.weight, (e,), embed_side),
-                                 side_view(self.proj.bias, (e,), embed_side), heads, self.head_dim)
+        proj_weight = side_view(self.proj.weight, (e,), embed_side)
+        proj_bias = side_view(self.proj.bias, (e,), embed_side)
+        return unpartition(elastic_attention(x, qkv_weight, self.qkv.bias, proj_weight, proj_bias, heads,
+                                             self.head_dim))
+
+    def _windows(self, x: Tensor):
+        """``x [..., grid * grid, E]`` as windows ``[..., windows * batch, w * w, E]`` (the leading dim before the
+        batch kept: a grouped pass's subnets), and the function that puts the output back; no windows: ``x`` and
+        the identity."""
+        if not self.window_size:
+            return x, lambda out: out
+        *lead, tokens, width = x.shape
+        grid, w = self.grid, self.window_size
+        if tokens != grid * grid:
+            raise ValueError(f"ElasticAttention: windowed attention needs {grid} x {grid} tokens, got {tokens}")
+        pad = (w - grid % w) % w
+        side = grid + pad
+        images = F.pad(x.reshape(-1, grid, grid, width), (0, 0, 0, pad, 0, pad))
+        n = side // w
+        windows = images.view(-1, n, w, n, w, width).transpose(2, 3).reshape(*lead[:-1], -1, w * w, width)
+
+        def unpartition(out: Tensor) -> Tensor:
+            full = out.reshape(-1, n, n, w, w, out.shape[-1]).transpose(2, 3).reshape(-1, side, side, out.shape[-1])
+            return full[:, :grid, :grid].reshape(*lead, tokens, out.shape[-1])
+        return windows, unpartition
 
     # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
     # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
@@ -406,6 +448,8 @@ class ElasticAttention(ElasticModule):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``softmax(q k^T / sqrt(Dh) (+ relative position)) v`` of ``[batch, heads, tokens, head_dim]`` tensors."""
         scale = self.head_dim ** -0.5
+        if self.rel_pos_h is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._decomposed_bias(q), scale=scale)
         if self.rel_pos is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         rel_k, rel_v = self.rel_pos(q.shape[2])
@@ -414,6 +458,16 @@ class ElasticAttention(ElasticModule):
     def _qkv_rows(self, heads: int) -> int:
         """The first row, within each of the q, k and v blocks of ``qkv.weight``, of ``heads`` active heads."""
         return (self.num_heads - heads) * self.head_dim if self.side("num_heads") == "right" else 0
+
+    def _decomposed_bias(self, q: Tensor) -> Tensor:
+        """SAM's decomposed relative position of ``q [batch, heads, s * s, head_dim]``: logits ``[.., s*s, s*s]``."""
+        side = math.isqrt(q.shape[2])
+        index = torch.arange(side, device=q.device)
+        offsets = index[:, None] - index[None, :] + self.rel_pos_h.shape[0] // 2  # i_q - i_k + s - 1
+        grid_q = q.reshape(*q.shape[:2], side, side, q.shape[-1])
+        rows = torch.einsum("bnhwc,hkc->bnhwk", grid_q, self.rel_pos_h[offsets].to(q.dtype))
+        cols = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self.rel_pos_w[offsets].to(q.dtype))
+        return (rows[..., :, None] + cols[..., None, :]).reshape(*q.shape[:2], side * side, side * side)
 
     def _unfused_attention(self, x: Tensor, heads: int) -> Tensor:
         batch, tokens, embed_dim = x.shape
@@ -460,10 +514,12 @@ class ElasticAttention(ElasticModule):
         ``qk_groups``: :meth:`qk_groups` of ``heads``, if the caller planned them already."""
         self.check_leading("grouped_forward")
         qk_groups = self.qk_groups(heads) if qk_groups is None else qk_groups
-        if self.rel_pos is None and len(qk_groups) == 1 and qk_groups[0].private_heads is None:
-            return grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
-                                     heads, self.head_dim)
-        return self._grouped_unfused_attention(x, sizes, heads, qk_groups)
+        x, unpartition = self._windows(x)
+        if self.rel_pos is None and self.rel_pos_h is None and len(qk_groups) == 1 \
+                and qk_groups[0].private_heads is None:
+            return unpartition(grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                                 self.proj.bias, heads, self.head_dim))
+        return unpartition(self._grouped_unfused_attention(x, sizes, heads, qk_groups))
 
     def _grouped_unfused_attention(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes,
                                    qk_groups: tuple[QkGroup, ...]) -> Tensor:
@@ -502,6 +558,9 @@ class ElasticAttention(ElasticModule):
         return grouped_linear(context * width.mask(context.dtype, 4), self.proj.weight, self.proj.bias, sizes)
 
     def extract(self) -> plain.Attention:
+        if self.window_size or self.rel_pos_h is not None:
+            raise NotImplementedError("ElasticAttention.extract: elastic_ops.plain has no windowed attention or "
+                                      "decomposed relative position (SAM's) to extract to")
         self.set_active()
         embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
         width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
@@ -557,7 +616,8 @@ class ElasticBlock(ElasticModule):
 
     ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
     ``private_qk_heads``: head counts with their own q/k projections, ``relative_position``: the maximum distance of
-    the 2D relative position, 0 for none (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
+    the 2D relative position, 0 for none, ``grid``/``window_size``/``decomposed_rel_pos``: SAM's windowed attention
+    and relative position (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
     :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
 
@@ -565,14 +625,16 @@ class ElasticBlock(ElasticModule):
 
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
-                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, layer_scale: float | None = None):
+                 private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, layer_scale: float | None = None,
+                 grid: int = 0, window_size: int = 0, decomposed_rel_pos: bool = False):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
         self.drop_path = drop_path
         self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype,
-                                     private_qk_heads=private_qk_heads, relative_position=relative_position)
+                                     private_qk_heads=private_qk_heads, relative_position=relative_position,
+                                     grid=grid, window_size=window_size, decomposed_rel_pos=decomposed_rel_pos)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
         self.layer_scale = layer_scale

@@ -159,11 +159,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def dense_logits(patch_outputs: Tensor, patch_size: int, num_classes: int) -> Tensor:
+    """Per-pixel logits ``[..., num_classes, H, W]`` from a dense head's outputs ``[..., N, num_classes * p * p]`` on a
+    square grid of ``N`` patches: each patch token predicts the classes of its own ``p x p`` pixels."""
+    lead = list(patch_outputs.shape[:-2])
+    tokens, width = patch_outputs.shape[-2], patch_outputs.shape[-1]
+    grid = int(tokens ** 0.5 + 0.5)
+    if grid * grid != tokens or width != num_classes * patch_size * patch_size:
+        raise ValueError("dense_logits: need outputs [..., a square number of patches, num_classes * patch_size^2]")
+    x = patch_outputs.reshape(-1, grid, grid, num_classes, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(lead + [num_classes, grid * patch_size, grid * patch_size])
+
+
 class VisionTransformer(nn.Module):
     """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width.
     ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well.
-    ``global_pool``: the classifier reads the class token (``"token"``) or the mean of the patch tokens (``"avg"``,
-    AutoFormer's ``--gp``), after the final norm."""
+    ``global_pool``: after the final norm the classifier reads the class token (``"token"``) or the mean of the patch
+    tokens (``"avg"``, AutoFormer's ``--gp``); ``"dense"`` (segmentation): the head maps every patch token to the
+    logits of its ``p x p`` pixels (``num_classes * p * p`` outputs), and the output is ``[B, num_classes, H, W]``."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
                  num_heads: List[int], hidden_features: List[int], head_dim: int, eps: float = 1e-6,
@@ -174,9 +187,10 @@ class VisionTransformer(nn.Module):
                              "hidden_features")
         if img_size % patch_size:
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in ("token", "avg", "dense"):
+            raise ValueError(f"VisionTransformer: global_pool must be 'token', 'avg' or 'dense', got {global_pool!r}")
         self.img_size = img_size
+        self.num_classes = num_classes
         self.global_pool = global_pool
         self.head_dim = head_dim
         self.relative_position = relative_position
@@ -188,7 +202,7 @@ class VisionTransformer(nn.Module):
             for heads, hidden in zip(num_heads, hidden_features)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes * (patch_size * patch_size if global_pool == "dense" else 1))
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)
@@ -196,8 +210,10 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if self.global_pool == "dense":
+            return dense_logits(self.head(x[:, 1:]), self.patch_embed.proj.kernel_size[0], self.num_classes)
         return self.head(x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1))
 
 
 __all__ = ["ACTIVATIONS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "RelativePosition2D",
-           "VisionTransformer", "make_activation", "relative_attention"]
+           "VisionTransformer", "dense_logits", "make_activation", "relative_attention"]

@@ -463,7 +463,8 @@ class Augmentation:
 def training_crop(dataset: str, crop: str | None = None) -> str:
     """``crop`` (one of :data:`CROPS`), or where None the data set's: random-resized for image folders, none for the
     8x8 digits, a crop after padding for the others."""
-    return crop or ("random-resized" if dataset == "imagefolder" else "none" if dataset == "digits" else "pad")
+    return crop or ("random-resized" if dataset == "imagefolder" else "none" if dataset in ("digits", "mnist-seg")
+                    else "pad")
 
 
 def recipe(dataset: str, img_size: int, mean: Sequence[float], *, crop: str | None = None, flip: bool | None = None,
@@ -474,10 +475,11 @@ def recipe(dataset: str, img_size: int, mean: Sequence[float], *, crop: str | No
     with ``rand-m9-mstd0.5-inc1``, random erasing 0.25, mixup 0.8, cutmix 1.0; the random-resized crop is made while
     reading, ``nas.imagefolder``); CIFAR a crop after padding by an eighth of the side and a flip; MNIST the crop
     only (its mirror images are other symbols); the 8x8 digits nothing (a one-pixel shift already moves an eighth of
-    the image and stalls a short run). ``rand_augment`` is timm's notation, or "none"."""
+    the image and stalls a short run), nor the digit canvases (labelled per pixel: a crop would move the images
+    without their label maps). ``rand_augment`` is timm's notation, or "none"."""
     folder = dataset == "imagefolder"
     crop = training_crop(dataset, crop)
-    flip = (dataset not in ("digits", "mnist")) if flip is None else flip
+    flip = (dataset not in ("digits", "mnist", "mnist-seg")) if flip is None else flip
     rand_augment = rand_augment or (AUTOFORMER_RAND_AUGMENT if folder else "none")
     fill = tuple(min(255, round(255 * m)) for m in mean)  # timm fills with the mean colour
     return Augmentation(

@@ -56,7 +56,8 @@ class LayerPlan:
 
 class BatchedSubnets:
     """K subnets of ``supernet`` that share a patch size, run together: ``BatchedSubnets(supernet, archs)(images)``
-    returns logits ``[K, B, num_classes]``, subnet k's equal to ``supernet(images, archs[k])``.
+    returns logits ``[K, B, num_classes]`` (dense: ``[K, B, num_classes, H, W]``), subnet k's equal to
+    ``supernet(images, archs[k])``.
 
     The patch embedding runs once at the group's widest embed dim (a narrower subnet's channels are its
     leading slice); each layer runs once per branch (distinct prefix of the subnets that have it on), the
@@ -142,9 +143,9 @@ class BatchedSubnets:
         if supernet.config.global_pool == "token":  # the class token alone is normalised
             pooled = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
         else:
-            pooled = pool(supernet.norm.grouped_forward(x, self.final_embed), "avg")
+            pooled = pool(supernet.norm.grouped_forward(x, self.final_embed), supernet.config.global_pool)
         head = supernet.head
-        return elastic_linear(pooled, head.weight, head.bias)[self.branch_of_subnet]
+        return supernet.config.read_out(elastic_linear(pooled, head.weight, head.bias)[self.branch_of_subnet])
 
 
 def check_archs(supernet, archs: Sequence[Arch]) -> None:
@@ -169,8 +170,9 @@ def check_leading(supernet, archs: Sequence[Arch]) -> None:
 
 
 def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
-    """Logits ``[K, B, num_classes]`` of the K subnets ``archs`` on one batch, computed in one pass per patch size
-    (per layout on a hybrid supernet: ``nas.hybrid.batched``, with the supernet's BatchNorm statistics)."""
+    """Logits ``[K, B, num_classes]`` (dense: ``[K, B, num_classes, H, W]``) of the K subnets ``archs`` on one batch,
+    computed in one pass per patch size (per layout on a hybrid supernet: ``nas.hybrid.batched``, with the supernet's
+    BatchNorm statistics)."""
     archs = list(archs)
     if not archs:
         raise ValueError("batched_forward: no archs given")

@@ -54,7 +54,8 @@ CONVENTION = {
               "per layer 2 LayerNorms, qkv (+bias), proj (+bias), fc1 (+bias), fc2 (+bias), final LayerNorm, "
               "classifier (+bias); with relative position m > 0 per layer 4 * (2m + 2) * head_dim table entries",
     "macs": "multiply-accumulates of one image's forward pass in the matrix products: patch-embedding conv, "
-            "qkv, q@k^T, attn@v, proj, fc1, fc2, classifier on the class token; with relative position also "
+            "qkv, q@k^T, attn@v, proj, fc1, fc2, classifier on the class token (segmentation: the dense head on "
+            "every patch token); with relative position also "
             "q.r_k and attn.r_v",
     "not_counted_in_macs": ("LayerNorm", "softmax", "GELU", "bias add", "residual add", "position-embedding add",
                             "attention scale"),
@@ -132,12 +133,23 @@ def embed_macs(embed_dim, patch_size, tokens, in_chans: int):
 
 
 def head_params(embed_dim, num_classes: int):
-    """Final LayerNorm and classifier with bias."""
+    """Final LayerNorm and classifier with bias (``num_classes``: the head's outputs, see :func:`head_outputs`)."""
     return 2 * embed_dim + (embed_dim + 1) * num_classes
 
 
-def head_macs(embed_dim, num_classes: int):
-    return embed_dim * num_classes
+def head_macs(embed_dim, num_classes: int, tokens=1):
+    """The classifier on one pooled token, or a dense head on every patch token (``tokens``)."""
+    return embed_dim * num_classes * tokens
+
+
+def head_outputs(space: "SearchSpace") -> int:
+    """The head's outputs: the classes, or for segmentation the classes of each of a patch's pixels."""
+    return space.num_classes * (space.patch_sizes[0] ** 2 if space.task == "segmentation" else 1)
+
+
+def head_tokens(space: "SearchSpace", tokens):
+    """The tokens the head runs on: one pooled token, or for segmentation every patch token."""
+    return tokens - 1 if space.task == "segmentation" else 1
 
 
 def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
@@ -149,7 +161,7 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_params(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers
-            + head_params(embed, space.num_classes)).astype(np.int64)
+            + head_params(embed, head_outputs(space))).astype(np.int64)
 
 
 def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
@@ -161,7 +173,7 @@ def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.nda
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_macs(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers
-            + head_macs(embed, space.num_classes)).astype(np.int64)
+            + head_macs(embed, head_outputs(space), head_tokens(space, d.tokens[:, 0]))).astype(np.int64)
 
 
 def params(arch: Arch, space: "SearchSpace") -> int:

@@ -35,10 +35,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from . import canvases
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 from .imagefolder import ImageFolder
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "mnist-seg", "imagefolder")
+DENSE_DATASETS = ("mnist-seg",)  # labelled per pixel (nas.canvases)
 HOLDOUT_SEED = 1  # seed of the permutation whose first images are held out of training for search
 
 # Published per-channel statistics (pixel values in [0, 1]).
@@ -48,15 +50,17 @@ MNIST_STATS = ((0.1307,), (0.3081,))
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op."""
+    """Images held in memory as one ``uint8 [N, C, H, W]`` tensor; a batch is one indexing op. Labels are ``[N]``,
+    or ``[N, H, W]`` for a segmentation data set (a class per pixel)."""
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float]):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"TensorImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} "
                              f"{tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"TensorImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        if labels.shape not in ((images.shape[0],), (images.shape[0], *images.shape[2:])):
+            raise ValueError(f"TensorImageDataset: {images.shape[0]} images of {tuple(images.shape[1:])} but labels of "
+                             f"shape {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
         self.classes, self.mean, self.std = list(classes), tuple(mean), tuple(std)
 
@@ -218,6 +222,26 @@ def load_mnist(root: str | None, split: str) -> TensorImageDataset:
                               [str(i) for i in range(10)], *MNIST_STATS)
 
 
+def load_digit_canvases(root: str | None, split: str) -> TensorImageDataset:
+    """The ``split`` of ``mnist-seg`` (``nas.canvases``: digit canvases labelled per pixel) from the MNIST test files
+    under ``root``."""
+    source = load_mnist(root, "test")
+    indices, count, seed = canvases.SPLITS[split]
+    index = torch.as_tensor(list(indices))
+    small = canvases.shrink(source.images[index, 0].numpy())
+    placement = canvases.place(count, len(small), np.random.default_rng(seed))
+    images, labels = canvases.paint(small, source.labels[index].numpy(), placement)
+    mean, std = canvas_stats(root) if split == "test" else (images.mean() / 255.0, images.std() / 255.0)
+    return TensorImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), canvases.CLASSES,
+                              (float(mean),), (float(std),))
+
+
+def canvas_stats(root: str | None) -> tuple[float, float]:
+    """Mean and standard deviation of the training canvases' pixels (in [0, 1]), which both splits normalise by."""
+    train = load_digit_canvases(root, "train")
+    return train.mean[0], train.std[0]
+
+
 def load_digits(split: str, test_fraction: float = 0.2) -> TensorImageDataset:
     """scikit-learn's 1797 8x8 digits (grey levels 0..16 scaled to 0..255); a fixed shuffled split."""
     bunch = require("sklearn.datasets", "nas", "the digits data set").load_digits()
@@ -247,6 +271,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", image
         return load_cifar(root, split, num_classes=int(name[5:]))
     if name == "mnist":
         return load_mnist(root, split)
+    if name == "mnist-seg":
+        return load_digit_canvases(root, split)
     if name == "imagefolder":
         root = _require_dir(root, name)
         candidates = ["train"] if split == "train" else ["test", "val"]
@@ -356,6 +382,14 @@ def images_to_search(split: SearchSplit | None, dataset: str, train_images: int,
                           f"out of training (nas.train's search_holdout); ask for at most {split.images}, or search "
                           "with --set search_on=test")
     return holdout_split(train_images, count, split.seed)[0]
+
+
+def check_task(dataset: str, task: str) -> None:
+    """A data set labelled per pixel needs a segmentation space, one labelled per image a classification space."""
+    dense = dataset in DENSE_DATASETS
+    if dense != (task == "segmentation"):
+        raise DataError(f"data set {dataset!r} is labelled per {'pixel' if dense else 'image'} but the search space's "
+                        f"task is {task}; use a {'segmentation' if dense else 'classification'} space")
 
 
 def num_classes_of(dataset: Dataset) -> int:

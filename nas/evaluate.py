@@ -1,4 +1,5 @@
-"""Evaluation of many subnets of one supernet over a data loader: top-1, top-5 and loss per arch.
+"""Evaluation of many subnets of one supernet over a data loader: top-1, top-5 and loss per arch (a segmentation
+supernet: per-pixel top-1 and top-5, the pixels' mean cross-entropy, and the mean IoU over the classes).
 
 Subnets are evaluated K at a time in one pass over the data (``nas.batched``), K chosen from the memory
 available; results are cached by (arch, data), so that a search never evaluates a candidate twice.
@@ -35,23 +36,43 @@ from .report import progress_bar
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Metrics of one subnet over one data set; accuracies in percent, loss is the mean cross-entropy."""
+    """Metrics of one subnet over one data set; accuracies in percent, loss is the mean cross-entropy. For
+    segmentation the accuracies and the loss are over pixels (each image's mean, averaged over images), and ``miou``
+    is the mean intersection over union of the classes (in percent; None for classification)."""
 
     top1: float
     top5: float
     loss: float
     samples: int
+    miou: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k != "miou"}
 
     @classmethod
     def from_dict(cls, values: dict) -> "EvalResult":
         names = [f.name for f in fields(cls)]
-        if not isinstance(values, dict) or sorted(values) != sorted(names) or not all(
-                isinstance(values[n], (int, float)) and not isinstance(values[n], bool) for n in names):
-            raise ValueError(f"an evaluation result is a mapping of {', '.join(names)} to numbers, got {values!r}")
+        required = [n for n in names if n != "miou"]
+        if not isinstance(values, dict) or not set(required) <= set(values) <= set(names) or not all(
+                isinstance(values[n], (int, float)) and not isinstance(values[n], bool) for n in values):
+            raise ValueError(f"an evaluation result is a mapping of {', '.join(required)} (and for segmentation "
+                             f"miou) to numbers, got {values!r}")
         return cls(**values)
+
+
+def confusion_matrix(predictions: Tensor, labels: Tensor, classes: int) -> Tensor:
+    """``[classes, classes]`` int64 counts of (label, prediction) pairs over all pixels."""
+    pairs = labels.reshape(-1) * classes + predictions.reshape(-1)
+    return torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+
+
+def mean_iou(confusion: Tensor) -> float:
+    """Mean over the classes that occur (in the labels or the predictions) of intersection over union, in 0..1."""
+    confusion = confusion.double()
+    hits = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    return float((hits[present] / union[present]).mean()) if present.any() else 0.0
 
 
 class EvalCache:
@@ -101,9 +122,10 @@ class TensorBatches:
 
     def __init__(self, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  device: torch.device | str = "cpu", normalised_dtype: torch.dtype | None = None):
-        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != images.shape[:1]:
-            raise ValueError(f"TensorBatches: need uint8 images [N, C, H, W] and labels [N], got {images.dtype} "
-                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        label_shapes = (images.shape[:1], images.shape[:1] + images.shape[2:])
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape not in label_shapes:
+            raise ValueError(f"TensorBatches: need uint8 images [N, C, H, W] and labels [N] or [N, H, W], got "
+                             f"{images.dtype} {tuple(images.shape)} and {tuple(labels.shape)}")
         if batch_size < 1:
             raise ValueError(f"TensorBatches: batch_size must be >= 1, got {batch_size}")
         self.mean, self.std, self.batch_size = tuple(mean), tuple(std), int(batch_size)
@@ -239,16 +261,22 @@ def subnets_per_pass(supernet, archs: Sequence[Arch], batch_size: int, device: t
     return max(1, min(limit, len(archs), fits))
 
 
-def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor) -> None:
-    """Add ``[loss sum, top-1 hits, top-5 hits]`` of each subnet's logits ``[K, B, C]`` into ``totals [K, 3]``."""
-    groups, batch, classes = logits.shape
+def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor, confusion: Tensor | None = None) -> None:
+    """Add ``[loss sum, top-1 hits, top-5 hits]`` of each subnet's logits ``[K, B, C]`` into ``totals [K, 3]``; for
+    segmentation (logits ``[K, B, C, H, W]``, labels ``[B, H, W]``) each image's means over its pixels, and each
+    subnet's pixels into ``confusion [K, C, C]``."""
+    groups, batch, classes = logits.shape[:3]
     logits = logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, classes), labels.repeat(groups), reduction="none").view(groups, batch)
-    top = logits.topk(min(5, classes), dim=-1).indices
-    hits = top == labels.view(1, batch, 1)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(groups, *([1] * (labels.dim() - 1))),
+                           reduction="none").view(groups, batch, -1).mean(-1)
+    top = logits.topk(min(5, classes), dim=2).indices
+    hits = top == labels.unsqueeze(0).unsqueeze(2)
     totals[:, 0] += loss.sum(1)
-    totals[:, 1] += hits[..., 0].sum(1)
-    totals[:, 2] += hits.any(-1).sum(1)
+    totals[:, 1] += hits[:, :, 0].reshape(groups, batch, -1).float().mean(-1).sum(1)
+    totals[:, 2] += hits.any(2).reshape(groups, batch, -1).float().mean(-1).sum(1)
+    if confusion is not None:
+        for k in range(groups):
+            confusion[k] += confusion_matrix(top[k, :, 0], labels, classes)
 
 
 def _order_for_grouping(archs: Sequence[Arch | HybridArch]) -> list[int]:
@@ -269,7 +297,8 @@ def evaluate_archs(supernet, archs: Sequence[Arch], loader: Iterable, *, device:
                    data_key: str | None = None, progress: bool = True, memory_fraction: float = 0.5,
                    autocast_dtype: torch.dtype | None = None, calibration: Iterable | None = None
                    ) -> list[EvalResult]:
-    """Top-1/top-5 accuracy and loss of every arch in ``archs`` over ``loader``, a re-iterable of normalised
+    """Top-1/top-5 accuracy and loss (and for segmentation mIoU) of every arch in ``archs`` over ``loader``, a
+    re-iterable of normalised
     ``(images, labels)`` batches (e.g. :class:`TensorBatches`, or a DataLoader without shuffling).
 
     ``calibration``: a re-iterable of normalised batches (images, or tuples whose first item is the images) on which a
@@ -347,8 +376,12 @@ def evaluate_sides(supernet, archs: Sequence[Arch], loader: Iterable, sides: Seq
     per_side = [evaluate_archs(supernet, [arch.on_side(side) for arch in archs], loader, cache=cache,
                                data_key=None if data_key is None else f"{data_key}|{side}",
                                batched=batched and side == "left", **options) for side in sides]
-    return [EvalResult(*(sum(getattr(r, name) for r in results) / len(results) for name in ("top1", "top5", "loss")),
-                       results[0].samples) for results in zip(*per_side)]
+    def mean(results: tuple[EvalResult, ...], name: str) -> float | None:
+        values = [getattr(r, name) for r in results]
+        return None if values[0] is None else sum(values) / len(values)
+
+    return [EvalResult(mean(results, "top1"), mean(results, "top5"), mean(results, "loss"), results[0].samples,
+                       mean(results, "miou")) for results in zip(*per_side)]
 
 
 def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progress, memory_fraction, autocast_dtype,
@@ -364,11 +397,15 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
         groups = [[arch] for arch in archs]
     results = {}
     bar = progress_bar(progress, total=len(archs), desc="evaluating subnets", unit="subnet", leave=False)
+
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
+    dense = getattr(supernet.config, "global_pool", None) == "dense"  # hybrid supernets classify
     for group in groups:
         totals = torch.zeros(len(group), 3, dtype=torch.float64, device=device)
+        classes = supernet.config.num_classes if dense else 0
+        confusion = torch.zeros(len(group), classes, classes, dtype=torch.int64, device=device) if dense else None
         samples = 0
         forward = _pass(supernet, group, batched, calibration, autocast)
         for images, labels in loader:
@@ -376,14 +413,15 @@ def _evaluate_uncached(supernet, archs, loader, device, subnets, batched, progre
             labels = labels.to(device, non_blocking=True)
             with autocast():
                 logits = forward(images)
-            _accumulate(totals, logits, labels)
+            _accumulate(totals, logits, labels, confusion)
             samples += labels.shape[0]
         if samples == 0:
             raise ValueError("evaluate_archs: the data loader yielded no batches")
         totals = totals.cpu()
-        for arch, (loss, top1, top5) in zip(group, totals.tolist()):
+        for k, (arch, (loss, top1, top5)) in enumerate(zip(group, totals.tolist())):
+            miou = 100.0 * mean_iou(confusion[k]) if dense else None
             results[arch] = EvalResult(top1=100.0 * top1 / samples, top5=100.0 * top5 / samples,
-                                       loss=loss / samples, samples=samples)
+                                       loss=loss / samples, samples=samples, miou=miou)
         bar.update(len(group))
     bar.close()
     return results

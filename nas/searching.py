@@ -1,8 +1,8 @@
 """Architecture search under FLOPs, params and latency budgets: the config of a search (:class:`SearchConfig`), the
 search loop (:class:`Search`), and a whole search from a supernet checkpoint (:func:`run_search`).
 
-A search algorithm (``nas.searchers``: evolution, nsga2, random, sampler, rl, tpe) proposes candidates step by step;
-each step's new candidates of every budget are evaluated together, K subnets per pass over the data
+A search algorithm (``nas.searchers``: evolution, nsga2, random, sampler, rl, tpe, autotuner) proposes candidates
+step by step; each step's new candidates of every budget are evaluated together, K subnets per pass over the data
 (``nas.evaluate``). Several budgets in one run share every evaluated candidate. The state is saved atomically after
 every step and a resumed search continues exactly; a candidate is never evaluated twice.
 
@@ -203,6 +203,7 @@ class Search:
             "rl": dict(lr=c.rl_lr),
             "tpe": dict(startup_trials=c.tpe_startup_trials),
             "random": {},
+            "autotuner": {},
         }
         options["sampler"] = dict(options["evolution"], sampler=sampler)
         if c.algorithm == "nsga2" or not self.budgets:
@@ -441,15 +442,16 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
 def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | LoaderBatches, cache: EvalCache,
                   data_key: str, ranks: Distributed, calibration: TensorBatches | LoaderBatches | None = None,
                   sides: tuple[str, ...] = ("left",)) -> Evaluate:
-    """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``), or on all of
-    them, with the BatchNorm statistics of a hybrid supernet re-estimated per candidate on ``calibration``; results
-    cached per slice, so a resumed search evaluates nothing twice. With several processes each rank
-    evaluates every ``world_size``-th candidate of a slice and the results are summed over the ranks, so that every
-    rank races (and searches) on the same numbers as one process would; only rank 0 writes the cache. ``sides``: the
-    sides of the super weights each candidate is read from, its metrics averaged over them (:func:`evaluate_sides`;
-    ViTAS's evaluation of a two-sided supernet)."""
+    """The search's evaluation of candidates on ``batches``: raced over slices of them (``config.race``; not for a
+    segmentation supernet, whose mIoU does not add up over slices), or on all of them, with the BatchNorm statistics
+    of a hybrid supernet re-estimated per candidate on ``calibration``; results cached per slice, so a resumed search
+    evaluates nothing twice. With several processes each rank evaluates every ``world_size``-th candidate of a slice
+    and the results are summed over the ranks, so that every rank races (and searches) on the same numbers as one
+    process would; only rank 0 writes the cache. ``sides``: the sides of the super weights each candidate is read
+    from, its metrics averaged over them (:func:`evaluate_sides`; ViTAS's evaluation of a two-sided supernet)."""
+    dense = getattr(supernet.config, "global_pool", None) == "dense"  # hybrid supernets classify
     slices = [(0, batches.num_images)]
-    if config.race:
+    if config.race and not dense:  # racing compares top-1 intervals; a segmentation search ranks by mIoU
         slices = slice_bounds(batches.num_images, config.race_first_fraction)
     race_config = RaceConfig(config.race_confidence, config.race_first_fraction)
     autocast = torch.bfloat16 if torch.device(batches.device).type == "cuda" else None
@@ -462,11 +464,11 @@ def make_evaluate(config: SearchConfig, supernet, batches: TensorBatches | Loade
                                  subnets=config.subnets_per_pass or None, cache=cache, data_key=key,
                                  progress=config.progress and ranks.main, autocast_dtype=autocast,
                                  calibration=calibration)
-        rows = torch.zeros(len(archs), 4, dtype=torch.float64)
-        rows[ranks.rank::ranks.world_size] = torch.tensor([[r.top1, r.top5, r.loss, r.samples] for r in results],
-                                                          dtype=torch.float64).view(-1, 4)
-        gathered = [EvalResult(top1, top5, loss, int(samples))
-                    for top1, top5, loss, samples in sum_over_ranks(rows, ranks).tolist()]
+        rows = torch.zeros(len(archs), 5, dtype=torch.float64)
+        rows[ranks.rank::ranks.world_size] = torch.tensor(
+            [[r.top1, r.top5, r.loss, r.samples, r.miou or 0.0] for r in results], dtype=torch.float64).view(-1, 5)
+        gathered = [EvalResult(top1, top5, loss, int(samples), miou if dense else None)
+                    for top1, top5, loss, samples, miou in sum_over_ranks(rows, ranks).tolist()]
         for arch, result in zip(archs, gathered):  # several sides: each side's result is cached under key|side
             cache.put(arch, key, result)
         if ranks.main:
@@ -545,7 +547,8 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
     # A supernet trained two-sided (ViTAS) scores each candidate by the mean of its left and right side.
     sides = ("left", "right") if state["config"].get("width_sharing") == "two_sided" else ("left",)
     evaluate = make_evaluate(config, supernet, search_batches, cache, data_key, ranks, calibration, sides)
-    search = Search(config, space, evaluate, costs, sampler=sampler, data_key=data_key, log=log)
+    score = "miou" if space.task == "segmentation" else "top1"
+    search = Search(config, space, evaluate, costs, sampler=sampler, score=score, data_key=data_key, log=log)
     state_path = os.path.join(config.out_dir, STATE_FILE)
     if resume:
         if not os.path.exists(state_path):
@@ -576,7 +579,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         extra["exported"] = exported
     summary = write_outputs(search, config.out_dir, extra)
     for label, candidate in best.items():
-        print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test top-1 "
-              f"{extra['test'][label]['top1']:.2f}, {format_count(candidate.metrics['macs'])} MACs, "
+        print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test {score} "
+              f"{extra['test'][label][score]:.2f}, {format_count(candidate.metrics['macs'])} MACs, "
               f"{format_count(candidate.metrics['params'])} params: {candidate.arch.to_json()}")
     return summary

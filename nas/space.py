@@ -41,6 +41,9 @@ def _choices(name: str, values, kind) -> tuple:
     return values
 
 
+TASKS = ("classification", "segmentation")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Choices of a ViT supernet (DESIGN.md sections 2 and 7).
@@ -53,7 +56,9 @@ class SearchSpace:
     embedding per patch size (so the space needs several), and q/k projections per head choice (ViTAS); they
     change neither sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
-    Choices are stored sorted and without repeats.
+    ``task``: ``"classification"`` (a class per image) or ``"segmentation"`` (a class per pixel: the head maps every
+    patch token to its ``p x p`` pixels' logits, ``nas.supernet``; one patch size only; ``num_classes`` counts the
+    background class too). Choices are stored sorted and without repeats.
     """
 
     name: str
@@ -70,6 +75,7 @@ class SearchSpace:
     private_class_tokens: bool = False
     private_qk: bool = False
     relative_position: int = 0
+    task: str = "classification"
 
     arch_type: ClassVar[type] = Arch
 
@@ -93,6 +99,11 @@ class SearchSpace:
         set_field("num_classes", int(self.num_classes))
         for name in ("identity_layers", "private_class_tokens", "private_qk"):
             set_field(name, bool(getattr(self, name)))
+        if self.task not in TASKS:
+            raise ValueError(f"SearchSpace.task={self.task!r} must be one of {', '.join(TASKS)}")
+        if self.task == "segmentation" and len(self.patch_sizes) > 1:
+            raise ValueError(f"SearchSpace: a segmentation head predicts the pixels of one patch size, but the space "
+                             f"has several {self.patch_sizes}")
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SearchSpace.patch_sizes {tuple(bad)} do not divide img_size={self.img_size}")

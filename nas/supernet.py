@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear, ElasticPatchEmbed, side_span
+from elastic_ops.plain import dense_logits
 
 from .arch import Arch
 
@@ -40,11 +41,14 @@ if TYPE_CHECKING:
     from .space import SearchSpace
 
 
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "dense")
 
 
 def pool(tokens: Tensor, global_pool: str) -> Tensor:
-    """What the classifier reads from normalised tokens ``[..., N, E]``: the class token, or the patch tokens' mean."""
+    """What the head reads from normalised tokens ``[..., N, E]``: the class token, the patch tokens' mean, or
+    (``"dense"``) every patch token."""
+    if global_pool == "dense":
+        return tokens[..., 1:, :]
     return tokens[..., 0, :] if global_pool == "token" else tokens[..., 1:, :].mean(dim=-2)
 
 
@@ -53,7 +57,8 @@ class SupernetConfig:
     """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
     own q/k projections (``ElasticAttention``); ``relative_position``: the maximum distance of the 2D relative
     position, 0 for none; ``global_pool``: what the classifier reads after the final norm, the class token
-    (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``); ``space``, if given, is what
+    (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
+    (``"dense"``, one patch size), every patch token, mapped to the logits of its pixels; ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
     img_size: int
@@ -88,6 +93,9 @@ class SupernetConfig:
             raise ValueError(f"SupernetConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"SupernetConfig: global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
+        if self.global_pool == "dense" and len(self.patch_sizes) > 1:
+            raise ValueError(f"SupernetConfig: a dense head predicts the pixels of one patch size, got "
+                             f"{self.patch_sizes}")
         if not isinstance(self.relative_position, int) or isinstance(self.relative_position, bool) \
                 or self.relative_position < 0:
             raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), "
@@ -107,11 +115,24 @@ class SupernetConfig:
             private_class_tokens=bool(space.private_class_tokens),
             private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (),
             relative_position=space.relative_position, drop_path_rate=drop_path_rate,
-            layer_norm_eps=layer_norm_eps, space=space,
+            layer_norm_eps=layer_norm_eps, global_pool="dense" if space.task == "segmentation" else "token",
+            space=space,
         )
 
     def num_tokens(self, patch_size: int) -> int:
         return (self.img_size // patch_size) ** 2 + 1
+
+    @property
+    def head_outputs(self) -> int:
+        """Outputs of the head: the classes, or with a dense head the classes of each of a patch's pixels."""
+        return self.num_classes * (self.patch_sizes[0] ** 2 if self.global_pool == "dense" else 1)
+
+    def read_out(self, head_outputs: Tensor) -> Tensor:
+        """The logits from the head's outputs: as they are, or a dense head's ``[..., N, C * p * p]`` as per-pixel
+        logits ``[..., C, H, W]``."""
+        if self.global_pool != "dense":
+            return head_outputs
+        return dense_logits(head_outputs, self.patch_sizes[0], self.num_classes)
 
 
 class VisionTransformerSupernet(nn.Module):
@@ -147,7 +168,7 @@ class VisionTransformerSupernet(nn.Module):
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
-        self.head = ElasticLinear(c.embed_dim, c.num_classes)
+        self.head = ElasticLinear(c.embed_dim, c.head_outputs)
         self.reset_parameters()
         self.arch: Arch = self.max_arch()
         self.set_arch(self.arch)
@@ -239,7 +260,8 @@ class VisionTransformerSupernet(nn.Module):
         return torch.cat([cls, x], dim=1) + pos_embed[..., channels].to(x.dtype)
 
     def forward(self, images: Tensor, arch: Arch | None = None) -> Tensor:
-        """Logits ``[B, num_classes]`` of the subnet ``arch`` (which becomes the active one) or of the active subnet."""
+        """Logits ``[B, num_classes]`` (dense: ``[B, num_classes, H, W]``) of the subnet ``arch`` (which becomes the
+        active one) or of the active subnet."""
         if arch is not None:
             self.set_arch(arch)
         c, arch = self.config, self.arch
@@ -253,7 +275,7 @@ class VisionTransformerSupernet(nn.Module):
             if on:  # sizes passed as arguments: a compiled block traces them as symbols (see compile)
                 x = block(x, embed_dim=arch.embed_dim, num_heads=arch.num_heads[i],
                           hidden_features=arch.hidden_features(i))
-        return self.head(pool(self.norm(x), self.config.global_pool))
+        return c.read_out(self.head(pool(self.norm(x), c.global_pool)))
 
     def compile(self, **options) -> None:
         """``torch.compile`` the transformer blocks (``options`` as torch.compile's), where the time goes.

@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool | s
 
 
 def report(result: TrainResult) -> str:
-    return (f"trained {result.steps} steps in {result.seconds:.1f} s; test accuracy: smallest subnet "
+    return (f"trained {result.steps} steps in {result.seconds:.1f} s; test {result.metric}: smallest subnet "
             f"{100 * result.smallest:.2f}%, largest subnet {100 * result.largest:.2f}%"
             + "".join(f"; eval_archs[{i}] {100 * a:.2f}%" for i, a in enumerate(result.eval_archs))
             + f"; {result.search_holdout} training images held out for nas.search"

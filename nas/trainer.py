@@ -24,6 +24,7 @@ holds files, and resuming continues the run there. ``log.jsonl`` (``nas.report``
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from .checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    load_supernet,
     non_finite_entries,
     resume_checkpoint,
     save_checkpoint,
@@ -61,11 +63,13 @@ from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from .evaluate import confusion_matrix, mean_iou
 from .hybrid.arch import HybridArch
 from .hybrid.space import HybridSpace
 from .hybrid.supernet import HybridSupernet
 from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
+from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
@@ -94,6 +98,18 @@ class TrainConfig(Config):
                                        "held-out search images")
     bn_calibration_images: int = setting(512, "supernets with BatchNorm (hybrid spaces) re-estimate its statistics "
                                               "for each subnet they evaluate on the first this many training images")
+    init_from: str | None = setting(None, "start from pretrained weights: a nas.train checkpoint or a state dict file "
+                                          "(read with weights_only=True); tensors of other shapes fill, or are taken "
+                                          "from, leading slices (nas.pretrained); the report goes to init_report.json")
+    init_reorder: str = setting("magnitude", "order a wider pretrained MLP's hidden units by importance before its "
+                                             "leading slice is taken", choices=("magnitude", "none"))
+    reorder_mlp: str | None = setting(None, "before training, put every layer's MLP hidden units in order of "
+                                            "importance (SuperSAM): by outgoing weight magnitude or by activation on "
+                                            "reorder_images training images", choices=(None, "magnitude", "activation"))
+    reorder_images: int = setting(256, "training images that reorder_mlp=activation measures on")
+    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, or from "
+                                      "the pretrained model of init_from (a nas.train checkpoint)",
+                           choices=("largest", "pretrained"))
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
     width_sharing: str = setting("leading", "which channels of the super weights a width reads: the leading ones "
                                  "(leading), or, as ViTAS (BCNet), each step the leading and the trailing ones with "
@@ -148,7 +164,7 @@ class TrainConfig(Config):
 
     def problems(self) -> list[str]:
         positive = ["epochs", "batch_size", "log_every", "keep_checkpoints", "eval_batch_size", "measure_images",
-                    "bn_calibration_images"]
+                    "bn_calibration_images", "reorder_images"]
         non_negative = ["warmup_steps", "ckpt_every", "eval_every", "num_workers"]
         problems = [f"{n}={getattr(self, n)} must be >= 1" for n in positive if getattr(self, n) < 1]
         problems += [f"{n}={getattr(self, n)} must be >= 0" for n in non_negative if getattr(self, n) < 0]
@@ -178,6 +194,17 @@ class TrainConfig(Config):
             problems.append(f"random_erasing={self.random_erasing} must be a probability in [0, 1] or null")
         if min(self.mixup or 0, self.cutmix or 0) < 0:
             problems.append(f"mixup={self.mixup} and cutmix={self.cutmix} must be >= 0 (0: off) or null")
+        if self.teacher == "pretrained" and self.init_from is None:
+            problems.append("teacher=pretrained distils from the model of init_from; set init_from")
+        if self.teacher == "pretrained" and not SAMPLERS[self.sampler].distill:
+            problems.append(f"teacher=pretrained needs a sampler that distils (sandwich), not {self.sampler!r}")
+        if self.dataset in data_lib.DENSE_DATASETS:
+            moved = [f"{n}={getattr(self, n)!r}" for n in ("crop", "rand_augment") if getattr(self, n) not in
+                     (None, "none")] + [f"{n}={getattr(self, n)!r}" for n in ("flip", "random_erasing", "mixup",
+                                                                              "cutmix") if getattr(self, n)]
+            if self.augment and moved:
+                problems.append(f"{self.dataset} is labelled per pixel, and {', '.join(moved)} would change the images "
+                                "without their label maps; leave them unset")
         if self.rand_augment not in (None, "none"):
             try:
                 augment_lib.RandAugment.parse(self.rand_augment)
@@ -189,8 +216,9 @@ class TrainConfig(Config):
 # -- pieces of a step ------------------------------------------------------------------------------------------
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """In-place distillation: cross-entropy against the teacher's (detached) probabilities."""
-    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    """In-place distillation: cross-entropy against the teacher's (detached) probabilities, over the classes (dim 1:
+    logits ``[B, C]``, or ``[B, C, H, W]`` per pixel)."""
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -218,6 +246,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
     test = data_lib.load_dataset(config.dataset, config.data_dir, "test", **kwargs)
     for split, dataset in (("train", train), ("test", test)):
         data_lib.check_matches(dataset, space.img_size, space.in_chans, space.num_classes, f"{config.dataset} {split}")
+    data_lib.check_task(config.dataset, getattr(space, "task", "classification"))
     search_split = data_lib.SearchSplit.hold_out(config.dataset, len(train), config.search_holdout)
     held_out, kept = search_split.indices()
     measure = None
@@ -241,9 +270,9 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
 def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch, batches, data: Data,
              device: torch.device, ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]
              ) -> float:
-    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks. A supernet with
-    BatchNorm first re-estimates its statistics for ``arch`` on ``data.calibration`` (the same images on every rank,
-    so every rank gets the same statistics)."""
+    """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks; for a segmentation
+    supernet the mean IoU (0..1) of the pixels' classes. A supernet with BatchNorm first re-estimates its statistics
+    for ``arch`` on ``data.calibration`` (the same images on every rank, so every rank gets the same statistics)."""
     was_training = model.training
     model.eval()
     model.set_arch(arch)
@@ -251,16 +280,23 @@ def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | Hyb
         with autocast():
             model.recalibrate_batch_norm(data_lib.normalize(images.to(device), data.mean, data.std)
                                          for images in data.calibration)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    dense = getattr(model.config, "global_pool", None) == "dense"
+    classes = model.config.num_classes if dense else 0
+    counts = torch.zeros(classes * classes if dense else 2, dtype=torch.float64, device=device)
     for images, labels in batches:
         images = data_lib.normalize(images.to(device, non_blocking=True), data.mean, data.std)
         with autocast():
-            logits = model(images)
-        counts[0] += (logits.argmax(dim=-1) == labels.to(device)).sum()
-        counts[1] += labels.numel()
+            predictions = model(images).argmax(dim=1)
+        labels = labels.to(device)
+        if dense:
+            counts += confusion_matrix(predictions, labels, classes).flatten()
+        else:
+            counts += torch.stack([(predictions == labels).sum(), torch.tensor(labels.numel(), device=device)])
     if ranks.enabled:
         dist.all_reduce(counts)
     model.train(was_training)
+    if dense:
+        return mean_iou(counts.view(classes, classes))
     return float(counts[0] / counts[1].clamp(min=1))
 
 
@@ -269,12 +305,13 @@ def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | Hyb
 @dataclass
 class TrainResult:
     steps: int
-    smallest: float          # test accuracy (0..1) of the smallest subnet
+    smallest: float          # test accuracy (0..1; segmentation: mIoU) of the smallest subnet
     largest: float           # test accuracy of the largest subnet
     eval_archs: list[float]  # test accuracy of config.eval_archs
     seconds: float
     checkpoint: str | None
     search_holdout: int      # training images held out for nas.search (never trained on)
+    metric: str = "accuracy"  # what smallest, largest and eval_archs are: top-1 accuracy, or mIoU (segmentation)
 
 
 class Trainer:
@@ -320,6 +357,9 @@ class Trainer:
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
         self.model = build_supernet(self.space, drop_path_rate=c.drop_path).to(self.device)
+        # A resumed run does this again and then loads its checkpoint's weights over it (the EMA copies the model).
+        self.init_report = self.initialise()
+        self.teacher = self.pretrained_teacher()
         if self.ranks.enabled:
             broadcast_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -359,6 +399,11 @@ class Trainer:
             self.tensorboard = TensorBoardLog(out / "tensorboard") if c.tensorboard and self.ranks.main else None
             if self.ranks.main:
                 atomic_write_text(out / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+            if self.init_report is not None and self.resumed_at is None:
+                self.log.write({"event": "init", "init_from": c.init_from, **self.init_report.to_dict()})
+                if self.ranks.main:
+                    atomic_write_text(out / "init_report.json", json.dumps(self.init_report.to_dict(), indent=1))
+                    print(f"[train] init_from {c.init_from!r}: {self.init_report.summary()} (init_report.json)")
         except BaseException:
             self.close()
             raise
@@ -387,6 +432,38 @@ class Trainer:
             self.out_dir.release()
 
     # -- pieces --
+    def initialise(self) -> InitReport | None:
+        """SuperSAM's start: the pretrained weights of ``init_from`` (``nas.pretrained``), then, with
+        ``reorder_mlp``, every layer's MLP hidden units in order of importance. Returns the report of init_from."""
+        c = self.config
+        if (c.init_from or c.reorder_mlp) and not isinstance(self.model, VisionTransformerSupernet):
+            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is a hybrid space; pretrained "
+                              "weights of another size (leading slices) and MLP reordering are for ViT supernets")
+        report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
+        if c.reorder_mlp is not None:
+            batches = None
+            if c.reorder_mlp == "activation":
+                count = min(c.reorder_images, len(self.data.train))
+                images = data_lib.eval_batches(data_lib.subset(self.data.train, range(count)), c.eval_batch_size)
+                batches = [data_lib.normalize(x.to(self.device), self.data.mean, self.data.std) for x, _ in images]
+            with self.backend_scope():
+                self.model.reorder_mlp_importance(c.reorder_mlp, batches)
+        return report
+
+    def pretrained_teacher(self) -> VisionTransformerSupernet | HybridSupernet | None:
+        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen."""
+        c = self.config
+        if c.teacher != "pretrained":
+            return None
+        teacher, space, _ = load_supernet(c.init_from, self.device)
+        theirs, ours = ((s.in_chans, s.img_size, s.num_classes) for s in (space, self.space))
+        if theirs != ours:
+            raise ConfigError(f"teacher=pretrained: the model of {c.init_from!r} takes {theirs[0]}x{theirs[1]}x"
+                              f"{theirs[1]} images into {theirs[2]} classes, this run {ours[0]}x{ours[1]}x{ours[1]} "
+                              f"into {ours[2]}")
+        teacher.set_arch(space.max_arch())
+        return teacher.requires_grad_(False)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
@@ -505,17 +582,20 @@ class Trainer:
                                             self.data.std, self.space.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(len(archs) + 1, dtype=torch.float64, device=self.device)
-        teacher = None
+        teacher = None  # the probabilities the subnets after the first learn from
+        if self.teacher is not None:
+            with torch.no_grad(), self.autocast():
+                teacher = self.teacher(images).float().softmax(dim=1)
         for i, arch in enumerate(archs):
             logits = self.logits(images, arch)
-            if teacher is not None:
+            if i > 0 and teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:
                 loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
-            if self.sampler.distill and i == 0:
-                teacher = logits.detach().softmax(dim=-1)
+            if self.sampler.distill and i == 0 and teacher is None:
+                teacher = logits.detach().softmax(dim=1)
             if i == 0:
-                stats[-1] = (logits.argmax(dim=-1) == labels).sum() / labels.numel()
+                stats[-1] = (logits.argmax(dim=1) == labels).sum() / labels.numel()
             self.scaler.scale(loss).backward()
             stats[i] = loss.detach()
         if self.ranks.enabled:
@@ -593,7 +673,7 @@ class Trainer:
             while self.step < self.total_steps:
                 images, labels = next(batches)
                 record = self.train_step(images, labels)
-                window_images += labels.numel() * self.ranks.world_size
+                window_images += labels.shape[0] * self.ranks.world_size  # images, not pixels
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     record["images_per_s"] = window_images / max(time.perf_counter() - window_start, 1e-9)
@@ -613,7 +693,8 @@ class Trainer:
             plot_curves(self.log.path, Path(c.out_dir) / "curves.png")
         checkpoint = str(self.last_checkpoint) if self.last_checkpoint else None
         return TrainResult(self.step, final["smallest"], final["largest"], final.get("eval_archs", []),
-                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images)
+                           time.perf_counter() - self.started, checkpoint, self.data.search_split.images,
+                           "mIoU" if getattr(self.space, "task", "") == "segmentation" else "accuracy")
 
 
 def train(config: TrainConfig | None = None, resume: str | bool = False) -> TrainResult:

@@ -75,7 +75,7 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
         "img_size": model.img_size,
         "patch_size": model.patch_embed.proj.kernel_size[0],
         "in_chans": model.patch_embed.proj.in_channels,
-        "num_classes": model.head.out_features,
+        "num_classes": model.num_classes,
         "embed_dim": model.cls_token.shape[-1],
         "num_heads": [block.attn.num_heads for block in model.blocks],
         "hidden_features": [block.mlp.fc1.out_features for block in model.blocks],

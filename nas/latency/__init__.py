@@ -28,7 +28,7 @@ import torch
 
 from ..arch import Arch, ArchBatch
 from ..atomic import atomic_write_text
-from ..cost import embed_macs, head_macs, layer_dims, layer_macs_parts
+from ..cost import embed_macs, head_macs, head_outputs, head_tokens, layer_dims, layer_macs_parts
 from ..errors import CheckpointError, CheckpointMismatchError, require
 from ..export import extract_subnet
 from ..space import SearchSpace
@@ -62,7 +62,7 @@ def latency_features(archs: Arch | Sequence[Arch] | ArchBatch, space: SearchSpac
         "layers": on.sum(axis=1).astype(np.float64),
         "linear_macs": (active_sum(parts["projections"] + parts["mlp"])
                         + embed_macs(embed, d.patch_size, d.tokens[:, 0], space.in_chans)
-                        + head_macs(embed, space.num_classes)),
+                        + head_macs(embed, head_outputs(space), head_tokens(space, d.tokens[:, 0]))),
         "attention_macs": active_sum(parts["attention"]),
         "token_embed": active_sum(d.tokens * d.embed_dim),
         "token_hidden": active_sum(d.tokens * d.hidden),

@@ -15,6 +15,42 @@ from ..space import Space
 from .base import ArchSampler, Measure
 
 
+def uniform_widths(space: Space, rng: np.random.Generator, count: int) -> tuple[ArchBatch, np.ndarray]:
+    """``count`` archs with uniform widths in every layer and all layers on, and their uniform draws ``[count, L]``
+    for :func:`drop_layers`."""
+    layers = space.max_depth
+    widths = ArchBatch(
+        embed_dim=np.asarray(space.embed_dims)[rng.integers(len(space.embed_dims), size=count)],
+        num_heads=np.asarray(space.num_heads)[rng.integers(len(space.num_heads), size=(count, layers))],
+        mlp_ratio=np.asarray(space.mlp_ratios)[rng.integers(len(space.mlp_ratios), size=(count, layers))],
+        layer_on=np.ones((count, layers), dtype=bool),
+        patch_size=(np.asarray(space.patch_sizes)[rng.integers(len(space.patch_sizes), size=count)]
+                    if len(space.patch_sizes) > 1 else np.zeros(count, dtype=np.int64)),
+    )
+    return widths, rng.random((count, layers))
+
+
+def drop_layers(space: Space, widths: ArchBatch, uniforms: np.ndarray, probabilities: np.ndarray) -> ArchBatch:
+    """``widths`` with layer i off where its uniform draw is below its drop probability, then the fewest dropped
+    layers (those closest to their threshold) back on to reach a depth of the space."""
+    margin = uniforms - probabilities  # < 0: dropped
+    on = margin >= 0
+    depths = np.asarray(space.depths)
+    target = depths[np.searchsorted(depths, on.sum(axis=1))]
+    rank = (-np.where(on, np.inf, margin)).argsort(axis=1).argsort(axis=1)  # kept first, then closest drops
+    return dataclasses.replace(widths, layer_on=rank < target[:, None])
+
+
+def check_drop_space(space: Space, who: str) -> None:
+    """Layers may be dropped only in a ViT space with identity layers."""
+    if isinstance(space, HybridSpace):
+        raise ValueError(f"{who}: space {space.name!r} is a hybrid space, whose stages have a depth rather than layers "
+                         "that may be identities; use uniform, sandwich, complexity, performance or learned")
+    if not space.identity_layers:
+        raise ValueError(f"{who}: space {space.name!r} has identity_layers=False (only the first `depth` layers may "
+                         "be on); use a ViTAS-style space")
+
+
 class IdentitySampler(ArchSampler):
     """ViTAS identity probability and SuperSAM layer-drop probabilities (spaces with ``identity_layers``).
 
@@ -44,13 +80,7 @@ class IdentitySampler(ArchSampler):
                  samples: int = 1024, search_probabilities: Sequence[float] | None = None,
                  search_step: int | None = None, search_archs: int = 16):
         super().__init__(space, seed=seed, total_steps=total_steps)
-        if isinstance(space, HybridSpace):
-            raise ValueError(f"identity sampler: space {space.name!r} is a hybrid space, whose stages have a depth "
-                             "rather than layers that may be identities; use uniform, sandwich, complexity, "
-                             "performance or learned")
-        if not space.identity_layers:
-            raise ValueError(f"identity sampler: space {space.name!r} has identity_layers=False (only the first "
-                             "`depth` layers may be on); use a ViTAS-style space")
+        check_drop_space(space, "identity sampler")
         layers = space.max_depth
         if isinstance(profile, str):
             if profile not in ("uniform", "linear"):
@@ -89,37 +119,13 @@ class IdentitySampler(ArchSampler):
         """Per-layer identity probability."""
         return np.minimum(1.0, self.scale * self.profile)
 
-    def draw_batch(self, rng: np.random.Generator, count: int) -> tuple[ArchBatch, np.ndarray]:
-        """``count`` archs with uniform widths in every layer and all layers on, and their uniform draws
-        ``[count, L]``."""
-        s, layers = self.space, self.space.max_depth
-        widths = ArchBatch(
-            embed_dim=np.asarray(s.embed_dims)[rng.integers(len(s.embed_dims), size=count)],
-            num_heads=np.asarray(s.num_heads)[rng.integers(len(s.num_heads), size=(count, layers))],
-            mlp_ratio=np.asarray(s.mlp_ratios)[rng.integers(len(s.mlp_ratios), size=(count, layers))],
-            layer_on=np.ones((count, layers), dtype=bool),
-            patch_size=(np.asarray(s.patch_sizes)[rng.integers(len(s.patch_sizes), size=count)]
-                        if len(s.patch_sizes) > 1 else np.zeros(count, dtype=np.int64)),
-        )
-        return widths, rng.random((count, layers))
-
-    def with_layers(self, widths: ArchBatch, uniforms: np.ndarray, probabilities: np.ndarray) -> ArchBatch:
-        """``widths`` with layer i off where its uniform draw is below its identity probability, then the
-        fewest dropped layers (those closest to their threshold) back on to reach a depth of the space."""
-        margin = uniforms - probabilities  # < 0: dropped
-        on = margin >= 0
-        depths = np.asarray(self.space.depths)
-        target = depths[np.searchsorted(depths, on.sum(axis=1))]
-        rank = (-np.where(on, np.inf, margin)).argsort(axis=1).argsort(axis=1)  # kept first, then closest drops
-        return dataclasses.replace(widths, layer_on=rank < target[:, None])
-
     def search_scale(self, rng: np.random.Generator, samples: int) -> float:
-        widths, uniforms = self.draw_batch(rng, samples)
+        widths, uniforms = uniform_widths(self.space, rng, samples)
         low, high = self.macs_range
 
         def mean_macs(scale: float) -> float:
             probabilities = np.minimum(1.0, scale * self.profile)
-            return float(cost.macs_many(self.with_layers(widths, uniforms, probabilities), self.space).mean())
+            return float(cost.macs_many(drop_layers(self.space, widths, uniforms, probabilities), self.space).mean())
 
         lo, hi = 0.0, 1.0 / self.profile.max()
         reachable = (mean_macs(hi), mean_macs(lo))
@@ -173,8 +179,8 @@ class IdentitySampler(ArchSampler):
         return {"identity_probability_search": record}
 
     def draw(self) -> list[Arch]:
-        widths, uniforms = self.draw_batch(self.rng, 1)
-        return [self.space.canonical(self.with_layers(widths, uniforms, self.probabilities).arch(0))]
+        widths, uniforms = uniform_widths(self.space, self.rng, 1)
+        return [self.space.canonical(drop_layers(self.space, widths, uniforms, self.probabilities).arch(0))]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "scale": float(self.scale), "probability_search": self.probability_search}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError, InfeasibleBudgetError
+from .autotuner import TECHNIQUES, AUCBandit, ProgramAutotuner
 from .base import Cost, Feasible, GeneCoding, Searcher
 from .evolution import Evolution
 from .learned import LearnedSamplerSearch
@@ -12,7 +13,8 @@ from .reinforce import Reinforce
 from .tpe import TPESearch
 
 SEARCHERS: dict[str, type[Searcher]] = {
-    cls.name: cls for cls in (Evolution, NSGA2, RandomSearch, LearnedSamplerSearch, Reinforce, TPESearch)
+    cls.name: cls for cls in (Evolution, NSGA2, RandomSearch, LearnedSamplerSearch, Reinforce, TPESearch,
+                              ProgramAutotuner)
 }
 
 
@@ -27,6 +29,7 @@ def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost:
         raise ConfigError(f"search algorithm {name!r}: bad options {sorted(options)}: {error}") from error
 
 
-__all__ = ["SEARCHERS", "NSGA2", "Cost", "Evolution", "Feasible", "GeneCoding", "InfeasibleBudgetError",
+__all__ = ["SEARCHERS", "TECHNIQUES", "AUCBandit", "NSGA2", "ProgramAutotuner", "Cost",
+           "Evolution", "Feasible", "GeneCoding", "InfeasibleBudgetError",
            "LearnedSamplerSearch", "RandomSearch", "Reinforce", "Searcher", "TPESearch", "build_searcher",
            "crowding_distance", "non_dominated_fronts"]

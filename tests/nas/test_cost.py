@@ -62,14 +62,15 @@ class PlainViT(nn.Module):
             for i in range(arch.max_depth) if arch.layer_on[i]
         )
         self.norm = nn.LayerNorm(embed)
-        self.head = nn.Linear(embed, space.num_classes)
+        self.dense = space.task == "segmentation"  # a head on every patch token, for each of its p x p pixels
+        self.head = nn.Linear(embed, space.num_classes * (patch * patch if self.dense else 1))
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)[:, 0])
+        return self.head(self.norm(x)[:, 1:] if self.dense else self.norm(x)[:, 0])
 
 
 def plain_vit_counts(arch, space):
@@ -85,7 +86,7 @@ def plain_vit_counts(arch, space):
     return sum(p.numel() for p in model.parameters()), total_flops // 2  # FlopCounterMode counts 2 per MAC
 
 
-@pytest.mark.parametrize("name", ["digits-tiny", "cifar-tiny", "vitas-t", "autoformer-s"])
+@pytest.mark.parametrize("name", ["digits-tiny", "cifar-tiny", "vitas-t", "autoformer-s", "mnist-seg-tiny"])
 def test_params_and_macs_match_plain_vit(name):
     space = load_space(name)
     archs = space.sample_many(np.random.default_rng(zlib.crc32(name.encode())), 4).archs()

@@ -145,4 +145,4 @@ def test_the_base_install_does_not_pull_the_extras():
         assert heavy not in base, heavy
     extras = project["optional-dependencies"]
     assert {"tqdm", "matplotlib", "scikit-learn", "scipy"} <= set(extras["nas"])
-    assert "elastic-ops[nas,search,tensorboard,export]" in extras["test"]
+    assert "elastic-ops[nas,search,tensorboard,export,sam]" in extras["test"]

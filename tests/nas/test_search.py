@@ -70,7 +70,7 @@ def test_searcher_respects_budget_and_improves(name):
         assert best[-1] > best[0], f"{name} did not improve: {best}"
 
 
-@pytest.mark.parametrize("name", ["evolution", "nsga2", "rl", "tpe"])
+@pytest.mark.parametrize("name", ["evolution", "nsga2", "rl", "tpe", "autotuner"])
 def test_guided_search_beats_random_at_equal_evaluations(name):
     space, budget, target = synthetic_setup()
     costs = Costs(space)

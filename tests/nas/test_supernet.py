@@ -63,7 +63,8 @@ def test_subnets_match_their_extracted_plain_vit(name):
         archs.append(space.max_arch())
     for arch in archs:
         logits = model(x, arch)
-        assert logits.shape == (2, space.num_classes)
+        pixels = (space.img_size, space.img_size) if space.task == "segmentation" else ()
+        assert logits.shape == (2, space.num_classes, *pixels)
         plain = extract_subnet(model, arch)
         assert len(plain.blocks) == arch.depth
         torch.testing.assert_close(plain(x), logits, **TOL)
