@@ -107,7 +107,7 @@ def use_backend(name: str):
 
 
 def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
-             triton_backward: bool) -> str | None:
+             triton_backward: bool, triton_shape_problem: str | None = None) -> str | None:
     """None if ``backend`` can run this call, else the reason it cannot. Every op has all three backends; the
     native kernels are forward-only, and so are the Triton kernels of the grouped ops (``triton_backward``)."""
     if backend == "reference":
@@ -118,6 +118,8 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
             return status.reason
         if needs_grad and not triton_backward:
             return f"the Triton kernels of {op} are forward-only; this call needs gradients"
+        if triton_shape_problem is not None:
+            return triton_shape_problem
         if device.type == "cpu" and not triton_interpreting():
             return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)"
         if device.type not in ("cpu", "cuda"):
@@ -142,21 +144,32 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype, ne
 _choices: dict[tuple, str] = {}
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool = True) -> str:
+def triton_head_dim_problem(head_dim: int) -> str | None:
+    """Why the Triton attention kernels cannot take ``head_dim`` (they tile a head in one block of a power-of-two
+    width), None if they can. An automatic choice then falls back to another backend."""
+    low, high = 16, 128
+    if low <= head_dim <= high and head_dim & (head_dim - 1) == 0:
+        return None
+    return f"the Triton attention kernels take a head_dim that is a power of two from {low} to {high}, got {head_dim}"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool = True,
+           triton_shape_problem: str | None = None) -> str:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``; ``triton_backward``: the op's Triton
-    kernels have a backward. Raises :class:`BackendUnavailableError` if a forced backend cannot run the call."""
+    kernels have a backward; ``triton_shape_problem``: why the op's Triton kernels cannot take this call's shapes
+    (None: they can). Raises :class:`BackendUnavailableError` if a forced backend cannot run the call."""
     forced = forced_backend()
-    key = (op, device, dtype, needs_grad, triton_backward, forced)
+    key = (op, device, dtype, needs_grad, triton_backward, triton_shape_problem, forced)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _choose(op, device, dtype, needs_grad, triton_backward, forced)
+        choice = _choices[key] = _choose(op, device, dtype, needs_grad, triton_backward, triton_shape_problem, forced)
     return choice
 
 
 def _choose(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool,
-            forced: str | None) -> str:
+            triton_shape_problem: str | None, forced: str | None) -> str:
     if forced is not None:
-        reason = _why_not(forced, op, device, dtype, needs_grad, triton_backward)
+        reason = _why_not(forced, op, device, dtype, needs_grad, triton_backward, triton_shape_problem)
         if reason is not None:
             raise BackendUnavailableError(f"backend {forced!r} was forced for {op} but cannot run: {reason}")
         return forced
@@ -167,6 +180,6 @@ def _choose(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
     else:
         order = ("native", "reference")
     for backend in order:
-        if _why_not(backend, op, device, dtype, needs_grad, triton_backward) is None:
+        if _why_not(backend, op, device, dtype, needs_grad, triton_backward, triton_shape_problem) is None:
             return backend
     return "reference"

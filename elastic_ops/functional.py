@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import select
+from ._backend import select, triton_head_dim_problem
 from .group_sizes import GroupSizes
 
 # op -> backend -> "module:function" of its implementation
@@ -63,18 +63,19 @@ def implementation(op: str, backend: str) -> Callable:
     return function
 
 
-def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True):
+def _run(op: str, tensors: tuple[Tensor | None, ...], *args, triton_backward: bool = True,
+         triton_shape_problem: str | None = None):
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
         from . import library  # imports torch._dynamo: only once something compiles
 
-        backend = library.traced_choice(op, x.device, x.dtype, needs_grad, triton_backward)
+        backend = library.traced_choice(op, x.device, x.dtype, needs_grad, triton_backward, triton_shape_problem)
         # The grouped ops' custom ops are forward-only: a gradient through them (the reference) is traced inline.
         if not needs_grad or triton_backward:
             return library.call(op, backend, needs_grad, *args)
         return implementation(op, backend)(*args)
-    return implementation(op, select(op, x.device, x.dtype, needs_grad, triton_backward))(*args)
+    return implementation(op, select(op, x.device, x.dtype, needs_grad, triton_backward, triton_shape_problem))(*args)
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out_features: int | None = None,
@@ -110,7 +111,8 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
     ``W_o[:e, :h*Dh]``."""
     _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
-    return _run("attention", tensors, *tensors, num_heads, head_dim)
+    return _run("attention", tensors, *tensors, num_heads, head_dim,
+                triton_shape_problem=triton_head_dim_problem(head_dim))
 
 
 # --- K subnets in one call: activations [K, ..., E] whose padding past each subnet's size is zero ---------
@@ -143,4 +145,5 @@ def grouped_attention(x: Tensor, sizes: GroupSizes, qkv_weight: Tensor, qkv_bias
     """Self-attention of each subnet ``x[k]: [B, N, e_k]`` with its ``h_k`` heads, then ``W_o[:e_k, :h_k*Dh]``."""
     _validate.check_grouped_attention(x, sizes, qkv_weight, qkv_bias, proj_weight, proj_bias, head_counts, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
-    return _run("grouped_attention", tensors, x, sizes, *tensors[1:], head_counts, head_dim, triton_backward=False)
+    return _run("grouped_attention", tensors, x, sizes, *tensors[1:], head_counts, head_dim, triton_backward=False,
+                triton_shape_problem=triton_head_dim_problem(head_dim))

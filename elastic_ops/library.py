@@ -356,10 +356,11 @@ def _(x, table, sizes, qkv_weight, qkv_bias, proj_weight, proj_bias, heads_table
 # ---------------------------------------------------------------------------------------------- calls
 
 @torch.compiler.assume_constant_result
-def traced_choice(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool) -> str:
+def traced_choice(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, triton_backward: bool,
+                  triton_shape_problem: str | None = None) -> str:
     """``_backend.select`` run while dynamo traces, as Python (not traced: it reads the forced backend from a context
     variable), its answer a constant of the graph. A compiled graph keeps the backend it was traced with."""
-    return select(op, device, dtype, needs_grad, triton_backward)
+    return select(op, device, dtype, needs_grad, triton_backward, triton_shape_problem)
 
 
 def call(op: str, backend: str, backward_follows: bool, *args):

@@ -147,3 +147,24 @@ def test_bad_inputs_raise_clear_errors(call, message):
 def test_mixed_devices_raise_clear_error():
     with pytest.raises(ValueError, match="is on cpu but x is on cuda"):
         elastic_ops.elastic_linear(torch.randn(2, 3, device="cuda"), torch.randn(4, 3))
+
+
+def test_a_head_dim_the_triton_kernels_cannot_tile_falls_back_automatically_and_fails_forced():
+    """ViTAS's head dim 30 (not a power of two): the automatic choice runs another backend with the reference's
+    result; forcing Triton names the head dim."""
+    torch.manual_seed(0)
+    heads, head_dim, embed = 2, 30, 48
+    x = torch.randn(2, 5, embed)
+    # Weights of a trained layer's scale (0.1), so that the softmax is not saturated by logits in the hundreds.
+    qkv_weight, qkv_bias = 0.1 * torch.randn(3 * 4 * head_dim, embed), 0.1 * torch.randn(3 * 4 * head_dim)
+    proj_weight, proj_bias = 0.1 * torch.randn(64, 4 * head_dim), 0.1 * torch.randn(64)
+    args = (x, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, head_dim)
+    chosen = _backend.select("attention", x.device, x.dtype, False,
+                             triton_shape_problem=_backend.triton_head_dim_problem(head_dim))
+    assert chosen != "triton"
+    torch.testing.assert_close(elastic_ops.elastic_attention(*args), elastic_ops.reference.attention(*args))
+    assert _backend.triton_head_dim_problem(32) is None
+    if _backend.triton_interpreting():
+        with elastic_ops.use_backend("triton"), pytest.raises(elastic_ops.BackendUnavailableError,
+                                                              match="head_dim that is a power of two .* got 30"):
+            elastic_ops.elastic_attention(*args)

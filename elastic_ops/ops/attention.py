@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import triton_head_dim_problem
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
 from ._common import (
     acc_dtype,
@@ -40,9 +41,6 @@ from ._common import (
     linear_gemm,
     needs_backward,
 )
-
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-
 
 # ---------------------------------------------------------------------------------------------- jit helpers
 
@@ -441,9 +439,9 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
     """Self-attention with ``num_heads`` active heads on the block-layout qkv weight, then
     ``proj_weight[:e, :num_heads*head_dim]``, on the GPU path; the rest of the inputs are validated by
     ``elastic_ops.functional``."""
-    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0):
-        raise ValueError(f"elastic_attention (triton): head_dim must be a power of two from {MIN_HEAD_DIM} to "
-                         f"{MAX_HEAD_DIM}, got {head_dim}; the reference backend takes any head_dim")
+    problem = triton_head_dim_problem(head_dim)
+    if problem is not None:
+        raise ValueError(f"elastic_attention (triton): {problem}; the reference backend takes any head_dim")
     if needs_backward(x, qkv_weight, qkv_bias, proj_weight, proj_bias):
         return ElasticAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     return self_attention_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim,

@@ -26,11 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import triton_head_dim_problem
 from .._validate import require
 from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
 from .attention import (
-    MAX_HEAD_DIM,
-    MIN_HEAD_DIM,
     attention_config,
     flash_attention_rows,
     head_program,
@@ -278,9 +277,8 @@ def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | N
 
     x: ``[K, B, N, sizes.width]``; its padding is never read.
     """
-    require(MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0,
-            f"grouped_attention (triton): head_dim must be a power of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got "
-            f"{head_dim}; the reference backend takes any head_dim")
+    problem = triton_head_dim_problem(head_dim)
+    require(problem is None, f"grouped_attention (triton): {problem}; the reference backend takes any head_dim")
     max_width = qkv_weight.shape[0] // 3
     width = head_counts.width * head_dim
     groups, batch, tokens, _ = x.shape

@@ -202,8 +202,9 @@ def test_scores_far_below_zero(device):
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(head_dim=24), ValueError, "power of two"),
-    (dict(head_dim=8), ValueError, "power of two"),
+    # The Triton kernels' own limit: forced, the backend cannot run and says why (automatic: another backend runs).
+    (dict(head_dim=24), elastic_ops.BackendUnavailableError, "power of two from 16 to 128, got 24"),
+    (dict(head_dim=8), elastic_ops.BackendUnavailableError, "power of two from 16 to 128, got 8"),
     (dict(num_heads=4), ValueError, "num_heads=4 is outside 1..3"),
     (dict(num_heads=0), ValueError, "num_heads=0"),
     (dict(x=torch.randn(64, 40)), ValueError, "x must have 3 dimensions"),
