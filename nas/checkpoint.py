@@ -58,6 +58,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_torch_save(state, path)
 
 
+def read_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """What the torch file ``path`` holds, read with ``weights_only=True`` (tensors and plain containers: nothing in it
+    runs as code); a one-line CheckpointError naming ``what`` for a missing, corrupt or code-carrying file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what}: no file {str(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(f"{what}: {str(path)!r} is corrupt or not a torch file of tensors (read with "
+                              f"weights_only=True): {first_line(error)}") from error
+
+
 def _read(path: Path, **options) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")

@@ -28,19 +28,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, first_line
+from .checkpoint import read_torch_file
+from .errors import CheckpointError, ConfigError
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The pretrained tensors in ``path`` by name; a clear one-line CheckpointError for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"init_from: no file {str(path)!r}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"init_from: {str(path)!r} is corrupt or not a torch file of tensors (read with "
-                              f"weights_only=True): {first_line(error)}") from error
+    loaded = read_torch_file(path, "init_from")
     for key in ("model", "state_dict"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]

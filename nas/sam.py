@@ -36,7 +36,8 @@ from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
 from .arch import Arch
-from .errors import CheckpointError, first_line
+from .checkpoint import read_torch_file
+from .errors import CheckpointError
 from .space import SearchSpace
 from .supernet import SupernetConfig, VisionTransformerSupernet
 
@@ -174,13 +175,7 @@ def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The image encoder's tensors in a SAM checkpoint (``image_encoder.*``) or an encoder's own state dict, read
     with ``weights_only=True``; a one-line CheckpointError for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"SAM weights: no file {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"SAM weights: {str(path)!r} is corrupt or not a torch file of tensors: "
-                              f"{first_line(error)}") from error
+    state = read_torch_file(path, "SAM weights")
     if not isinstance(state, Mapping):
         raise CheckpointError(f"SAM weights: {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return sam_encoder_state(state, str(path))
