@@ -121,7 +121,7 @@ def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSp
     config = SupernetConfig.from_space(space, layer_norm_eps=layer_norm_eps)
     config.global_pool = global_pool
     model = VisionTransformerSupernet(config)
-    _load(model, converted, unexpected, "from_autoformer_state_dict")
+    load_converted(model, converted, unexpected, "from_autoformer_state_dict")
     mismatch = max((v_bias_mismatch(t, space.num_heads) for n, t in converted.items() if n.endswith("attn.qkv.bias")),
                    default=0.0)
     if mismatch > 0:
@@ -145,16 +145,19 @@ def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tens
     return out
 
 
-def _load(model: nn.Module, state: dict[str, Tensor], unexpected: list[str], who: str) -> None:
+def load_converted(model: nn.Module, state: dict[str, Tensor], unexpected: list[str], who: str,
+                   error: type[Exception] = ValueError) -> None:
+    """Copy ``state`` (renamed to ``model``'s names; ``unexpected``: the source's names that have none) into ``model``,
+    or raise ``error`` naming the unexpected, missing and mis-shaped tensors (the first five of each)."""
     target = model.state_dict()
     unexpected = sorted(unexpected + [name for name in state if name not in target])
     missing = sorted(set(target) - set(state))
     shapes = sorted(f"{name}: {tuple(t.shape)} vs {tuple(target[name].shape)}" for name, t in state.items()
                     if name in target and t.shape != target[name].shape)
     if unexpected or missing or shapes:
-        problems = [f"{what}: {names}" for what, names in (("unexpected", unexpected), ("missing", missing),
-                                                          ("shape mismatch", shapes)) if names]
-        raise ValueError(f"{who}: the weights do not fit a supernet of this space; " + "; ".join(problems))
+        problems = [f"{what}: {names[:5]}" for what, names in (("unexpected", unexpected), ("missing", missing),
+                                                              ("shape mismatch", shapes)) if names]
+        raise error(f"{who}: the weights do not fit a supernet of this space; " + "; ".join(problems))
     with torch.no_grad():
         for name, tensor in state.items():
             target[name].copy_(tensor)

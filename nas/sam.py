@@ -37,6 +37,7 @@ from elastic_ops.plain import dense_logits
 
 from .arch import Arch
 from .checkpoint import read_torch_file
+from .convert import load_converted
 from .errors import CheckpointError
 from .space import SearchSpace
 from .supernet import SupernetConfig, VisionTransformerSupernet
@@ -239,7 +240,6 @@ def from_sam_state_dict(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-
     about half. Raises CheckpointError naming missing, unexpected or mis-shaped tensors."""
     state = sam_encoder_state(state)
     model = SamEncoderSupernet(sam_config(state, layer_norm_eps))
-    target = model.state_dict()
     converted, unexpected = {}, []
     for name, tensor in state.items():
         ours = "pos_embed" if name == "pos_embed" else _renamed(name)
@@ -247,15 +247,7 @@ def from_sam_state_dict(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-
             unexpected.append(name)
         else:
             converted[ours] = tensor.flatten(1, 2) if name == "pos_embed" else tensor
-    missing = sorted(set(target) - set(converted))
-    shapes = sorted(f"{n}: {tuple(t.shape)} vs {tuple(target[n].shape)}" for n, t in converted.items()
-                    if n in target and t.shape != target[n].shape)
-    if unexpected or missing or shapes:
-        problems = [f"{what}: {names[:5]}" for what, names in (("unexpected", unexpected), ("missing", missing),
-                                                              ("shape mismatch", shapes)) if names]
-        raise CheckpointError("SAM weights do not fit SAM's image encoder: " + "; ".join(problems))
-    for name, tensor in converted.items():
-        target[name].copy_(tensor)
+    load_converted(model, converted, unexpected, "SAM weights", CheckpointError)
     return model.eval()
 
 
