@@ -124,6 +124,7 @@ class HybridSpace:
     num_classes: int = 1000
 
     arch_type: ClassVar[type] = HybridArch
+    task: ClassVar[str] = "classification"  # a hybrid supernet's head pools its last stage
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)

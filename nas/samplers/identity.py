@@ -144,12 +144,12 @@ class IdentitySampler(ArchSampler):
         """Score every candidate probability by the mean ``measure`` of up to ``search_archs`` archs drawn with it
         whose MACs lie in ``macs_range``, all candidates on the same draws; returns the record (under ``"chosen"`` the
         best of the candidates that drew the most archs inside the budget, None where none drew any)."""
-        widths, uniforms = self.draw_batch(rng, 8 * self.search_archs)
+        widths, uniforms = uniform_widths(self.space, rng, 8 * self.search_archs)
         low, high = self.macs_range
         scores: dict[Arch, float] = {}  # an arch drawn under several candidates is measured once
         table = []
         for probability in self.candidates:
-            batch = self.with_layers(widths, uniforms, np.minimum(1.0, probability * self.profile))
+            batch = drop_layers(self.space, widths, uniforms, np.minimum(1.0, probability * self.profile))
             macs = cost.macs_many(batch, self.space)
             inside = np.flatnonzero((macs >= low) & (macs <= high))[: self.search_archs]
             archs = [self.space.canonical(batch.arch(int(i))) for i in inside]
