@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
+import processes
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,10 +24,13 @@ from nas.space import load_space
 from nas.supernet import SupernetConfig, VisionTransformerSupernet
 from nas.trainer import TrainConfig, train
 
-MNIST = "../shared/data/mnist"
+MNIST = str(processes.REPO / ".." / "shared" / "data" / "mnist")
+needs_mnist = pytest.mark.skipif(not pathlib.Path(MNIST).is_dir(),
+                                 reason=f"MNIST is not at {MNIST} (expected ../shared/data next to the repo)")
 SPACE = load_space("mnist-seg-tiny")
 
 
+@needs_mnist
 def test_canvas_labels_follow_their_source_digits():
     data = load_dataset("mnist-seg", MNIST, "test")
     assert data.images.shape == (1000, 1, 32, 32) and data.labels.shape == (1000, 32, 32)
@@ -91,6 +96,7 @@ def test_mean_iou_by_hand():
     assert result.top1 == pytest.approx(100 * float((predicted == labels).float().mean()), rel=1e-6)
 
 
+@needs_mnist
 def test_train_search_and_export_on_the_canvases(tmp_path):
     config = TrainConfig(space="mnist-seg-tiny", dataset="mnist-seg", data_dir=MNIST, train_subset=64, test_subset=32,
                          search_holdout=48, batch_size=16, max_steps=3, warmup_steps=1, eval_batch_size=32,
