@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
+from .hybrid.convert import from_uninet_state_dict  # noqa: F401 (re-exported: the hybrid families' converters)
 from .space import SearchSpace
 from .supernet import SupernetConfig, VisionTransformerSupernet
 

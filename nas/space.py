@@ -24,6 +24,8 @@ import yaml
 
 from .arch import Arch, ArchBatch
 from .hybrid.space import HybridSpace, is_hybrid
+from .hybrid.uninet import PRESET_NAMES as UNINET_PRESETS
+from .hybrid.uninet import uninet_model
 from .rng import as_generator
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
@@ -394,12 +396,16 @@ Space = SearchSpace | HybridSpace  # what samplers, searchers and the cost model
 
 
 def load_space(name_or_path: str | os.PathLike) -> Space:
-    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, or a
-    ``HybridSpace`` where the file lists stages."""
+    """A preset by name (``PRESETS``: files in nas/spaces/; ``uninet-b0`` .. ``uninet-b6``: UniNet's released models,
+    ``nas.hybrid.uninet``) or a space's YAML file: a ViT ``SearchSpace``, or a ``HybridSpace`` where the file lists
+    stages."""
     key = str(name_or_path)
+    if key in UNINET_PRESETS:
+        return uninet_model(key)[0]
     path = PRESETS.get(key, Path(key))
     if not path.is_file():
-        raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
+        raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join([*PRESETS, *UNINET_PRESETS])}) nor "
+                         "a YAML file")
     try:
         data = yaml.safe_load(path.read_text())
         return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
