@@ -246,23 +246,55 @@ class ElasticVScaleAttention(ElasticComposite):
         return attn
 
 
+class ElasticSampleLayerNorm(ElasticLayerNorm):
+    """ElasticViT's ``LNSuper`` (:class:`elastic_ops.plain_hybrid.SampleLayerNorm`) on tokens ``[B, N, dim]`` of the
+    first ``dim`` channels: each sample normalised over its tokens and channels together, then ``weight[:dim]`` and
+    ``bias[:dim]`` per channel (broadcast over the tokens as views, no copy)."""
+
+    two_sided = False
+
+    def forward(self, x: Tensor, dim: int | None = None) -> Tensor:
+        dim = self.resolve(dim=dim)["dim"]
+        self.check_width(x, dim, "dim")
+        shape = x.shape[1:]
+        return F.layer_norm(x, shape, self.weight[:dim].expand(shape), self.bias[:dim].expand(shape), self.eps)
+
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes) -> Tensor:
+        raise NotImplementedError("ElasticSampleLayerNorm: one subnet at a time (its statistics span the tokens)")
+
+    def extract(self) -> plain_hybrid.SampleLayerNorm:
+        dim = self.active["dim"]
+        norm = empty_module(lambda: plain_hybrid.SampleLayerNorm(dim, eps=self.eps), self.weight)
+        with torch.no_grad():
+            norm.weight.copy_(self.weight[:dim])
+            norm.bias.copy_(self.bias[:dim])
+        return norm
+
+
+TOKEN_NORMS = {"token": ElasticLayerNorm, "sample": ElasticSampleLayerNorm}  # plain_hybrid.token_norm's kinds
+
+
 class ElasticVScaleBlock(ElasticComposite):
     """ElasticViT's transformer layer pair (:class:`elastic_ops.plain_hybrid.VScaleBlock`) on tokens:
     ``x + attn(norm1(x))`` with :class:`ElasticVScaleAttention`, then ``x + mlp(norm2(x))`` with ``activation`` in the
-    MLP too; elastic ``embed_dim``, ``num_heads``, ``v_scale`` and ``hidden_features``."""
+    MLP too; elastic ``embed_dim``, ``num_heads``, ``v_scale`` and ``hidden_features``. ``norm``: the LayerNorms'
+    kind, ``token`` (each token over its channels) or ``sample`` (ElasticViT's ``LNSuper``, each sample over its
+    tokens and channels: :class:`ElasticSampleLayerNorm`)."""
 
     def __init__(self, embed_dim: int, num_heads: int, v_scale: int, hidden_features: int, head_dim: int = 16,
                  eps: float = 1e-5, qkv_bias: bool = False, value_conv: bool = True, max_grid: int = 0,
-                 activation: str = "hardswish", drop_path: float = 0.0, device=None, dtype=None):
+                 activation: str = "hardswish", drop_path: float = 0.0, norm: str = "token", device=None, dtype=None):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticVScaleBlock: drop_path must be in [0, 1), got {drop_path}")
+        if norm not in TOKEN_NORMS:
+            raise ValueError(f"ElasticVScaleBlock: norm must be one of {', '.join(TOKEN_NORMS)}, got {norm!r}")
         factory = dict(device=device, dtype=dtype)
-        self.drop_path = drop_path
-        self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, **factory)
+        self.drop_path, self.norm = drop_path, norm
+        self.norm1 = TOKEN_NORMS[norm](embed_dim, eps=eps, **factory)
         self.attn = ElasticVScaleAttention(embed_dim, num_heads, v_scale, head_dim, qkv_bias=qkv_bias,
                                            value_conv=value_conv, max_grid=max_grid, activation=activation, **factory)
-        self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, **factory)
+        self.norm2 = TOKEN_NORMS[norm](embed_dim, eps=eps, **factory)
         self.mlp = ElasticMlp(embed_dim, hidden_features, activation=activation, **factory)
         self.active = self.max_config()
 
@@ -290,7 +322,7 @@ class ElasticVScaleBlock(ElasticComposite):
         return self.extract_children(empty_module(lambda: plain_hybrid.VScaleBlock(
             config["embed_dim"], config["num_heads"], attn.head_dim, config["v_scale"], config["hidden_features"],
             eps=self.norm1.eps, qkv_bias=attn.qkv.bias is not None, value_conv=attn.v_conv is not None,
-            max_grid=attn.max_grid, activation=self.mlp.activation), self.norm1.weight))
+            max_grid=attn.max_grid, activation=self.mlp.activation, norm=self.norm), self.norm1.weight))
 
 
 # --- UniNet's downsampling modules (DSMs) between stages: feature map [B, C, H, W] in ---------------------------
@@ -463,5 +495,6 @@ class ElasticGlobalDSM(ElasticAttentionDSM):
 
 
 __all__ = ["ElasticAttentionDSM", "ElasticGlobalDSM", "ElasticLocalDSM", "ElasticLocalGlobalDSM", "ElasticMixerBlock",
-           "ElasticPositionalAttentionBlock", "ElasticSeparableDownsample", "ElasticVScaleAttention",
-           "ElasticVScaleBlock", "attention_context", "extract_row_blocks", "linear_rows"]
+           "ElasticPositionalAttentionBlock", "ElasticSampleLayerNorm", "ElasticSeparableDownsample",
+           "ElasticVScaleAttention", "ElasticVScaleBlock", "TOKEN_NORMS", "attention_context", "extract_row_blocks",
+           "linear_rows"]

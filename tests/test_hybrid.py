@@ -26,6 +26,7 @@ from elastic_ops import (
     ElasticLocalGlobalDSM,
     ElasticMixerBlock,
     ElasticPositionalAttentionBlock,
+    ElasticSampleLayerNorm,
     ElasticVScaleAttention,
     ElasticVScaleBlock,
     GroupSizes,
@@ -214,6 +215,32 @@ def test_vscale_block_matches_extracted_with_options_off():
     assert isinstance(extracted, plain_hybrid.VScaleBlock) and isinstance(extracted.mlp.act, torch.nn.GELU)
     assert_grad_in(layer.attn.qkv.weight, region, extracted.attn.qkv.weight.grad)
     assert_grad_in(layer.attn.qkv.bias, region[:1], extracted.attn.qkv.bias.grad)
+
+
+def test_sample_layer_norm_is_elasticvits_lnsuper():
+    """ElasticViT's LNSuper: mean and variance over all tokens and channels of a sample, then the leading channels'
+    weight and bias per channel."""
+    norm = randomize(ElasticSampleLayerNorm(32))
+    x = torch.randn(3, 9, 20) * 2 + 1
+    mean, var = x.mean((1, 2), keepdim=True), x.var((1, 2), unbiased=False, keepdim=True)
+    by_hand = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:20] + norm.bias[:20]
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x, dim=20), by_hand, **TOL)
+    norm.set_active(dim=20)
+    extracted = check_against_extracted(norm, lambda: torch.randn(3, 9, 20))
+    assert isinstance(extracted, plain_hybrid.SampleLayerNorm) and extracted.weight.shape == (20,)
+
+
+def test_vscale_block_with_elasticvits_layer_norm_matches_extracted():
+    layer = randomize(ElasticVScaleBlock(48, 3, 3, 96, head_dim=8, max_grid=3, norm="sample"))
+    layer.set_active(embed_dim=24, num_heads=2, v_scale=2, hidden_features=40)
+    region = qkv_region(layer.attn, 24, 2, 2)
+    keep_only(layer.attn.qkv.weight, region)
+    extracted = check_against_extracted(layer, lambda: torch.randn(2, 9, 24), by_hand=("attn.qkv.",))
+    assert isinstance(extracted.norm1, plain_hybrid.SampleLayerNorm)
+    assert isinstance(extracted.norm2, plain_hybrid.SampleLayerNorm)
+    with pytest.raises(ValueError, match="norm must be one of token, sample, got 'channel'"):
+        ElasticVScaleBlock(48, 3, 3, 96, norm="channel")
 
 
 def test_vscale_block_state_dict_round_trip_and_errors():

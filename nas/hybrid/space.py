@@ -25,6 +25,7 @@ from ..rng import as_generator
 from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
 
+TOKEN_NORMS = ("token", "sample")  # elastic_ops.hybrid.TOKEN_NORMS: the spaces load without torch
 NUMERIC_CHOICES = ("depths", "channels", "expansions", "kernel_sizes", "v_scales")
 ATTENTION_DSMS = ("local-global", "global")  # DSMs with attention heads: they need channels >= head_dim
 
@@ -106,7 +107,9 @@ class HybridSpace:
     ``head_expansion`` times the last stage's channels (ElasticViT: 6), BatchNorm and the activation, global average
     pooling, then with ``pre_logits`` > 0 a linear layer to that width and the activation (ElasticViT: 1984), and the
     classifier. Attention has heads of ``head_dim`` channels; the MLP operator's token MLP has
-    ``token_mlp_ratio`` times the tokens of its largest grid hidden units.
+    ``token_mlp_ratio`` times the tokens of its largest grid hidden units. ``norm``: the LayerNorms of the
+    ``elasticvit`` style's attention and MLP layers, ``token`` (each token over its channels) or ``sample``
+    (ElasticViT's own ``LNSuper``: each sample over its tokens and channels together).
     """
 
     name: str
@@ -122,6 +125,7 @@ class HybridSpace:
     token_mlp_ratio: float = 0.5
     in_chans: int = 3
     num_classes: int = 1000
+    norm: str = "token"
 
     arch_type: ClassVar[type] = HybridArch
     task: ClassVar[str] = "classification"  # a hybrid supernet's head pools its last stage
@@ -155,6 +159,9 @@ class HybridSpace:
         if not float(self.token_mlp_ratio) > 0:
             raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be positive")
         set_field("token_mlp_ratio", float(self.token_mlp_ratio))
+        if self.norm not in TOKEN_NORMS or (self.norm != "token" and not STYLES[self.style].v_scale):
+            raise ValueError(f"norm={self.norm!r} must be 'token', or 'sample' in a space of the elasticvit style (its "
+                             f"attention and MLP layers); style {self.style!r}")
         self._check_stages()
 
     @staticmethod
