@@ -28,8 +28,8 @@ import torch
 
 import elastic_ops
 from nas.evaluate import evaluate_archs
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.vit.space import load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 CPU_SUBNETS = int(os.environ.get("BENCH_EVAL_SUBNETS", 16))
 CPU_IMAGES = int(os.environ.get("BENCH_EVAL_IMAGES", 256))

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from nas.budget import Budget
-from nas.cost import macs
-from nas.space import load_space
+from nas.vit.cost import macs
+from nas.vit.space import load_space
 
 SPACE = "mnist-seg-tiny"
 

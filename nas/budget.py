@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cost as cost_model
-from .arch import Arch
 from .errors import BudgetError, InfeasibleBudgetError
-from .space import SearchSpace
+from .vit import cost as cost_model
+from .vit.arch import Arch
+from .vit.space import SearchSpace
 
 METRICS = ("macs", "params", "latency")
 UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .hybrid.space import HybridSpace
 from .hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from .space import Space
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .vit.space import Space
+from .vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 
 def build_supernet(space: Space, drop_path_rate: float = 0.0) -> VisionTransformerSupernet | HybridSupernet:

@@ -21,8 +21,8 @@ from .atomic import atomic_torch_save
 from .build import build_supernet
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
 from .hybrid.supernet import HybridSupernet
-from .space import Space, load_space
-from .supernet import VisionTransformerSupernet
+from .vit.space import Space, load_space
+from .vit.supernet import VisionTransformerSupernet
 
 CHECKPOINT_FORMAT = "nas.train/1"
 

@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
-from .arch import Arch
 from .atomic import atomic_write_text
-from .batched import batched_forward, check_archs, pass_memory_per_image
 from .data import TensorImageDataset, eval_batches, normalize
 from .errors import CheckpointError
 from .hybrid.arch import HybridArch
 from .hybrid.batched import BatchNormStats, batched_pass, has_batch_norm, layout
 from .hybrid.supernet import HybridSupernet
 from .report import progress_bar
+from .vit.arch import Arch
+from .vit.batched import batched_forward, check_archs, pass_memory_per_image
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_torch_save, atomic_write_text
 from .budget import METRICS, Budget, Costs, format_count
 from .checkpoint import load_supernet
@@ -55,7 +54,8 @@ from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
 from .searchers import SEARCHERS, build_searcher
-from .space import Space
+from .vit.arch import Arch
+from .vit.space import Space
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory

@@ -43,7 +43,6 @@ import elastic_ops
 
 from . import augment as augment_lib
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_write_text
 from .build import build_supernet
 from .checkpoint import (
@@ -73,8 +72,9 @@ from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
-from .space import Space, load_space
-from .supernet import VisionTransformerSupernet
+from .vit.arch import Arch
+from .vit.space import Space, load_space
+from .vit.supernet import VisionTransformerSupernet
 
 WIDTH_SHARING = ("leading", "two_sided")
 

@@ -23,14 +23,14 @@ from elastic_ops.nn import empty_module
 from elastic_ops.plain import VisionTransformer
 from elastic_ops.plain_hybrid import HybridNetwork
 
-from ..arch import Arch
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..errors import require
 from ..hybrid.arch import HybridArch
 from ..hybrid.export import rebuild
 from ..hybrid.space import HybridSpace
 from ..hybrid.supernet import HybridSupernet
-from ..supernet import VisionTransformerSupernet
+from ..vit.arch import Arch
+from ..vit.supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
 VERSION = 1

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..arch import Arch
 from ..checkpoint import load_supernet
 from ..config import Config, parse_command_line, setting
 from ..errors import ConfigError, OutputError, run_command
-from ..space import SearchSpace
+from ..vit.arch import Arch
+from ..vit.space import SearchSpace
 from . import FORMATS, extract_subnet
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch, ArchBatch
 from ..hybrid.space import HybridSpace
-from ..space import Space
+from ..vit import cost
+from ..vit.arch import Arch, ArchBatch
+from ..vit.space import Space
 from .base import ArchSampler, Measure
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import cost
-from ..arch import Arch, ArchBatch
 from ..hybrid.arch import HybridArchBatch
 from ..hybrid.space import HybridSpace
 from ..latency import LatencyModel
-from ..space import Space
+from ..vit import cost
+from ..vit.arch import Arch, ArchBatch
+from ..vit.space import Space
 from .base import ArchSampler, Measure
 
 BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a latency model (nas.latency)

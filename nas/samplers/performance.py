@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch
-from ..space import Space
+from ..vit import cost
+from ..vit.arch import Arch
+from ..vit.space import Space
 from .base import Measure
 from .complexity import ComplexityAwareSampler
 

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
-from ..space import Space
+from ..vit.arch import Arch
+from ..vit.space import Space
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..arch import Arch
 from ..errors import ConfigError
 from ..racing import Interval, top_k_contenders
+from ..vit.arch import Arch
 from .base import Searcher
 
 

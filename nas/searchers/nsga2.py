@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import ConfigError
 from ..racing import Interval
+from ..vit.arch import Arch
 from .base import Searcher
 
 

@@ -14,7 +14,7 @@ from kernel_checks import TOLERANCES, kernel_dtypes, super_param
 import elastic_ops
 from elastic_ops import GroupSizes, reference
 from elastic_ops.ops import grouped
-from nas import batched
+from nas.vit import batched
 
 EMBEDS = [1, 29, 40]  # size 1, prime, the super embed dim of the MLP and attention tests
 
@@ -154,8 +154,8 @@ def test_grouped_attention(dtype, weight_dtype, tokens, device):
 def test_registered_kernels_run_the_batched_supernet(device):
     """Through the grouped "triton" backend, a batched pass of the digits-tiny supernet gives each subnet's logits
     of the single-subnet forward."""
-    from nas.space import load_space
-    from nas.supernet import SupernetConfig, VisionTransformerSupernet
+    from nas.vit.space import load_space
+    from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
     space = load_space("digits-tiny")
     model = VisionTransformerSupernet(SupernetConfig.from_space(dataclasses.replace(space, num_classes=7)))

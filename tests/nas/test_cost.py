@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.arch import Arch, ArchBatch
-from nas.cost import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
-from nas.space import SearchSpace, load_space
+from nas.vit.arch import Arch, ArchBatch
+from nas.vit.cost import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
+from nas.vit.space import SearchSpace, load_space
 
 
 class PlainBlock(nn.Module):

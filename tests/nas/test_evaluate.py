@@ -14,8 +14,8 @@ from test_batched import small_supernet
 import nas.evaluate as evaluate_module
 from nas.data import CIFAR10_STATS
 from nas.evaluate import EvalCache, TensorBatches, evaluate_archs, subnets_per_pass
-from nas.space import SearchSpace
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 IMAGES = 128
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
@@ -128,7 +128,7 @@ def test_subnets_per_pass_follows_memory(model_and_archs, monkeypatch):
 
 
 def test_evaluate_rejects_foreign_archs(cifar_test_images, model_and_archs):
-    from nas.space import load_space
+    from nas.vit.space import load_space
 
     model, archs = model_and_archs
     batches = TensorBatches(*cifar_test_images, *CIFAR10_STATS, batch_size=IMAGES)

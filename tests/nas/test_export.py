@@ -12,8 +12,8 @@ import torch
 
 import elastic_ops.plain
 from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
-from nas.space import SearchSpace
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

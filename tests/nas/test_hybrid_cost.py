@@ -9,10 +9,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from elastic_ops import plain_hybrid
-from nas import cost
 from nas.hybrid.arch import HybridArch, Stage
 from nas.hybrid.space import HybridSpace
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
+from nas.vit import cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

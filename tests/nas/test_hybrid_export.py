@@ -13,7 +13,7 @@ from elastic_ops import plain_hybrid
 from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
 from nas.hybrid.export import rebuild
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from nas.space import load_space
+from nas.vit.space import load_space
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 pytestmark = pytest.mark.usefixtures("one_thread")

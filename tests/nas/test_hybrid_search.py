@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from nas import cost
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
@@ -21,8 +20,9 @@ from nas.report import read_log
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
 from nas.searching import SearchConfig, read_state, run_search
-from nas.space import load_space
 from nas.trainer import TrainConfig, train
+from nas.vit import cost
+from nas.vit.space import load_space
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
 SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 3, "memory_size": 4},

@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nas import cost
 from nas.hybrid.arch import HybridArch, HybridArchBatch, Stage
 from nas.hybrid.space import HybridSpace, StageChoices
-from nas.space import PRESETS, load_space
+from nas.vit import cost
+from nas.vit.space import PRESETS, load_space
 
 HYBRID_PRESETS = ["elasticvit-mobile", "elasticvit-mobile-cifar", "uninet", "uninet-cifar"]
 

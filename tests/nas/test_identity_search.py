@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from nas import cost
 from nas.samplers import build_sampler
-from nas.space import SearchSpace
 from nas.trainer import TrainConfig
+from nas.vit import cost
+from nas.vit.space import SearchSpace
 
 # Ten layers, any of them an identity, any depth: the depth of a draw with identity probability p is Binomial(10, 1-p).
 SPACE = SearchSpace(name="identity-search", embed_dims=[32], depths=list(range(1, 11)), num_heads=[1, 2],

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nas import cost
-from nas.cost import macs_range, sample_in_flops_window
 from nas.samplers import SAMPLERS, FlopsBanks, build_sampler
-from nas.space import load_space
+from nas.vit import cost
+from nas.vit.cost import macs_range, sample_in_flops_window
+from nas.vit.space import load_space
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from nas.arch import Arch
-from nas.cost import macs, macs_many, macs_range, sample_in_flops_window
-from nas.space import (
+from nas.vit.arch import Arch
+from nas.vit.cost import macs, macs_many, macs_range, sample_in_flops_window
+from nas.vit.space import (
     PRESETS,
     SearchSpace,
     load_space,

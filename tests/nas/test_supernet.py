@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas import cost
-from nas.arch import Arch
 from nas.export import extract_subnet
-from nas.space import PRESETS, SearchSpace, load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet, from_timm_state_dict
+from nas.vit import cost
+from nas.vit.arch import Arch
+from nas.vit.space import PRESETS, SearchSpace, load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet, from_timm_state_dict
 
 VIT_PRESETS = sorted(name for name in PRESETS if isinstance(load_space(name), SearchSpace))  # hybrid: test_hybrid_*
 
@@ -182,7 +182,7 @@ def test_bad_arch_and_bad_images_raise_clear_errors():
     assert model.arch == TINY.max_arch(), "a rejected arch must leave the active subnet alone"
     with pytest.raises(ValueError, match=r"expected images \[batch, 3, 16, 16\]"):
         model(torch.randn(2, 3, 32, 32))
-    with pytest.raises(TypeError, match="must be a nas.arch.Arch"):
+    with pytest.raises(TypeError, match="must be a nas.vit.arch.Arch"):
         model.set_arch({"embed_dim": 32})
 
 

@@ -198,7 +198,7 @@ class VisionTransformerSupernet(nn.Module):
     def check_arch(self, arch: Arch) -> None:
         """Raise ValueError naming the problem if ``arch`` is not a subnet of this supernet (and of its space)."""
         if not isinstance(arch, Arch):
-            raise TypeError(f"VisionTransformerSupernet: arch must be a nas.arch.Arch, got {type(arch).__name__}")
+            raise TypeError(f"VisionTransformerSupernet: arch must be a nas.vit.arch.Arch, got {type(arch).__name__}")
         c = self.config
         if c.space is not None:
             c.space.validate(arch)

@@ -29,9 +29,9 @@ from torch import Tensor
 from elastic_ops import GroupSizes, elastic_linear
 from elastic_ops.nn import QkGroup
 
+from ..hybrid import batched as hybrid_batched
+from ..hybrid.supernet import HybridSupernet
 from .arch import Arch
-from .hybrid import batched as hybrid_batched
-from .hybrid.supernet import HybridSupernet
 from .supernet import pool
 
 # --- the K-subnet supernet forward ----------------------------------------------------------------

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ..hybrid import cost as hybrid_cost
+from ..hybrid.space import HybridSpace
 from .arch import Arch, ArchBatch
-from .hybrid import cost as hybrid_cost
-from .hybrid.space import HybridSpace
 
 if TYPE_CHECKING:
     from .space import SearchSpace

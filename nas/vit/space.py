@@ -22,11 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import yaml
 
+from ..hybrid.space import HybridSpace, is_hybrid
+from ..rng import as_generator
 from .arch import Arch, ArchBatch
-from .hybrid.space import HybridSpace, is_hybrid
-from .rng import as_generator
 
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
 
 
