@@ -28,7 +28,7 @@ import torch
 
 import elastic_ops
 from nas.evaluate import evaluate_archs
-from nas.vit.space import load_space
+from nas.spaces import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 CPU_SUBNETS = int(os.environ.get("BENCH_EVAL_SUBNETS", 16))

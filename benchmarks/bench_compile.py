@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nas.vit.space import load_space
+from nas.spaces import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 SUBNETS = 10

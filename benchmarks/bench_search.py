@@ -35,7 +35,7 @@ from nas.checkpoint import load_supernet
 from nas.distributed import Distributed
 from nas.evaluate import EvalCache, TensorBatches, evaluate_archs
 from nas.searching import Search, SearchConfig, make_evaluate, search_data
-from nas.vit.space import load_space
+from nas.spaces import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 

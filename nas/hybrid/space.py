@@ -123,6 +123,7 @@ class HybridSpace:
     in_chans: int = 3
     num_classes: int = 1000
 
+    family: ClassVar[str] = "hybrid"
     arch_type: ClassVar[type] = HybridArch
     task: ClassVar[str] = "classification"  # a hybrid supernet's head pools its last stage
 
@@ -395,9 +396,4 @@ class HybridSpace:
         return cls.from_dict(yaml.safe_load(text))
 
 
-def is_hybrid(data: dict) -> bool:
-    """Whether a space's mapping (a YAML file's contents) describes a hybrid space: it lists stages."""
-    return isinstance(data, dict) and "stages" in data
-
-
-__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices", "is_hybrid"]
+__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices"]

@@ -18,7 +18,7 @@ Costs are MACs (``nas.cost.macs``; FLOPs are ``2 * macs``) unless a sampler says
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..vit.space import Space
+from ..family import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
 from .elasticvit import ElasticViTSampler

@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..family import Space
 from ..vit.arch import Arch
-from ..vit.space import Space
 
 Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..family import Space
 from ..vit.arch import Arch
-from ..vit.space import Space
 from .base import Measure
 from .performance import PerformanceAwareSampler
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..family import Space
 from ..vit.arch import Arch
-from ..vit.space import Space
 from .base import ArchSampler
 
 

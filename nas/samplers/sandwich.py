@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..family import Space
 from ..vit.arch import Arch
-from ..vit.space import Space
 from .base import ArchSampler
 from .identity import check_drop_space, drop_layers, uniform_widths
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -136,12 +136,14 @@ class SupernetConfig:
 
 
 class VisionTransformerSupernet(nn.Module):
-    """A pre-norm ViT whose active subnet is an :class:`~nas.arch.Arch` (``set_arch`` or ``forward(images, arch)``).
+    """A pre-norm ViT whose active subnet is an :class:`~nas.vit.arch.Arch` (``set_arch`` or ``forward(images, arch)``).
 
     Layers with ``arch.layer_on[i]`` False are skipped (identity). Drop-path on the residual branches
     rises linearly to ``config.drop_path_rate`` over the layers and acts in training only.
     With gradients off and float32 CPU tensors the elastic ops pick the native kernels by themselves.
     """
+
+    family: ClassVar[str] = "vit"
 
     def __init__(self, config: SupernetConfig):
         super().__init__()

@@ -11,9 +11,11 @@ import torch
 from elastic_ops import reference
 from elastic_ops.group_sizes import GroupSizes
 from elastic_ops.reference import grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp
+from nas.evaluate import batched_forward
+from nas.spaces import PRESETS, load_space
 from nas.vit.arch import Arch
-from nas.vit.batched import BatchedSubnets, batched_forward
-from nas.vit.space import PRESETS, SearchSpace, load_space
+from nas.vit.batched import BatchedSubnets
+from nas.vit.space import SearchSpace
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 # hybrid: test_hybrid_*; vitas: its smallest image is 224 px (patches 14, 16, 32), and vitas-cifar has its structure.

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nas.costs import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
+from nas.spaces import load_space
 from nas.vit.arch import Arch, ArchBatch
-from nas.vit.cost import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
-from nas.vit.space import SearchSpace, load_space
+from nas.vit.space import SearchSpace
 
 
 class PlainBlock(nn.Module):

@@ -56,7 +56,7 @@ def test_save_and_load_round_trip(supernet, arch, x, tmp_path):
     expected = supernet(x, arch)
     plain = extract_subnet(supernet, arch)
     path = tmp_path / "subnet.pt"
-    save_subnet(path, plain, arch)
+    save_subnet(path, plain, arch, supernet.config.space)
     assert os.listdir(tmp_path) == ["subnet.pt"], "the temporary file of the atomic write is left behind"
     loaded, loaded_arch = load_subnet(path)
     assert loaded_arch == arch
@@ -80,7 +80,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_subnet(corrupt)
     truncated = tmp_path / "truncated.pt"
-    save_subnet(truncated, extract_subnet(supernet, arch), arch)
+    save_subnet(truncated, extract_subnet(supernet, arch), arch, supernet.config.space)
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_subnet(truncated)
@@ -89,7 +89,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
     with pytest.raises(ValueError, match="not a subnet saved by nas.export.save_subnet"):
         load_subnet(foreign)
     inconsistent = tmp_path / "inconsistent.pt"
-    save_subnet(inconsistent, extract_subnet(supernet, arch), arch)
+    save_subnet(inconsistent, extract_subnet(supernet, arch), arch, supernet.config.space)
     payload = torch.load(inconsistent, weights_only=True)
     payload["model"]["embed_dim"] += 8
     torch.save(payload, inconsistent)
@@ -99,7 +99,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
 
 def test_save_rejects_a_supernet(supernet, arch, tmp_path):
     with pytest.raises(TypeError, match="see extract_subnet"):
-        save_subnet(tmp_path / "s.pt", supernet, arch)
+        save_subnet(tmp_path / "s.pt", supernet, arch, supernet.config.space)
     assert os.listdir(tmp_path) == []
 
 
@@ -122,7 +122,7 @@ def test_relative_position_subnet_saves_loads_and_scripts(tmp_path):
     expected = model(x, arch)
     plain = extract_subnet(model, arch)
     assert all(block.attn.rel_pos is not None for block in plain.blocks)
-    save_subnet(tmp_path / "subnet.pt", plain, arch)
+    save_subnet(tmp_path / "subnet.pt", plain, arch, space)
     loaded, _ = load_subnet(tmp_path / "subnet.pt")
     torch.testing.assert_close(loaded(x), expected, **TOL)
     scripted = to_torchscript(loaded, tmp_path / "subnet.ts")

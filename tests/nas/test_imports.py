@@ -122,7 +122,7 @@ import importlib, pkgutil, torch
 import elastic_ops, nas
 for info in pkgutil.walk_packages(nas.__path__, "nas."):
     importlib.import_module(info.name)
-from nas.vit.space import load_space
+from nas.spaces import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 space = load_space("digits-tiny")
 print(VisionTransformerSupernet(SupernetConfig.from_space(space))(torch.zeros(2, 1, 8, 8), space.min_arch()).shape)

@@ -8,8 +8,8 @@ import pytest
 from nas.evaluate import EvalResult
 from nas.racing import RaceConfig, race, slice_bounds, top_k_contenders, wilson_interval
 from nas.searchers import NSGA2
+from nas.spaces import load_space
 from nas.vit.arch import Arch
-from nas.vit.space import load_space
 
 
 def test_wilson_interval_against_hand_computed_values():

@@ -16,12 +16,11 @@ from elastic_ops.plain import dense_logits
 from nas import canvases
 from nas.data import load_dataset, load_mnist
 from nas.errors import ConfigError, DataError
-from nas.evaluate import TensorBatches, confusion_matrix, evaluate_archs, mean_iou
+from nas.evaluate import TensorBatches, batched_forward, confusion_matrix, evaluate_archs, mean_iou
 from nas.export import extract_subnet, load_subnet
 from nas.searching import SearchConfig, run_search
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, train
-from nas.vit.batched import batched_forward
-from nas.vit.space import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 MNIST = str(processes.REPO / ".." / "shared" / "data" / "mnist")

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
+from nas.evaluate import batched_forward
 from nas.export import extract_subnet
 from nas.trainer import TrainConfig, Trainer
 from nas.vit.arch import Arch
-from nas.vit.batched import batched_forward
 from nas.vit.space import SearchSpace
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
