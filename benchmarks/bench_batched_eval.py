@@ -1,4 +1,4 @@
-"""Evaluating many subnets: batched (K subnets per pass over the data, ``nas.batched``) against one subnet after
+"""Evaluating many subnets: batched (K subnets per pass over the data, ``nas.vit.batched``) against one subnet after
 another with the best single-subnet path, on the same random subnets and images, in one run.
 
 Workloads:

@@ -14,8 +14,7 @@ import numpy as np
 
 from . import costs
 from .errors import BudgetError, InfeasibleBudgetError
-from .vit.arch import Arch
-from .vit.space import SearchSpace
+from .family import Arch, Space
 
 METRICS = ("macs", "params", "latency")
 UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -84,7 +83,7 @@ def format_count(value: float) -> str:
 class Costs:
     """MACs, params and (with a latency model) predicted milliseconds of archs, vectorised, memoised."""
 
-    def __init__(self, space: SearchSpace, latency_model=None):
+    def __init__(self, space: Space, latency_model=None):
         self.space, self.latency_model = space, latency_model
         self._known: dict[Arch, dict[str, float]] = {}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from .evaluate import EvalResult
-from .vit.arch import Arch
+from .family import Arch
 
 Interval = tuple[float, float]  # (low, high) top-1 accuracy in percent
 Contenders = Callable[[Mapping[Arch, Interval]], set[Arch]]  # racing archs -> those that must go on

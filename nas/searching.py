@@ -45,7 +45,7 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
-from .family import Space, family_of
+from .family import Arch, Space, family_of
 from .hybrid.scaling import CompoundScaling, compound_family
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
@@ -53,7 +53,6 @@ from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
 from .searchers import SEARCHERS, build_searcher
-from .vit.arch import Arch
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory

@@ -4,8 +4,8 @@ Subnets that share their operator *layout* (the resolution and, stage by stage, 
 :func:`layout`) run the same modules in the same order and differ only in widths (channels, expansion, kernel size,
 V-scale). A pass runs them layer by layer: a layer with a grouped forward (UniNet's attention block,
 ``ElasticPositionalAttentionBlock.grouped_forward``) runs the K subnets in one call on their tokens stacked as
-``[K, B, N, C]`` (zero past each subnet's channels, as ``nas.batched``); any other layer runs them one after another.
-The images are resized once per pass.
+``[K, B, N, C]`` (zero past each subnet's channels, as ``nas.vit.batched``); any other layer runs them one after
+another. The images are resized once per pass.
 
 BatchNorm: each subnet can run with its own running statistics (:class:`BatchNormStats`, captured after recalibrating
 the BatchNorms for it), loaded into a layer's BatchNorms before that subnet runs the layer; the pass then computes

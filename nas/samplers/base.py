@@ -6,8 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..family import Space
-from ..vit.arch import Arch
+from ..family import Arch, Space
 
 Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images
 

@@ -6,8 +6,7 @@ from typing import Any
 import numpy as np
 
 from .. import costs
-from ..family import Space
-from ..vit.arch import Arch
+from ..family import Arch, Space
 from .base import ArchSampler
 
 

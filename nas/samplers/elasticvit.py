@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..family import Space
-from ..vit.arch import Arch
+from ..family import Arch, Space
 from .base import Measure
 from .performance import PerformanceAwareSampler
 

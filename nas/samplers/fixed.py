@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..family import Space
-from ..vit.arch import Arch
+from ..family import Arch, Space
 from .base import ArchSampler
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .. import costs
-from ..family import Space, family_of
-from ..vit.arch import Arch, ArchBatch
+from ..family import Arch, Space, family_of
+from ..vit.arch import ArchBatch
 from .base import ArchSampler, Measure
 
 

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import costs
-from ..family import Space
-from ..vit.arch import Arch
+from ..family import Arch, Space
 from .base import Measure
 from .complexity import ComplexityAwareSampler
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
-from ..vit.arch import Arch
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")

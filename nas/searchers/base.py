@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
-from ..family import Space
+from ..family import Arch, Space
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
-from ..vit.arch import Arch
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises

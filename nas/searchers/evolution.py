@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
+from ..family import Arch
 from ..racing import Interval, top_k_contenders
-from ..vit.arch import Arch
 from .base import Searcher
 
 

@@ -6,7 +6,7 @@ refine them with AutoFormer's evolution."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..vit.arch import Arch
+from ..family import Arch
 from .evolution import Evolution
 
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..family import Arch
 from ..racing import Interval
-from ..vit.arch import Arch
 from .base import Searcher
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ConfigError, InfeasibleBudgetError
-from ..vit.arch import Arch
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError, MissingDependencyError, require
-from ..vit.arch import Arch
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 

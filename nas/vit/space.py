@@ -53,7 +53,7 @@ class SearchSpace:
     change neither sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
     ``task``: ``"classification"`` (a class per image) or ``"segmentation"`` (a class per pixel: the head maps every
-    patch token to its ``p x p`` pixels' logits, ``nas.supernet``; one patch size only; ``num_classes`` counts the
+    patch token to its ``p x p`` pixels' logits, ``nas.vit.supernet``; one patch size only; ``num_classes`` counts the
     background class too). Choices are stored sorted and without repeats.
     """
 

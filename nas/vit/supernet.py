@@ -106,7 +106,7 @@ class SupernetConfig:
                    layer_norm_eps: float = 1e-6) -> "SupernetConfig":
         """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
         count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the
-        relative position is ``space.relative_position``, so that ``nas.cost`` counts what the supernet holds."""
+        relative position is ``space.relative_position``, so that ``nas.vit.cost`` counts what the supernet holds."""
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
             num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),

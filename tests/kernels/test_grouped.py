@@ -1,4 +1,4 @@
-"""Triton grouped K-subnet kernels against two oracles: the grouped PyTorch ops of nas.batched and the
+"""Triton grouped K-subnet kernels against two oracles: the grouped PyTorch ops of nas.vit.batched and the
 single-subnet reference op looped over the subnets. K = 3 subnets, one at size 1 and one at the super size;
 weights are NaN outside the group's widest active block and, for the ops that know each subnet's input size,
 so is the input padding (a kernel must not read past a subnet's active channels)."""

@@ -1,4 +1,4 @@
-"""nas.cost against independent oracles: a plain PyTorch ViT built from the arch (its parameter count
+"""nas.vit.cost against independent oracles: a plain PyTorch ViT built from the arch (its parameter count
 and torch's FlopCounterMode), and published model sizes (AutoFormer, DeiT)."""
 import dataclasses
 import zlib

@@ -170,6 +170,30 @@ def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"subnet.pt", "subnet.pt2", "safetensors"}
 
 
+def test_an_out_dir_holds_the_export_of_one_subnet(digits_checkpoint, tmp_path, capsys):
+    """export.json records the subnet of an out-dir's files: another subnet's export into it is refused (its files
+    stay as they were), the same subnet's adds formats, and export files that no manifest records are refused."""
+    import json
+
+    from nas.export.__main__ import main
+
+    out = tmp_path / "out"
+    base = ["--checkpoint", digits_checkpoint, "--out-dir", str(out), "--check-batch", "2"]
+    assert main(base + ["--arch", "smallest"]) == 0
+    smallest = load_subnet(out / "subnet.pt")[1]
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(base + ["--arch", "largest", "--format", "pytorch"]) == 2
+    assert "holds the export of another subnet" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written
+    assert main(base + ["--arch", "smallest", "--format", "safetensors"]) == 0
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["formats"] == {"pytorch": "subnet.pt", "torch-export": "subnet.pt2", "safetensors": "safetensors"}
+    assert manifest["arch"] == smallest.to_dict() and manifest["space"] == "digits-tiny"
+    (out / "export.json").unlink()
+    assert main(base + ["--arch", "smallest", "--format", "pytorch"]) == 2
+    assert "holds export files (safetensors, subnet.pt, subnet.pt2) without the export.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "needs a supernet checkpoint"),
     (["--checkpoint", "{ckpt}", "--arch", "{{embed_dim: 4096}}"], "is not an arch of space 'digits-tiny'"),

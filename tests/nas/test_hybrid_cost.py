@@ -1,4 +1,4 @@
-"""The hybrid cost model (nas.hybrid.cost, through nas.cost) against counts written out by hand, the parameters of the
+"""The hybrid cost model (nas.hybrid.cost, through nas.costs) against counts written out by hand, the parameters of the
 extracted plain network, torch's FlopCounterMode, and UniNet's published B0 and B1 sizes."""
 import numpy as np
 import pytest
