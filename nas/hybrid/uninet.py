@@ -1,6 +1,6 @@
 """UniNet's released models (Sense-X/UniNet ``uninet.py``, ``UniNetB0`` to ``UniNetB6``), each as an arch of a space
-that holds it alone, as the members of ``nas.hybrid.scaling`` are: ``python -m nas.train --space uninet-b3`` trains
-UniNet-B3 and the cost model counts it.
+that holds it alone, as the members of ``nas.hybrid.scaling`` are; the presets ``uninet-b0`` .. ``uninet-b6``
+(nas/spaces/) are these spaces, so ``python -m nas.train --space uninet-b3`` trains UniNet-B3.
 
 Every model has the same layout: a 3x3 stride-2 stem to 32 channels, six stages with strides [1, 2, 2, 2, 1, 2] and
 expansions [1, 4, 6, 3, 2, 5], conv blocks in stages 0-3 and attention blocks in stages 4-5, a local DSM into stages 1-3
@@ -44,7 +44,6 @@ STRIDES = (1, 2, 2, 2, 1, 2)
 OPERATORS = ("conv",) * 4 + ("attention",) * 2
 DSMS = ("none", "local", "local", "local", "local-global", "local-global")
 STEM_CHANNELS, HEAD_FEATURES, HEAD_DIM, KERNEL_SIZE = 32, 1280, 32, 3
-PRESET_NAMES = tuple(f"uninet-{key}" for key in UNINET_MODELS)  # the names nas.space.load_space takes
 
 
 def model_key(name: str) -> str:
@@ -74,4 +73,4 @@ def uninet_model(name: str) -> tuple[HybridSpace, HybridArch]:
     return space, arch
 
 
-__all__ = ["PRESET_NAMES", "UNINET_MODELS", "ReleasedModel", "model_key", "uninet_model"]
+__all__ = ["UNINET_MODELS", "ReleasedModel", "model_key", "uninet_model"]

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas import cost
+from nas import costs as cost
 from nas.convert import from_uninet_state_dict
 from nas.errors import ConfigError
 from nas.hybrid import uninet_model
-from nas.space import load_space
+from nas.spaces import load_space
 
 # UniNetB<i>: repeats, channels, input size (uninet.py), and the parameters its comment gives.
 RELEASED = {
@@ -230,6 +230,7 @@ def test_uninet_weights_that_do_not_fit_are_refused_in_one_line():
         uninet_model("B7")
 
 
-def test_released_models_load_as_presets():
-    space, arch = uninet_model("B3")
-    assert load_space("uninet-b3") == space and space.max_arch() == arch == space.min_arch()
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_models_are_the_presets(name):
+    space, arch = uninet_model(name)
+    assert load_space(f"uninet-{name.lower()}") == space and space.max_arch() == arch == space.min_arch()
