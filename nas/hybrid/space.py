@@ -25,7 +25,8 @@ from ..rng import as_generator
 from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
 
-TOKEN_NORMS = ("token", "sample")  # elastic_ops.hybrid.TOKEN_NORMS: the spaces load without torch
+# elastic_ops.hybrid's TOKEN_NORMS and QKV_LAYOUTS, named here so that the spaces load without torch
+TOKEN_NORMS, QKV_LAYOUTS = ("token", "sample"), ("blocks", "per_head")
 NUMERIC_CHOICES = ("depths", "channels", "expansions", "kernel_sizes", "v_scales")
 ATTENTION_DSMS = ("local-global", "global")  # DSMs with attention heads: they need channels >= head_dim
 
@@ -109,7 +110,9 @@ class HybridSpace:
     classifier. Attention has heads of ``head_dim`` channels; the MLP operator's token MLP has
     ``token_mlp_ratio`` times the tokens of its largest grid hidden units. ``norm``: the LayerNorms of the
     ``elasticvit`` style's attention and MLP layers, ``token`` (each token over its channels) or ``sample``
-    (ElasticViT's own ``LNSuper``: each sample over its tokens and channels together).
+    (ElasticViT's own ``LNSuper``: each sample over its tokens and channels together); ``qkv_layout``: how that
+    style's attention reads its heads from the qkv rows, ``blocks`` or ``per_head`` (ElasticViT's own:
+    ``elastic_ops.hybrid.ElasticVScaleAttention``).
     """
 
     name: str
@@ -126,6 +129,7 @@ class HybridSpace:
     in_chans: int = 3
     num_classes: int = 1000
     norm: str = "token"
+    qkv_layout: str = "blocks"
 
     family: ClassVar[str] = "hybrid"
     arch_type: ClassVar[type] = HybridArch
@@ -163,6 +167,9 @@ class HybridSpace:
         if self.norm not in TOKEN_NORMS or (self.norm != "token" and not STYLES[self.style].v_scale):
             raise ValueError(f"norm={self.norm!r} must be 'token', or 'sample' in a space of the elasticvit style (its "
                              f"attention and MLP layers); style {self.style!r}")
+        if self.qkv_layout not in QKV_LAYOUTS or (self.qkv_layout != "blocks" and not STYLES[self.style].v_scale):
+            raise ValueError(f"qkv_layout={self.qkv_layout!r} must be 'blocks', or 'per_head' in a space of the "
+                             f"elasticvit style; style {self.style!r}")
         self._check_stages()
 
     @staticmethod

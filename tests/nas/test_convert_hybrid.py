@@ -1,4 +1,5 @@
-"""UniNet's released models into the hybrid supernet (nas.hybrid.uninet, nas.convert.from_uninet_state_dict).
+"""UniNet's released models into the hybrid supernet (nas.hybrid.uninet, nas.convert.from_uninet_state_dict), and
+ElasticViT's LayerNorm and qkv layout through a supernet.
 
 UniNet's code is not in this repository (and needs timm), so its side is an independent implementation of its models
 written from Sense-X/UniNet ``uninet.py`` (commit 81ef332): ``VisionTransformer`` with its ``stem``, its ``blocks``
@@ -9,6 +10,7 @@ biases that feed a BatchNorm.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +23,7 @@ from nas import costs as cost
 from nas.convert import from_uninet_state_dict
 from nas.errors import ConfigError
 from nas.hybrid import uninet_model
+from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
 from nas.spaces import load_space
 
 # UniNetB<i>: repeats, channels, input size (uninet.py), and the parameters its comment gives.
@@ -234,3 +237,15 @@ def test_uninet_weights_that_do_not_fit_are_refused_in_one_line():
 def test_released_models_are_the_presets(name):
     space, arch = uninet_model(name)
     assert load_space(f"uninet-{name.lower()}") == space and space.max_arch() == arch == space.min_arch()
+
+
+def test_elasticvit_layouts_in_a_supernet_match_its_extraction():
+    """ElasticViT's LayerNorm and per-head qkv reading through a whole supernet: every subnet's plain network gives
+    the supernet's logits (smallest, largest and mixed)."""
+    space = dataclasses.replace(load_space("elasticvit-mobile-cifar"), norm="sample", qkv_layout="per_head")
+    torch.manual_seed(0)
+    model = randomised(HybridSupernet(HybridSupernetConfig(space)))
+    images = torch.randn(2, 3, 32, 32)
+    for arch in [space.min_arch(), space.max_arch(), space.sample(0)]:
+        with torch.no_grad():
+            torch.testing.assert_close(model.extract(arch)(images), model(images, arch), atol=1e-5, rtol=1e-4)

@@ -55,6 +55,8 @@ def test_layer_norm_kind_is_elasticvits_in_its_presets_and_checked():
     uninet = load_space("uninet").to_dict()
     with pytest.raises(ValueError, match="norm='sample' must be 'token', or 'sample' in a space of the elasticvit"):
         HybridSpace.from_dict({**uninet, "norm": "sample"})
+    with pytest.raises(ValueError, match="qkv_layout='per_head' must be 'blocks', or 'per_head' in a space of the"):
+        HybridSpace.from_dict({**uninet, "qkv_layout": "per_head"})
 
 
 def test_space_round_trips_through_yaml(space, tmp_path):
