@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..state_dicts import load_converted
 from .arch import HybridArch
 from .supernet import HybridSupernet, HybridSupernetConfig
 from .uninet import model_key, uninet_model
@@ -83,8 +84,6 @@ def from_uninet_state_dict(state_dict: Mapping[str, Tensor], name: str) -> tuple
     model's weights and BatchNorm statistics in their dtype (its ``state_dict``, or a checkpoint whose ``"model"``
     entry is one), and the model's arch: in eval mode the subnet gives the model's logits. Raises ValueError naming
     unexpected, missing or mis-shaped tensors."""
-    from ..convert import load_converted  # nas.convert re-exports this module's functions
-
     state_dict = state_dict.get("model", state_dict)
     space, arch = uninet_model(name)
     modules, folds = uninet_module_names(arch, [stage.stride for stage in space.stages])
