@@ -25,6 +25,8 @@ from ..rng import as_generator
 from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
 
+# elastic_ops.hybrid's TOKEN_NORMS and QKV_LAYOUTS, named here so that the spaces load without torch
+TOKEN_NORMS, QKV_LAYOUTS = ("token", "sample"), ("blocks", "per_head")
 NUMERIC_CHOICES = ("depths", "channels", "expansions", "kernel_sizes", "v_scales")
 ATTENTION_DSMS = ("local-global", "global")  # DSMs with attention heads: they need channels >= head_dim
 
@@ -106,7 +108,11 @@ class HybridSpace:
     ``head_expansion`` times the last stage's channels (ElasticViT: 6), BatchNorm and the activation, global average
     pooling, then with ``pre_logits`` > 0 a linear layer to that width and the activation (ElasticViT: 1984), and the
     classifier. Attention has heads of ``head_dim`` channels; the MLP operator's token MLP has
-    ``token_mlp_ratio`` times the tokens of its largest grid hidden units.
+    ``token_mlp_ratio`` times the tokens of its largest grid hidden units. ``norm``: the LayerNorms of the
+    ``elasticvit`` style's attention and MLP layers, ``token`` (each token over its channels) or ``sample``
+    (ElasticViT's own ``LNSuper``: each sample over its tokens and channels together); ``qkv_layout``: how that
+    style's attention reads its heads from the qkv rows, ``blocks`` or ``per_head`` (ElasticViT's own:
+    ``elastic_ops.hybrid.ElasticVScaleAttention``).
     """
 
     name: str
@@ -122,6 +128,8 @@ class HybridSpace:
     token_mlp_ratio: float = 0.5
     in_chans: int = 3
     num_classes: int = 1000
+    norm: str = "token"
+    qkv_layout: str = "blocks"
 
     family: ClassVar[str] = "hybrid"
     arch_type: ClassVar[type] = HybridArch
@@ -156,6 +164,12 @@ class HybridSpace:
         if not float(self.token_mlp_ratio) > 0:
             raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be positive")
         set_field("token_mlp_ratio", float(self.token_mlp_ratio))
+        if self.norm not in TOKEN_NORMS or (self.norm != "token" and not STYLES[self.style].v_scale):
+            raise ValueError(f"norm={self.norm!r} must be 'token', or 'sample' in a space of the elasticvit style (its "
+                             f"attention and MLP layers); style {self.style!r}")
+        if self.qkv_layout not in QKV_LAYOUTS or (self.qkv_layout != "blocks" and not STYLES[self.style].v_scale):
+            raise ValueError(f"qkv_layout={self.qkv_layout!r} must be 'blocks', or 'per_head' in a space of the "
+                             f"elasticvit style; style {self.style!r}")
         self._check_stages()
 
     @staticmethod

@@ -110,7 +110,8 @@ class HybridStage(nn.Module):
         heads = channels // space.head_dim
         if self.style.v_scale:
             return ElasticVScaleBlock(channels, heads, max(choices.v_scales), hidden, head_dim=space.head_dim,
-                                      max_grid=max_side, activation=self.style.activation, drop_path=drop_path)
+                                      max_grid=max_side, activation=self.style.activation, drop_path=drop_path,
+                                      norm=space.norm, qkv_layout=space.qkv_layout)
         return ElasticPositionalAttentionBlock(channels, heads, hidden, head_dim=space.head_dim, drop_path=drop_path,
                                                layer_scale=LAYER_SCALE)
 

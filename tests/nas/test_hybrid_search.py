@@ -318,7 +318,7 @@ def test_the_soft_constraint_reward_is_mnasnets():
 
 
 def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_checkpoint, tmp_path):
-    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", scale_family=2)
+    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", compound_scale=2)
     best = HybridArch.from_dict(summary["best"]["macs=50K"]["arch"])
     family = summary["family"]["macs=50K"]
     assert [row["phi"] for row in family] == [0, 1, 2]

@@ -50,6 +50,15 @@ def test_presets_load_from_yaml_and_hold_the_papers_numbers():
     assert [set(s.dsms) for s in uni.stages[3:]] == [{"local", "global", "local-global"}] * 3
 
 
+def test_layer_norm_kind_is_elasticvits_in_its_presets_and_checked():
+    assert load_space("elasticvit-mobile").norm == "sample" and load_space("uninet").norm == "token"
+    uninet = load_space("uninet").to_dict()
+    with pytest.raises(ValueError, match="norm='sample' must be 'token', or 'sample' in a space of the elasticvit"):
+        HybridSpace.from_dict({**uninet, "norm": "sample"})
+    with pytest.raises(ValueError, match="qkv_layout='per_head' must be 'blocks', or 'per_head' in a space of the"):
+        HybridSpace.from_dict({**uninet, "qkv_layout": "per_head"})
+
+
 def test_space_round_trips_through_yaml(space, tmp_path):
     assert HybridSpace.from_dict(space.to_dict()) == space and HybridSpace.from_yaml(space.to_yaml()) == space
     path = tmp_path / "space.yaml"
