@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from nas import cost
+from nas import costs
 from nas.atomic import atomic_write_text
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
@@ -53,7 +53,7 @@ from nas.evaluate import EvalCache, evaluate_sides
 from nas.samplers import build_sampler
 from nas.searchers import SEARCHERS, build_searcher
 from nas.searching import SearchConfig, run_search, search_data
-from nas.space import load_space
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, train
 
 STUDIES = ("searchers", "samplers", "supersam", "vitas")
@@ -170,7 +170,7 @@ class Study:
     def budgets(self, space: str) -> list[str]:
         """MAC budgets at the scale's quantiles of 2,000 uniform draws of ``space``."""
         space = load_space(space)
-        draws = cost.macs_many(space.sample_many(np.random.default_rng(0), 2000), space)
+        draws = costs.macs_many(space.sample_many(np.random.default_rng(0), 2000), space)
         return [Budget("macs", float(np.quantile(draws, q))).label for q in self.scale.budget_quantiles]
 
     def train_settings(self, space: str, seed: int, steps: int, **settings) -> dict:
@@ -278,7 +278,7 @@ def run_vitas(study: Study) -> str:
     # uniform draws' MACs: a range that some probability reaches in every space (the default middle third of the
     # MACs range lies above the mean of any probability where widths are drawn uniformly, as in the small spaces).
     draws = load_space(spaces["private"]).sample_many(np.random.default_rng(0), 2000)
-    calibrated = {"macs_range": [float(q) for q in np.quantile(cost.macs_many(draws, load_space(spaces["private"])),
+    calibrated = {"macs_range": [float(q) for q in np.quantile(costs.macs_many(draws, load_space(spaces["private"])),
                                                                 (0.25, 0.5))]}
     searched = {**calibrated, "search_probabilities": [0.1, 0.3, 0.5],
                 "search_archs": 4 if study.scale_name == "smoke" else 16}
@@ -309,7 +309,7 @@ def run_supersam(study: Study) -> str:
     space_path = study.space_file("supersam", identity_layers=True)
     space = load_space(space_path)
     pretrained = study.trained("pretrained", study.train_settings(space_path, 0, s.train_steps, sampler="fixed"))
-    top = cost.macs(space.max_arch(), space)
+    top = costs.macs(space.max_arch(), space)
     cuts = (0.3, 0.5, 0.7)
     budgets = [Budget("macs", (1 - cut) * top, (0.95 - cut) * top).label for cut in cuts]
     supernet = {"sampler": "sandwich", "sampler_options": {"drop_profile": "linear"}}
@@ -362,14 +362,14 @@ def searcher_run(table: EvaluationTable, name: str, budget: Budget, seed: int, e
                  population: int) -> dict:
     """One searcher under one budget until it has scored ``evaluations`` distinct archs: after each step, the
     evaluations so far and the held-out and test top-1 of its best held-out arch."""
-    costs = Costs(table.space)
+    budgets = Costs(table.space)
     options = {}
     if name == "sampler":
         trained = table.state["config"]
         sampler = build_sampler("learned", table.space, seed=trained["seed"], **trained["sampler_options"])
         sampler.load_state_dict(table.state["sampler"])
         options = {"sampler": sampler, "budget": budget}
-    searcher = build_searcher(name, table.space, costs.feasible([budget]), seed=seed, cost=costs.metric("macs"),
+    searcher = build_searcher(name, table.space, budgets.feasible([budget]), seed=seed, cost=budgets.metric("macs"),
                               **options)
     curve = []
     for _ in range(4 * math.ceil(evaluations / population)):  # a searcher that repeats itself stops all the same

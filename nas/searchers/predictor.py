@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
+from ..family import Arch
 from ..racing import Interval, top_k_contenders
 from .base import GeneCoding, Searcher
 
