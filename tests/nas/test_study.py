@@ -7,11 +7,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from processes import REPO as ROOT
+from processes import child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
 study = importlib.util.module_from_spec(spec)
 sys.modules["study"] = study  # dataclasses look their module up there
@@ -40,7 +40,7 @@ def test_paired_comparison_and_verdicts():
 def test_every_study_runs_at_the_smoke_scale_and_continues(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "study.py"), "all", "--scale", "smoke", "--out-dir",
                str(tmp_path)]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    subprocess.run(command, check=True, cwd=ROOT, env=child_env(), capture_output=True, text=True)
     for name in study.STUDIES:
         report = (tmp_path / name / "report.md").read_text()
         assert any(v in report for v in study.VERDICTS), name
@@ -52,7 +52,7 @@ def test_every_study_runs_at_the_smoke_scale_and_continues(tmp_path):
     units = sorted((tmp_path / "searchers" / "units").glob("predictor-*.json"))
     units[0].unlink()  # as if the study had been killed before this unit ended
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "samplers" / "units").glob("*.json")}
-    out = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    out = subprocess.run(command, check=True, cwd=ROOT, env=child_env(), capture_output=True, text=True).stdout
     assert units[0].exists() and f"{units[0].stem}: done" in out
     assert out.count(": done in") == 1, "only the lost unit runs again"
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
