@@ -85,6 +85,8 @@ class SearchConfig(Config):
                                    "Pareto trade-off)")
     rl_beta: float = setting(-1.0, "rl, soft constraint: the exponent w over the budget (MnasNet: -1, or -0.07)")
     tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
+    predictor_initial: int = setting(32, "predictor: uniform draws evaluated before the accuracy predictor screens "
+                                         "the candidates")
     seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
     dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
     data_dir: str | None = setting(None, "data directory (null: the checkpoint's)")
@@ -202,6 +204,7 @@ class Search:
             "tpe": dict(startup_trials=c.tpe_startup_trials),
             "random": {},
             "autotuner": {},
+            "predictor": dict(initial=c.predictor_initial),
         }
         options["sampler"] = dict(options["evolution"], sampler=sampler)
         if c.algorithm == "nsga2" or not self.budgets:
