@@ -204,6 +204,10 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
     """``(y, pre-activation or None)`` for ``x [..., K]``: the pre-activation is kept only with GELU and
     ``keep_residuals`` (a backward will run). Storing it costs what F.linear followed by F.gelu keeps too; recomputing
     it would cost a third GEMM (+50% backward FLOPs)."""
+    if activation is None and x.is_contiguous():
+        # torch's own linear folds a contiguous x into the same GEMM on the same strided views, with less host work.
+        return F.linear(x, active_block(weight, out_features, x.shape[-1], x.dtype),
+                        active_vector(bias, out_features, x.dtype)), None
     x2d = as_rows(x)
     weight_block = active_block(weight, out_features, x2d.shape[1], x2d.dtype)
     bias_block = active_vector(bias, out_features, x2d.dtype)
