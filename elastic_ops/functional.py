@@ -1,4 +1,5 @@
 """The elastic ops: validate (``_validate``, every op in this one place), choose a backend (``_backend.select``), run.
+The single-subnet ops validate and choose once per call signature (below): a repeated call is one dictionary lookup.
 
 Every backend implements an op with the same signature; the Triton and native implementations are
 imported only when first chosen, so that importing the package never needs triton or a GPU.
