@@ -32,11 +32,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # before triton is imported: the GPU path's Python runs in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import elastic_ops  # noqa: E402  (after TRITON_INTERPRET)
-from elastic_ops import functional  # noqa: E402
+import elastic_ops  # imports no triton: the script sets TRITON_INTERPRET before anything does
+from elastic_ops import functional
 
 CALLS = 25
 REPEATS = 300
@@ -187,6 +184,8 @@ def measure_dispatch() -> None:
 if __name__ == "__main__":
     if torch.cuda.is_available():
         measure_gpu()
+    else:  # before triton is first imported: the GPU path's Python runs in the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     measure_cpu("native", "native")
     if not torch.cuda.is_available():
         measure_dispatch()
