@@ -298,15 +298,19 @@ class HybridSpace:
         table["has_v_scale"] = np.array([bool(s.v_scales) for s in self.stages])
         return table
 
-    def _draw(self, rng: np.random.Generator, n: int) -> HybridArchBatch:
-        """``n`` uniform draws of every field of every stage, not yet canonical: one generator call."""
+    def _draw(self, rng: np.random.Generator, n: int, floor: HybridArch | None = None) -> HybridArchBatch:
+        """``n`` uniform draws of every field of every stage (with ``floor``, among the choices at or after its own),
+        not yet canonical: one generator call."""
         table, stages = self._table, np.arange(self.num_stages)
+        lowest = self._choice_positions(floor)
         uniforms = rng.random((n, 1 + len(STAGE_FIELDS) * self.num_stages))
-        resolution = np.asarray(self.resolutions)[(uniforms[:, 0] * len(self.resolutions)).astype(np.int64)]
+        resolutions = self.resolutions[lowest["resolution"]:]
+        resolution = np.asarray(resolutions)[(uniforms[:, 0] * len(resolutions)).astype(np.int64)]
         per_stage = uniforms[:, 1:].reshape(n, len(STAGE_FIELDS), self.num_stages)
         columns = {}
         for f, name in enumerate(STAGE_FIELDS):
-            index = (per_stage[:, f] * table[name + "_count"]).astype(np.int64)
+            low = lowest[name]
+            index = low + (per_stage[:, f] * (table[name + "_count"] - low)).astype(np.int64)
             columns[name] = table[name][stages, index]
         columns["channels"] = self._keep_channels(columns["channels"], rng)
         return HybridArchBatch(resolution, **columns)
@@ -328,10 +332,25 @@ class HybridSpace:
             channels[:, s] = np.where(channels[:, s] < before, table[s, fits], channels[:, s])
         return channels
 
-    def sample_many(self, rng: np.random.Generator | int, count: int) -> HybridArchBatch:
+    def _choice_positions(self, arch: HybridArch | None) -> dict[str, Any]:
+        """Where each field of ``arch`` stands in its list of choices: the resolution's position, and per stage field
+        ``[S]`` positions (0 for a field that does not apply); all 0 without an arch."""
+        if arch is None:
+            return {"resolution": 0, **{name: np.zeros(self.num_stages, dtype=np.int64) for name in STAGE_FIELDS}}
+        self.validate(arch)
+        positions, chosen = {"resolution": self.resolutions.index(arch.resolution)}, HybridArchBatch.from_archs([arch])
+        for name in STAGE_FIELDS:
+            choices = [list(self._table[name][s, :count]) for s, count in enumerate(self._table[name + "_count"])]
+            positions[name] = np.array([c.index(v) if v in c else 0 for c, v in zip(choices, getattr(chosen, name)[0])])
+        return positions
+
+    def sample_many(self, rng: np.random.Generator | int, count: int, floor: HybridArch | None = None
+                    ) -> HybridArchBatch:
         """``count`` uniform draws: every field of every stage and the resolution independently uniform over its
-        choices."""
-        return self.canonical_batch(self._draw(as_generator(rng), int(count)))
+        choices (in the ``elasticvit`` style, with channels kept from shrinking). With ``floor`` (an arch of the
+        space), over the choices at or after ``floor``'s in each list: ElasticViT's draws above a bank's minimum arch
+        (``arch_sampling_engine(min_arch=...)``)."""
+        return self.canonical_batch(self._draw(as_generator(rng), int(count), floor))
 
     def sample(self, rng: np.random.Generator | int) -> HybridArch:
         return self.sample_many(rng, 1).arch(0)

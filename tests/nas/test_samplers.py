@@ -382,7 +382,7 @@ def options_for(name):
     return options.get(name, {})
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"elasticvit"}))  # hybrid only: tests/nas/test_hybrid_search.py
 def test_state_round_trip_continues_exactly(name, autoformer_t, vitas_t):
     space = vitas_t if name == "identity" else autoformer_t
     rng = np.random.default_rng(0)
