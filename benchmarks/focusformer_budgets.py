@@ -11,9 +11,9 @@ import argparse
 import numpy as np
 import torch
 
-from nas import cost
+from nas import costs
 from nas.samplers import build_sampler
-from nas.space import load_space
+from nas.spaces import load_space
 
 DEFAULT_RUN_STEPS = 80 * 17  # nas.train --space digits-tiny: 80 epochs of 17 batches of 64 (1151 training images)
 
@@ -24,19 +24,19 @@ def spearman(x, y) -> float:
 
 def run(seed: int, budgets_count: int = 6, draws: int = 200) -> None:
     space = load_space("digits-tiny")
-    low, high = cost.macs_range(space)
+    low, high = costs.macs_range(space)
     noise = np.random.default_rng(seed + 1)
 
     def measure(arch):
-        return 0.6 + 0.3 * np.log(cost.macs(arch, space) / low) / np.log(high / low) + noise.normal(0, 0.025)
+        return 0.6 + 0.3 * np.log(costs.macs(arch, space) / low) / np.log(high / low) + noise.normal(0, 0.025)
 
     sampler = build_sampler("learned", space, seed=seed, total_steps=DEFAULT_RUN_STEPS)
     for _ in range(sampler.total_steps):
         sampler.update(sampler.sample(), [0.0], measure)
     budgets = np.linspace(low + 0.1 * (high - low), high, budgets_count)
-    proposed = [cost.macs_many(sampler.propose(budget, num=8), space) for budget in budgets]
+    proposed = [costs.macs_many(sampler.propose(budget, num=8), space) for budget in budgets]
     with torch.no_grad():
-        drawn = [cost.macs_many(sampler.policy_draw([budget] * draws)[0], space) for budget in budgets]
+        drawn = [costs.macs_many(sampler.policy_draw([budget] * draws)[0], space) for budget in budgets]
     print(f"seed {seed}: budget (M MACs) | proposals' median MACs | share of budget | policy draws' median, fit")
     for budget, mine, own in zip(budgets, proposed, drawn):
         print(f"  {budget / 1e6:.2f} | {np.median(mine) / 1e6:.2f} | {np.median(mine) / budget:.2f} | "

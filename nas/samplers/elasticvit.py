@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
+from .. import costs
+from ..family import Space
 from ..hybrid.arch import HybridArch
 from ..hybrid.space import HybridSpace
-from ..space import Space, load_space
+from ..spaces import load_space
 from .base import ArchSampler, Measure
 
 MOBILE_SPACE = "elasticvit-mobile"
@@ -55,10 +56,10 @@ class FlopsTargets:
     or ElasticViT's mapped onto the space's MACs range), and from which target on a bank's memory is the small one."""
 
     def __init__(self, space: Space, targets: Sequence[float] | None = None, width: float | None = None):
-        low, high = cost.macs_range(space)
+        low, high = costs.macs_range(space)
         scale, shift = 1.0, 0.0
         if space.name != MOBILE_SPACE:
-            mobile_low, mobile_high = cost.macs_range(load_space(MOBILE_SPACE))
+            mobile_low, mobile_high = costs.macs_range(load_space(MOBILE_SPACE))
             scale = (high - low) / (mobile_high - mobile_low)
             shift = low - scale * mobile_low
         self.targets = tuple(float(t) for t in targets) if targets is not None else tuple(
@@ -167,7 +168,7 @@ class ElasticViTSampler(ArchSampler):
         stages = list(zip(arch.stages, anchor.stages, attending))
         widths = tuple(dataclasses.replace(s, channels=a.channels) if t else s for s, a, t in stages)
         depths = tuple(dataclasses.replace(s, depth=a.depth) if t else s for s, a, t in stages)
-        anchored = cost.macs_many([HybridArch(arch.resolution, widths), HybridArch(arch.resolution, depths)],
+        anchored = costs.macs_many([HybridArch(arch.resolution, widths), HybridArch(arch.resolution, depths)],
                                   self.space)
         return float(anchored[0] - anchored[1])
 
@@ -227,7 +228,7 @@ def in_window(space: HybridSpace, rng: np.random.Generator, window: tuple[float,
     rejection over batches."""
     for _ in range(max_tries):
         batch = space.sample_many(rng, batch_size, floor=floor)
-        macs = cost.macs_many(batch, space)
+        macs = costs.macs_many(batch, space)
         hits = np.flatnonzero((macs >= window[0]) & (macs <= window[1]))
         if hits.size:
             return batch.arch(int(hits[0]))
@@ -244,7 +245,7 @@ def bank_floors(space: HybridSpace, banks: FlopsTargets, rng: np.random.Generato
     levels = np.linspace(0.0, 1.0, fractions)
     indices = np.array([[round(q * (len(choices) - 1)) for _, choices in genes] for q in levels])
     diagonal = space.decode_genes(indices).archs()
-    diagonal_macs = cost.macs_many(diagonal, space)
+    diagonal_macs = costs.macs_many(diagonal, space)
     floors = []
     for bank in range(banks.num_banks):
         low, high = banks.window(bank)
@@ -252,7 +253,7 @@ def bank_floors(space: HybridSpace, banks: FlopsTargets, rng: np.random.Generato
         for arch, macs in zip(diagonal, diagonal_macs):
             if macs > low:
                 break
-            drawn = cost.macs_many(space.sample_many(rng, draws, floor=arch), space)
+            drawn = costs.macs_many(space.sample_many(rng, draws, floor=arch), space)
             hits = float(np.mean((drawn >= low) & (drawn <= high)))
             if hits > best_hits:
                 best, best_hits = arch, hits

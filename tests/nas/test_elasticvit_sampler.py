@@ -10,14 +10,14 @@ import pytest
 import torch
 from test_hybrid_search import digits_space
 
-from nas import cost
+from nas import costs
 from nas.build import build_supernet
 from nas.export import save_subnet
 from nas.hybrid.arch import HybridArch
 from nas.report import read_log
 from nas.samplers import build_sampler
 from nas.samplers.elasticvit import ElasticViTSampler, in_window
-from nas.space import load_space
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, alpha_divergence, train
 
 
@@ -56,14 +56,14 @@ def test_elasticvit_replays_its_bank_walk_and_windows():
         assert sampler.bank == bank
         assert len(archs) == 4 and archs[-1] == sampler.floors[bank]  # ['uniform'] * 3 + ['min']
         for arch, recalled in zip(archs[:3], sampler.from_memory):
-            assert recalled or targets[bank] <= cost.macs(arch, space) <= targets[bank] + 20e6
-        sampler.update(archs, [0.0] * 4, lambda arch: -cost.macs(arch, space) / 1e9)
+            assert recalled or targets[bank] <= costs.macs(arch, space) <= targets[bank] + 20e6
+        sampler.update(archs, [0.0] * 4, lambda arch: -costs.macs(arch, space) / 1e9)
 
 
 def test_elasticvit_banks_are_scaled_onto_a_smaller_space():
     """ElasticViT's targets and window, mapped affinely from elasticvit-mobile's MACs range onto the CIFAR preset's."""
     mobile, cifar = load_space("elasticvit-mobile"), load_space("elasticvit-mobile-cifar")
-    (m_low, m_high), (c_low, c_high) = cost.macs_range(mobile), cost.macs_range(cifar)
+    (m_low, m_high), (c_low, c_high) = costs.macs_range(mobile), costs.macs_range(cifar)
     banks = build_sampler("elasticvit", cifar, seed=0).banks
     scale = (c_high - c_low) / (m_high - m_low)
     assert banks.targets == pytest.approx([c_low + (t * 1e6 - m_low) * scale for t in bank_flops_ranges()])
@@ -88,7 +88,7 @@ def test_elasticvit_memory_as_it_keeps_it():
         explored = [a for a, recalled in zip(archs, sampler.from_memory) if not recalled]
         remembered = [HybridArch.from_dict(arch) for bank in sampler.memory for arch, _ in bank]
         scored = []
-        sampler.update(archs, [0.0] * 4, lambda arch: scored.append(arch) or -cost.macs(arch, space) / 1e7)
+        sampler.update(archs, [0.0] * 4, lambda arch: scored.append(arch) or -costs.macs(arch, space) / 1e7)
         if len(scored) > len(explored):
             assert scored[:len(scored) - len(explored)] == [a for a in remembered if a in scored]
             rescored.add(step % steps_per_epoch)
@@ -140,8 +140,8 @@ def test_elasticvit_keeps_the_candidate_whose_width_counts_most():
                   for s, a in zip(arch.stages, anchor.stages)]
         depths = [dataclasses.replace(s, depth=a.depth) if s.op != "conv" else s
                   for s, a in zip(arch.stages, anchor.stages)]
-        return (cost.macs(HybridArch(arch.resolution, tuple(widths)), space)
-                - cost.macs(HybridArch(arch.resolution, tuple(depths)), space))
+        return (costs.macs(HybridArch(arch.resolution, tuple(widths)), space)
+                - costs.macs(HybridArch(arch.resolution, tuple(depths)), space))
 
     replay = np.random.default_rng()
     replay.bit_generator.state = sampler.rng.bit_generator.state
@@ -155,7 +155,7 @@ def test_elasticvit_floors_lie_under_their_banks_and_are_kept_in_the_state():
     space = load_space("elasticvit-mobile")
     sampler = build_sampler("elasticvit", space, seed=0)
     for bank, floor in enumerate(sampler.floors):
-        assert cost.macs(floor, space) <= sampler.banks.targets[bank]
+        assert costs.macs(floor, space) <= sampler.banks.targets[bank]
     state = sampler.state_dict()
     other = ElasticViTSampler(space, seed=7)
     other.load_state_dict(state)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from nas import cost
+from nas import costs
 from nas.samplers import build_sampler
-from nas.space import SearchSpace
 from nas.trainer import TrainConfig
+from nas.vit.space import SearchSpace
 
 # Ten layers, any of them an identity, any depth: the depth of a draw with identity probability p is Binomial(10, 1-p).
 SPACE = SearchSpace(name="identity-search", embed_dims=[32], depths=list(range(1, 11)), num_heads=[1, 2],
@@ -27,7 +27,7 @@ def expected_score(p: float) -> float:
 def test_the_search_finds_the_probability_that_maximises_the_expected_score():
     """score = -(depth - 7)^2: its expectation under identity probability p (depth Binomial(10, 1-p), a draw of depth
     0 refilled to 1) is best at p = 0.3 (-2.1; 0.2 and 0.4 give -2.6 and -3.4)."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     sampler = build_sampler("identity", SPACE, seed=3, total_steps=8, macs_range=(low, high),
                             search_probabilities=CANDIDATES, search_step=2, search_archs=2000)
     calibrated = sampler.scale
@@ -55,14 +55,14 @@ def test_the_search_finds_the_probability_that_maximises_the_expected_score():
 
 
 def test_only_archs_inside_the_budget_are_scored():
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.4 * (high - low), low + 0.6 * (high - low))
     sampler = build_sampler("identity", SPACE, seed=4, total_steps=4, macs_range=window,
                             search_probabilities=[0.2, 0.5, 0.8], search_step=1, search_archs=50)
     sampler.sample()
 
     def measure(arch):
-        assert window[0] <= cost.macs(arch, SPACE) <= window[1]
+        assert window[0] <= costs.macs(arch, SPACE) <= window[1]
         return 1.0
 
     record = sampler.update([], [], measure)["identity_probability_search"]
@@ -74,7 +74,7 @@ def test_every_candidate_is_judged_on_as_many_archs_and_the_count_does_not_decid
     """Deep archs fill the upper half of the MACs range: p = 0.6 leaves four layers on on average and seldom lands
     there, p = 0.1 nearly always does. Each draws until it has 20 archs inside, and the shallowest of them score best
     (1 / depth), so p = 0.6 is chosen, though it needed several times the draws."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.5 * (high - low), high)
     sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=window,
                             search_probabilities=[0.1, 0.3, 0.6], search_step=1, search_archs=20)
@@ -82,7 +82,7 @@ def test_every_candidate_is_judged_on_as_many_archs_and_the_count_does_not_decid
     measured = {}
 
     def measure(arch):
-        assert window[0] <= cost.macs(arch, SPACE) <= window[1]
+        assert window[0] <= costs.macs(arch, SPACE) <= window[1]
         measured[arch] = 1.0 / arch.depth
         return measured[arch]
 
@@ -97,7 +97,7 @@ def test_every_candidate_is_judged_on_as_many_archs_and_the_count_does_not_decid
 
 def test_a_candidate_that_cannot_draw_enough_archs_inside_the_budget_is_left_out():
     """p = 0.9 leaves one or two layers on: in 1,600 draws it finds fewer than the 20 deep archs asked for."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=(low + 0.5 * (high - low), high),
                             search_probabilities=[0.1, 0.9], search_step=1, search_archs=20, search_draws=1600)
     sampler.sample()
