@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import costs
-from ..family import Space
+from ..family import Space, family_of
 from ..hybrid.arch import HybridArch
 from ..hybrid.space import HybridSpace
 from ..spaces import load_space
@@ -102,7 +102,7 @@ class ElasticViTSampler(ArchSampler):
                  exploit_start: float = 0.2, exploit_increase: float = 0.15, exploit_every: int = 100,
                  floor_draws: int = 256):
         super().__init__(space, seed=seed, total_steps=total_steps)
-        if not isinstance(space, HybridSpace):
+        if family_of(space).name != "hybrid":
             raise ValueError(f"elasticvit follows ElasticViT's hybrid supernet; space {space.name!r} is a ViT space "
                              "(the complexity, performance and elasticvit-sandwich samplers take any space)")
         if min(candidates, memory_size, big_memory_size, exploit_every, floor_draws) < 1:
