@@ -22,12 +22,13 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
 - ``vitas``: ViTAS's two-sided width sharing against leading-only, private patch tokens per patch size on and off,
   and the identity probability searched during training against calibrated by bisection.
 
-Scales: ``smoke`` runs every study in seconds on the built-in digits (CI runs it: it checks the machinery, its figures
-mean nothing); ``cpu`` fits each study in about an hour on two cores, on CIFAR-10 at 32 px (``--data-dir``, default
-``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (40-55% against 10%) yet its subnets
-still differ by several points, so a comparison can show; ``gpu`` is the same task with more steps and seeds for one
-GPU. Every unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the
-study runs again; a killed training run continues from its last checkpoint. So a killed study continues.
+Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (CI
+runs it: it checks the machinery, its figures mean nothing); ``cpu`` fits each study in about an hour on two cores,
+on CIFAR-10 at 32 px (``--data-dir``, default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far
+above chance (40-55% against 10%) yet its subnets still differ by several points, so a comparison can show; ``gpu``
+is the same task with more steps and seeds for one GPU. Every unit (a training run, a search, a searcher's run)
+writes its result when it ends and is skipped when the study runs again; a killed training run continues from its
+last checkpoint. So a killed study continues.
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ class Scale:
     """What one scale trains and searches on; the task is chosen so the baseline lands far above chance."""
 
     dataset: str
-    space: str                  # a preset, or a ViT space of the same task that the vitas and supersam studies extend
+    space: str                  # a ViT preset of the task, which the vitas and supersam studies extend
+    hybrid_space: str           # the CIFAR-10 hybrid preset the samplers study trains (ElasticViT's sampler is for
+                                # hybrid spaces) on CIFAR-10 at every scale
     image_size: int
     in_chans: int
     train_steps: int            # steps of a one-subnet-a-step run; samplers' runs get the same subnet-images
@@ -83,15 +86,15 @@ class Scale:
 
 
 SCALES = {
-    "smoke": Scale("digits", "digits-tiny", 8, 1, train_steps=6, batch_size=32, lr=3e-3, holdout_images=120,
-                   test_images=120, seeds=2, search_generations=1, search_population=4, searcher_evaluations=12,
-                   searcher_population=4, reference_evaluations=24),
-    "cpu": Scale("cifar10", "cifar-tiny", 32, 3, train_steps=1500, batch_size=128, lr=2e-3, holdout_images=1000,
-                 test_images=2000, seeds=3, search_generations=6, search_population=25, searcher_evaluations=400,
-                 searcher_population=20, reference_evaluations=1000),
-    "gpu": Scale("cifar10", "cifar-tiny", 32, 3, train_steps=6000, batch_size=256, lr=2e-3, holdout_images=5000,
-                 test_images=10000, seeds=5, search_generations=10, search_population=50, searcher_evaluations=600,
-                 searcher_population=20, reference_evaluations=1000),
+    "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, batch_size=32, lr=3e-3,
+                   holdout_images=120, test_images=120, seeds=2, search_generations=1, search_population=4,
+                   searcher_evaluations=12, searcher_population=4, reference_evaluations=24),
+    "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, batch_size=128, lr=2e-3,
+                 holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
+                 searcher_evaluations=400, searcher_population=20, reference_evaluations=1000),
+    "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=6000, batch_size=256, lr=2e-3,
+                 holdout_images=5000, test_images=10000, seeds=5, search_generations=10, search_population=50,
+                 searcher_evaluations=600, searcher_population=20, reference_evaluations=1000),
 }
 SEARCHER_SEEDS = {"smoke": 2, "cpu": 10, "gpu": 10}
 
@@ -143,6 +146,7 @@ class Study:
         self.dir = out_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seeds = seeds or (SEARCHER_SEEDS[scale_name] if name == "searchers" else self.scale.seeds)
+        self.cifar_dir = data_dir
         self.data_dir = data_dir if self.scale.dataset != "digits" else None
         self.log = log
 
@@ -158,9 +162,10 @@ class Study:
         self.log(f"[study {self.name}] {key}: done in {result['seconds']:.1f} s")
         return result
 
-    def space_file(self, name: str, **changes) -> str:
-        """The scale's space with ``changes``, written as a YAML file of this study (its name: ``name``)."""
-        values = {**load_space(self.scale.space).to_dict(), **changes, "name": name}
+    def space_file(self, name: str, base: str | None = None, **changes) -> str:
+        """The space ``base`` (default: the scale's ViT space) with ``changes``, written as a YAML file of this study
+        (its name: ``name``)."""
+        values = {**load_space(base or self.scale.space).to_dict(), **changes, "name": name}
         path = self.dir / "spaces" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
@@ -244,16 +249,20 @@ def subnets_per_step(sampler: str, space: str, options: dict) -> int:
 
 
 def run_samplers(study: Study) -> str:
-    """Every training sampler at the same subnet-images, searched alike, against uniform."""
+    """Every training sampler at the same subnet-images, searched alike, against uniform, on the scale's hybrid
+    space on CIFAR-10 at every scale (ElasticViT's sampler walks FLOPs banks of hybrid spaces, and the hybrid presets
+    are CIFAR's)."""
     s = study.scale
+    space = s.hybrid_space
     samplers = {"uniform": {}, "sandwich": {}, "complexity": {}, "performance": {}, "elasticvit": {}, "learned": {}}
-    budgets = study.budgets(s.space)
+    budgets = study.budgets(space)
     scores: dict[str, dict[str, dict[int, float]]] = {}
     for name, options in samplers.items():
-        steps = max(1, round(s.train_steps / subnets_per_step(name, s.space, options)))
+        steps = max(1, round(s.train_steps / subnets_per_step(name, space, options)))
         for seed in range(study.seeds):
-            run = study.trained(f"{name}-s{seed}", study.train_settings(s.space, seed, steps, sampler=name,
-                                                                          sampler_options=options))
+            run = study.trained(f"{name}-s{seed}", study.train_settings(
+                space, seed, steps, sampler=name, sampler_options=options, dataset="cifar10",
+                data_dir=study.cifar_dir))
             found = study.searched(f"{name}-s{seed}", run["checkpoint"], budgets, seed)
             for b in budgets:
                 if b in found:
@@ -470,7 +479,7 @@ RUNNERS = {"searchers": run_searchers, "samplers": run_samplers, "supersam": run
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=(*STUDIES, "all"))
+    parser.add_argument("study", nargs="+", choices=(*STUDIES, "all"), help="one or more studies, or all")
     parser.add_argument("--scale", choices=tuple(SCALES), default="smoke")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the scale's)")
     parser.add_argument("--out-dir", default="runs/study")
@@ -479,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds must be at least 2 (an interval needs two values)")
-    for name in STUDIES if args.study == "all" else (args.study,):
+    for name in STUDIES if "all" in args.study else dict.fromkeys(args.study):
         RUNNERS[name](Study(name, args.scale, Path(args.out_dir), args.seeds, args.data_dir))
     return 0
 
