@@ -21,6 +21,7 @@ from nas.family import families, family_of, space_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-5, rtol=1e-5)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the hybrid supernet's small convolutions
 
 # One tiny space per family (8x8 one-channel images, three classes). A new family adds its own here.
 TINY_SPACES = {
