@@ -94,6 +94,10 @@ def test_every_family_is_registered_and_has_a_tiny_space_here():
         space = space_from_dict(data)
         assert family_of(space).name == name == family_of(space.max_arch()).name
         assert space_from_dict({**data, "family": name}) == space
+    with pytest.raises(ValueError, match="unknown family 'cnn': known are "):
+        space_from_dict({**TINY_SPACES["vit"], "family": "cnn"})
+    with pytest.raises(ValueError, match="no single family owns this space"):
+        space_from_dict({"name": "neither", "depths": [1]})
 
 
 def randomised(supernet: torch.nn.Module) -> torch.nn.Module:
