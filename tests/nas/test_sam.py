@@ -17,7 +17,7 @@ from torch import nn
 from elastic_ops import GroupSizes
 from nas.arch import Arch
 from nas.errors import CheckpointError
-from nas.sam import from_sam_state_dict, read_sam_weights
+from nas.sam.supernet import from_sam_state_dict, read_sam_weights
 
 
 def image_encoder_module():

@@ -35,12 +35,12 @@ from elastic_ops.conv import ElasticConv2d
 from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
-from .arch import Arch
-from .checkpoint import read_torch_file
-from .convert import load_converted
-from .errors import CheckpointError
-from .space import SearchSpace
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from ..arch import Arch
+from ..checkpoint import read_torch_file
+from ..convert import load_converted
+from ..errors import CheckpointError
+from ..space import SearchSpace
+from ..supernet import SupernetConfig, VisionTransformerSupernet
 
 
 @dataclass
