@@ -394,14 +394,18 @@ Space = SearchSpace | HybridSpace  # what samplers, searchers and the cost model
 
 
 def load_space(name_or_path: str | os.PathLike) -> Space:
-    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, or a
-    ``HybridSpace`` where the file lists stages."""
+    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, a
+    ``HybridSpace`` where the file lists stages, a ``SamSpace`` (``nas.sam.space``) where it has a ``sam`` key."""
+    from .sam.space import SamSpace, is_sam  # a subclass of SearchSpace: imported here, not at the top
+
     key = str(name_or_path)
     path = PRESETS.get(key, Path(key))
     if not path.is_file():
         raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
     try:
         data = yaml.safe_load(path.read_text())
+        if is_sam(data):
+            return SamSpace.from_dict(data)
         return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
     except (ValueError, TypeError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: not a valid search space: {error}") from error
