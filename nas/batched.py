@@ -140,6 +140,11 @@ class BatchedSubnets:
                 active = plan.embed.width
                 x[plan.running, ..., :active] = block.grouped_forward(x[plan.running, ..., :active], plan.embed,
                                                                       plan.heads, plan.hidden, plan.qk_groups)
+        return self.read_out(x)
+
+    def read_out(self, x: Tensor) -> Tensor:
+        """Each subnet's logits from the branches' tokens after the last layer ``[branches, B, N, E]``."""
+        supernet = self.supernet
         if supernet.config.global_pool == "token":  # the class token alone is normalised
             pooled = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
         else:
@@ -182,6 +187,8 @@ def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
     if isinstance(supernet, HybridSupernet):
         check_archs(supernet, archs)
         return hybrid_batched.batched_pass(supernet, archs)(images)
+    if hasattr(supernet, "batched_pass"):  # a supernet with its own (SAM's encoder)
+        return supernet.batched_pass(archs)(images)
     by_patch: dict[int, list[int]] = {}
     for k, arch in enumerate(archs):
         by_patch.setdefault(supernet.patch_size(arch) if isinstance(arch, Arch) else 0, []).append(k)

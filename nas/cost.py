@@ -45,6 +45,8 @@ import numpy as np
 from .arch import Arch, ArchBatch
 from .hybrid import cost as hybrid_cost
 from .hybrid.space import HybridSpace
+from .sam import cost as sam_cost
+from .sam.space import SamSpace
 
 if TYPE_CHECKING:
     from .space import SearchSpace
@@ -156,6 +158,8 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
     if isinstance(space, HybridSpace):
         return hybrid_cost.params_many(archs, space)
+    if isinstance(space, SamSpace):
+        return sam_cost.params_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
@@ -168,6 +172,8 @@ def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.nda
     """[K] int64 multiply-accumulates of one image's forward pass (see the module docstring)."""
     if isinstance(space, HybridSpace):
         return hybrid_cost.macs_many(archs, space)
+    if isinstance(space, SamSpace):
+        return sam_cost.macs_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
@@ -190,6 +196,8 @@ def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray
     In a hybrid space, the extremes also choose each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
     if isinstance(space, HybridSpace):
         return hybrid_cost.cost_range(space, cost)
+    if isinstance(space, SamSpace):
+        return sam_cost.cost_range(space, cost)
     def at_every_patch_size(arch: Arch) -> list[Arch]:
         return [dataclasses.replace(arch, patch_size=p) for p in space.patch_sizes] if len(space.patch_sizes) > 1 \
             else [arch]
@@ -204,8 +212,8 @@ def macs_range(space: "SearchSpace") -> tuple[int, int]:
     """MACs of ``space.min_arch()`` and ``space.max_arch()``: every arch of the space lies in between, since each
     choice only adds work (the patch embedding costs the same for every patch size). In a hybrid space, of the
     cheapest and costliest choice of each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
-    if isinstance(space, HybridSpace):
-        low, high = hybrid_cost.cost_range(space, lambda archs: macs_many(archs, space))
+    if isinstance(space, (HybridSpace, SamSpace)):
+        low, high = cost_range(space, lambda archs: macs_many(archs, space))
         return int(low), int(high)
     return macs(space.min_arch(), space), macs(space.max_arch(), space)
 

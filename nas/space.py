@@ -405,7 +405,7 @@ def load_space(name_or_path: str | os.PathLike) -> Space:
     try:
         data = yaml.safe_load(path.read_text())
         if is_sam(data):
-            return SamSpace.from_dict(data)
+            return SamSpace.from_dict({k: v for k, v in data.items() if k != "family"})
         return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
     except (ValueError, TypeError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: not a valid search space: {error}") from error

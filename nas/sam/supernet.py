@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
 from ..arch import Arch
+from ..batched import BatchedSubnets
 from ..checkpoint import read_torch_file
 from ..convert import load_converted
 from ..errors import CheckpointError
@@ -141,6 +142,11 @@ class SamEncoderSupernet(VisionTransformerSupernet):
         return dense_logits(self.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
 
 
+    def batched_pass(self, archs: Sequence[Arch]) -> "SamBatchedSubnets":
+        """The K subnets ``archs`` in one pass (``nas.batched``): ``self.batched_pass(archs)(images)`` gives
+        ``[K, B, ...]``, subnet k's equal to ``self(images, archs[k])`` in eval mode."""
+        return SamBatchedSubnets(self, archs)
+
     @torch.no_grad()
     def extract(self, arch: Arch | None = None) -> SamEncoder:
         """A plain :class:`~nas.sam.plain.SamEncoder` holding copies of the active weights of ``arch`` (default: the
@@ -174,6 +180,21 @@ class SamEncoderSupernet(VisionTransformerSupernet):
         if self.head is not None:
             model.head.load_state_dict(self.head.state_dict())
         return model.eval()
+
+
+class SamBatchedSubnets(BatchedSubnets):
+    """:class:`~nas.batched.BatchedSubnets` of a SAM encoder: the layers (windowed ones included) run per branch as
+    a ViT's; the neck and head run once on every branch, whose padding channels past its embed dim are zero, so the
+    neck's first conv over the widest embed dim gives each branch the result over its own channels."""
+
+    def read_out(self, x: Tensor) -> Tensor:
+        supernet, c = self.supernet, self.supernet.config
+        branches, batch, _, width = x.shape
+        grid = x.transpose(2, 3).reshape(branches * batch, width, c.grid, c.grid)
+        features = supernet.neck(grid)
+        out = features if supernet.head is None else dense_logits(
+            supernet.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
+        return out.reshape(branches, batch, *out.shape[1:])[self.branch_of_subnet]
 
 
 # -- conversion ------------------------------------------------------------------------------------------------------
