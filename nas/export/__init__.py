@@ -1,11 +1,13 @@
-"""Subnet export: a standalone plain ViT (``elastic_ops/plain.py``, which imports only torch) or hybrid network
-(``elastic_ops/plain_hybrid.py``), its file format, and TorchScript, ``torch.export``, ONNX and safetensors
+"""Subnet export: a standalone plain ViT (``elastic_ops/plain.py``, which imports only torch), hybrid network
+(``elastic_ops/plain_hybrid.py``) or SAM encoder (``nas/sam/plain.py``), its file format, and TorchScript,
+``torch.export``, ONNX and safetensors
 (:data:`FORMATS`, each with a way to run it again); ``python -m nas.export`` is the command line.
 
 The saved file is a ``torch.save`` of a dict of plain types (loaded with ``weights_only=True``):
 ``{"format": FORMAT, "version": VERSION, "arch": Arch.to_dict(), "model": VisionTransformer kwargs,
 "state_dict": ...}``; a hybrid subnet's also has ``"kind": "hybrid"``, and its ``"model"`` is its space
-(``HybridSpace.to_dict()``), from which and the arch ``nas.hybrid.export.rebuild`` makes the network.
+(``HybridSpace.to_dict()``), from which and the arch ``nas.hybrid.export.rebuild`` makes the network; a SAM
+encoder's has ``"kind": "sam"`` and its ``"model"`` is ``SamEncoder`` kwargs.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ..hybrid.arch import HybridArch
 from ..hybrid.export import rebuild
 from ..hybrid.space import HybridSpace
 from ..hybrid.supernet import HybridSupernet
+from ..sam.plain import SamEncoder
 from ..supernet import VisionTransformerSupernet
 
 FORMAT = "elastic_ops.subnet"
@@ -45,7 +48,7 @@ def extract_subnet(supernet: VisionTransformerSupernet | HybridSupernet, arch: A
     side (two-sided width sharing) gets copies of the trailing channels it reads. A hybrid supernet gives
     its plain ``HybridNetwork`` (``HybridSupernet.extract``; recalibrate its BatchNorms for the arch first).
     """
-    if isinstance(supernet, HybridSupernet):
+    if hasattr(supernet, "extract"):  # a family with its own plain network (hybrid, SAM's encoder)
         return supernet.extract(arch)
     if arch is not None:
         supernet.set_arch(arch)
@@ -87,6 +90,19 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
     }
 
 
+def plain_description(model: VisionTransformer | SamEncoder) -> dict[str, Any]:
+    """What a saved plain ViT or SAM encoder records to be built again: its constructor arguments, and for a SAM
+    encoder ``"kind": "sam"``."""
+    if isinstance(model, SamEncoder):
+        return {"kind": "sam", "model": model.kwargs()}
+    return {"model": model_kwargs(model)}
+
+
+def plain_module(description: dict[str, Any]) -> VisionTransformer | SamEncoder:
+    """The plain ViT or SAM encoder that :func:`plain_description` describes, its weights still to be loaded."""
+    return (SamEncoder if description.get("kind") == "sam" else VisionTransformer)(**description["model"])
+
+
 def save_subnet(path: str | os.PathLike, model: VisionTransformer | HybridNetwork, arch: Arch | HybridArch,
                 space: HybridSpace | None = None) -> None:
     """Write ``model`` (an extracted subnet) and its ``arch`` to ``path`` atomically (temporary file, then rename).
@@ -99,8 +115,8 @@ def save_subnet(path: str | os.PathLike, model: VisionTransformer | HybridNetwor
                             f"{type(space).__name__}")
         space.validate(arch)
         payload.update(kind="hybrid", model=space.to_dict())
-    elif isinstance(model, VisionTransformer):
-        payload["model"] = model_kwargs(model)
+    elif isinstance(model, (VisionTransformer, SamEncoder)):
+        payload.update(plain_description(model))
     else:
         raise TypeError(f"save_subnet: model must be an elastic_ops.plain.VisionTransformer or "
                         f"elastic_ops.plain_hybrid.HybridNetwork (see extract_subnet), got {type(model).__name__}")
@@ -133,7 +149,7 @@ def load_subnet(path: str | os.PathLike, map_location: str | torch.device = "cpu
             model = rebuild(HybridSpace.from_dict(payload["model"]), arch)
         else:
             arch = Arch.from_dict(payload["arch"])
-            model = VisionTransformer(**payload["model"])
+            model = plain_module(payload)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"load_subnet: {path} holds an inconsistent subnet: {error}") from error
@@ -202,7 +218,7 @@ def to_safetensors(model: VisionTransformer, arch: Arch, directory: str | os.Pat
     directory.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()},
               str(directory / SAFETENSORS_WEIGHTS))
-    config = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(), "model": model_kwargs(model)}
+    config = {"format": FORMAT, "version": VERSION, "arch": arch.to_dict(), **plain_description(model)}
     atomic_write_text(directory / SAFETENSORS_CONFIG, json.dumps(config, indent=1))
 
 
@@ -215,7 +231,7 @@ def load_safetensors(directory: str | os.PathLike) -> tuple[VisionTransformer, A
         config = json.loads((directory / SAFETENSORS_CONFIG).read_text())
         if config.get("format") != FORMAT or config.get("version") != VERSION:
             raise ValueError(f"its {SAFETENSORS_CONFIG} is not of format {FORMAT} version {VERSION}")
-        model = VisionTransformer(**config["model"])
+        model = plain_module(config)
         model.load_state_dict(load_file(str(directory / SAFETENSORS_WEIGHTS)))
         return model.eval(), Arch.from_dict(config["arch"])
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
