@@ -142,6 +142,15 @@ class SamEncoderSupernet(VisionTransformerSupernet):
         return dense_logits(self.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
 
 
+    def pretrained_state(self, weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Pretrained weights (``nas.pretrained.init_from``) under this supernet's names: a whole SAM checkpoint's
+        image encoder or an encoder's own state dict, with SAM's names (every tensor of the encoder has a
+        counterpart here), or this library's (a ``nas.train`` checkpoint); and the names of a whole checkpoint's
+        tensors that are not the encoder's."""
+        encoder, not_encoder = split_encoder(weights)
+        converted, other_names = renamed_sam_state(encoder)
+        return {**{name: encoder[name] for name in other_names}, **converted}, not_encoder
+
     def batched_pass(self, archs: Sequence[Arch]) -> "SamBatchedSubnets":
         """The K subnets ``archs`` in one pass (``nas.batched``): ``self.batched_pass(archs)(images)`` gives
         ``[K, B, ...]``, subnet k's equal to ``self(images, archs[k])`` in eval mode."""
@@ -238,6 +247,18 @@ def renamed_sam_state(encoder_state: Mapping[str, Tensor]) -> tuple[dict[str, Te
     return converted, unexpected
 
 
+ENCODER_PREFIX = "image_encoder."
+
+
+def split_encoder(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The image encoder's tensors of a whole SAM state dict (``image_encoder.`` stripped) and the names of the
+    others (the prompt encoder's and mask decoder's); a state dict without that prefix is all encoder."""
+    if not any(name.startswith(ENCODER_PREFIX) for name in state):
+        return dict(state), []
+    return ({name[len(ENCODER_PREFIX):]: t for name, t in state.items() if name.startswith(ENCODER_PREFIX)},
+            sorted(name for name in state if not name.startswith(ENCODER_PREFIX)))
+
+
 def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The image encoder's tensors in a SAM checkpoint (``image_encoder.*``) or an encoder's own state dict, read
     with ``weights_only=True``; a one-line CheckpointError for anything else."""
@@ -250,9 +271,7 @@ def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def sam_encoder_state(state: Mapping[str, Tensor], source: str = "the state dict") -> dict[str, Tensor]:
     """The encoder's tensors of a whole SAM state dict (``image_encoder.`` stripped) or of an encoder's own."""
-    prefix = "image_encoder."
-    if any(name.startswith(prefix) for name in state):
-        state = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+    state, _ = split_encoder(state)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(f"SAM weights: {source} has no patch_embed.proj.weight and pos_embed; is it SAM's image "
                               "encoder (or a SAM checkpoint)?")
