@@ -21,16 +21,15 @@ from nas.sam.supernet import from_sam_state_dict, read_sam_weights
 
 
 def image_encoder_module():
-    """segment_anything.modeling.image_encoder without the package's __init__ (which imports torchvision)."""
+    """segment_anything.modeling.image_encoder without the package's __init__ (which imports torchvision); its
+    ``modeling`` and ``build_sam`` import as they are."""
     if "segment_anything" not in sys.modules:
         spec = importlib.util.find_spec("segment_anything")
         if spec is None:
             pytest.skip("pip install segment-anything")
         package = types.ModuleType("segment_anything")
         package.__path__ = list(spec.submodule_search_locations)
-        modeling = types.ModuleType("segment_anything.modeling")
-        modeling.__path__ = [f"{package.__path__[0]}/modeling"]
-        sys.modules.update({"segment_anything": package, "segment_anything.modeling": modeling})
+        sys.modules["segment_anything"] = package
     return importlib.import_module("segment_anything.modeling.image_encoder")
 
 

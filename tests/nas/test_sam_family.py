@@ -1,0 +1,172 @@
+"""The SAM family: the presets against segment-anything's own builders, exact costs against FlopCounterMode and a
+hand count, extraction and batched passes against the supernet's subnets, and the command lines on a SAM checkpoint
+(nas.train --init-from with its report, nas.search, nas.export), as the issue's check runs them."""
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+from functools import partial
+
+import processes
+import pytest
+import torch
+import yaml
+from test_sam import image_encoder_module
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from nas import cost
+from nas.batched import batched_forward
+from nas.build import build_supernet
+from nas.export import FORMATS, extract_subnet
+from nas.sam.plain import SamBlock
+from nas.sam.supernet import from_sam_state_dict
+from nas.space import PRESETS, load_space
+
+TINY = load_space("sam-seg-tiny")
+MNIST = str(processes.REPO / ".." / "shared" / "data" / "mnist")
+
+
+def preset_encoder(name: str) -> nn.Module:
+    """segment-anything's ImageEncoderViT built from the preset file's ``sam:`` arguments, as SAM builds it."""
+    arguments = yaml.safe_load(PRESETS[name].read_text())["sam"]
+    return image_encoder_module().ImageEncoderViT(**arguments, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_sam_vit_b_is_the_encoder_segment_anything_builds():
+    image_encoder_module()
+    build_sam = importlib.import_module("segment_anything.build_sam")
+    with torch.device("meta"):
+        sam = build_sam.build_sam_vit_b()
+        ours = preset_encoder("sam-vit-b")
+    theirs = {name: t.shape for name, t in sam.image_encoder.state_dict().items()}
+    assert {name: t.shape for name, t in ours.state_dict().items()} == theirs
+    space = load_space("sam-vit-b")
+    blocks = sam.image_encoder.blocks
+    assert space.global_layers == tuple(i for i, block in enumerate(blocks) if block.window_size == 0) == (2, 5, 8, 11)
+    assert space.window_size == blocks[0].window_size == 14
+    # The cost model counts every weight of the encoder (89.7M, SAM ViT-B's image encoder).
+    assert cost.params(space.max_arch(), space) == sum(t.numel() for t in sam.image_encoder.parameters()) == 89670912
+    with torch.device("meta"):
+        tiny = preset_encoder("sam-seg-tiny")
+    head = (TINY.out_chans + 1) * TINY.num_classes * TINY.patch_sizes[0] ** 2
+    assert cost.params(TINY.max_arch(), TINY) == sum(t.numel() for t in tiny.parameters()) + head
+
+
+def test_costs_are_exact_for_windowed_attention_with_padding():
+    # One windowed layer of sam-seg-tiny by hand: embed 96, 2 heads of 32 (A = 64), MLP 192, an 8x8 grid in windows of
+    # 3, padded to 9x9 (81 tokens, 9 windows of 9).
+    hand_macs = (81 * 96 * 3 * 64  # qkv on the padded grid
+                 + 9 * (9 * 9 * 64) * 2  # q @ k^T and attn @ v in each window
+                 + 81 * (3 + 3) * 64  # decomposed relative position: each query against 3 rows and 3 columns
+                 + 81 * 64 * 96  # output projection on the padded grid
+                 + 2 * 64 * 96 * 192)  # fc1 and fc2 on the 8x8 grid
+    hand_params = 4 * 96 + 97 * 192 + 65 * 96 + 97 * 192 + 193 * 96 + 2 * 5 * 32
+    block = SamBlock(96, 2, 32, 192, grid=8, window_size=3)
+    with FlopCounterMode(display=False) as counter:
+        block(torch.randn(1, 64, 96))
+    assert counter.get_total_flops() == 2 * hand_macs
+    assert sum(p.numel() for p in block.parameters()) == hand_params
+    # The same layer is the difference between two archs that differ in it alone.
+    full = TINY.max_arch()
+    narrow = full.__class__(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True,) * 6)
+    without = full.__class__(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True, False) + (True,) * 4)
+    assert cost.macs(narrow, TINY) - cost.macs(without, TINY) == hand_macs
+    assert cost.params(narrow, TINY) - cost.params(without, TINY) == hand_params
+    # Whole subnets (global and windowed layers, neck, dense head) against the counter on the extracted encoder.
+    supernet = build_supernet(TINY).eval()
+    archs = [TINY.max_arch(), TINY.min_arch()] + [TINY.sample(seed) for seed in range(4)]
+    counted = []
+    for arch in archs:
+        model = extract_subnet(supernet, arch)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 1, 32, 32))
+        counted.append((counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())))
+    assert counted == list(zip(cost.macs_many(archs, TINY).tolist(), cost.params_many(archs, TINY).tolist()))
+    low, high = cost.macs_range(TINY)
+    draws = cost.macs_many(TINY.sample_many(0, 500), TINY)
+    assert low <= draws.min() and draws.max() <= high == cost.macs(TINY.max_arch(), TINY)
+
+
+def test_extracted_and_batched_subnets_equal_the_supernets():
+    encoder = random_weights(preset_encoder("sam-seg-tiny"))
+    supernet = from_sam_state_dict(encoder.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(extract_subnet(supernet, supernet.config.space.max_arch())(x), encoder(x),
+                                   atol=1e-4, rtol=1e-4)
+    supernet = random_weights(build_supernet(TINY))
+    archs = [TINY.max_arch(), TINY.min_arch()] + [TINY.sample(seed) for seed in range(3)]
+    with torch.no_grad():
+        one_by_one = torch.stack([supernet(x, arch) for arch in archs])
+        torch.testing.assert_close(batched_forward(supernet, x, archs), one_by_one, atol=1e-4, rtol=1e-4)
+        for arch, expected in zip(archs, one_by_one):
+            torch.testing.assert_close(extract_subnet(supernet, arch)(x), expected, atol=1e-4, rtol=1e-4)
+    assert one_by_one.shape == (len(archs), 2, 11, 32, 32) and not one_by_one[0].equal(one_by_one[1])
+
+
+def test_every_export_format_runs_the_subnet(tmp_path):
+    supernet = random_weights(build_supernet(TINY))
+    arch = TINY.min_arch()  # three layers, one global: the traces of torch.export and ONNX stay short
+    model, x = extract_subnet(supernet, arch), torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = supernet(x, arch)
+    for name, export in FORMATS.items():
+        export.write(model, arch, tmp_path / export.path, x)
+        with torch.no_grad():
+            torch.testing.assert_close(export.load(tmp_path / export.path)(x), expected, atol=1e-4, rtol=1e-4,
+                                       msg=name)
+
+
+def run_cli(module: str, *args: str) -> None:
+    status = importlib.import_module(module).main(list(args))
+    assert status == 0, f"{module} {' '.join(args)} exited {status}"
+
+
+@pytest.mark.skipif(not pathlib.Path(MNIST).is_dir(), reason=f"MNIST is not at {MNIST}")
+def test_a_sam_checkpoint_trains_searches_and_exports_through_the_command_lines(tmp_path, capsys):
+    encoder = random_weights(preset_encoder("sam-seg-tiny"))
+    whole = {f"image_encoder.{name}": t for name, t in encoder.state_dict().items()}
+    whole |= {"prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": torch.randn(2, 128),
+              "mask_decoder.iou_token.weight": torch.randn(1, 256)}
+    torch.save(whole, tmp_path / "sam.pth")
+    train = ["--space", "sam-seg-tiny", "--dataset", "mnist-seg", "--data-dir", MNIST, "--init-from",
+             str(tmp_path / "sam.pth"), "--steps", "1", "--batch-size", "8", "--train-subset", "16", "--test-subset",
+             "8", "--search-holdout", "16", "--warmup-steps", "1", "--eval-batch-size", "16", "--no-progress",
+             "--no-plot", "--init-reorder", "none"]
+    run_cli("nas.train", *train, "--out-dir", str(tmp_path / "train"))
+    report = json.loads((tmp_path / "train" / "init_report.json").read_text())
+    assert sorted(report["loaded"]) == sorted(name for name in build_supernet(TINY).state_dict()
+                                              if not name.startswith("head."))
+    assert report["partial"] == [] and report["unused"] == []
+    assert sorted(report["not_loaded"]) == ["head.bias (not in the file)", "head.weight (not in the file)"]
+    assert report["unused_by_design"] == ["mask_decoder.iou_token.weight",
+                                          "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+
+    checkpoint = str(sorted((tmp_path / "train" / "checkpoints").glob("*.pt"))[-1])
+    run_cli("nas.search", "--checkpoint", checkpoint, "--algorithm", "autotuner", "--budget", "macs=40M",
+            "--generations", "1", "--population", "2", "--holdout-images", "8", "--test-images", "8", "--out-dir",
+            str(tmp_path / "search"), "--no-progress")
+    best = json.loads((tmp_path / "search" / "search.json").read_text())["best"]["macs=40M"]
+    assert best["macs"] == cost.macs(TINY.arch_type.from_dict(best["arch"]), TINY) <= 40e6
+    run_cli("nas.export.__main__", "--checkpoint", checkpoint, "--arch", json.dumps(best["arch"]), "--format",
+            "pytorch", "--out-dir", str(tmp_path / "export"))
+    assert "largest relative difference" in capsys.readouterr().out
+
+    # A tensor of the encoder that fits nowhere is an error naming it, unless the initialisation may be partial.
+    torch.save(whole | {"image_encoder.blocks.0.attn.q_norm.weight": torch.ones(32)}, tmp_path / "extra.pth")
+    extra = [*train[:7], str(tmp_path / "extra.pth"), *train[8:]]
+    assert importlib.import_module("nas.train").main([*extra, "--out-dir", str(tmp_path / "refused")]) == 2
+    assert "blocks.0.attn.q_norm.weight" in capsys.readouterr().err
+    run_cli("nas.train", *extra, "--allow-partial-init", "--out-dir", str(tmp_path / "partial"))
+    report = json.loads((tmp_path / "partial" / "init_report.json").read_text())
+    assert report["unused"] == ["blocks.0.attn.q_norm.weight"] and "pos_embed" in report["loaded"]
