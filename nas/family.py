@@ -138,7 +138,7 @@ class Family(ABC):
                      statistics: Sequence[Any] | None = None) -> Callable[[Tensor], Tensor]:
         """images -> the stacked outputs ``[K, B, ...]`` of the subnets ``archs`` (checked), each equal to
         ``supernet(images, arch)`` in eval mode; ``statistics``: per arch, the BatchNorm statistics it runs with
-        (``nas.hybrid.batched.BatchNormStats``; families with ``batch_norm`` only)."""
+        (``nas.batch_norm.BatchNormStats``; families with ``batch_norm`` only)."""
 
     @abstractmethod
     def pass_memory_per_image(self, supernet: Supernet, archs: Sequence[Arch], dtype: torch.dtype) -> int:
@@ -171,9 +171,24 @@ class Family(ABC):
     def decode_decisions(self, space: Space, choices: np.ndarray) -> Any:
         """Canonical archs (a batch) from ``[B, decisions]`` choice indices into :meth:`decisions`."""
 
+    def pretrained_weights(self, weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Pretrained tensors (``nas.train``'s ``init_from``, families with ``pretrained_init``) under the supernet's
+        names, and the names of those that are not for this family's supernets by design (listed apart in the
+        report). The default: the names are the supernet's already."""
+        return dict(weights), []
+
     def layer_drop_refusal(self, space: Space) -> str | None:
         """Why layers of ``space`` cannot be dropped (identity layers: ViTAS, SuperSAM), or None where they can."""
         return f"space {space.name!r} is of the {self.name} family, whose layers cannot be dropped"
+
+
+def check_archs(supernet: Supernet, archs: Sequence[Arch]) -> None:
+    """Every arch must be a subnet of ``supernet`` (ValueError or TypeError naming the first that is not)."""
+    for index, arch in enumerate(archs):
+        try:
+            supernet.check_arch(arch)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"arch {index} of {len(archs)}: {error}") from error
 
 
 FAMILY_MODULE = "family"  # nas/<package>/family.py defines FAMILY
@@ -238,5 +253,5 @@ def check_supported(space: Space, capability: str, what: str) -> None:
                          f"space {space.name!r} is of the {family.name} family")
 
 
-__all__ = ["Arch", "Cost", "Family", "Space", "Supernet", "check_supported", "families", "family_of",
+__all__ = ["Arch", "Cost", "Family", "Space", "Supernet", "check_archs", "check_supported", "families", "family_of",
            "family_of_space_data", "get_family", "space_from_dict"]

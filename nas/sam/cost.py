@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..arch import Arch, ArchBatch
+from ..vit.arch import Arch, ArchBatch
 from .space import SamSpace
 
 
@@ -38,7 +38,7 @@ def layer_geometry(space: SamSpace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dims(archs: Sequence[Arch] | ArchBatch, space: SamSpace):
-    batch = archs if isinstance(archs, ArchBatch) else ArchBatch.from_archs(list(archs))
+    batch = archs if isinstance(archs, ArchBatch) else space.batch_type.from_archs(list(archs))
     if batch.max_depth != space.max_depth:
         raise ValueError(f"archs have {batch.max_depth} supernet layers, space {space.name!r} has {space.max_depth}")
     return (batch.embed_dim[:, None].astype(np.int64), batch.num_heads.astype(np.int64) * space.head_dim,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..space import SearchSpace
+from ..vit.space import SearchSpace
+from .arch import SamArch, SamArchBatch
 
 # ImageEncoderViT's arguments that this family reproduces, and the values it needs of the others.
 ENCODER_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "out_chans",
@@ -30,6 +31,10 @@ class SamSpace(SearchSpace):
     global_layers: tuple[int, ...] = ()
     out_chans: int = 256
     layer_norm_eps: float = 1e-6
+
+    family: ClassVar[str] = "sam"
+    arch_type: ClassVar[type] = SamArch
+    batch_type: ClassVar[type] = SamArchBatch
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,7 +78,7 @@ class SamSpace(SearchSpace):
         for name in ("img_size", "patch_sizes", "in_chans", "head_dim", "window_size", "global_layers", "out_chans",
                      "identity_layers", "private_class_tokens", "private_qk", "relative_position"):
             del data[name]
-        return {**data, "sam": self.encoder_kwargs}
+        return {"family": self.family, **data, "sam": self.encoder_kwargs}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamSpace":
@@ -81,7 +86,7 @@ class SamSpace(SearchSpace):
         (0: the encoder's features, no head), ``task`` and ``layer_norm_eps``."""
         if not isinstance(data, dict) or not isinstance(data.get("sam"), dict):
             raise ValueError("SamSpace: expected a mapping with a 'sam' mapping of ImageEncoderViT's arguments")
-        data = dict(data)
+        data = {name: value for name, value in data.items() if name != "family"}  # the key that names the family
         encoder = dict(data.pop("sam"))
         unknown = set(encoder) - set(ENCODER_ARGS) - set(FIXED_ARGS) - set(IGNORED_ARGS)
         missing = set(ENCODER_ARGS) - set(encoder)

@@ -11,11 +11,11 @@ SAM's ``ImageEncoderViT`` differs from a timm ViT in four ways, which :class:`Sa
   output ``[B, out_chans, g, g]`` is what the encoder returns. With ``num_classes > 0`` a dense head maps each
   position of it to the logits of its ``p x p`` pixels (``[B, num_classes, H, W]``).
 
-Every layer is elastic as in :class:`~nas.supernet.VisionTransformerSupernet` (embed dim, heads, MLP width, and
+Every layer is elastic as in :class:`~nas.vit.supernet.VisionTransformerSupernet` (embed dim, heads, MLP width, and
 layers on or off, as SuperSAM drops them), and the MLP importance reordering is the same. :func:`from_sam_state_dict`
 converts SAM's weights (``image_encoder.*`` of a SAM checkpoint, or an encoder's own state dict), inferring the
 sizes from them; :func:`read_sam_weights` reads a file the user passes (``weights_only=True``; nothing is downloaded).
-What this supernet does not do yet: batched evaluation (``nas.batched``), export to ``elastic_ops.plain`` and the
+What this supernet does not do yet: batched evaluation (``nas.vit.batched``), export to ``elastic_ops.plain`` and the
 cost model of windowed attention; ``nas.train`` and ``nas.search`` build ViT supernets of their spaces.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +35,12 @@ from elastic_ops.conv import ElasticConv2d
 from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
-from ..arch import Arch
-from ..batched import BatchedSubnets
 from ..checkpoint import read_torch_file
 from ..convert import load_converted
 from ..errors import CheckpointError
-from ..supernet import SupernetConfig, VisionTransformerSupernet
+from ..vit.arch import Arch
+from ..vit.batched import BatchedSubnets
+from ..vit.supernet import SupernetConfig, VisionTransformerSupernet
 from .plain import LayerNorm2d, SamEncoder
 from .space import SamSpace
 
@@ -85,6 +86,8 @@ class SamNeck(nn.Module):
 class SamEncoderSupernet(VisionTransformerSupernet):
     """SAM's image encoder with every subnet of ``config.space`` (see the module's description). Arch handling and
     MLP importance reordering are :class:`VisionTransformerSupernet`'s; the layers, tokens and output are SAM's."""
+
+    family: ClassVar[str] = "sam"
 
     def __init__(self, config: SamEncoderConfig):
         nn.Module.__init__(self)
@@ -141,15 +144,6 @@ class SamEncoderSupernet(VisionTransformerSupernet):
             return features
         return dense_logits(self.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
 
-
-    def pretrained_state(self, weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-        """Pretrained weights (``nas.pretrained.init_from``) under this supernet's names: a whole SAM checkpoint's
-        image encoder or an encoder's own state dict, with SAM's names (every tensor of the encoder has a
-        counterpart here), or this library's (a ``nas.train`` checkpoint); and the names of a whole checkpoint's
-        tensors that are not the encoder's."""
-        encoder, not_encoder = split_encoder(weights)
-        converted, other_names = renamed_sam_state(encoder)
-        return {**{name: encoder[name] for name in other_names}, **converted}, not_encoder
 
     def batched_pass(self, archs: Sequence[Arch]) -> "SamBatchedSubnets":
         """The K subnets ``archs`` in one pass (``nas.batched``): ``self.batched_pass(archs)(images)`` gives
@@ -259,6 +253,16 @@ def split_encoder(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[
             sorted(name for name in state if not name.startswith(ENCODER_PREFIX)))
 
 
+def pretrained_state(weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Pretrained weights (``nas.pretrained.init_from``) under the supernet's names: a whole SAM checkpoint's image
+    encoder or an encoder's own state dict, with SAM's names (every tensor of the encoder has a counterpart here), or
+    the supernet's own (a ``nas.train`` checkpoint); and the names of a whole checkpoint's tensors that are not the
+    encoder's."""
+    encoder, not_encoder = split_encoder(weights)
+    converted, other_names = renamed_sam_state(encoder)
+    return {**{name: encoder[name] for name in other_names}, **converted}, not_encoder
+
+
 def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The image encoder's tensors in a SAM checkpoint (``image_encoder.*``) or an encoder's own state dict, read
     with ``weights_only=True``; a one-line CheckpointError for anything else."""
@@ -331,4 +335,4 @@ def from_sam_state_dict(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-
 
 
 __all__ = ["SamEncoderConfig", "SamEncoderSupernet", "SamNeck", "from_sam_state_dict",
-           "read_sam_weights", "renamed_sam_state", "sam_config", "sam_encoder_state"]
+           "pretrained_state", "read_sam_weights", "renamed_sam_state", "sam_config", "sam_encoder_state"]

@@ -15,9 +15,10 @@ from hostile import RunsCode
 from torch import nn
 
 from elastic_ops import GroupSizes
-from nas.arch import Arch
 from nas.errors import CheckpointError
+from nas.export import extract_subnet
 from nas.sam.supernet import from_sam_state_dict, read_sam_weights
+from nas.vit.arch import Arch
 
 
 def image_encoder_module():
@@ -56,6 +57,7 @@ def test_the_largest_subnet_reproduces_the_sam_encoder():
     with torch.no_grad():
         expected = encoder(x)
         torch.testing.assert_close(model(x, c.space.max_arch()), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(extract_subnet(model, c.space.max_arch())(x), expected, atol=1e-4, rtol=1e-4)
         # A SAM checkpoint holds the encoder under image_encoder.
         whole = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()} | {"mask_decoder.w": torch.ones(1)}
         torch.testing.assert_close(from_sam_state_dict(whole)(x), expected, atol=1e-4, rtol=1e-4)

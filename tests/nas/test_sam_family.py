@@ -1,6 +1,7 @@
-"""The SAM family: the presets against segment-anything's own builders, exact costs against FlopCounterMode and a
-hand count, extraction and batched passes against the supernet's subnets, and the command lines on a SAM checkpoint
-(nas.train --init-from with its report, nas.search, nas.export), as the issue's check runs them."""
+"""The SAM family: the presets against segment-anything's own builders, the cost of a windowed layer by hand, and the
+command lines on a SAM checkpoint (nas.train --init-from with
+its report, nas.search, nas.export), as the issue's check runs them. Costs, batched passes, extraction and every export
+format of every family: tests/nas/test_families.py."""
 from __future__ import annotations
 
 import importlib
@@ -16,13 +17,10 @@ from test_sam import image_encoder_module
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas import cost
-from nas.batched import batched_forward
+from nas import costs as cost
 from nas.build import build_supernet
-from nas.export import FORMATS, extract_subnet
 from nas.sam.plain import SamBlock
-from nas.sam.supernet import from_sam_state_dict
-from nas.space import PRESETS, load_space
+from nas.spaces import PRESETS, load_space
 
 TINY = load_space("sam-seg-tiny")
 MNIST = str(processes.REPO / ".." / "shared" / "data" / "mnist")
@@ -77,54 +75,14 @@ def test_costs_are_exact_for_windowed_attention_with_padding():
     assert counter.get_total_flops() == 2 * hand_macs
     assert sum(p.numel() for p in block.parameters()) == hand_params
     # The same layer is the difference between two archs that differ in it alone.
-    full = TINY.max_arch()
-    narrow = full.__class__(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True,) * 6)
-    without = full.__class__(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True, False) + (True,) * 4)
+    narrow = TINY.arch_type(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True,) * 6)
+    without = TINY.arch_type(96, (3, 2, 3, 3, 3, 3), (4.0, 2.0, 4.0, 4.0, 4.0, 4.0), (True, False) + (True,) * 4)
     assert cost.macs(narrow, TINY) - cost.macs(without, TINY) == hand_macs
     assert cost.params(narrow, TINY) - cost.params(without, TINY) == hand_params
-    # Whole subnets (global and windowed layers, neck, dense head) against the counter on the extracted encoder.
-    supernet = build_supernet(TINY).eval()
-    archs = [TINY.max_arch(), TINY.min_arch()] + [TINY.sample(seed) for seed in range(4)]
-    counted = []
-    for arch in archs:
-        model = extract_subnet(supernet, arch)
-        with FlopCounterMode(display=False) as counter:
-            model(torch.randn(1, 1, 32, 32))
-        counted.append((counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())))
-    assert counted == list(zip(cost.macs_many(archs, TINY).tolist(), cost.params_many(archs, TINY).tolist()))
+    # Whole subnets against FlopCounterMode on the extracted encoder: tests/nas/test_families.py (every family).
     low, high = cost.macs_range(TINY)
     draws = cost.macs_many(TINY.sample_many(0, 500), TINY)
     assert low <= draws.min() and draws.max() <= high == cost.macs(TINY.max_arch(), TINY)
-
-
-def test_extracted_and_batched_subnets_equal_the_supernets():
-    encoder = random_weights(preset_encoder("sam-seg-tiny"))
-    supernet = from_sam_state_dict(encoder.state_dict())
-    x = torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(extract_subnet(supernet, supernet.config.space.max_arch())(x), encoder(x),
-                                   atol=1e-4, rtol=1e-4)
-    supernet = random_weights(build_supernet(TINY))
-    archs = [TINY.max_arch(), TINY.min_arch()] + [TINY.sample(seed) for seed in range(3)]
-    with torch.no_grad():
-        one_by_one = torch.stack([supernet(x, arch) for arch in archs])
-        torch.testing.assert_close(batched_forward(supernet, x, archs), one_by_one, atol=1e-4, rtol=1e-4)
-        for arch, expected in zip(archs, one_by_one):
-            torch.testing.assert_close(extract_subnet(supernet, arch)(x), expected, atol=1e-4, rtol=1e-4)
-    assert one_by_one.shape == (len(archs), 2, 11, 32, 32) and not one_by_one[0].equal(one_by_one[1])
-
-
-def test_every_export_format_runs_the_subnet(tmp_path):
-    supernet = random_weights(build_supernet(TINY))
-    arch = TINY.min_arch()  # three layers, one global: the traces of torch.export and ONNX stay short
-    model, x = extract_subnet(supernet, arch), torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        expected = supernet(x, arch)
-    for name, export in FORMATS.items():
-        export.write(model, arch, tmp_path / export.path, x)
-        with torch.no_grad():
-            torch.testing.assert_close(export.load(tmp_path / export.path)(x), expected, atol=1e-4, rtol=1e-4,
-                                       msg=name)
 
 
 def run_cli(module: str, *args: str) -> None:

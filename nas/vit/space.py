@@ -1,5 +1,5 @@
-"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets; ``load_space`` reads
-a preset or file of either kind (hybrid spaces: ``nas.hybrid.space``).
+"""ViT search spaces: the choices, validation, sampling, evolution operators, and AutoFormer's config files (the
+presets and ``load_space``, for every family: ``nas.spaces``).
 
 Randomness: every function that draws takes a ``numpy.random.Generator`` (or an int seed, turned into
 one with ``numpy.random.default_rng``). The number and order of draws depend only on the space and the
@@ -22,12 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import yaml
 
+from ..rng import as_generator
 from .arch import Arch, ArchBatch
-from .hybrid.space import HybridSpace, is_hybrid
-from .rng import as_generator
-
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
-PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
 
 
 def _choices(name: str, values, kind) -> tuple:
@@ -57,7 +53,7 @@ class SearchSpace:
     change neither sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
     ``task``: ``"classification"`` (a class per image) or ``"segmentation"`` (a class per pixel: the head maps every
-    patch token to its ``p x p`` pixels' logits, ``nas.supernet``; one patch size only; ``num_classes`` counts the
+    patch token to its ``p x p`` pixels' logits, ``nas.vit.supernet``; one patch size only; ``num_classes`` counts the
     background class too). Choices are stored sorted and without repeats.
     """
 
@@ -77,7 +73,9 @@ class SearchSpace:
     relative_position: int = 0
     task: str = "classification"
 
+    family: ClassVar[str] = "vit"
     arch_type: ClassVar[type] = Arch
+    batch_type: ClassVar[type] = ArchBatch
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)
@@ -189,14 +187,14 @@ class SearchSpace:
 
     def canonical(self, arch: Arch) -> Arch:
         """The same network with inactive layers holding their nearest active layer's choices."""
-        return self.canonical_batch(ArchBatch.from_archs([arch])).arch(0)
+        return self.canonical_batch(self.batch_type.from_archs([arch])).arch(0)
 
     def canonical_batch(self, batch: ArchBatch) -> ArchBatch:
         """``canonical`` of every arch of a batch, vectorised."""
         layers = np.arange(batch.max_depth)
         source = np.maximum.accumulate(np.where(batch.layer_on, layers, -1), axis=1)
         source = np.where(source < 0, batch.layer_on.argmax(axis=1)[:, None], source)
-        return ArchBatch(
+        return self.batch_type(
             batch.embed_dim,
             np.take_along_axis(batch.num_heads, source, axis=1),
             np.take_along_axis(batch.mlp_ratio, source, axis=1),
@@ -217,7 +215,7 @@ class SearchSpace:
 
     def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
         patch = patch_size if len(self.patch_sizes) > 1 else None
-        return Arch.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
+        return self.arch_type.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample_many(self, rng: np.random.Generator | int, count: int) -> ArchBatch:
@@ -235,7 +233,7 @@ class SearchSpace:
             layer_on = order < depth[:, None]
         else:
             layer_on = np.arange(layers) < depth[:, None]
-        return ArchBatch(
+        return self.batch_type(
             embed_dim=choices["embed_dims"][rng.integers(len(self.embed_dims), size=n)],
             num_heads=choices["num_heads"][rng.integers(len(self.num_heads), size=(n, layers))],
             mlp_ratio=choices["mlp_ratios"][rng.integers(len(self.mlp_ratios), size=(n, layers))],
@@ -307,7 +305,7 @@ class SearchSpace:
             embed_dim = self._pick(rng, self.embed_dims)
         if len(self.patch_sizes) > 1 and rng.random() < depth_embed_prob:
             patch_size = self._pick(rng, self.patch_sizes)
-        return self.canonical(Arch(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
+        return self.canonical(self.arch_type(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
 
     def crossover(self, a: Arch, b: Arch, rng: np.random.Generator | int) -> Arch:
         """AutoFormer's uniform crossover: every gene from either parent with probability 1/2. The
@@ -320,7 +318,7 @@ class SearchSpace:
         layers = self.max_depth
         heads = tuple(x if pick else y for x, y, pick in zip(a.num_heads, b.num_heads, from_a[3:3 + layers]))
         ratios = tuple(x if pick else y for x, y, pick in zip(a.mlp_ratio, b.mlp_ratio, from_a[3 + layers:]))
-        child = Arch(
+        child = self.arch_type(
             a.embed_dim if from_a[0] else b.embed_dim,
             heads,
             ratios,
@@ -360,7 +358,7 @@ class SearchSpace:
             layer_on = np.argsort(order, axis=1) < depth[:, None]
         else:
             layer_on = np.arange(self.max_depth) < depth[:, None]
-        batch = ArchBatch(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
+        batch = self.batch_type(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
                           np.stack([values[f"mlp_ratio_{i}"] for i in layers], axis=1), layer_on,
                           values.get("patch_size", np.zeros(len(indices), dtype=np.int64)))
         return self.canonical_batch(batch)
@@ -388,27 +386,6 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, text: str) -> "SearchSpace":
         return cls.from_dict(yaml.safe_load(text))
-
-
-Space = SearchSpace | HybridSpace  # what samplers, searchers and the cost model take: a ViT or a hybrid space
-
-
-def load_space(name_or_path: str | os.PathLike) -> Space:
-    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, a
-    ``HybridSpace`` where the file lists stages, a ``SamSpace`` (``nas.sam.space``) where it has a ``sam`` key."""
-    from .sam.space import SamSpace, is_sam  # a subclass of SearchSpace: imported here, not at the top
-
-    key = str(name_or_path)
-    path = PRESETS.get(key, Path(key))
-    if not path.is_file():
-        raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-        if is_sam(data):
-            return SamSpace.from_dict({k: v for k, v in data.items() if k != "family"})
-        return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
-    except (ValueError, TypeError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: not a valid search space: {error}") from error
 
 
 # -- AutoFormer's own config files (microsoft/Cream, AutoFormer/experiments) ------------------------------
