@@ -15,8 +15,9 @@ Every layer is elastic as in :class:`~nas.vit.supernet.VisionTransformerSupernet
 layers on or off, as SuperSAM drops them), and the MLP importance reordering is the same. :func:`from_sam_state_dict`
 converts SAM's weights (``image_encoder.*`` of a SAM checkpoint, or an encoder's own state dict), inferring the
 sizes from them; :func:`read_sam_weights` reads a file the user passes (``weights_only=True``; nothing is downloaded).
-What this supernet does not do yet: batched evaluation (``nas.vit.batched``), export to ``elastic_ops.plain`` and the
-cost model of windowed attention; ``nas.train`` and ``nas.search`` build ViT supernets of their spaces.
+:func:`pretrained_state` gives ``nas.train --init-from`` the same names. A subnet runs batched
+(:class:`SamBatchedSubnets`) and extracts to a plain :class:`~nas.sam.plain.SamEncoder`
+(:meth:`SamEncoderSupernet.extract`); the family (``nas.sam.family``) hands both to the shared machinery.
 """
 from __future__ import annotations
 
