@@ -220,13 +220,29 @@ SAM_NAMES = (  # SAM's ImageEncoderViT names -> this supernet's; {i} a block, {p
 )
 
 
-def _renamed(name: str) -> str | None:
+def _renamed(name: str, sam_to_ours: bool = True) -> str | None:
     for theirs, ours in SAM_NAMES:
-        pattern = re.escape(theirs).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        source, target = (theirs, ours) if sam_to_ours else (ours, theirs)
+        pattern = re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
         match = re.fullmatch(pattern, name)
         if match:
-            return ours.format(**match.groupdict())
+            return target.format(**match.groupdict())
     return None
+
+
+@torch.no_grad()
+def to_sam_state_dict(model: SamEncoderSupernet) -> dict[str, Tensor]:
+    """The encoder of ``model`` (its largest subnet) with SAM's names and layout, as segment-anything's
+    ``ImageEncoderViT`` loads it (the position embedding ``[1, g, g, E]``); the inverse of :func:`renamed_sam_state`.
+    A dense head, which SAM's encoder has not, is left out."""
+    g = model.config.grid
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("head."):
+            continue
+        theirs = "pos_embed" if name == "pos_embed" else _renamed(name, sam_to_ours=False)
+        out[theirs] = (tensor.reshape(1, g, g, -1) if name == "pos_embed" else tensor).detach().clone()
+    return out
 
 
 def renamed_sam_state(encoder_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -335,5 +351,6 @@ def from_sam_state_dict(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-
     return model.eval()
 
 
-__all__ = ["SamEncoderConfig", "SamEncoderSupernet", "SamNeck", "from_sam_state_dict",
-           "pretrained_state", "read_sam_weights", "renamed_sam_state", "sam_config", "sam_encoder_state"]
+__all__ = ["SamBatchedSubnets", "SamEncoderConfig", "SamEncoderSupernet", "SamNeck", "from_sam_state_dict",
+           "pretrained_state", "read_sam_weights", "renamed_sam_state", "sam_config", "sam_encoder_state",
+           "split_encoder", "to_sam_state_dict"]

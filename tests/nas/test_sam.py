@@ -17,7 +17,7 @@ from torch import nn
 from elastic_ops import GroupSizes
 from nas.errors import CheckpointError
 from nas.export import extract_subnet
-from nas.sam.supernet import from_sam_state_dict, read_sam_weights
+from nas.sam.supernet import from_sam_state_dict, read_sam_weights, to_sam_state_dict
 from nas.vit.arch import Arch
 
 
@@ -58,6 +58,9 @@ def test_the_largest_subnet_reproduces_the_sam_encoder():
         expected = encoder(x)
         torch.testing.assert_close(model(x, c.space.max_arch()), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(extract_subnet(model, c.space.max_arch())(x), expected, atol=1e-4, rtol=1e-4)
+        back = sam_encoder(seed=1)  # other weights, then the supernet's in SAM's names and layout
+        back.load_state_dict(to_sam_state_dict(model))
+        torch.testing.assert_close(back(x), expected)
         # A SAM checkpoint holds the encoder under image_encoder.
         whole = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()} | {"mask_decoder.w": torch.ones(1)}
         torch.testing.assert_close(from_sam_state_dict(whole)(x), expected, atol=1e-4, rtol=1e-4)
