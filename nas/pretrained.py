@@ -13,8 +13,9 @@ the leading block):
   copied per block (q, k, v each), so that heads stay heads. Before slicing a wider pretrained MLP, its hidden
   units are put in order of importance (``reorder="magnitude"``: the L1 norm of each unit's outgoing ``fc2`` column,
   as OFA), so that the leading slice keeps its most important units;
-- a supernet tensor the file lacks, a position embedding of another token count, or a head for another number of
-  classes keeps its initialisation (*not loaded*); pretrained tensors that fit nowhere are *unused*.
+- a supernet tensor the file lacks, a position embedding of another token count, a head for another number of
+  classes, or SAM's relative position tables for a window of another side keep their initialisation (*not
+  loaded*); pretrained tensors that fit nowhere are *unused*.
 
 The :class:`InitReport` lists the four groups (``loaded``, ``partial``, ``not_loaded``, ``unused``) and the file's
 tensors that are not for this model by design (``unused_by_design``: a whole SAM checkpoint's prompt encoder and mask
@@ -138,6 +139,12 @@ def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str =
         if "pos_embed" in name and source.shape[-2] != tensor.shape[-2]:
             report.skipped.append(name)
             report.not_loaded.append(f"{name} ({source.shape[-2]} pretrained tokens, {tensor.shape[-2]} here)")
+            continue
+        if name.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and source.shape[0] != tensor.shape[0]:
+            # SAM's tables are indexed by offset from their middle row: no leading slice is a table of another side.
+            report.skipped.append(name)
+            report.not_loaded.append(f"{name} (relative position over {(source.shape[0] + 1) // 2} pretrained "
+                                     f"positions, {(tensor.shape[0] + 1) // 2} here)")
             continue
         if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):  # q, k, v blocks alike
             for block_target, block_source in zip(tensor.chunk(3), source.chunk(3)):

@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nas import costs as cost
 from nas.build import build_supernet
+from nas.family import space_from_dict
+from nas.pretrained import init_from
 from nas.sam.plain import SamBlock
 from nas.spaces import PRESETS, load_space
 
@@ -128,3 +130,16 @@ def test_a_sam_checkpoint_trains_searches_and_exports_through_the_command_lines(
     run_cli("nas.train", *extra, "--allow-partial-init", "--out-dir", str(tmp_path / "partial"))
     report = json.loads((tmp_path / "partial" / "init_report.json").read_text())
     assert report["unused"] == ["blocks.0.attn.q_norm.weight"] and "pos_embed" in report["loaded"]
+
+
+def test_relative_position_tables_of_another_window_are_not_sliced():
+    """SAM's tables are indexed from their middle row: a window of another side leaves them at their initialisation,
+    which makes the initialisation partial (an error in nas.train unless --allow-partial-init)."""
+    other = load_space("sam-seg-tiny").to_dict()
+    other["sam"] = {**other["sam"], "window_size": 4}
+    source = build_supernet(TINY).state_dict()
+    report = init_from(build_supernet(space_from_dict(other)), source, reorder="none")
+    windowed = sorted(f"blocks.{i}.attn.rel_pos_{axis}" for i in (0, 1, 3, 4) for axis in "hw")
+    assert sorted(report.skipped) == windowed and "blocks.2.attn.rel_pos_h" in report.loaded
+    assert "blocks.0.attn.rel_pos_h (relative position over 3 pretrained positions, 4 here)" in report.not_loaded
+    assert "8 supernet tensors not loaded though the file has them" in report.problems()
