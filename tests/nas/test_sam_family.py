@@ -1,7 +1,7 @@
-"""The SAM family: the presets against segment-anything's own builders, the cost of a windowed layer by hand, and the
-command lines on a SAM checkpoint (nas.train --init-from with
-its report, nas.search, nas.export), as the issue's check runs them. Costs, batched passes, extraction and every export
-format of every family: tests/nas/test_families.py."""
+"""The SAM family: the presets against segment-anything's own builders, the cost of a windowed layer by hand, the
+command lines on a SAM checkpoint (nas.train --init-from with its report, nas.search, nas.export) as the issue's check
+runs them, and relative position tables of another window. Costs against FlopCounterMode, batched passes, extraction
+and every export format of every family: tests/nas/test_families.py."""
 from __future__ import annotations
 
 import importlib
