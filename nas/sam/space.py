@@ -65,7 +65,7 @@ class SamSpace(SearchSpace):
         return 0 if layer in self.global_layers else self.window_size
 
     @property
-    def encoder_kwargs(self) -> dict[str, Any]:
+    def sam(self) -> dict[str, Any]:
         """The keyword arguments of segment-anything's ``ImageEncoderViT`` that build the largest subnet (with
         ``norm_layer=partial(nn.LayerNorm, eps=self.layer_norm_eps)``)."""
         return {"img_size": self.img_size, "patch_size": self.patch_sizes[0], "in_chans": self.in_chans,
@@ -78,7 +78,7 @@ class SamSpace(SearchSpace):
         for name in ("img_size", "patch_sizes", "in_chans", "head_dim", "window_size", "global_layers", "out_chans",
                      "identity_layers", "private_class_tokens", "private_qk", "relative_position"):
             del data[name]
-        return {"family": self.family, **data, "sam": self.encoder_kwargs}
+        return {"family": self.family, **data, "sam": self.sam}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamSpace":

@@ -48,6 +48,7 @@ def test_sam_vit_b_is_the_encoder_segment_anything_builds():
     with torch.device("meta"):
         sam = build_sam.build_sam_vit_b()
         ours = preset_encoder("sam-vit-b")
+    assert load_space("sam-vit-b").sam == yaml.safe_load(PRESETS["sam-vit-b"].read_text())["sam"]
     theirs = {name: t.shape for name, t in sam.image_encoder.state_dict().items()}
     assert {name: t.shape for name, t in ours.state_dict().items()} == theirs
     space = load_space("sam-vit-b")
