@@ -243,15 +243,5 @@ def space_from_dict(data: Any) -> Space:
     return family.space_from_dict({k: v for k, v in data.items() if k != "family"})
 
 
-def check_supported(space: Space, capability: str, what: str) -> None:
-    """ValueError saying that ``what`` needs a family with ``capability`` (a :class:`Family` flag) where ``space``'s
-    family lacks it."""
-    family = family_of(space)
-    if not getattr(family, capability):
-        able = [f.name for f in families().values() if getattr(f, capability)]
-        raise ValueError(f"{what} is for the {' and '.join(able) or 'no'} famil{'y' if len(able) == 1 else 'ies'}; "
-                         f"space {space.name!r} is of the {family.name} family")
-
-
-__all__ = ["Arch", "Cost", "Family", "Space", "Supernet", "check_archs", "check_supported", "families", "family_of",
+__all__ = ["Arch", "Cost", "Family", "Space", "Supernet", "check_archs", "families", "family_of",
            "family_of_space_data", "get_family", "space_from_dict"]

@@ -74,24 +74,28 @@ def read_arch(text: str, space: Space) -> Arch:
     return arch
 
 
+IDENTITY = ("checkpoint_digest", "space", "arch")  # what makes two exports the same subnet
+
+
 def claim(out: Path, subnet: dict) -> dict:
-    """The manifest of the export into ``out`` of ``subnet`` (checkpoint, digest, space, arch): the one ``out`` holds
-    where it records the same subnet (its formats are kept, those written again replaced), else a new one. An
+    """The manifest of the export into ``out`` of ``subnet`` (checkpoint path and digest, space, arch): the one ``out``
+    holds where it records the same subnet (its formats are kept, those written again replaced), else a new one. An
     OutputError where ``out`` holds the export of another subnet, or export files that no manifest records."""
+    subnet = json.loads(json.dumps(subnet))  # as a manifest reads back (lists, not tuples)
     path = out / MANIFEST
     if path.exists():
         try:
             manifest = json.loads(path.read_text())
-            recorded = {key: manifest[key] for key in subnet}
+            recorded = {key: manifest[key] for key in (*IDENTITY, "checkpoint")}
             if not isinstance(manifest["formats"], dict):
                 raise TypeError("its formats are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise OutputError(f"out_dir {str(out)!r} holds an unreadable {MANIFEST} ({error}); export into another "
                               "--out-dir or empty this one") from error
-        if recorded != subnet:
+        if any(recorded[key] != subnet[key] for key in IDENTITY):
             raise OutputError(f"out_dir {str(out)!r} holds the export of another subnet (arch {recorded['arch']} of "
                               f"{recorded['checkpoint']!r}); export into another --out-dir or empty this one")
-        return manifest
+        return {**manifest, **subnet}
     found = sorted(export.path for export in FORMATS.values() if (out / export.path).exists())
     if found:
         raise OutputError(f"out_dir {str(out)!r} holds export files ({', '.join(found)}) without the {MANIFEST} "
@@ -120,7 +124,8 @@ def run(argv: Sequence[str] | None) -> int:
     manifest = claim(out, {"checkpoint": os.path.abspath(config.checkpoint),
                            "checkpoint_digest": file_digest(config.checkpoint), "space": space.name,
                            "arch": arch.to_dict()})
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))  # before any file: out holds this subnet's
+    # Recorded before any file is written, so that a failed export still says whose files these are.
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     subnet = Subnet(model, arch, space)
     for name in config.formats:
         export = FORMATS[name]

@@ -142,8 +142,8 @@ class LearnedSampler(ArchSampler):
         budgets = np.repeat(budgets, self.archs_per_budget)
         kinds = [kind for kind in kinds for _ in range(self.archs_per_budget)]
         batch, log_prob, entropy = self.policy_draw(budgets.tolist(), kinds)
-        costs = {kind: self.costs[kind](batch) for kind in set(kinds)}
-        used = np.array([costs[kind][i] for i, kind in enumerate(kinds)])
+        spent = {kind: self.costs[kind](batch) for kind in set(kinds)}
+        used = np.array([spent[kind][i] for i, kind in enumerate(kinds)])
         over = np.maximum(0.0, used / budgets - 1.0)
         accuracy = np.array([measure(arch) for arch in batch.archs()])
         rewards = torch.tensor(accuracy - self.penalty * over, dtype=torch.float32)

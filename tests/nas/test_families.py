@@ -15,12 +15,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.errors import MissingDependencyError
-from nas.evaluate import batched_forward
+from nas.evaluate import batched_forward, evaluate_archs
 from nas.export import FORMATS, Subnet
 from nas.family import families, family_of, space_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-5, rtol=1e-5)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the hybrid supernet's small convolutions
 
 # One tiny space per family (8x8 one-channel images, three classes). A new family adds its own here.
 TINY_SPACES = {
@@ -97,6 +98,10 @@ def test_every_family_is_registered_and_has_a_tiny_space_here():
         space = space_from_dict(data)
         assert family_of(space).name == name == family_of(space.max_arch()).name
         assert space_from_dict({**data, "family": name}) == space
+    with pytest.raises(ValueError, match="unknown family 'cnn': known are "):
+        space_from_dict({**TINY_SPACES["vit"], "family": "cnn"})
+    with pytest.raises(ValueError, match="no single family owns this space"):
+        space_from_dict({"name": "neither", "depths": [1]})
 
 
 def randomised(supernet: torch.nn.Module) -> torch.nn.Module:
@@ -147,6 +152,23 @@ def test_a_batched_pass_equals_the_subnets_one_by_one(tiny):
         together = batched_forward(supernet, images, archs)
         for arch, logits in zip(archs, together):
             torch.testing.assert_close(logits, supernet(images, arch), **TOL)
+
+
+def test_batched_evaluation_equals_evaluation_one_by_one(tiny):
+    """evaluate_archs in batched passes and arch by arch (with BatchNorm statistics re-estimated for each subnet in
+    a family that has them): the same metrics, and the supernet's own statistics as before."""
+    family, space, supernet, archs, images = tiny
+    labels = torch.arange(len(images)) % space.num_classes
+    batches = [(images, labels), (images.flip(0), labels.flip(0))]
+    calibration = [images * 2 + 1] if family.batch_norm else None
+    before = {name: t.clone() for name, t in supernet.state_dict().items()}
+    together, alone = (evaluate_archs(supernet, archs, batches, batched=batched, calibration=calibration,
+                                      progress=False) for batched in (True, False))
+    for a, b in zip(together, alone):
+        assert (a.top1, a.top5, a.samples) == (b.top1, b.top5, b.samples) and a.loss == pytest.approx(b.loss, 1e-5)
+    assert len({r.loss for r in alone}) > 1
+    for name, t in supernet.state_dict().items():
+        torch.testing.assert_close(t, before[name], rtol=0, atol=0, msg=name)
 
 
 def test_the_extracted_module_equals_the_supernets_subnet(tiny):

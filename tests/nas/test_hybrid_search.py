@@ -92,18 +92,18 @@ def test_the_identity_sampler_refuses_a_hybrid_space():
 @pytest.mark.parametrize("name", sorted(SEARCHERS))
 def test_every_searcher_respects_the_budget_on_a_hybrid_space(name, space_name):
     space = load_space(space_name)
-    costs = Costs(space)
+    table = Costs(space)
     limit = float(np.quantile(costs.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
-    feasible = costs.feasible([Budget("macs", limit)])
+    feasible = table.feasible([Budget("macs", limit)])
     options = {"sampler": LearnedSampler(space, seed=0)} if name == "sampler" else {}
-    searcher = build_searcher(name, space, feasible, seed=2, cost=costs.metric("macs"), **options)
+    searcher = build_searcher(name, space, feasible, seed=2, cost=table.metric("macs"), **options)
     score = accuracy_of(space)
     for _ in range(3):
         archs = searcher.propose(8)
         assert len(archs) == 8 and all(space.contains(arch) for arch in archs)
         assert (costs.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
         searcher.observe(archs, [score(arch) for arch in archs])
-    restored = build_searcher(name, space, feasible, seed=5, cost=costs.metric("macs"), **options)
+    restored = build_searcher(name, space, feasible, seed=5, cost=table.metric("macs"), **options)
     restored.load_state_dict(searcher.state_dict())
     assert restored.best() == searcher.best()
 
@@ -274,19 +274,19 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
     MACs target, the controller's most probable operator and DSM in every stage become the optimum's, and its best arch
     inside the budget beats random search's at the same number of evaluations (320, over three seeds)."""
     space = load_space("uninet-cifar")
-    costs = Costs(space)
+    table = Costs(space)
     draws = space.sample_many(np.random.default_rng(0), 400)
     limit = float(np.median(costs.macs_many(draws, space)))
     target = next(arch for arch in draws.archs()[1:] if costs.macs(arch, space) <= 0.6 * limit
                   and len({s.op for s in arch.stages[2:]}) > 1)
     score = op_dsm_objective(space, target)
-    feasible = costs.feasible([Budget("macs", limit)])
+    feasible = table.feasible([Budget("macs", limit)])
     finals = {}
     for algorithm in ("rl", "random"):
         bests = []
         for seed in range(3):
             options = {"target": limit, "lr": 0.5} if algorithm == "rl" else {}
-            searcher = build_searcher(algorithm, space, feasible, seed=seed, cost=costs.metric("macs"), **options)
+            searcher = build_searcher(algorithm, space, feasible, seed=seed, cost=table.metric("macs"), **options)
             for _ in range(20):
                 archs = searcher.propose(16)
                 searcher.observe(archs, [score(arch) for arch in archs])
@@ -305,16 +305,16 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
 
 def test_the_soft_constraint_reward_is_mnasnets():
     space = load_space("uninet-cifar")
-    costs = Costs(space)
+    table = Costs(space)
     archs = [space.min_arch(), space.max_arch()]
     macs = costs.macs_many(archs, space)
     target = float(macs.mean())
-    searcher = build_searcher("rl", space, costs.feasible([Budget("macs", target)]), cost=costs.metric("macs"),
+    searcher = build_searcher("rl", space, table.feasible([Budget("macs", target)]), cost=table.metric("macs"),
                               target=target, alpha=-0.07, beta=-0.5)
     rewards = searcher.rewards(archs, [80.0, 90.0])
     assert rewards == pytest.approx([80.0 * (macs[0] / target) ** -0.07, 90.0 * (macs[1] / target) ** -0.5])
     with pytest.raises(ConfigError, match="soft-constraint target needs the cost"):
-        build_searcher("rl", space, costs.feasible([]), target=target)
+        build_searcher("rl", space, table.feasible([]), target=target)
 
 
 def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_checkpoint, tmp_path):
