@@ -49,6 +49,9 @@ class SamSpace(SearchSpace):
         bad = [i for i in self.global_layers if not 0 <= i < self.max_depth]
         if bad:
             raise ValueError(f"SamSpace: global layers {bad} outside 0..{self.max_depth - 1}")
+        if self.num_classes and self.task != "segmentation":
+            raise ValueError(f"SamSpace: SAM's encoder outputs a feature map, so its head is dense (a class per "
+                             f"pixel); task must be segmentation, got {self.task!r}")
         if self.private_qk or self.private_class_tokens or self.relative_position:
             raise ValueError("SamSpace: SAM's encoder has no private q/k, class tokens or AutoFormer relative position")
 

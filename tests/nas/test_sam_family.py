@@ -144,3 +144,16 @@ def test_relative_position_tables_of_another_window_are_not_sliced():
     assert sorted(report.skipped) == windowed and "blocks.2.attn.rel_pos_h" in report.loaded
     assert "blocks.0.attn.rel_pos_h (relative position over 3 pretrained positions, 4 here)" in report.not_loaded
     assert "8 supernet tensors not loaded though the file has them" in report.problems()
+
+
+def test_sam_space_files_are_checked():
+    data = load_space("sam-seg-tiny").to_dict()
+    assert space_from_dict(data) == TINY
+    cases = {"task must be segmentation": {**data, "task": "classification"},
+             "unknown arguments \\['act_layer'\\]": {**data, "sam": {**data["sam"], "act_layer": "GELU"}},
+             "use_rel_pos=False not supported": {**data, "sam": {**data["sam"], "use_rel_pos": False}},
+             "depths largest 5 is not sam's 6": {**data, "depths": [2, 5]},
+             "global layers \\[7\\] outside 0..5": {**data, "sam": {**data["sam"], "global_attn_indexes": [2, 7]}}}
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message):
+            space_from_dict(bad)
