@@ -171,6 +171,12 @@ class Family(ABC):
     def decode_decisions(self, space: Space, choices: np.ndarray) -> Any:
         """Canonical archs (a batch) from ``[B, decisions]`` choice indices into :meth:`decisions`."""
 
+    def pretrained_weights(self, weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Pretrained tensors (``nas.train``'s ``init_from``, families with ``pretrained_init``) under the supernet's
+        names, and the names of those that are not for this family's supernets by design (listed apart in the
+        report). The default: the names are the supernet's already."""
+        return dict(weights), []
+
     def layer_drop_refusal(self, space: Space) -> str | None:
         """Why layers of ``space`` cannot be dropped (identity layers: ViTAS, SuperSAM), or None where they can."""
         return f"space {space.name!r} is of the {self.name} family, whose layers cannot be dropped"

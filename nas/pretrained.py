@@ -7,22 +7,27 @@ checkpoint (its ``model``), or a state dict with this library's (and timm's) nam
 :func:`init_from` copies them into a supernet whose sizes may differ (DESIGN.md section 2: the active part is always
 the leading block):
 
-- a tensor of the same shape is copied whole (*initialised*);
+- a tensor of the same shape is copied whole (*loaded*);
 - a tensor whose shape differs is copied over the leading block the two share (*partial*): a smaller pretrained
   model fills the leading slices of the supernet, a larger one gives its leading slices. qkv weights and biases are
   copied per block (q, k, v each), so that heads stay heads. Before slicing a wider pretrained MLP, its hidden
   units are put in order of importance (``reorder="magnitude"``: the L1 norm of each unit's outgoing ``fc2`` column,
   as OFA), so that the leading slice keeps its most important units;
-- a supernet tensor the file lacks, a position embedding of another token count, or a head for another number of
-  classes keeps its initialisation (*not initialised*); pretrained tensors that fit nowhere are *unused*.
+- a supernet tensor the file lacks, a position embedding of another token count, a head for another number of
+  classes, or SAM's relative position tables for a window of another side keep their initialisation (*not
+  loaded*); pretrained tensors that fit nowhere are *unused*.
 
-The :class:`InitReport` lists the four groups; the trainer logs it and writes it to ``init_report.json``.
+The :class:`InitReport` lists the four groups (``loaded``, ``partial``, ``not_loaded``, ``unused``) and the file's
+tensors that are not for this model by design (``unused_by_design``: a whole SAM checkpoint's prompt encoder and mask
+decoder); the trainer logs it and writes it to ``init_report.json``. It refuses an initialisation that leaves a
+pretrained tensor unused or a supernet tensor at its initialisation although the file has one of its name
+(:meth:`InitReport.problems`), unless ``allow_partial_init`` is set.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -54,19 +59,32 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
 
 @dataclasses.dataclass
 class InitReport:
-    """What :func:`init_from` did to each tensor of the supernet, and which pretrained tensors it did not use."""
+    """What :func:`init_from` did to each tensor of the supernet, and which pretrained tensors it did not use:
+    ``unused`` fit nowhere; ``unused_by_design`` are not for this kind of model (a whole SAM checkpoint's prompt
+    encoder and mask decoder, for an image encoder)."""
 
-    initialised: list[str] = dataclasses.field(default_factory=list)
+    loaded: list[str] = dataclasses.field(default_factory=list)
     partial: list[str] = dataclasses.field(default_factory=list)      # "name: pretrained shape -> supernet shape"
-    not_initialised: list[str] = dataclasses.field(default_factory=list)  # "name (why)"
+    not_loaded: list[str] = dataclasses.field(default_factory=list)  # "name (why)"
     unused: list[str] = dataclasses.field(default_factory=list)
+    unused_by_design: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list, repr=False)  # not loaded though the file has them
 
     def to_dict(self) -> dict[str, list[str]]:
-        return dataclasses.asdict(self)
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "skipped"}
 
     def summary(self) -> str:
-        return (f"initialised {len(self.initialised)} tensors whole, {len(self.partial)} partially (leading slices), "
-                f"{len(self.not_initialised)} not at all; {len(self.unused)} pretrained tensors unused")
+        return (f"loaded {len(self.loaded)} tensors whole, {len(self.partial)} partially (leading slices), "
+                f"{len(self.not_loaded)} not at all; {len(self.unused)} pretrained tensors unused, "
+                f"{len(self.unused_by_design)} not for this model")
+
+    def problems(self) -> str | None:
+        """What makes the initialisation partial, or None: pretrained tensors left unused, and supernet tensors left
+        at their initialisation although the file has a tensor of that name."""
+        parts = [f"{len(names)} {what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                 for what, names in (("pretrained tensors unused", self.unused),
+                                     ("supernet tensors not loaded though the file has them", self.skipped)) if names]
+        return "; ".join(parts) or None
 
 
 def mlp_units_by_magnitude(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -90,32 +108,43 @@ def _leading(target: Tensor, source: Tensor) -> tuple[slice, ...]:
 
 
 @torch.no_grad()
-def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str = "magnitude") -> InitReport:
+def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str = "magnitude",
+              unused_by_design: Sequence[str] = ()) -> InitReport:
     """Copy ``weights`` into ``model``'s parameters and buffers as the module's description says; returns the
-    report. Raises CheckpointError where no tensor fits at all (most likely a file of another kind of model)."""
+    report (``unused_by_design``: the file's names that are not for this model, listed as such). Raises
+    CheckpointError where no tensor fits at all (most likely a file of another kind of model)."""
     if reorder not in ("magnitude", "none"):
         raise ConfigError(f"init_from: reorder must be 'magnitude' or 'none', got {reorder!r}")
     if reorder == "magnitude":
         weights = mlp_units_by_magnitude(weights)
-    report = InitReport()
+    report = InitReport(unused_by_design=sorted(unused_by_design))
     target = model.state_dict()
     for name, tensor in target.items():
         source = weights.get(name)
         if source is None:
-            report.not_initialised.append(f"{name} (not in the file)")
+            report.not_loaded.append(f"{name} (not in the file)")
             continue
         if source.dim() != tensor.dim():
-            report.not_initialised.append(f"{name} (pretrained {tuple(source.shape)}, supernet {tuple(tensor.shape)})")
+            report.skipped.append(name)
+            report.not_loaded.append(f"{name} (pretrained {tuple(source.shape)}, supernet {tuple(tensor.shape)})")
             continue
         if source.shape == tensor.shape:
             tensor.copy_(source)
-            report.initialised.append(name)
+            report.loaded.append(name)
             continue
         if name.startswith("head.") and source.shape[0] != tensor.shape[0]:
-            report.not_initialised.append(f"{name} ({source.shape[0]} pretrained classes, {tensor.shape[0]} here)")
+            report.skipped.append(name)
+            report.not_loaded.append(f"{name} ({source.shape[0]} pretrained classes, {tensor.shape[0]} here)")
             continue
         if "pos_embed" in name and source.shape[-2] != tensor.shape[-2]:
-            report.not_initialised.append(f"{name} ({source.shape[-2]} pretrained tokens, {tensor.shape[-2]} here)")
+            report.skipped.append(name)
+            report.not_loaded.append(f"{name} ({source.shape[-2]} pretrained tokens, {tensor.shape[-2]} here)")
+            continue
+        if name.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and source.shape[0] != tensor.shape[0]:
+            # SAM's tables are indexed by offset from their middle row: no leading slice is a table of another side.
+            report.skipped.append(name)
+            report.not_loaded.append(f"{name} (relative position over {(source.shape[0] + 1) // 2} pretrained "
+                                     f"positions, {(tensor.shape[0] + 1) // 2} here)")
             continue
         if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):  # q, k, v blocks alike
             for block_target, block_source in zip(tensor.chunk(3), source.chunk(3)):
@@ -124,7 +153,7 @@ def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str =
             tensor[_leading(tensor, source)] = source[_leading(tensor, source)]
         report.partial.append(f"{name}: {tuple(source.shape)} -> {tuple(tensor.shape)}")
     report.unused = sorted(set(weights) - set(target))
-    if not report.initialised and not report.partial:
+    if not report.loaded and not report.partial:
         raise CheckpointError(f"init_from: none of the {len(weights)} pretrained tensors has a name of this supernet "
                               f"(e.g. {sorted(weights)[:3]}; expected names like {sorted(target)[:3]})")
     return report

@@ -99,6 +99,9 @@ class TrainConfig(Config):
     init_from: str | None = setting(None, "start from pretrained weights: a nas.train checkpoint or a state dict file "
                                           "(read with weights_only=True); tensors of other shapes fill, or are taken "
                                           "from, leading slices (nas.pretrained); the report goes to init_report.json")
+    allow_partial_init: bool = setting(False, "accept an init_from that leaves pretrained tensors unused, or supernet "
+                                              "tensors at their initialisation although the file has them (listed "
+                                              "in init_report.json); otherwise that is an error naming them")
     init_reorder: str = setting("magnitude", "order a wider pretrained MLP's hidden units by importance before its "
                                              "leading slice is taken", choices=("magnitude", "none"))
     reorder_mlp: str | None = setting(None, "before training, put every layer's MLP hidden units in order of "
@@ -469,7 +472,13 @@ class Trainer:
             raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is of the "
                               f"{family_of(self.space).name} family; pretrained weights of another size (leading "
                               "slices) and MLP reordering are for ViT supernets")
-        report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
+        report = None
+        if c.init_from:
+            weights, by_design = family_of(self.space).pretrained_weights(read_weights(c.init_from))
+            report = init_from(self.model, weights, reorder=c.init_reorder, unused_by_design=by_design)
+            if report.problems() and not c.allow_partial_init:
+                raise CheckpointError(f"init_from {c.init_from!r} is partial: {report.problems()}; set "
+                                      "allow_partial_init (--allow-partial-init) to accept it")
         if c.reorder_mlp is not None:
             batches = None
             if c.reorder_mlp == "activation":

@@ -18,7 +18,7 @@ def uniform_widths(space: Space, rng: np.random.Generator, count: int) -> tuple[
     """``count`` archs with uniform widths in every layer and all layers on, and their uniform draws ``[count, L]``
     for :func:`drop_layers`."""
     layers = space.max_depth
-    widths = ArchBatch(
+    widths = space.batch_type(
         embed_dim=np.asarray(space.embed_dims)[rng.integers(len(space.embed_dims), size=count)],
         num_heads=np.asarray(space.num_heads)[rng.integers(len(space.num_heads), size=(count, layers))],
         mlp_ratio=np.asarray(space.mlp_ratios)[rng.integers(len(space.mlp_ratios), size=(count, layers))],

@@ -128,6 +128,7 @@ class ArchBatch:
     """
 
     family: ClassVar[str] = "vit"
+    arch_type: ClassVar[type] = Arch  # what arch() gives (a family built on this one names its own)
     embed_dim: np.ndarray
     num_heads: np.ndarray
     mlp_ratio: np.ndarray
@@ -180,7 +181,7 @@ class ArchBatch:
 
     def arch(self, index: int) -> Arch:
         patch = int(self.patch_size[index])
-        return Arch(
+        return self.arch_type(
             int(self.embed_dim[index]),
             tuple(self.num_heads[index].tolist()),
             tuple(self.mlp_ratio[index].tolist()),

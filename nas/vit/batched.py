@@ -139,6 +139,11 @@ class BatchedSubnets:
                 active = plan.embed.width
                 x[plan.running, ..., :active] = block.grouped_forward(x[plan.running, ..., :active], plan.embed,
                                                                       plan.heads, plan.hidden, plan.qk_groups)
+        return self.read_out(x)
+
+    def read_out(self, x: Tensor) -> Tensor:
+        """Each subnet's logits from the branches' tokens after the last layer ``[branches, B, N, E]``."""
+        supernet = self.supernet
         if supernet.config.global_pool == "token":  # the class token alone is normalised
             pooled = supernet.norm.grouped_forward(x[:, :, 0], self.final_embed)
         else:

@@ -88,7 +88,7 @@ class VisionTransformerFamily(Family):
             layer_on = np.arange(layers) < depth[:, None]
         patch = (np.asarray(space.patch_sizes)[choices[:, 2]] if len(space.patch_sizes) > 1
                  else np.zeros(len(choices), dtype=np.int64))
-        batch = ArchBatch(np.asarray(space.embed_dims)[choices[:, 0]],
+        batch = space.batch_type(np.asarray(space.embed_dims)[choices[:, 0]],
                           np.asarray(space.num_heads)[choices[:, 3:3 + layers]],
                           np.asarray(space.mlp_ratios)[choices[:, 3 + layers:3 + 2 * layers]], layer_on, patch)
         return space.canonical_batch(batch)

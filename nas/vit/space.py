@@ -75,6 +75,7 @@ class SearchSpace:
 
     family: ClassVar[str] = "vit"
     arch_type: ClassVar[type] = Arch
+    batch_type: ClassVar[type] = ArchBatch
 
     def __post_init__(self):
         set_field = functools.partial(object.__setattr__, self)
@@ -186,14 +187,14 @@ class SearchSpace:
 
     def canonical(self, arch: Arch) -> Arch:
         """The same network with inactive layers holding their nearest active layer's choices."""
-        return self.canonical_batch(ArchBatch.from_archs([arch])).arch(0)
+        return self.canonical_batch(self.batch_type.from_archs([arch])).arch(0)
 
     def canonical_batch(self, batch: ArchBatch) -> ArchBatch:
         """``canonical`` of every arch of a batch, vectorised."""
         layers = np.arange(batch.max_depth)
         source = np.maximum.accumulate(np.where(batch.layer_on, layers, -1), axis=1)
         source = np.where(source < 0, batch.layer_on.argmax(axis=1)[:, None], source)
-        return ArchBatch(
+        return self.batch_type(
             batch.embed_dim,
             np.take_along_axis(batch.num_heads, source, axis=1),
             np.take_along_axis(batch.mlp_ratio, source, axis=1),
@@ -214,7 +215,7 @@ class SearchSpace:
 
     def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
         patch = patch_size if len(self.patch_sizes) > 1 else None
-        return Arch.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
+        return self.arch_type.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample_many(self, rng: np.random.Generator | int, count: int) -> ArchBatch:
@@ -232,7 +233,7 @@ class SearchSpace:
             layer_on = order < depth[:, None]
         else:
             layer_on = np.arange(layers) < depth[:, None]
-        return ArchBatch(
+        return self.batch_type(
             embed_dim=choices["embed_dims"][rng.integers(len(self.embed_dims), size=n)],
             num_heads=choices["num_heads"][rng.integers(len(self.num_heads), size=(n, layers))],
             mlp_ratio=choices["mlp_ratios"][rng.integers(len(self.mlp_ratios), size=(n, layers))],
@@ -304,7 +305,7 @@ class SearchSpace:
             embed_dim = self._pick(rng, self.embed_dims)
         if len(self.patch_sizes) > 1 and rng.random() < depth_embed_prob:
             patch_size = self._pick(rng, self.patch_sizes)
-        return self.canonical(Arch(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
+        return self.canonical(self.arch_type(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
 
     def crossover(self, a: Arch, b: Arch, rng: np.random.Generator | int) -> Arch:
         """AutoFormer's uniform crossover: every gene from either parent with probability 1/2. The
@@ -317,7 +318,7 @@ class SearchSpace:
         layers = self.max_depth
         heads = tuple(x if pick else y for x, y, pick in zip(a.num_heads, b.num_heads, from_a[3:3 + layers]))
         ratios = tuple(x if pick else y for x, y, pick in zip(a.mlp_ratio, b.mlp_ratio, from_a[3 + layers:]))
-        child = Arch(
+        child = self.arch_type(
             a.embed_dim if from_a[0] else b.embed_dim,
             heads,
             ratios,
@@ -357,7 +358,7 @@ class SearchSpace:
             layer_on = np.argsort(order, axis=1) < depth[:, None]
         else:
             layer_on = np.arange(self.max_depth) < depth[:, None]
-        batch = ArchBatch(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
+        batch = self.batch_type(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
                           np.stack([values[f"mlp_ratio_{i}"] for i in layers], axis=1), layer_on,
                           values.get("patch_size", np.zeros(len(indices), dtype=np.int64)))
         return self.canonical_batch(batch)

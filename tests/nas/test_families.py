@@ -34,6 +34,10 @@ TINY_SPACES = {
                            "dsms": ["none"], "se": True},
                           {"ops": ["conv", "mlp", "attention"], "depths": [1], "channels": [16, 24],
                            "expansions": [2], "dsms": ["local", "local-global"], "stride": 2}]},
+    "sam": {"name": "tiny-sam", "depths": [2, 3], "num_heads": [1, 2], "mlp_ratios": [1.0, 2.0], "num_classes": 3,
+            "task": "segmentation",  # a 5x5 grid in windows of 3 (padded to 6x6), layer 1 global
+            "sam": {"img_size": 10, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depth": 3, "num_heads": 2,
+                    "mlp_ratio": 2.0, "out_chans": 8, "window_size": 3, "global_attn_indexes": [1]}},
 }
 
 
@@ -155,6 +159,9 @@ def test_batched_evaluation_equals_evaluation_one_by_one(tiny):
     a family that has them): the same metrics, and the supernet's own statistics as before."""
     family, space, supernet, archs, images = tiny
     labels = torch.arange(len(images)) % space.num_classes
+    if space.task == "segmentation":  # a class per pixel
+        labels = torch.randint(space.num_classes, (len(images), space.img_size, space.img_size),
+                               generator=torch.Generator().manual_seed(2))
     batches = [(images, labels), (images.flip(0), labels.flip(0))]
     calibration = [images * 2 + 1] if family.batch_norm else None
     before = {name: t.clone() for name, t in supernet.state_dict().items()}

@@ -47,9 +47,9 @@ def test_a_smaller_supernet_from_a_larger_one_computes_its_subnet():
         if reorder == "magnitude":
             reference.reorder_mlp_importance("magnitude")  # the slice keeps the most important units
         torch.testing.assert_close(small(x, SMALL.max_arch()), reference(x, same), atol=1e-5, rtol=1e-5)
-        assert "blocks.3.norm1.weight" in report.unused and not report.not_initialised
+        assert "blocks.3.norm1.weight" in report.unused and not report.not_loaded
         assert "blocks.0.attn.qkv.weight: (96, 64) -> (48, 48)" in report.partial
-        assert "norm.weight: (64,) -> (48,)" in report.partial and "head.bias" in report.initialised
+        assert "norm.weight: (64,) -> (48,)" in report.partial and "head.bias" in report.loaded
 
 
 def test_a_larger_supernet_from_a_smaller_one_holds_it_in_its_leading_slices():
@@ -64,7 +64,7 @@ def test_a_larger_supernet_from_a_smaller_one_holds_it_in_its_leading_slices():
         torch.testing.assert_close(big.blocks[0].attn.qkv.weight[32 * j + 16:32 * j + 32],
                                    untouched[32 * j + 16:32 * j + 32], atol=0, rtol=0)
     assert big.blocks[0].mlp.fc1.weight[:144, :48].equal(small.blocks[0].mlp.fc1.weight)
-    assert sorted(n for n in report.not_initialised if n.startswith("blocks.3.")) == sorted(
+    assert sorted(n for n in report.not_loaded if n.startswith("blocks.3.")) == sorted(
         f"{n} (not in the file)" for n in big.state_dict() if n.startswith("blocks.3."))
     assert not report.unused
     torch.testing.assert_close(big(x, Arch.from_depth(48, 3, 1, 3.0, 4)), small(x, SMALL.max_arch()),
@@ -74,9 +74,9 @@ def test_a_larger_supernet_from_a_smaller_one_holds_it_in_its_leading_slices():
 def test_head_and_position_embedding_of_another_task_are_not_initialised():
     other = dataclasses.replace(DIGITS, num_classes=3, img_size=16)
     report = init_from(supernet(DIGITS), supernet(other).state_dict())
-    assert "head.weight (3 pretrained classes, 10 here)" in report.not_initialised
-    assert "pos_embed (65 pretrained tokens, 17 here)" in report.not_initialised
-    assert "initialised" in report.summary()
+    assert "head.weight (3 pretrained classes, 10 here)" in report.not_loaded
+    assert "pos_embed (65 pretrained tokens, 17 here)" in report.not_loaded
+    assert "loaded" in report.summary()
 
 
 def test_bad_pretrained_files_get_one_line_errors(tmp_path):

@@ -16,21 +16,21 @@ from torch import nn
 
 from elastic_ops import GroupSizes
 from nas.errors import CheckpointError
-from nas.sam import from_sam_state_dict, read_sam_weights
+from nas.export import extract_subnet
+from nas.sam.supernet import from_sam_state_dict, read_sam_weights, to_sam_state_dict
 from nas.vit.arch import Arch
 
 
 def image_encoder_module():
-    """segment_anything.modeling.image_encoder without the package's __init__ (which imports torchvision)."""
+    """segment_anything.modeling.image_encoder without the package's __init__ (which imports torchvision); its
+    ``modeling`` and ``build_sam`` import as they are."""
     if "segment_anything" not in sys.modules:
         spec = importlib.util.find_spec("segment_anything")
         if spec is None:
             pytest.skip("pip install segment-anything")
         package = types.ModuleType("segment_anything")
         package.__path__ = list(spec.submodule_search_locations)
-        modeling = types.ModuleType("segment_anything.modeling")
-        modeling.__path__ = [f"{package.__path__[0]}/modeling"]
-        sys.modules.update({"segment_anything": package, "segment_anything.modeling": modeling})
+        sys.modules["segment_anything"] = package
     return importlib.import_module("segment_anything.modeling.image_encoder")
 
 
@@ -57,6 +57,10 @@ def test_the_largest_subnet_reproduces_the_sam_encoder():
     with torch.no_grad():
         expected = encoder(x)
         torch.testing.assert_close(model(x, c.space.max_arch()), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(extract_subnet(model, c.space.max_arch())(x), expected, atol=1e-4, rtol=1e-4)
+        back = sam_encoder(seed=1)  # other weights, then the supernet's in SAM's names and layout
+        back.load_state_dict(to_sam_state_dict(model))
+        torch.testing.assert_close(back(x), expected)
         # A SAM checkpoint holds the encoder under image_encoder.
         whole = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()} | {"mask_decoder.w": torch.ones(1)}
         torch.testing.assert_close(from_sam_state_dict(whole)(x), expected, atol=1e-4, rtol=1e-4)

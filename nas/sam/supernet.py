@@ -15,32 +15,35 @@ Every layer is elastic as in :class:`~nas.vit.supernet.VisionTransformerSupernet
 layers on or off, as SuperSAM drops them), and the MLP importance reordering is the same. :func:`from_sam_state_dict`
 converts SAM's weights (``image_encoder.*`` of a SAM checkpoint, or an encoder's own state dict), inferring the
 sizes from them; :func:`read_sam_weights` reads a file the user passes (``weights_only=True``; nothing is downloaded).
-What this supernet does not do yet: batched evaluation (``nas.vit.batched``), export to ``elastic_ops.plain`` and the
-cost model of windowed attention; ``nas.train`` and ``nas.search`` build ViT supernets of their spaces.
+:func:`pretrained_state` gives ``nas.train --init-from`` the same names. A subnet runs batched
+(:class:`SamBatchedSubnets`) and extracts to a plain :class:`~nas.sam.plain.SamEncoder`
+(:meth:`SamEncoderSupernet.extract`); the family (``nas.sam.family``) hands both to the shared machinery.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elastic_ops.conv import ElasticConv2d
 from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
-from .checkpoint import read_torch_file
-from .convert import load_converted
-from .errors import CheckpointError
-from .vit.arch import Arch
-from .vit.space import SearchSpace
-from .vit.supernet import SupernetConfig, VisionTransformerSupernet
+from ..checkpoint import read_torch_file
+from ..convert import load_converted
+from ..errors import CheckpointError
+from ..vit.arch import Arch
+from ..vit.batched import BatchedSubnets
+from ..vit.supernet import SupernetConfig, VisionTransformerSupernet
+from .plain import LayerNorm2d, SamEncoder
+from .space import SamSpace
 
 
 @dataclass
@@ -51,23 +54,20 @@ class SamEncoderConfig(SupernetConfig):
     global_layers: tuple[int, ...] = ()
     out_chans: int = 256
 
+    @classmethod
+    def from_space(cls, space: SamSpace, drop_path_rate: float = 0.0) -> "SamEncoderConfig":
+        """The supernet holding every subnet of ``space``: the encoder its ``sam`` arguments describe, with a dense
+        head for ``space.num_classes`` classes (none for 0)."""
+        vit = SupernetConfig.from_space(space, drop_path_rate=drop_path_rate, layer_norm_eps=space.layer_norm_eps)
+        return cls(**{f.name: getattr(vit, f.name) for f in fields(SupernetConfig)}, window_size=space.window_size,
+                   global_layers=space.global_layers, out_chans=space.out_chans)
+
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_sizes[0]
 
     def num_tokens(self, patch_size: int) -> int:
         return (self.img_size // patch_size) ** 2
-
-
-class LayerNorm2d(nn.Module):
-    """SAM's LayerNorm over the channels of ``[B, C, H, W]``."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels)), eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 class SamNeck(nn.Module):
@@ -87,6 +87,8 @@ class SamNeck(nn.Module):
 class SamEncoderSupernet(VisionTransformerSupernet):
     """SAM's image encoder with every subnet of ``config.space`` (see the module's description). Arch handling and
     MLP importance reordering are :class:`VisionTransformerSupernet`'s; the layers, tokens and output are SAM's."""
+
+    family: ClassVar[str] = "sam"
 
     def __init__(self, config: SamEncoderConfig):
         nn.Module.__init__(self)
@@ -144,6 +146,61 @@ class SamEncoderSupernet(VisionTransformerSupernet):
         return dense_logits(self.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
 
 
+    def batched_pass(self, archs: Sequence[Arch]) -> "SamBatchedSubnets":
+        """The K subnets ``archs`` in one pass (``nas.batched``): ``self.batched_pass(archs)(images)`` gives
+        ``[K, B, ...]``, subnet k's equal to ``self(images, archs[k])`` in eval mode."""
+        return SamBatchedSubnets(self, archs)
+
+    @torch.no_grad()
+    def extract(self, arch: Arch | None = None) -> SamEncoder:
+        """A plain :class:`~nas.sam.plain.SamEncoder` holding copies of the active weights of ``arch`` (default: the
+        active subnet), in eval mode; its outputs match ``self(images, arch)`` in eval mode. Dropped layers are left
+        out."""
+        if arch is not None:
+            self.set_arch(arch)
+        arch, c = self.arch, self.config
+        if arch.side != "left":
+            raise ValueError("SamEncoderSupernet.extract: SAM subnets read the leading channels (side 'left')")
+        embed, layers = arch.embed_dim, [i for i, on in enumerate(arch.layer_on) if on]
+        model = SamEncoder(c.img_size, c.patch_sizes[0], c.in_chans, c.num_classes, embed,
+                           [arch.num_heads[i] for i in layers], [arch.hidden_features(i) for i in layers],
+                           [self.blocks[i].attn.window_size for i in layers], c.head_dim, c.out_chans,
+                           c.layer_norm_eps)
+        model.patch_embed = self.patch_embed.extract()
+        model.pos_embed.copy_(self.pos_embed[..., :embed])
+        for plain_block, i in zip(model.blocks, layers):
+            block, width = self.blocks[i], arch.num_heads[i] * c.head_dim
+            plain_block.norm1, plain_block.norm2, plain_block.mlp = (block.norm1.extract(), block.norm2.extract(),
+                                                                     block.mlp.extract())
+            attn, plain_attn = block.attn, plain_block.attn
+            qkv_rows = attn.qkv.weight.view(3, c.num_heads * c.head_dim, -1)  # q, k, v: the leading heads of each
+            plain_attn.qkv.weight.copy_(qkv_rows[:, :width, :embed].reshape(3 * width, embed))
+            plain_attn.qkv.bias.copy_(attn.qkv.bias.view(3, -1)[:, :width].reshape(-1))
+            plain_attn.proj.weight.copy_(attn.proj.weight[:embed, :width])
+            plain_attn.proj.bias.copy_(attn.proj.bias[:embed])
+            plain_attn.rel_pos_h.copy_(attn.rel_pos_h)
+            plain_attn.rel_pos_w.copy_(attn.rel_pos_w)
+        model.neck.load_state_dict({**self.neck.state_dict(), "conv1.weight": self.neck.conv1.weight[:, :embed]})
+        if self.head is not None:
+            model.head.load_state_dict(self.head.state_dict())
+        return model.eval()
+
+
+class SamBatchedSubnets(BatchedSubnets):
+    """:class:`~nas.batched.BatchedSubnets` of a SAM encoder: the layers (windowed ones included) run per branch as
+    a ViT's; the neck and head run once on every branch, whose padding channels past its embed dim are zero, so the
+    neck's first conv over the widest embed dim gives each branch the result over its own channels."""
+
+    def read_out(self, x: Tensor) -> Tensor:
+        supernet, c = self.supernet, self.supernet.config
+        branches, batch, _, width = x.shape
+        grid = x.transpose(2, 3).reshape(branches * batch, width, c.grid, c.grid)
+        features = supernet.neck(grid)
+        out = features if supernet.head is None else dense_logits(
+            supernet.head(features.flatten(2).transpose(1, 2)), c.patch_sizes[0], c.num_classes)
+        return out.reshape(branches, batch, *out.shape[1:])[self.branch_of_subnet]
+
+
 # -- conversion ------------------------------------------------------------------------------------------------------
 
 SAM_NAMES = (  # SAM's ImageEncoderViT names -> this supernet's; {i} a block, {p} weight or bias
@@ -163,13 +220,64 @@ SAM_NAMES = (  # SAM's ImageEncoderViT names -> this supernet's; {i} a block, {p
 )
 
 
-def _renamed(name: str) -> str | None:
+def _renamed(name: str, sam_to_ours: bool = True) -> str | None:
     for theirs, ours in SAM_NAMES:
-        pattern = re.escape(theirs).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        source, target = (theirs, ours) if sam_to_ours else (ours, theirs)
+        pattern = re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
         match = re.fullmatch(pattern, name)
         if match:
-            return ours.format(**match.groupdict())
+            return target.format(**match.groupdict())
     return None
+
+
+@torch.no_grad()
+def to_sam_state_dict(model: SamEncoderSupernet) -> dict[str, Tensor]:
+    """The encoder of ``model`` (its largest subnet) with SAM's names and layout, as segment-anything's
+    ``ImageEncoderViT`` loads it (the position embedding ``[1, g, g, E]``); the inverse of :func:`renamed_sam_state`.
+    A dense head, which SAM's encoder has not, is left out."""
+    g = model.config.grid
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("head."):
+            continue
+        theirs = "pos_embed" if name == "pos_embed" else _renamed(name, sam_to_ours=False)
+        out[theirs] = (tensor.reshape(1, g, g, -1) if name == "pos_embed" else tensor).detach().clone()
+    return out
+
+
+def renamed_sam_state(encoder_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An encoder's tensors (``image_encoder.`` stripped) under this supernet's names, the position embedding
+    ``[1, g, g, E]`` flattened to ``[1, g * g, E]``; and the names that have no counterpart here."""
+    converted, unexpected = {}, []
+    for name, tensor in encoder_state.items():
+        ours = "pos_embed" if name == "pos_embed" else _renamed(name)
+        if ours is None:
+            unexpected.append(name)
+        else:
+            converted[ours] = tensor.flatten(1, 2) if name == "pos_embed" and tensor.dim() == 4 else tensor
+    return converted, unexpected
+
+
+ENCODER_PREFIX = "image_encoder."
+
+
+def split_encoder(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The image encoder's tensors of a whole SAM state dict (``image_encoder.`` stripped) and the names of the
+    others (the prompt encoder's and mask decoder's); a state dict without that prefix is all encoder."""
+    if not any(name.startswith(ENCODER_PREFIX) for name in state):
+        return dict(state), []
+    return ({name[len(ENCODER_PREFIX):]: t for name, t in state.items() if name.startswith(ENCODER_PREFIX)},
+            sorted(name for name in state if not name.startswith(ENCODER_PREFIX)))
+
+
+def pretrained_state(weights: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Pretrained weights (``nas.pretrained.init_from``) under the supernet's names: a whole SAM checkpoint's image
+    encoder or an encoder's own state dict, with SAM's names (every tensor of the encoder has a counterpart here), or
+    the supernet's own (a ``nas.train`` checkpoint); and the names of a whole checkpoint's tensors that are not the
+    encoder's."""
+    encoder, not_encoder = split_encoder(weights)
+    converted, other_names = renamed_sam_state(encoder)
+    return {**{name: encoder[name] for name in other_names}, **converted}, not_encoder
 
 
 def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -184,9 +292,7 @@ def read_sam_weights(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def sam_encoder_state(state: Mapping[str, Tensor], source: str = "the state dict") -> dict[str, Tensor]:
     """The encoder's tensors of a whole SAM state dict (``image_encoder.`` stripped) or of an encoder's own."""
-    prefix = "image_encoder."
-    if any(name.startswith(prefix) for name in state):
-        state = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+    state, _ = split_encoder(state)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(f"SAM weights: {source} has no patch_embed.proj.weight and pos_embed; is it SAM's image "
                               "encoder (or a SAM checkpoint)?")
@@ -222,15 +328,16 @@ def sam_config(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-6) -> Sam
         raise CheckpointError(f"SAM weights: the windowed layers' relative position tables have several sizes "
                               f"{sorted(windows)}")
     heads = embed // head_dim
-    space = SearchSpace(
-        name="sam", embed_dims=range(embed - head_dim * ((embed // 2) // head_dim), embed + 1, head_dim),
-        depths=range(math.ceil(depth / 2), depth + 1), num_heads=range(math.ceil(heads / 2), heads + 1),
-        mlp_ratios=(hidden / embed / 2, 3 * hidden / embed / 4, hidden / embed), head_dim=head_dim,
-        patch_sizes=(patch,), img_size=grid * patch, in_chans=in_chans, num_classes=0, identity_layers=True)
-    return SamEncoderConfig(img_size=grid * patch, patch_sizes=(patch,), in_chans=in_chans, num_classes=0,
-                            embed_dim=embed, depth=depth, num_heads=heads, head_dim=head_dim, hidden_features=hidden,
-                            layer_norm_eps=layer_norm_eps, space=space, window_size=windows.pop() if windows else 0,
-                            global_layers=global_layers, out_chans=out_chans)
+    ratio = hidden / embed
+    space = SamSpace.from_dict({
+        "name": "sam", "depths": list(range(math.ceil(depth / 2), depth + 1)),
+        "num_heads": list(range(math.ceil(heads / 2), heads + 1)), "mlp_ratios": [ratio / 2, 3 * ratio / 4, ratio],
+        "embed_dims": list(range(embed - head_dim * ((embed // 2) // head_dim), embed + 1, head_dim)),
+        "num_classes": 0, "layer_norm_eps": layer_norm_eps, "task": "segmentation",
+        "sam": {"img_size": grid * patch, "patch_size": patch, "in_chans": in_chans, "embed_dim": embed,
+                "depth": depth, "num_heads": heads, "mlp_ratio": ratio, "out_chans": out_chans,
+                "window_size": windows.pop() if windows else 0, "global_attn_indexes": list(global_layers)}})
+    return SamEncoderConfig.from_space(space)
 
 
 @torch.no_grad()
@@ -240,16 +347,10 @@ def from_sam_state_dict(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-
     about half. Raises CheckpointError naming missing, unexpected or mis-shaped tensors."""
     state = sam_encoder_state(state)
     model = SamEncoderSupernet(sam_config(state, layer_norm_eps))
-    converted, unexpected = {}, []
-    for name, tensor in state.items():
-        ours = "pos_embed" if name == "pos_embed" else _renamed(name)
-        if ours is None:
-            unexpected.append(name)
-        else:
-            converted[ours] = tensor.flatten(1, 2) if name == "pos_embed" else tensor
-    load_converted(model, converted, unexpected, "SAM weights", CheckpointError)
+    load_converted(model, *renamed_sam_state(state), "SAM weights", CheckpointError)
     return model.eval()
 
 
-__all__ = ["LayerNorm2d", "SamEncoderConfig", "SamEncoderSupernet", "SamNeck", "from_sam_state_dict",
-           "read_sam_weights", "sam_config", "sam_encoder_state"]
+__all__ = ["SamBatchedSubnets", "SamEncoderConfig", "SamEncoderSupernet", "SamNeck", "from_sam_state_dict",
+           "pretrained_state", "read_sam_weights", "renamed_sam_state", "sam_config", "sam_encoder_state",
+           "split_encoder", "to_sam_state_dict"]
