@@ -28,11 +28,11 @@ import torch
 
 from ..arch import Arch, ArchBatch
 from ..atomic import atomic_write_text
+from ..build import build_supernet
 from ..cost import embed_macs, head_macs, head_outputs, head_tokens, layer_dims, layer_macs_parts
 from ..errors import CheckpointError, CheckpointMismatchError, require
 from ..export import extract_subnet
 from ..space import SearchSpace
-from ..supernet import SupernetConfig, VisionTransformerSupernet
 
 FORMAT_VERSION = 2  # 2: the environment of the measurements; 1 (no environment) still loads
 
@@ -248,7 +248,7 @@ def measure_space(space: SearchSpace, archs: Sequence[Arch], batch_size: int, de
                   progress: Callable[[int], None] | None = None) -> list[tuple[Arch, float]]:
     """``[(arch, seconds)]``: each arch of ``space`` as the standalone model it exports to (``nas.export``, random
     weights: latency does not depend on them), in ``dtype`` on ``device``, timed on a batch of ``batch_size``."""
-    supernet = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
+    supernet = build_supernet(space).eval()
     shape = (batch_size, space.in_chans, space.img_size, space.img_size)
     results = []
     for arch in archs:

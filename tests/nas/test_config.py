@@ -126,7 +126,8 @@ def test_resume_starts_from_the_saved_settings(tmp_path):
 def test_one_rule_for_what_may_change_on_resume(config):
     resumable = {f.name for f in dataclasses.fields(config) if f.metadata["resumable"]}
     expected = {TrainConfig: {"out_dir", "progress", "plot", "log_every", "ckpt_every", "keep_checkpoints",
-                              "eval_every", "eval_batch_size", "num_workers", "cpu_threads", "tensorboard"},
+                              "eval_every", "eval_batch_size", "num_workers", "cpu_threads", "tensorboard",
+                              "max_memory_gb"},
                 SearchConfig: {"out_dir", "progress", "export", "generations", "device", "subnets_per_pass",
                                "batch_size", "checkpoint", "num_workers", "latency_other_device", "scale_family",
                                "scale_coefficients"}}[type(config)]
