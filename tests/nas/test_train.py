@@ -307,7 +307,9 @@ def test_checkpoints_that_cannot_be_used_are_refused(tmp_path, capsys):
     cases = [(poisoned, r"holds NaN or infinite values \(model.blocks.0.attn.qkv.weight\): its run had diverged"),
              ({**state, "config": ["space", "digits-tiny"]}, "malformed: its config is list, not a mapping"),
              ({k: v for k, v in state.items() if k != "model"}, "malformed: it has no 'model' entry of weights"),
-             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0")]
+             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0"),
+             ({**state, "model": {**state["model"], qkv: torch.zeros(1).expand(10**6, 10**6)}},
+              r"tensor model.blocks.0.attn.qkv.weight declares \(1000000, 1000000\) .* over 4 stored bytes")]
     for i, (bad, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.pt"
         torch.save(bad, path)
