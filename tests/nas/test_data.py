@@ -110,6 +110,29 @@ def test_malformed_cifar_batch_names_the_file(tmp_path, content, message):
         D.load_dataset("cifar10", str(root), "train")
 
 
+class DeclaresHugeArray:
+    """Pickled, a few dozen bytes that ask numpy for ``shape``: directly, or through ``_reconstruct``."""
+
+    def __init__(self, via_reconstruct: bool):
+        self.via_reconstruct = via_reconstruct
+
+    def __reduce__(self):
+        if self.via_reconstruct:
+            return np.ndarray((0,)).__reduce__()[0], (np.ndarray, (10**13,), b"b")
+        return np.ndarray, ((10**13,),)
+
+
+@pytest.mark.parametrize("via_reconstruct", [False, True])
+def test_cifar_batch_declaring_a_huge_array_is_refused_before_allocating(tmp_path, via_reconstruct):
+    root = tmp_path / "cifar"
+    write_cifar(root, np.random.default_rng(0))
+    payload = pickle.dumps({b"data": DeclaresHugeArray(via_reconstruct), b"labels": [0]}, protocol=4)
+    (root / "test_batch").write_bytes(payload)
+    with pytest.raises(D.DataError, match=rf"declares an array of shape \(10000000000000,\) .* in a file of "
+                                          rf"{len(payload)} bytes"):
+        D.load_dataset("cifar10", str(root), "test")
+
+
 def test_cifar100_labels_out_of_range(tmp_path):
     root = tmp_path / "cifar"
     write_cifar(root, np.random.default_rng(0), fine=True)
