@@ -39,6 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from . import canvases
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 from .imagefolder import ImageFolder
+from .memory import memory_limit_bytes
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "mnist-seg", "imagefolder")
 DENSE_DATASETS = ("mnist-seg",)  # labelled per pixel (nas.canvases)
@@ -221,13 +222,19 @@ def _read_idx(root: str, stem: str) -> tuple[np.ndarray, str]:
         raise DataError(f"MNIST file missing: {os.path.join(root, stem)}[.gz]")
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"bad IDX magic (expected unsigned bytes), got {data[:4].hex()}")
-        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape), path
+        with opener(path, "rb") as f:  # the header first: a gzip file may inflate to far more than it declares
+            zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype_code != 0x08:
+                raise ValueError(f"bad IDX magic (expected unsigned bytes), got {zero:04x}{dtype_code:02x}{ndim:02x}")
+            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            declared = math.prod(shape)
+            if declared > memory_limit_bytes(None):
+                raise ValueError(f"it declares {shape} bytes of pixels, more than this machine's memory allows")
+            data = f.read(declared + 1)
+        if len(data) != declared:
+            raise ValueError(f"it declares an array of shape {shape} ({declared} bytes) but holds "
+                             f"{'more' if len(data) > declared else len(data)} bytes")
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape), path
     except (OSError, EOFError, ValueError, struct.error) as err:
         raise DataError(f"MNIST file {path!r} is corrupt: {err}") from err
 

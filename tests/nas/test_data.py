@@ -179,6 +179,19 @@ def test_mnist_idx_round_trip(tmp_path, compress):
         D.load_dataset("mnist", str(tmp_path), "test")
 
 
+def test_idx_file_is_read_no_further_than_it_declares(tmp_path):
+    """A gzip file inflates to whatever it likes: 32 MB of zeros behind a header declaring 5 images is read as far as
+    the 5 images and refused; a header declaring 2^64 pixels is refused before any is read."""
+    header = struct.pack(">HBBIII", 0, 0x08, 3, 5, 28, 28)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(32 << 20)))
+    with pytest.raises(D.DataError, match=r"declares an array of shape \(5, 28, 28\) \(3920 bytes\) but holds more"):
+        D.load_dataset("mnist", str(tmp_path), "train")
+    huge = struct.pack(">HBBII", 0, 0x08, 2, 2**32 - 1, 2**32 - 1)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(huge))
+    with pytest.raises(D.DataError, match=r"declares \(4294967295, 4294967295\) bytes of pixels, more than this"):
+        D.load_dataset("mnist", str(tmp_path), "train")
+
+
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST not found at {MNIST}")
 def test_real_mnist_test_split():
     test = D.load_dataset("mnist", str(MNIST), "test")
