@@ -502,6 +502,8 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
         if not resume and os.path.exists(os.path.join(config.out_dir, STATE_FILE)):
             raise OutputError(f"out_dir {config.out_dir!r} already holds a search ({STATE_FILE}); continue it with "
                               "--resume, or choose another --out-dir")
+        if output is not None:
+            output.claim()
         return _run(config, resume, device, ranks)
     finally:
         if output is not None:

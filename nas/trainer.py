@@ -400,6 +400,8 @@ class Trainer:
         self.out_dir = OwnedDirectory(c.out_dir, "out_dir", subdirs=("checkpoints",)) if self.ranks.main else None
         try:
             resume_path = self.resume_path(resume)
+            if self.out_dir is not None:
+                self.out_dir.claim()
             if resume_path is not None:
                 self.load(resume_path)
                 self.resumed_at = self.step

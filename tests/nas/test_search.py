@@ -253,9 +253,14 @@ def test_a_search_owns_its_output(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(search_args(tiny_checkpoint, out, generations=1)) == 0
     state = (out / "state.pt").read_bytes()
+    # A user's file, and a killed write's temporary: a refusing search deletes neither.
+    temporaries = [out / ".state.pt.abcdefgh.tmp", out / ".state.pt.nas-abcdefgh.tmp"]
+    for temporary in temporaries:
+        temporary.write_text("x")
     assert main(search_args(tiny_checkpoint, out)) == 2
     assert one_line_error(capsys) == (f"nas.search: error: out_dir '{out}' already holds a search (state.pt); "
                                       "continue it with --resume, or choose another --out-dir\n")
+    assert all(temporary.exists() for temporary in temporaries)
     held = OwnedDirectory(out, "output")
     assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 2
     assert f"out_dir '{out}' is in use by another run" in one_line_error(capsys)

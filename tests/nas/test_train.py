@@ -179,10 +179,14 @@ def test_resume_removes_stale_temporaries_and_nothing_else(tmp_path):
     train(tiny(tmp_path, max_steps=4, ckpt_every=2))
     run = tmp_path / "run"
     # Left by writes killed midway (nas.atomic's names), and the user's own files, which stay.
-    stale = [run / ".config.yaml.k3j9x0qa.tmp", run / "checkpoints" / ".step_00000004.pt.ab12cd_4.tmp"]
-    others = [run / "notes.tmp", run / "checkpoints" / "step_00000004.pt.tmp", run / ".config.yaml.tmp"]
+    stale = [run / ".config.yaml.nas-k3j9x0qa.tmp", run / "checkpoints" / ".step_00000004.pt.nas-ab12cd_4.tmp"]
+    others = [run / "notes.tmp", run / "checkpoints" / "step_00000004.pt.tmp", run / ".config.yaml.tmp",
+              run / ".mydata.abcdefgh.tmp", run / "checkpoints" / ".keep.12345678.tmp"]
     for path in stale + others:
         path.write_text("x")
+    with pytest.raises(OutputError, match="already holds a run"):  # refused: it deletes nothing
+        train(tiny(tmp_path, max_steps=4, ckpt_every=2))
+    assert all(path.exists() for path in stale + others)
     train(tiny(tmp_path, max_steps=4, ckpt_every=2), resume=True)
     assert [path.exists() for path in stale + others] == [False] * len(stale) + [True] * len(others)
     (tmp_path / "new").touch()  # what any new file gets: the oracle of the permissions
