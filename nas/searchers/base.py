@@ -7,19 +7,51 @@ restored from its state proposes exactly what the original would have proposed n
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..arch import Arch
-from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
 from ..space import Space
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
+
+
+def saved_arch(space: Space, data: Any, where: str) -> Arch | HybridArch:
+    """An arch a saved state holds, checked as an arch from a config is: of the space's kind, every field in it."""
+    try:
+        arch = space.arch_type.from_dict(data)
+        space.validate(arch)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{where} is not an arch of space {space.name!r}: {error}") from error
+    return arch
+
+
+def saved_number(value: Any, where: str, low: float = -math.inf, high: float = math.inf,
+                 integer: bool = False) -> float | int:
+    """A number a saved state holds: an int (``integer``) or a finite real, in ``[low, high]``; never a bool."""
+    try:
+        ok = (not isinstance(value, bool) and isinstance(value, int if integer else Real) and low <= value <= high
+              and (integer or math.isfinite(value)))
+    except OverflowError:  # math.isfinite of an int past a float's range
+        ok = False
+    if not ok:
+        wanted = "an integer" if integer else "a finite number"
+        raise CheckpointError(f"{where} is {value!r}, not {wanted} in [{low:g}, {high:g}]")
+    return value if integer else float(value)
+
+
+def saved_flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where} is {value!r}, not true or false")
+    return value
 
 
 class Searcher:
@@ -58,7 +90,9 @@ class Searcher:
         if state.get("name") != self.name:
             raise CheckpointMismatchError(f"search state is for {state.get('name')!r}, this searcher is {self.name!r}")
         self.rng.bit_generator.state = state["rng"]
-        self.scores = {self.space.arch_type.from_dict(arch): score for arch, score in state["scores"]}
+        self.scores = {saved_arch(self.space, arch, f"{self.name} state: scores[{i}]"):
+                       saved_number(score, f"{self.name} state: scores[{i}]'s score")
+                       for i, (arch, score) in enumerate(state["scores"])}
 
     def is_new(self, arch: Arch, taken: set[Arch]) -> bool:
         return arch not in self.scores and arch not in taken
