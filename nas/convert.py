@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
-from .space import SearchSpace
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .vit.space import SearchSpace
+from .vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 AUTOFORMER_HEAD_DIM = 64  # AutoFormer's qkv_super: sample_q_embed_dim = heads * 64
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .space import Space
+    from .family import Space
 
 DEFAULT_MEMORY_FRACTION = 0.8
 # Training holds per parameter the fp32 weight, its gradient and AdamW's two moments; evaluation only the weight.

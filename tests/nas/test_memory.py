@@ -11,7 +11,7 @@ import yaml
 from nas.build import build_supernet
 from nas.errors import ConfigError
 from nas.memory import check_memory, estimate_bytes
-from nas.space import PRESETS, load_space
+from nas.spaces import PRESETS, load_space
 
 HOSTILE_SIZES = {"num_heads": [1, 100000], "depths": [2, 100000], "embed_dims": [32, 1000000]}
 
