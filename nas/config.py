@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import textwrap
 import types
 import typing
@@ -98,6 +99,16 @@ def _converted(value: Any, hint) -> tuple[bool, Any]:
     return isinstance(value, origin), value
 
 
+def _numbers(config) -> list[tuple[str, float]]:
+    """``(name, value)`` of every float value of a config, list items included (``scale_coefficients[1]``)."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        found += [(f.name if i is None else f"{f.name}[{i}]", v) for i, v in items if isinstance(v, float)]
+    return found
+
+
 def _is_mapping(hint) -> bool:
     return any((typing.get_origin(option) or option) is dict for option in _options(hint))
 
@@ -140,6 +151,9 @@ class Config:
         problems = [f"{f.name}={getattr(self, f.name)!r} must be one of {', '.join(map(str, f.metadata['choices']))}"
                     for f in dataclasses.fields(self)
                     if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]]
+        # No setting means anything by NaN or infinity, and a comparison with NaN passes every range check.
+        problems += [f"{name}={value!r} must be a finite number" for name, value in _numbers(self)
+                     if not math.isfinite(value)]
         problems += self.problems()
         if problems:
             raise ConfigError(f"bad {self.NAME} config: " + "; ".join(problems))

@@ -492,8 +492,12 @@ class Trainer:
         }
 
     def diverged(self, what: str) -> NonFiniteLossError:
+        # A resumed run keeps its settings: a lower lr is a new run, which may start from the last good weights.
+        resumable_weights = self.last_checkpoint and family_of(self.space).pretrained_init
+        start = f" --init-from {str(self.last_checkpoint)!r}" if resumable_weights else ""
         where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
-        return NonFiniteLossError(f"{what}{where}. Lower lr or raise warmup_steps.")
+        return NonFiniteLossError(f"{what}{where}. Start a new run (another --out-dir{start}) with a lower lr or more "
+                                  "warmup_steps: --resume keeps the settings the run was saved with")
 
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -155,8 +156,8 @@ class HybridSpace:
             if int(self.stem_channels) <= 0:
                 raise ValueError(f"stem_channels={self.stem_channels} must be positive (or null: the first stage's)")
             set_field("stem_channels", int(self.stem_channels))
-        if not float(self.token_mlp_ratio) > 0:
-            raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be positive")
+        if not 0 < float(self.token_mlp_ratio) < math.inf:
+            raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be a positive finite number")
         set_field("token_mlp_ratio", float(self.token_mlp_ratio))
         self._check_stages()
 

@@ -32,6 +32,12 @@ from .arch import Arch, ArchBatch
 def _choices(name: str, values, kind) -> tuple:
     if isinstance(values, (int, float)):
         values = [values]
+    # int(True) is 1 and int(32.7) is 32: a file that says either means something else. NaN would pass every check.
+    wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+             or not math.isfinite(v) or (kind is int and not float(v).is_integer())]
+    if wrong:
+        raise ValueError(f"SearchSpace.{name}: choices must be finite {'integers' if kind is int else 'numbers'}, got "
+                         f"{wrong[0]!r}")
     values = tuple(sorted({kind(v) for v in values}))
     if not values:
         raise ValueError(f"SearchSpace.{name}: needs at least one choice")

@@ -241,7 +241,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return logits * float("nan") if len(calls) == 5 else logits
 
     monkeypatch.setattr(VisionTransformerSupernet, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss became \[nan\] at step 5.*step_00000004.pt"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became \[nan\] at step 5.*step_00000004.pt.*Start a new run "
+                                                 r"\(another --out-dir --init-from .*\) with a lower lr"):
         train(tiny(tmp_path, ckpt_every=2))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*"))
     assert kept == ["step_00000002.pt", "step_00000004.pt"]
