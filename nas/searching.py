@@ -53,8 +53,9 @@ from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
+from .saved import saved_flag, saved_number
 from .searchers import SEARCHERS, build_searcher
-from .searchers.base import saved_arch, saved_flag, saved_number
+from .searchers.base import saved_arch
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
@@ -547,8 +548,10 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         latency_model.check_environment(environment(device), config.latency_other_device,
                                         f"latency model {config.latency_model!r}")
         if latency_model.space != space:
-            raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for space "
-                                          f"{latency_model.space.name!r}, the supernet is of {space.name!r}")
+            other = (f"space {latency_model.space.name!r}" if latency_model.space.name != space.name else
+                     f"another space named {space.name!r} (other choices or sizes)")
+            raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for {other}, the supernet is of "
+                                          f"space {space.name!r}")
     costs = Costs(space, latency_model)
     costs.check_reachable(config.parsed_budgets)  # before any data is read
     sampler = None

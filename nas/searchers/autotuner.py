@@ -34,7 +34,8 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
 from ..family import Arch
-from .base import GeneCoding, Searcher, saved_arch, saved_number
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")
 MIN_SCORES = {"random": 0, "hillclimb": 1, "de": 4, "model": 8}  # scored archs a technique needs to work from

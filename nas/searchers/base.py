@@ -7,9 +7,7 @@ restored from its state proposes exactly what the original would have proposed n
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Real
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +16,7 @@ from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetE
 from ..family import Arch, Space
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
+from ..saved import saved_number
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
@@ -31,26 +30,6 @@ def saved_arch(space: Space, data: Any, where: str) -> Arch | HybridArch:
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{where} is not an arch of space {space.name!r}: {error}") from error
     return arch
-
-
-def saved_number(value: Any, where: str, low: float = -math.inf, high: float = math.inf,
-                 integer: bool = False) -> float | int:
-    """A number a saved state holds: an int (``integer``) or a finite real, in ``[low, high]``; never a bool."""
-    try:
-        ok = (not isinstance(value, bool) and isinstance(value, int if integer else Real) and low <= value <= high
-              and (integer or math.isfinite(value)))
-    except OverflowError:  # math.isfinite of an int past a float's range
-        ok = False
-    if not ok:
-        wanted = "an integer" if integer else "a finite number"
-        raise CheckpointError(f"{where} is {value!r}, not {wanted} in [{low:g}, {high:g}]")
-    return value if integer else float(value)
-
-
-def saved_flag(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise CheckpointError(f"{where} is {value!r}, not true or false")
-    return value
 
 
 class Searcher:

@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from ..family import Arch
 from ..racing import Interval
-from .base import Searcher, saved_arch, saved_number
+from ..saved import saved_number
+from .base import Searcher, saved_arch
 
 
 def non_dominated_fronts(score: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
 from ..family import Arch
-from .base import GeneCoding, Searcher, saved_arch, saved_number
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 
 class Reinforce(Searcher):

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError, MissingDependencyError, require
 from ..family import Arch
-from .base import GeneCoding, Searcher, saved_arch, saved_number
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 
 def _optuna():
