@@ -87,7 +87,10 @@ def _converted(value: Any, hint) -> tuple[bool, Any]:
                 return True, float(value)
             except ValueError:
                 return False, value
-        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+        try:
+            return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+        except OverflowError:  # an int past a float's range
+            return False, value
     if origin is list:
         if not isinstance(value, list):
             return False, value

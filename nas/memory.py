@@ -64,10 +64,18 @@ def check_memory(space: Space, batch_size: int = 1, max_memory_gb: float | None 
         return
     setting = f"max_memory_gb={max_memory_gb:g}" if max_memory_gb is not None else (
         f"max_memory_gb (default: {DEFAULT_MEMORY_FRACTION:.0%} of this machine's memory)")
-    raise ConfigError(f"space {space.name!r}: its supernet would take about {needed / 1e9:.3g} GB "
+    raise ConfigError(f"space {space.name!r}: its supernet would take about {gigabytes(needed)} GB "
                       f"({'training' if training else 'evaluating'} {batch_size} images a step), more than "
                       f"{limit / 1e9:.3g} GB allowed by {setting}; the estimate owes most to "
                       f"{culprit(space, batch_size, training)}")
+
+
+def gigabytes(count: int) -> str:
+    """``count`` bytes in GB, for a message: also counts past a float's range, which a space file may declare."""
+    billions = count // 10**9
+    if billions < 10**15:
+        return f"{count / 1e9:.3g}"
+    return f"10^{len(str(billions)) - 1}"
 
 
 def culprit(space: Space, batch_size: int, training: bool) -> str:
