@@ -97,6 +97,11 @@ def test_bad_pretrained_files_get_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_weights(tmp_path / "evil.pt")
     assert not marker.exists()
+    torch.save({"weight": RunsCode(marker)}, tmp_path / "evil-torch.pt")  # what torch.save of code gives
+    with pytest.raises(CheckpointError, match=r"unsupported GLOBAL .*system") as refused:
+        read_weights(tmp_path / "evil-torch.pt")
+    assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)  # no advice to run it
+    assert not marker.exists()
     with pytest.raises(CheckpointError, match="none of the 1 pretrained tensors has a name of this supernet"):
         init_from(supernet(DIGITS), {"image_encoder.patch_embed.proj.weight": torch.zeros(2)})
 
