@@ -151,15 +151,23 @@ class ImageFolder(Dataset):
         if not self.classes:
             raise DataError(f"ImageFolder: {root!r} has no class sub-folders (expected root/<class>/<image>)")
         paths, labels = [], []
+        real_root = os.path.realpath(root)
         for label, cls in enumerate(self.classes):
-            for directory, subdirectories, names in os.walk(os.path.join(root, cls)):
+            folder = os.path.join(root, cls)
+            real = os.path.realpath(folder)
+            if real == real_root or real_root.startswith(real + os.sep):
+                raise DataError(f"ImageFolder: class folder {folder!r} is a link to {real!r}, which holds the data set "
+                                "itself: it would be a class of every image")
+            found = len(paths)
+            for directory, subdirectories, names in os.walk(folder):
                 subdirectories.sort()
                 for name in sorted(names):
                     if name.lower().endswith(IMAGE_EXTENSIONS):
                         paths.append(os.fsencode(os.path.relpath(os.path.join(directory, name), root)))
                         labels.append(label)
-        if not paths:
-            raise DataError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+            if len(paths) == found:
+                raise DataError(f"ImageFolder: class folder {folder!r} holds no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}); remove it, or the classes are not the data's")
         self.paths = np.array(paths)  # fixed-width bytes
         self.labels = torch.tensor(labels)
         self.image_size, self.in_chans, self.crop, self.seed, self.epoch = image_size, in_chans, crop, seed, 0

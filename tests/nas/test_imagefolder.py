@@ -177,3 +177,18 @@ def test_sixteen_bit_and_float_images_are_read_by_their_range(tmp_path, in_chans
     Image.fromarray(grey.astype(np.float32) / 100).save(tmp_path / "a" / "2_float.tif")
     with pytest.raises(data_lib.DataError, match=r"'.*2_float\.tif' holds floating-point pixels outside 0\.\.1"):
         folder.load(2)
+
+
+def test_a_class_folder_without_images_or_linking_to_the_root_is_named(tmp_path):
+    """Either would otherwise be one more class, and the error a count ("4 classes but the space has 3")."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "0.png")
+    assert len(ImageFolder(str(tmp_path), 8)) == 2
+    (tmp_path / "c").mkdir()
+    with pytest.raises(data_lib.DataError, match=r"class folder '.*c' holds no images"):
+        ImageFolder(str(tmp_path), 8)
+    (tmp_path / "c").rmdir()
+    (tmp_path / "z").symlink_to(".")
+    with pytest.raises(data_lib.DataError, match=r"class folder '.*z' is a link to .* which holds the data set itself"):
+        ImageFolder(str(tmp_path), 8)
