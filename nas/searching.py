@@ -607,6 +607,10 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
             save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch, space)
             exported[label] = path
         extra["exported"] = exported
+        if len(sides) > 1:  # the scores are both sides' mean; a subnet is exported from one of them
+            extra["exported_side"] = "left"
+            print(f"[search] the scores are the mean of the {' and '.join(sides)} sides of the two-sided supernet; the "
+                  "exported subnets read its left (leading) channels only")
     summary = write_outputs(search, config.out_dir, extra)
     for label, candidate in best.items():
         print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test {score} "
