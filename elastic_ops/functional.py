@@ -94,6 +94,7 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out_fe
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the active ``d = x.shape[-1]`` channels with ``weight[:d]``, ``bias[:d]``."""
     _validate.check_layer_norm(x, weight, bias)
+    _validate.check_eps("elastic_layer_norm", eps)
     return _run("layer_norm", (x, weight, bias), x, weight, bias, eps)
 
 
@@ -129,6 +130,7 @@ def grouped_layer_norm(x: Tensor, sizes: GroupSizes, weight: Tensor | None, bias
                        eps: float = 1e-5) -> Tensor:
     """LayerNorm of each subnet over its own active channels; padding stays zero."""
     _validate.check_grouped_layer_norm(x, sizes, weight, bias)
+    _validate.check_eps("grouped_layer_norm", eps)
     return _run("grouped_layer_norm", (x, weight, bias), x, sizes, weight, bias, eps, triton_backward=False)
 
 
