@@ -112,6 +112,8 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
     ``W_o[:e, :h*Dh]``."""
     _validate.check_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
     tensors = (x, qkv_weight, qkv_bias, proj_weight, proj_bias)
+    if x.shape[0] == 0:  # nothing to attend over, on any backend: the reference's empty result (and gradients)
+        return implementation("attention", "reference")(*tensors, num_heads, head_dim)
     return _run("attention", tensors, *tensors, num_heads, head_dim,
                 triton_shape_problem=triton_head_dim_problem(head_dim))
 
