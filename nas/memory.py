@@ -1,7 +1,7 @@
 """Memory a supernet will take, checked before anything is allocated: a space file declares its sizes, and a few
 edited numbers (``num_heads: [1, 100000]``) would otherwise ask for terabytes, or grow until the kernel kills the run.
 
-Each space estimates its own supernet (``space.memory_estimate()``, with the cost model's counts: the
+Each family estimates its supernets (``Family.memory_estimate(space)``, with the cost model's counts: the
 parameters of its largest arch and the activations one training step keeps for the backward pass). ``check_memory``
 turns that into bytes and refuses, in one line naming the space's field that the estimate owes most to, anything past
 the limit: ``max_memory_gb`` of a config, by default :data:`DEFAULT_MEMORY_FRACTION` of the machine's physical memory.
@@ -9,25 +9,14 @@ the limit: ``max_memory_gb`` of a config, by default :data:`DEFAULT_MEMORY_FRACT
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .family import Space
+from .family import MemoryEstimate, Space, family_of
 
 DEFAULT_MEMORY_FRACTION = 0.8
 # Training holds per parameter the fp32 weight, its gradient and AdamW's two moments; evaluation only the weight.
 TRAINING_BYTES_PER_PARAMETER = 16
 BYTES_PER_VALUE = 4
-
-
-class MemoryEstimate(NamedTuple):
-    """What a supernet takes: ``parameters`` (those of its largest arch, as the cost model counts them) and
-    ``activations``: the values one training step of a single image keeps for the backward pass (fp32)."""
-
-    parameters: int
-    activations: int
 
 
 def physical_memory_bytes() -> int | None:
@@ -59,7 +48,7 @@ def check_memory(space: Space, batch_size: int = 1, max_memory_gb: float | None 
     ``batch_size`` images a step (``max_memory_gb``; None: :func:`memory_limit_bytes`'s default). Called before the
     supernet is built, so nothing has been allocated yet."""
     limit = memory_limit_bytes(max_memory_gb)
-    needed = estimate_bytes(space.memory_estimate(), batch_size, training)
+    needed = estimate_bytes(family_of(space).memory_estimate(space), batch_size, training)
     if needed <= limit:
         return
     setting = f"max_memory_gb={max_memory_gb:g}" if max_memory_gb is not None else (
@@ -82,7 +71,7 @@ def culprit(space: Space, batch_size: int, training: bool) -> str:
     """The field of ``space`` whose choices cost the most: the one that, cut to its smallest choice, shrinks the
     estimate the most (``space.narrowed_fields()`` names each field with its largest value, and the space cut)."""
     def cost(item: tuple[str, Space]) -> int:
-        return estimate_bytes(item[1].memory_estimate(), batch_size, training)
+        return estimate_bytes(family_of(item[1]).memory_estimate(item[1]), batch_size, training)
 
     return min(space.narrowed_fields(), key=cost)[0]
 

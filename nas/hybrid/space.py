@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import numpy as np
 import yaml
 
-from ..memory import MemoryEstimate
 from ..rng import as_generator
 from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
@@ -209,31 +208,6 @@ class HybridSpace:
     def stem_width(self, arch: HybridArch) -> int:
         """The stem's channels: ``stem_channels``, or the first stage's."""
         return arch.stages[0].channels if self.stem_channels is None else self.stem_channels
-
-    def memory_estimate(self) -> MemoryEstimate:
-        """What the supernet takes (``nas.memory``): the parameters of its costliest arch (``nas.hybrid.cost``), and
-        the values that one image's training step keeps for the backward pass at the largest resolution: per block
-        its input, the expanded hidden units before and after BatchNorm and activation, its output, and where a stage
-        offers attention the scores before and after the softmax; then the head's features. The activations are
-        counted in Python ints first: a space whose counts would pass numpy's int64 (the cost model's) is counted
-        no further, as its activations alone are past any machine."""
-        from . import cost  # the cost model imports this module
-
-        sides = self.grid_sides(self.img_size)
-        stem_side = -(-self.img_size // self.stem_stride)
-        stem = self.stem_channels or self.stages[0].channels[-1]
-        activations = self.in_chans * self.img_size ** 2 + 3 * stem_side ** 2 * stem
-        widest = max(stem, self.head_features, self.pre_logits, self.num_classes)
-        for stage, side in zip(self.stages, sides):
-            channels, hidden, tokens = stage.channels[-1], stage.channels[-1] * stage.expansions[-1], side * side
-            scores = 2 * channels // self.head_dim * tokens * tokens if "attention" in stage.ops else 0
-            activations += stage.depths[-1] * (tokens * (2 * channels + 3 * hidden) + scores)
-            widest = max(widest, hidden * stage.kernel_sizes[-1] ** 2, tokens, self.head_expansion * channels)
-        activations += 2 * max(self.head_features, self.head_expansion * self.stages[-1].channels[-1]) \
-            + self.pre_logits + self.num_classes
-        if activations * widest * 64 >= np.iinfo(np.int64).max:
-            return MemoryEstimate(activations * widest, activations)
-        return MemoryEstimate(int(cost.cost_range(self, lambda archs: cost.params_many(archs, self))[1]), activations)
 
     def narrowed_fields(self) -> list[tuple[str, HybridSpace]]:
         """Each size field (per stage, and the resolutions) with its largest value, and this space with that field

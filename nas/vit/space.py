@@ -23,9 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import yaml
 
-from ..memory import MemoryEstimate
 from ..rng import as_generator
-from . import cost
 from .arch import Arch, ArchBatch
 
 
@@ -161,25 +159,6 @@ class SearchSpace:
                 raise ValueError(f"patch_size=None but space {self.name!r} has several patch sizes {self.patch_sizes}")
             return self.patch_sizes[0]
         return patch_size
-
-    def memory_estimate(self) -> MemoryEstimate:
-        """What the supernet takes (``nas.memory``): the parameters of its largest arch as ``nas.vit.cost`` counts them
-        (with an embedding per patch size where they are private, and with ``private_qk`` the q/k projections of
-        every smaller head count), and the values that one image's training step keeps for the backward pass: per
-        layer the LayerNorms' and residual branches' inputs and outputs, q, k, v and the attention output, the
-        attention scores before and after the softmax, and the MLP's hidden units before and after the GELU. Python
-        ints throughout: nothing is allocated and nothing overflows, whatever a file declares."""
-        embed, depth, heads, hidden = self.max_embed_dim, self.max_depth, self.max_heads, self.max_hidden
-        attention, tokens, patch = heads * self.head_dim, self.max_tokens, self.patch_sizes[0]
-        embeddings = len(self.patch_sizes) if self.private_class_tokens else 1
-        parameters = (embeddings * cost.embed_params(embed, patch, tokens, self.in_chans)
-                      + depth * cost.layer_params(embed, heads, hidden, self.head_dim, self.relative_position)
-                      + cost.head_params(embed, cost.head_outputs(self)))
-        if self.private_qk:
-            parameters += depth * sum(2 * (embed + 1) * h * self.head_dim for h in self.num_heads[:-1])
-        per_layer = tokens * (6 * embed + 4 * attention + 2 * hidden) + 2 * heads * tokens * tokens
-        activations = self.in_chans * self.img_size ** 2 + 2 * tokens * embed + depth * per_layer
-        return MemoryEstimate(parameters, activations)
 
     def narrowed_fields(self) -> list[tuple[str, SearchSpace]]:
         """Each size field with its largest value, and this space with that field cut to its smallest (the image to

@@ -10,6 +10,7 @@ import yaml
 
 from nas.build import build_supernet
 from nas.errors import ConfigError
+from nas.family import family_of
 from nas.memory import check_memory, estimate_bytes
 from nas.spaces import PRESETS, load_space
 
@@ -31,7 +32,7 @@ def test_estimate_counts_the_supernets_parameters(preset):
     largest subnet)."""
     space = load_space(preset)
     held = sum(p.numel() for p in build_supernet(space).parameters())
-    assert space.memory_estimate().parameters == pytest.approx(held, rel=0.01)
+    assert family_of(space).memory_estimate(space).parameters == pytest.approx(held, rel=0.01)
 
 
 @pytest.mark.parametrize("field", sorted(HOSTILE_SIZES))
@@ -52,7 +53,7 @@ def test_huge_hybrid_stage_is_refused_naming_its_field(tmp_path):
 
 def test_max_memory_gb_is_the_limit():
     space = load_space("digits-tiny")
-    needed = estimate_bytes(space.memory_estimate(), 64)
+    needed = estimate_bytes(family_of(space).memory_estimate(space), 64)
     check_memory(space, 64, max_memory_gb=needed / 1e9 * 1.01)
     with pytest.raises(ConfigError, match=r"allowed by max_memory_gb=0\.0"):
         check_memory(space, 64, max_memory_gb=needed / 1e9 * 0.99)
