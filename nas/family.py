@@ -107,7 +107,7 @@ class Family(ABC):
     batch_norm: ClassVar[bool] = False  # subnets re-estimate BatchNorm statistics (calibration images) before use
     two_sided: ClassVar[bool] = False  # ViTAS's two-sided width sharing (archs read from the left or the right)
     pretrained_init: ClassVar[bool] = False  # nas.train's init_from (nas.pretrained) and reorder_mlp
-    compound_scaling: ClassVar[bool] = False  # nas.search's scale_family (nas.hybrid.scaling)
+    compound_scaling: ClassVar[bool] = False  # nas.search's compound_scale (nas.hybrid.scaling)
 
     # -- spaces and archs -----------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,6 +24,7 @@ holds files, and resuming continues the run there. ``log.jsonl`` (``nas.report``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -63,6 +64,7 @@ from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from .evaluate import confusion_matrix, mean_iou
+from .export import load_exported
 from .family import Arch, Space, Supernet, family_of
 from .imagefolder import RandomResizedCrop
 from .memory import check_memory
@@ -104,9 +106,11 @@ class TrainConfig(Config):
                                             "importance (SuperSAM): by outgoing weight magnitude or by activation on "
                                             "reorder_images training images", choices=(None, "magnitude", "activation"))
     reorder_images: int = setting(256, "training images that reorder_mlp=activation measures on")
-    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, or from "
-                                      "the pretrained model of init_from (a nas.train checkpoint)",
-                           choices=("largest", "pretrained"))
+    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, from "
+                                      "the pretrained model of init_from (a nas.train checkpoint), or from the model "
+                                      "in teacher_file", choices=("largest", "pretrained", "file"))
+    teacher_file: str | None = setting(None, "teacher=file: an exported model in any nas.export format (subnet.pt, "
+                                             "subnet.pt2, subnet.onnx, a safetensors folder)")
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
     width_sharing: str = setting("leading", "which channels of the super weights a width reads: the leading ones "
                                  "(leading), or, as ViTAS (BCNet), each step the leading and the trailing ones with "
@@ -199,8 +203,12 @@ class TrainConfig(Config):
             problems.append(f"mixup={self.mixup} and cutmix={self.cutmix} must be >= 0 (0: off) or null")
         if self.teacher == "pretrained" and self.init_from is None:
             problems.append("teacher=pretrained distils from the model of init_from; set init_from")
-        if self.teacher == "pretrained" and not SAMPLERS[self.sampler].distill:
-            problems.append(f"teacher=pretrained needs a sampler that distils (sandwich), not {self.sampler!r}")
+        if self.teacher == "file" and self.teacher_file is None:
+            problems.append("teacher=file distils from the model in teacher_file; set teacher_file")
+        sampler = SAMPLERS.get(self.sampler)
+        if self.teacher != "largest" and sampler is not None and not (sampler.distill or sampler.learns_from_peers):
+            problems.append(f"teacher={self.teacher} needs a sampler that distils (sandwich, elasticvit), not "
+                            f"{self.sampler!r}")
         if self.dataset in data_lib.DENSE_DATASETS:
             moved = [f"{n}={getattr(self, n)!r}" for n in ("crop", "rand_augment") if getattr(self, n) not in
                      (None, "none")] + [f"{n}={getattr(self, n)!r}" for n in ("flip", "random_erasing", "mixup",
@@ -222,6 +230,30 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """In-place distillation: cross-entropy against the teacher's (detached) probabilities, over the classes (dim 1:
     logits ``[B, C]``, or ``[B, C, H, W]`` per pixel)."""
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def alpha_divergence(logits: Tensor, target_probs: Tensor, alpha_min: float = -1.0, alpha_max: float = 1.0,
+                     ratio_clip: float = 5.0) -> Tensor:
+    """AlphaNet's adaptive alpha-divergence (ElasticViT's ``AdaptiveLossSoft``): per image, of D_alpha(p || q) at
+    ``alpha_min`` and at ``alpha_max`` (q the student's probabilities from ``logits``, p the detached
+    ``target_probs``), the larger one, through a surrogate whose gradient is that divergence's; away from alpha 0
+    and 1 the importance ratio (p / q) ** alpha is clipped at ``ratio_clip``. Its value is the surrogate's."""
+    log_q = F.log_softmax(logits, dim=1)
+    q, p = log_q.exp().detach(), target_probs.detach()
+    divergences, surrogates = [], []
+    for alpha in (alpha_min, alpha_max):
+        if abs(alpha - 1.0) < 1e-3:  # KL(p || q), whose gradient is the cross-entropy's
+            divergence, weight = torch.xlogy(p, p) - p * log_q.detach(), p
+        elif abs(alpha) < 1e-3:  # KL(q || p)
+            ratio = (p / q).clamp(0, ratio_clip)
+            divergence, weight = -q * ratio.log(), q * (ratio.log() - 1.0)
+        else:
+            ratio = (p / q).pow(alpha).clamp(0, ratio_clip)
+            base = 1.0 / (alpha * (alpha - 1.0))
+            divergence, weight = q * (ratio - 1.0) * base, q * (ratio / alpha + base)
+        divergences.append(divergence.sum(dim=1))
+        surrogates.append(-(weight * log_q).sum(dim=1))
+    return torch.where(divergences[0] > divergences[1], surrogates[0], surrogates[1]).mean()
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -385,6 +417,7 @@ class Trainer:
                                                       **c.sampler_options)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"sampler {c.sampler!r}: {err}") from err
+        self.sampler.set_epoch_length(self.steps_per_epoch)
         torch.manual_seed(c.seed + 1 + self.ranks.rank)  # drop-path: independent across ranks
         if self.device.type == "cuda":
             torch.cuda.manual_seed(c.seed + 1 + self.ranks.rank)
@@ -458,9 +491,12 @@ class Trainer:
                 self.model.reorder_mlp_importance(c.reorder_mlp, batches)
         return report
 
-    def pretrained_teacher(self) -> Supernet | None:
-        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen."""
+    def pretrained_teacher(self) -> Supernet | Callable[[Tensor], Tensor] | None:
+        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen; with
+        ``teacher=file``: the exported model in ``teacher_file``."""
         c = self.config
+        if c.teacher == "file":
+            return self.teacher_from_file()
         if c.teacher != "pretrained":
             return None
         teacher, space, _ = load_supernet(c.init_from, self.device)
@@ -471,6 +507,20 @@ class Trainer:
                               f"into {ours[2]}")
         teacher.set_arch(space.max_arch())
         return teacher.requires_grad_(False)
+
+    def teacher_from_file(self) -> Callable[[Tensor], Tensor]:
+        c = self.config
+        try:
+            teacher = load_exported(c.teacher_file)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"teacher_file: {err}") from err
+        probe = torch.zeros(1, self.space.in_chans, self.space.img_size, self.space.img_size)
+        with torch.no_grad():
+            shape = tuple(teacher(probe).shape)
+        if shape != (1, self.space.num_classes):
+            raise ConfigError(f"teacher_file {c.teacher_file!r}: on a {tuple(probe.shape)} batch the model gives "
+                              f"logits of shape {shape}, this run needs (1, {self.space.num_classes})")
+        return teacher
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
@@ -564,6 +614,16 @@ class Trainer:
                   for a in self.sides(arch)]
         return sum(scores) / len(scores)
 
+    def batch_score(self, images: Tensor, labels: Tensor, arch: Arch) -> float:
+        """Minus the cross-entropy of ``arch`` on a training batch, in training mode and averaged over ranks
+        (ElasticViT's bank score: ``bank_arch_update``)."""
+        with torch.no_grad():
+            loss = F.cross_entropy(self.logits(images, arch), labels).double()
+        if self.ranks.enabled:
+            dist.all_reduce(loss)
+            loss /= self.ranks.world_size
+        return -float(loss)
+
     def test_accuracy(self, arch: Arch) -> float:
         """Test accuracy of ``arch``; two-sided: the mean of both sides'."""
         scores = []
@@ -598,9 +658,17 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad(), self.autocast():
                 teacher = self.teacher(images).float().softmax(dim=1)
+        peers = []  # learns_from_peers: the probabilities of the archs before the last
         for i, arch in enumerate(archs):
             logits = self.logits(images, arch)
-            if i > 0 and teacher is not None:
+            if self.sampler.learns_from_peers and i == len(archs) - 1:
+                loss = alpha_divergence(logits, torch.stack(peers).mean(dim=0))
+            elif self.sampler.learns_from_peers:  # ElasticViT's compute_dist_loss: half labels, half teacher
+                loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
+                if teacher is not None:
+                    loss = (loss + soft_cross_entropy(logits, teacher)) / 2
+                peers.append(logits.detach().softmax(dim=1))
+            elif i > 0 and teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:
                 loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
@@ -632,7 +700,10 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        sampler_stats = self.sampler.update(archs, losses, self.measure if self.sampler.measures else None)
+        measure = self.measure if self.sampler.measures else None
+        if self.sampler.scores_batches:
+            measure = functools.partial(self.batch_score, images, labels)
+        sampler_stats = self.sampler.update(archs, losses, measure)
         self.step += 1
         record = {"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "lr": lr,
                   "loss": sum(losses) / len(losses), "losses": losses, "acc": float(stats[-1]),

@@ -210,6 +210,19 @@ FORMATS = {
 }
 
 
-__all__ = ["FORMAT", "FORMATS", "VERSION", "Format", "Subnet", "extract_subnet", "load_onnx", "load_safetensors",
-           "load_subnet", "load_torch_export", "load_torchscript", "rebuild_subnet", "save_subnet", "subnet_record",
-           "to_onnx", "to_safetensors", "to_torch_export", "to_torchscript"]
+def load_exported(path: str | os.PathLike) -> Callable[[Tensor], Tensor]:
+    """The model in ``path``, exported in any of :data:`FORMATS`, told apart by the name: a folder holds safetensors,
+    a file ends in ``.pt`` (``save_subnet``), ``.pt2`` (``torch.export``), ``.onnx`` or ``.ts`` (TorchScript)."""
+    path = Path(path)
+    if path.is_dir():
+        return FORMATS["safetensors"].load(path)
+    by_suffix = {Path(f.path).suffix: f for name, f in FORMATS.items() if name != "safetensors"}
+    if not path.is_file() or path.suffix not in by_suffix:
+        raise ValueError(f"{os.fspath(path)} is not an exported model: a safetensors folder or a file ending in "
+                         f"{', '.join(by_suffix)}")
+    return by_suffix[path.suffix].load(path)
+
+
+__all__ = ["FORMAT", "FORMATS", "VERSION", "Format", "Subnet", "extract_subnet", "load_exported", "load_onnx",
+           "load_safetensors", "load_subnet", "load_torch_export", "load_torchscript", "rebuild_subnet", "save_subnet",
+           "subnet_record", "to_onnx", "to_safetensors", "to_torch_export", "to_torchscript"]

@@ -22,6 +22,7 @@ from ..family import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
 from .elasticvit import ElasticViTSampler
+from .elasticvit_sandwich import ElasticViTSandwichSampler
 from .fixed import FixedSampler
 from .identity import IdentitySampler
 from .learned import BUDGET_KINDS, BudgetPolicy, LearnedSampler
@@ -31,7 +32,8 @@ from .uniform import UniformSampler
 
 SAMPLERS: dict[str, type[ArchSampler]] = {
     cls.name: cls for cls in (UniformSampler, SandwichSampler, ComplexityAwareSampler, PerformanceAwareSampler,
-                              ElasticViTSampler, LearnedSampler, IdentitySampler, FixedSampler)
+                              ElasticViTSampler, ElasticViTSandwichSampler, LearnedSampler, IdentitySampler,
+                              FixedSampler)
 }
 
 
@@ -47,6 +49,7 @@ def build_sampler(name: str, space: Space, *, seed: int = 0, total_steps: int = 
 
 
 __all__ = ["BUDGET_KINDS", "SAMPLERS", "ArchSampler", "BudgetPolicy", "ComplexityAwareSampler", "ElasticViTSampler",
+           "ElasticViTSandwichSampler",
            "FixedSampler", "FlopsBanks", "IdentitySampler", "LearnedSampler", "Measure", "PerformanceAwareSampler",
            "SandwichSampler",
            "UniformSampler", "build_sampler"]

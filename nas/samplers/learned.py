@@ -15,10 +15,13 @@ from ..latency import LatencyModel
 from .base import ArchSampler, Measure
 
 BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a latency model (nas.latency)
+BUDGET_FEATURES = 8  # Gaussian bumps the normalised budget is read through
 
 
 class BudgetPolicy(nn.Module):
-    """Independent categorical decisions whose logits come from a small MLP of the normalised budget and the one-hot
+    """Independent categorical decisions whose logits come from a small MLP of the normalised budget, itself and
+    through ``BUDGET_FEATURES`` Gaussian bumps spread over [0, 1] (so that each range of budgets has features of its
+    own: the scalar budget alone, through one tanh layer, gave every budget nearly the same archs), and the one-hot
     kind of budget: the decisions of the space's family (``Family.decisions``).
 
     All decisions share one padded ``[decisions, max choices]`` logit table (padding masked out), so
@@ -30,14 +33,17 @@ class BudgetPolicy(nn.Module):
         self.options = family_of(space).decisions(space)
         width = max(len(o) for o in self.options)
         self.register_buffer("valid", torch.tensor([[c < len(o) for c in range(width)] for o in self.options]))
-        self.net = nn.Sequential(nn.Linear(1 + kinds, hidden), nn.Tanh(), nn.Linear(hidden, self.valid.numel()))
+        self.register_buffer("centres", torch.linspace(0.0, 1.0, BUDGET_FEATURES))
+        self.net = nn.Sequential(nn.Linear(1 + BUDGET_FEATURES + kinds, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, self.valid.numel()))
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
     def log_probs(self, budget: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
         """``[B, decisions, max choices]`` log-probabilities for ``budget`` [B] normalised to [0, 1] and ``kind``
         [B, kinds] (one-hot)."""
-        logits = self.net(torch.cat([budget[:, None], kind], dim=-1)).view(-1, *self.valid.shape)
+        features = torch.exp(-((budget[:, None] - self.centres) * (len(self.centres) - 1)) ** 2)
+        logits = self.net(torch.cat([budget[:, None], features, kind], dim=-1)).view(-1, *self.valid.shape)
         # a large finite negative, not -inf: 0 * -inf in the entropy's backward would be NaN
         return logits.masked_fill(~self.valid, -1e9).log_softmax(dim=-1)
 
@@ -53,19 +59,25 @@ class LearnedSampler(ArchSampler):
     milliseconds with a ``latency_model`` file written by ``nas.latency``) to a distribution over archs. Training
     alternates: each step the supernet trains the policy's arch for a budget of a random kind drawn uniformly
     between that kind's smallest and largest subnet (or, with probability ``explore``, a uniform arch); every
-    ``policy_every`` steps the policy takes ``policy_updates`` REINFORCE steps on ``budgets_per_update`` budgets x
-    ``archs_per_budget`` archs, with reward ``accuracy - penalty * max(0, cost / budget - 1)``, where accuracy is the
-    supernet's own, measured on held-out images (``measure``). The advantage is the reward minus its budget's mean,
-    over the batch's standard deviation, so the policy learns which archs beat others of the same budget: those at
-    its Pareto frontier. After training, :meth:`propose` gives archs for a budget directly.
+    ``policy_every`` steps the policy takes ``policy_updates`` policy-gradient steps on ``budgets_per_update`` budgets
+    x ``archs_per_budget`` archs, with reward ``accuracy - penalty * max(0, cost / budget - 1) - shortfall * max(0, 1
+    - cost / budget)``, where accuracy is the supernet's own, measured on held-out images (``measure``).
+
+    FocusFormer's policy focuses on the archs at the Pareto front under each budget: the most accurate ones that fit.
+    A supernet's accuracy rises with size, so they use most of the budget; but a few hundred held-out images do not
+    tell a subnet from a slightly larger one, so the reward also charges the unused share of the budget
+    (``shortfall``), far less than the excess (``penalty``). The advantage is the reward minus its budget's mean, over
+    the batch's standard deviation, so the policy learns which archs beat others of the same budget.
+    After training, :meth:`propose` gives archs for a budget directly.
     """
 
     name = "learned"
     measures = True
 
-    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 20,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 5,
                  policy_updates: int = 1, budgets_per_update: int = 4, archs_per_budget: int = 4,
-                 penalty: float = 20.0, entropy: float = 0.01, lr: float = 0.03, explore: float = 0.1, hidden: int = 32,
+                 penalty: float = 20.0, shortfall: float = 0.4, entropy: float = 0.01, lr: float = 0.03,
+                 explore: float = 0.1, hidden: int = 32,
                  budget_kinds: Sequence[str] = ("macs", "params"), latency_model: str | None = None):
         super().__init__(space, seed=seed, total_steps=total_steps)
         if policy_every < 1 or archs_per_budget < 2 or budgets_per_update < 1:
@@ -79,6 +91,7 @@ class LearnedSampler(ArchSampler):
         self.policy_every, self.policy_updates = int(policy_every), int(policy_updates)
         self.budgets_per_update, self.archs_per_budget = int(budgets_per_update), int(archs_per_budget)
         self.penalty, self.entropy, self.explore = float(penalty), float(entropy), float(explore)
+        self.shortfall = float(shortfall)
         self.kinds = kinds
         self.costs = {kind: self._cost_of(kind, latency_model) for kind in kinds}
         self.ranges = {kind: costs.cost_range(space, self.costs[kind]) for kind in kinds}
@@ -145,8 +158,9 @@ class LearnedSampler(ArchSampler):
         costs = {kind: self.costs[kind](batch) for kind in set(kinds)}
         used = np.array([costs[kind][i] for i, kind in enumerate(kinds)])
         over = np.maximum(0.0, used / budgets - 1.0)
+        unused = np.maximum(0.0, 1.0 - used / budgets)
         accuracy = np.array([measure(arch) for arch in batch.archs()])
-        rewards = torch.tensor(accuracy - self.penalty * over, dtype=torch.float32)
+        rewards = torch.tensor(accuracy - self.penalty * over - self.shortfall * unused, dtype=torch.float32)
         grouped = rewards.view(self.budgets_per_update, self.archs_per_budget)
         advantage = ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std() + 1e-8)).view(-1)
         loss = -(advantage * log_prob).mean() - self.entropy * entropy
@@ -182,6 +196,10 @@ class LearnedSampler(ArchSampler):
         if saved_kinds != self.kinds:
             raise ValueError(f"learned sampler state was trained for {', '.join(saved_kinds)} budgets, this sampler "
                              f"for {', '.join(self.kinds)} (sampler_options.budget_kinds)")
-        self.policy.load_state_dict(state["policy"])
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except RuntimeError as err:
+            raise ValueError("learned sampler state holds a policy of another layout (before its budget features, or "
+                             f"for another space): {err}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])

@@ -148,3 +148,22 @@ def test_uninet_b0_and_b1_from_the_uninet_supernet(resolution, published_macs):
     assert params == 11_449_912 and abs(params / 11.451e6 - 1) < 0.01
     assert macs == {160: 543_530_688, 224: 1_094_639_808}[resolution]
     assert abs((macs + fvcore_extras(plain, resolution)) / published_macs - 1) < 0.002
+
+
+@torch.no_grad()
+def test_an_extracted_subnet_keeps_the_position_table_rows_of_its_own_grid():
+    """elasticvit-mobile-cifar at 24 px: stem stride 1 and strides 1, 2, 2, 2, 1 leave the attention stages a 3x3
+    grid (4x4 at 32 px), so each table keeps (2 * 3 - 1)^2 = 25 of the 49 rows, those of offsets -2..2, and the
+    subnet computes what the supernet does."""
+    model = supernet("elasticvit-mobile-cifar").eval()
+    space = model.space
+    arch = HybridArch(24, space.max_arch().stages)
+    plain = model.extract(arch)
+    tables = [m.rel_pos_bias.table for m in plain.modules() if isinstance(m, plain_hybrid.VScaleAttention)]
+    assert tables and all(t.shape == (25, 3) for t in tables[:2]) and all(t.shape == (25, 4) for t in tables[2:])
+    full = model.stages[3].blocks["attention"][0].attn.rel_pos_bias.table[:, :3]
+    kept = [(dy + 3) * 7 + dx + 3 for dy in range(-2, 3) for dx in range(-2, 3)]
+    torch.testing.assert_close(tables[0], full[kept])
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(images), model(images, arch))
+    assert costs.params(arch, space) == sum(p.numel() for p in plain.parameters())

@@ -26,7 +26,8 @@ from nas.trainer import TrainConfig, train
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
 SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 3, "memory_size": 4},
-                   "elasticvit": {"num_banks": 3, "memory_size": 4},
+                   "elasticvit-sandwich": {"num_banks": 3, "memory_size": 4},
+                   "elasticvit": {"memory_size": 4, "big_memory_size": 2},
                    "learned": {"policy_every": 3, "budgets_per_update": 2}}
 
 
@@ -202,7 +203,7 @@ def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path,
     assert error.count("\n") == 1 and "nas.train: error:" in error
 
 
-def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_largest_and_smallest():
+def test_the_elasticvit_sandwich_sampler_walks_banks_of_the_whole_space_between_its_largest_and_smallest():
     """ElasticViT's step: the largest subnet (the teacher), subnets of one FLOPs bank, the smallest; the bank moves at
     most one bank a step and the banks cover the space; only the bank subnets are measured, and those drawn from the
     memory are members of it; over a run the bank subnets come at every resolution of the space."""
@@ -214,7 +215,7 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
         measured.append(arch)
         return score(arch)
 
-    sampler = build_sampler("elasticvit", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
+    sampler = build_sampler("elasticvit-sandwich", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
                             archs_per_step=2)
     assert sampler.distill
     assert sampler.banks.edges[0] == costs.macs(space.min_arch(), space)
@@ -241,13 +242,13 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
     assert set(banks) == {0, 1, 2, 3} and resolutions == set(space.resolutions) and exploited > 20
 
 
-def test_nas_train_with_the_elasticvit_sampler(tmp_path):
+def test_nas_train_with_the_elasticvit_sandwich_sampler(tmp_path):
     """Every step trains the largest subnet first (the teacher of the others) and the smallest last."""
     space_path = digits_space(tmp_path)
     space = load_space(space_path)
     config = TrainConfig(space=space_path, out_dir=str(tmp_path / "run"), train_subset=96, test_subset=32,
                          batch_size=32, max_steps=3, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
-                         bn_calibration_images=32, measure_images=32, sampler="elasticvit",
+                         bn_calibration_images=32, measure_images=32, sampler="elasticvit-sandwich",
                          sampler_options={"num_banks": 2, "memory_size": 2}, backend="reference")
     train(config)
     steps = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["event"] == "train"]
@@ -318,7 +319,7 @@ def test_the_soft_constraint_reward_is_mnasnets():
 
 
 def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_checkpoint, tmp_path):
-    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", scale_family=2)
+    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", compound_scale=2)
     best = HybridArch.from_dict(summary["best"]["macs=50K"]["arch"])
     family = summary["family"]["macs=50K"]
     assert [row["phi"] for row in family] == [0, 1, 2]

@@ -224,6 +224,36 @@ def test_learned_sampler_learns_to_meet_its_budget():
         sampler.propose(low / 2)
 
 
+def test_focusformer_proposals_follow_the_budget_after_the_default_training():
+    """FocusFormer's policy focuses on the Pareto front under each budget. Trained with its defaults for as many steps
+    as a default ``nas.train --space digits-tiny`` run (80 epochs of 17 batches of 64 of its 1151 training images),
+    against an accuracy that rises with size as a supernet's does, plus the noise of 256 held-out images: over 6
+    budgets from a tenth of the MACs range to all of it, the proposals' MACs rise with the budget (Spearman > 0.8),
+    fit it, and use most of it (median 70%)."""
+    space = load_space("digits-tiny")
+    low, high = macs_range(space)
+    noise = np.random.default_rng(1)
+
+    def measure(arch):
+        return 0.6 + 0.3 * np.log(costs.macs(arch, space) / low) / np.log(high / low) + noise.normal(0, 0.025)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the policy's ops are tiny: more threads only wait for each other on a busy machine
+    try:
+        sampler = build_sampler("learned", space, seed=0, total_steps=80 * 17)
+        for _ in range(sampler.total_steps):
+            sampler.update(sampler.sample(), [0.0], measure)
+        budgets = np.linspace(low + 0.1 * (high - low), high, 6)
+        proposed = [costs.macs_many(sampler.propose(budget, num=8), space) for budget in budgets]
+    finally:
+        torch.set_num_threads(threads)
+    medians = [np.median(macs) for macs in proposed]
+    ranks = [np.argsort(np.argsort(values)) for values in (budgets, medians)]  # Spearman: Pearson of the ranks
+    assert np.corrcoef(*ranks)[0, 1] > 0.8, medians
+    assert all((macs <= budget).all() for macs, budget in zip(proposed, budgets))
+    assert np.median(np.concatenate([macs / budget for macs, budget in zip(proposed, budgets)])) >= 0.7, medians
+
+
 def test_learned_sampler_trains_alternately(autoformer_t):
     sampler = build_sampler("learned", autoformer_t, seed=6, total_steps=100, policy_every=5, explore=0.0)
     calls = []
@@ -299,7 +329,7 @@ def test_learned_sampler_places_identity_layers_where_the_space_allows(vitas_t):
     switching off the first half of the layers, it learns to (the first `depth` layers would always hold layer 0)."""
     layers = vitas_t.max_depth
     sampler = build_sampler("learned", vitas_t, seed=0, total_steps=1000, policy_every=1, budgets_per_update=4,
-                            archs_per_budget=4)
+                            archs_per_budget=4, shortfall=0.0)  # the reward of this test is where the layers are
 
     def measure(arch):
         return np.mean(arch.layer_on[layers // 2:]) - np.mean(arch.layer_on[:layers // 2])
@@ -382,7 +412,7 @@ def options_for(name):
     return options.get(name, {})
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"elasticvit"}))  # hybrid only: tests/nas/test_hybrid_search.py
 def test_state_round_trip_continues_exactly(name, autoformer_t, vitas_t):
     space = vitas_t if name == "identity" else autoformer_t
     rng = np.random.default_rng(0)
