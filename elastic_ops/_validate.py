@@ -2,6 +2,8 @@
 before any kernel launches or any pointer reaches C++."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -55,6 +57,13 @@ def check_linear(x, weight, bias, out_features: int, op: str = "elastic_linear")
     check_same_device(op, x, weight=weight, bias=bias)
     check_active(op, "in_features (x.shape[-1])", x.shape[-1], weight.shape[1])
     check_active(op, "out_features", out_features, weight.shape[0])
+
+
+def check_eps(op: str, eps) -> None:
+    """LayerNorm's ``eps`` divides by ``sqrt(var + eps)``: it must be a finite number > 0 (NaN would pass ``eps > 0``'s
+    negation)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
 
 def check_layer_norm(x, weight, bias, op: str = "elastic_layer_norm") -> None:

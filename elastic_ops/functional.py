@@ -150,6 +150,7 @@ def _check_linear(x, weight, bias, out_features, activation) -> None:
 
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the active ``d = x.shape[-1]`` channels with ``weight[:d]``, ``bias[:d]``."""
+    _validate.check_eps("elastic_layer_norm", eps)  # not part of a plan's signature: checked on every call
     if torch.compiler.is_compiling():
         _validate.check_layer_norm(x, weight, bias)
         return _run("layer_norm", (x, weight, bias), x, weight, bias, eps)
@@ -204,6 +205,8 @@ def elastic_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, pr
     if run is not None:
         return run(*tensors, num_heads, head_dim)
     _validate.check_attention(*tensors, num_heads, head_dim)
+    if x.shape[0] == 0:  # nothing to attend over, on any backend: the reference's empty result (and gradients)
+        return implementation("attention", "reference")(*tensors, num_heads, head_dim)
     return _first_call(key, "attention", 5, *tensors, num_heads, head_dim,
                        triton_shape_problem=triton_head_dim_problem(head_dim))
 
@@ -222,6 +225,7 @@ def grouped_layer_norm(x: Tensor, sizes: GroupSizes, weight: Tensor | None, bias
                        eps: float = 1e-5) -> Tensor:
     """LayerNorm of each subnet over its own active channels; padding stays zero."""
     _validate.check_grouped_layer_norm(x, sizes, weight, bias)
+    _validate.check_eps("grouped_layer_norm", eps)
     return _run("grouped_layer_norm", (x, weight, bias), x, sizes, weight, bias, eps, triton_backward=False)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import plain
+from ._validate import FLOAT_DTYPES
 from .functional import (
     elastic_attention,
     elastic_layer_norm,
@@ -158,6 +159,8 @@ class ElasticModule(nn.Module):
         """``x`` must be ``[batch, channels, height, width]`` (the layout of the conv layers)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:  # as the elastic ops refuse it: torch's conv would read ints as weights' type
+            raise TypeError(f"{type(self).__name__}: input must be a floating-point tensor, got {x.dtype}")
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)} but expected [batch, "
                              f"{channels}, height, width] (the active {what} is {channels}); call "

@@ -3,8 +3,9 @@ of one. Everything the NAS layer saves (checkpoints, search state, caches, resul
 
 A write that fails (disk full, read-only directory, a file where a directory belongs) raises
 :class:`~nas.errors.OutputError` naming the file. Files get the permissions of any new file (``0o666`` less the
-umask). A process killed while writing leaves a temporary ``.<name>.<8 characters>.tmp`` beside the file, which
-:func:`remove_stale_temporaries` deletes once nothing else can be writing there.
+umask). A process killed while writing leaves a temporary ``.<name>.nas-<8 characters>.tmp`` beside the file, which
+:func:`remove_stale_temporaries` deletes once nothing else can be writing there (the ``nas-`` tag tells them from a
+user's ``.<name>.<8 characters>.tmp``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 
 from .errors import OutputError
 
-# The names tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") gives: 8 characters of [a-z0-9_] in the middle.
-TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# The names tempfile.mkstemp(prefix=".<name>.nas-", suffix=".tmp") gives: 8 characters of [a-z0-9_] after the tag.
+TEMPORARY_NAME = re.compile(r"\..+\.nas-[a-z0-9_]{8}\.tmp")
 
 
 def current_umask() -> int:
@@ -36,7 +37,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.nas-", suffix=".tmp")
     except OSError as err:
         raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from err
     try:
@@ -91,7 +92,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     """Delete the temporary files that atomic writes killed midway left in ``directory`` (names of
     :func:`atomic_open`'s pattern only) and return their names. Only for a directory this process owns (holds
-    the lock of): a running writer's temporary has the same kind of name."""
+    the lock of, and has found to be its run's: ``nas.rundir.OwnedDirectory.claim``): a running writer's temporary
+    has the same kind of name."""
     try:
         names = [entry.name for entry in os.scandir(directory)
                  if entry.is_file() and TEMPORARY_NAME.fullmatch(entry.name)]

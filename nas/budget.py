@@ -6,6 +6,7 @@ archs at once and remembers them, so that every candidate's costs are computed o
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ def _number(text: str, budget: str, metric: str) -> float:
     except ValueError:
         raise BudgetError(f"budget {budget!r}: cannot read the number {text!r}") from None
     suffix = match.group(2)
+    if not math.isfinite(number * UNITS.get(suffix.lower(), 1.0)):
+        raise BudgetError(f"budget {budget!r}: {text!r} is not a finite number")
     if metric == "latency":
         return number
     if suffix == "ms":

@@ -22,6 +22,7 @@ from .atomic import atomic_torch_save
 from .build import build_supernet
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
 from .family import Space, Supernet
+from .memory import memory_limit_bytes
 from .spaces import load_space
 
 CHECKPOINT_FORMAT = "nas.train/1"
@@ -65,10 +66,42 @@ def read_torch_file(path: str | os.PathLike, what: str) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{what}: no file {str(path)!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise CheckpointError(f"{what}: {str(path)!r} is corrupt or not a torch file of tensors (read with "
                               f"weights_only=True): {first_line(error)}") from error
+    check_declared_sizes(loaded, f"{what}: {str(path)!r}")
+    return loaded
+
+
+def declared_size_problem(tensor: Tensor) -> str | None:
+    """What is wrong with the size a loaded tensor declares, or None. A file states each tensor's shape and strides
+    apart from the values it stores: a stride-0 (expanded) tensor of a few stored values may claim 10^12 elements,
+    which nothing has allocated yet but the first check of its values would. Refused: meta tensors (no values),
+    tensors declaring more elements than their storage holds, and tensors past the memory limit (``nas.memory``)."""
+    if tensor.device.type == "meta":
+        return "is a meta tensor (a shape without values)"
+    declared = tensor.numel() * tensor.element_size()
+    stored = tensor.untyped_storage().nbytes()
+    if declared > stored:
+        return (f"declares {tuple(tensor.shape)} ({tensor.numel()} elements) over {stored} stored bytes (an expanded "
+                "or overlapping tensor)")
+    if declared > memory_limit_bytes(None):
+        return f"declares {tuple(tensor.shape)}: {declared / 1e9:.3g} GB, more than this machine's memory allows"
+    return None
+
+
+def check_declared_sizes(state: Any, where: str, name: str = "") -> None:
+    """A one-line CheckpointError for the first tensor of a nested state whose declared size cannot be believed
+    (:func:`declared_size_problem`), before anything reads its values."""
+    if isinstance(state, Tensor):
+        problem = declared_size_problem(state)
+        if problem:
+            raise CheckpointError(f"{where}: tensor {name or '(top level)'} {problem}")
+        return
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        check_declared_sizes(value, where, f"{name}.{key}" if name else str(key))
 
 
 def _read(path: Path, **options) -> dict:
@@ -79,6 +112,7 @@ def _read(path: Path, **options) -> dict:
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nas.train checkpoint: "
                               f"{first_line(err)}") from err
+    check_declared_sizes(state, f"checkpoint {str(path)!r}")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
     return state

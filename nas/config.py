@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import textwrap
 import types
 import typing
@@ -86,7 +87,10 @@ def _converted(value: Any, hint) -> tuple[bool, Any]:
                 return True, float(value)
             except ValueError:
                 return False, value
-        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+        try:
+            return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+        except OverflowError:  # an int past a float's range
+            return False, value
     if origin is list:
         if not isinstance(value, list):
             return False, value
@@ -96,6 +100,16 @@ def _converted(value: Any, hint) -> tuple[bool, Any]:
     if origin is dict:
         return isinstance(value, dict), value
     return isinstance(value, origin), value
+
+
+def _numbers(config) -> list[tuple[str, float]]:
+    """``(name, value)`` of every float value of a config, list items included (``scale_coefficients[1]``)."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        found += [(f.name if i is None else f"{f.name}[{i}]", v) for i, v in items if isinstance(v, float)]
+    return found
 
 
 def _is_mapping(hint) -> bool:
@@ -140,6 +154,9 @@ class Config:
         problems = [f"{f.name}={getattr(self, f.name)!r} must be one of {', '.join(map(str, f.metadata['choices']))}"
                     for f in dataclasses.fields(self)
                     if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]]
+        # No setting means anything by NaN or infinity, and a comparison with NaN passes every range check.
+        problems += [f"{name}={value!r} must be a finite number" for name, value in _numbers(self)
+                     if not math.isfinite(value)]
         problems += self.problems()
         if problems:
             raise ConfigError(f"bad {self.NAME} config: " + "; ".join(problems))

@@ -102,7 +102,20 @@ def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSp
     for the v bias of subnets with fewer heads). ``space`` must have AutoFormer's largest sizes and head dim 64; the
     relative position distance is read from the tables, if there are any. Raises ValueError naming missing,
     unexpected or mis-shaped tensors."""
-    state_dict = state_dict.get("model", state_dict)
+    if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"from_autoformer_state_dict: expected a state dict (a mapping of names to tensors), got "
+                         f"{type(state_dict).__name__}")
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"from_autoformer_state_dict: {name!r} is {kind}, not a floating-point tensor")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"from_autoformer_state_dict: {name!r} holds NaN or infinite values")
+        if "qkv" in str(name) and (tensor.dim() == 0 or tensor.shape[0] % 3):
+            raise ValueError(f"from_autoformer_state_dict: {name!r} has shape {tuple(tensor.shape)}, not q, k and v "
+                             "rows (a first dimension divisible by 3)")
     if space.head_dim != AUTOFORMER_HEAD_DIM:
         raise ValueError(f"from_autoformer_state_dict: AutoFormer's heads have {AUTOFORMER_HEAD_DIM} channels, the "
                          f"space {space.name!r} {space.head_dim}")

@@ -23,6 +23,7 @@ pure function of ``(seed, e, rank, world_size)``, which is what lets a resumed r
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -38,6 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from . import canvases
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError, require
 from .imagefolder import ImageFolder
+from .memory import memory_limit_bytes
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "mnist-seg", "imagefolder")
 DENSE_DATASETS = ("mnist-seg",)  # labelled per pixel (nas.canvases)
@@ -96,10 +98,12 @@ _RECONSTRUCT_ARRAY = np.ndarray((0,), np.uint8).__reduce__()[0]
 _ARRAY_FROM_BUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
 
 
-def _reconstruct_array(subtype, shape, typecode):
-    if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"an array of type {subtype!r}, not numpy.ndarray")
-    return _RECONSTRUCT_ARRAY(subtype, shape, typecode)
+def _declared_bytes(shape, dtype) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` takes, from the declaration alone (nothing allocated)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(side, int) and side >= 0 for side in shape):
+        raise pickle.UnpicklingError(f"an array of shape {shape!r}, not of non-negative ints")
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def _numeric_dtype(*args):
@@ -111,20 +115,43 @@ def _numeric_dtype(*args):
 
 class CifarUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR batch holds (dicts, lists, bytes, str, numbers, numpy arrays of numbers) and
-    nothing else: a plain unpickler calls whatever function a file names, so a crafted file runs any code."""
+    nothing else: a plain unpickler calls whatever function a file names, so a crafted file runs any code. An array is
+    made only once the size it declares is checked: no larger than the file, whose bytes are all its values can come
+    from (a 60-byte file may declare ``ndarray((10**13,))``, which numpy would allocate)."""
 
-    GLOBALS = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _numeric_dtype,
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,   # pickle protocols 2 to 4
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
-        ("numpy.core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,        # protocol 5
-        ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,
-    }
+    def __init__(self, file, max_array_bytes: int, **options):
+        super().__init__(file, **options)
+        self.max_array_bytes = max_array_bytes
+        self.globals = {
+            ("numpy", "ndarray"): self._ndarray,
+            ("numpy", "dtype"): _numeric_dtype,
+            ("numpy.core.multiarray", "_reconstruct"): self._reconstruct,   # pickle protocols 2 to 4
+            ("numpy._core.multiarray", "_reconstruct"): self._reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,       # protocol 5: a view of the file's bytes
+            ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,
+        }
+
+    def _check_size(self, shape, dtype) -> None:
+        declared = _declared_bytes(shape, dtype)
+        if declared > self.max_array_bytes:
+            raise pickle.UnpicklingError(f"it declares an array of shape {shape!r} "
+                                         f"({declared} bytes) in a file of {self.max_array_bytes} bytes")
+
+    def _ndarray(self, shape, dtype=float, *args, **kwargs) -> np.ndarray:
+        self._check_size(shape, _numeric_dtype(dtype))
+        return np.ndarray(shape, _numeric_dtype(dtype), *args, **kwargs)
+
+    def _reconstruct(self, subtype, shape, typecode) -> np.ndarray:
+        """numpy's ``_reconstruct`` of a plain array; the values and the real shape follow (``__setstate__``, which
+        checks them against the bytes the file holds)."""
+        if subtype != self._ndarray:
+            raise pickle.UnpicklingError(f"an array of type {subtype!r}, not numpy.ndarray")
+        self._check_size(shape, np.uint8)
+        return _RECONSTRUCT_ARRAY(np.ndarray, shape, typecode)
 
     def find_class(self, module: str, name: str):
         try:
-            return self.GLOBALS[module, name]
+            return self.globals[module, name]
         except KeyError:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds") from None
 
@@ -132,7 +159,7 @@ class CifarUnpickler(pickle.Unpickler):
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            batch = CifarUnpickler(f, encoding="bytes").load()
+            batch = CifarUnpickler(f, os.fstat(f.fileno()).st_size, encoding="bytes").load()
     except FileNotFoundError as err:
         raise DataError(f"CIFAR file missing: {path!r} (expected the standard python layout)") from err
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as err:
@@ -195,13 +222,19 @@ def _read_idx(root: str, stem: str) -> tuple[np.ndarray, str]:
         raise DataError(f"MNIST file missing: {os.path.join(root, stem)}[.gz]")
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"bad IDX magic (expected unsigned bytes), got {data[:4].hex()}")
-        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape), path
+        with opener(path, "rb") as f:  # the header first: a gzip file may inflate to far more than it declares
+            zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype_code != 0x08:
+                raise ValueError(f"bad IDX magic (expected unsigned bytes), got {zero:04x}{dtype_code:02x}{ndim:02x}")
+            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            declared = math.prod(shape)
+            if declared > memory_limit_bytes(None):
+                raise ValueError(f"it declares {shape} bytes of pixels, more than this machine's memory allows")
+            data = f.read(declared + 1)
+        if len(data) != declared:
+            raise ValueError(f"it declares an array of shape {shape} ({declared} bytes) but holds "
+                             f"{'more' if len(data) > declared else len(data)} bytes")
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape), path
     except (OSError, EOFError, ValueError, struct.error) as err:
         raise DataError(f"MNIST file {path!r} is corrupt: {err}") from err
 

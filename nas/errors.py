@@ -71,7 +71,14 @@ def first_line(error: BaseException) -> str:
     advise ``weights_only=False``, which would run the file's code); their cause follows "WeightsUnpickler error:"."""
     text = str(error)
     cause = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-    return cause.group(1).strip() if cause else (text.strip().splitlines() or [type(error).__name__])[0]
+    if cause:
+        return cause.group(1).strip()
+    if text.startswith("Weights only load failed"):  # newer torch: the cause is the paragraph that gives no advice
+        causes = [p.strip() for p in text.split("\n\n") if p.strip() and "weights_only" not in p
+                  and not p.strip().startswith("Check the documentation")]
+        if causes:
+            return causes[0].splitlines()[0]
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:

@@ -23,7 +23,7 @@ import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -89,6 +89,14 @@ class Supernet(Protocol):
 Cost = Callable[[Sequence[Any]], np.ndarray]  # a vectorised cost: archs -> [K] values
 
 
+class MemoryEstimate(NamedTuple):
+    """What a supernet takes (``nas.memory``): ``parameters`` (those of its largest arch, as the cost model counts
+    them) and ``activations``: the values one image's training step keeps for the backward pass (fp32)."""
+
+    parameters: int
+    activations: int
+
+
 class Family(ABC):
     """One kind of supernet. Capabilities the shared code asks about are class attributes; everything else is a
     method taking the family's own objects (a method given another family's objects may fail in any way)."""
@@ -131,6 +139,11 @@ class Family(ABC):
     @abstractmethod
     def cost_range(self, space: Space, cost: Cost) -> tuple[float, float]:
         """The smallest and the largest ``cost`` of an arch of ``space``."""
+
+    @abstractmethod
+    def memory_estimate(self, space: Space) -> MemoryEstimate:
+        """What the supernet of ``space`` takes, from the sizes the space declares, before anything is allocated; in
+        Python ints, so that no size a file declares overflows it (``nas.memory.check_memory``)."""
 
     # -- batched evaluation ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,31 @@ from .errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 GREY_STATS = ((0.5,), (0.5,))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(image, mode: str, path: str) -> np.ndarray:
+    """The pixels of a PIL ``image`` in ``mode`` ("RGB" or "L"), uint8 ``[H, W(, 3)]``, scaled from the range of the
+    image's own mode: PIL's ``convert`` clips 16-bit and float values to 0..255, which turns a 16-bit grey image of
+    mean 32768 white. 16-bit grey (and PNG's 32-bit grey, which holds 16-bit values) is divided by 257; floats are read
+    as 0..1 and refused outside it, where their range is unknown; other modes are PIL's to convert."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        grey = np.asarray(image, dtype=np.float64) / 257
+    elif image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 1:
+            raise DataError(f"ImageFolder: image {path!r} holds floating-point pixels outside 0..1 "
+                            f"({np.nanmin(grey):g}..{np.nanmax(grey):g}): their range is unknown; convert it to 8 bits")
+        grey = grey * 255
+    elif image.mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise DataError(f"ImageFolder: image {path!r} holds 32-bit integer pixels (PIL mode {image.mode}) of unknown "
+                        "range; convert it to 8 bits")
+    else:
+        return np.array(image.convert(mode), dtype=np.uint8)
+    grey = np.rint(grey).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2) if mode == "RGB" else grey
 
 
 def resize_bicubic(image: Tensor, height: int, width: int) -> Tensor:
@@ -125,15 +151,23 @@ class ImageFolder(Dataset):
         if not self.classes:
             raise DataError(f"ImageFolder: {root!r} has no class sub-folders (expected root/<class>/<image>)")
         paths, labels = [], []
+        real_root = os.path.realpath(root)
         for label, cls in enumerate(self.classes):
-            for directory, subdirectories, names in os.walk(os.path.join(root, cls)):
+            folder = os.path.join(root, cls)
+            real = os.path.realpath(folder)
+            if real == real_root or real_root.startswith(real + os.sep):
+                raise DataError(f"ImageFolder: class folder {folder!r} is a link to {real!r}, which holds the data set "
+                                "itself: it would be a class of every image")
+            found = len(paths)
+            for directory, subdirectories, names in os.walk(folder):
                 subdirectories.sort()
                 for name in sorted(names):
                     if name.lower().endswith(IMAGE_EXTENSIONS):
                         paths.append(os.fsencode(os.path.relpath(os.path.join(directory, name), root)))
                         labels.append(label)
-        if not paths:
-            raise DataError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+            if len(paths) == found:
+                raise DataError(f"ImageFolder: class folder {folder!r} holds no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}); remove it, or the classes are not the data's")
         self.paths = np.array(paths)  # fixed-width bytes
         self.labels = torch.tensor(labels)
         self.image_size, self.in_chans, self.crop, self.seed, self.epoch = image_size, in_chans, crop, seed, 0
@@ -172,9 +206,13 @@ class ImageFolder(Dataset):
 
         path = self.path(index)
         try:
-            with Image.open(path) as image:
-                pixels = np.array(image.convert("RGB" if self.in_chans == 3 else "L"), dtype=np.uint8)
-        except OSError as err:
+            with warnings.catch_warnings():
+                # PIL warns of an image past MAX_IMAGE_PIXELS and raises past twice that; either is refused here
+                # rather than decoded into gigabytes.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    pixels = eight_bit(image, "RGB" if self.in_chans == 3 else "L", path)
+        except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise DataError(f"ImageFolder: cannot read image {path!r}: {err}") from err
         tensor = torch.from_numpy(pixels.reshape(pixels.shape[0], pixels.shape[1], self.in_chans)).permute(2, 0, 1)
         random = isinstance(self.crop, RandomResizedCrop)

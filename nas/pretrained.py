@@ -94,11 +94,14 @@ def mlp_units_by_magnitude(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for name, fc2 in weights.items():
         if not name.endswith("mlp.fc2.weight"):
             continue
+        if fc2.dim() != 2:  # not an MLP's weight: init_from reports it as not fitting
+            continue
         prefix = name[: -len("fc2.weight")]
         perm = torch.argsort(fc2.abs().sum(dim=0), descending=True, stable=True)
         out[name] = fc2.index_select(1, perm)
         for part in ("fc1.weight", "fc1.bias"):
-            if prefix + part in weights:
+            if prefix + part in weights and weights[prefix + part].dim() >= 1 \
+                    and weights[prefix + part].shape[0] == len(perm):
                 out[prefix + part] = weights[prefix + part].index_select(0, perm)
     return out
 
@@ -115,10 +118,16 @@ def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str =
     CheckpointError where no tensor fits at all (most likely a file of another kind of model)."""
     if reorder not in ("magnitude", "none"):
         raise ConfigError(f"init_from: reorder must be 'magnitude' or 'none', got {reorder!r}")
+    target = model.state_dict()
+    for name in sorted(set(weights) & set(target)):
+        source, tensor = weights[name], target[name]
+        if (source.is_floating_point(), source.dtype == torch.bool, source.is_complex()) != \
+                (tensor.is_floating_point(), tensor.dtype == torch.bool, tensor.is_complex()):
+            raise CheckpointError(f"init_from: pretrained {name} holds {source.dtype} values, the supernet's "
+                                  f"{tensor.dtype}: not weights of this kind of model")
     if reorder == "magnitude":
         weights = mlp_units_by_magnitude(weights)
     report = InitReport(unused_by_design=sorted(unused_by_design))
-    target = model.state_dict()
     for name, tensor in target.items():
         source = weights.get(name)
         if source is None:
@@ -154,8 +163,12 @@ def init_from(model: nn.Module, weights: Mapping[str, Tensor], *, reorder: str =
         report.partial.append(f"{name}: {tuple(source.shape)} -> {tuple(tensor.shape)}")
     report.unused = sorted(set(weights) - set(target))
     if not report.loaded and not report.partial:
-        raise CheckpointError(f"init_from: none of the {len(weights)} pretrained tensors has a name of this supernet "
-                              f"(e.g. {sorted(weights)[:3]}; expected names like {sorted(target)[:3]})")
+        shared = sorted(set(weights) & set(target))
+        if not shared:
+            raise CheckpointError(f"init_from: none of the {len(weights)} pretrained tensors has a name of this "
+                                  f"supernet (e.g. {sorted(weights)[:3]}; expected names like {sorted(target)[:3]})")
+        raise CheckpointError(f"init_from: none of the pretrained tensors fits this supernet: "
+                              f"{'; '.join(r for r in report.not_loaded if r.split(' ')[0] in shared)[:300]}")
     return report
 
 

@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
+from .saved import saved_flag, saved_number
 from .searchers import SEARCHERS, build_searcher
+from .searchers.base import saved_arch
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
@@ -314,13 +317,46 @@ class Search:
         if state["data_key"] != self.data_key:
             raise CheckpointMismatchError(f"cannot resume: the saved search evaluated on other data or another "
                                           f"checkpoint (saved {state['data_key']!r}, now {self.data_key!r})")
-        self.step = int(state["step"])
+        self.step = saved_number(state["step"], "search state: step", 0, 2**31, integer=True)
         self.evaluated = {}
-        for arch, metrics, step, *complete in state["evaluated"]:  # states before racing hold no flag
-            arch = self.space.arch_type.from_dict(arch)
-            self.evaluated[arch] = Candidate(arch, dict(metrics), int(step), bool(complete[0]) if complete else True)
+        for i, (arch, metrics, step, *complete) in enumerate(state["evaluated"]):  # before racing: no flag
+            arch = saved_arch(self.space, arch, f"search state: evaluated[{i}]")
+            self.evaluated[arch] = Candidate(arch, self.saved_metrics(arch, metrics, f"search state: evaluated[{i}]"),
+                                             saved_number(step, f"search state: evaluated[{i}]'s step", 0,
+                                                          max(self.step - 1, 0), integer=True),
+                                             saved_flag(complete[0], f"search state: evaluated[{i}]'s complete flag")
+                                             if complete else True)
+        if len(state["searchers"]) != len(self.searchers):
+            raise CheckpointMismatchError(f"search state holds {len(state['searchers'])} searchers' states, this "
+                                          f"search has {len(self.searchers)}")
         for searcher, saved in zip(self.searchers, state["searchers"], strict=True):
             searcher.load_state_dict(saved)
+            told = {arch: score for arch, score in searcher.scores.items()
+                    if arch not in self.evaluated or self.evaluated[arch].metrics[self.score] != score}
+            if told:
+                raise CheckpointError(f"search state: {searcher.name} holds scores the search never gave it "
+                                      f"({next(iter(told.values()))!r} for {next(iter(told)).to_json()})")
+
+    def saved_metrics(self, arch: Arch, metrics: Any, where: str) -> dict[str, float]:
+        """A saved candidate's metrics, checked: the evaluation's (percentages in [0, 100], a loss >= 0, an image
+        count), and the costs, which must be the arch's own (``Costs.of``)."""
+        if not isinstance(metrics, dict):
+            raise CheckpointError(f"{where}'s metrics are a {type(metrics).__name__}, not a mapping")
+        costs = self.costs.of(arch)
+        ranges = {"top1": (0, 100), "top5": (0, 100), "miou": (0, 100), "loss": (0, math.inf),
+                  "samples": (0, math.inf)}
+        unknown = sorted(set(metrics) - set(ranges) - set(costs))
+        missing = sorted({self.score} - set(metrics))
+        if unknown or missing:
+            raise CheckpointError(f"{where}'s metrics {sorted(metrics)}: unknown {unknown}, missing {missing}")
+        checked = {name: saved_number(value, f"{where}'s {name}", *ranges.get(name, (0, math.inf)),
+                                      integer=name == "samples") for name, value in metrics.items()}
+        wrong = [name for name, value in costs.items()
+                 if name in checked and not math.isclose(checked[name], value, rel_tol=1e-9)]
+        if wrong:
+            raise CheckpointError(f"{where}'s {wrong[0]} is {checked[wrong[0]]!r}, but the arch's is "
+                                  f"{costs[wrong[0]]!r}")
+        return checked
 
     def save_state(self, path: str | os.PathLike) -> None:
         atomic_torch_save(self.state_dict(), path)
@@ -329,7 +365,9 @@ class Search:
         state = read_state(path)
         try:
             self.load_state_dict(state)
-        except (KeyError, TypeError, AttributeError, IndexError) as error:
+        except UserError as error:
+            raise type(error)(f"search state {os.fspath(path)!r}: {error}") from error
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
             raise CheckpointError(f"search state {os.fspath(path)!r} is malformed: {error!r}") from error
 
 
@@ -495,6 +533,8 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
         if not resume and os.path.exists(os.path.join(config.out_dir, STATE_FILE)):
             raise OutputError(f"out_dir {config.out_dir!r} already holds a search ({STATE_FILE}); continue it with "
                               "--resume, or choose another --out-dir")
+        if output is not None:
+            output.claim()
         return _run(config, resume, device, ranks)
     finally:
         if output is not None:
@@ -512,8 +552,10 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
         latency_model.check_environment(environment(device), config.latency_other_device,
                                         f"latency model {config.latency_model!r}")
         if latency_model.space != space:
-            raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for space "
-                                          f"{latency_model.space.name!r}, the supernet is of {space.name!r}")
+            other = (f"space {latency_model.space.name!r}" if latency_model.space.name != space.name else
+                     f"another space named {space.name!r} (other choices or sizes)")
+            raise CheckpointMismatchError(f"latency model {config.latency_model!r} is for {other}, the supernet is of "
+                                          f"space {space.name!r}")
     costs = Costs(space, latency_model)
     costs.check_reachable(config.parsed_budgets)  # before any data is read
     sampler = None
@@ -569,6 +611,10 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
             save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch, space)
             exported[label] = path
         extra["exported"] = exported
+        if len(sides) > 1:  # the scores are both sides' mean; a subnet is exported from one of them
+            extra["exported_side"] = "left"
+            print(f"[search] the scores are the mean of the {' and '.join(sides)} sides of the two-sided supernet; the "
+                  "exported subnets read its left (leading) channels only")
     summary = write_outputs(search, config.out_dir, extra)
     for label, candidate in best.items():
         print(f"[search] best for {label}: search {search.score} {candidate.metrics[search.score]:.2f}, test {score} "

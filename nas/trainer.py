@@ -67,6 +67,7 @@ from .evaluate import confusion_matrix, mean_iou
 from .export import load_exported
 from .family import Arch, Space, Supernet, family_of
 from .imagefolder import RandomResizedCrop
+from .memory import check_memory
 from .optim import parameter_groups, warmup_cosine
 from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
@@ -122,6 +123,10 @@ class TrainConfig(Config):
     epochs: int = setting(80, "epochs to train (unless max_steps is set)")
     max_steps: int | None = setting(None, "steps to train; overrides epochs", flag="--steps")
     batch_size: int = setting(64, "images per step and process")
+    max_memory_gb: float | None = setting(None, "refuse a space whose supernet would take more memory than this to "
+                                                "train batch_size images a step (weights, gradients, AdamW state and "
+                                                "activations, estimated from the space before anything is allocated; "
+                                                "null: 80% of this machine's memory)", resumable=True)
     lr: float = setting(3e-3, "peak learning rate (for lr_reference_batch images a step where that is set)")
     lr_reference_batch: int | None = setting(None, "scale lr and min_lr by the total batch (all processes) over this "
                                                    "many images, as AutoFormer's lr is per 512 (null: use lr as set)")
@@ -184,6 +189,8 @@ class TrainConfig(Config):
             problems.append("label_smoothing and drop_path must be in [0, 1)")
         if self.weight_decay < 0 or (self.clip_grad is not None and self.clip_grad <= 0):
             problems.append("weight_decay must be >= 0 and clip_grad > 0 or null")
+        if self.max_memory_gb is not None and not 0 < self.max_memory_gb < math.inf:
+            problems.append(f"max_memory_gb={self.max_memory_gb} must be a positive number or null")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             problems.append(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
         if not all(isinstance(a, dict) for a in self.eval_archs):
@@ -364,6 +371,7 @@ class Trainer:
             self.space = load_space(c.space)
         except ValueError as err:
             raise ConfigError(f"space={c.space!r}: {err}") from err
+        check_memory(self.space, c.batch_size, c.max_memory_gb)  # before the data, sized by the space, is read
         if c.width_sharing == "two_sided" and not family_of(self.space).two_sided:
             raise ConfigError(f"width_sharing=two_sided shares the widths of ViT layers; space {self.space.name!r} is "
                               f"of the {family_of(self.space).name} family, whose layers read leading channels only")
@@ -387,7 +395,8 @@ class Trainer:
         lr_scale = 1.0 if c.lr_reference_batch is None else c.batch_size * self.ranks.world_size / c.lr_reference_batch
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank (then broadcast to be sure)
-        self.model = build_supernet(self.space, drop_path_rate=c.drop_path).to(self.device)
+        self.model = build_supernet(self.space, drop_path_rate=c.drop_path, batch_size=c.batch_size, training=True,
+                                    max_memory_gb=c.max_memory_gb).to(self.device)
         # A resumed run does this again and then loads its checkpoint's weights over it (the EMA copies the model).
         self.init_report = self.initialise()
         self.teacher = self.pretrained_teacher()
@@ -423,6 +432,8 @@ class Trainer:
         self.out_dir = OwnedDirectory(c.out_dir, "out_dir", subdirs=("checkpoints",)) if self.ranks.main else None
         try:
             resume_path = self.resume_path(resume)
+            if self.out_dir is not None:
+                self.out_dir.claim()
             if resume_path is not None:
                 self.load(resume_path)
                 self.resumed_at = self.step
@@ -540,8 +551,12 @@ class Trainer:
         }
 
     def diverged(self, what: str) -> NonFiniteLossError:
+        # A resumed run keeps its settings: a lower lr is a new run, which may start from the last good weights.
+        resumable_weights = self.last_checkpoint and family_of(self.space).pretrained_init
+        start = f" --init-from {str(self.last_checkpoint)!r}" if resumable_weights else ""
         where = f"; the last good checkpoint is {str(self.last_checkpoint)!r}" if self.last_checkpoint else ""
-        return NonFiniteLossError(f"{what}{where}. Lower lr or raise warmup_steps.")
+        return NonFiniteLossError(f"{what}{where}. Start a new run (another --out-dir{start}) with a lower lr or more "
+                                  "warmup_steps: --resume keeps the settings the run was saved with")
 
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states

@@ -123,6 +123,8 @@ def test_conv_input_errors_name_the_field():
         ElasticDepthwiseConv2d(8).set_active(channels=4)(torch.randn(1, 5, 5))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         ElasticDepthwiseConv2d(8, kernel_size=4)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor, got torch.int64"):  # as elastic_linear
+        ElasticConv2d(8, 16)(torch.ones(1, 8, 5, 5, dtype=torch.int64))
 
 
 # --- ElasticBatchNorm2d ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_torch_save, atomic_write_text
+from ..atomic import atomic_open, atomic_torch_save, atomic_write_text
 from ..errors import require
 from ..family import Arch, Family, Space, Supernet, family_of, get_family
 
@@ -146,12 +146,13 @@ SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG = "model.safetensors", "config.json"
 def to_safetensors(model: nn.Module, arch: Arch, space: Space, directory: str | os.PathLike) -> None:
     """``directory/model.safetensors`` (the weights) and ``directory/config.json`` (the format, the family, the arch
     and what the family builds the plain module from); :func:`load_safetensors` reads them back."""
-    save_file = require("safetensors.torch", "export", "safetensors export").save_file
+    serialise = require("safetensors.torch", "export", "safetensors export").save
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = subnet_record(model, arch, space)
-    save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()},
-              str(directory / SAFETENSORS_WEIGHTS))
+    # Written as every other file is (nas.atomic): whole or not at all, with a new file's mode (save_file's is 0600).
+    with atomic_open(directory / SAFETENSORS_WEIGHTS) as handle:
+        handle.write(serialise({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}))
     atomic_write_text(directory / SAFETENSORS_CONFIG, json.dumps(config, indent=1))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -167,8 +168,8 @@ class HybridSpace:
             if int(self.stem_channels) <= 0:
                 raise ValueError(f"stem_channels={self.stem_channels} must be positive (or null: the first stage's)")
             set_field("stem_channels", int(self.stem_channels))
-        if not float(self.token_mlp_ratio) > 0:
-            raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be positive")
+        if not 0 < float(self.token_mlp_ratio) < math.inf:
+            raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be a positive finite number")
         set_field("token_mlp_ratio", float(self.token_mlp_ratio))
         if self.norm not in TOKEN_NORMS or (self.norm != "token" and not STYLES[self.style].v_scale):
             raise ValueError(f"norm={self.norm!r} must be 'token', or 'sample' in a space of the elasticvit style (its "
@@ -236,6 +237,19 @@ class HybridSpace:
     def stem_width(self, arch: HybridArch) -> int:
         """The stem's channels: ``stem_channels``, or the first stage's."""
         return arch.stages[0].channels if self.stem_channels is None else self.stem_channels
+
+    def narrowed_fields(self) -> list[tuple[str, HybridSpace]]:
+        """Each size field (per stage, and the resolutions) with its largest value, and this space with that field
+        cut to its smallest: what ``nas.memory`` weighs to name the field an estimate owes most to."""
+        narrowed = [(f"resolutions (largest {self.img_size})",
+                     dataclasses.replace(self, resolutions=self.resolutions[:1]))]
+        for i, stage in enumerate(self.stages):
+            for name in ("depths", "channels", "expansions", "kernel_sizes"):
+                stages = list(self.stages)
+                stages[i] = dataclasses.replace(stage, **{name: getattr(stage, name)[:1]})
+                narrowed.append((f"stages[{i}].{name} (largest {getattr(stage, name)[-1]})",
+                                 dataclasses.replace(self, stages=tuple(stages))))
+        return narrowed
 
     # -- membership ------------------------------------------------------------------------------------------
     def validate(self, arch: HybridArch) -> None:

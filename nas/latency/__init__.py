@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_text
+from ..build import build_supernet
 from ..errors import CheckpointError, CheckpointMismatchError, require
 from ..export import extract_subnet
+from ..saved import saved_number
 from ..vit.arch import Arch, ArchBatch
 from ..vit.cost import embed_macs, head_macs, head_outputs, head_tokens, layer_dims, layer_macs_parts
 from ..vit.space import SearchSpace
-from ..vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 FORMAT_VERSION = 2  # 2: the environment of the measurements; 1 (no environment) still loads
 
@@ -219,15 +220,18 @@ class LatencyModel:
         if tuple(data["features"]) != FEATURES or len(data["coef"]) != len(FEATURES):
             raise CheckpointError(f"{path}: latency model features {data['features']} (with {len(data['coef'])} "
                              f"coefficients) differ from this code's {list(FEATURES)}")
-        coef = tuple(float(c) for c in data["coef"])
-        if not all(np.isfinite(c) and c >= 0 for c in coef):
-            raise CheckpointError(f"{path}: latency model coefficients must be finite and >= 0, got {coef}")
+        coef = tuple(saved_number(c, f"{path}: latency model coefficient {name}", 0)
+                     for name, c in zip(FEATURES, data["coef"]))
         try:
             space = SearchSpace.from_dict(data["space"])
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: invalid search space in latency model: {error}") from error
-        return cls(space, coef, int(data["batch_size"]), str(data["device"]), float(data["mean_relative_error"]),
-                   dict(data.get("environment") or {}))
+        if not isinstance(data.get("environment") or {}, dict):
+            raise CheckpointError(f"{path}: latency model environment must be a mapping")
+        return cls(space, coef, saved_number(data["batch_size"], f"{path}: latency model batch_size", 1, 2**31,
+                                             integer=True),
+                   str(data["device"]), saved_number(data["mean_relative_error"], f"{path}: latency model "
+                                                     "mean_relative_error", 0), dict(data.get("environment") or {}))
 
     def check_environment(self, here: dict, other_device_ok: bool = False, source: str = "latency model") -> None:
         """Refuse (:class:`~nas.errors.CheckpointMismatchError`) to predict for a device other than the one measured
@@ -248,7 +252,7 @@ def measure_space(space: SearchSpace, archs: Sequence[Arch], batch_size: int, de
                   progress: Callable[[int], None] | None = None) -> list[tuple[Arch, float]]:
     """``[(arch, seconds)]``: each arch of ``space`` as the standalone model it exports to (``nas.export``, random
     weights: latency does not depend on them), in ``dtype`` on ``device``, timed on a batch of ``batch_size``."""
-    supernet = VisionTransformerSupernet(SupernetConfig.from_space(space)).eval()
+    supernet = build_supernet(space).eval()
     shape = (batch_size, space.in_chans, space.img_size, space.img_size)
     results = []
     for arch in archs:

@@ -12,8 +12,10 @@ line and exit status 2 (``nas.errors``).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -169,19 +171,40 @@ def validate(config: ValidateConfig) -> None:
 
 
 COMMANDS = {"measure": (MeasureConfig, measure), "fit": (FitConfig, fit), "validate": (ValidateConfig, validate)}
+SUMMARIES = {  # the module docstring's, in plain text
+    "measure": "time subnets of a space on this device as the standalone models they export to (--archs of them, "
+               "drawn at random, plus the smallest and largest) and write the measurements, with where they were "
+               "taken, to JSON",
+    "fit": "fit a latency model on the measurements, holding --holdout of the archs out, report its error on them, "
+           "and write the model (the JSON that nas.search --latency-model and the learned sampler read)",
+    "validate": "measure other subnets on this device now and report the model's error on them (a model measured on "
+                "another device is refused unless --other-device)",
+}
+PROG = "python -m nas.latency"
+
+
+def usage() -> str:
+    """What ``python -m nas.latency --help`` prints: usage and the commands, as argparse shows the other commands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Latency models: time subnets on this device, fit a model to the timings, check it.",
+        epilog=f"{PROG} COMMAND --help lists a command's settings (flags, --set keys and --config keys).")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, summary in SUMMARIES.items():
+        commands.add_parser(name, help=summary)
+    return parser.format_help()
 
 
 def run(argv: Sequence[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage(), end="")
         return 0
     if not argv or argv[0] not in COMMANDS:
         got = f"got {argv[0]!r}" if argv else "got none"
-        raise ConfigError(f"python -m nas.latency needs a command, measure, fit or validate ({got}); "
-                          "python -m nas.latency COMMAND --help lists its settings")
+        raise ConfigError(f"{PROG} needs a command, measure, fit or validate ({got}); {PROG} COMMAND --help lists "
+                          "its settings")
     cls, command = COMMANDS[argv[0]]
-    config, _ = parse_command_line(cls, argv[1:], prog=f"python -m nas.latency {argv[0]}",
-                                   description=(command.__doc__ or __doc__.split("\n\n")[1]))
+    config, _ = parse_command_line(cls, argv[1:], prog=f"{PROG} {argv[0]}",
+                                   description=textwrap.fill(SUMMARIES[argv[0]], 100))
     command(config)
     return 0
 

@@ -296,10 +296,11 @@ def sam_encoder_state(state: Mapping[str, Tensor], source: str = "the state dict
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(f"SAM weights: {source} has no patch_embed.proj.weight and pos_embed; is it SAM's image "
                               "encoder (or a SAM checkpoint)?")
-    bad = [name for name, t in state.items() if not isinstance(t, Tensor)
-           or (t.is_floating_point() and not torch.isfinite(t).all())]
+    bad = [name for name, t in state.items() if not isinstance(t, Tensor) or not t.is_floating_point()
+           or not torch.isfinite(t).all()]
     if bad:
-        raise CheckpointError(f"SAM weights: {source} holds non-tensors or NaN/infinite values in {bad[:3]}")
+        raise CheckpointError(f"SAM weights: {source} holds non-tensors, tensors not of floating point (bool, int) or "
+                              f"NaN/infinite values in {bad[:3]}")
     return dict(state)
 
 
@@ -315,11 +316,12 @@ def sam_config(state: Mapping[str, Tensor], layer_norm_eps: float = 1e-6) -> Sam
         sides = [(state[f"blocks.{i}.attn.rel_pos_h"].shape[0] + 1) // 2 for i in range(depth)]
         head_dim = state["blocks.0.attn.rel_pos_h"].shape[1]
         out_chans = state["neck.0.weight"].shape[0]
-    except (KeyError, ValueError, AttributeError) as error:
+    except (KeyError, ValueError, AttributeError, IndexError) as error:
         raise CheckpointError(f"SAM weights: cannot read the encoder's sizes ({error!r} missing or mis-shaped); SAM "
                               "encoders with relative position (use_rel_pos=True, as released) are supported"
                               ) from error
-    if grid != grid_w or embed % head_dim or state["blocks.0.attn.qkv.weight"].shape != (3 * embed, embed):
+    if min(grid, head_dim, embed, patch) < 1 or grid != grid_w or embed % head_dim \
+            or state["blocks.0.attn.qkv.weight"].shape != (3 * embed, embed):
         raise CheckpointError(f"SAM weights: inconsistent sizes (grid {grid}x{grid_w}, embed {embed}, head dim "
                               f"{head_dim}, qkv {tuple(state['blocks.0.attn.qkv.weight'].shape)})")
     global_layers = tuple(i for i, side in enumerate(sides) if side == grid)

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
 from ..family import Arch
-from .base import GeneCoding, Searcher
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")
 MIN_SCORES = {"random": 0, "hillclimb": 1, "de": 4, "model": 8}  # scored archs a technique needs to work from
@@ -241,11 +242,18 @@ class ProgramAutotuner(Searcher):
                                       f"{list(self.techniques)}")
             bandit = AUCBandit(self.techniques, self.bandit.c, self.bandit.window)
             for key, credit in state["bandit"]:
-                bandit.record(str(key), int(credit))
-            arch_type = self.space.arch_type
-            genotypes = {arch_type.from_dict(a): tuple(int(g) for g in genes) for a, genes in state["genotypes"]}
-            pending = {arch_type.from_dict(a): [str(n) for n in names] for a, names in state["pending"]}
-            uses = {str(k): int(v) for k, v in state["uses"].items()}
+                if key not in self.techniques:
+                    raise ValueError(f"bandit credit of an unknown technique {key!r}")
+                bandit.record(key, saved_number(credit, "autotuner state: a bandit credit", 0, 1, integer=True))
+            genotypes = {}
+            for i, (arch, genes) in enumerate(state["genotypes"]):
+                genes = tuple(saved_number(g, f"autotuner state: genotypes[{i}]'s genes", 0, size - 1, integer=True)
+                              for g, size in zip(genes, self.coding.sizes, strict=True))
+                genotypes[saved_arch(self.space, arch, f"autotuner state: genotypes[{i}]")] = genes
+            pending = {saved_arch(self.space, a, f"autotuner state: pending[{i}]"): [str(n) for n in names]
+                       for i, (a, names) in enumerate(state["pending"])}
+            uses = {str(k): saved_number(v, f"autotuner state: uses of {k!r}", 0, 2**62, integer=True)
+                    for k, v in state["uses"].items()}
             if not all(a in genotypes for a in self.scores) or set(uses) != set(self.techniques):
                 raise KeyError("an arch without genes or a technique without counts")
         except (KeyError, TypeError, ValueError, AttributeError) as error:

@@ -12,13 +12,24 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError
 from ..family import Arch, Space
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
+from ..saved import saved_number
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
+
+
+def saved_arch(space: Space, data: Any, where: str) -> Arch | HybridArch:
+    """An arch a saved state holds, checked as an arch from a config is: of the space's kind, every field in it."""
+    try:
+        arch = space.arch_type.from_dict(data)
+        space.validate(arch)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{where} is not an arch of space {space.name!r}: {error}") from error
+    return arch
 
 
 class Searcher:
@@ -57,7 +68,9 @@ class Searcher:
         if state.get("name") != self.name:
             raise CheckpointMismatchError(f"search state is for {state.get('name')!r}, this searcher is {self.name!r}")
         self.rng.bit_generator.state = state["rng"]
-        self.scores = {self.space.arch_type.from_dict(arch): score for arch, score in state["scores"]}
+        self.scores = {saved_arch(self.space, arch, f"{self.name} state: scores[{i}]"):
+                       saved_number(score, f"{self.name} state: scores[{i}]'s score")
+                       for i, (arch, score) in enumerate(state["scores"])}
 
     def is_new(self, arch: Arch, taken: set[Arch]) -> bool:
         return arch not in self.scores and arch not in taken

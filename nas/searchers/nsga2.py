@@ -9,10 +9,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..family import Arch
 from ..racing import Interval
-from .base import Searcher
+from ..saved import saved_number
+from .base import Searcher, saved_arch
 
 
 def non_dominated_fronts(score: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
@@ -118,6 +119,9 @@ class NSGA2(Searcher):
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.size = int(state["size"])
-        population = [self.space.arch_type.from_dict(a) for a in state["population"]]
+        population = [saved_arch(self.space, arch, f"nsga2 state: population[{i}]")
+                      for i, arch in enumerate(state["population"])]
+        if not all(arch in self.scores for arch in population):
+            raise CheckpointError("nsga2 state: its population holds archs it has no score of")
+        self.size = saved_number(state["size"], "nsga2 state: size", len(population), 2**31, integer=True)
         self.population, self.rank, self.crowding = self._select(population, self.size) if population else ([], [], [])

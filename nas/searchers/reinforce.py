@@ -22,9 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, InfeasibleBudgetError
+from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
 from ..family import Arch
-from .base import GeneCoding, Searcher
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 
 class Reinforce(Searcher):
@@ -101,6 +102,18 @@ class Reinforce(Searcher):
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.logits = [np.asarray(gene, dtype=np.float64) for gene in state["logits"]]
-        self.baseline = state["baseline"]
-        self.choices = {self.space.arch_type.from_dict(a): np.asarray(c) for a, c in state["choices"]}
+        logits = [np.asarray(gene, dtype=np.float64) for gene in state["logits"]]
+        if [gene.shape for gene in logits] != [(size,) for size in self.coding.sizes] or \
+                not all(np.isfinite(gene).all() for gene in logits):
+            raise CheckpointError(f"rl state: logits must be {len(self.coding.sizes)} lists of finite numbers, one per "
+                                  f"choice of each gene ({self.coding.sizes[:5]}...)")
+        baseline = state["baseline"]
+        self.baseline = None if baseline is None else saved_number(baseline, "rl state: baseline")
+        choices = {}
+        for i, (arch, row) in enumerate(state["choices"]):
+            row = np.asarray(row)
+            if row.shape != (len(self.coding.sizes),) or row.dtype.kind not in "iu" or (row < 0).any() \
+                    or (row >= self.coding.sizes).any():
+                raise CheckpointError(f"rl state: choices[{i}] is not one choice index per gene")
+            choices[saved_arch(self.space, arch, f"rl state: choices[{i}]")] = row
+        self.logits, self.choices = logits, choices

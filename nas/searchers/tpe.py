@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError, MissingDependencyError, require
 from ..family import Arch
-from .base import GeneCoding, Searcher
+from ..saved import saved_number
+from .base import GeneCoding, Searcher, saved_arch
 
 
 def _optuna():
@@ -111,15 +112,18 @@ class TPESearch(Searcher):
         from_json = self.optuna.distributions.json_to_distribution
         study = self._new_study()
         try:
-            for saved in state["trials"]:
+            for i, saved in enumerate(state["trials"]):
+                value = saved["value"]
+                if value is not None:
+                    value = saved_number(value, f"tpe state: trials[{i}]'s value")
                 study.add_trial(self.optuna.trial.create_trial(
-                    state=self.optuna.trial.TrialState[saved["state"]], value=saved["value"], params=saved["params"],
+                    state=self.optuna.trial.TrialState[saved["state"]], value=value, params=saved["params"],
                     distributions={name: from_json(d) for name, d in saved["distributions"].items()},
                     user_attrs=saved["user_attrs"], system_attrs=saved["system_attrs"]))
             for rng, (kind, keys, *rest) in zip(self.random_states(study), state["generators"], strict=True):
                 rng.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-            pending = {self.space.arch_type.from_dict(arch): [int(n) for n in numbers]
-                       for arch, numbers in state["pending"]}
+            pending = {saved_arch(self.space, arch, f"tpe state: pending[{i}]"): [int(n) for n in numbers]
+                       for i, (arch, numbers) in enumerate(state["pending"])}
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointError(f"the tpe search state is malformed: {error!r}") from error
         self.study, self.pending = study, pending

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from elastic_ops.plain import VisionTransformer
 
-from ..family import Family
+from ..family import Family, MemoryEstimate
 from . import cost
 from .arch import Arch, ArchBatch
 from .space import SearchSpace
@@ -38,6 +38,25 @@ class VisionTransformerFamily(Family):
 
     def macs_many(self, archs, space: SearchSpace) -> np.ndarray:
         return cost.macs_many(archs, space)
+
+    def memory_estimate(self, space: SearchSpace) -> MemoryEstimate:
+        """What the supernet takes (``nas.memory``): the parameters of its largest arch as ``nas.vit.cost`` counts them
+        (with an embedding per patch size where they are private, and with ``private_qk`` the q/k projections of
+        every smaller head count), and the values that one image's training step keeps for the backward pass: per
+        layer the LayerNorms' and residual branches' inputs and outputs, q, k, v and the attention output, the
+        attention scores before and after the softmax, and the MLP's hidden units before and after the GELU. Python
+        ints throughout: nothing is allocated and nothing overflows, whatever a file declares."""
+        embed, depth, heads, hidden = space.max_embed_dim, space.max_depth, space.max_heads, space.max_hidden
+        attention, tokens, patch = heads * space.head_dim, space.max_tokens, space.patch_sizes[0]
+        embeddings = len(space.patch_sizes) if space.private_class_tokens else 1
+        parameters = (embeddings * cost.embed_params(embed, patch, tokens, space.in_chans)
+                      + depth * cost.layer_params(embed, heads, hidden, space.head_dim, space.relative_position)
+                      + cost.head_params(embed, cost.head_outputs(space)))
+        if space.private_qk:
+            parameters += depth * sum(2 * (embed + 1) * h * space.head_dim for h in space.num_heads[:-1])
+        per_layer = tokens * (6 * embed + 4 * attention + 2 * hidden) + 2 * heads * tokens * tokens
+        activations = space.in_chans * space.img_size ** 2 + 2 * tokens * embed + depth * per_layer
+        return MemoryEstimate(parameters, activations)
 
     def cost_range(self, space: SearchSpace, cost_of) -> tuple[float, float]:
         return cost.cost_range(space, cost_of)

@@ -11,6 +11,7 @@ when none is before it), as ``Arch.from_depth`` does, so that equal networks are
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -26,9 +27,24 @@ from ..rng import as_generator
 from .arch import Arch, ArchBatch
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value))
+
+
+def _is_integer(value) -> bool:
+    """An int, or a float with an integer value (YAML's 32.0); never a bool."""
+    return _is_finite_number(value) and (isinstance(value, int) or value.is_integer())
+
+
 def _choices(name: str, values, kind) -> tuple:
     if isinstance(values, (int, float)):
         values = [values]
+    # int(True) is 1 and int(32.7) is 32: a file that says either means something else. NaN would pass every check.
+    wrong = [v for v in values if not (_is_integer(v) if kind is int else _is_finite_number(v))]
+    if wrong:
+        raise ValueError(f"SearchSpace.{name}: choices must be finite {'integers' if kind is int else 'numbers'}, got "
+                         f"{wrong[0]!r}")
     values = tuple(sorted({kind(v) for v in values}))
     if not values:
         raise ValueError(f"SearchSpace.{name}: needs at least one choice")
@@ -85,16 +101,13 @@ class SearchSpace:
         set_field("num_heads", _choices("num_heads", self.num_heads, int))
         set_field("mlp_ratios", _choices("mlp_ratios", self.mlp_ratios, float))
         set_field("patch_sizes", _choices("patch_sizes", self.patch_sizes, int))
-        for name in ("head_dim", "img_size", "in_chans"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"SearchSpace.{name}={getattr(self, name)} must be positive")
-            set_field(name, int(getattr(self, name)))
-        if isinstance(self.relative_position, bool) or int(self.relative_position) < 0:
-            raise ValueError(f"SearchSpace.relative_position={self.relative_position!r} must be an int >= 0 (0: none)")
-        set_field("relative_position", int(self.relative_position))
-        if int(self.num_classes) < 0:
-            raise ValueError(f"SearchSpace.num_classes={self.num_classes} must be >= 0")
-        set_field("num_classes", int(self.num_classes))
+        for name, least in (("head_dim", 1), ("img_size", 1), ("in_chans", 1), ("relative_position", 0),
+                            ("num_classes", 0)):
+            value = getattr(self, name)
+            if not _is_integer(value) or value < least:
+                meaning = " (0: none)" if name == "relative_position" else ""
+                raise ValueError(f"SearchSpace.{name}={value!r} must be an int >= {least}{meaning}")
+            set_field(name, int(value))
         for name in ("identity_layers", "private_class_tokens", "private_qk"):
             set_field(name, bool(getattr(self, name)))
         if self.task not in TASKS:
@@ -147,6 +160,15 @@ class SearchSpace:
                 raise ValueError(f"patch_size=None but space {self.name!r} has several patch sizes {self.patch_sizes}")
             return self.patch_sizes[0]
         return patch_size
+
+    def narrowed_fields(self) -> list[tuple[str, SearchSpace]]:
+        """Each size field with its largest value, and this space with that field cut to its smallest (the image to
+        one patch): what ``nas.memory`` weighs to name the field an estimate owes most to."""
+        cuts = {name: (getattr(self, name)[-1], {name: getattr(self, name)[:1]})
+                for name in ("embed_dims", "depths", "num_heads", "mlp_ratios")}
+        cuts["img_size"] = (self.img_size, {"img_size": math.lcm(*self.patch_sizes)})
+        return [(f"{name} (largest {largest})", dataclasses.replace(self, **cut))
+                for name, (largest, cut) in cuts.items()]
 
     # -- membership ----------------------------------------------------------------------------------
     def validate(self, arch: Arch) -> None:

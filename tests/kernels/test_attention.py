@@ -128,6 +128,25 @@ def test_repeated_backward_accumulates(device):
                             backward_passes=2)
 
 
+@pytest.mark.parametrize("backend", elastic_ops.BACKENDS)
+def test_a_batch_of_none_is_an_empty_output_on_every_backend(backend, device):
+    """As elastic_linear and the other ops: shape [0, N, e] (the native and automatic choices raised an internal
+    error); with gradients, every weight's stays as it was."""
+    case = AWKWARD["one-head-prime-tokens"]
+    params = make_params(case, device, torch.float32)
+    x = torch.randn(0, case.tokens, case.embed, device=device)
+    try:
+        with elastic_ops.use_backend(backend), torch.no_grad():
+            out = elastic_ops.elastic_attention(x, *params.values(), case.heads, case.head_dim)
+    except RuntimeError as unavailable:  # a backend this machine cannot run (triton without a GPU or interpreter)
+        pytest.skip(str(unavailable))
+    assert out.shape == (0, case.tokens, case.embed)
+    before = {name: seed_grad(p) for name, p in params.items() if p is not None}
+    elastic_ops.elastic_attention(x.requires_grad_(), *params.values(), case.heads, case.head_dim).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(params[name].grad, grad) for name, grad in before.items())  # randn: no NaN
+
+
 def test_no_bias_and_input_without_grad(device):
     """Only the weight gradients are asked for; without biases the kernels skip the bias terms."""
     case = AWKWARD["one-head-prime-tokens"]

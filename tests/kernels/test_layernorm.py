@@ -164,3 +164,6 @@ def test_bad_input_raises_clear_error(device, triton_backend):
         elastic_ops.elastic_layer_norm(torch.randn(3, 6, device=device), weight, bias[None])
     with pytest.raises(ValueError, match="weight is on meta but x is on"):
         elastic_ops.elastic_layer_norm(torch.randn(3, 6, device=device), weight.to("meta"), None)
+    for eps in (-1.0, float("nan"), float("inf"), 0.0):  # every backend, the forced reference too
+        with pytest.raises(ValueError, match=r"eps must be a finite number > 0"):
+            elastic_ops.elastic_layer_norm(torch.randn(3, 6, device=device), weight, bias, eps=eps)

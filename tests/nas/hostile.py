@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import nas.atomic
@@ -43,3 +44,13 @@ class FullDisk:
 def fill_disk(monkeypatch, room: int) -> None:
     """Every file nas.atomic opens from now on is on a disk with ``room`` bytes left."""
     monkeypatch.setattr(nas.atomic, "open", lambda fd, mode: FullDisk(open(fd, mode), room), raising=False)
+
+
+def capped(module: str, args: list[str], cap_bytes: int = 3 << 30) -> list[str]:
+    """A command running ``python -m module args`` with at most ``cap_bytes`` of address space (RLIMIT_AS): past it
+    an allocation fails instead of taking the machine's memory, so that a run that would exhaust it ends in a traceback
+    the test sees."""
+    script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap})); "
+              "sys.argv = [{module!r}] + sys.argv[1:]; runpy.run_module({module!r}, run_name='__main__', "
+              "alter_sys=True)").format(cap=cap_bytes, module=module)
+    return [sys.executable, "-c", script, *args]

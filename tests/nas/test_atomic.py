@@ -70,7 +70,8 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
             shutil.copy(tmp_path / stale[0], tmp_path / "copy")
             raise KeyboardInterrupt
     (tmp_path / "copy").rename(tmp_path / stale[0])
-    mine = [".notes.tmp", "state.pt.tmp", ".state.pt.tmp", "x.abcdefgh.tmp", ".x.abcdefgh.tmp.bak"]
+    mine = [".notes.tmp", "state.pt.tmp", ".state.pt.tmp", "x.abcdefgh.tmp", ".x.abcdefgh.tmp.bak", ".x.abcdefgh.tmp",
+            "x.nas-abcdefgh.tmp"]
     for name in mine:
         (tmp_path / name).write_text("user's")
     assert atomic.remove_stale_temporaries(tmp_path) == stale

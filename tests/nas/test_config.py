@@ -4,6 +4,7 @@ when a run resumes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -126,7 +127,8 @@ def test_resume_starts_from_the_saved_settings(tmp_path):
 def test_one_rule_for_what_may_change_on_resume(config):
     resumable = {f.name for f in dataclasses.fields(config) if f.metadata["resumable"]}
     expected = {TrainConfig: {"out_dir", "progress", "plot", "log_every", "ckpt_every", "keep_checkpoints",
-                              "eval_every", "eval_batch_size", "num_workers", "cpu_threads", "tensorboard"},
+                              "eval_every", "eval_batch_size", "num_workers", "cpu_threads", "tensorboard",
+                              "max_memory_gb"},
                 SearchConfig: {"out_dir", "progress", "export", "generations", "device", "subnets_per_pass",
                                "batch_size", "checkpoint", "num_workers", "latency_other_device", "compound_scale",
                                "compound_coefficients"}}[type(config)]
@@ -151,3 +153,15 @@ def test_configs_check_types_and_values_however_they_are_built():
         TrainConfig.from_dict(["epochs"])
     assert TrainConfig(lr="2e-3").lr == 2e-3  # YAML 1.1 reads 2e-3, without a dot, as a string
     assert TrainConfig(epochs=3.0).epochs == 3 and isinstance(TrainConfig(epochs=3.0).epochs, int)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainConfig(lr=math.inf), "lr=inf must be a finite number"),  # lr=nan failed lr > 0 already
+    (lambda: TrainConfig(weight_decay=math.nan), "weight_decay=nan must be a finite number"),
+    (lambda: SearchConfig(rl_lr=math.nan), "rl_lr=nan must be a finite number"),
+    (lambda: SearchConfig(scale_coefficients=[1.2, math.inf, 1.1]), r"scale_coefficients\[1\]=inf must be a finite"),
+    (lambda: SearchConfig(budgets=["macs=1e400"]), "budget 'macs=1e400': '1e400' is not a finite number"),
+])
+def test_no_setting_takes_nan_or_infinity(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()

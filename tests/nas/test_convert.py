@@ -14,6 +14,7 @@ with timm's structure and parameter names and timm's forward, built here; timm i
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -186,6 +187,22 @@ def test_autoformer_round_trip_and_errors():
         from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, embed_dims=[96, 112]))
     with pytest.raises(ValueError, match="64 channels"):
         from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, head_dim=32))
+
+
+
+def test_autoformer_weights_that_are_not_weights_are_its_promised_value_error():
+    state = autoformer_state_dict(AF_SPACE, seed=1)
+    qkv = next(name for name in state if name.endswith("qkv.weight"))
+    cases = {"holds NaN or infinite values": {**state, qkv: state[qkv] * math.nan},
+             r"shape \(5,\), not q, k and v rows": {**state, qkv: torch.ones(5)},
+             r"not q, k and v rows": {**state, qkv: state[qkv][:-1]},
+             "is torch.bool, not a floating-point tensor": {**state, qkv: state[qkv] > 0},
+             "is str, not a floating-point tensor": {**state, qkv: "weights"},
+             "expected a state dict .* got list": list(state.values()),
+             "expected a state dict .* got NoneType": None}
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message):
+            from_autoformer_state_dict(bad, AF_SPACE)
 
 
 # -- timm ----------------------------------------------------------------------------------------------------------

@@ -110,6 +110,29 @@ def test_malformed_cifar_batch_names_the_file(tmp_path, content, message):
         D.load_dataset("cifar10", str(root), "train")
 
 
+class DeclaresHugeArray:
+    """Pickled, a few dozen bytes that ask numpy for ``shape``: directly, or through ``_reconstruct``."""
+
+    def __init__(self, via_reconstruct: bool):
+        self.via_reconstruct = via_reconstruct
+
+    def __reduce__(self):
+        if self.via_reconstruct:
+            return np.ndarray((0,)).__reduce__()[0], (np.ndarray, (10**13,), b"b")
+        return np.ndarray, ((10**13,),)
+
+
+@pytest.mark.parametrize("via_reconstruct", [False, True])
+def test_cifar_batch_declaring_a_huge_array_is_refused_before_allocating(tmp_path, via_reconstruct):
+    root = tmp_path / "cifar"
+    write_cifar(root, np.random.default_rng(0))
+    payload = pickle.dumps({b"data": DeclaresHugeArray(via_reconstruct), b"labels": [0]}, protocol=4)
+    (root / "test_batch").write_bytes(payload)
+    with pytest.raises(D.DataError, match=rf"declares an array of shape \(10000000000000,\) .* in a file of "
+                                          rf"{len(payload)} bytes"):
+        D.load_dataset("cifar10", str(root), "test")
+
+
 def test_cifar100_labels_out_of_range(tmp_path):
     root = tmp_path / "cifar"
     write_cifar(root, np.random.default_rng(0), fine=True)
@@ -154,6 +177,19 @@ def test_mnist_idx_round_trip(tmp_path, compress):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 10, 2, 3]), False)
     with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte.*: 1 label\(s\) outside 0..9, e.g. 10"):
         D.load_dataset("mnist", str(tmp_path), "test")
+
+
+def test_idx_file_is_read_no_further_than_it_declares(tmp_path):
+    """A gzip file inflates to whatever it likes: 32 MB of zeros behind a header declaring 5 images is read as far as
+    the 5 images and refused; a header declaring 2^64 pixels is refused before any is read."""
+    header = struct.pack(">HBBIII", 0, 0x08, 3, 5, 28, 28)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(32 << 20)))
+    with pytest.raises(D.DataError, match=r"declares an array of shape \(5, 28, 28\) \(3920 bytes\) but holds more"):
+        D.load_dataset("mnist", str(tmp_path), "train")
+    huge = struct.pack(">HBBII", 0, 0x08, 2, 2**32 - 1, 2**32 - 1)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(huge))
+    with pytest.raises(D.DataError, match=r"declares \(4294967295, 4294967295\) bytes of pixels, more than this"):
+        D.load_dataset("mnist", str(tmp_path), "train")
 
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST not found at {MNIST}")

@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -168,6 +169,9 @@ def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp
     model, loaded_arch = load_safetensors(tmp_path / "out" / "safetensors")
     assert loaded_arch.embed_dim == 48 and len(model.blocks) == 3
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"subnet.pt", "subnet.pt2", "safetensors"}
+    (tmp_path / "new").touch()  # what any new file gets: the oracle of the permissions
+    new_file = stat.S_IMODE((tmp_path / "new").stat().st_mode)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()} == {new_file}
 
 
 def test_an_out_dir_holds_the_export_of_one_subnet(digits_checkpoint, tmp_path, capsys):

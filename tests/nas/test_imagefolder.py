@@ -3,6 +3,8 @@ a synthetic folder of real JPEG and PNG files (a few hundred images) that trains
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -137,3 +139,56 @@ def test_an_image_folder_searches_on_its_held_out_images(image_run, tmp_path, ca
     assert summary["search_data"] == "48 held-out imagefolder training images"
     assert summary["test_data"] == "80 test images" and summary["best"]["params=60K"] is not None
     assert "[search] best for params" in capsys.readouterr().out
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` grey pixels and holds a few bytes of them: what PIL's decompression bomb
+    guard reads is the header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # past PIL's error limit; past its warning limit only
+def test_an_image_declaring_a_huge_size_is_a_data_error_naming_it(tmp_path, side):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bomb.png").write_bytes(png_header(side, side))
+    with pytest.raises(data_lib.DataError, match=rf"cannot read image '.*bomb\.png': Image size \({side * side} "
+                                                 "pixels\\) exceeds limit"):
+        ImageFolder(str(tmp_path), 32).load(0)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_sixteen_bit_and_float_images_are_read_by_their_range(tmp_path, in_chans):
+    """The oracle: the same picture as an 8-bit PNG, which PIL converts itself (``convert`` alone clips a 16-bit image
+    of mean 128 * 257 to near-white)."""
+    grey = np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(grey).save(tmp_path / "a" / "0_eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a" / "1_sixteen.png")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "a" / "2_float.tif")
+    assert Image.open(tmp_path / "a" / "1_sixteen.png").mode == "I;16"
+    folder = ImageFolder(str(tmp_path), 32, in_chans=in_chans)
+    eight = folder.load(0)
+    assert torch.equal(folder.load(1), eight) and torch.equal(folder.load(2), eight)
+    Image.fromarray(grey.astype(np.float32) / 100).save(tmp_path / "a" / "2_float.tif")
+    with pytest.raises(data_lib.DataError, match=r"'.*2_float\.tif' holds floating-point pixels outside 0\.\.1"):
+        folder.load(2)
+
+
+def test_a_class_folder_without_images_or_linking_to_the_root_is_named(tmp_path):
+    """Either would otherwise be one more class, and the error a count ("4 classes but the space has 3")."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "0.png")
+    assert len(ImageFolder(str(tmp_path), 8)) == 2
+    (tmp_path / "c").mkdir()
+    with pytest.raises(data_lib.DataError, match=r"class folder '.*c' holds no images"):
+        ImageFolder(str(tmp_path), 8)
+    (tmp_path / "c").rmdir()
+    (tmp_path / "z").symlink_to(".")
+    with pytest.raises(data_lib.DataError, match=r"class folder '.*z' is a link to .* which holds the data set itself"):
+        ImageFolder(str(tmp_path), 8)

@@ -1,4 +1,5 @@
 """Latency measurement and the latency predictor: fitting, prediction, atomic save and strict load."""
+import contextlib
 import json
 import time
 
@@ -107,13 +108,17 @@ def test_load_rejects_corrupt_files(tmp_path):
         r"missing \['coef'\]": json.dumps({k: v for k, v in good.items() if k != "coef"}),
         "format 99": json.dumps({**good, "format_version": 99}),
         "differ from this code's": json.dumps({**good, "coef": good["coef"][:-1]}),
-        "must be finite and >= 0": json.dumps({**good, "coef": [-1.0] + good["coef"][1:]}),
+        r"coefficient \w+ is -1.0, not a finite number in \[0, inf\]":
+            json.dumps({**good, "coef": [-1.0] + good["coef"][1:]}),
+        r"coefficient \w+ is 'x', not a finite number": json.dumps({**good, "coef": ["x"] + good["coef"][1:]}),
+        r"batch_size is 0, not an integer in \[1, ": json.dumps({**good, "batch_size": 0}),
         "invalid search space": json.dumps({**good, "space": {**good["space"], "embed_dims": []}}),
     }
     for message, text in cases.items():
         path.write_text(text)
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message) as refused:
             LatencyModel.load(path)
+        assert "\n" not in str(refused.value)
 
 
 def test_measure_latency_counts_calls_and_times_them():
@@ -204,3 +209,14 @@ def test_a_search_refuses_another_devices_latency_model(tmp_path):
     other.check_environment(here, other_device_ok=True)
     with pytest.raises(CheckpointError, match="does not record the device"):
         model.check_environment(here)
+
+
+def test_help_is_usage_as_the_other_commands_print_it(capsys):
+    from nas.latency.__main__ import main
+
+    for argv in (["--help"], ["fit", "--help"]):
+        with contextlib.suppress(SystemExit):  # argparse exits after a command's --help
+            assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: python -m nas.latency {argv[0] if len(argv) > 1 else '[-h] COMMAND'}"), out
+        assert "``" not in out, out  # reST markup of the module docstring

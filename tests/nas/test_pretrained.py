@@ -97,6 +97,11 @@ def test_bad_pretrained_files_get_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_weights(tmp_path / "evil.pt")
     assert not marker.exists()
+    torch.save({"weight": RunsCode(marker)}, tmp_path / "evil-torch.pt")  # what torch.save of code gives
+    with pytest.raises(CheckpointError, match=r"unsupported GLOBAL .*system") as refused:
+        read_weights(tmp_path / "evil-torch.pt")
+    assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)  # no advice to run it
+    assert not marker.exists()
     with pytest.raises(CheckpointError, match="none of the 1 pretrained tensors has a name of this supernet"):
         init_from(supernet(DIGITS), {"image_encoder.patch_embed.proj.weight": torch.zeros(2)})
 
@@ -184,3 +189,23 @@ def test_fixed_sampler_draws_its_arch():
     assert build_sampler("fixed", DIGITS).sample() == [DIGITS.max_arch()]
     with pytest.raises(ValueError, match="not in"):
         build_sampler("fixed", DIGITS, arch=Arch.from_depth(40, 2, 1, 2.0, 4).to_dict())
+
+
+def test_declared_sizes_are_checked_before_values_are_read(tmp_path):
+    """A 4-byte storage expanded to 10^12 elements (a 2 KB file) would make the first check of its values allocate
+    4 TB; a meta tensor has no values at all."""
+    files = {"expanded.pt": {"blocks.0.mlp.fc1.weight": torch.zeros(1).expand(10**6, 10**6)},
+             "meta.pt": {"head.weight": torch.zeros(3, device="meta")}}
+    messages = {"expanded.pt": r"blocks\.0\.mlp\.fc1\.weight declares \(1000000, 1000000\) .* over 4 stored bytes",
+                "meta.pt": "head.weight is a meta tensor"}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=messages[name]):
+            read_weights(tmp_path / name)
+
+
+def test_pretrained_tensors_of_another_kind_or_rank_are_refused_in_one_line():
+    with pytest.raises(CheckpointError, match="blocks.0.mlp.fc1.weight holds torch.bool values"):
+        init_from(supernet(DIGITS), {"blocks.0.mlp.fc1.weight": torch.ones(5, 5, dtype=torch.bool)})
+    with pytest.raises(CheckpointError, match=r"fits this supernet: blocks.0.mlp.fc2.weight \(pretrained \(5,\)"):
+        init_from(supernet(DIGITS), {"blocks.0.mlp.fc2.weight": torch.ones(5)})

@@ -110,6 +110,12 @@ def test_bad_sam_weights_get_one_line_errors(tmp_path):
         "nan.pt": ({**state, "neck.0.weight": torch.full_like(state["neck.0.weight"], float("nan"))}, "NaN"),
         "extra.pt": ({**state, "blocks.0.attn.q_norm.weight": torch.ones(16)}, "unexpected"),
         "shapes.pt": ({**state, "blocks.2.mlp.lin1.weight": torch.zeros(128, 64)}, "shape mismatch"),
+        "relpos1d.pt": ({**state, "blocks.0.attn.rel_pos_h": torch.zeros(7)}, "cannot read the encoder's sizes"),
+        "headdim0.pt": ({**state, **{k: torch.zeros(v.shape[0], 0) for k, v in state.items() if "rel_pos" in k}},
+                        "inconsistent sizes"),
+        "grid0.pt": ({**state, "pos_embed": torch.zeros(1, 0, 0, state["pos_embed"].shape[-1])}, "inconsistent sizes"),
+        "bool.pt": ({**state, "neck.0.weight": state["neck.0.weight"] > 0}, r"not of floating point \(bool, int\)"),
+        "int64.pt": ({**state, "neck.0.weight": state["neck.0.weight"].long()}, "not of floating point"),
     }
     for name, (content, message) in cases.items():
         if isinstance(content, bytes):

@@ -3,6 +3,7 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -138,6 +139,54 @@ def test_resume_continues_exactly(tmp_path, algorithm):
     assert len(evaluated_after_resume) == len(set(evaluated_after_resume)), "a candidate was evaluated twice"
 
 
+def edited_states(state: dict) -> dict[str, tuple[dict, str]]:
+    """A saved state edited by hand in each way a resume must not believe, and what the refusal says."""
+    arch, metrics, step, complete = state["evaluated"][0]
+    searcher = state["searchers"][0]
+
+    def candidate(**changes) -> dict:
+        edited = {"arch": arch, "metrics": metrics, "step": step, "complete": complete, **changes}
+        return {**state, "evaluated": [tuple(edited.values()), *state["evaluated"][1:]]}
+
+    return {
+        "top1 1000": (candidate(metrics={**metrics, "top1": 1000.0}), r"evaluated\[0\]'s top1 is 1000.0, not a finite"),
+        "top1 nan": (candidate(metrics={**metrics, "top1": math.nan}), r"evaluated\[0\]'s top1 is nan"),
+        "macs edited": (candidate(metrics={**metrics, "macs": 1.0}), r"evaluated\[0\]'s macs is 1.0, but the arch's"),
+        "arch outside": (candidate(arch={**arch, "embed_dim": 999}), r"evaluated\[0\] is not an arch of space"),
+        "unknown arch field": (candidate(arch={**arch, "colour": 1}), r"evaluated\[0\] is not an arch of space"),
+        "step -5": ({**state, "step": -5}, r"search state: step is -5, not an integer"),
+        "candidate step": (candidate(step=99), r"evaluated\[0\]'s step is 99"),
+        "complete 2": (candidate(complete=2), r"complete flag is 2, not true or false"),
+        "score edited": ({**state, "searchers": [{**searcher, "scores": [(arch, 99.5), *searcher["scores"][1:]]},
+                                                 *state["searchers"][1:]]},
+                         "holds scores the search never gave it"),
+        "extra searcher": ({**state, "searchers": [*state["searchers"], searcher]}, "searchers' states, this search"),
+    }
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_an_edited_search_state_is_refused_in_one_line(tmp_path, algorithm):
+    first, _ = synthetic_search(tmp_path, algorithm, generations=2, budgets=("macs=35M",))
+    first.run(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    cases = edited_states(state)
+    searcher = state["searchers"][0]
+    if algorithm == "nsga2":
+        cases["size -3"] = ({**state, "searchers": [{**searcher, "size": -3}]}, r"nsga2 state: size is -3")
+    if algorithm == "rl":
+        cases["logits nan"] = ({**state, "searchers": [{**searcher, "logits": [[math.nan] * len(searcher["logits"][0]),
+                                                                               *searcher["logits"][1:]]}]}, "logits")
+        cases["logits short"] = ({**state, "searchers": [{**searcher, "logits": searcher["logits"][1:]}]}, "logits")
+    for name, (edited, message) in cases.items():
+        torch.save(edited, tmp_path / "edited.pt")
+        resumed, _ = synthetic_search(tmp_path, algorithm, generations=3, budgets=("macs=35M",))
+        with pytest.raises(CheckpointError, match=message) as refused:
+            resumed.load_state(tmp_path / "edited.pt")
+        assert "\n" not in str(refused.value), name
+    resumed, _ = synthetic_search(tmp_path, algorithm, generations=3, budgets=("macs=35M",))
+    resumed.load_state(tmp_path / "state.pt")  # the state as saved loads
+
+
 def plain_types(value) -> set[type]:
     """The types of ``value`` and of everything inside it."""
     inside = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
@@ -253,9 +302,14 @@ def test_a_search_owns_its_output(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(search_args(tiny_checkpoint, out, generations=1)) == 0
     state = (out / "state.pt").read_bytes()
+    # A user's file, and a killed write's temporary: a refusing search deletes neither.
+    temporaries = [out / ".state.pt.abcdefgh.tmp", out / ".state.pt.nas-abcdefgh.tmp"]
+    for temporary in temporaries:
+        temporary.write_text("x")
     assert main(search_args(tiny_checkpoint, out)) == 2
     assert one_line_error(capsys) == (f"nas.search: error: out_dir '{out}' already holds a search (state.pt); "
                                       "continue it with --resume, or choose another --out-dir\n")
+    assert all(temporary.exists() for temporary in temporaries)
     held = OwnedDirectory(out, "output")
     assert main(search_args(tiny_checkpoint, out) + ["--resume"]) == 2
     assert f"out_dir '{out}' is in use by another run" in one_line_error(capsys)

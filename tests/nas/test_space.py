@@ -3,6 +3,7 @@ AutoFormer config files."""
 import collections
 import dataclasses
 import random
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,18 @@ def test_space_normalises_and_rejects_bad_definitions():
     assert relative != SearchSpace("s", embed_dims=[32], depths=[2], num_heads=[1], mlp_ratios=[2])
     with pytest.raises(ValueError, match="relative_position=-1 must be an int >= 0"):
         SearchSpace("s", embed_dims=[32], depths=[2], num_heads=[1], mlp_ratios=[2], relative_position=-1)
+
+
+@pytest.mark.parametrize("field, values, shown", [
+    ("mlp_ratios", [float("nan"), 2.0], "nan"), ("mlp_ratios", [2.0, float("inf")], "inf"),
+    ("embed_dims", [True, 48], "True"), ("embed_dims", [32.7, 48], "32.7"), ("depths", ["2", 3], "'2'"),
+])
+def test_choices_that_are_not_what_they_look_like_are_refused(field, values, shown):
+    """int(True) is 1 and int(32.7) is 32: read as such, the space would not be the one the file describes."""
+    fields = {"embed_dims": [32], "depths": [2], "num_heads": [1], "mlp_ratios": [2.0], field: values}
+    with pytest.raises(ValueError, match=rf"SearchSpace.{field}: choices must be finite \w+, got {re.escape(shown)}"):
+        SearchSpace("s", **fields)
+    assert getattr(SearchSpace("s", **{**fields, field: [32.0, 48]}), field) == (32, 48)
 
 
 def test_load_space_errors(tmp_path):

@@ -179,10 +179,14 @@ def test_resume_removes_stale_temporaries_and_nothing_else(tmp_path):
     train(tiny(tmp_path, max_steps=4, ckpt_every=2))
     run = tmp_path / "run"
     # Left by writes killed midway (nas.atomic's names), and the user's own files, which stay.
-    stale = [run / ".config.yaml.k3j9x0qa.tmp", run / "checkpoints" / ".step_00000004.pt.ab12cd_4.tmp"]
-    others = [run / "notes.tmp", run / "checkpoints" / "step_00000004.pt.tmp", run / ".config.yaml.tmp"]
+    stale = [run / ".config.yaml.nas-k3j9x0qa.tmp", run / "checkpoints" / ".step_00000004.pt.nas-ab12cd_4.tmp"]
+    others = [run / "notes.tmp", run / "checkpoints" / "step_00000004.pt.tmp", run / ".config.yaml.tmp",
+              run / ".mydata.abcdefgh.tmp", run / "checkpoints" / ".keep.12345678.tmp"]
     for path in stale + others:
         path.write_text("x")
+    with pytest.raises(OutputError, match="already holds a run"):  # refused: it deletes nothing
+        train(tiny(tmp_path, max_steps=4, ckpt_every=2))
+    assert all(path.exists() for path in stale + others)
     train(tiny(tmp_path, max_steps=4, ckpt_every=2), resume=True)
     assert [path.exists() for path in stale + others] == [False] * len(stale) + [True] * len(others)
     (tmp_path / "new").touch()  # what any new file gets: the oracle of the permissions
@@ -237,7 +241,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return logits * float("nan") if len(calls) == 5 else logits
 
     monkeypatch.setattr(VisionTransformerSupernet, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss became \[nan\] at step 5.*step_00000004.pt"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became \[nan\] at step 5.*step_00000004.pt.*Start a new run "
+                                                 r"\(another --out-dir --init-from .*\) with a lower lr"):
         train(tiny(tmp_path, ckpt_every=2))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*"))
     assert kept == ["step_00000002.pt", "step_00000004.pt"]
@@ -307,7 +312,9 @@ def test_checkpoints_that_cannot_be_used_are_refused(tmp_path, capsys):
     cases = [(poisoned, r"holds NaN or infinite values \(model.blocks.0.attn.qkv.weight\): its run had diverged"),
              ({**state, "config": ["space", "digits-tiny"]}, "malformed: its config is list, not a mapping"),
              ({k: v for k, v in state.items() if k != "model"}, "malformed: it has no 'model' entry of weights"),
-             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0")]
+             ({**state, "step": 1.5}, "malformed: its step is 1.5, not an integer >= 0"),
+             ({**state, "model": {**state["model"], qkv: torch.zeros(1).expand(10**6, 10**6)}},
+              r"tensor model.blocks.0.attn.qkv.weight declares \(1000000, 1000000\) .* over 4 stored bytes")]
     for i, (bad, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.pt"
         torch.save(bad, path)

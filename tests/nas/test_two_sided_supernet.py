@@ -131,7 +131,7 @@ def test_two_sided_evaluation_averages_both_sides_and_caches_each_side_alone():
     assert left == evaluate_archs(model, archs, batches, progress=False)
 
 
-def test_search_on_a_two_sided_checkpoint_scores_the_mean_of_both_sides(tmp_path):
+def test_search_on_a_two_sided_checkpoint_scores_the_mean_of_both_sides(tmp_path, capsys):
     """python -m nas.search reads width_sharing from the checkpoint: every candidate's top-1 is the mean of its left
     and right side's on the search images, each side cached alone, and search.json says which sides."""
     import json
@@ -145,9 +145,11 @@ def test_search_on_a_two_sided_checkpoint_scores_the_mean_of_both_sides(tmp_path
                                    width_sharing="two_sided", backend="reference")).checkpoint
     out = tmp_path / "search"
     assert main(["--checkpoint", checkpoint, "--out-dir", str(out), "--generations", "1", "--population", "3",
-                 "--test-images", "16", "--no-race", "--no-progress"]) == 0
+                 "--test-images", "16", "--no-race", "--no-progress", "--export"]) == 0
     summary = json.loads((out / "search.json").read_text())
     assert summary["sides"] == ["left", "right"] and summary["candidates"]
+    assert summary["exported_side"] == "left"  # what was exported, beside what was scored
+    assert "exported subnets read its left (leading) channels only" in capsys.readouterr().out
     cached = EvalCache(out / "eval_cache.json").state_dict()  # "<data>|<slice>|<side>|<arch json>": result
     for candidate in summary["candidates"]:
         arch = Arch.from_dict(candidate["arch"])

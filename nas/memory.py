@@ -1,0 +1,80 @@
+"""Memory a supernet will take, checked before anything is allocated: a space file declares its sizes, and a few
+edited numbers (``num_heads: [1, 100000]``) would otherwise ask for terabytes, or grow until the kernel kills the run.
+
+Each family estimates its supernets (``Family.memory_estimate(space)``, with the cost model's counts: the
+parameters of its largest arch and the activations one training step keeps for the backward pass). ``check_memory``
+turns that into bytes and refuses, in one line naming the space's field that the estimate owes most to, anything past
+the limit: ``max_memory_gb`` of a config, by default :data:`DEFAULT_MEMORY_FRACTION` of the machine's physical memory.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+from .family import MemoryEstimate, Space, family_of
+
+DEFAULT_MEMORY_FRACTION = 0.8
+# Training holds per parameter the fp32 weight, its gradient and AdamW's two moments; evaluation only the weight.
+TRAINING_BYTES_PER_PARAMETER = 16
+BYTES_PER_VALUE = 4
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_limit_bytes(max_memory_gb: float | None) -> float:
+    """``max_memory_gb`` in bytes; None: :data:`DEFAULT_MEMORY_FRACTION` of physical memory (no limit where the
+    system does not say)."""
+    if max_memory_gb is not None:
+        return max_memory_gb * 1e9
+    physical = physical_memory_bytes()
+    return DEFAULT_MEMORY_FRACTION * physical if physical else float("inf")
+
+
+def estimate_bytes(estimate: MemoryEstimate, batch_size: int, training: bool = True) -> int:
+    """Bytes of the weights (with gradients and optimizer state when ``training``) and of ``batch_size`` images'
+    activations."""
+    per_parameter = TRAINING_BYTES_PER_PARAMETER if training else BYTES_PER_VALUE
+    return estimate.parameters * per_parameter + batch_size * estimate.activations * BYTES_PER_VALUE
+
+
+def check_memory(space: Space, batch_size: int = 1, max_memory_gb: float | None = None, training: bool = True) -> None:
+    """Refuse, with a one-line ConfigError, a supernet of ``space`` that would take more than the limit at
+    ``batch_size`` images a step (``max_memory_gb``; None: :func:`memory_limit_bytes`'s default). Called before the
+    supernet is built, so nothing has been allocated yet."""
+    limit = memory_limit_bytes(max_memory_gb)
+    needed = estimate_bytes(family_of(space).memory_estimate(space), batch_size, training)
+    if needed <= limit:
+        return
+    setting = f"max_memory_gb={max_memory_gb:g}" if max_memory_gb is not None else (
+        f"max_memory_gb (default: {DEFAULT_MEMORY_FRACTION:.0%} of this machine's memory)")
+    raise ConfigError(f"space {space.name!r}: its supernet would take about {gigabytes(needed)} GB "
+                      f"({'training' if training else 'evaluating'} {batch_size} images a step), more than "
+                      f"{limit / 1e9:.3g} GB allowed by {setting}; the estimate owes most to "
+                      f"{culprit(space, batch_size, training)}")
+
+
+def gigabytes(count: int) -> str:
+    """``count`` bytes in GB, for a message: also counts past a float's range, which a space file may declare."""
+    billions = count // 10**9
+    if billions < 10**15:
+        return f"{count / 1e9:.3g}"
+    return f"10^{len(str(billions)) - 1}"
+
+
+def culprit(space: Space, batch_size: int, training: bool) -> str:
+    """The field of ``space`` whose choices cost the most: the one that, cut to its smallest choice, shrinks the
+    estimate the most (``space.narrowed_fields()`` names each field with its largest value, and the space cut)."""
+    def cost(item: tuple[str, Space]) -> int:
+        return estimate_bytes(family_of(item[1]).memory_estimate(item[1]), batch_size, training)
+
+    return min(space.narrowed_fields(), key=cost)[0]
+
+
+__all__ = ["DEFAULT_MEMORY_FRACTION", "MemoryEstimate", "check_memory", "culprit", "estimate_bytes",
+           "memory_limit_bytes", "physical_memory_bytes"]
