@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..family import Family
+from ..family import Family, MemoryEstimate
 from ..vit.family import FAMILY as VIT
 from . import cost
 from .arch import SamArch
@@ -37,6 +37,20 @@ class SamFamily(Family):
     def build_supernet(self, space: SamSpace, drop_path_rate: float = 0.0):
         from .supernet import SamEncoderConfig, SamEncoderSupernet
         return SamEncoderSupernet(SamEncoderConfig.from_space(space, drop_path_rate=drop_path_rate))
+
+    def memory_estimate(self, space: SamSpace) -> MemoryEstimate:
+        """The ViT family's estimate of the blocks with each layer's attention scores counted over its own windows
+        (SAM pads the grid to whole windows), plus the neck: a 1x1 and a 3x3 convolution to ``out_chans`` with a
+        LayerNorm after each, and its two feature maps per image. Python ints, as the ViT family's."""
+        vit = VIT.memory_estimate(space)
+        side, tokens, heads = space.grid, space.max_tokens, space.max_heads
+        scores = 0
+        for layer in range(space.max_depth):
+            window = space.window(layer)
+            windows, span = (1, tokens) if window == 0 else (-(-side // window) ** 2, window * window)
+            scores += 2 * heads * (windows * span * span - tokens * tokens)  # the ViT estimate's global scores, mended
+        neck = space.max_embed_dim * space.out_chans + 9 * space.out_chans ** 2 + 4 * space.out_chans
+        return MemoryEstimate(vit.parameters + neck, vit.activations + scores + 2 * tokens * space.out_chans)
 
     def params_many(self, archs, space: SamSpace) -> np.ndarray:
         return cost.params_many(archs, space)
