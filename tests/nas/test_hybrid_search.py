@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from significance import sign_flip_p_value
 
 from nas import cost
 from nas import train as cli
@@ -271,8 +272,11 @@ def op_dsm_objective(space, target):
 
 def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget():
     """UniNet's search on uninet-cifar (three operators and three DSMs in three stages): with MnasNet's reward around a
-    MACs target, the controller's most probable operator and DSM in every stage become the optimum's, and its best arch
-    inside the budget beats random search's at the same number of evaluations (320, over three seeds)."""
+    MACs target, the controller's most probable operator and DSM in every stage become the optimum's (seeds 0..2),
+    and its best arch inside the budget beats random search's at the same number of evaluations (320), paired by seed
+    over 10 seeds: a one-sided sign-flip test at the 1% level and a mean gain of at least 2 points (one stage's DSM;
+    random search's best spreads 84..90). A controller that proposes as random search does passes with probability
+    at most 1%."""
     space = load_space("uninet-cifar")
     costs = Costs(space)
     draws = space.sample_many(np.random.default_rng(0), 400)
@@ -281,10 +285,10 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
                   and len({s.op for s in arch.stages[2:]}) > 1)
     score = op_dsm_objective(space, target)
     feasible = costs.feasible([Budget("macs", limit)])
-    finals = {}
+    bests = {}
     for algorithm in ("rl", "random"):
-        bests = []
-        for seed in range(3):
+        bests[algorithm] = []
+        for seed in range(10):
             options = {"target": limit, "lr": 0.5} if algorithm == "rl" else {}
             searcher = build_searcher(algorithm, space, feasible, seed=seed, cost=costs.metric("macs"), **options)
             for _ in range(20):
@@ -292,15 +296,15 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
                 searcher.observe(archs, [score(arch) for arch in archs])
             best_arch, best = searcher.best()
             assert cost.macs(best_arch, space) <= limit
-            bests.append(best)
-            if algorithm == "rl":
+            bests[algorithm].append(best)
+            if algorithm == "rl" and seed < 3:
                 probabilities = dict(zip((name for name, _ in space.genes()), searcher.probabilities()))
                 for i, (stage, choices) in enumerate(zip(target.stages, space.stages)):
                     for field, options_ in (("op", choices.ops), ("dsm", choices.dsms)):
                         if len(options_) > 1:
                             assert options_[int(np.argmax(probabilities[f"stage{i}.{field}"]))] == getattr(stage, field)
-        finals[algorithm] = float(np.mean(bests))
-    assert finals["rl"] > finals["random"], finals
+    gains = np.subtract(bests["rl"], bests["random"])
+    assert sign_flip_p_value(gains) <= 0.01 and gains.mean() >= 2.0, f"rl's gains over random: {gains.tolist()}"
 
 
 def test_the_soft_constraint_reward_is_mnasnets():

@@ -3,7 +3,6 @@ outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ import processes
 import pytest
 import torch
 from hostile import RunsCode, fill_disk
+from significance import sign_flip_p_value
 
 from nas.arch import Arch
 from nas.budget import Budget, Costs
@@ -94,14 +94,6 @@ def best_scores(name: str, generations: int) -> tuple[float, ...]:
             searcher.observe(archs, [score(a) for a in archs])
         bests.append(searcher.best()[1])
     return tuple(bests)
-
-
-def sign_flip_p_value(gains: np.ndarray) -> float:
-    """One-sided exact p-value of a paired sign-flip (permutation) test: the fraction of the 2^n sign patterns of the
-    gains whose sum reaches the observed sum. Where the two sides are exchangeable it is at most alpha with
-    probability at most alpha."""
-    signs = np.array(list(itertools.product((1, -1), repeat=len(gains))))
-    return float(np.mean(signs @ np.abs(gains) >= gains.sum() - 1e-9))
 
 
 @pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - {"random"}))
