@@ -9,11 +9,12 @@ import pytest
 import torch
 from significance import sign_flip_p_value
 
+from elastic_ops import recalibrate_batch_norm
 from nas import cost
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
-from nas.data import load_dataset, normalize
+from nas.data import SearchSplit, fixed_subset, load_dataset, normalize
 from nas.errors import ConfigError
 from nas.export import load_subnet
 from nas.hybrid.arch import HybridArch
@@ -132,18 +133,32 @@ stages:
 
 def test_training_a_hybrid_supernet(tmp_path):
     """nas.train builds the hybrid supernet, evaluates subnets with BatchNorm recalibrated for each, and its
-    checkpoint loads as a hybrid supernet."""
+    checkpoint loads as a hybrid supernet. The accuracies it reports are those of each subnet extracted from the
+    checkpoint, its BatchNorm statistics re-estimated by hand on the first 64 training images kept for training (in
+    the same two batches), on the 64 test images."""
     space_path = digits_space(tmp_path)
     space = load_space(space_path)
     eval_arch = space.sample(3)
     config = TrainConfig(space=space_path, out_dir=str(tmp_path / "run"), train_subset=128, test_subset=64,
                          batch_size=32, max_steps=4, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
-                         bn_calibration_images=64, eval_archs=[eval_arch.to_dict()])
+                         bn_calibration_images=64, eval_batch_size=32, eval_archs=[eval_arch.to_dict()])
     result = train(config)
-    assert result.steps == 4 and all(0.0 <= acc <= 1.0 for acc in (result.smallest, result.largest))
-    assert len(result.eval_archs) == 1
+    assert result.steps == 4 and len(result.eval_archs) == 1
     model, loaded_space, _ = load_supernet(result.checkpoint)
     assert isinstance(model, HybridSupernet) and loaded_space == space
+
+    train_set, test_set = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    split = SearchSplit.hold_out("digits", len(train_set), config.search_holdout)
+    calibration = normalize(train_set.__getitems__(split.calibration_indices(64).tolist())[0], train_set.mean,
+                            train_set.std)
+    test = fixed_subset(test_set, 64)
+    images, labels = test.__getitems__(range(len(test)))
+    images = normalize(images, train_set.mean, train_set.std)
+    reported = [result.smallest, result.largest, *result.eval_archs]
+    for arch, accuracy in zip([space.min_arch(), space.max_arch(), eval_arch], reported, strict=True):
+        plain = recalibrate_batch_norm(model.extract(arch), calibration.split(32))
+        with torch.no_grad():
+            assert accuracy == pytest.approx(float((plain(images).argmax(-1) == labels).float().mean())), arch
 
 
 @pytest.fixture(scope="module")
