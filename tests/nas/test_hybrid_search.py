@@ -194,8 +194,8 @@ def test_nas_search_on_a_hybrid_checkpoint(hybrid_checkpoint, tmp_path, algorith
     assert space.contains(arch) and cost.macs(arch, space) == best["macs"]
     model, saved_arch = load_subnet(summary["exported"]["macs=50K"])
     assert saved_arch == arch
-    data = load_dataset("digits", split="test")
-    images, labels = data.images[:48], data.labels[:48]
+    data = fixed_subset(load_dataset("digits", split="test"), 48)  # the search's 48 test images
+    images, labels = data.__getitems__(range(len(data)))
     with torch.no_grad():
         logits = model(normalize(images, data.mean, data.std))
     assert summary["test"]["macs=50K"]["top1"] == pytest.approx(100.0 * float((logits.argmax(-1) == labels).float()
