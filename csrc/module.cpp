@@ -145,9 +145,11 @@ void linear_forward(const py::handle& x, const py::handle& weight, const py::obj
   args.x = tensor3(x, "x");
   args.w = matrix(weight, "weight");
   args.b = vector(bias, "bias");
-  CHECK_ARG(args.w.cols == args.x.dims[2], "linear_forward: weight has " + std::to_string(args.w.cols) +
-                                             " columns but x has " + std::to_string(args.x.dims[2]) + " features");
+  CHECK_ARG(args.w.cols >= args.x.dims[2], "linear_forward: weight has " + std::to_string(args.w.cols) +
+                                             " columns, fewer than x's " + std::to_string(args.x.dims[2]) +
+                                             " features");
   CHECK_ARG(args.x.dims[2] >= 1, "linear_forward: x has no features");
+  args.w.cols = args.x.dims[2];  // the active columns W[:, :in] of a super weight (the active rows: out_sizes)
   args.out = sizes(out_sizes, "out_sizes", args.x.dims[0], args.w.rows);
   check_vector(args.b, "bias", largest(args.out));
   args.y = output(out, args.x, -1);
@@ -243,7 +245,8 @@ PYBIND11_MODULE(_C, m) {
       "to address that much memory.";
   m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out_sizes"),
         py::arg("out"), py::arg("apply_gelu"), py::arg("threads"),
-        "out[k, r, :o_k] = act(x[k, r] @ weight[:o_k]^T + bias[:o_k]), zero past o_k; x [K, rows, in], weight [o_max, in]");
+        "out[k, r, :o_k] = act(x[k, r] @ weight[:o_k, :in]^T + bias[:o_k]), zero past o_k; x [K, rows, in], weight "
+        "[>= o_max, >= in]");
   m.def("layer_norm_forward", &layer_norm_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("embed_sizes"), py::arg("eps"), py::arg("out"), py::arg("threads"),
         "LayerNorm of x[k, r, :e_k] with weight[:e_k], bias[:e_k], zero past e_k; x [K, rows, width]");

@@ -88,6 +88,10 @@ def _environment_choice() -> str | None:
     return None if name == "auto" else name
 
 
+# The innermost use_backend() name, or None: with ELASTIC_OPS_BACKEND (read once), what decides the forced backend.
+forced_setting = _forced.get
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost wins) or by ``ELASTIC_OPS_BACKEND``; None for automatic."""
     name = _forced.get()

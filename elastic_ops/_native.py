@@ -58,8 +58,8 @@ def _ndim(op: str, name: str, t: Tensor | None, ndim: int) -> None:
 
 
 def _spec(t: Tensor | None) -> tuple | None:
-    """(pointer, shape, element strides) of a tensor or view; None stays None."""
-    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+    """(pointer, shape, element strides) of a tensor or view; None stays None. (A ``torch.Size`` is a tuple.)"""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride())
 
 
 def _rows3(x: Tensor) -> Tensor:
@@ -75,17 +75,42 @@ def _rows3(x: Tensor) -> Tensor:
     return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def _blocks(x: Tensor) -> tuple[tuple, int, int]:
+    """``(spec, K, rows)``: ``x [..., features]`` as the spec of ``[K, rows, features]`` (see :func:`_rows3`), read
+    from x's shape and strides where they allow it (a 2-D x, or a 3-D x whose leading dims merge or not), so that the
+    common call makes no view."""
+    shape = x.shape
+    if len(shape) == 3:
+        strides = x.stride()
+        blocks, rows, width = shape
+        if blocks == 1 or strides[0] == rows * strides[1]:  # the rows of all blocks are evenly spaced
+            return (x.data_ptr(), (1, blocks * rows, width), (0, strides[1], strides[2])), 1, blocks * rows
+        if rows == 1:
+            return (x.data_ptr(), (1, blocks, width), (0, strides[0], strides[2])), 1, blocks
+        return (x.data_ptr(), shape, strides), blocks, rows
+    if len(shape) == 2:
+        strides = x.stride()
+        return (x.data_ptr(), (1, shape[0], shape[1]), (0, strides[0], strides[1])), 1, shape[0]
+    x3 = _rows3(x)
+    return _spec(x3), x3.shape[0], x3.shape[1]
+
+
+def _out(x: Tensor, width: int, blocks: int, rows: int) -> tuple[Tensor, tuple]:
+    """A new ``[..., width]`` output shaped like x but for its last dim, and its spec as ``[blocks, rows, width]``."""
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype)
+    return out, (out.data_ptr(), (blocks, rows, width), (rows * width, width, 1))
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _slice_rows(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None else t[:n]
-
-
 # --- single subnet ---------------------------------------------------------------------------------
-# Shapes and active sizes: functional._validate checks them on the dispatched path; _C checks them again
-# against the tensors' own shapes on every path, so a direct call here with a bad size raises there.
+# Each op checks what C++ cannot see (``_check``), then runs its kernel (``_linear`` etc.). Shapes and active sizes:
+# functional._validate checks them on the dispatched path; _C checks them again against the tensors' own shapes on
+# every path, so a direct call here with a bad size raises there. ``op.signature_checked`` is the kernel alone: the
+# dispatch calls it for a call whose signature (dtype, device, layout, autograd state: all that ``_check`` reads) has
+# passed the checks before (``elastic_ops.functional``).
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None = None) -> Tensor:
     """``act(x @ weight[:out_features, :in].T + bias[:out_features])``, ``in = x.shape[-1]``."""
@@ -95,11 +120,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, ac
     _ndim(op, "bias", bias, 1)
     if activation not in (None, "gelu"):
         raise ValueError(f"{op}: activation must be None or 'gelu', got {activation!r}")
-    x3 = _rows3(x)
-    out = torch.empty(*x3.shape[:2], out_features, dtype=x.dtype)
-    _C.linear_forward(_spec(x3), _spec(weight[:out_features, : x.shape[-1]]), _spec(_slice_rows(bias, out_features)),
-                      [out_features] * x3.shape[0], _spec(out), activation == "gelu", _threads())
-    return out.view(*x.shape[:-1], out_features)
+    return _linear(x, weight, bias, out_features, activation)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, activation: str | None) -> Tensor:
+    x_spec, blocks, rows = _blocks(x)
+    out, out_spec = _out(x, out_features, blocks, rows)
+    # The kernel reads the active block of the super weight and bias in place: W[:out_features, :in], b[:out_features].
+    _C.linear_forward(x_spec, _spec(weight), _spec(bias), [out_features] * blocks, out_spec, activation == "gelu",
+                      _threads())
+    return out
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -108,11 +138,15 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     _check(op, x=x, weight=weight, bias=bias)
     _ndim(op, "weight", weight, 1)
     _ndim(op, "bias", bias, 1)
+    return _layer_norm(x, weight, bias, eps)
+
+
+def _layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    x_spec, blocks, rows = _blocks(x)
     d = x.shape[-1]
-    x3 = _rows3(x)
-    out = torch.empty(x3.shape, dtype=x.dtype)
-    _C.layer_norm_forward(_spec(x3), _spec(weight), _spec(bias), [d] * x3.shape[0], float(eps), _spec(out), _threads())
-    return out.view(x.shape)
+    out, out_spec = _out(x, d, blocks, rows)
+    _C.layer_norm_forward(x_spec, _spec(weight), _spec(bias), [d] * blocks, float(eps), out_spec, _threads())
+    return out
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
@@ -123,12 +157,17 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tens
     for name, t, ndim in (("fc1_weight", fc1_weight, 2), ("fc1_bias", fc1_bias, 1), ("fc2_weight", fc2_weight, 2),
                           ("fc2_bias", fc2_bias, 1)):
         _ndim(op, name, t, ndim)
+    return _mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden_features)
+
+
+def _mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None,
+         hidden_features: int) -> Tensor:
+    x_spec, blocks, rows = _blocks(x)
     e = x.shape[-1]
-    x3 = _rows3(x)
-    out = torch.empty(x3.shape, dtype=x.dtype)
-    _C.mlp_forward(_spec(x3), _spec(fc1_weight), _spec(fc1_bias), _spec(fc2_weight), _spec(fc2_bias),
-                   [e] * x3.shape[0], [hidden_features] * x3.shape[0], _spec(out), _threads())
-    return out.view(x.shape)
+    out, out_spec = _out(x, e, blocks, rows)
+    _C.mlp_forward(x_spec, _spec(fc1_weight), _spec(fc1_bias), _spec(fc2_weight), _spec(fc2_bias), [e] * blocks,
+                   [hidden_features] * blocks, out_spec, _threads())
+    return out
 
 
 def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
@@ -140,11 +179,23 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weigh
                           ("proj_weight", proj_weight, 2), ("proj_bias", proj_bias, 1)):
         _ndim(op, name, t, ndim)
     _check_head_dim(op, qkv_weight, head_dim)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    _C.attention_forward(_spec(x), x.shape[0], _spec(qkv_weight), _spec(qkv_bias), _spec(proj_weight), _spec(proj_bias),
-                         qkv_weight.shape[0] // (3 * head_dim), head_dim, [x.shape[2]], [num_heads], _spec(out),
-                         _threads())
+    return _attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, head_dim)
+
+
+def _attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
+               num_heads: int, head_dim: int) -> Tensor:
+    batch, tokens, width = shape = x.shape
+    out = torch.empty(shape, dtype=x.dtype)
+    _C.attention_forward(_spec(x), batch, _spec(qkv_weight), _spec(qkv_bias), _spec(proj_weight), _spec(proj_bias),
+                         qkv_weight.shape[0] // (3 * head_dim), head_dim, [width], [num_heads],
+                         (out.data_ptr(), shape, (tokens * width, width, 1)), _threads())
     return out
+
+
+linear.signature_checked = _linear
+layer_norm.signature_checked = _layer_norm
+mlp.signature_checked = _mlp
+attention.signature_checked = _attention
 
 
 def _check_head_dim(op: str, qkv_weight: Tensor, head_dim: int) -> None:
@@ -184,8 +235,7 @@ def linear_grouped(x: Tensor, weight: Tensor, bias: Tensor | None, out_sizes, ac
     out = _sizes(op, "out_sizes", out_sizes, x.shape[0])
     width = max(out)
     y = torch.empty(*x3.shape[:2], width, dtype=x.dtype)
-    _C.linear_forward(_spec(x3), _spec(weight[:width, : x.shape[-1]]), _spec(_slice_rows(bias, width)), out, _spec(y),
-                      activation == "gelu", _threads())
+    _C.linear_forward(_spec(x3), _spec(weight), _spec(bias), out, _spec(y), activation == "gelu", _threads())
     return y.view(*x.shape[:-1], width)
 
 

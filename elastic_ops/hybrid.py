@@ -173,6 +173,9 @@ class ElasticPositionalAttentionBlock(ElasticBlock):
         return block
 
 
+QKV_LAYOUTS = ("blocks", "per_head")  # ElasticVScaleAttention's ways of reading heads from the qkv rows
+
+
 class ElasticVScaleAttention(ElasticComposite):
     """ElasticViT's attention (:class:`elastic_ops.plain_hybrid.VScaleAttention`) on tokens ``[B, side * side, e]``:
     elastic ``embed_dim``, ``num_heads`` and ``v_scale``; q and k heads of ``head_dim`` channels, v heads of
@@ -185,15 +188,25 @@ class ElasticVScaleAttention(ElasticComposite):
     ``max_grid > 0``: a learned bias per head and 2D offset (``rel_pos_bias.table[:, :h]``) for grids of side up to
     ``max_grid``; ``activation`` (None for none) on the attention output before the projection. The defaults are
     ElasticViT's: head dim 16, no qkv bias, the v conv, Hardswish.
+
+    ``qkv_layout``: how the active rows' outputs make heads. ``blocks``: head ``i`` takes rows ``i * head_dim ..`` of
+    each block. ``per_head`` (ElasticViT's ``SuperAttention``, which views its qkv output as ``(B, N, heads, -1)``):
+    the active rows of the q, k and v blocks, one block after another, are read head by head, head ``i`` taking the
+    ``i``-th ``2 * head_dim + v_scale * head_dim`` of them as its q, k and v. Which super row serves which head then
+    depends on the heads and v scale, so no one order of the rows holds every subnet's heads as slices: the layout
+    regroups the three blocks' outputs each call (a copy of the qkv activations; the weights are read in place).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, v_scale: int, head_dim: int = 16, qkv_bias: bool = False,
-                 value_conv: bool = True, max_grid: int = 0, activation: str | None = "hardswish", device=None,
-                 dtype=None):
+                 value_conv: bool = True, max_grid: int = 0, activation: str | None = "hardswish",
+                 qkv_layout: str = "blocks", device=None, dtype=None):
         super().__init__()
+        if qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"ElasticVScaleAttention: qkv_layout must be one of {', '.join(QKV_LAYOUTS)}, got "
+                             f"{qkv_layout!r}")
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.v_scale, self.head_dim = embed_dim, num_heads, v_scale, head_dim
-        self.max_grid, self.activation = max_grid, activation
+        self.max_grid, self.activation, self.qkv_layout = max_grid, activation, qkv_layout
         v_width = num_heads * head_dim * v_scale
         self.qkv = ElasticLinear(embed_dim, 2 * num_heads * head_dim + v_width, bias=qkv_bias, **factory)
         self.v_conv = ElasticDepthwiseConv2d(v_width, 3, **factory) if value_conv else None
@@ -223,6 +236,9 @@ class ElasticVScaleAttention(ElasticComposite):
         qk_width, max_qk_width = heads * self.head_dim, self.num_heads * self.head_dim
         q, k = linear_rows(x, self.qkv, 0, qk_width), linear_rows(x, self.qkv, max_qk_width, qk_width)
         v = linear_rows(x, self.qkv, 2 * max_qk_width, children["proj"]["in_features"])
+        if self.qkv_layout == "per_head":
+            widths = [self.head_dim, self.head_dim, self.head_dim * config["v_scale"]]
+            q, k, v = (t.flatten(2) for t in torch.cat([q, k, v], -1).unflatten(-1, (heads, -1)).split(widths, -1))
         if self.v_conv is not None:
             v = to_tokens(self.v_conv(to_grid(v), **children["v_conv"]))
         bias = None
@@ -231,38 +247,81 @@ class ElasticVScaleAttention(ElasticComposite):
             bias = self.rel_pos_bias.table[:, :heads][index].permute(2, 0, 1).to(x.dtype)
         return self.proj(self.act(attention_context(q, k, v, heads, bias)), **children["proj"])
 
+    def active_row_blocks(self, heads: int, v_scale: int) -> list[tuple[int, int]]:
+        """The super rows ``(start, rows)`` that make the block layout's q, k and v heads of a subnet, in order."""
+        qk_width, max_qk_width = heads * self.head_dim, self.num_heads * self.head_dim
+        blocks = [(0, qk_width), (max_qk_width, qk_width), (2 * max_qk_width, qk_width * v_scale)]
+        if self.qkv_layout == "blocks":
+            return blocks
+        rows = torch.cat([torch.arange(start, start + count) for start, count in blocks])  # the active rows in order
+        widths = [self.head_dim, self.head_dim, self.head_dim * v_scale]
+        regrouped = torch.cat([part.flatten() for part in rows.view(heads, -1).split(widths, -1)])
+        return [(row, 1) for row in regrouped.tolist()]
+
     def extract(self) -> plain_hybrid.VScaleAttention:
         config = self.active
         heads, v_scale = config["num_heads"], config["v_scale"]
         attn = self.extract_children(empty_module(lambda: plain_hybrid.VScaleAttention(
             config["embed_dim"], heads, self.head_dim, v_scale, qkv_bias=self.qkv.bias is not None,
             value_conv=self.v_conv is not None, max_grid=self.max_grid, activation=self.activation), self.qkv.weight))
-        qk_width, max_qk_width = heads * self.head_dim, self.num_heads * self.head_dim
-        attn.qkv = extract_row_blocks(self.qkv, [(0, qk_width), (max_qk_width, qk_width),
-                                                 (2 * max_qk_width, qk_width * v_scale)], config["embed_dim"])
+        attn.qkv = extract_row_blocks(self.qkv, self.active_row_blocks(heads, v_scale), config["embed_dim"])
         if self.rel_pos_bias is not None:
             with torch.no_grad():
                 attn.rel_pos_bias.table.copy_(self.rel_pos_bias.table[:, :heads])
         return attn
 
 
+class ElasticSampleLayerNorm(ElasticLayerNorm):
+    """ElasticViT's ``LNSuper`` (:class:`elastic_ops.plain_hybrid.SampleLayerNorm`) on tokens ``[B, N, dim]`` of the
+    first ``dim`` channels: each sample normalised over its tokens and channels together, then ``weight[:dim]`` and
+    ``bias[:dim]`` per channel (broadcast over the tokens as views, no copy)."""
+
+    two_sided = False
+
+    def forward(self, x: Tensor, dim: int | None = None) -> Tensor:
+        dim = self.resolve(dim=dim)["dim"]
+        self.check_width(x, dim, "dim")
+        shape = x.shape[1:]
+        return F.layer_norm(x, shape, self.weight[:dim].expand(shape), self.bias[:dim].expand(shape), self.eps)
+
+    def grouped_forward(self, x: Tensor, sizes: GroupSizes) -> Tensor:
+        raise NotImplementedError("ElasticSampleLayerNorm: one subnet at a time (its statistics span the tokens)")
+
+    def extract(self) -> plain_hybrid.SampleLayerNorm:
+        dim = self.active["dim"]
+        norm = empty_module(lambda: plain_hybrid.SampleLayerNorm(dim, eps=self.eps), self.weight)
+        with torch.no_grad():
+            norm.weight.copy_(self.weight[:dim])
+            norm.bias.copy_(self.bias[:dim])
+        return norm
+
+
+TOKEN_NORMS = {"token": ElasticLayerNorm, "sample": ElasticSampleLayerNorm}  # plain_hybrid.token_norm's kinds
+
+
 class ElasticVScaleBlock(ElasticComposite):
     """ElasticViT's transformer layer pair (:class:`elastic_ops.plain_hybrid.VScaleBlock`) on tokens:
     ``x + attn(norm1(x))`` with :class:`ElasticVScaleAttention`, then ``x + mlp(norm2(x))`` with ``activation`` in the
-    MLP too; elastic ``embed_dim``, ``num_heads``, ``v_scale`` and ``hidden_features``."""
+    MLP too; elastic ``embed_dim``, ``num_heads``, ``v_scale`` and ``hidden_features``. ``norm``: the LayerNorms'
+    kind, ``token`` (each token over its channels) or ``sample`` (ElasticViT's ``LNSuper``, each sample over its
+    tokens and channels: :class:`ElasticSampleLayerNorm`); ``qkv_layout``: :class:`ElasticVScaleAttention`'s."""
 
     def __init__(self, embed_dim: int, num_heads: int, v_scale: int, hidden_features: int, head_dim: int = 16,
                  eps: float = 1e-5, qkv_bias: bool = False, value_conv: bool = True, max_grid: int = 0,
-                 activation: str = "hardswish", drop_path: float = 0.0, device=None, dtype=None):
+                 activation: str = "hardswish", drop_path: float = 0.0, norm: str = "token", qkv_layout: str = "blocks",
+                 device=None, dtype=None):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticVScaleBlock: drop_path must be in [0, 1), got {drop_path}")
+        if norm not in TOKEN_NORMS:
+            raise ValueError(f"ElasticVScaleBlock: norm must be one of {', '.join(TOKEN_NORMS)}, got {norm!r}")
         factory = dict(device=device, dtype=dtype)
-        self.drop_path = drop_path
-        self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, **factory)
+        self.drop_path, self.norm = drop_path, norm
+        self.norm1 = TOKEN_NORMS[norm](embed_dim, eps=eps, **factory)
         self.attn = ElasticVScaleAttention(embed_dim, num_heads, v_scale, head_dim, qkv_bias=qkv_bias,
-                                           value_conv=value_conv, max_grid=max_grid, activation=activation, **factory)
-        self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, **factory)
+                                           value_conv=value_conv, max_grid=max_grid, activation=activation,
+                                           qkv_layout=qkv_layout, **factory)
+        self.norm2 = TOKEN_NORMS[norm](embed_dim, eps=eps, **factory)
         self.mlp = ElasticMlp(embed_dim, hidden_features, activation=activation, **factory)
         self.active = self.max_config()
 
@@ -290,7 +349,7 @@ class ElasticVScaleBlock(ElasticComposite):
         return self.extract_children(empty_module(lambda: plain_hybrid.VScaleBlock(
             config["embed_dim"], config["num_heads"], attn.head_dim, config["v_scale"], config["hidden_features"],
             eps=self.norm1.eps, qkv_bias=attn.qkv.bias is not None, value_conv=attn.v_conv is not None,
-            max_grid=attn.max_grid, activation=self.mlp.activation), self.norm1.weight))
+            max_grid=attn.max_grid, activation=self.mlp.activation, norm=self.norm), self.norm1.weight))
 
 
 # --- UniNet's downsampling modules (DSMs) between stages: feature map [B, C, H, W] in ---------------------------
@@ -463,5 +522,6 @@ class ElasticGlobalDSM(ElasticAttentionDSM):
 
 
 __all__ = ["ElasticAttentionDSM", "ElasticGlobalDSM", "ElasticLocalDSM", "ElasticLocalGlobalDSM", "ElasticMixerBlock",
-           "ElasticPositionalAttentionBlock", "ElasticSeparableDownsample", "ElasticVScaleAttention",
-           "ElasticVScaleBlock", "attention_context", "extract_row_blocks", "linear_rows"]
+           "ElasticPositionalAttentionBlock", "ElasticSampleLayerNorm", "ElasticSeparableDownsample",
+           "ElasticVScaleAttention", "ElasticVScaleBlock", "TOKEN_NORMS", "attention_context", "extract_row_blocks",
+           "linear_rows"]

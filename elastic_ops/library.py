@@ -135,11 +135,15 @@ torch.library.register_autograd("elastic_ops::linear", _linear_grad, setup_conte
 def _layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str,
                 keep_residuals: bool) -> tuple[Tensor, Tensor, Tensor]:
     if backend != "triton":
-        stats = x.new_empty(0, dtype=_lse_dtype(x))
-        return _implementation("layer_norm", backend)(x, weight, bias, eps), stats, torch.empty_like(stats)
-    from .ops.layernorm import layer_norm_forward
+        y, mean, rstd = _implementation("layer_norm", backend)(x, weight, bias, eps), None, None
+    else:
+        from .ops.layernorm import layer_norm_forward
 
-    return layer_norm_forward(x, weight, bias, eps, keep_residuals)
+        y, mean, rstd = layer_norm_forward(x, weight, bias, eps, keep_residuals)
+    if mean is None:
+        mean = x.new_empty(0, dtype=_lse_dtype(x))
+        rstd = torch.empty_like(mean)
+    return y, mean, rstd
 
 
 @_layer_norm.register_fake

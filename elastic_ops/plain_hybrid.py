@@ -230,17 +230,44 @@ class VScaleAttention(nn.Module):
         return self.proj(self.act(context))
 
 
+class SampleLayerNorm(nn.Module):
+    """ElasticViT's ``LNSuper``: each sample of tokens ``[B, N, dim]`` normalised over its tokens and channels
+    together (``F.layer_norm(x, x.shape[1:])``), then scaled and shifted per channel by ``weight`` and ``bias``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[1:]
+        return F.layer_norm(x, shape, self.weight.expand(shape), self.bias.expand(shape), self.eps)
+
+
+def token_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The LayerNorm of tokens ``kind`` names: ``token`` (each token over its channels, ``nn.LayerNorm``) or
+    ``sample`` (each sample over its tokens and channels, :class:`SampleLayerNorm`)."""
+    if kind == "token":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "sample":
+        return SampleLayerNorm(dim, eps=eps)
+    raise ValueError("norm must be 'token' or 'sample', got " + repr(kind))
+
+
 class VScaleBlock(nn.Module):
     """ElasticViT's transformer layer pair: ``x + attn(norm1(x))`` (:class:`VScaleAttention`), then
-    ``x + mlp(norm2(x))`` with ``activation`` in the MLP too."""
+    ``x + mlp(norm2(x))`` with ``activation`` in the MLP too; ``norm``: the LayerNorms' kind (:func:`token_norm`;
+    ElasticViT's own is ``sample``)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, v_scale: int, hidden_features: int, eps: float = 1e-5,
-                 qkv_bias: bool = False, value_conv: bool = True, max_grid: int = 0, activation: str = "hardswish"):
+                 qkv_bias: bool = False, value_conv: bool = True, max_grid: int = 0, activation: str = "hardswish",
+                 norm: str = "token"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = token_norm(norm, dim, eps)
         self.attn = VScaleAttention(dim, num_heads, head_dim, v_scale, qkv_bias=qkv_bias, value_conv=value_conv,
                                     max_grid=max_grid, activation=activation)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = token_norm(norm, dim, eps)
         self.mlp = Mlp(dim, hidden_features, activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -407,6 +434,6 @@ def resize(images: Tensor, resolution: int) -> Tensor:
 
 __all__ = ["AttentionDSM", "ClassifierHead", "ConvNormAct", "GlobalDSM", "HybridNetwork", "InvertedResidual",
            "LocalDSM", "LocalGlobalDSM", "MixerBlock", "PositionalAttentionBlock", "RelativePositionBias",
-           "SeparableDownsample", "SqueezeExcite", "ToGrid", "ToTokens", "VScaleAttention", "VScaleBlock", "avg_pool",
-           "dot_product_attention", "grid_side", "heads_first", "max_pool", "relative_position_index", "resize",
-           "to_grid", "to_tokens"]
+           "SampleLayerNorm", "SeparableDownsample", "SqueezeExcite", "ToGrid", "ToTokens", "VScaleAttention",
+           "VScaleBlock", "avg_pool", "dot_product_attention", "grid_side", "heads_first", "max_pool",
+           "relative_position_index", "resize", "to_grid", "to_tokens", "token_norm"]

@@ -35,8 +35,10 @@ from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
-from .space import SearchSpace
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .hybrid.convert import from_uninet_state_dict  # noqa: F401 (re-exported: the hybrid families' converters)
+from .state_dicts import load_converted
+from .vit.space import SearchSpace
+from .vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 AUTOFORMER_HEAD_DIM = 64  # AutoFormer's qkv_super: sample_q_embed_dim = heads * 64
 
@@ -143,24 +145,6 @@ def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tens
                              "patch size and no private class tokens or q/k projections)")
         out[theirs] = blocks_to_interleaved(tensor) if name.endswith("attn.qkv.weight") else tensor.detach()
     return out
-
-
-def load_converted(model: nn.Module, state: dict[str, Tensor], unexpected: list[str], who: str,
-                   error: type[Exception] = ValueError) -> None:
-    """Copy ``state`` (renamed to ``model``'s names; ``unexpected``: the source's names that have none) into ``model``,
-    or raise ``error`` naming the unexpected, missing and mis-shaped tensors (the first five of each)."""
-    target = model.state_dict()
-    unexpected = sorted(unexpected + [name for name in state if name not in target])
-    missing = sorted(set(target) - set(state))
-    shapes = sorted(f"{name}: {tuple(t.shape)} vs {tuple(target[name].shape)}" for name, t in state.items()
-                    if name in target and t.shape != target[name].shape)
-    if unexpected or missing or shapes:
-        problems = [f"{what}: {names[:5]}" for what, names in (("unexpected", unexpected), ("missing", missing),
-                                                              ("shape mismatch", shapes)) if names]
-        raise error(f"{who}: the weights do not fit a supernet of this space; " + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in state.items():
-            target[name].copy_(tensor)
 
 
 # -- timm ----------------------------------------------------------------------------------------------------------

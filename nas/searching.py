@@ -16,7 +16,6 @@ on its subImageNet): training holds out a split (``nas.data.SearchSplit``) and r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,10 +28,9 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_torch_save, atomic_write_text
 from .budget import METRICS, Budget, Costs, format_count
-from .checkpoint import load_supernet
+from .checkpoint import file_digest, load_supernet
 from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, init_distributed, sum_over_ranks
@@ -47,15 +45,14 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
+from .family import Arch, Space, family_of
 from .hybrid.scaling import CompoundScaling, compound_family
-from .hybrid.space import HybridSpace
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
 from .searchers import SEARCHERS, build_searcher
-from .space import Space
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
@@ -88,6 +85,8 @@ class SearchConfig(Config):
                                    "Pareto trade-off)")
     rl_beta: float = setting(-1.0, "rl, soft constraint: the exponent w over the budget (MnasNet: -1, or -0.07)")
     tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
+    predictor_initial: int = setting(32, "predictor: uniform draws evaluated before the accuracy predictor screens "
+                                         "the candidates")
     seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
     dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
     data_dir: str | None = setting(None, "data directory (null: the checkpoint's)")
@@ -114,10 +113,11 @@ class SearchConfig(Config):
                                          resumable=True)
     out_dir: str = setting("runs/search", "output directory of the search", resumable=True)
     export: bool = setting(False, "write the best subnet of every budget as a standalone model", resumable=True)
-    scale_family: int = setting(0, "hybrid spaces: scale the best arch of every budget into this many larger models "
-                                   "(UniNet's compound scaling) and write each as a space of its own", resumable=True)
-    scale_coefficients: list[float] = setting([1.2, 1.1, 1.15], "compound scaling: per step the growth of depth, width "
-                                                                "and resolution", resumable=True)
+    compound_scale: int = setting(0, "hybrid spaces: grow the best arch of every budget into this many larger models "
+                                     "by EfficientNet's compound rule and write each as a space of its own (UniNet's "
+                                     "released B1-B6 are hand-set: --space uninet-b1 .. uninet-b6)", resumable=True)
+    compound_coefficients: list[float] = setting([1.2, 1.1, 1.15], "compound scaling: per step the growth of depth, "
+                                                                   "width and resolution", resumable=True)
     progress: bool = setting(True, "print progress", resumable=True)
 
     def problems(self) -> list[str]:
@@ -139,11 +139,11 @@ class SearchConfig(Config):
         seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
         if not 0 <= self.seed <= seed_limit:
             problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
-        if self.scale_family < 0:
-            problems.append(f"scale_family must be an int >= 0, got {self.scale_family!r}")
-        if len(self.scale_coefficients) != 3 or min(self.scale_coefficients, default=0) < 1:
-            problems.append(f"scale_coefficients must be three numbers >= 1 (depth, width, resolution), got "
-                            f"{self.scale_coefficients!r}")
+        if self.compound_scale < 0:
+            problems.append(f"compound_scale must be an int >= 0, got {self.compound_scale!r}")
+        if len(self.compound_coefficients) != 3 or min(self.compound_coefficients, default=0) < 1:
+            problems.append(f"compound_coefficients must be three numbers >= 1 (depth, width, resolution), got "
+                            f"{self.compound_coefficients!r}")
         for text in self.budgets:
             try:
                 Budget.parse(text)
@@ -204,6 +204,7 @@ class Search:
             "tpe": dict(startup_trials=c.tpe_startup_trials),
             "random": {},
             "autotuner": {},
+            "predictor": dict(initial=c.predictor_initial),
         }
         options["sampler"] = dict(options["evolution"], sampler=sampler)
         if c.algorithm == "nsga2" or not self.budgets:
@@ -349,12 +350,12 @@ def write_families(space: Space, best: dict[str, Candidate], config: SearchConfi
     """UniNet's compound scaling of the best arch of every budget (``nas.hybrid.scaling``): per budget, the members'
     archs, MACs, params and their growth over the baseline beside the growth the coefficients state, each member's
     space written to ``<out_dir>/family-<budget>/b<phi>.yaml`` (``python -m nas.train --space`` trains it)."""
-    scaling = CompoundScaling(*config.scale_coefficients)
+    scaling = CompoundScaling(*config.compound_coefficients)
     families = {}
     for label, candidate in best.items():
         folder = os.path.join(config.out_dir, "family-" + file_label(label))
         os.makedirs(folder, exist_ok=True)
-        members = compound_family(space, candidate.arch, config.scale_family, scaling, name=f"{space.name}-family")
+        members = compound_family(space, candidate.arch, config.compound_scale, scaling, name=f"{space.name}-family")
         rows = []
         for member in members:
             path = os.path.join(folder, f"b{member.phi}.yaml")
@@ -382,14 +383,6 @@ def write_outputs(search: Search, out_dir: str, extra: dict | None = None) -> di
 
 # --- a whole search from a checkpoint ----------------------------------------------------------------------
 
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: torch.device | str):
     """``(search batches, test batches, calibration batches, description)``: the training images that the supernet's
     training held out (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the test split with
@@ -403,14 +396,14 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
     test = data_lib.load_dataset(dataset, root, "test", **kwargs)
     data_lib.check_matches(test, space.img_size, space.in_chans, space.num_classes, f"{dataset} test")
     test = data_lib.fixed_subset(test, config.test_images or None)
-    hybrid = isinstance(space, HybridSpace)
+    batch_norm = family_of(space).batch_norm
     source = f"checkpoint {config.checkpoint!r}"
     split = train = calibration = None
-    if hybrid or config.search_on != "test":
+    if batch_norm or config.search_on != "test":
         recorded = checkpoint.get("search_split")
         split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
         train = data_lib.load_dataset(dataset, root, "train", **kwargs)
-    if hybrid:
+    if batch_norm:
         if split is None:
             raise CheckpointError(f"{source} records no search split, so not which training images calibrate its "
                                   "BatchNorm statistics")
@@ -510,9 +503,9 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
-    if config.scale_family and not isinstance(space, HybridSpace):
-        raise ConfigError(f"scale_family: compound scaling is for hybrid spaces (UniNet's), and {config.checkpoint!r} "
-                          f"holds a supernet of the ViT space {space.name!r}")
+    if config.compound_scale and not family_of(space).compound_scaling:
+        raise ConfigError(f"compound_scale: compound scaling is for hybrid spaces (UniNet's), and "
+                          f"{config.checkpoint!r} holds a supernet of the {family_of(space).name} space {space.name!r}")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
@@ -565,7 +558,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
                                   calibration=calibration)
     extra = {"search_data": described, "test_data": f"{test_batches.num_images} test images", "sides": list(sides),
              "test": {label: r.to_dict() for label, r in zip(best, test_results)}}
-    if config.scale_family:
+    if config.compound_scale:
         extra["family"] = write_families(space, best, config)
     if config.export:
         exported = {}
@@ -573,8 +566,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
             path = os.path.join(config.out_dir, "best-" + file_label(label) + ".pt")
             if calibration is not None:
                 supernet.recalibrate_batch_norm(calibration, candidate.arch)
-            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch,
-                        space if isinstance(space, HybridSpace) else None)
+            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch, space)
             exported[label] = path
         extra["exported"] = exported
     summary = write_outputs(search, config.out_dir, extra)

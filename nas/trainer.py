@@ -24,6 +24,7 @@ holds files, and resuming continues the run there. ``log.jsonl`` (``nas.report``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -43,7 +44,6 @@ import elastic_ops
 
 from . import augment as augment_lib
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_write_text
 from .build import build_supernet
 from .checkpoint import (
@@ -64,17 +64,15 @@ from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from .evaluate import confusion_matrix, mean_iou
-from .hybrid.arch import HybridArch
-from .hybrid.space import HybridSpace
-from .hybrid.supernet import HybridSupernet
+from .export import load_exported
+from .family import Arch, Space, Supernet, family_of
 from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
 from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
-from .space import Space, load_space
-from .supernet import VisionTransformerSupernet
+from .spaces import load_space
 
 WIDTH_SHARING = ("leading", "two_sided")
 
@@ -107,9 +105,11 @@ class TrainConfig(Config):
                                             "importance (SuperSAM): by outgoing weight magnitude or by activation on "
                                             "reorder_images training images", choices=(None, "magnitude", "activation"))
     reorder_images: int = setting(256, "training images that reorder_mlp=activation measures on")
-    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, or from "
-                                      "the pretrained model of init_from (a nas.train checkpoint)",
-                           choices=("largest", "pretrained"))
+    teacher: str = setting("largest", "in-place distillation: the other subnets learn from the largest subnet, from "
+                                      "the pretrained model of init_from (a nas.train checkpoint), or from the model "
+                                      "in teacher_file", choices=("largest", "pretrained", "file"))
+    teacher_file: str | None = setting(None, "teacher=file: an exported model in any nas.export format (subnet.pt, "
+                                             "subnet.pt2, subnet.onnx, a safetensors folder)")
     sampler: str = setting("sandwich", "which subnets each step trains (nas.samplers)", choices=tuple(SAMPLERS))
     width_sharing: str = setting("leading", "which channels of the super weights a width reads: the leading ones "
                                  "(leading), or, as ViTAS (BCNet), each step the leading and the trailing ones with "
@@ -196,8 +196,12 @@ class TrainConfig(Config):
             problems.append(f"mixup={self.mixup} and cutmix={self.cutmix} must be >= 0 (0: off) or null")
         if self.teacher == "pretrained" and self.init_from is None:
             problems.append("teacher=pretrained distils from the model of init_from; set init_from")
-        if self.teacher == "pretrained" and not SAMPLERS[self.sampler].distill:
-            problems.append(f"teacher=pretrained needs a sampler that distils (sandwich), not {self.sampler!r}")
+        if self.teacher == "file" and self.teacher_file is None:
+            problems.append("teacher=file distils from the model in teacher_file; set teacher_file")
+        sampler = SAMPLERS.get(self.sampler)
+        if self.teacher != "largest" and sampler is not None and not (sampler.distill or sampler.learns_from_peers):
+            problems.append(f"teacher={self.teacher} needs a sampler that distils (sandwich, elasticvit), not "
+                            f"{self.sampler!r}")
         if self.dataset in data_lib.DENSE_DATASETS:
             moved = [f"{n}={getattr(self, n)!r}" for n in ("crop", "rand_augment") if getattr(self, n) not in
                      (None, "none")] + [f"{n}={getattr(self, n)!r}" for n in ("flip", "random_erasing", "mixup",
@@ -219,6 +223,30 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """In-place distillation: cross-entropy against the teacher's (detached) probabilities, over the classes (dim 1:
     logits ``[B, C]``, or ``[B, C, H, W]`` per pixel)."""
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def alpha_divergence(logits: Tensor, target_probs: Tensor, alpha_min: float = -1.0, alpha_max: float = 1.0,
+                     ratio_clip: float = 5.0) -> Tensor:
+    """AlphaNet's adaptive alpha-divergence (ElasticViT's ``AdaptiveLossSoft``): per image, of D_alpha(p || q) at
+    ``alpha_min`` and at ``alpha_max`` (q the student's probabilities from ``logits``, p the detached
+    ``target_probs``), the larger one, through a surrogate whose gradient is that divergence's; away from alpha 0
+    and 1 the importance ratio (p / q) ** alpha is clipped at ``ratio_clip``. Its value is the surrogate's."""
+    log_q = F.log_softmax(logits, dim=1)
+    q, p = log_q.exp().detach(), target_probs.detach()
+    divergences, surrogates = [], []
+    for alpha in (alpha_min, alpha_max):
+        if abs(alpha - 1.0) < 1e-3:  # KL(p || q), whose gradient is the cross-entropy's
+            divergence, weight = torch.xlogy(p, p) - p * log_q.detach(), p
+        elif abs(alpha) < 1e-3:  # KL(q || p)
+            ratio = (p / q).clamp(0, ratio_clip)
+            divergence, weight = -q * ratio.log(), q * (ratio.log() - 1.0)
+        else:
+            ratio = (p / q).pow(alpha).clamp(0, ratio_clip)
+            base = 1.0 / (alpha * (alpha - 1.0))
+            divergence, weight = q * (ratio - 1.0) * base, q * (ratio / alpha + base)
+        divergences.append(divergence.sum(dim=1))
+        surrogates.append(-(weight * log_q).sum(dim=1))
+    return torch.where(divergences[0] > divergences[1], surrogates[0], surrogates[1]).mean()
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -256,7 +284,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
                               f"search_holdout=0 holds none out; set search_holdout >= 1")
         measure = train.__getitems__(held_out[:config.measure_images].tolist())
     calibration = []
-    if isinstance(space, HybridSpace):
+    if family_of(space).batch_norm:
         images = train.__getitems__(search_split.calibration_indices(config.bn_calibration_images).tolist())[0]
         calibration = list(images.split(config.eval_batch_size))
     mean, std = train.mean, train.std
@@ -267,7 +295,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
 
 
 @torch.no_grad()
-def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch, batches, data: Data,
+def accuracy(model: Supernet, arch: Arch, batches, data: Data,
              device: torch.device, ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]
              ) -> float:
     """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks; for a segmentation
@@ -333,9 +361,9 @@ class Trainer:
             self.space = load_space(c.space)
         except ValueError as err:
             raise ConfigError(f"space={c.space!r}: {err}") from err
-        if c.width_sharing == "two_sided" and isinstance(self.space, HybridSpace):
+        if c.width_sharing == "two_sided" and not family_of(self.space).two_sided:
             raise ConfigError(f"width_sharing=two_sided shares the widths of ViT layers; space {self.space.name!r} is "
-                              "hybrid (its conv layers read leading channels only)")
+                              f"of the {family_of(self.space).name} family, whose layers read leading channels only")
         self.eval_archs = []
         for i, values in enumerate(c.eval_archs):
             try:
@@ -380,6 +408,7 @@ class Trainer:
                                                       **c.sampler_options)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"sampler {c.sampler!r}: {err}") from err
+        self.sampler.set_epoch_length(self.steps_per_epoch)
         torch.manual_seed(c.seed + 1 + self.ranks.rank)  # drop-path: independent across ranks
         if self.device.type == "cuda":
             torch.cuda.manual_seed(c.seed + 1 + self.ranks.rank)
@@ -436,9 +465,10 @@ class Trainer:
         """SuperSAM's start: the pretrained weights of ``init_from`` (``nas.pretrained``), then, with
         ``reorder_mlp``, every layer's MLP hidden units in order of importance. Returns the report of init_from."""
         c = self.config
-        if (c.init_from or c.reorder_mlp) and not isinstance(self.model, VisionTransformerSupernet):
-            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is a hybrid space; pretrained "
-                              "weights of another size (leading slices) and MLP reordering are for ViT supernets")
+        if (c.init_from or c.reorder_mlp) and not family_of(self.space).pretrained_init:
+            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is of the "
+                              f"{family_of(self.space).name} family; pretrained weights of another size (leading "
+                              "slices) and MLP reordering are for ViT supernets")
         report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
         if c.reorder_mlp is not None:
             batches = None
@@ -450,9 +480,12 @@ class Trainer:
                 self.model.reorder_mlp_importance(c.reorder_mlp, batches)
         return report
 
-    def pretrained_teacher(self) -> VisionTransformerSupernet | HybridSupernet | None:
-        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen."""
+    def pretrained_teacher(self) -> Supernet | Callable[[Tensor], Tensor] | None:
+        """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen; with
+        ``teacher=file``: the exported model in ``teacher_file``."""
         c = self.config
+        if c.teacher == "file":
+            return self.teacher_from_file()
         if c.teacher != "pretrained":
             return None
         teacher, space, _ = load_supernet(c.init_from, self.device)
@@ -464,13 +497,27 @@ class Trainer:
         teacher.set_arch(space.max_arch())
         return teacher.requires_grad_(False)
 
+    def teacher_from_file(self) -> Callable[[Tensor], Tensor]:
+        c = self.config
+        try:
+            teacher = load_exported(c.teacher_file)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"teacher_file: {err}") from err
+        probe = torch.zeros(1, self.space.in_chans, self.space.img_size, self.space.img_size)
+        with torch.no_grad():
+            shape = tuple(teacher(probe).shape)
+        if shape != (1, self.space.num_classes):
+            raise ConfigError(f"teacher_file {c.teacher_file!r}: on a {tuple(probe.shape)} batch the model gives "
+                              f"logits of shape {shape}, this run needs (1, {self.space.num_classes})")
+        return teacher
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
     def backend_scope(self):
         return elastic_ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
 
-    def eval_model(self) -> VisionTransformerSupernet | HybridSupernet:
+    def eval_model(self) -> Supernet:
         return self.ema.module if self.ema is not None else self.model
 
     def state_dict(self) -> dict:
@@ -535,7 +582,7 @@ class Trainer:
         self.step = int(state["step"])
         self.last_checkpoint = path
 
-    def sides(self, arch: Arch | HybridArch) -> list[Arch | HybridArch]:
+    def sides(self, arch: Arch) -> list[Arch]:
         """The arch as each step trains it and evaluation scores it: itself, or, with two-sided width sharing, read
         from the left and from the right."""
         if self.config.width_sharing == "two_sided":
@@ -552,6 +599,16 @@ class Trainer:
                   for a in self.sides(arch)]
         return sum(scores) / len(scores)
 
+    def batch_score(self, images: Tensor, labels: Tensor, arch: Arch) -> float:
+        """Minus the cross-entropy of ``arch`` on a training batch, in training mode and averaged over ranks
+        (ElasticViT's bank score: ``bank_arch_update``)."""
+        with torch.no_grad():
+            loss = F.cross_entropy(self.logits(images, arch), labels).double()
+        if self.ranks.enabled:
+            dist.all_reduce(loss)
+            loss /= self.ranks.world_size
+        return -float(loss)
+
     def test_accuracy(self, arch: Arch) -> float:
         """Test accuracy of ``arch``; two-sided: the mean of both sides'."""
         scores = []
@@ -562,7 +619,7 @@ class Trainer:
                                    self.autocast))
         return sum(scores) / len(scores)
 
-    def logits(self, images: Tensor, arch: Arch | HybridArch) -> Tensor:
+    def logits(self, images: Tensor, arch: Arch) -> Tensor:
         """fp32 logits of ``arch`` in training; two-sided, the sum of the left and the right side's (ViTAS)."""
         total = None
         for side in self.sides(arch):
@@ -586,9 +643,17 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad(), self.autocast():
                 teacher = self.teacher(images).float().softmax(dim=1)
+        peers = []  # learns_from_peers: the probabilities of the archs before the last
         for i, arch in enumerate(archs):
             logits = self.logits(images, arch)
-            if i > 0 and teacher is not None:
+            if self.sampler.learns_from_peers and i == len(archs) - 1:
+                loss = alpha_divergence(logits, torch.stack(peers).mean(dim=0))
+            elif self.sampler.learns_from_peers:  # ElasticViT's compute_dist_loss: half labels, half teacher
+                loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
+                if teacher is not None:
+                    loss = (loss + soft_cross_entropy(logits, teacher)) / 2
+                peers.append(logits.detach().softmax(dim=1))
+            elif i > 0 and teacher is not None:
                 loss = soft_cross_entropy(logits, teacher)
             else:
                 loss = F.cross_entropy(logits, targets, label_smoothing=c.label_smoothing)
@@ -620,7 +685,10 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        sampler_stats = self.sampler.update(archs, losses, self.measure if self.sampler.measures else None)
+        measure = self.measure if self.sampler.measures else None
+        if self.sampler.scores_batches:
+            measure = functools.partial(self.batch_score, images, labels)
+        sampler_stats = self.sampler.update(archs, losses, measure)
         self.step += 1
         record = {"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "lr": lr,
                   "loss": sum(losses) / len(losses), "losses": losses, "acc": float(stats[-1]),

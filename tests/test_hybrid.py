@@ -26,6 +26,7 @@ from elastic_ops import (
     ElasticLocalGlobalDSM,
     ElasticMixerBlock,
     ElasticPositionalAttentionBlock,
+    ElasticSampleLayerNorm,
     ElasticVScaleAttention,
     ElasticVScaleBlock,
     GroupSizes,
@@ -214,6 +215,71 @@ def test_vscale_block_matches_extracted_with_options_off():
     assert isinstance(extracted, plain_hybrid.VScaleBlock) and isinstance(extracted.mlp.act, torch.nn.GELU)
     assert_grad_in(layer.attn.qkv.weight, region, extracted.attn.qkv.weight.grad)
     assert_grad_in(layer.attn.qkv.bias, region[:1], extracted.attn.qkv.bias.grad)
+
+
+def elasticvit_attention(layer: ElasticVScaleAttention, x: torch.Tensor, heads: int, v_scale: int):
+    """ElasticViT's SuperAttention._attention, from its code: the q, k and v rows of its ELinear (at 0, at the super
+    width, at twice it) concatenated, the output viewed as (B, N, heads, -1) and split per head into q, k and v, the v
+    conv on the heads' v side by side, the relative position bias, softmax, Hardswish, the projection."""
+    (batch, tokens, embed_dim), super_dim = x.shape, layer.num_heads * layer.head_dim
+    qk, v_dim = layer.head_dim, layer.head_dim * v_scale
+    weight = layer.qkv.weight
+    rows = torch.cat([weight[:heads * qk], weight[super_dim:super_dim + heads * qk],
+                      weight[2 * super_dim:2 * super_dim + heads * v_dim]])[:, :embed_dim]
+    q, k, v = F.linear(x, rows).view(batch, tokens, heads, -1).split([qk, qk, v_dim], dim=3)
+    width = heads * v_dim
+    v = to_tokens(F.conv2d(to_grid(v.reshape(batch, tokens, width)), layer.v_conv.weight[:width], padding=1,
+                           groups=width)).view(batch, tokens, heads, -1)
+    attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 1, 3).transpose(-2, -1)) * qk ** -0.5
+    side, span = math.isqrt(tokens), 2 * layer.max_grid - 1
+    index = torch.tensor([[(i // side - j // side + layer.max_grid - 1) * span + i % side - j % side
+                           + layer.max_grid - 1 for j in range(tokens)] for i in range(tokens)])
+    attn = (attn + layer.rel_pos_bias.table[index, :heads].permute(2, 0, 1)).softmax(-1)
+    out = F.hardswish((attn @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(batch, tokens, -1))
+    return F.linear(out, layer.proj.weight[:embed_dim, :width], layer.proj.bias[:embed_dim])
+
+
+@pytest.mark.parametrize("embed_dim, heads, v_scale", [(64, 4, 4), (48, 3, 2), (32, 2, 3), (16, 1, 1)])
+def test_per_head_qkv_layout_is_elasticvits(embed_dim, heads, v_scale):
+    layer = randomize(ElasticVScaleAttention(64, 4, v_scale=4, head_dim=16, max_grid=4, qkv_layout="per_head"))
+    layer.set_active(embed_dim=embed_dim, num_heads=heads, v_scale=v_scale)
+    x = torch.randn(2, 9, embed_dim)
+    with torch.no_grad():
+        expected = elasticvit_attention(layer, x, heads, v_scale)
+        torch.testing.assert_close(layer(x), expected, **TOL)
+        extracted = layer.extract()
+        torch.testing.assert_close(extracted(x), expected, **TOL)
+    if heads > 1:  # the per-head reading differs from the block layout's
+        blocks = ElasticVScaleAttention(64, 4, v_scale=4, head_dim=16, max_grid=4)
+        blocks.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(blocks(x, embed_dim, heads, v_scale), expected, **TOL)
+
+
+def test_sample_layer_norm_is_elasticvits_lnsuper():
+    """ElasticViT's LNSuper: mean and variance over all tokens and channels of a sample, then the leading channels'
+    weight and bias per channel."""
+    norm = randomize(ElasticSampleLayerNorm(32))
+    x = torch.randn(3, 9, 20) * 2 + 1
+    mean, var = x.mean((1, 2), keepdim=True), x.var((1, 2), unbiased=False, keepdim=True)
+    by_hand = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:20] + norm.bias[:20]
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x, dim=20), by_hand, **TOL)
+    norm.set_active(dim=20)
+    extracted = check_against_extracted(norm, lambda: torch.randn(3, 9, 20))
+    assert isinstance(extracted, plain_hybrid.SampleLayerNorm) and extracted.weight.shape == (20,)
+
+
+def test_vscale_block_with_elasticvits_layer_norm_matches_extracted():
+    layer = randomize(ElasticVScaleBlock(48, 3, 3, 96, head_dim=8, max_grid=3, norm="sample"))
+    layer.set_active(embed_dim=24, num_heads=2, v_scale=2, hidden_features=40)
+    region = qkv_region(layer.attn, 24, 2, 2)
+    keep_only(layer.attn.qkv.weight, region)
+    extracted = check_against_extracted(layer, lambda: torch.randn(2, 9, 24), by_hand=("attn.qkv.",))
+    assert isinstance(extracted.norm1, plain_hybrid.SampleLayerNorm)
+    assert isinstance(extracted.norm2, plain_hybrid.SampleLayerNorm)
+    with pytest.raises(ValueError, match="norm must be one of token, sample, got 'channel'"):
+        ElasticVScaleBlock(48, 3, 3, 96, norm="channel")
 
 
 def test_vscale_block_state_dict_round_trip_and_errors():

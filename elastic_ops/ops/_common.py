@@ -69,9 +69,24 @@ def as_rows(t: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- devices and tiles
 
+# triton.jit chose interpreted or compiled kernels when these modules were imported: the answer for their lifetime.
+_INTERPRETER = triton_interpreting()
+
+
 def interpreter() -> bool:
     """True when Triton kernels run in the CPU interpreter (small grids, interpreter-sized tiles)."""
-    return triton_interpreting()
+    return _INTERPRETER
+
+
+# Grid and tile arithmetic of the host code. triton.cdiv and triton.next_power_of_2 are constexpr functions that cost
+# microseconds per host call; these are plain integer arithmetic.
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @lru_cache(maxsize=None)

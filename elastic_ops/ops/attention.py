@@ -36,6 +36,7 @@ from ._common import (
     active_vector,
     add_bias_grad,
     add_weight_grad,
+    cdiv,
     dot_precision,
     interpreter,
     linear_gemm,
@@ -289,7 +290,7 @@ def _launch(kernel, kind: str, tokens: int, batch_heads: int, head_dim: int, qkv
     (query rows per program), BLOCK_N x BLOCK_M for "dkdv" (key rows per program)."""
     config = attention_config(kind, head_dim, qkv.dtype)
     outer_name, inner_name = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
-    kernel[(triton.cdiv(tokens, config["outer"]) * batch_heads,)](
+    kernel[(cdiv(tokens, config["outer"]) * batch_heads,)](
         qkv, *args, HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv),
         **{outer_name: config["outer"], inner_name: config["inner"]},
         num_warps=config["num_warps"], num_stages=config["num_stages"])

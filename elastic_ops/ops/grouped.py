@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._backend import triton_head_dim_problem
 from .._validate import require
-from ._common import acc_dtype, dot_precision, gelu, grouped_tile, interpreter
+from ._common import acc_dtype, cdiv, dot_precision, gelu, grouped_tile, interpreter
 from .attention import (
     attention_config,
     flash_attention_rows,
@@ -205,7 +205,7 @@ def _linear_launch(x3d: Tensor, weight: Tensor, bias: Tensor | None, in_table: T
     if M == 0:
         return y
     config = _grouped_gemm_config(x3d.dtype)
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(out_width, config["BLOCK_N"]), blocks, groups)
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(out_width, config["BLOCK_N"]), blocks, groups)
     _grouped_linear_kernel[grid](
         x3d, weight, bias if bias is not None else weight, y,
         in_table if in_table is not None else out_table, out_table,
@@ -247,7 +247,7 @@ def grouped_layer_norm(x: Tensor, sizes, weight: Tensor | None, bias: Tensor | N
     y = torch.empty((groups, M, D), device=x.device, dtype=x.dtype)
     if M > 0:
         block_d, block_rows, warps = layer_norm_tiles(D)
-        _grouped_layer_norm_kernel[(triton.cdiv(M, block_rows), groups)](
+        _grouped_layer_norm_kernel[(cdiv(M, block_rows), groups)](
             x3d, weight if weight is not None else x3d, bias if bias is not None else x3d, y, sizes.table,
             M, D, eps, *x3d.stride(), y.stride(0), y.stride(1),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(x)[1],
@@ -288,7 +288,7 @@ def grouped_attention(x: Tensor, sizes, qkv_weight: Tensor, qkv_bias: Tensor | N
     context = torch.empty((groups, batch * tokens, width), device=x.device, dtype=x.dtype)
     if batch * tokens > 0:
         config = attention_config("forward", head_dim, x.dtype)
-        _grouped_attention_kernel[(triton.cdiv(tokens, config["outer"]) * batch * head_counts.width, groups)](
+        _grouped_attention_kernel[(cdiv(tokens, config["outer"]) * batch * head_counts.width, groups)](
             qkv, context, head_counts.table, tokens, head_counts.width, width, qkv.stride(0), context.stride(0),
             head_dim ** -0.5 * math.log2(math.e), HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(x),
             DOT_PRECISION=dot_precision(x), BLOCK_M=config["outer"], BLOCK_N=config["inner"],

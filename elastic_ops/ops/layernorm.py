@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import as_rows, interpreter, needs_backward, sm_count
+from ._common import as_rows, cdiv, interpreter, needs_backward, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -141,28 +141,30 @@ def compute_dtype(x: Tensor):
 
 def layer_norm_tiles(d: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_ROWS, num_warps): about 4K elements per tile (16K in the interpreter, fewer programs)."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     elements = 16384 if interpreter() else 4096
     block_rows = max(1, min(64, elements // block_d))
     return block_d, block_rows, 4 if block_d * block_rows <= 4096 else 8
 
 
 def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                       keep_residuals: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       keep_residuals: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(y, mean, rstd)`` for ``x [..., d]``; the row statistics ``[rows]`` only with ``keep_residuals`` (else
-    empty)."""
+    None)."""
     x2d = as_rows(x)
     M, d = x2d.shape
     y = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
-    mean = torch.empty((M if keep_residuals else 0,), device=x2d.device, dtype=compute_dtype(x2d)[0])
-    rstd = torch.empty_like(mean)
+    stats_dtype, compute = compute_dtype(x2d)
+    mean = torch.empty((M,), device=x2d.device, dtype=stats_dtype) if keep_residuals else None
+    rstd = torch.empty_like(mean) if keep_residuals else None
     block_d, block_rows, warps = layer_norm_tiles(d)
     if M > 0:
-        _layer_norm_forward_kernel[(triton.cdiv(M, block_rows),)](
-            x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
+        _layer_norm_forward_kernel[(cdiv(M, block_rows),)](
+            x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y,
+            mean if keep_residuals else y, rstd if keep_residuals else y,
             M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=keep_residuals,
-            COMPUTE_DTYPE=compute_dtype(x2d)[1], BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
+            COMPUTE_DTYPE=compute, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
         )
     return y.view(x.shape), mean, rstd
 
@@ -180,7 +182,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     db_view, db_returned = weight_grad_buffer(bias, d) if need_db else (None, None)
     block_d, block_rows, warps = layer_norm_tiles(d)
     # Enough programs to fill the device, each reducing several row tiles into one partial row.
-    programs = max(1, min(triton.cdiv(M, block_rows), 4 * sm_count(x2d.device)))
+    programs = max(1, min(cdiv(M, block_rows), 4 * sm_count(x2d.device)))
     partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
     if M > 0:
         _layer_norm_backward_kernel[(programs,)](
@@ -192,7 +194,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
         )
         if need_dw or need_db:
             block = 64 if interpreter() else 256
-            _add_partial_sums_kernel[(triton.cdiv(d, block),)](
+            _add_partial_sums_kernel[(cdiv(d, block),)](
                 partial[0], partial[1], dw_view if need_dw else partial, db_view if need_db else partial,
                 programs, d, dw_view.stride(0) if need_dw else 0, db_view.stride(0) if need_db else 0,
                 WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db, COMPUTE_DTYPE=compute_dtype(x2d)[1],

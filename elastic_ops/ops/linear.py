@@ -28,6 +28,7 @@ from ._common import (
     add_bias_grad,
     add_weight_grad,
     as_rows,
+    cdiv,
     descriptor,
     descriptor_compatible,
     descriptors_supported,
@@ -113,7 +114,7 @@ def linear_gelu_forward(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | 
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     pre = torch.empty_like(y) if keep_pre_activation else None
     y_desc = descriptor(y, [block_m, block_n])
-    programs = min(sm_count(x2d.device), triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+    programs = min(sm_count(x2d.device), cdiv(M, block_m) * cdiv(N, block_n))
     _linear_gelu_kernel[(programs,)](
         descriptor(x2d, [block_m, block_k]), descriptor(weight_block, [block_n, block_k]),
         bias_block if bias_block is not None else y, y_desc,
@@ -173,11 +174,11 @@ def gelu_backward(dy: Tensor, pre: Tensor, *, out: Tensor | None = None, want_ac
     compute = torch.float64 if pre.dtype == torch.float64 else torch.float32
     block_n = 64 if interpreter() else 128
     block_m = 64 if interpreter() else 32
-    tiles_n = triton.cdiv(N, block_n)
+    tiles_n = cdiv(N, block_n)
     # Enough programs along the rows to fill the device, each reducing a long run of rows into one partial row.
-    row_programs = max(1, min(triton.cdiv(M, block_m), 4 * sm_count(pre.device) // tiles_n))
-    rows_per_program = triton.cdiv(triton.cdiv(M, row_programs), block_m) * block_m
-    row_programs = max(1, triton.cdiv(M, rows_per_program))
+    row_programs = max(1, min(cdiv(M, block_m), 4 * sm_count(pre.device) // tiles_n))
+    rows_per_program = cdiv(cdiv(M, row_programs), block_m) * block_m
+    row_programs = max(1, cdiv(M, rows_per_program))
     partial = torch.empty((row_programs, N), device=pre.device, dtype=compute) if want_bias_grad else None
     if M > 0:
         _gelu_backward_kernel[(row_programs, tiles_n)](
@@ -203,6 +204,10 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
     """``(y, pre-activation or None)`` for ``x [..., K]``: the pre-activation is kept only with GELU and
     ``keep_residuals`` (a backward will run). Storing it costs what F.linear followed by F.gelu keeps too; recomputing
     it would cost a third GEMM (+50% backward FLOPs)."""
+    if activation is None and x.is_contiguous():
+        # torch's own linear folds a contiguous x into the same GEMM on the same strided views, with less host work.
+        return F.linear(x, active_block(weight, out_features, x.shape[-1], x.dtype),
+                        active_vector(bias, out_features, x.dtype)), None
     x2d = as_rows(x)
     weight_block = active_block(weight, out_features, x2d.shape[1], x2d.dtype)
     bias_block = active_vector(bias, out_features, x2d.dtype)

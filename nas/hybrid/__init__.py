@@ -6,3 +6,6 @@ its BatchNorm recalibration), ``batched`` (subnets of one layout in one pass, Ba
 
 The modules are imported by name, not from here, so that the spaces and the cost model load without the supernet.
 """
+from .uninet import uninet_model
+
+__all__ = ["uninet_model"]

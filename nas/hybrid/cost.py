@@ -1,12 +1,12 @@
-"""Exact parameter and MAC counts of hybrid subnets, vectorised over many archs: ``nas.cost``'s convention extended to
-convolutions (DESIGN.md section 9).
+"""Exact parameter and MAC counts of hybrid subnets, vectorised over many archs: ``nas.vit.cost``'s convention
+extended to convolutions (DESIGN.md section 9).
 
 * ``params`` counts every weight and bias of the extracted subnet (``nn.Module.parameters()``; BatchNorm's running
   statistics are buffers, not counted): the stem conv and its BatchNorm, each stage's DSM and blocks, the head conv
   and BatchNorm, the pre-logits layer and the classifier. An attention DSM's heads, and an attention block's, are
-  ``channels // head_dim``. A V-scale attention layer keeps its whole relative position table (one row per 2D offset
-  of the stage's largest grid), as the extracted layer does; the MLP operator's token MLP has the weights of the
-  subnet's grid.
+  ``channels // head_dim``. A V-scale attention layer keeps the rows of its relative position table that its own
+  grid reads (one per 2D offset of the stage's grid at the arch's resolution), as the extracted layer does; the MLP
+  operator's token MLP has the weights of the subnet's grid.
 * ``macs`` counts the multiply-accumulates of one image's forward pass in convolutions (dense, 1x1 and depthwise:
   ``H_out * W_out * C_out * k * k * C_in / groups``) and matrix products: squeeze-excite's two 1x1 convs (on the pooled
   ``1 x 1`` map), every linear layer, ``q @ k^T`` and ``attn @ v`` (``N_q * N_k`` per head dim unit each), the
@@ -73,12 +73,12 @@ def positional_attention_block(channels, expansion, side, head_dim: int) -> Coun
     return params, macs
 
 
-def vscale_attention_block(channels, expansion, v_scale, side, max_side, head_dim: int) -> Counts:
+def vscale_attention_block(channels, expansion, v_scale, side, head_dim: int) -> Counts:
     """ElasticViT's layer pair: LayerNorm, qkv without bias (v heads ``v_scale`` times wider), the 3x3 depthwise conv
     on v, the relative position table, the projection (bias); LayerNorm and the MLP."""
     heads, hidden, tokens = channels // head_dim, channels * expansion, side * side
     qk, v = heads * head_dim, heads * head_dim * v_scale
-    params = (2 * 2 * channels + channels * (2 * qk + v) + 9 * v + (2 * max_side - 1) ** 2 * heads + (v + 1) * channels
+    params = (2 * 2 * channels + channels * (2 * qk + v) + 9 * v + (2 * side - 1) ** 2 * heads + (v + 1) * channels
               + (channels + 1) * hidden + (hidden + 1) * channels)
     macs = tokens * (channels * (2 * qk + 2 * v) + 9 * v + 2 * channels * hidden) + tokens * tokens * (qk + v)
     return params, macs
@@ -137,12 +137,11 @@ def dsm_counts(dsm: str, c_in, c_out, side_in, side_out, stride, space: HybridSp
 class StageSizes(NamedTuple):
     """What the cost of every stage of a space depends on besides an arch's choices, ``[S]`` each: the stride, the
     stride from the stem's map on (a side is ``ceil(stem side / downsampling)``, since ceilings of successive
-    divisions compose), squeeze-excite, the grid side at the largest resolution and the token MLP's width."""
+    divisions compose), squeeze-excite and the token MLP's width."""
 
     stride: np.ndarray
     downsampling: np.ndarray
     se: np.ndarray
-    max_side: np.ndarray
     token_hidden: np.ndarray
 
 
@@ -150,7 +149,6 @@ class StageSizes(NamedTuple):
 def stage_sizes(space: HybridSpace) -> StageSizes:
     stride = np.array([stage.stride for stage in space.stages])
     return StageSizes(stride, np.cumprod(stride), np.array([stage.se for stage in space.stages]),
-                      np.array(space.grid_sides(space.img_size)),
                       np.array([space.token_hidden(i) for i in range(space.num_stages)]))
 
 
@@ -162,7 +160,7 @@ def block_counts(op: str, b: HybridArchBatch, side, sizes: StageSizes, space: Hy
     if op == "mlp":
         return mixer_block(b.channels, b.expansion, side, sizes.token_hidden)
     if style.v_scale:
-        return vscale_attention_block(b.channels, b.expansion, b.v_scale, side, sizes.max_side, space.head_dim)
+        return vscale_attention_block(b.channels, b.expansion, b.v_scale, side, space.head_dim)
     return positional_attention_block(b.channels, b.expansion, side, space.head_dim)
 
 

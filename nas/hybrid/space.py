@@ -3,16 +3,22 @@ their YAML form (DESIGN.md section 9).
 
 A hybrid space offers the same methods, under the same names, as the ViT ``SearchSpace`` (``validate``, ``canonical``,
 ``min_arch``, ``max_arch``, ``sample``, ``sample_many``, ``sample_where``, ``mutate``, ``crossover``, ``genes`` and
-``decode_genes``), so that the samplers and searchers work on either. Randomness follows ``nas.space``: every function
-that draws takes a ``numpy.random.Generator`` or an int seed, and the number and order of draws depend only on the
-space and the arguments.
+``decode_genes``), so that the samplers and searchers work on either. Randomness follows ``nas.vit.space``: every
+function that draws takes a ``numpy.random.Generator`` or an int seed, and the number and order of draws depend only on
+the space and the arguments.
 
 Archs returned by the sampling and evolution operators are canonical: a field that does not apply to a stage's
 operator (the kernel size of a non-conv stage, the V-scale of a stage that is not a V-scale attention stage) is 0, so
 that equal networks are equal archs.
+
+In a style whose channels never shrink (ElasticViT's: ``Style.channels_never_shrink``), every stage of an arch has at
+least the channels of the stage before it: ``validate`` rejects other archs, and sampling, mutation and crossover
+redraw a stage's channels among the choices that keep the rule, uniformly, as ElasticViT's rejection loop does;
+``decode_genes`` (a policy's choices) raises them to the smallest choice that keeps it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -25,6 +31,8 @@ from ..rng import as_generator
 from .arch import DSMS, OPS, STAGE_FIELDS, HybridArch, HybridArchBatch, Stage, check_mapping
 from .style import STYLES
 
+# elastic_ops.hybrid's TOKEN_NORMS and QKV_LAYOUTS, named here so that the spaces load without torch
+TOKEN_NORMS, QKV_LAYOUTS = ("token", "sample"), ("blocks", "per_head")
 NUMERIC_CHOICES = ("depths", "channels", "expansions", "kernel_sizes", "v_scales")
 ATTENTION_DSMS = ("local-global", "global")  # DSMs with attention heads: they need channels >= head_dim
 
@@ -54,7 +62,7 @@ class StageChoices:
     """The choices of one stage. ``ops`` and ``dsms`` are listed so that the first is the cheapest at the stage's
     smallest sizes and the last the costliest at its largest: ``min_arch`` takes the first, ``max_arch`` the last
     (numeric choices are sorted). Which operator costs most depends on the sizes, so the order is the space's to
-    declare; ``nas.cost.cost_range`` finds the true extremes of any cost whatever the order. ``stride`` is the
+    declare; ``nas.costs.cost_range`` finds the true extremes of any cost whatever the order. ``stride`` is the
     stage's downsampling (done by its DSM, or with ``dsms: [none]`` by its first block); ``se``: its conv blocks have
     squeeze-excite; ``v_scales``: ElasticViT's value widths, for the attention stages of the ``elasticvit`` style
     only."""
@@ -106,7 +114,11 @@ class HybridSpace:
     ``head_expansion`` times the last stage's channels (ElasticViT: 6), BatchNorm and the activation, global average
     pooling, then with ``pre_logits`` > 0 a linear layer to that width and the activation (ElasticViT: 1984), and the
     classifier. Attention has heads of ``head_dim`` channels; the MLP operator's token MLP has
-    ``token_mlp_ratio`` times the tokens of its largest grid hidden units.
+    ``token_mlp_ratio`` times the tokens of its largest grid hidden units. ``norm``: the LayerNorms of the
+    ``elasticvit`` style's attention and MLP layers, ``token`` (each token over its channels) or ``sample``
+    (ElasticViT's own ``LNSuper``: each sample over its tokens and channels together); ``qkv_layout``: how that
+    style's attention reads its heads from the qkv rows, ``blocks`` or ``per_head`` (ElasticViT's own:
+    ``elastic_ops.hybrid.ElasticVScaleAttention``).
     """
 
     name: str
@@ -122,7 +134,10 @@ class HybridSpace:
     token_mlp_ratio: float = 0.5
     in_chans: int = 3
     num_classes: int = 1000
+    norm: str = "token"
+    qkv_layout: str = "blocks"
 
+    family: ClassVar[str] = "hybrid"
     arch_type: ClassVar[type] = HybridArch
     task: ClassVar[str] = "classification"  # a hybrid supernet's head pools its last stage
 
@@ -155,6 +170,12 @@ class HybridSpace:
         if not float(self.token_mlp_ratio) > 0:
             raise ValueError(f"token_mlp_ratio={self.token_mlp_ratio} must be positive")
         set_field("token_mlp_ratio", float(self.token_mlp_ratio))
+        if self.norm not in TOKEN_NORMS or (self.norm != "token" and not STYLES[self.style].v_scale):
+            raise ValueError(f"norm={self.norm!r} must be 'token', or 'sample' in a space of the elasticvit style (its "
+                             f"attention and MLP layers); style {self.style!r}")
+        if self.qkv_layout not in QKV_LAYOUTS or (self.qkv_layout != "blocks" and not STYLES[self.style].v_scale):
+            raise ValueError(f"qkv_layout={self.qkv_layout!r} must be 'blocks', or 'per_head' in a space of the "
+                             f"elasticvit style; style {self.style!r}")
         self._check_stages()
 
     @staticmethod
@@ -173,6 +194,12 @@ class HybridSpace:
             if attends and stage.channels[0] < self.head_dim:
                 raise ValueError(f"stages[{i}]: attention needs channels >= head_dim={self.head_dim} (one head), but "
                                  f"the smallest is {stage.channels[0]}")
+            if style.channels_never_shrink and i > 0:
+                before = self.stages[i - 1].channels
+                if stage.channels[0] < before[0] or stage.channels[-1] < before[-1]:
+                    raise ValueError(f"stages[{i}]: in style {self.style!r} channels never shrink from one stage to "
+                                     f"the next, so its smallest and largest channels must be at least those of "
+                                     f"stage {i - 1}; got {list(stage.channels)} after {list(before)}")
             if bool(stage.v_scales) != (style.v_scale and "attention" in stage.ops):
                 raise ValueError(f"stages[{i}]: v_scales are for the attention stages of the elasticvit style "
                                  f"(V-scale attention); style {self.style!r}, ops {list(stage.ops)}, v_scales "
@@ -187,6 +214,10 @@ class HybridSpace:
     def img_size(self) -> int:
         """The largest resolution: the size of the images a data set gives (smaller ones are resized to)."""
         return self.resolutions[-1]
+
+    @property
+    def channels_never_shrink(self) -> bool:
+        return STYLES[self.style].channels_never_shrink
 
     def grid_sides(self, resolution: int) -> tuple[int, ...]:
         """The side of each stage's feature map (and token grid) at ``resolution``: every stride rounds up, as a
@@ -227,6 +258,10 @@ class HybridSpace:
                 if value not in allowed:
                     for_op = f"; {name} does not apply to operator {stage.op!r}" if allowed == (0,) else ""
                     raise ValueError(f"arch.stages[{i}].{name}={value!r} not in {tuple(allowed)} ({where}{for_op})")
+            if self.channels_never_shrink and i > 0 and stage.channels < arch.stages[i - 1].channels:
+                raise ValueError(f"arch.stages[{i}].channels={stage.channels} is below stage {i - 1}'s "
+                                 f"{arch.stages[i - 1].channels}: in {where} (style {self.style!r}) channels never "
+                                 "shrink from one stage to the next")
 
     def contains(self, arch: HybridArch) -> bool:
         try:
@@ -278,22 +313,59 @@ class HybridSpace:
         table["has_v_scale"] = np.array([bool(s.v_scales) for s in self.stages])
         return table
 
-    def _draw(self, rng: np.random.Generator, n: int) -> HybridArchBatch:
-        """``n`` uniform draws of every field of every stage, not yet canonical: one generator call."""
+    def _draw(self, rng: np.random.Generator, n: int, floor: HybridArch | None = None) -> HybridArchBatch:
+        """``n`` uniform draws of every field of every stage (with ``floor``, among the choices at or after its own),
+        not yet canonical: one generator call."""
         table, stages = self._table, np.arange(self.num_stages)
+        lowest = self._choice_positions(floor)
         uniforms = rng.random((n, 1 + len(STAGE_FIELDS) * self.num_stages))
-        resolution = np.asarray(self.resolutions)[(uniforms[:, 0] * len(self.resolutions)).astype(np.int64)]
+        resolutions = self.resolutions[lowest["resolution"]:]
+        resolution = np.asarray(resolutions)[(uniforms[:, 0] * len(resolutions)).astype(np.int64)]
         per_stage = uniforms[:, 1:].reshape(n, len(STAGE_FIELDS), self.num_stages)
-        columns = []
+        columns = {}
         for f, name in enumerate(STAGE_FIELDS):
-            index = (per_stage[:, f] * table[name + "_count"]).astype(np.int64)
-            columns.append(table[name][stages, index])
-        return HybridArchBatch(resolution, *columns)
+            low = lowest[name]
+            index = low + (per_stage[:, f] * (table[name + "_count"] - low)).astype(np.int64)
+            columns[name] = table[name][stages, index]
+        columns["channels"] = self._keep_channels(columns["channels"], rng)
+        return HybridArchBatch(resolution, **columns)
 
-    def sample_many(self, rng: np.random.Generator | int, count: int) -> HybridArchBatch:
+    def _keep_channels(self, channels: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """``channels`` ``[n, S]`` with, in a space whose channels never shrink, each stage that has fewer channels
+        than the stage before redrawn uniformly among its choices that have at least as many (with ``rng``, one
+        uniform per stage and arch), or raised to the smallest such choice (without). A stage's channels are thus
+        uniform over the choices the rule leaves it, as ElasticViT's loop that redraws until they fit gives."""
+        if not self.channels_never_shrink:
+            return channels
+        uniforms = None if rng is None else rng.random(channels.shape)
+        table, counts, channels = self._table["channels"], self._table["channels_count"], channels.copy()
+        for s in range(1, self.num_stages):
+            before = channels[:, s - 1]
+            first_fit = (table[s, :counts[s]][None, :] < before[:, None]).sum(axis=1)
+            fits = first_fit if uniforms is None else (
+                first_fit + (uniforms[:, s] * (counts[s] - first_fit)).astype(np.int64))
+            channels[:, s] = np.where(channels[:, s] < before, table[s, fits], channels[:, s])
+        return channels
+
+    def _choice_positions(self, arch: HybridArch | None) -> dict[str, Any]:
+        """Where each field of ``arch`` stands in its list of choices: the resolution's position, and per stage field
+        ``[S]`` positions (0 for a field that does not apply); all 0 without an arch."""
+        if arch is None:
+            return {"resolution": 0, **{name: np.zeros(self.num_stages, dtype=np.int64) for name in STAGE_FIELDS}}
+        self.validate(arch)
+        positions, chosen = {"resolution": self.resolutions.index(arch.resolution)}, HybridArchBatch.from_archs([arch])
+        for name in STAGE_FIELDS:
+            choices = [list(self._table[name][s, :count]) for s, count in enumerate(self._table[name + "_count"])]
+            positions[name] = np.array([c.index(v) if v in c else 0 for c, v in zip(choices, getattr(chosen, name)[0])])
+        return positions
+
+    def sample_many(self, rng: np.random.Generator | int, count: int, floor: HybridArch | None = None
+                    ) -> HybridArchBatch:
         """``count`` uniform draws: every field of every stage and the resolution independently uniform over its
-        choices."""
-        return self.canonical_batch(self._draw(as_generator(rng), int(count)))
+        choices (in the ``elasticvit`` style, with channels kept from shrinking). With ``floor`` (an arch of the
+        space), over the choices at or after ``floor``'s in each list: ElasticViT's draws above a bank's minimum arch
+        (``arch_sampling_engine(min_arch=...)``)."""
+        return self.canonical_batch(self._draw(as_generator(rng), int(count), floor))
 
     def sample(self, rng: np.random.Generator | int) -> HybridArch:
         return self.sample_many(rng, 1).arch(0)
@@ -320,7 +392,8 @@ class HybridSpace:
         """Redraw the resolution, and each stage's operator, depth and DSM, with ``structure_prob`` each (the role the
         depth and embed dim play in AutoFormer's mutation), and each stage's channels, expansion, kernel size and
         V-scale with ``prob`` each. A field that comes to apply (the kernel size of a stage that became a conv stage)
-        is drawn fresh."""
+        is drawn fresh; where channels never shrink, a stage left narrower than the one before is redrawn among the
+        channels that keep the rule."""
         self.validate(arch)
         rng = as_generator(rng)
         parent, fresh = HybridArchBatch.from_archs([arch]), self._draw(rng, 1)
@@ -331,18 +404,22 @@ class HybridSpace:
                    for f, name in enumerate(STAGE_FIELDS)}
         for name in ("kernel_size", "v_scale"):  # canonical zeros that now apply take the fresh draw
             columns[name] = np.where(columns[name] == 0, getattr(fresh, name), columns[name])
+        columns["channels"] = self._keep_channels(columns["channels"], rng)
         resolution = fresh.resolution if rng.random() < structure_prob else parent.resolution
         return self.canonical_batch(HybridArchBatch(resolution, **columns)).arch(0)
 
     def crossover(self, a: HybridArch, b: HybridArch, rng: np.random.Generator | int) -> HybridArch:
         """Uniform crossover with whole stages as genes: the resolution and every stage from either parent with
         probability 1/2 (a stage's fields only make sense together: its kernel size is 0 unless it is a conv
-        stage)."""
+        stage). Where channels never shrink, a stage narrower than the one before takes channels redrawn among those
+        that keep the rule."""
         self.validate(a)
         self.validate(b)
-        from_a = as_generator(rng).random(1 + self.num_stages) < 0.5
+        rng = as_generator(rng)
+        from_a = rng.random(1 + self.num_stages) < 0.5
         stages = tuple(x if pick else y for x, y, pick in zip(a.stages, b.stages, from_a[1:]))
-        return HybridArch(a.resolution if from_a[0] else b.resolution, stages)
+        child = HybridArchBatch.from_archs([HybridArch(a.resolution if from_a[0] else b.resolution, stages)])
+        return dataclasses.replace(child, channels=self._keep_channels(child.channels, rng)).arch(0)
 
     # -- categorical genes (REINFORCE, TPE, the learned sampler's policy) --------------------------------------
     def genes(self) -> list[tuple[str, tuple]]:
@@ -370,6 +447,7 @@ class HybridSpace:
                 codes = {"op": OPS, "dsm": DSMS}.get(name)
                 per_stage.append([codes.index(v) for v in value] if codes else value)
             columns[name] = np.stack(per_stage, axis=1)
+        columns["channels"] = self._keep_channels(columns["channels"], None)
         return self.canonical_batch(HybridArchBatch(values["resolution"], **columns))
 
     # -- serialisation ---------------------------------------------------------------------------------------
@@ -395,9 +473,4 @@ class HybridSpace:
         return cls.from_dict(yaml.safe_load(text))
 
 
-def is_hybrid(data: dict) -> bool:
-    """Whether a space's mapping (a YAML file's contents) describes a hybrid space: it lists stages."""
-    return isinstance(data, dict) and "stages" in data
-
-
-__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices", "is_hybrid"]
+__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices"]

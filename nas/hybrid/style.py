@@ -21,7 +21,9 @@ class Style:
     """``activation``: of the stem, the conv blocks, the MLPs and the head; ``se_divisor``: squeeze-excite rounding;
     ``input_norm``: UniNet's BatchNorm before the expand conv; ``shortcut_pool``: the conv block's shortcut when the
     shape changes (``ElasticInvertedResidual``); ``v_scale``: attention blocks are ElasticViT's V-scale blocks, else
-    UniNet's positional attention blocks."""
+    UniNet's positional attention blocks; ``channels_never_shrink``: a stage has at least the channels of the stage
+    before it (ElasticViT's rule: ``SuperCNNLayer.arch_sampling`` and ``SuperTransformerBlock.arch_sampling`` redraw
+    a stage's channels until they are)."""
 
     name: str
     activation: str
@@ -29,12 +31,14 @@ class Style:
     input_norm: bool
     shortcut_pool: str
     v_scale: bool
+    channels_never_shrink: bool
 
 
 STYLES = {
-    "uninet": Style("uninet", activation="gelu", se_divisor=8, input_norm=True, shortcut_pool="max", v_scale=False),
+    "uninet": Style("uninet", activation="gelu", se_divisor=8, input_norm=True, shortcut_pool="max", v_scale=False,
+                    channels_never_shrink=False),
     "elasticvit": Style("elasticvit", activation="hardswish", se_divisor=1, input_norm=False, shortcut_pool="avg",
-                        v_scale=True),
+                        v_scale=True, channels_never_shrink=True),
 }
 
 SE_REDUCTION = 4  # squeeze-excite reduces the hidden width 4x in both families

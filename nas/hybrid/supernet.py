@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ class HybridStage(nn.Module):
         heads = channels // space.head_dim
         if self.style.v_scale:
             return ElasticVScaleBlock(channels, heads, max(choices.v_scales), hidden, head_dim=space.head_dim,
-                                      max_grid=max_side, activation=self.style.activation, drop_path=drop_path)
+                                      max_grid=max_side, activation=self.style.activation, drop_path=drop_path,
+                                      norm=space.norm, qkv_layout=space.qkv_layout)
         return ElasticPositionalAttentionBlock(channels, heads, hidden, head_dim=space.head_dim, drop_path=drop_path,
                                                layer_scale=LAYER_SCALE)
 
@@ -143,6 +145,23 @@ class HybridStage(nn.Module):
         return layers
 
 
+def own_grid_tables(module: nn.Module, side: int) -> nn.Module:
+    """``module`` (extracted) with every relative position table cut to the 2D offsets of a ``side x side`` grid
+    (rows ``(dy + side - 1) * (2 * side - 1) + dx + side - 1`` of the largest grid's layout), the rows that grid
+    reads."""
+    for layer in module.modules():
+        bias = getattr(layer, "rel_pos_bias", None)
+        if isinstance(bias, plain_hybrid.RelativePositionBias) and bias.max_side > side:
+            largest = bias.max_side
+            offsets = torch.arange(largest - side, largest + side - 1, device=bias.table.device)
+            rows = (offsets[:, None] * (2 * largest - 1) + offsets[None, :]).flatten()
+            trimmed = plain_hybrid.RelativePositionBias(side, bias.table.shape[1]).to(bias.table.device)
+            with torch.no_grad():
+                trimmed.table.copy_(bias.table[rows])
+            layer.rel_pos_bias = trimmed
+    return module
+
+
 def convert(x: Tensor, layout: str, wanted: str) -> Tensor:
     """``x`` in the layout ``wanted`` (a view)."""
     if layout == wanted:
@@ -154,6 +173,8 @@ class HybridSupernet(nn.Module):
     """A hybrid supernet whose active subnet is a :class:`~nas.hybrid.arch.HybridArch` (``set_arch`` or
     ``forward(images, arch)``). Parameter names: ``stem``, ``stages.<i>.dsm.<kind>``, ``stages.<i>.blocks.<op>.<j>``,
     ``head``."""
+
+    family: ClassVar[str] = "hybrid"
 
     def __init__(self, config: HybridSupernetConfig):
         super().__init__()
@@ -197,12 +218,13 @@ class HybridSupernet(nn.Module):
         self.check_arch(arch)
         width = self.space.stem_width(arch)
         self.stem.set_active(out_channels=width)
-        layers = []
+        layers, sides = [], []
         for stage_module, stage, side in zip(self.stages, arch.stages, self.space.grid_sides(arch.resolution)):
-            layers += stage_module.activate(stage, width, side, self.space.head_dim)
+            stage_layers = stage_module.activate(stage, width, side, self.space.head_dim)
+            layers, sides = layers + stage_layers, sides + [side] * len(stage_layers)
             width = stage.channels
         self.head.set_active(in_channels=width)
-        self.arch, self.active_layers = arch, layers
+        self.arch, self.active_layers, self.active_sides = arch, layers, sides
 
     def forward(self, images: Tensor, arch: HybridArch | None = None) -> Tensor:
         """Logits ``[B, num_classes]`` of the subnet ``arch`` (which becomes the active one) or of the active one."""
@@ -232,14 +254,15 @@ class HybridSupernet(nn.Module):
     def extract(self, arch: HybridArch | None = None) -> plain_hybrid.HybridNetwork:
         """A plain :class:`elastic_ops.plain_hybrid.HybridNetwork` holding copies of the active weights of ``arch``
         (default: the active subnet) and its BatchNorm statistics, in eval mode; it computes what the supernet
-        computes for ``arch`` (recalibrate the BatchNorms first for meaningful statistics)."""
+        computes for ``arch`` (recalibrate the BatchNorms first for meaningful statistics). It runs at ``arch``'s
+        resolution only, so its relative position tables keep the rows of their own grid."""
         if arch is not None:
             self.set_arch(arch)
         layers, layout = [], GRID
-        for module, wanted, layout_out in self.active_layers:
+        for (module, wanted, layout_out), side in zip(self.active_layers, self.active_sides):
             if layout != wanted:
                 layers.append(plain_hybrid.ToTokens() if wanted == TOKENS else plain_hybrid.ToGrid())
-            layers.append(module.extract())
+            layers.append(own_grid_tables(module.extract(), side))
             layout = layout_out
         if layout != GRID:
             layers.append(plain_hybrid.ToGrid())

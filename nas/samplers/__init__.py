@@ -13,15 +13,16 @@ Every sampler has the same small interface (:class:`~.base.ArchSampler`):
 
 All randomness comes from the sampler's own generator, seeded by the config: every rank builds the same
 sampler with the same seed, gets the same (rank-averaged) feedback, and so draws the same arch at each step.
-Costs are MACs (``nas.cost.macs``; FLOPs are ``2 * macs``) unless a sampler says otherwise.
+Costs are MACs (``nas.costs.macs``; FLOPs are ``2 * macs``) unless a sampler says otherwise.
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..space import Space
+from ..family import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
 from .elasticvit import ElasticViTSampler
+from .elasticvit_sandwich import ElasticViTSandwichSampler
 from .fixed import FixedSampler
 from .identity import IdentitySampler
 from .learned import BUDGET_KINDS, BudgetPolicy, LearnedSampler
@@ -31,7 +32,8 @@ from .uniform import UniformSampler
 
 SAMPLERS: dict[str, type[ArchSampler]] = {
     cls.name: cls for cls in (UniformSampler, SandwichSampler, ComplexityAwareSampler, PerformanceAwareSampler,
-                              ElasticViTSampler, LearnedSampler, IdentitySampler, FixedSampler)
+                              ElasticViTSampler, ElasticViTSandwichSampler, LearnedSampler, IdentitySampler,
+                              FixedSampler)
 }
 
 
@@ -47,6 +49,7 @@ def build_sampler(name: str, space: Space, *, seed: int = 0, total_steps: int = 
 
 
 __all__ = ["BUDGET_KINDS", "SAMPLERS", "ArchSampler", "BudgetPolicy", "ComplexityAwareSampler", "ElasticViTSampler",
+           "ElasticViTSandwichSampler",
            "FixedSampler", "FlopsBanks", "IdentitySampler", "LearnedSampler", "Measure", "PerformanceAwareSampler",
            "SandwichSampler",
            "UniformSampler", "build_sampler"]

@@ -6,10 +6,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..arch import Arch
-from ..space import Space
+from ..family import Arch, Space
 
-Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images
+Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images, or its batch score
 
 
 class ArchSampler:
@@ -18,6 +17,11 @@ class ArchSampler:
     name: ClassVar[str] = ""
     distill: ClassVar[bool] = False   # the first arch of each step is the others' teacher
     measures: ClassVar[bool] = False  # update() needs measure(arch) -> held-out accuracy
+    # update() needs measure(arch) -> minus the cross-entropy of arch on the step's training batch (ElasticViT's score)
+    scores_batches: ClassVar[bool] = False
+    # the last arch of a step learns by alpha-divergence from the mean probabilities of the others, which learn from
+    # the labels and the teacher (ElasticViT's modes ending in 'min')
+    learns_from_peers: ClassVar[bool] = False
 
     def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1):
         if total_steps < 1:
@@ -25,6 +29,13 @@ class ArchSampler:
         self.space, self.total_steps = space, int(total_steps)
         self.rng = np.random.default_rng(seed)
         self.step = 0
+        self.steps_per_epoch = self.total_steps  # one epoch until the trainer says (set_epoch_length)
+
+    def set_epoch_length(self, steps: int) -> None:
+        """The trainer's steps per epoch, for samplers whose schedule is in epochs."""
+        if steps < 1:
+            raise ValueError(f"{type(self).__name__}: steps per epoch must be >= 1, got {steps}")
+        self.steps_per_epoch = int(steps)
 
     @classmethod
     def measures_with(cls, options: dict[str, Any]) -> bool:

@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch, ArchBatch
-from ..hybrid.space import HybridSpace
-from ..space import Space
+from .. import costs
+from ..family import Arch, Space, family_of
+from ..vit.arch import ArchBatch
 from .base import ArchSampler, Measure
 
 
@@ -42,13 +41,10 @@ def drop_layers(space: Space, widths: ArchBatch, uniforms: np.ndarray, probabili
 
 
 def check_drop_space(space: Space, who: str) -> None:
-    """Layers may be dropped only in a ViT space with identity layers."""
-    if isinstance(space, HybridSpace):
-        raise ValueError(f"{who}: space {space.name!r} is a hybrid space, whose stages have a depth rather than layers "
-                         "that may be identities; use uniform, sandwich, complexity, performance or learned")
-    if not space.identity_layers:
-        raise ValueError(f"{who}: space {space.name!r} has identity_layers=False (only the first `depth` layers may "
-                         "be on); use a ViTAS-style space")
+    """Layers may be dropped only in a space whose family has identity layers (``Family.layer_drop_refusal``)."""
+    refusal = family_of(space).layer_drop_refusal(space)
+    if refusal is not None:
+        raise ValueError(f"{who}: {refusal}; use uniform, sandwich, complexity, performance or learned")
 
 
 class IdentitySampler(ArchSampler):
@@ -65,10 +61,12 @@ class IdentitySampler(ArchSampler):
 
     The identity probability searched per budget (ViTAS: "we propose to search the sampling probability of identity
     operation"): with ``search_probabilities`` (candidate values of ``scale``, the identity probability itself for the
-    uniform profile), at step ``search_step`` of training (default: a quarter of the run) each candidate is scored by
-    the mean held-out accuracy of ``search_archs`` archs drawn with it whose MACs lie in ``macs_range`` (the budget),
-    all candidates on the same draws (common random numbers), and the best of those that drew the most archs inside
-    the budget replaces the bisection's scale for the rest of training. The bisection stays the fast default (no
+    uniform profile), at step ``search_step`` of training (default: a quarter of the run) each candidate draws until
+    it has ``search_archs`` archs whose MACs lie in ``macs_range`` (the budget), all candidates on the same sequence
+    of draws (common random numbers), and is scored by their mean held-out accuracy; the most accurate candidate
+    replaces the bisection's scale for the rest of training. Every candidate is judged on as many archs, so how often
+    it lands inside the budget does not decide; one that cannot draw ``search_archs`` inside it in ``search_draws``
+    draws is left out. The bisection stays the fast default (no
     ``search_probabilities``: nothing is measured). The record, budget, calibrated scale, each candidate's score and
     the choice, is ``probability_search`` (in the sampler's state and the training log).
     """
@@ -78,7 +76,7 @@ class IdentitySampler(ArchSampler):
     def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1,
                  profile: str | Sequence[float] = "uniform", macs_range: Sequence[float] | None = None,
                  samples: int = 1024, search_probabilities: Sequence[float] | None = None,
-                 search_step: int | None = None, search_archs: int = 16):
+                 search_step: int | None = None, search_archs: int = 16, search_draws: int = 8192):
         super().__init__(space, seed=seed, total_steps=total_steps)
         check_drop_space(space, "identity sampler")
         layers = space.max_depth
@@ -91,7 +89,7 @@ class IdentitySampler(ArchSampler):
             if weights.shape != (layers,) or (weights < 0).any() or not (weights > 0).any():
                 raise ValueError(f"identity sampler: profile must list {layers} non-negative weights, not all zero")
         self.profile = weights
-        low, high = cost.macs_range(space)
+        low, high = costs.macs_range(space)
         if macs_range is None:
             macs_range = (low + (high - low) / 3, low + 2 * (high - low) / 3)
         self.macs_range = (float(macs_range[0]), float(macs_range[1]))
@@ -103,10 +101,10 @@ class IdentitySampler(ArchSampler):
                 raise ValueError(f"identity sampler: search_probabilities must be a non-empty list of values in "
                                  f"[0, {1.0 / self.profile.max():.4g}], got {list(search_probabilities)}")
         self.search_step = max(1, total_steps // 4) if search_step is None else int(search_step)
-        if self.search_step < 1 or int(search_archs) < 1:
-            raise ValueError(f"identity sampler: search_step ({search_step}) and search_archs ({search_archs}) must "
-                             "be >= 1")
-        self.search_archs = int(search_archs)
+        if self.search_step < 1 or int(search_archs) < 1 or int(search_draws) < 1:
+            raise ValueError(f"identity sampler: search_step ({search_step}), search_archs ({search_archs}) and "
+                             f"search_draws ({search_draws}) must be >= 1")
+        self.search_archs, self.search_draws = int(search_archs), int(search_draws)
         self.measures = self.candidates is not None  # update() measures held-out accuracy only to search
         self.probability_search: dict[str, Any] | None = None
 
@@ -125,7 +123,7 @@ class IdentitySampler(ArchSampler):
 
         def mean_macs(scale: float) -> float:
             probabilities = np.minimum(1.0, scale * self.profile)
-            return float(cost.macs_many(drop_layers(self.space, widths, uniforms, probabilities), self.space).mean())
+            return float(costs.macs_many(drop_layers(self.space, widths, uniforms, probabilities), self.space).mean())
 
         lo, hi = 0.0, 1.0 / self.profile.max()
         reachable = (mean_macs(hi), mean_macs(lo))
@@ -141,27 +139,33 @@ class IdentitySampler(ArchSampler):
         raise ValueError(f"identity sampler: no identity probability puts the mean MACs in [{low:.4g}, {high:.4g}]")
 
     def score_probabilities(self, measure: Measure, rng: np.random.Generator) -> dict[str, Any]:
-        """Score every candidate probability by the mean ``measure`` of up to ``search_archs`` archs drawn with it
-        whose MACs lie in ``macs_range``, all candidates on the same draws; returns the record (under ``"chosen"`` the
-        best of the candidates that drew the most archs inside the budget, None where none drew any)."""
-        widths, uniforms = uniform_widths(self.space, rng, 8 * self.search_archs)
-        low, high = self.macs_range
+        """Score every candidate probability by the mean ``measure`` of the first ``search_archs`` archs drawn with it
+        whose MACs lie in ``macs_range``, drawing in batches until it has them (at most ``search_draws`` draws), all
+        candidates on the same batches; returns the record (under ``"chosen"`` the most accurate candidate of those
+        that found them all, None where none did)."""
+        batch_size, low, high = 8 * self.search_archs, *self.macs_range
+        shared: list[tuple[ArchBatch, np.ndarray]] = []  # every candidate's draws, batch after batch
         scores: dict[Arch, float] = {}  # an arch drawn under several candidates is measured once
         table = []
         for probability in self.candidates:
-            batch = drop_layers(self.space, widths, uniforms, np.minimum(1.0, probability * self.profile))
-            macs = cost.macs_many(batch, self.space)
-            inside = np.flatnonzero((macs >= low) & (macs <= high))[: self.search_archs]
-            archs = [self.space.canonical(batch.arch(int(i))) for i in inside]
-            for arch in archs:
-                if arch not in scores:
-                    scores[arch] = float(measure(arch))
-            mean = float(np.mean([scores[a] for a in archs])) if archs else None
-            table.append({"probability": probability, "archs": len(archs), "score": mean})
-        # A candidate that drew fewer archs inside the budget than another samples that budget worse, and its mean
-        # rests on fewer archs: the best is chosen among those that drew the most.
-        most = max(row["archs"] for row in table)
-        eligible = [row for row in table if row["archs"] == most and most > 0]
+            archs, drawn = [], 0
+            while len(archs) < self.search_archs and drawn < self.search_draws:
+                if len(shared) * batch_size <= drawn:
+                    shared.append(uniform_widths(self.space, rng, batch_size))
+                widths, uniforms = shared[drawn // batch_size]
+                batch = drop_layers(self.space, widths, uniforms, np.minimum(1.0, probability * self.profile))
+                macs = costs.macs_many(batch, self.space)
+                inside = np.flatnonzero((macs >= low) & (macs <= high))[:self.search_archs - len(archs)]
+                archs += [self.space.canonical(batch.arch(int(i))) for i in inside]
+                drawn += batch_size
+            score = None
+            if len(archs) == self.search_archs:
+                for arch in archs:
+                    if arch not in scores:
+                        scores[arch] = float(measure(arch))
+                score = float(np.mean([scores[a] for a in archs]))
+            table.append({"probability": probability, "archs": len(archs), "draws": drawn, "score": score})
+        eligible = [row for row in table if row["score"] is not None]
         chosen = max(eligible, key=lambda row: row["score"])["probability"] if eligible else None
         return {"macs_range": list(self.macs_range), "calibrated": float(self.scale), "candidates": table,
                 "chosen": chosen}
@@ -172,8 +176,9 @@ class IdentitySampler(ArchSampler):
             return {}
         record = self.score_probabilities(self.require_measure(measure), self.rng)
         if record["chosen"] is None:
-            raise ValueError(f"identity sampler: no candidate probability of {list(self.candidates)} drew an arch "
-                             f"with MACs in {self.macs_range}; widen macs_range or change the candidates")
+            raise ValueError(f"identity sampler: no candidate probability of {list(self.candidates)} drew "
+                             f"{self.search_archs} archs with MACs in {self.macs_range} in {self.search_draws} draws; "
+                             "widen macs_range, change the candidates or raise search_draws")
         self.probability_search = record
         self.scale = record["chosen"]
         return {"identity_probability_search": record}

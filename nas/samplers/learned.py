@@ -9,22 +9,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import cost
-from ..arch import Arch, ArchBatch
-from ..hybrid.arch import HybridArchBatch
-from ..hybrid.space import HybridSpace
+from .. import costs
+from ..family import Arch, Space, family_of
 from ..latency import LatencyModel
-from ..space import Space
 from .base import ArchSampler, Measure
 
 BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a latency model (nas.latency)
+BUDGET_FEATURES = 8  # Gaussian bumps the normalised budget is read through
 
 
 class BudgetPolicy(nn.Module):
-    """Independent categorical decisions whose logits come from a small MLP of the normalised budget and the one-hot
-    kind of budget. In a ViT space: embed dim, depth, patch size, then heads and MLP ratio of every layer and, in a
-    space with identity layers, whether each layer would rather be on (the layout saved policies were trained with);
-    in a hybrid space: the space's genes (``HybridSpace.genes``).
+    """Independent categorical decisions whose logits come from a small MLP of the normalised budget, itself and
+    through ``BUDGET_FEATURES`` Gaussian bumps spread over [0, 1] (so that each range of budgets has features of its
+    own: the scalar budget alone, through one tanh layer, gave every budget nearly the same archs), and the one-hot
+    kind of budget: the decisions of the space's family (``Family.decisions``).
 
     All decisions share one padded ``[decisions, max choices]`` logit table (padding masked out), so
     that a draw for a batch of budgets is a handful of tensor ops however deep the space is."""
@@ -32,42 +30,26 @@ class BudgetPolicy(nn.Module):
     def __init__(self, space: Space, kinds: int = 1, hidden: int = 32):
         super().__init__()
         self.space = space
-        if isinstance(space, HybridSpace):
-            self.options = [choices for _, choices in space.genes()]
-        else:
-            layers = space.max_depth
-            self.options = ([space.embed_dims, space.depths, space.patch_sizes] + [space.num_heads] * layers
-                            + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0))
+        self.options = family_of(space).decisions(space)
         width = max(len(o) for o in self.options)
         self.register_buffer("valid", torch.tensor([[c < len(o) for c in range(width)] for o in self.options]))
-        self.net = nn.Sequential(nn.Linear(1 + kinds, hidden), nn.Tanh(), nn.Linear(hidden, self.valid.numel()))
+        self.register_buffer("centres", torch.linspace(0.0, 1.0, BUDGET_FEATURES))
+        self.net = nn.Sequential(nn.Linear(1 + BUDGET_FEATURES + kinds, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, self.valid.numel()))
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
     def log_probs(self, budget: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
         """``[B, decisions, max choices]`` log-probabilities for ``budget`` [B] normalised to [0, 1] and ``kind``
         [B, kinds] (one-hot)."""
-        logits = self.net(torch.cat([budget[:, None], kind], dim=-1)).view(-1, *self.valid.shape)
+        features = torch.exp(-((budget[:, None] - self.centres) * (len(self.centres) - 1)) ** 2)
+        logits = self.net(torch.cat([budget[:, None], features, kind], dim=-1)).view(-1, *self.valid.shape)
         # a large finite negative, not -inf: 0 * -inf in the entropy's backward would be NaN
         return logits.masked_fill(~self.valid, -1e9).log_softmax(dim=-1)
 
-    def to_archs(self, choices: np.ndarray) -> ArchBatch | HybridArchBatch:
-        """Canonical archs from ``[B, decisions]`` choice indices: the first ``depth`` layers on or, with identity
-        layers, the first ``depth`` of the layers in order of preference (those that would rather be on first)."""
-        if isinstance(self.space, HybridSpace):
-            return self.space.decode_genes(choices)
-        s, layers = self.space, self.space.max_depth
-        depth = np.asarray(s.depths)[choices[:, 1]]
-        if s.identity_layers:
-            order = np.argsort(choices[:, 3 + 2 * layers:] == 0, axis=1, kind="stable")  # preferred-on first
-            layer_on = np.argsort(order, axis=1) < depth[:, None]
-        else:
-            layer_on = np.arange(layers) < depth[:, None]
-        patch = (np.asarray(s.patch_sizes)[choices[:, 2]] if len(s.patch_sizes) > 1
-                 else np.zeros(len(choices), dtype=np.int64))
-        batch = ArchBatch(np.asarray(s.embed_dims)[choices[:, 0]], np.asarray(s.num_heads)[choices[:, 3:3 + layers]],
-                          np.asarray(s.mlp_ratios)[choices[:, 3 + layers:3 + 2 * layers]], layer_on, patch)
-        return s.canonical_batch(batch)
+    def to_archs(self, choices: np.ndarray):
+        """Canonical archs (the family's batch) from ``[B, decisions]`` choice indices (``Family.decode_decisions``)."""
+        return family_of(self.space).decode_decisions(self.space, choices)
 
 
 class LearnedSampler(ArchSampler):
@@ -77,19 +59,25 @@ class LearnedSampler(ArchSampler):
     milliseconds with a ``latency_model`` file written by ``nas.latency``) to a distribution over archs. Training
     alternates: each step the supernet trains the policy's arch for a budget of a random kind drawn uniformly
     between that kind's smallest and largest subnet (or, with probability ``explore``, a uniform arch); every
-    ``policy_every`` steps the policy takes ``policy_updates`` REINFORCE steps on ``budgets_per_update`` budgets x
-    ``archs_per_budget`` archs, with reward ``accuracy - penalty * max(0, cost / budget - 1)``, where accuracy is the
-    supernet's own, measured on held-out images (``measure``). The advantage is the reward minus its budget's mean,
-    over the batch's standard deviation, so the policy learns which archs beat others of the same budget: those at
-    its Pareto frontier. After training, :meth:`propose` gives archs for a budget directly.
+    ``policy_every`` steps the policy takes ``policy_updates`` policy-gradient steps on ``budgets_per_update`` budgets
+    x ``archs_per_budget`` archs, with reward ``accuracy - penalty * max(0, cost / budget - 1) - shortfall * max(0, 1
+    - cost / budget)``, where accuracy is the supernet's own, measured on held-out images (``measure``).
+
+    FocusFormer's policy focuses on the archs at the Pareto front under each budget: the most accurate ones that fit.
+    A supernet's accuracy rises with size, so they use most of the budget; but a few hundred held-out images do not
+    tell a subnet from a slightly larger one, so the reward also charges the unused share of the budget
+    (``shortfall``), far less than the excess (``penalty``). The advantage is the reward minus its budget's mean, over
+    the batch's standard deviation, so the policy learns which archs beat others of the same budget.
+    After training, :meth:`propose` gives archs for a budget directly.
     """
 
     name = "learned"
     measures = True
 
-    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 20,
+    def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 5,
                  policy_updates: int = 1, budgets_per_update: int = 4, archs_per_budget: int = 4,
-                 penalty: float = 20.0, entropy: float = 0.01, lr: float = 0.03, explore: float = 0.1, hidden: int = 32,
+                 penalty: float = 20.0, shortfall: float = 0.4, entropy: float = 0.01, lr: float = 0.03,
+                 explore: float = 0.1, hidden: int = 32,
                  budget_kinds: Sequence[str] = ("macs", "params"), latency_model: str | None = None):
         super().__init__(space, seed=seed, total_steps=total_steps)
         if policy_every < 1 or archs_per_budget < 2 or budgets_per_update < 1:
@@ -103,27 +91,28 @@ class LearnedSampler(ArchSampler):
         self.policy_every, self.policy_updates = int(policy_every), int(policy_updates)
         self.budgets_per_update, self.archs_per_budget = int(budgets_per_update), int(archs_per_budget)
         self.penalty, self.entropy, self.explore = float(penalty), float(entropy), float(explore)
+        self.shortfall = float(shortfall)
         self.kinds = kinds
         self.costs = {kind: self._cost_of(kind, latency_model) for kind in kinds}
-        self.ranges = {kind: cost.cost_range(space, self.costs[kind]) for kind in kinds}
+        self.ranges = {kind: costs.cost_range(space, self.costs[kind]) for kind in kinds}
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.policy = BudgetPolicy(space, len(kinds), hidden)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
 
-    def _cost_of(self, kind: str, latency_model: str | None) -> Callable[[Sequence[Arch] | ArchBatch], np.ndarray]:
+    def _cost_of(self, kind: str, latency_model: str | None) -> Callable[[Sequence[Arch]], np.ndarray]:
         if kind == "macs":
-            return lambda archs: cost.macs_many(archs, self.space).astype(np.float64)
+            return lambda archs: costs.macs_many(archs, self.space).astype(np.float64)
         if kind == "params":
-            return lambda archs: cost.params_many(archs, self.space).astype(np.float64)
+            return lambda archs: costs.params_many(archs, self.space).astype(np.float64)
         model = LatencyModel.load(latency_model)
         if model.space != self.space:
             raise ValueError(f"{self.name}: latency model {latency_model!r} is for space {model.space.name!r}")
         return lambda archs: 1e3 * model.predict_many(archs)
 
     def policy_draw(self, budgets: Sequence[float], kinds: Sequence[str] | str = "macs"
-                    ) -> tuple[ArchBatch, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Archs for ``budgets`` of ``kinds`` (one per budget, or one for all), their log-probabilities [B] and the
         mean entropy (both differentiable)."""
         kinds = [kinds] * len(budgets) if isinstance(kinds, str) else list(kinds)
@@ -169,8 +158,9 @@ class LearnedSampler(ArchSampler):
         costs = {kind: self.costs[kind](batch) for kind in set(kinds)}
         used = np.array([costs[kind][i] for i, kind in enumerate(kinds)])
         over = np.maximum(0.0, used / budgets - 1.0)
+        unused = np.maximum(0.0, 1.0 - used / budgets)
         accuracy = np.array([measure(arch) for arch in batch.archs()])
-        rewards = torch.tensor(accuracy - self.penalty * over, dtype=torch.float32)
+        rewards = torch.tensor(accuracy - self.penalty * over - self.shortfall * unused, dtype=torch.float32)
         grouped = rewards.view(self.budgets_per_update, self.archs_per_budget)
         advantage = ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std() + 1e-8)).view(-1)
         loss = -(advantage * log_prob).mean() - self.entropy * entropy
@@ -206,6 +196,10 @@ class LearnedSampler(ArchSampler):
         if saved_kinds != self.kinds:
             raise ValueError(f"learned sampler state was trained for {', '.join(saved_kinds)} budgets, this sampler "
                              f"for {', '.join(self.kinds)} (sampler_options.budget_kinds)")
-        self.policy.load_state_dict(state["policy"])
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except RuntimeError as err:
+            raise ValueError("learned sampler state holds a policy of another layout (before its budget features, or "
+                             f"for another space): {err}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])

@@ -8,13 +8,14 @@ from .base import Cost, Feasible, GeneCoding, Searcher
 from .evolution import Evolution
 from .learned import LearnedSamplerSearch
 from .nsga2 import NSGA2, crowding_distance, non_dominated_fronts
+from .predictor import PredictorSearch
 from .random_search import RandomSearch
 from .reinforce import Reinforce
 from .tpe import TPESearch
 
 SEARCHERS: dict[str, type[Searcher]] = {
     cls.name: cls for cls in (Evolution, NSGA2, RandomSearch, LearnedSamplerSearch, Reinforce, TPESearch,
-                              ProgramAutotuner)
+                              ProgramAutotuner, PredictorSearch)
 }
 
 
@@ -31,5 +32,5 @@ def build_searcher(name: str, space, feasible: Feasible, *, seed: int = 0, cost:
 
 __all__ = ["SEARCHERS", "TECHNIQUES", "AUCBandit", "NSGA2", "ProgramAutotuner", "Cost",
            "Evolution", "Feasible", "GeneCoding", "InfeasibleBudgetError",
-           "LearnedSamplerSearch", "RandomSearch", "Reinforce", "Searcher", "TPESearch", "build_searcher",
-           "crowding_distance", "non_dominated_fronts"]
+           "LearnedSamplerSearch", "PredictorSearch", "RandomSearch", "Reinforce", "Searcher", "TPESearch",
+           "build_searcher", "crowding_distance", "non_dominated_fronts"]

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")
@@ -175,16 +175,11 @@ class ProgramAutotuner(Searcher):
         return [np.array(self.genotypes[arch]) for arch, _ in ranked]
 
     def _uniform(self, count: int | None = None) -> np.ndarray:
-        shape = (len(self.sizes),) if count is None else (count, len(self.sizes))
-        return np.floor(self.rng.random(shape) * self.sizes).astype(np.int64)
+        return self.coding.uniform(self.rng, count)
 
     def _mutants(self, genes: np.ndarray, count: int) -> np.ndarray:
         """``count`` copies of ``genes``, each with ``mutation_genes`` genes redrawn."""
-        rows = np.repeat(genes[None], count, axis=0)
-        where = np.argsort(self.rng.random(rows.shape), axis=1)[:, :min(self.mutation_genes, rows.shape[1])]
-        redrawn = np.floor(self.rng.random(where.shape) * self.sizes[where]).astype(np.int64)
-        np.put_along_axis(rows, where, redrawn, axis=1)
-        return rows
+        return self.coding.mutate(self.rng, np.repeat(genes[None], count, axis=0), self.mutation_genes)
 
     def _random(self) -> np.ndarray:
         return self._uniform()
@@ -200,25 +195,18 @@ class ProgramAutotuner(Searcher):
         cross[int(self.rng.integers(len(target)))] = True  # at least one gene from the mutant
         return np.where(cross, mutant, target)
 
-    def _one_hot(self, genes: np.ndarray) -> np.ndarray:
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        features = np.zeros((len(genes), int(self.sizes.sum()) + 1))
-        features[:, -1] = 1.0
-        np.put_along_axis(features, genes + offsets, 1.0, axis=1)
-        return features
-
     def _model(self) -> np.ndarray:
         """Candidates best predicted first; the ridge fit is redone only when new scores have come in."""
         if self._fit is None or self._fit[0] != len(self.scores):
             archs = list(self.scores)
-            x = self._one_hot(np.array([self.genotypes[a] for a in archs]))
+            x = self.coding.one_hot(np.array([self.genotypes[a] for a in archs]))
             y = np.array([self.scores[a] for a in archs])
             weights = np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ (y - y.mean()))
             self._fit = (len(self.scores), weights)
         half = self.model_candidates // 2
         candidates = np.concatenate([self._uniform(self.model_candidates - half),
                                      self._mutants(self._ranked()[0], half)])
-        return candidates[np.argsort(-(self._one_hot(candidates) @ self._fit[1]), kind="stable")]
+        return candidates[np.argsort(-(self.coding.one_hot(candidates) @ self._fit[1]), kind="stable")]
 
     # -- learning ------------------------------------------------------------------------------------------
     def observe(self, archs: Sequence[Arch], scores: Sequence[float]) -> None:

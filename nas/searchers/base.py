@@ -12,11 +12,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..family import Arch, Space
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
-from ..space import Space
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises
@@ -94,8 +93,30 @@ class GeneCoding:
         self.space = space
         self.genes = space.genes()
         self.sizes = [len(choices) for _, choices in self.genes]
+        self._offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
     def decode(self, indices: Sequence[int]) -> Arch | HybridArch:
         if len(indices) != len(self.genes):
             raise ValueError(f"GeneCoding.decode: expected {len(self.genes)} gene indices, got {len(indices)}")
         return self.space.decode_genes(np.asarray(indices)[None]).arch(0)
+
+    def uniform(self, rng: np.random.Generator, count: int | None = None) -> np.ndarray:
+        """Uniform gene vectors: ``[count, genes]`` choice indices (one vector ``[genes]`` where ``count`` is None)."""
+        shape = (len(self.sizes),) if count is None else (count, len(self.sizes))
+        return np.floor(rng.random(shape) * np.asarray(self.sizes)).astype(np.int64)
+
+    def mutate(self, rng: np.random.Generator, genes: np.ndarray, redrawn: int) -> np.ndarray:
+        """A copy of the gene vectors ``genes`` (``[B, genes]``), each with ``redrawn`` of its genes drawn anew."""
+        sizes = np.asarray(self.sizes)
+        rows = np.array(genes, dtype=np.int64, ndmin=2)
+        where = np.argsort(rng.random(rows.shape), axis=1)[:, :min(redrawn, rows.shape[1])]
+        np.put_along_axis(rows, where, np.floor(rng.random(where.shape) * sizes[where]).astype(np.int64), axis=1)
+        return rows
+
+    def one_hot(self, genes: np.ndarray) -> np.ndarray:
+        """``[B, sum(sizes) + 1]`` features of ``[B, genes]`` choice indices: one-hot per gene and a constant 1."""
+        genes = np.atleast_2d(np.asarray(genes, dtype=np.int64))
+        features = np.zeros((len(genes), int(sum(self.sizes)) + 1))
+        features[:, -1] = 1.0
+        np.put_along_axis(features, genes + self._offsets, 1.0, axis=1)
+        return features

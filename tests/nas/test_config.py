@@ -128,8 +128,8 @@ def test_one_rule_for_what_may_change_on_resume(config):
     expected = {TrainConfig: {"out_dir", "progress", "plot", "log_every", "ckpt_every", "keep_checkpoints",
                               "eval_every", "eval_batch_size", "num_workers", "cpu_threads", "tensorboard"},
                 SearchConfig: {"out_dir", "progress", "export", "generations", "device", "subnets_per_pass",
-                               "batch_size", "checkpoint", "num_workers", "latency_other_device", "scale_family",
-                               "scale_coefficients"}}[type(config)]
+                               "batch_size", "checkpoint", "num_workers", "latency_other_device", "compound_scale",
+                               "compound_coefficients"}}[type(config)]
     assert resumable == expected
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.arch import Arch
 from nas.convert import (
     blocks_to_interleaved,
     convert_timm_vit,
@@ -33,7 +32,8 @@ from nas.convert import (
 )
 from nas.evaluate import evaluate_archs
 from nas.export import extract_subnet
-from nas.space import SearchSpace
+from nas.vit.arch import Arch
+from nas.vit.space import SearchSpace
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 

@@ -1,4 +1,4 @@
-"""The hybrid cost model (nas.hybrid.cost, through nas.cost) against counts written out by hand, the parameters of the
+"""The hybrid cost model (nas.hybrid.cost, through nas.costs) against counts written out by hand, the parameters of the
 extracted plain network, torch's FlopCounterMode, and UniNet's published B0 and B1 sizes."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from elastic_ops import plain_hybrid
-from nas import cost
+from nas import costs
 from nas.hybrid.arch import HybridArch, Stage
 from nas.hybrid.space import HybridSpace
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
@@ -96,7 +96,7 @@ def counted(model: nn.Module, resolution: int) -> tuple[int, int]:
                                                   (ELASTICVIT_TINY, ELASTICVIT_TINY_ARCH, ELASTICVIT_BY_HAND)])
 def test_small_archs_counted_by_hand(space, arch, by_hand):
     params, macs = (sum(part[i] for part in by_hand.values()) for i in (0, 1))
-    assert (cost.params(arch, space), cost.macs(arch, space)) == (params, macs)
+    assert (costs.params(arch, space), costs.macs(arch, space)) == (params, macs)
     assert counted(HybridSupernet(HybridSupernetConfig(space)).extract(arch), arch.resolution) == (params, macs)
 
 
@@ -105,7 +105,7 @@ def test_cost_model_matches_the_extracted_network_and_flop_counter(name):
     model = supernet(name)
     space = model.space
     archs = [space.min_arch(), space.max_arch()] + space.sample_many(np.random.default_rng(0), 3).archs()
-    expected = list(zip(cost.params_many(archs, space).tolist(), cost.macs_many(archs, space).tolist()))
+    expected = list(zip(costs.params_many(archs, space).tolist(), costs.macs_many(archs, space).tolist()))
     assert [counted(model.extract(arch), arch.resolution) for arch in archs] == expected
 
 
@@ -144,7 +144,26 @@ def test_uninet_b0_and_b1_from_the_uninet_supernet(resolution, published_macs):
     space, arch = uninet.space, uninet_b(resolution)
     plain = uninet.extract(arch)
     params, macs = counted(plain, resolution)
-    assert (params, macs) == (cost.params(arch, space), cost.macs(arch, space))
+    assert (params, macs) == (costs.params(arch, space), costs.macs(arch, space))
     assert params == 11_449_912 and abs(params / 11.451e6 - 1) < 0.01
     assert macs == {160: 543_530_688, 224: 1_094_639_808}[resolution]
     assert abs((macs + fvcore_extras(plain, resolution)) / published_macs - 1) < 0.002
+
+
+@torch.no_grad()
+def test_an_extracted_subnet_keeps_the_position_table_rows_of_its_own_grid():
+    """elasticvit-mobile-cifar at 24 px: stem stride 1 and strides 1, 2, 2, 2, 1 leave the attention stages a 3x3
+    grid (4x4 at 32 px), so each table keeps (2 * 3 - 1)^2 = 25 of the 49 rows, those of offsets -2..2, and the
+    subnet computes what the supernet does."""
+    model = supernet("elasticvit-mobile-cifar").eval()
+    space = model.space
+    arch = HybridArch(24, space.max_arch().stages)
+    plain = model.extract(arch)
+    tables = [m.rel_pos_bias.table for m in plain.modules() if isinstance(m, plain_hybrid.VScaleAttention)]
+    assert tables and all(t.shape == (25, 3) for t in tables[:2]) and all(t.shape == (25, 4) for t in tables[2:])
+    full = model.stages[3].blocks["attention"][0].attn.rel_pos_bias.table[:, :3]
+    kept = [(dy + 3) * 7 + dx + 3 for dy in range(-2, 3) for dx in range(-2, 3)]
+    torch.testing.assert_close(tables[0], full[kept])
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(images), model(images, arch))
+    assert costs.params(arch, space) == sum(p.numel() for p in plain.parameters())

@@ -10,7 +10,7 @@ import torch
 from significance import sign_flip_p_value
 
 from elastic_ops import recalibrate_batch_norm
-from nas import cost
+from nas import costs
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
@@ -23,19 +23,20 @@ from nas.report import read_log
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
 from nas.searching import SearchConfig, read_state, run_search
-from nas.space import load_space
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, train
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
 SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 3, "memory_size": 4},
-                   "elasticvit": {"num_banks": 3, "memory_size": 4},
+                   "elasticvit-sandwich": {"num_banks": 3, "memory_size": 4},
+                   "elasticvit": {"memory_size": 4, "big_memory_size": 2},
                    "learned": {"policy_every": 3, "budgets_per_update": 2}}
 
 
 def accuracy_of(space):
     """A synthetic accuracy that grows with size, as a supernet's does."""
-    high = cost.macs_range(space)[1]
-    return lambda arch: cost.macs(arch, space) / high
+    high = costs.macs_range(space)[1]
+    return lambda arch: costs.macs(arch, space) / high
 
 
 def run(sampler, steps: int, measure) -> list:
@@ -71,17 +72,17 @@ def test_the_complexity_walk_draws_inside_its_banks():
     for _ in range(30):
         archs = sampler.sample()
         low, high = sampler.banks.window(sampler.bank)
-        assert all(low <= cost.macs(arch, space) <= high for arch in archs)
+        assert all(low <= costs.macs(arch, space) <= high for arch in archs)
 
 
 def test_the_learned_sampler_proposes_within_a_budget():
     space = load_space("elasticvit-mobile-cifar")
     sampler = LearnedSampler(space, seed=0, policy_every=1, budgets_per_update=2)
     run(sampler, 3, accuracy_of(space))
-    low, high = cost.macs_range(space)
+    low, high = costs.macs_range(space)
     budget = low + 0.3 * (high - low)
     for arch in sampler.propose(budget, num=5):
-        assert space.contains(arch) and cost.macs(arch, space) <= budget
+        assert space.contains(arch) and costs.macs(arch, space) <= budget
 
 
 def test_the_identity_sampler_refuses_a_hybrid_space():
@@ -94,18 +95,18 @@ def test_the_identity_sampler_refuses_a_hybrid_space():
 @pytest.mark.parametrize("name", sorted(SEARCHERS))
 def test_every_searcher_respects_the_budget_on_a_hybrid_space(name, space_name):
     space = load_space(space_name)
-    costs = Costs(space)
-    limit = float(np.quantile(cost.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
-    feasible = costs.feasible([Budget("macs", limit)])
+    table = Costs(space)
+    limit = float(np.quantile(costs.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
+    feasible = table.feasible([Budget("macs", limit)])
     options = {"sampler": LearnedSampler(space, seed=0)} if name == "sampler" else {}
-    searcher = build_searcher(name, space, feasible, seed=2, cost=costs.metric("macs"), **options)
+    searcher = build_searcher(name, space, feasible, seed=2, cost=table.metric("macs"), **options)
     score = accuracy_of(space)
     for _ in range(3):
         archs = searcher.propose(8)
         assert len(archs) == 8 and all(space.contains(arch) for arch in archs)
-        assert (cost.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
+        assert (costs.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
         searcher.observe(archs, [score(arch) for arch in archs])
-    restored = build_searcher(name, space, feasible, seed=5, cost=costs.metric("macs"), **options)
+    restored = build_searcher(name, space, feasible, seed=5, cost=table.metric("macs"), **options)
     restored.load_state_dict(searcher.state_dict())
     assert restored.best() == searcher.best()
 
@@ -191,7 +192,7 @@ def test_nas_search_on_a_hybrid_checkpoint(hybrid_checkpoint, tmp_path, algorith
     best = summary["best"]["macs=50K"]
     assert best["macs"] <= 50_000
     arch = HybridArch.from_dict(best["arch"])
-    assert space.contains(arch) and cost.macs(arch, space) == best["macs"]
+    assert space.contains(arch) and costs.macs(arch, space) == best["macs"]
     model, saved_arch = load_subnet(summary["exported"]["macs=50K"])
     assert saved_arch == arch
     data = fixed_subset(load_dataset("digits", split="test"), 48)  # the search's 48 test images
@@ -218,7 +219,7 @@ def test_a_hybrid_space_that_does_not_fit_the_data_is_a_one_line_error(tmp_path,
     assert error.count("\n") == 1 and "nas.train: error:" in error
 
 
-def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_largest_and_smallest():
+def test_the_elasticvit_sandwich_sampler_walks_banks_of_the_whole_space_between_its_largest_and_smallest():
     """ElasticViT's step: the largest subnet (the teacher), subnets of one FLOPs bank, the smallest; the bank moves at
     most one bank a step and the banks cover the space; only the bank subnets are measured, and those drawn from the
     memory are members of it; over a run the bank subnets come at every resolution of the space."""
@@ -230,11 +231,11 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
         measured.append(arch)
         return score(arch)
 
-    sampler = build_sampler("elasticvit", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
+    sampler = build_sampler("elasticvit-sandwich", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
                             archs_per_step=2)
     assert sampler.distill
-    assert sampler.banks.edges[0] == cost.macs(space.min_arch(), space)
-    assert sampler.banks.edges[-1] == cost.macs(space.max_arch(), space)
+    assert sampler.banks.edges[0] == costs.macs(space.min_arch(), space)
+    assert sampler.banks.edges[-1] == costs.macs(space.max_arch(), space)
     banks, resolutions, exploited = [], set(), 0
     for _ in range(200):
         memory = [entry[0] for entry in sampler.memory[sampler.bank]] + [
@@ -243,7 +244,7 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
         assert len(archs) == 4 and archs[0] == space.max_arch() and archs[-1] == space.min_arch()
         low, high = sampler.banks.window(sampler.bank)
         for arch, from_memory in zip(archs[1:-1], sampler.exploited):
-            assert low <= cost.macs(arch, space) <= high
+            assert low <= costs.macs(arch, space) <= high
             if from_memory:
                 exploited += 1
                 assert arch.to_dict() in memory
@@ -257,13 +258,13 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
     assert set(banks) == {0, 1, 2, 3} and resolutions == set(space.resolutions) and exploited > 20
 
 
-def test_nas_train_with_the_elasticvit_sampler(tmp_path):
+def test_nas_train_with_the_elasticvit_sandwich_sampler(tmp_path):
     """Every step trains the largest subnet first (the teacher of the others) and the smallest last."""
     space_path = digits_space(tmp_path)
     space = load_space(space_path)
     config = TrainConfig(space=space_path, out_dir=str(tmp_path / "run"), train_subset=96, test_subset=32,
                          batch_size=32, max_steps=3, warmup_steps=1, ckpt_every=0, progress=False, plot=False,
-                         bn_calibration_images=32, measure_images=32, sampler="elasticvit",
+                         bn_calibration_images=32, measure_images=32, sampler="elasticvit-sandwich",
                          sampler_options={"num_banks": 2, "memory_size": 2}, backend="reference")
     train(config)
     steps = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["event"] == "train"]
@@ -293,24 +294,24 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
     random search's best spreads 84..90). A controller that proposes as random search does passes with probability
     at most 1%."""
     space = load_space("uninet-cifar")
-    costs = Costs(space)
+    table = Costs(space)
     draws = space.sample_many(np.random.default_rng(0), 400)
-    limit = float(np.median(cost.macs_many(draws, space)))
-    target = next(arch for arch in draws.archs()[1:] if cost.macs(arch, space) <= 0.6 * limit
+    limit = float(np.median(costs.macs_many(draws, space)))
+    target = next(arch for arch in draws.archs()[1:] if costs.macs(arch, space) <= 0.6 * limit
                   and len({s.op for s in arch.stages[2:]}) > 1)
     score = op_dsm_objective(space, target)
-    feasible = costs.feasible([Budget("macs", limit)])
+    feasible = table.feasible([Budget("macs", limit)])
     bests = {}
     for algorithm in ("rl", "random"):
         bests[algorithm] = []
         for seed in range(10):
             options = {"target": limit, "lr": 0.5} if algorithm == "rl" else {}
-            searcher = build_searcher(algorithm, space, feasible, seed=seed, cost=costs.metric("macs"), **options)
+            searcher = build_searcher(algorithm, space, feasible, seed=seed, cost=table.metric("macs"), **options)
             for _ in range(20):
                 archs = searcher.propose(16)
                 searcher.observe(archs, [score(arch) for arch in archs])
             best_arch, best = searcher.best()
-            assert cost.macs(best_arch, space) <= limit
+            assert costs.macs(best_arch, space) <= limit
             bests[algorithm].append(best)
             if algorithm == "rl" and seed < 3:
                 probabilities = dict(zip((name for name, _ in space.genes()), searcher.probabilities()))
@@ -324,20 +325,20 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
 
 def test_the_soft_constraint_reward_is_mnasnets():
     space = load_space("uninet-cifar")
-    costs = Costs(space)
+    table = Costs(space)
     archs = [space.min_arch(), space.max_arch()]
-    macs = cost.macs_many(archs, space)
+    macs = costs.macs_many(archs, space)
     target = float(macs.mean())
-    searcher = build_searcher("rl", space, costs.feasible([Budget("macs", target)]), cost=costs.metric("macs"),
+    searcher = build_searcher("rl", space, table.feasible([Budget("macs", target)]), cost=table.metric("macs"),
                               target=target, alpha=-0.07, beta=-0.5)
     rewards = searcher.rewards(archs, [80.0, 90.0])
     assert rewards == pytest.approx([80.0 * (macs[0] / target) ** -0.07, 90.0 * (macs[1] / target) ** -0.5])
     with pytest.raises(ConfigError, match="soft-constraint target needs the cost"):
-        build_searcher("rl", space, costs.feasible([]), target=target)
+        build_searcher("rl", space, table.feasible([]), target=target)
 
 
 def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_checkpoint, tmp_path):
-    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", scale_family=2)
+    summary = hybrid_search(hybrid_checkpoint, tmp_path, "random", compound_scale=2)
     best = HybridArch.from_dict(summary["best"]["macs=50K"]["arch"])
     family = summary["family"]["macs=50K"]
     assert [row["phi"] for row in family] == [0, 1, 2]
@@ -346,6 +347,6 @@ def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_ch
         own = load_space(row["space"])  # a space holding the member alone, which nas.train can train
         arch = HybridArch.from_dict(row["arch"])
         assert own.max_arch() == own.min_arch() == arch
-        assert cost.macs(arch, own) == row["macs"] and row["macs_growth"] == row["macs"] / family[0]["macs"]
+        assert costs.macs(arch, own) == row["macs"] and row["macs_growth"] == row["macs"] / family[0]["macs"]
         assert row["stated_growth"] == pytest.approx((1.2 * 1.1 ** 2 * 1.15 ** 2) ** row["phi"])
     assert family[0]["macs"] < family[1]["macs"] < family[2]["macs"]

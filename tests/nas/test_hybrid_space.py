@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nas import cost
+from nas import costs
 from nas.hybrid.arch import HybridArch, HybridArchBatch, Stage
 from nas.hybrid.space import HybridSpace, StageChoices
-from nas.space import PRESETS, load_space
+from nas.spaces import PRESETS, load_space
 
 HYBRID_PRESETS = ["elasticvit-mobile", "elasticvit-mobile-cifar", "uninet", "uninet-cifar"]
 
@@ -48,6 +48,15 @@ def test_presets_load_from_yaml_and_hold_the_papers_numbers():
     assert [s.stride for s in uni.stages] == [1, 2, 2, 2, 1, 2] and (uni.stem_channels, uni.head_features) == (32, 1280)
     assert [set(s.ops) for s in uni.stages[3:]] == [{"conv", "attention", "mlp"}] * 3
     assert [set(s.dsms) for s in uni.stages[3:]] == [{"local", "global", "local-global"}] * 3
+
+
+def test_layer_norm_kind_is_elasticvits_in_its_presets_and_checked():
+    assert load_space("elasticvit-mobile").norm == "sample" and load_space("uninet").norm == "token"
+    uninet = load_space("uninet").to_dict()
+    with pytest.raises(ValueError, match="norm='sample' must be 'token', or 'sample' in a space of the elasticvit"):
+        HybridSpace.from_dict({**uninet, "norm": "sample"})
+    with pytest.raises(ValueError, match="qkv_layout='per_head' must be 'blocks', or 'per_head' in a space of the"):
+        HybridSpace.from_dict({**uninet, "qkv_layout": "per_head"})
 
 
 def test_space_round_trips_through_yaml(space, tmp_path):
@@ -136,10 +145,10 @@ def test_min_and_max_arch_are_the_cost_extremes(space):
     the extremes of MACs, which the cost model finds by choosing every stage's operator and DSM."""
     low, high = space.min_arch(), space.max_arch()
     assert space.contains(low) and space.contains(high)
-    assert cost.macs_range(space) == (cost.macs(low, space), cost.macs(high, space))
-    assert cost.cost_range(space, lambda archs: cost.params_many(archs, space))[1] >= cost.params(high, space)
-    macs = cost.macs_many(space.sample_many(np.random.default_rng(1), 3000), space)
-    assert macs.min() >= cost.macs(low, space) and macs.max() <= cost.macs(high, space)
+    assert costs.macs_range(space) == (costs.macs(low, space), costs.macs(high, space))
+    assert costs.cost_range(space, lambda archs: costs.params_many(archs, space))[1] >= costs.params(high, space)
+    macs = costs.macs_many(space.sample_many(np.random.default_rng(1), 3000), space)
+    assert macs.min() >= costs.macs(low, space) and macs.max() <= costs.macs(high, space)
 
 
 def test_samples_are_canonical_uniform_and_fast(space):
@@ -148,10 +157,10 @@ def test_samples_are_canonical_uniform_and_fast(space):
     for arch in archs[:200]:
         space.validate(arch)
         assert space.canonical(arch) == arch
-    last = space.stages[-1]
-    counts = Counter(arch.stages[-1].channels for arch in archs)
-    expected = len(archs) / len(last.channels)
-    assert all(abs(counts[c] - expected) < 5 * np.sqrt(expected) for c in last.channels), counts
+    first = space.stages[0]  # the stage no rule between stages conditions
+    counts = Counter(arch.stages[0].channels for arch in archs)
+    expected = len(archs) / len(first.channels)
+    assert all(abs(counts[c] - expected) < 5 * np.sqrt(expected) for c in first.channels), counts
     assert Counter(a.resolution for a in archs).keys() == set(space.resolutions)
     rng = np.random.default_rng(3)
     started = time.perf_counter()
@@ -179,7 +188,10 @@ def test_mutation_and_crossover_stay_in_the_space(space):
         changed_ops += any(x.op != y.op for x, y in zip(a.stages, child.stages))
         mixed = space.crossover(a, b, rng)
         space.validate(mixed)
-        assert all(stage in (x, y) for stage, x, y in zip(mixed.stages, a.stages, b.stages))
+        # a stage comes from a parent, but for its channels where a narrower stage must widen to keep ElasticViT's rule
+        assert all(dataclasses.replace(stage, channels=x.channels) == x
+                   or dataclasses.replace(stage, channels=y.channels) == y
+                   for stage, x, y in zip(mixed.stages, a.stages, b.stages))
     assert changed_ops > 0 or all(len(s.ops) == 1 for s in space.stages)
     assert space.mutate(parents[0], rng, prob=0.0, structure_prob=0.0) == parents[0]
 
@@ -208,14 +220,14 @@ def test_genes_decode_to_valid_archs_and_cover_the_space(space):
 
 def test_flops_window_draws_land_in_the_window():
     space = load_space("uninet-cifar")
-    low, high = cost.macs_range(space)
+    low, high = costs.macs_range(space)
     window = (low + (high - low) * 0.3, low + (high - low) * 0.4)
     rng = np.random.default_rng(8)
     for _ in range(20):
-        arch = cost.sample_in_flops_window(space, rng, *window)
-        assert window[0] <= cost.macs(arch, space) <= window[1]
+        arch = costs.sample_in_flops_window(space, rng, *window)
+        assert window[0] <= costs.macs(arch, space) <= window[1]
     with pytest.raises(ValueError, match="outside space 'uninet-cifar'"):
-        cost.sample_in_flops_window(space, rng, 2 * high, 3 * high)
+        costs.sample_in_flops_window(space, rng, 2 * high, 3 * high)
 
 
 def test_stage_choices_are_normalised():
@@ -223,3 +235,70 @@ def test_stage_choices_are_normalised():
                          dsms="local")
     assert (stage.ops, stage.depths, stage.channels, stage.expansions, stage.dsms) == (
         ("mlp", "conv"), (1, 3), (32,), (2, 4), ("local",))
+
+
+def keeps_channels(arch: HybridArch) -> bool:
+    return all(b.channels >= a.channels for a, b in zip(arch.stages, arch.stages[1:]))
+
+
+@pytest.mark.parametrize("name", ["elasticvit-mobile", "elasticvit-mobile-cifar"])
+def test_elasticvit_channels_never_shrink_on_every_path(name):
+    """ElasticViT's rule (models/cnn.py and transformer.py redraw a stage's channels until they are at least the
+    previous stage's): 2,000 archs of each path that makes archs keep it."""
+    space, rng, count = load_space(name), np.random.default_rng(11), 2000
+    parents = space.sample_many(rng, count).archs()
+    genes = np.stack([rng.integers(len(choices), size=count) for _, choices in space.genes()], axis=1)
+    low, high = costs.macs_range(space)
+    paths = {
+        "sample_many": parents,
+        "sample": [space.sample(rng) for _ in range(count)],
+        "mutate": [space.mutate(parents[i], rng, prob=0.5, structure_prob=0.5) for i in range(count)],
+        "crossover": [space.crossover(parents[i], parents[-1 - i], rng) for i in range(count)],
+        "decode_genes": space.decode_genes(genes).archs(),
+        "flops window": [costs.sample_in_flops_window(space, rng, (2 * low + high) / 3, (low + 2 * high) / 3)
+                         for _ in range(200)],  # rejection over sample_many; 200 keep it fast
+    }
+    for path, archs in paths.items():
+        broken = [a for a in archs if not keeps_channels(a)]
+        assert not broken, f"{path}: {len(broken)} archs shrink channels, e.g. {broken[0]}"
+        assert all(space.contains(a) for a in archs), path
+
+
+def test_validation_refuses_archs_whose_channels_shrink():
+    space = load_space("elasticvit-mobile")
+    shrinking = replace_stage(space.max_arch(), 6, channels=160)  # after stage 5's 288
+    with pytest.raises(ValueError, match=r"arch.stages\[6\].channels=160 is below stage 5's 288: .* channels never "
+                                         "shrink"):
+        space.validate(shrinking)
+
+
+def test_elasticvit_channels_are_uniform_over_the_choices_the_rule_leaves():
+    """Given the previous stage's channels, a stage's channels are uniform over its choices at least as wide: the
+    distribution of ElasticViT's redraw-until-it-fits loop (SuperCNNLayer.arch_sampling), re-implemented here."""
+    space = load_space("elasticvit-mobile")
+    archs = space.sample_many(np.random.default_rng(12), 6000).archs()
+    for s in range(1, space.num_stages):
+        by_before = {}
+        for arch in archs:
+            by_before.setdefault(arch.stages[s - 1].channels, []).append(arch.stages[s].channels)
+        for before, drawn in by_before.items():
+            if len(drawn) < 200:
+                continue
+            fits = [c for c in space.stages[s].channels if c >= before]  # what the redraw loop can stop at
+            counts, expected = Counter(drawn), len(drawn) / len(fits)
+            assert set(counts) == set(fits), (s, before, counts)
+            assert all(abs(counts[c] - expected) < 5 * np.sqrt(expected) for c in fits), (s, before, counts)
+
+
+def test_uninet_channels_may_shrink():
+    """The rule is ElasticViT's: a UniNet space draws every stage's channels on their own."""
+    space = load_space("uninet")
+    assert not space.channels_never_shrink
+    assert not all(keeps_channels(a) for a in space.sample_many(np.random.default_rng(13), 200).archs())
+
+
+def test_a_never_shrinking_space_must_allow_it():
+    data = dict(name="tiny", style="elasticvit", resolutions=[32], head_expansion=6, head_dim=16,
+                stages=[tiny_stage(channels=[32, 48], dsms=["none"]), tiny_stage(channels=[16, 40], dsms=["none"])])
+    with pytest.raises(ValueError, match=r"stages\[1\]: in style 'elasticvit' channels never shrink"):
+        HybridSpace.from_dict(data)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from nas import cost
+from nas import costs
 from nas.samplers import build_sampler
-from nas.space import SearchSpace
 from nas.trainer import TrainConfig
+from nas.vit.space import SearchSpace
 
 # Ten layers, any of them an identity, any depth: the depth of a draw with identity probability p is Binomial(10, 1-p).
 SPACE = SearchSpace(name="identity-search", embed_dims=[32], depths=list(range(1, 11)), num_heads=[1, 2],
@@ -27,7 +27,7 @@ def expected_score(p: float) -> float:
 def test_the_search_finds_the_probability_that_maximises_the_expected_score():
     """score = -(depth - 7)^2: its expectation under identity probability p (depth Binomial(10, 1-p), a draw of depth
     0 refilled to 1) is best at p = 0.3 (-2.1; 0.2 and 0.4 give -2.6 and -3.4)."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     sampler = build_sampler("identity", SPACE, seed=3, total_steps=8, macs_range=(low, high),
                             search_probabilities=CANDIDATES, search_step=2, search_archs=2000)
     calibrated = sampler.scale
@@ -55,14 +55,14 @@ def test_the_search_finds_the_probability_that_maximises_the_expected_score():
 
 
 def test_only_archs_inside_the_budget_are_scored():
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.4 * (high - low), low + 0.6 * (high - low))
     sampler = build_sampler("identity", SPACE, seed=4, total_steps=4, macs_range=window,
                             search_probabilities=[0.2, 0.5, 0.8], search_step=1, search_archs=50)
     sampler.sample()
 
     def measure(arch):
-        assert window[0] <= cost.macs(arch, SPACE) <= window[1]
+        assert window[0] <= costs.macs(arch, SPACE) <= window[1]
         return 1.0
 
     record = sampler.update([], [], measure)["identity_probability_search"]
@@ -70,18 +70,41 @@ def test_only_archs_inside_the_budget_are_scored():
     assert all(row["archs"] <= 50 for row in record["candidates"]) and record["chosen"] in (0.2, 0.5, 0.8)
 
 
-def test_a_candidate_that_rarely_draws_inside_the_budget_is_not_chosen():
-    """Deep archs fall in this window; p = 0.9 leaves one or two layers on, so it seldom draws inside the window.
-    Its few archs score best, but it samples the budget worse than 0.1 and 0.3, which draw every arch asked for."""
-    low, high = cost.macs_range(SPACE)
+def test_every_candidate_is_judged_on_as_many_archs_and_the_count_does_not_decide():
+    """Deep archs fill the upper half of the MACs range: p = 0.6 leaves four layers on on average and seldom lands
+    there, p = 0.1 nearly always does. Each draws until it has 20 archs inside, and the shallowest of them score best
+    (1 / depth), so p = 0.6 is chosen, though it needed several times the draws."""
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.5 * (high - low), high)
     sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=window,
-                            search_probabilities=[0.1, 0.3, 0.9], search_step=1, search_archs=20)
+                            search_probabilities=[0.1, 0.3, 0.6], search_step=1, search_archs=20)
+    sampler.sample()
+    measured = {}
+
+    def measure(arch):
+        assert window[0] <= costs.macs(arch, SPACE) <= window[1]
+        measured[arch] = 1.0 / arch.depth
+        return measured[arch]
+
+    record = sampler.update([], [], measure)["identity_probability_search"]
+    rows = {row["probability"]: row for row in record["candidates"]}
+    assert all(row["archs"] == 20 for row in rows.values())
+    assert rows[0.6]["draws"] >= 3 * rows[0.1]["draws"]
+    assert record["chosen"] == 0.6 == max(rows, key=lambda p: rows[p]["score"])
+    assert min(rows[0.6]["score"], rows[0.3]["score"]) > rows[0.1]["score"]
+    assert all(min(measured.values()) <= row["score"] <= max(measured.values()) for row in rows.values())
+
+
+def test_a_candidate_that_cannot_draw_enough_archs_inside_the_budget_is_left_out():
+    """p = 0.9 leaves one or two layers on: in 1,600 draws it finds fewer than the 20 deep archs asked for."""
+    low, high = costs.macs_range(SPACE)
+    sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=(low + 0.5 * (high - low), high),
+                            search_probabilities=[0.1, 0.9], search_step=1, search_archs=20, search_draws=1600)
     sampler.sample()
     record = sampler.update([], [], lambda arch: 1.0 / arch.depth)["identity_probability_search"]
-    archs = {row["probability"]: row["archs"] for row in record["candidates"]}
-    assert archs[0.1] == 20 and archs[0.9] < 20
-    assert record["chosen"] == 0.3  # the shallower of the two full ones scores higher
+    rows = {row["probability"]: row for row in record["candidates"]}
+    assert rows[0.9]["archs"] < 20 and rows[0.9]["score"] is None and rows[0.9]["draws"] == 1600
+    assert record["chosen"] == 0.1
 
 
 def test_the_bisection_stays_the_default_and_bad_options_are_refused():

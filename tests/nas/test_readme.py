@@ -13,11 +13,11 @@ import pytest
 import torch
 from test_imagefolder import SPACE_YAML, write_folder
 
-from nas import cost
-from nas.arch import Arch
+from nas import costs
 from nas.checkpoint import load_supernet
 from nas.export import load_safetensors
-from nas.space import load_space
+from nas.spaces import load_space
+from nas.vit.arch import Arch
 
 MARKER = "<!-- run by tests/nas/test_readme.py -->"
 SMALLER = {
@@ -66,7 +66,7 @@ def test_the_readmes_commands_run(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "runs" / "imagenet-search" / "search.json").read_text())
     best = summary["best"]["macs=1.3G"]
     arch = Arch.from_dict(best["arch"])
-    assert space.contains(arch) and best["macs"] == cost.macs(arch, space) <= 1.3e9
+    assert space.contains(arch) and best["macs"] == costs.macs(arch, space) <= 1.3e9
     assert best["top1"] == max(c["top1"] for c in summary["candidates"] if c["macs"] <= 1.3e9)
     assert summary["test_data"] == "16 test images"
 
