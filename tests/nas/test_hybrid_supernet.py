@@ -29,21 +29,28 @@ def archs_of(space, count: int):
 def extraction_sources(model: HybridSupernet, arch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Where each weight of ``model.extract(arch)`` comes from: for every parameter of the plain network, the index of
     the supernet parameter and the flat position in it of each of its elements. Found by extracting from a float64
-    copy of the supernet whose parameters hold their own global element numbers (exact integers in float64)."""
+    copy of the supernet whose parameters hold distinct element numbers (exact integers in float64), the smallest
+    parameters numbered first, so that those extract() rounds through float32 (relative position tables) keep theirs
+    exact too (below 2^24)."""
     tagged = copy.deepcopy(model).double()
-    offsets = [0]
+    params = list(tagged.parameters())
+    order = sorted(range(len(params)), key=lambda i: params[i].numel())
+    starts, owners, first = [], [], 0
     with torch.no_grad():
-        for param in tagged.parameters():
-            param.copy_(torch.arange(offsets[-1], offsets[-1] + param.numel(), dtype=torch.float64).view_as(param))
-            offsets.append(offsets[-1] + param.numel())
+        for i in order:
+            params[i].copy_(torch.arange(first, first + params[i].numel(), dtype=torch.float64).view_as(params[i]))
+            starts.append(first)
+            owners.append(i)
+            first += params[i].numel()
+    starts, owners = torch.tensor(starts), torch.tensor(owners)
     sources = {}
     for name, param in tagged.extract(arch).named_parameters():
-        numbers = param.detach().flatten()
-        assert torch.equal(numbers, numbers.round()) and 0 <= numbers.min() and numbers.max() < offsets[-1], (
+        numbers = param.detach().double().flatten()
+        assert torch.equal(numbers, numbers.round()) and 0 <= numbers.min() and numbers.max() < first, (
             f"{name} is not a copy of supernet weights")
         numbers = numbers.long()
-        owner = torch.searchsorted(torch.tensor(offsets), numbers, right=True) - 1
-        sources[name] = owner, numbers - torch.tensor(offsets)[owner]
+        slot = torch.searchsorted(starts, numbers, right=True) - 1
+        sources[name] = owners[slot], numbers - starts[slot]
     return sources
 
 
@@ -54,7 +61,8 @@ def assert_same_gradients(model: HybridSupernet, arch, x: torch.Tensor, loss) ->
     float64 (copies of both), so that rounding stays far below any gradient landing in the wrong place."""
     model64 = copy.deepcopy(model).double().train()
     model64.zero_grad(set_to_none=True)
-    plain64 = model64.extract(arch).train()
+    # extract() gives the relative position tables its plain modules' default dtype (float32), rounding them
+    plain64 = model64.extract(arch).double().train()
     loss(model64(x.double(), arch)).backward()
     loss(plain64(x.double())).backward()
     supers = [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
@@ -71,7 +79,7 @@ def assert_same_gradients(model: HybridSupernet, arch, x: torch.Tensor, loss) ->
             ours[mine] = supers[o][position[mine]]
             assert not covered[o][position[mine]].any(), f"{name} copies an element another weight copies"
             covered[o][position[mine]] = True
-        torch.testing.assert_close(ours, grad, rtol=1e-9, atol=1e-12 * scale, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(ours, grad, rtol=1e-6, atol=1e-9 * scale, msg=lambda m, name=name: f"{name}: {m}")
     for grad, read in zip(supers, covered):
         assert torch.equal(grad[~read], torch.zeros_like(grad[~read])), "a gradient outside the extracted elements"
 
