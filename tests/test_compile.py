@@ -1,9 +1,10 @@
 """The ops under torch.compile: every custom op passes torch.library's opcheck, and a compiled supernet runs many
-subnets with no graph break, at most two recompiles, and the outputs and gradients of eager mode.
+subnets on one block graph (no graph break, no recompile per arch), with the outputs and gradients of eager mode.
 
-The compiled tests use the ``aot_eager`` backend: it traces exactly what Inductor would (dynamo's graph, the
+The supernet tests use the ``aot_eager`` backend: it traces exactly what Inductor would (dynamo's graph, the
 custom ops' fake implementations, AOTAutograd's backward) without generating C++ for the CPU, which would cost
-minutes per graph on CI's two cores. ``benchmarks/bench_compile.py`` times Inductor itself.
+minutes per supernet on CI's two cores. One small module (an elastic MLP) goes through Inductor itself, C++ for the CPU
+included; ``benchmarks/bench_compile.py`` times Inductor on the supernet.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch._dynamo.utils import counters
 
 import elastic_ops
 from elastic_ops import GroupSizes, library  # noqa: F401 (registers the custom ops)
+from elastic_ops.nn import ElasticMlp
 from nas.spaces import load_space
 from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
@@ -118,8 +120,10 @@ def _run(model, images, archs, train: bool):
     ("autoformer-t", "reference", True, 10),
     ("autoformer-t", "native", False, 10),
     ("cifar-tiny", "reference", True, 10),
-    # The GPU path's custom ops, in the Triton interpreter: a few subnets, the interpreter is slow.
-    ("cifar-tiny", "triton", True, 3),
+    # The GPU path's custom ops, in the Triton interpreter: a few subnets, the interpreter is slow. It compiles the
+    # block once per subnet (3 graphs for 3 subnets, found when this test stopped allowing 3): a known failure.
+    pytest.param("cifar-tiny", "triton", True, 3, marks=pytest.mark.xfail(
+        strict=True, reason="the Triton path recompiles the block for every arch (3 graphs for 3 subnets)")),
 ])
 def test_compiled_supernet_runs_every_subnet_without_graph_breaks_or_recompiles(space_name, backend, train, subnets):
     if not elastic_ops.backends()[backend].available:
@@ -134,8 +138,28 @@ def test_compiled_supernet_runs_every_subnet_without_graph_breaks_or_recompiles(
         model.compile(backend="aot_eager")
         compiled_out, compiled_grads = _run(model, images, archs, train)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] <= 3, "more than two recompiles of the block"
+    assert counters["stats"]["unique_graphs"] == 1, "the block was compiled more than once: a recompile per arch"
     torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_an_elastic_mlp_compiled_by_inductor_runs_every_size_on_one_graph():
+    """Inductor's CPU code generation (C++) around the custom ops: active sizes below the super size as symbols, one
+    graph for all of them, eager mode's outputs."""
+    if not elastic_ops.backends()["native"].available:
+        pytest.skip(str(elastic_ops.backends()["native"]))
+    torch.manual_seed(0)
+    mlp = ElasticMlp(48, 192)
+    x = torch.randn(2, 17, 48)
+    sizes = [(32, 96), (40, 150), (24, 64)]
+    with elastic_ops.use_backend("native"), torch.no_grad():
+        eager = [mlp(x[..., :embed], embed, hidden) for embed, hidden in sizes]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(mlp, backend="inductor", dynamic=True)
+        outputs = [compiled(x[..., :embed], embed, hidden) for embed, hidden in sizes]
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1, dict(counters)
+    for output, expected in zip(outputs, eager, strict=True):
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA compiler is not installed")
+try:
+    import triton.backends.nvidia.compiler  # noqa: F401
+except ImportError as missing:
+    # CI (which sets CI=true) installs triton with its NVIDIA backend, so there these checks must run, not skip.
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"triton's NVIDIA compiler cannot be imported ({missing}); CI must run the sm_90 PTX checks",
+                    pytrace=False)
+    pytest.skip("triton's NVIDIA compiler is not installed", allow_module_level=True)
 
 SCRIPT = Path(__file__).with_name("offline_sm90.py")
 OPS = Path(__file__).parents[2] / "elastic_ops" / "ops"

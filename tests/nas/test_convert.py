@@ -147,8 +147,15 @@ def test_qkv_rows_interleaved_and_in_blocks():
 def test_autoformer_supernet_gives_autoformers_logits():
     state = autoformer_state_dict(AF_SPACE)
     images = torch.randn(3, 3, 32, 32)
-    with pytest.warns(UserWarning, match="fewer than 2 heads"):
+    with pytest.warns(UserWarning, match="fewer than 2 heads") as warned:
         model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).eval()
+    # The size it promises: AutoFormer's v bias of h heads is the leading block's bias[2h*64:3h*64]; the converted
+    # supernet reads the first h*64 of the largest head count's, bias[2H*64:].
+    largest = max(AF_SPACE.num_heads) * 64
+    difference = max(float((bias[2 * h * 64:3 * h * 64] - bias[2 * largest:2 * largest + h * 64]).abs().max())
+                     for i in range(AF_SPACE.max_depth) for bias in [state[f"blocks.{i}.attn.qkv.bias"]]
+                     for h in AF_SPACE.num_heads)
+    assert difference > 0.1 and f"by up to {difference:.3g};" in str(warned[0].message), str(warned[0].message)
     assert model.config.relative_position == MAX_DISTANCE and model.config.global_pool == "avg"
     # Every subnet at the largest head count: AutoFormer's logits.
     for arch in subnets(AF_SPACE, 3, 0, full_heads=True):
@@ -166,9 +173,13 @@ def test_autoformer_supernet_gives_autoformers_logits():
     assert any(min(a.num_heads[:a.depth]) < 2 for a in archs)
     expected = torch.stack([autoformer_forward(state, images, arch) for arch in archs])
     torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, **TOL)
-    # Batched evaluation and export see the same model.
-    results = evaluate_archs(model, archs, [(images, expected[0].argmax(-1))], progress=False)
-    assert results[0].top1 == 100.0
+    # Batched evaluation and export see the same model: every arch's metrics are those of its own logits.
+    labels = torch.tensor([expected[0, 0].argmax(), expected[1, 1].argmax(), expected[2, 2].argmax()])
+    results = evaluate_archs(model, archs, [(images, labels)], progress=False)
+    for result, logits in zip(results, expected, strict=True):
+        assert result.top1 == pytest.approx(100 * float((logits.argmax(-1) == labels).float().mean()))
+        assert result.loss == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4)
+    assert len({result.top1 for result in results}) > 1
     torch.testing.assert_close(extract_subnet(model, archs[1])(images), expected[1], **TOL)
 
 

@@ -217,4 +217,6 @@ def test_flops_window_errors():
     # Only max_arch reaches the top MAC count: a feasible window that uniform draws do not hit.
     with pytest.raises(RuntimeError, match="after 64 uniform draws"):
         sample_in_flops_window(space, 0, high, high, max_tries=2, batch_size=32)
-    assert sample_in_flops_window(space, 0, low, high) is not None
+    arch = sample_in_flops_window(space, 0, low, high)
+    space.validate(arch)
+    assert low <= macs(arch, space) <= high

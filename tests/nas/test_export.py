@@ -138,7 +138,15 @@ def test_onnx_export_or_clear_message(supernet, arch, x, tmp_path):
             to_onnx(plain, tmp_path / "subnet.onnx", x)
         pytest.skip("onnx/onnxscript are not installed: checked the error message only")
     to_onnx(plain, tmp_path / "subnet.onnx", x)
-    assert (tmp_path / "subnet.onnx").stat().st_size > 0
+    if importlib.util.find_spec("onnxruntime") is None:
+        assert (tmp_path / "subnet.onnx").stat().st_size > 0
+        pytest.skip("onnxruntime is not installed: checked that the file was written only")
+    from nas.export import load_onnx
+
+    run = load_onnx(tmp_path / "subnet.onnx")
+    with torch.no_grad():
+        for images in (x, x[:2]):  # the exported batch size and another
+            torch.testing.assert_close(run(images), supernet(images, arch), atol=1e-4, rtol=1e-4)
 
 
 # -- python -m nas.export ---------------------------------------------------------------------------------------
@@ -172,6 +180,24 @@ def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp
     (tmp_path / "new").touch()  # what any new file gets: the oracle of the permissions
     new_file = stat.S_IMODE((tmp_path / "new").stat().st_mode)
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()} == {new_file}
+
+
+def test_the_command_line_check_fails_on_an_export_that_computes_other_logits(digits_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """The check that every export runs: a subnet whose classifier bias was shifted (as a wrong extraction would) is
+    exported faithfully, and its logits then differ from the supernet's."""
+    import nas.export.__main__ as cli
+
+    def extract_wrongly(supernet, arch):
+        model = extract_subnet(supernet, arch)
+        with torch.no_grad():
+            model.head.bias[0] += 0.1
+        return model
+
+    monkeypatch.setattr(cli, "extract_subnet", extract_wrongly)
+    with pytest.raises(AssertionError, match=r"^the pytorch export at \S+subnet.pt computes other logits than the "
+                                             r"supernet: relative difference [0-9.e-]+ > 0.0001$"):
+        cli.main(["--checkpoint", digits_checkpoint, "--out-dir", str(tmp_path / "out"), "--format", "pytorch"])
 
 
 def test_an_out_dir_holds_the_export_of_one_subnet(digits_checkpoint, tmp_path, capsys):

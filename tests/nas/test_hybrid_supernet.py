@@ -1,6 +1,8 @@
 """The hybrid supernet (nas.hybrid.supernet): every subnet against the plain network it extracts (outputs and
 gradients), modules a subnet does not use never read (NaN canaries), BatchNorm recalibrated per subnet, images resized
 to the subnet's resolution, and clear errors."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -24,18 +26,62 @@ def archs_of(space, count: int):
     return [space.min_arch(), space.max_arch()] + space.sample_many(np.random.default_rng(1), count).archs()
 
 
-def assert_same_gradients(model: HybridSupernet, plain: torch.nn.Module) -> None:
-    """Every extracted weight is a copy of one part of a super weight, and every part of a super weight the subnet
-    reads is copied once: the plain network's weight gradients are the supernet's largest ones, the same numbers
-    (the rest of the supernet's are zero). Biases that a BatchNorm or a softmax cancels have gradients that are zero
-    up to rounding on both sides, hence the absolute tolerance."""
-    def values(module):
-        return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+def extraction_sources(model: HybridSupernet, arch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Where each weight of ``model.extract(arch)`` comes from: for every parameter of the plain network, the index of
+    the supernet parameter and the flat position in it of each of its elements. Found by extracting from a float64
+    copy of the supernet whose parameters hold distinct element numbers (exact integers in float64), the smallest
+    parameters numbered first, so that those extract() rounds through float32 (relative position tables) keep theirs
+    exact too (below 2^24)."""
+    tagged = copy.deepcopy(model).double()
+    params = list(tagged.parameters())
+    order = sorted(range(len(params)), key=lambda i: params[i].numel())
+    starts, owners, first = [], [], 0
+    with torch.no_grad():
+        for i in order:
+            params[i].copy_(torch.arange(first, first + params[i].numel(), dtype=torch.float64).view_as(params[i]))
+            starts.append(first)
+            owners.append(i)
+            first += params[i].numel()
+    starts, owners = torch.tensor(starts), torch.tensor(owners)
+    sources = {}
+    for name, param in tagged.extract(arch).named_parameters():
+        numbers = param.detach().double().flatten()
+        assert torch.equal(numbers, numbers.round()) and 0 <= numbers.min() and numbers.max() < first, (
+            f"{name} is not a copy of supernet weights")
+        numbers = numbers.long()
+        slot = torch.searchsorted(starts, numbers, right=True) - 1
+        sources[name] = owners[slot], numbers - starts[slot]
+    return sources
 
-    ours, theirs = values(model), values(plain)
-    ours = ours[ours.abs().topk(theirs.numel()).indices]
-    torch.testing.assert_close(ours.sort().values, theirs.sort().values, rtol=1e-4,
-                               atol=1e-6 * theirs.abs().max().item())
+
+def assert_same_gradients(model: HybridSupernet, arch, x: torch.Tensor, loss) -> None:
+    """Every extracted weight is a copy of one part of a super weight, and every part of a super weight the subnet
+    reads is copied once: position by position, each weight gradient of the plain network is the supernet's at the
+    element it was copied from, and the supernet's gradient is zero everywhere else. Both run in training mode in
+    float64 (copies of both), so that rounding stays far below any gradient landing in the wrong place."""
+    model64 = copy.deepcopy(model).double().train()
+    model64.zero_grad(set_to_none=True)
+    # extract() gives the relative position tables its plain modules' default dtype (float32), rounding them
+    plain64 = model64.extract(arch).double().train()
+    loss(model64(x.double(), arch)).backward()
+    loss(plain64(x.double())).backward()
+    supers = [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+              for p in model64.parameters()]
+    plains = dict(plain64.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in plains.values() if p.grad is not None)
+    covered = [torch.zeros(g.numel(), dtype=torch.bool) for g in supers]
+    for name, (owner, position) in extraction_sources(model, arch).items():
+        grad = plains[name].grad
+        grad = torch.zeros(plains[name].numel(), dtype=torch.float64) if grad is None else grad.flatten()
+        ours = torch.empty_like(grad)
+        for o in owner.unique().tolist():
+            mine = owner == o
+            ours[mine] = supers[o][position[mine]]
+            assert not covered[o][position[mine]].any(), f"{name} copies an element another weight copies"
+            covered[o][position[mine]] = True
+        torch.testing.assert_close(ours, grad, rtol=1e-6, atol=1e-9 * scale, msg=lambda m, name=name: f"{name}: {m}")
+    for grad, read in zip(supers, covered):
+        assert torch.equal(grad[~read], torch.zeros_like(grad[~read])), "a gradient outside the extracted elements"
 
 
 @pytest.mark.parametrize("name", ["uninet-cifar", "elasticvit-mobile-cifar"])
@@ -59,15 +105,15 @@ def test_cifar_subnets_equal_their_extracted_network_forward_and_backward(name):
         out.backward(upstream)
         plain(x_plain).backward(upstream)
         torch.testing.assert_close(x_super.grad, x_plain.grad, **TOL)
-        assert_same_gradients(model, plain)
+        assert_same_gradients(model, arch, x, lambda out, upstream=upstream: (out * upstream.double()).sum())
     model.zero_grad(set_to_none=True)
     model.eval()
 
 
 @pytest.mark.parametrize("name", ["uninet", "elasticvit-mobile"])
 def test_imagenet_subnets_equal_their_extracted_network(name):
-    """The full presets: eval outputs of the smallest, the largest and a random subnet, and gradients of the smallest
-    (the CIFAR presets check gradients thoroughly)."""
+    """The full presets: eval outputs of the smallest, the largest and a random subnet, and weight gradients of the
+    smallest (the CIFAR presets check gradients thoroughly)."""
     model = supernet(name).eval()
     space = model.space
     x = images(space, batch=1)
@@ -75,14 +121,7 @@ def test_imagenet_subnets_equal_their_extracted_network(name):
         with torch.no_grad():
             torch.testing.assert_close(model(x, arch), model.extract(arch)(x), **TOL)
     arch = space.min_arch()
-    plain = model.extract(arch).train()
-    model.train()
-    small = images(space, batch=2, side=arch.resolution)
-    model(small, arch).square().sum().backward()
-    plain(small).square().sum().backward()
-    assert_same_gradients(model, plain)
-    model.zero_grad(set_to_none=True)
-    model.eval()
+    assert_same_gradients(model, arch, images(space, batch=2, side=arch.resolution), lambda out: out.square().sum())
 
 
 def test_uninet_b0_is_a_subnet_of_the_uninet_supernet():

@@ -2,6 +2,7 @@
 outputs, errors) and an end-to-end ``python -m nas.search`` run on CIFAR-10."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import processes
 import pytest
 import torch
 from hostile import RunsCode, fill_disk
+from significance import sign_flip_p_value
 
 from nas.budget import Budget, Costs
 from nas.costs import macs_many, params_many
@@ -53,40 +55,57 @@ def extra_options(name, space):
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_searcher_respects_budget_and_improves(name):
+def test_searcher_respects_budget_and_reports_its_best(name):
+    """Every proposal meets the budget, and ``best()`` is the best arch observed so far with its own score."""
     space, budget, target = synthetic_setup()
     costs = Costs(space)
     score = distance_objective(target)
     searcher = build_searcher(name, space, costs.feasible([budget]), seed=3, cost=costs.metric("macs"),
                               **extra_options(name, space))
-    best = []
+    observed = {}
     for _ in range(8):
         archs = searcher.propose(24)
         assert len(archs) == 24
         assert (macs_many(archs, space) <= budget.high).all(), f"{name} proposed an arch over the budget"
-        searcher.observe(archs, [score(a) for a in archs])
-        best.append(searcher.best()[1])
-    assert best == sorted(best)
-    if name != "random":
-        assert best[-1] > best[0], f"{name} did not improve: {best}"
+        scores = [score(a) for a in archs]
+        searcher.observe(archs, scores)
+        observed.update(zip(archs, scores))
+        best_arch, best = searcher.best()
+        assert best == max(observed.values()) and score(best_arch) == best
 
 
-@pytest.mark.parametrize("name", ["evolution", "nsga2", "rl", "tpe", "autotuner"])
-def test_guided_search_beats_random_at_equal_evaluations(name):
+# Equal evaluations for a searcher and random search: 16 proposals a generation, 16 generations, except for the two
+# model-based searchers, whose every proposal fits a model to all the history: they are compared at 8 generations.
+GENERATIONS = {"tpe": 8, "autotuner": 8}
+SEEDS = range(10)
+
+
+@functools.cache
+def best_scores(name: str, generations: int) -> tuple[float, ...]:
+    """The best score ``name`` reaches on the cifar-tiny distance objective, one per seed of SEEDS."""
     space, budget, target = synthetic_setup()
     costs = Costs(space)
     score = distance_objective(target)
-    finals = {}
-    for algo in (name, "random"):
-        results = []
-        for seed in range(3):
-            searcher = build_searcher(algo, space, costs.feasible([budget]), seed=seed, cost=costs.metric("macs"))
-            for _ in range(8):
-                archs = searcher.propose(16)
-                searcher.observe(archs, [score(a) for a in archs])
-            results.append(searcher.best()[1])
-        finals[algo] = np.mean(results)
-    assert finals[name] > finals["random"], finals
+    bests = []
+    for seed in SEEDS:
+        searcher = build_searcher(name, space, costs.feasible([budget]), seed=seed, cost=costs.metric("macs"),
+                                  **extra_options(name, space))
+        for _ in range(generations):
+            archs = searcher.propose(16)
+            searcher.observe(archs, [score(a) for a in archs])
+        bests.append(searcher.best()[1])
+    return tuple(bests)
+
+
+@pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - {"random"}))
+def test_guided_search_beats_random_at_equal_evaluations(name):
+    """Paired by seed against random search at the same number of evaluations: the gains in best score pass a
+    one-sided sign-flip test at the 1% level and average at least one point (one gene nearer the optimum; random
+    search's best over 10 seeds spreads 95..98). A searcher that proposes as random search does gives gains whose
+    signs are exchangeable, so it passes the test with probability at most 1%, whatever the margin."""
+    generations = GENERATIONS.get(name, 16)
+    gains = np.subtract(best_scores(name, generations), best_scores("random", generations))
+    assert sign_flip_p_value(gains) <= 0.01 and gains.mean() >= 1.0, f"{name}: gains over random {gains.tolist()}"
 
 
 def test_evolution_finds_the_optimum():
