@@ -7,11 +7,11 @@ released supernets are) names and lays out its weights differently (:data:`AUTOF
   ``3u, 3u + 1, 3u + 2`` for ``u < h * 64``; here they are blocks (q rows, then k rows, then v rows; DESIGN.md section
   2). :func:`interleaved_to_blocks` and :func:`blocks_to_interleaved` permute the rows.
 - its qkv bias is sliced as one leading block, ``bias[:3 * h * 64]``, while the weight rows are gathered: with ``h``
-  heads the k and v units ``u`` take ``bias[h * 64 + u]`` and ``bias[2 * h * 64 + u]``. The bias is kept as it is
-  (which is the block layout at the largest head count). A k bias shifts every logit of a query alike, which softmax
-  ignores; a v bias cannot follow a position that moves with the head count, so subnets with fewer heads in a layer
-  differ from AutoFormer's by that layer's v bias unless ``bias[2 * h * 64:3 * h * 64]`` is the same for every head
-  choice ``h`` (:func:`v_bias_mismatch` measures it; the conversion warns).
+  heads the k and v units ``u`` take ``bias[h * 64 + u]`` and ``bias[2 * h * 64 + u]``. The bias is kept as it is,
+  and the supernet reads it where AutoFormer does (the space's ``qkv_bias_layout="autoformer"``), so every subnet,
+  fewer heads included, computes AutoFormer's.
+- its supernets store weights wider than the search space's largest choices (``SearchSpace.supernet``, the YAML's
+  SUPERNET section; the ``autoformer-t/s/b`` presets hold them).
 - relative position tables (``rel_pos_embed_{k,v}.embeddings_table_{v,h}``: vertical = rows, horizontal = columns)
   are ``blocks.i.attn.rel_pos.{k,v}_{rows,cols}`` here, indexed alike.
 - LayerNorms have torch's default eps 1e-5, and the released models classify the mean of the patch tokens (``--gp``):
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -84,22 +83,13 @@ def blocks_to_interleaved(rows: Tensor) -> Tensor:
     return rows.reshape(3, -1, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
 
 
-def v_bias_mismatch(qkv_bias: Tensor, head_choices: tuple[int, ...]) -> float:
-    """The largest difference between AutoFormer's v bias of a subnet with ``h`` heads (``bias[2h * 64:3h * 64]``)
-    and the leading entries of the largest head count's (what the converted supernet uses), over ``head_choices``."""
-    largest = max(head_choices) * AUTOFORMER_HEAD_DIM
-    full = qkv_bias[2 * largest:]
-    return max((float((qkv_bias[2 * h * AUTOFORMER_HEAD_DIM:3 * h * AUTOFORMER_HEAD_DIM]
-                       - full[:h * AUTOFORMER_HEAD_DIM]).abs().max()) for h in head_choices), default=0.0)
-
-
 def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSpace, *, global_pool: str = "avg",
                                layer_norm_eps: float = 1e-5) -> VisionTransformerSupernet:
     """A supernet of ``space`` holding an AutoFormer supernet's weights (its ``state_dict``, or a checkpoint whose
-    ``"model"`` entry is one); the supernet gives AutoFormer's logits for the same subnet (see the module's description
-    for the v bias of subnets with fewer heads). ``space`` must have AutoFormer's largest sizes and head dim 64; the
-    relative position distance is read from the tables, if there are any. Raises ValueError naming missing,
-    unexpected or mis-shaped tensors."""
+    ``"model"`` entry is one); every subnet gives AutoFormer's logits. ``space`` must store AutoFormer's supernet
+    sizes (``space.supernet_sizes()``) with head dim 64; it gets AutoFormer's qkv bias layout, and the relative
+    position distance read from the tables, if there are any (``model.config.space`` is the space used). Raises
+    ValueError naming missing, unexpected or mis-shaped tensors."""
     state_dict = state_dict.get("model", state_dict)
     if space.head_dim != AUTOFORMER_HEAD_DIM:
         raise ValueError(f"from_autoformer_state_dict: AutoFormer's heads have {AUTOFORMER_HEAD_DIM} channels, the "
@@ -111,6 +101,7 @@ def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSp
             raise ValueError(f"from_autoformer_state_dict: the relative position tables reach distance {distance}, "
                              f"the space {space.name!r} {space.relative_position}")
         space = dataclasses.replace(space, relative_position=distance)
+    space = dataclasses.replace(space, qkv_bias_layout="autoformer")
     converted, unexpected = {}, []
     for name, tensor in state_dict.items():
         ours = renamed(name)
@@ -122,19 +113,19 @@ def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSp
     config.global_pool = global_pool
     model = VisionTransformerSupernet(config)
     load_converted(model, converted, unexpected, "from_autoformer_state_dict")
-    mismatch = max((v_bias_mismatch(t, space.num_heads) for n, t in converted.items() if n.endswith("attn.qkv.bias")),
-                   default=0.0)
-    if mismatch > 0:
-        warnings.warn(f"AutoFormer's qkv bias gives subnets with fewer than {max(space.num_heads)} heads v biases that "
-                      f"differ from the largest head count's by up to {mismatch:.3g}; the converted supernet uses the "
-                      "largest head count's, so those subnets' logits differ from AutoFormer's (nas.convert)",
-                      stacklevel=2)
     return model
 
 
 def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tensor]:
     """The supernet's weights with AutoFormer's names and layout (they load into AutoFormer's
-    ``Vision_TransformerSuper`` with ``change_qkv=True``); the inverse of :func:`from_autoformer_state_dict`."""
+    ``Vision_TransformerSuper`` with ``change_qkv=True``); the inverse of :func:`from_autoformer_state_dict`. Refused
+    for a supernet whose subnets with fewer heads read their q, k, v biases in the block layout, which AutoFormer's
+    cannot express."""
+    space, config = model.config.space, model.config
+    if config.qkv_bias_layout != "autoformer" and (space is None or len(space.num_heads) > 1):
+        raise ValueError("to_autoformer_state_dict: the supernet's subnets with fewer heads read their q, k, v biases "
+                         "in the block layout, which AutoFormer's qkv bias cannot hold (convert a supernet of a space "
+                         "with qkv_bias_layout: autoformer)")
     out = {}
     for name, tensor in model.state_dict().items():
         theirs = renamed(name, autoformer_to_ours=False)

@@ -56,8 +56,9 @@ def pool(tokens: Tensor, global_pool: str) -> Tensor:
 class SupernetConfig:
     """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
     own q/k projections (``ElasticAttention``); ``relative_position``: the maximum distance of the 2D relative
-    position, 0 for none; ``global_pool``: what the classifier reads after the final norm, the class token
-    (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
+    position, 0 for none; ``qkv_bias_layout``: where the q, k, v biases of fewer heads are
+    (``elastic_ops.nn.ElasticAttention``); ``global_pool``: what the classifier reads after the final norm, the class
+    token (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
     (``"dense"``, one patch size), every patch token, mapped to the logits of its pixels; ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
@@ -73,6 +74,7 @@ class SupernetConfig:
     private_class_tokens: bool = False
     private_qk_heads: tuple[int, ...] = ()
     relative_position: int = 0
+    qkv_bias_layout: str = "blocks"
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     global_pool: str = "token"
@@ -104,14 +106,15 @@ class SupernetConfig:
     @classmethod
     def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0,
                    layer_norm_eps: float = 1e-6) -> "SupernetConfig":
-        """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
-        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the
-        relative position is ``space.relative_position``, so that ``nas.cost`` counts what the supernet holds."""
+        """The supernet holding every subnet of ``space``: its stored sizes (``space.supernet_sizes()``) and qkv bias
+        layout. With ``space.private_qk`` every head count but the largest gets private q/k projections (the largest
+        uses the shared qkv's q/k blocks); the relative position is ``space.relative_position``, so that ``nas.cost``
+        counts what the supernet holds."""
+        sizes = space.supernet_sizes()
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
-            num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),
-            num_heads=max(space.num_heads), head_dim=space.head_dim,
-            hidden_features=int(max(space.embed_dims) * max(space.mlp_ratios)),
+            num_classes=space.num_classes, embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=sizes.num_heads,
+            head_dim=space.head_dim, hidden_features=sizes.hidden_features, qkv_bias_layout=space.qkv_bias_layout,
             private_class_tokens=bool(space.private_class_tokens),
             private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (),
             relative_position=space.relative_position, drop_path_rate=drop_path_rate,
@@ -164,7 +167,8 @@ class VisionTransformerSupernet(nn.Module):
         drop_paths = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
-                         drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position)
+                         drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position,
+                         qkv_bias_layout=c.qkv_bias_layout)
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)

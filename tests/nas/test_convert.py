@@ -14,7 +14,6 @@ with timm's structure and parameter names and timm's forward, built here; timm i
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.arch import Arch
+from nas.batched import batched_forward
 from nas.convert import (
     blocks_to_interleaved,
     convert_timm_vit,
@@ -33,20 +33,24 @@ from nas.convert import (
 )
 from nas.evaluate import evaluate_archs
 from nas.export import extract_subnet
-from nas.space import SearchSpace
+from nas.space import SearchSpace, load_space, read_autoformer_yaml
+from nas.supernet import SupernetConfig, from_timm_state_dict
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
-# A small AutoFormer space: head dim 64 and embed dim = heads * 64 at the largest, as AutoFormer's qkv_super needs.
-AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112, 128], depths=[2, 3], num_heads=[1, 2],
-                       mlp_ratios=[2.0, 3.0], head_dim=64, patch_sizes=[8], img_size=32, in_chans=3, num_classes=7)
+# A small AutoFormer space: head dim 64 and the stored embed dim = heads * 64, as AutoFormer's qkv_super needs; the
+# stored weights wider than the largest choices, as AutoFormer's supernets are (its SUPERNET section).
+AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112], depths=[2, 3], num_heads=[1, 2],
+                       mlp_ratios=[2.0, 3.0], head_dim=64, patch_sizes=[8], img_size=32, in_chans=3, num_classes=7,
+                       supernet={"embed_dim": 128, "depth": 3, "num_heads": 2, "mlp_ratio": 3.5})
 MAX_DISTANCE = 3
 
 
 def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too)."""
     g = torch.Generator().manual_seed(seed)
-    embed, hidden = space.max_embed_dim, space.max_hidden
+    sizes = space.supernet_sizes()
+    embed, hidden = sizes.embed_dim, sizes.hidden_features
     tokens = (space.img_size // space.patch_sizes[0]) ** 2 + 1
     patch = space.patch_sizes[0]
 
@@ -145,36 +149,39 @@ def test_qkv_rows_interleaved_and_in_blocks():
 
 def test_autoformer_supernet_gives_autoformers_logits():
     state = autoformer_state_dict(AF_SPACE)
-    images = torch.randn(3, 3, 32, 32)
-    with pytest.warns(UserWarning, match="fewer than 2 heads"):
-        model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).eval()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).double().eval()
     assert model.config.relative_position == MAX_DISTANCE and model.config.global_pool == "avg"
-    # Every subnet at the largest head count: AutoFormer's logits.
-    for arch in subnets(AF_SPACE, 3, 0, full_heads=True):
-        torch.testing.assert_close(model(images, arch), autoformer_forward(state, images, arch), **TOL)
-    # Any head count, where AutoFormer's v biases of the head choices agree (here: zero where any head count reads
-    # them; the q and k biases stay random, and a k bias changes nothing).
-    for i in range(AF_SPACE.max_depth):
-        bias = state[f"blocks.{i}.attn.qkv.bias"]
-        for heads in AF_SPACE.num_heads:
-            bias[2 * heads * 64:3 * heads * 64] = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = from_autoformer_state_dict(state, AF_SPACE).eval()
-    archs = subnets(AF_SPACE, 4, 10, full_heads=False)
-    assert any(min(a.num_heads[:a.depth]) < 2 for a in archs)
-    expected = torch.stack([autoformer_forward(state, images, arch) for arch in archs])
-    torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, **TOL)
-    # Batched evaluation and export see the same model.
-    results = evaluate_archs(model, archs, [(images, expected[0].argmax(-1))], progress=False)
-    assert results[0].top1 == 100.0
-    torch.testing.assert_close(extract_subnet(model, archs[1])(images), expected[1], **TOL)
+    assert (model.config.embed_dim, model.config.hidden_features) == (128, 448)
+    # Every subnet, the largest head count or fewer in any layer (AutoFormer's k and v biases then move).
+    archs = subnets(AF_SPACE, 6, 10, full_heads=False)
+    archs.append(dataclasses.replace(AF_SPACE.max_arch(), num_heads=(1, 2, 1)))
+    assert sum(min(a.num_heads[:a.depth]) < 2 for a in archs) >= 4
+    expected = torch.stack([autoformer_forward({k: v.double() for k, v in state.items()}, images, arch)
+                            for arch in archs])
+    torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, atol=1e-10, rtol=0)
+    # Batched evaluation (the grouped pass) and export see the same model.
+    model.float()
+    images, expected = images.float(), expected.float()
+    results = evaluate_archs(model, archs, [(images, expected[-1].argmax(-1))], progress=False)
+    assert results[-1].top1 == 100.0
+    for k in (1, len(archs) - 1):
+        torch.testing.assert_close(extract_subnet(model, archs[k])(images), expected[k], **TOL)
+
+
+def test_grouped_pass_reads_autoformers_bias_per_subnet():
+    """A grouped pass of subnets with different head counts adds each one's own q, k, v biases (an independent
+    oracle: one subnet at a time)."""
+    model = from_autoformer_state_dict(autoformer_state_dict(AF_SPACE, seed=2), AF_SPACE).eval()
+    archs = [dataclasses.replace(AF_SPACE.max_arch(), num_heads=heads) for heads in ((1, 2, 1), (2, 1, 2), (1,) * 3)]
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(batched_forward(model, images, archs), torch.stack([model(images, a) for a in archs]),
+                               **TOL)
 
 
 def test_autoformer_round_trip_and_errors():
     state = autoformer_state_dict(AF_SPACE, seed=1)
-    with pytest.warns(UserWarning):
-        model = from_autoformer_state_dict(state, AF_SPACE)
+    model = from_autoformer_state_dict(state, AF_SPACE)
     back = to_autoformer_state_dict(model)
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[name], state[name]) for name in state)
@@ -182,10 +189,36 @@ def test_autoformer_round_trip_and_errors():
         from_autoformer_state_dict({k: v for k, v in state.items() if k != "blocks.2.fc1.bias"}, AF_SPACE)
     with pytest.raises(ValueError, match=r"unexpected: \['blocks.0.attn.q_norm.weight'\]"):
         from_autoformer_state_dict({**state, "blocks.0.attn.q_norm.weight": torch.ones(3)}, AF_SPACE)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, embed_dims=[96, 112]))
+    with pytest.raises(ValueError, match="shape mismatch"):  # the stored sizes are not the largest choices
+        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, supernet=None))
     with pytest.raises(ValueError, match="64 channels"):
         from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, head_dim=32))
+    blocks_layout = from_timm_state_dict(model.state_dict(), dataclasses.replace(model.config.space,
+                                                                                qkv_bias_layout="blocks"))
+    with pytest.raises(ValueError, match="block layout"):
+        to_autoformer_state_dict(blocks_layout)
+
+
+def test_presets_hold_autoformers_supernets():
+    """The SUPERNET sections of AutoFormer's experiments/supernet/supernet-{T,S,B}.yaml (microsoft/Cream)."""
+    for name, sizes in (("autoformer-t", (256, 14, 4, 1024)), ("autoformer-s", (448, 14, 7, 1792)),
+                        ("autoformer-b", (640, 16, 10, 2560))):
+        config = SupernetConfig.from_space(load_space(name))
+        assert (config.embed_dim, config.depth, config.num_heads, config.hidden_features) == sizes, name
+        assert config.num_heads * 64 == config.embed_dim and config.qkv_bias_layout == "autoformer"
+
+
+def test_read_autoformer_yaml_reads_both_sections(tmp_path):
+    path = tmp_path / "supernet-T.yaml"
+    path.write_text("SUPERNET:\n  MLP_RATIO: 4.0\n  NUM_HEADS: 4\n  EMBED_DIM: 256\n  DEPTH: 14\n"
+                    "SEARCH_SPACE:\n  MLP_RATIO: [3.5, 4]\n  NUM_HEADS: [3, 4]\n  DEPTH: [12, 13, 14]\n"
+                    "  EMBED_DIM: [192, 216, 240]\n")
+    space = read_autoformer_yaml(path)
+    assert dataclasses.replace(space, name="autoformer-t") == load_space("autoformer-t")
+    assert SearchSpace.from_yaml(space.to_yaml()) == space
+    path.write_text(path.read_text().replace("EMBED_DIM: 256", "EMBED_DIM: 224"))
+    with pytest.raises(ValueError, match="embed_dim 224 < 240"):
+        read_autoformer_yaml(path)
 
 
 # -- timm ----------------------------------------------------------------------------------------------------------
