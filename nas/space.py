@@ -43,6 +43,7 @@ def _choices(name: str, values, kind) -> tuple:
 
 TASKS = ("classification", "segmentation")
 QKV_BIAS_LAYOUTS = ("blocks", "autoformer")  # elastic_ops.nn.ElasticAttention's
+CLASSIFIER_POOLS = ("token", "avg")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ class SearchSpace:
     background class too). ``supernet``: the sizes of the stored weights where they exceed the largest choices
     (:class:`SupernetSizes`; a mapping in YAML; None: the largest choices). ``qkv_bias_layout``: ``"blocks"`` or
     ``"autoformer"`` (AutoFormer's q, k, v biases of ``h`` heads: one leading block ``bias[:3 * h * head_dim]``;
-    ``elastic_ops.nn.ElasticAttention``). Choices are stored sorted and without repeats.
+    ``elastic_ops.nn.ElasticAttention``). ``global_pool``: what a classifier reads, the class token or the patch
+    tokens' mean (``"avg"``, AutoFormer's ``--gp``); ``layer_norm_eps``: the LayerNorms' eps (AutoFormer's: torch's
+    1e-5); ``layer_scale``: the blocks scale each branch by a learnt vector (timm's LayerScale: CaiT, DeiT III).
+    Choices are stored sorted and without repeats.
     """
 
     name: str
@@ -99,6 +103,9 @@ class SearchSpace:
     task: str = "classification"
     supernet: SupernetSizes | None = None
     qkv_bias_layout: str = "blocks"
+    global_pool: str = "token"
+    layer_norm_eps: float = 1e-6
+    layer_scale: bool = False
 
     arch_type: ClassVar[type] = Arch
 
@@ -120,7 +127,7 @@ class SearchSpace:
         if int(self.num_classes) < 0:
             raise ValueError(f"SearchSpace.num_classes={self.num_classes} must be >= 0")
         set_field("num_classes", int(self.num_classes))
-        for name in ("identity_layers", "private_class_tokens", "private_qk"):
+        for name in ("identity_layers", "private_class_tokens", "private_qk", "layer_scale"):
             set_field(name, bool(getattr(self, name)))
         if self.task not in TASKS:
             raise ValueError(f"SearchSpace.task={self.task!r} must be one of {', '.join(TASKS)}")
@@ -132,6 +139,14 @@ class SearchSpace:
                              f"{', '.join(QKV_BIAS_LAYOUTS)}")
         if self.qkv_bias_layout == "autoformer" and self.private_qk:
             raise ValueError("SearchSpace: AutoFormer's qkv bias layout goes with shared q/k, not private_qk")
+        if self.global_pool not in CLASSIFIER_POOLS:
+            raise ValueError(f"SearchSpace.global_pool={self.global_pool!r} must be one of "
+                             f"{', '.join(CLASSIFIER_POOLS)}")
+        if self.task == "segmentation" and self.global_pool != "token":
+            raise ValueError("SearchSpace.global_pool: a segmentation head reads every patch token; leave it 'token'")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"SearchSpace.layer_norm_eps={self.layer_norm_eps!r} must be a number in (0, 1)")
+        set_field("layer_norm_eps", float(self.layer_norm_eps))
         if self.supernet is not None:
             set_field("supernet", self._supernet_sizes(self.supernet))
         bad = [p for p in self.patch_sizes if self.img_size % p]
@@ -488,15 +503,17 @@ def _read_autoformer_config(path) -> dict:
 def read_autoformer_space(path: str | os.PathLike, name: str | None = None, **overrides) -> SearchSpace:
     """The space of an AutoFormer supernet or subnet YAML: its SEARCH_SPACE section (MLP_RATIO, NUM_HEADS, DEPTH,
     EMBED_DIM lists) and, where there is one, its SUPERNET section (the sizes of the stored weights, which may exceed
-    the choices: ``SearchSpace.supernet``), with AutoFormer's qkv bias layout. AutoFormer's ImageNet defaults (224 px,
-    patch 16, head dim 64, 1000 classes) apply unless ``overrides`` set other SearchSpace fields."""
+    the choices: ``SearchSpace.supernet``), with AutoFormer's qkv bias layout, patch-token pooling (``--gp``, as its
+    released supernets) and LayerNorm eps. AutoFormer's ImageNet defaults (224 px, patch 16, head dim 64, 1000
+    classes) apply unless ``overrides`` set other SearchSpace fields."""
     config = _read_autoformer_config(path)
     s = _autoformer_section(config, "SEARCH_SPACE", path)
     if "SUPERNET" in config:
         sizes = _autoformer_section(config, "SUPERNET", path)
         overrides.setdefault("supernet", {"embed_dim": sizes["EMBED_DIM"], "depth": sizes["DEPTH"],
                                           "num_heads": sizes["NUM_HEADS"], "mlp_ratio": sizes["MLP_RATIO"]})
-    overrides.setdefault("qkv_bias_layout", "autoformer")
+    for field_name, value in (("qkv_bias_layout", "autoformer"), ("global_pool", "avg"), ("layer_norm_eps", 1e-5)):
+        overrides.setdefault(field_name, value)
     return SearchSpace(name=name or Path(path).stem, embed_dims=s["EMBED_DIM"], depths=s["DEPTH"],
                        num_heads=s["NUM_HEADS"], mlp_ratios=s["MLP_RATIO"], **overrides)
 

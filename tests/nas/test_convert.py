@@ -370,3 +370,80 @@ def test_a_real_timm_vit_converts_in_place():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=6)
     check_conversion(model, torch.randn(2, 3, 32, 32))
+
+
+# -- python -m nas.convert ---------------------------------------------------------------------------------------
+
+# AutoFormer's layout on the digits (8 x 8 px, one channel, ten classes), its supernet wider than the choices.
+DIGITS_AF_SPACE = SearchSpace(name="digits-autoformer", embed_dims=[48, 64], depths=[1, 2], num_heads=[1, 2],
+                              mlp_ratios=[1.0, 2.0], head_dim=64, patch_sizes=[2], img_size=8, in_chans=1,
+                              num_classes=10, supernet={"embed_dim": 128, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0})
+
+
+def run_cli(main, args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 0 or err.count("\n") == 1, err
+    return code, err
+
+
+def test_the_command_line_converts_autoformer_weights_for_search_and_export(tmp_path, capsys):
+    """Convert an AutoFormer checkpoint (with its argparse.Namespace), then search and export the output."""
+    import argparse
+    import json
+
+    from nas.checkpoint import load_supernet
+    from nas.convert.__main__ import main as convert_main
+    from nas.export.__main__ import main as export_main
+    from nas.search import main as search_main
+
+    state = autoformer_state_dict(DIGITS_AF_SPACE, seed=3)
+    weights, space_file, out = tmp_path / "autoformer.pth", tmp_path / "space.yaml", tmp_path / "converted"
+    torch.save({"model": state, "epoch": 3, "args": argparse.Namespace(lr=5e-4, gp=True)}, weights)
+    space_file.write_text(DIGITS_AF_SPACE.to_yaml())
+    assert run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                  "--out-dir", out], capsys)[0] == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert sorted(report["mapped"]) == sorted(state) and report["unused"] == [] and report["from"] == "autoformer"
+    supernet, space, _ = load_supernet(out / "checkpoint.pt")
+    images = torch.randn(2, 1, 8, 8)
+    arch = dataclasses.replace(space.max_arch(), num_heads=(1, 2))
+    torch.testing.assert_close(supernet(images, arch), autoformer_forward(state, images, arch), **TOL)
+    assert run_cli(search_main, ["--checkpoint", out / "checkpoint.pt", "--dataset", "digits", "--search-on", "test",
+                                 "--out-dir", tmp_path / "search", "--generations", 1, "--population", 4, "--parents",
+                                 2, "--mutations", 2, "--crossovers", 2, "--test-images", 16, "--no-progress"],
+                   capsys)[0] == 0
+    found = json.loads((tmp_path / "search" / "search.json").read_text())
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(found["candidates"][0]))  # an arch the search scored
+    assert run_cli(export_main, ["--checkpoint", out / "checkpoint.pt", "--arch", arch_file, "--format", "pytorch",
+                                 "--out-dir", tmp_path / "export"], capsys)[0] == 0
+    # A tensor with no counterpart: refused in one line, or left out and reported with --allow-unused.
+    torch.save({**state, "blocks.0.attn.q_norm.weight": torch.ones(64)}, weights)
+    code, err = run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                       "--out-dir", tmp_path / "again"], capsys)
+    assert code == 2 and "unexpected: ['blocks.0.attn.q_norm.weight']" in err
+    assert run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                  "--out-dir", tmp_path / "again", "--allow-unused"], capsys)[0] == 0
+    assert json.loads((tmp_path / "again" / "conversion.json").read_text())["unused"] == [
+        "blocks.0.attn.q_norm.weight"]
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
+    from nas.convert.__main__ import available
+    from nas.convert.__main__ import main as convert_main
+
+    weights = tmp_path / "w.pt"
+    torch.save({"cls_token": torch.zeros(1, 1, 200)}, weights)
+    expectations = [
+        (["--from", "autoformer", "--weights", weights], "no AutoFormer preset has"),
+        (["--from", "timm", "--weights", weights], "--from timm needs --space"),
+        (["--from", "uninet", "--weights", weights], "--from uninet needs --name"),
+        (["--from", "autoformer"], "needs the weights"),
+        (["--from", "autoformer", "--weights", tmp_path / "none.pt"], "no file"),
+    ]
+    for args, message in expectations:
+        code, err = run_cli(convert_main, args, capsys)
+        assert code == 2 and message in err, (args, err)
+    with pytest.raises(ValueError, match="--from x is not available in this build"):
+        available("x", "no_such_converter")
