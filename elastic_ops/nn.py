@@ -350,7 +350,8 @@ class ElasticAttention(ElasticModule):
     ``h * head_dim`` entries of each of the three blocks, as the weight rows. ``"autoformer"``: one leading block
     ``bias[:3 * h * head_dim]`` (q, k, v one after another), as AutoFormer's ``qkv_super`` slices it while it gathers
     the weight rows; so the k and v biases move with the head count. The three biases are read from where they are at
-    each call (a few hundred numbers; the weights are not copied), on the unfused path.
+    each call (a few hundred numbers; the weights are not copied); a grouped pass of several head counts goes the
+    unfused way, adding each subnet's own.
     """
 
     two_sided = True
@@ -423,14 +424,24 @@ class ElasticAttention(ElasticModule):
         x, unpartition = self._windows(x)
         # The fused op reads the leading heads of each of q, k and v; the trailing heads go the unfused way.
         if (heads in self.private_qk_heads or self.rel_pos is not None or self.rel_pos_h is not None
-                or self.side("num_heads") == "right" or self.qkv_bias_layout == "autoformer"):
+                or self.side("num_heads") == "right"):
             return unpartition(self._unfused_attention(x, heads))
         embed_side = (self.side("embed_dim"),)
         qkv_weight = side_view(self.qkv.weight, (self.qkv.out_features, e), ("left",) + embed_side)
         proj_weight = side_view(self.proj.weight, (e,), embed_side)
         proj_bias = side_view(self.proj.bias, (e,), embed_side)
-        return unpartition(elastic_attention(x, qkv_weight, self.qkv.bias, proj_weight, proj_bias, heads,
+        return unpartition(elastic_attention(x, qkv_weight, self._blocks_bias(heads), proj_weight, proj_bias, heads,
                                              self.head_dim))
+
+    def _blocks_bias(self, heads: int) -> Tensor | None:
+        """``qkv.bias`` as the fused op reads it (the block layout) for ``heads`` active heads: itself, or AutoFormer's
+        leading ``3 * heads * head_dim`` entries moved to the leading entries of the three blocks (a few hundred
+        numbers, through autograd)."""
+        bias = self.qkv.bias
+        if bias is None or self.qkv_bias_layout == "blocks":
+            return bias
+        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        return F.pad(bias[:3 * width].view(3, width), (0, max_width - width)).reshape(-1)
 
     def _windows(self, x: Tensor):
         """``x [..., grid * grid, E]`` as windows ``[..., windows * batch, w * w, E]`` (the leading dim before the
@@ -455,8 +466,8 @@ class ElasticAttention(ElasticModule):
 
     # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
     # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
-    # relative position adds terms to the logits and the context; AutoFormer's bias layout puts the k and v biases
-    # where the fused op does not read them. So the unfused paths: elastic (or grouped) linears
+    # relative position adds terms to the logits and the context; in a grouped pass AutoFormer's bias layout gives each
+    # head count its own k and v biases. So the unfused paths: elastic (or grouped) linears
     # for q, k and v (in place on their super weights), the attention math in torch (``_attend``), and an elastic
     # linear for the projection. Row blocks of qkv.weight are views, not leaves: their gradients reach
     # qkv.weight.grad through autograd.

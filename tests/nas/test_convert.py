@@ -46,8 +46,9 @@ AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112], depths=[2,
 MAX_DISTANCE = 3
 
 
-def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too)."""
+def autoformer_state_dict(space: SearchSpace, seed: int = 0, relative: bool = True) -> dict[str, torch.Tensor]:
+    """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too; ``relative``: with
+    relative position tables)."""
     g = torch.Generator().manual_seed(seed)
     sizes = space.supernet_sizes()
     embed, hidden = sizes.embed_dim, sizes.hidden_features
@@ -65,7 +66,7 @@ def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.
             state[b + norm + ".weight"], state[b + norm + ".bias"] = 1 + t(embed), t(embed)
         state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"] = t(3 * embed, embed), t(3 * embed)
         state[b + "attn.proj.weight"], state[b + "attn.proj.bias"] = t(embed, embed), t(embed)
-        for which in ("k", "v"):
+        for which in ("k", "v") if relative else ():
             for axis in ("v", "h"):
                 state[f"{b}attn.rel_pos_embed_{which}.embeddings_table_{axis}"] = t(2 * MAX_DISTANCE + 2, 64)
         state[b + "fc1.weight"], state[b + "fc1.bias"] = t(hidden, embed), t(hidden)
@@ -110,16 +111,19 @@ def autoformer_forward(state, images, arch: Arch, max_distance=MAX_DISTANCE):
         q, k, v = qkv[0], qkv[1], qkv[2]
         scale = 64 ** -0.5
         attn = (q @ k.transpose(-2, -1)) * scale
-        r_p_k = autoformer_relative(state[b + "attn.rel_pos_embed_k.embeddings_table_v"],
-                                    state[b + "attn.rel_pos_embed_k.embeddings_table_h"], n, max_distance, 64)
-        attn = attn + (q.permute(2, 0, 1, 3).reshape(n, heads * batch, -1) @ r_p_k.transpose(2, 1)) \
-            .transpose(1, 0).reshape(batch, heads, n, n) * scale
+        relative = b + "attn.rel_pos_embed_k.embeddings_table_v" in state  # AutoFormer's --relative_position
+        if relative:
+            r_p_k = autoformer_relative(state[b + "attn.rel_pos_embed_k.embeddings_table_v"],
+                                        state[b + "attn.rel_pos_embed_k.embeddings_table_h"], n, max_distance, 64)
+            attn = attn + (q.permute(2, 0, 1, 3).reshape(n, heads * batch, -1) @ r_p_k.transpose(2, 1)) \
+                .transpose(1, 0).reshape(batch, heads, n, n) * scale
         attn = attn.softmax(dim=-1)
         h = (attn @ v).transpose(1, 2).reshape(batch, n, -1)
-        r_p_v = autoformer_relative(state[b + "attn.rel_pos_embed_v.embeddings_table_v"],
-                                    state[b + "attn.rel_pos_embed_v.embeddings_table_h"], n, max_distance, 64)
-        attn_1 = attn.permute(2, 0, 1, 3).reshape(n, batch * heads, -1)
-        h = h + (attn_1 @ r_p_v).transpose(1, 0).reshape(batch, heads, n, -1).transpose(2, 1).reshape(batch, n, -1)
+        if relative:
+            r_p_v = autoformer_relative(state[b + "attn.rel_pos_embed_v.embeddings_table_v"],
+                                        state[b + "attn.rel_pos_embed_v.embeddings_table_h"], n, max_distance, 64)
+            attn_1 = attn.permute(2, 0, 1, 3).reshape(n, batch * heads, -1)
+            h = h + (attn_1 @ r_p_v).transpose(1, 0).reshape(batch, heads, n, -1).transpose(2, 1).reshape(batch, n, -1)
         h = F.linear(h, state[b + "attn.proj.weight"][:e, :heads * 64], state[b + "attn.proj.bias"][:e])
         x = residual + h
         residual, h = x, norm("ffn_layer_norm", x)
@@ -177,6 +181,28 @@ def test_grouped_pass_reads_autoformers_bias_per_subnet():
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(batched_forward(model, images, archs), torch.stack([model(images, a) for a in archs]),
                                **TOL)
+
+
+def test_without_relative_position_the_fused_attention_reads_autoformers_bias():
+    """No relative position: a subnet's attention runs fused on the bias moved to the block layout; its logits and the
+    qkv bias's gradient are AutoFormer's (autograd through the independent forward on AutoFormer's state dict)."""
+    state = {k: v.double().requires_grad_() for k, v in autoformer_state_dict(AF_SPACE, seed=4, relative=False).items()}
+    model = from_autoformer_state_dict({k: v.detach() for k, v in state.items()}, AF_SPACE).double().eval()
+    assert model.config.relative_position == 0
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for heads in ((1, 2, 1), (1, 1, 1)):
+        arch = dataclasses.replace(AF_SPACE.max_arch(), num_heads=heads)
+        expected = autoformer_forward(state, images, arch)
+        logits = model(images, arch)
+        torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
+        expected.square().sum().backward()
+        logits.square().sum().backward()
+        for i in range(AF_SPACE.max_depth):
+            torch.testing.assert_close(model.blocks[i].attn.qkv.bias.grad, state[f"blocks.{i}.attn.qkv.bias"].grad,
+                                       atol=1e-9, rtol=0)
+        model.zero_grad()
+        for tensor in state.values():
+            tensor.grad = None
 
 
 def test_autoformer_round_trip_and_errors():
