@@ -1,4 +1,4 @@
-"""Evaluating many subnets: batched (K subnets per pass over the data, ``nas.batched``) against one subnet after
+"""Evaluating many subnets: batched (K subnets per pass over the data, ``nas.vit.batched``) against one subnet after
 another with the best single-subnet path, on the same random subnets and images, in one run.
 
 Workloads:
@@ -28,8 +28,8 @@ import torch
 
 import elastic_ops
 from nas.evaluate import evaluate_archs
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 CPU_SUBNETS = int(os.environ.get("BENCH_EVAL_SUBNETS", 16))
 CPU_IMAGES = int(os.environ.get("BENCH_EVAL_IMAGES", 256))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 SUBNETS = 10
 

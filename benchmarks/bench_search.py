@@ -35,8 +35,8 @@ from nas.checkpoint import load_supernet
 from nas.distributed import Distributed
 from nas.evaluate import EvalCache, TensorBatches, evaluate_archs
 from nas.searching import Search, SearchConfig, make_evaluate, search_data
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 
 def autoformer_evaluate(supernet, dataset: TensorDataset, batch_size: int):

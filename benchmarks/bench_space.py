@@ -6,8 +6,8 @@ Each FLOPs window holds the middle ~10% of the space's MACs distribution (the 45
 import numpy as np
 import pytest
 
-from nas.cost import macs_many, sample_in_flops_window
-from nas.space import load_space
+from nas.costs import macs_many, sample_in_flops_window
+from nas.spaces import load_space
 
 SPACES = ["autoformer-t", "autoformer-b", "vitas-t", "digits-tiny"]
 

@@ -37,9 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import AutoFormerAttention  # noqa: E402
 
 import elastic_ops  # noqa: E402
-from nas.arch import Arch  # noqa: E402
-from nas.space import SearchSpace, load_space  # noqa: E402
-from nas.supernet import SupernetConfig, VisionTransformerSupernet  # noqa: E402
+from nas.spaces import load_space  # noqa: E402
+from nas.vit.arch import Arch  # noqa: E402
+from nas.vit.space import SearchSpace  # noqa: E402
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet  # noqa: E402
 
 CPU_STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", 4))
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from nas.budget import Budget
-from nas.cost import macs
-from nas.space import load_space
+from nas.costs import macs
+from nas.spaces import load_space
 
 SPACE = "mnist-seg-tiny"
 

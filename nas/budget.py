@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cost as cost_model
-from .arch import Arch
+from . import costs
 from .errors import BudgetError, InfeasibleBudgetError
-from .space import SearchSpace
+from .family import Arch, Space
 
 METRICS = ("macs", "params", "latency")
 UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -84,14 +83,14 @@ def format_count(value: float) -> str:
 class Costs:
     """MACs, params and (with a latency model) predicted milliseconds of archs, vectorised, memoised."""
 
-    def __init__(self, space: SearchSpace, latency_model=None):
+    def __init__(self, space: Space, latency_model=None):
         self.space, self.latency_model = space, latency_model
         self._known: dict[Arch, dict[str, float]] = {}
 
     def __call__(self, archs: Sequence[Arch]) -> dict[str, np.ndarray]:
         new = [a for a in dict.fromkeys(archs) if a not in self._known]
         if new:
-            values = {"macs": cost_model.macs_many(new, self.space), "params": cost_model.params_many(new, self.space)}
+            values = {"macs": costs.macs_many(new, self.space), "params": costs.params_many(new, self.space)}
             if self.latency_model is not None:
                 values["latency"] = 1e3 * self.latency_model.predict_many(new)
             for i, arch in enumerate(new):
@@ -122,7 +121,7 @@ class Costs:
             if budget.metric == "latency" and self.latency_model is None:
                 raise BudgetError(f"budget {budget.label}: a latency budget needs a latency model (--latency-model, "
                                   "written by nas.latency)")
-            smallest, largest = cost_model.cost_range(self.space, self.metric(budget.metric))
+            smallest, largest = costs.cost_range(self.space, self.metric(budget.metric))
             if smallest > budget.high or largest < budget.low:
                 raise InfeasibleBudgetError(
                     f"budget {budget.label}: no arch of space {self.space.name!r} can meet it; its {budget.metric} "

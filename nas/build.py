@@ -1,18 +1,14 @@
-"""The supernet of a search space, whichever its kind: the ViT supernet of a ``SearchSpace``, the hybrid supernet of a
-``HybridSpace``."""
+"""The supernet of a search space, whichever its family (``nas.family``)."""
 from __future__ import annotations
 
-from .hybrid.space import HybridSpace
-from .hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from .space import Space
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from torch import nn
+
+from .family import Space, family_of
 
 
-def build_supernet(space: Space, drop_path_rate: float = 0.0) -> VisionTransformerSupernet | HybridSupernet:
+def build_supernet(space: Space, drop_path_rate: float = 0.0) -> nn.Module:
     """A freshly initialised supernet holding every subnet of ``space``."""
-    if isinstance(space, HybridSpace):
-        return HybridSupernet(HybridSupernetConfig(space, drop_path_rate=drop_path_rate))
-    return VisionTransformerSupernet(SupernetConfig.from_space(space, drop_path_rate=drop_path_rate))
+    return family_of(space).build_supernet(space, drop_path_rate)
 
 
 __all__ = ["build_supernet"]

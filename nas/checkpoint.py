@@ -8,6 +8,7 @@ atomically (``nas.atomic``) as ``<out_dir>/checkpoints/step_<step>.pt`` and neve
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -20,9 +21,8 @@ from torch import Tensor
 from .atomic import atomic_torch_save
 from .build import build_supernet
 from .errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
-from .hybrid.supernet import HybridSupernet
-from .space import Space, load_space
-from .supernet import VisionTransformerSupernet
+from .family import Space, Supernet
+from .spaces import load_space
 
 CHECKPOINT_FORMAT = "nas.train/1"
 
@@ -113,6 +113,15 @@ def saved_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """A short digest of a file's bytes: which checkpoint a search's results or an export came from."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def some(names: Sequence[str], shown: int = 3) -> str:
     """``names`` for a message: the first few, then "..."."""
     return ", ".join(list(names[:shown]) + (["..."] if len(names) > shown else []))
@@ -134,7 +143,7 @@ def non_finite_entries(state: Any, name: str = "") -> list[str]:
 
 
 def load_supernet(path: str | os.PathLike, device: torch.device | str = "cpu", space_name: str | None = None
-                  ) -> tuple[VisionTransformerSupernet | HybridSupernet, Space, dict]:
+                  ) -> tuple[Supernet, Space, dict]:
     """The supernet of a checkpoint (its EMA weights where it kept an EMA) in eval mode on ``device``, its space,
     and the checkpoint's state. ``space_name``, if given, must name the space the supernet was trained on."""
     state = load_checkpoint(path)

@@ -1,12 +1,12 @@
 """Evaluation of many subnets of one supernet over a data loader: top-1, top-5 and loss per arch (a segmentation
 supernet: per-pixel top-1 and top-5, the pixels' mean cross-entropy, and the mean IoU over the classes).
 
-Subnets are evaluated K at a time in one pass over the data (``nas.batched``), K chosen from the memory
-available; results are cached by (arch, data), so that a search never evaluates a candidate twice.
+Subnets are evaluated K at a time in one pass over the data (their family's batched pass: ``nas.family``), K chosen
+from the memory available; results are cached by (arch, data), so that a search never evaluates a candidate twice.
 
 A supernet with BatchNorm (a hybrid one) evaluates each subnet with statistics re-estimated for it on calibration
 images (DESIGN.md section 9): before a pass, the BatchNorms are recalibrated for each of its subnets in turn and the
-statistics kept (``nas.hybrid.batched.BatchNormStats``); the pass runs each subnet with its own. The supernet's
+statistics kept (``nas.batch_norm.BatchNormStats``); the pass runs each subnet with its own. The supernet's
 statistics are as before afterwards.
 """
 from __future__ import annotations
@@ -16,21 +16,18 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
-from .arch import Arch
 from .atomic import atomic_write_text
-from .batched import batched_forward, check_archs, pass_memory_per_image
+from .batch_norm import BatchNormStats, has_batch_norm
 from .data import TensorImageDataset, eval_batches, normalize
 from .errors import CheckpointError
-from .hybrid.arch import HybridArch
-from .hybrid.batched import BatchNormStats, batched_pass, has_batch_norm, layout
-from .hybrid.supernet import HybridSupernet
+from .family import Arch, Supernet, check_archs, family_of
 from .report import progress_bar
 
 
@@ -256,7 +253,7 @@ def available_memory(device: torch.device) -> int:
 def subnets_per_pass(supernet, archs: Sequence[Arch], batch_size: int, device: torch.device, dtype: torch.dtype,
                      memory_fraction: float = 0.5, limit: int = 64) -> int:
     """How many subnets fit in one pass: ``memory_fraction`` of the free memory over one subnet's peak activations."""
-    per_subnet = pass_memory_per_image(supernet, archs, dtype) * batch_size
+    per_subnet = family_of(supernet).pass_memory_per_image(supernet, archs, dtype) * batch_size
     fits = int(available_memory(device) * memory_fraction // max(per_subnet, 1))
     return max(1, min(limit, len(archs), fits))
 
@@ -279,16 +276,10 @@ def _accumulate(totals: Tensor, logits: Tensor, labels: Tensor, confusion: Tenso
             confusion[k] += confusion_matrix(top[k, :, 0], labels, classes)
 
 
-def _order_for_grouping(archs: Sequence[Arch | HybridArch]) -> list[int]:
-    """Indices of ``archs`` sorted by patch size, embed dim, then layer by layer, so that subnets of one embed
-    dim (less padding) and with common leading layers (computed once: ``nas.batched``) share a pass; hybrid archs
-    by layout (``nas.hybrid.batched.layout``), then stage by stage."""
-    def key(arch: Arch | HybridArch) -> tuple:
-        if isinstance(arch, HybridArch):
-            return layout(arch), tuple(astuple(stage) for stage in arch.stages)
-        return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio))
-
-    return sorted(range(len(archs)), key=lambda i: key(archs[i]))
+def _order_for_grouping(archs: Sequence[Arch]) -> list[int]:
+    """Indices of ``archs`` in the order of their family's grouping key (``Family.grouping_key``), so that archs
+    sharing most of a batched pass share one."""
+    return sorted(range(len(archs)), key=lambda i: family_of(archs[i]).grouping_key(archs[i]))
 
 
 @torch.no_grad()
@@ -356,9 +347,21 @@ def _pass(supernet, group, batched: bool, calibration, autocast):
             statistics.append(BatchNormStats(supernet))
     if not batched:
         return lambda images: supernet(images, group[0]).unsqueeze(0)
-    if isinstance(supernet, HybridSupernet):
-        return batched_pass(supernet, group, statistics)
-    return lambda images: batched_forward(supernet, images, group)
+    return family_of(supernet).batched_pass(supernet, group, statistics)
+
+
+def batched_forward(supernet: Supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
+    """The outputs ``[K, B, ...]`` of the K subnets ``archs`` of ``supernet`` (in eval mode) on one batch, each equal
+    to ``supernet(images, arch)``, computed in batched passes (``Family.batched_pass``; a supernet with BatchNorm runs
+    every subnet with the statistics it holds)."""
+    archs = list(archs)
+    if not archs:
+        raise ValueError("batched_forward: no archs given")
+    if supernet.training:
+        raise ValueError("batched_forward: the supernet is in training mode; batched evaluation runs in eval mode "
+                         "(call supernet.eval())")
+    check_archs(supernet, archs)
+    return family_of(supernet).batched_pass(supernet, archs)(images)
 
 
 def evaluate_sides(supernet, archs: Sequence[Arch], loader: Iterable, sides: Sequence[str] = ("left",), *,

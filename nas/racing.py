@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from .arch import Arch
 from .evaluate import EvalResult
+from .family import Arch
 
 Interval = tuple[float, float]  # (low, high) top-1 accuracy in percent
 Contenders = Callable[[Mapping[Arch, Interval]], set[Arch]]  # racing archs -> those that must go on

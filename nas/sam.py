@@ -11,11 +11,11 @@ SAM's ``ImageEncoderViT`` differs from a timm ViT in four ways, which :class:`Sa
   output ``[B, out_chans, g, g]`` is what the encoder returns. With ``num_classes > 0`` a dense head maps each
   position of it to the logits of its ``p x p`` pixels (``[B, num_classes, H, W]``).
 
-Every layer is elastic as in :class:`~nas.supernet.VisionTransformerSupernet` (embed dim, heads, MLP width, and
+Every layer is elastic as in :class:`~nas.vit.supernet.VisionTransformerSupernet` (embed dim, heads, MLP width, and
 layers on or off, as SuperSAM drops them), and the MLP importance reordering is the same. :func:`from_sam_state_dict`
 converts SAM's weights (``image_encoder.*`` of a SAM checkpoint, or an encoder's own state dict), inferring the
 sizes from them; :func:`read_sam_weights` reads a file the user passes (``weights_only=True``; nothing is downloaded).
-What this supernet does not do yet: batched evaluation (``nas.batched``), export to ``elastic_ops.plain`` and the
+What this supernet does not do yet: batched evaluation (``nas.vit.batched``), export to ``elastic_ops.plain`` and the
 cost model of windowed attention; ``nas.train`` and ``nas.search`` build ViT supernets of their spaces.
 """
 from __future__ import annotations
@@ -35,12 +35,12 @@ from elastic_ops.conv import ElasticConv2d
 from elastic_ops.nn import ElasticBlock, ElasticLinear, ElasticPatchEmbed
 from elastic_ops.plain import dense_logits
 
-from .arch import Arch
 from .checkpoint import read_torch_file
 from .convert import load_converted
 from .errors import CheckpointError
-from .space import SearchSpace
-from .supernet import SupernetConfig, VisionTransformerSupernet
+from .vit.arch import Arch
+from .vit.space import SearchSpace
+from .vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 
 @dataclass

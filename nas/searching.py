@@ -16,7 +16,6 @@ on its subImageNet): training holds out a split (``nas.data.SearchSplit``) and r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,10 +28,9 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_torch_save, atomic_write_text
 from .budget import METRICS, Budget, Costs, format_count
-from .checkpoint import load_supernet
+from .checkpoint import file_digest, load_supernet
 from .config import Config, changes_on_resume, setting
 from .device import resolve_device
 from .distributed import Distributed, init_distributed, sum_over_ranks
@@ -47,15 +45,14 @@ from .evaluate import (
     evaluation_batches,
 )
 from .export import extract_subnet, save_subnet
+from .family import Arch, Space, family_of
 from .hybrid.scaling import CompoundScaling, compound_family
-from .hybrid.space import HybridSpace
 from .latency import LatencyModel, environment
 from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
 from .samplers import build_sampler
 from .searchers import SEARCHERS, build_searcher
-from .space import Space
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
@@ -382,14 +379,6 @@ def write_outputs(search: Search, out_dir: str, extra: dict | None = None) -> di
 
 # --- a whole search from a checkpoint ----------------------------------------------------------------------
 
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: torch.device | str):
     """``(search batches, test batches, calibration batches, description)``: the training images that the supernet's
     training held out (the split its ``checkpoint`` records; the first ``holdout_images`` of it), or the test split with
@@ -405,14 +394,14 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
     test = data_lib.load_dataset(dataset, root, "test", **kwargs)
     data_lib.check_matches(test, space.img_size, space.in_chans, space.num_classes, f"{dataset} test")
     test = data_lib.fixed_subset(test, config.test_images or None)
-    hybrid = isinstance(space, HybridSpace)
+    batch_norm = family_of(space).batch_norm
     source = f"checkpoint {config.checkpoint!r}"
     split = train = calibration = None
-    if hybrid or config.search_on != "test":
+    if batch_norm or config.search_on != "test":
         recorded = checkpoint.get("search_split")
         split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
         train = data_lib.load_dataset(dataset, root, "train", **kwargs)
-    if hybrid:
+    if batch_norm:
         if split is None:
             raise CheckpointError(f"{source} records no search split, so not which training images calibrate its "
                                   "BatchNorm statistics")
@@ -512,9 +501,9 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
-    if config.scale_family and not isinstance(space, HybridSpace):
+    if config.scale_family and not family_of(space).compound_scaling:
         raise ConfigError(f"scale_family: compound scaling is for hybrid spaces (UniNet's), and {config.checkpoint!r} "
-                          f"holds a supernet of the ViT space {space.name!r}")
+                          f"holds a supernet of the {family_of(space).name} space {space.name!r}")
     latency_model = None
     if config.latency_model:
         latency_model = LatencyModel.load(config.latency_model)
@@ -575,8 +564,7 @@ def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distri
             path = os.path.join(config.out_dir, "best-" + file_label(label) + ".pt")
             if calibration is not None:
                 supernet.recalibrate_batch_norm(calibration, candidate.arch)
-            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch,
-                        space if isinstance(space, HybridSpace) else None)
+            save_subnet(path, extract_subnet(supernet, candidate.arch), candidate.arch, space)
             exported[label] = path
         extra["exported"] = exported
     summary = write_outputs(search, config.out_dir, extra)

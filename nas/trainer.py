@@ -43,7 +43,6 @@ import elastic_ops
 
 from . import augment as augment_lib
 from . import data as data_lib
-from .arch import Arch
 from .atomic import atomic_write_text
 from .build import build_supernet
 from .checkpoint import (
@@ -64,17 +63,14 @@ from .device import resolve_device
 from .distributed import Distributed, all_reduce_gradients, broadcast_parameters, gather_rng_states, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from .evaluate import confusion_matrix, mean_iou
-from .hybrid.arch import HybridArch
-from .hybrid.space import HybridSpace
-from .hybrid.supernet import HybridSupernet
+from .family import Arch, Space, Supernet, family_of
 from .imagefolder import RandomResizedCrop
 from .optim import parameter_groups, warmup_cosine
 from .pretrained import InitReport, init_from, read_weights
 from .report import JsonLog, TensorBoardLog, plot_curves, progress_bar, read_log
 from .rundir import OwnedDirectory
 from .samplers import SAMPLERS, ArchSampler, build_sampler
-from .space import Space, load_space
-from .supernet import VisionTransformerSupernet
+from .spaces import load_space
 
 WIDTH_SHARING = ("leading", "two_sided")
 
@@ -256,7 +252,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
                               f"search_holdout=0 holds none out; set search_holdout >= 1")
         measure = train.__getitems__(held_out[:config.measure_images].tolist())
     calibration = []
-    if isinstance(space, HybridSpace):
+    if family_of(space).batch_norm:
         images = train.__getitems__(search_split.calibration_indices(config.bn_calibration_images).tolist())[0]
         calibration = list(images.split(config.eval_batch_size))
     mean, std = train.mean, train.std
@@ -267,7 +263,7 @@ def load_data(config: TrainConfig, space: Space, measures: bool) -> Data:
 
 
 @torch.no_grad()
-def accuracy(model: VisionTransformerSupernet | HybridSupernet, arch: Arch | HybridArch, batches, data: Data,
+def accuracy(model: Supernet, arch: Arch, batches, data: Data,
              device: torch.device, ranks: Distributed, autocast: Callable[[], contextlib.AbstractContextManager]
              ) -> float:
     """Top-1 accuracy (0..1) of ``arch`` over ``batches`` (this rank's share), summed over ranks; for a segmentation
@@ -333,9 +329,9 @@ class Trainer:
             self.space = load_space(c.space)
         except ValueError as err:
             raise ConfigError(f"space={c.space!r}: {err}") from err
-        if c.width_sharing == "two_sided" and isinstance(self.space, HybridSpace):
+        if c.width_sharing == "two_sided" and not family_of(self.space).two_sided:
             raise ConfigError(f"width_sharing=two_sided shares the widths of ViT layers; space {self.space.name!r} is "
-                              "hybrid (its conv layers read leading channels only)")
+                              f"of the {family_of(self.space).name} family, whose layers read leading channels only")
         self.eval_archs = []
         for i, values in enumerate(c.eval_archs):
             try:
@@ -436,9 +432,10 @@ class Trainer:
         """SuperSAM's start: the pretrained weights of ``init_from`` (``nas.pretrained``), then, with
         ``reorder_mlp``, every layer's MLP hidden units in order of importance. Returns the report of init_from."""
         c = self.config
-        if (c.init_from or c.reorder_mlp) and not isinstance(self.model, VisionTransformerSupernet):
-            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is a hybrid space; pretrained "
-                              "weights of another size (leading slices) and MLP reordering are for ViT supernets")
+        if (c.init_from or c.reorder_mlp) and not family_of(self.space).pretrained_init:
+            raise ConfigError(f"init_from and reorder_mlp: space {self.space.name!r} is of the "
+                              f"{family_of(self.space).name} family; pretrained weights of another size (leading "
+                              "slices) and MLP reordering are for ViT supernets")
         report = init_from(self.model, read_weights(c.init_from), reorder=c.init_reorder) if c.init_from else None
         if c.reorder_mlp is not None:
             batches = None
@@ -450,7 +447,7 @@ class Trainer:
                 self.model.reorder_mlp_importance(c.reorder_mlp, batches)
         return report
 
-    def pretrained_teacher(self) -> VisionTransformerSupernet | HybridSupernet | None:
+    def pretrained_teacher(self) -> Supernet | None:
         """With ``teacher=pretrained``: the largest subnet of the ``init_from`` checkpoint's supernet, frozen."""
         c = self.config
         if c.teacher != "pretrained":
@@ -470,7 +467,7 @@ class Trainer:
     def backend_scope(self):
         return elastic_ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
 
-    def eval_model(self) -> VisionTransformerSupernet | HybridSupernet:
+    def eval_model(self) -> Supernet:
         return self.ema.module if self.ema is not None else self.model
 
     def state_dict(self) -> dict:
@@ -535,7 +532,7 @@ class Trainer:
         self.step = int(state["step"])
         self.last_checkpoint = path
 
-    def sides(self, arch: Arch | HybridArch) -> list[Arch | HybridArch]:
+    def sides(self, arch: Arch) -> list[Arch]:
         """The arch as each step trains it and evaluation scores it: itself, or, with two-sided width sharing, read
         from the left and from the right."""
         if self.config.width_sharing == "two_sided":
@@ -562,7 +559,7 @@ class Trainer:
                                    self.autocast))
         return sum(scores) / len(scores)
 
-    def logits(self, images: Tensor, arch: Arch | HybridArch) -> Tensor:
+    def logits(self, images: Tensor, arch: Arch) -> Tensor:
         """fp32 logits of ``arch`` in training; two-sided, the sum of the left and the right side's (ViTAS)."""
         total = None
         for side in self.sides(arch):

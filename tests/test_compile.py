@@ -16,8 +16,8 @@ from torch._dynamo.utils import counters
 
 import elastic_ops
 from elastic_ops import GroupSizes, library  # noqa: F401 (registers the custom ops)
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 BACKENDS = [name for name in ("triton", "native", "reference") if elastic_ops.backends()[name].available]
 

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
-from ..space import SearchSpace
-from ..supernet import LAYER_SCALE_INIT, SupernetConfig, VisionTransformerSupernet
+from ..vit.space import SearchSpace
+from ..vit.supernet import LAYER_SCALE_INIT, SupernetConfig, VisionTransformerSupernet
 
 
 @dataclass
@@ -185,7 +185,7 @@ def load_converted(model: nn.Module, state: dict[str, Tensor], unexpected: list[
 
 def convert_timm_state_dict(state_dict: Mapping[str, Tensor], config: SupernetConfig | SearchSpace, *,
                             allow_unused: bool = False) -> Conversion:
-    """``nas.supernet.from_timm_state_dict`` with its :class:`Conversion` record. Every timm layout either converts
+    """``nas.vit.supernet.from_timm_state_dict`` with its :class:`Conversion` record. Every timm layout either converts
     exactly or is refused here, before any forward: names and shapes must fit the supernet (the space gives timm's
     head count, which its weights do not record), layer scale is taken, and a distilled DeiT (a distillation token
     and a second head) is refused. ``allow_unused``: tensors with no counterpart are left out (listed as unused)

@@ -25,7 +25,8 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_FORMAT, read_torch_file, save_checkpoint
 from ..config import Config, parse_command_line, setting
 from ..errors import CheckpointError, ConfigError, OutputError, run_command
-from ..space import PRESETS, SearchSpace, load_space, read_autoformer_space
+from ..spaces import PRESETS, load_space
+from ..vit.space import SearchSpace, read_autoformer_space
 
 
 def autoformer_space(config: ConvertConfig, weights: Mapping[str, Tensor]) -> SearchSpace:

@@ -1,15 +1,19 @@
 """Standalone subnets from the command line: ``python -m nas.export --checkpoint CKPT --arch ARCH --format ...``.
 
 The subnet ``--arch`` of a ``python -m nas.train`` checkpoint's supernet becomes a plain PyTorch ViT
-(``elastic_ops/plain.py``), written in each ``--format`` (repeat the flag) to ``--out-dir``: ``pytorch``
-(``subnet.pt``, ``nas.export.load_subnet``), ``torch-export`` (``subnet.pt2``, ``torch.export.load``), ``onnx``
-(``subnet.onnx``, dynamic batch; needs ``pip install 'elastic-ops[export]'``) and ``safetensors``
-(``safetensors/model.safetensors`` with ``config.json``). Each file is loaded back and run on random batches of two
-sizes; its logits must equal the supernet's. Settings are flags, ``--set`` keys and keys of a ``--config`` file
+(``elastic_ops/plain.py``) or hybrid network (``elastic_ops/plain_hybrid.py``), written in each ``--format`` (repeat
+the flag) to ``--out-dir``: ``pytorch`` (``subnet.pt``, ``nas.export.load_subnet``), ``torch-export``
+(``subnet.pt2``, ``torch.export.load``), ``onnx`` (``subnet.onnx``, dynamic batch; needs
+``pip install 'elastic-ops[export]'``), ``safetensors`` (``safetensors/model.safetensors`` with ``config.json``) and
+``torchscript`` (``subnet.ts``, ``torch.jit.load``). Each file is loaded back and run on random batches of two
+sizes; its logits must equal the supernet's. ``export.json`` in ``--out-dir`` records the checkpoint, the arch and the
+formats written; an out-dir holding the export of another subnet (or files of an export it does not record) is
+refused, so that an out-dir never mixes two subnets. Settings are flags, ``--set`` keys and keys of a ``--config`` file
 (``nas.config``); errors are one line and exit status 2 (``nas.errors``).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,12 +23,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..arch import Arch
-from ..checkpoint import load_supernet
+from ..atomic import atomic_write_text
+from ..checkpoint import file_digest, load_supernet
 from ..config import Config, parse_command_line, setting
 from ..errors import ConfigError, OutputError, run_command
-from ..space import SearchSpace
-from . import FORMATS, extract_subnet
+from ..family import Arch, Space
+from . import FORMATS, Subnet, extract_subnet
+
+MANIFEST = "export.json"
 
 
 @dataclass
@@ -53,19 +59,44 @@ class ExportConfig(Config):
         return problems
 
 
-def read_arch(text: str, space: SearchSpace) -> Arch:
+def read_arch(text: str, space: Space) -> Arch:
     """``largest``, ``smallest``, an arch mapping or a file holding one, checked against ``space``."""
     if text in ("largest", "smallest"):
         return space.max_arch() if text == "largest" else space.min_arch()
     source = Path(text).read_text() if os.path.isfile(text) else text
     try:
         values = yaml.safe_load(source)
-        arch = Arch.from_dict(values.get("arch", values) if isinstance(values, dict) else values)
+        arch = space.arch_type.from_dict(values.get("arch", values) if isinstance(values, dict) else values)
         space.validate(arch)
     except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise ConfigError(f"arch {text[:80]!r} is not an arch of space {space.name!r} (largest, smallest, an arch "
                           f"mapping or a file holding one): {error}") from error
     return arch
+
+
+def claim(out: Path, subnet: dict) -> dict:
+    """The manifest of the export into ``out`` of ``subnet`` (checkpoint, digest, space, arch): the one ``out`` holds
+    where it records the same subnet (its formats are kept, those written again replaced), else a new one. An
+    OutputError where ``out`` holds the export of another subnet, or export files that no manifest records."""
+    path = out / MANIFEST
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+            recorded = {key: manifest[key] for key in subnet}
+            if not isinstance(manifest["formats"], dict):
+                raise TypeError("its formats are not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise OutputError(f"out_dir {str(out)!r} holds an unreadable {MANIFEST} ({error}); export into another "
+                              "--out-dir or empty this one") from error
+        if recorded != subnet:
+            raise OutputError(f"out_dir {str(out)!r} holds the export of another subnet (arch {recorded['arch']} of "
+                              f"{recorded['checkpoint']!r}); export into another --out-dir or empty this one")
+        return manifest
+    found = sorted(export.path for export in FORMATS.values() if (out / export.path).exists())
+    if found:
+        raise OutputError(f"out_dir {str(out)!r} holds export files ({', '.join(found)}) without the {MANIFEST} "
+                          "that says of which subnet; export into another --out-dir or empty this one")
+    return {**subnet, "formats": {}}
 
 
 def run(argv: Sequence[str] | None) -> int:
@@ -86,10 +117,15 @@ def run(argv: Sequence[str] | None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"out_dir {config.out_dir!r} cannot be created: {error.strerror or error}") from error
+    manifest = claim(out, {"checkpoint": os.path.abspath(config.checkpoint),
+                           "checkpoint_digest": file_digest(config.checkpoint), "space": space.name,
+                           "arch": arch.to_dict()})
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))  # before any file: out holds this subnet's
+    subnet = Subnet(model, arch, space)
     for name in config.formats:
         export = FORMATS[name]
         path = out / export.path
-        export.write(model, arch, path, batches[0])
+        export.write(subnet, path, batches[0])
         runner = export.load(path)
         with torch.no_grad():
             differences = [float((runner(images) - logits).abs().max() / logits.abs().max().clamp(min=1e-12))
@@ -97,6 +133,8 @@ def run(argv: Sequence[str] | None) -> int:
         if max(differences) > config.tolerance:
             raise AssertionError(f"the {name} export at {path} computes other logits than the supernet: relative "
                                  f"difference {max(differences):.3g} > {config.tolerance}")
+        manifest["formats"][name] = export.path
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
         print(f"[export] {name}: {path}; loaded back and run on batches of {', '.join(map(str, config.check_batches))}:"
               f" largest relative difference {max(differences):.2g}")
     print(f"[export] subnet {arch.to_json()}")

@@ -1,11 +1,11 @@
 """A sub-network of a hybrid conv / attention / MLP supernet: a list of stages and an input resolution, hashable and
-serialisable like the ViT's :class:`nas.arch.Arch` (DESIGN.md section 9)."""
+serialisable like the ViT's :class:`nas.vit.arch.Arch` (DESIGN.md section 9)."""
 from __future__ import annotations
 
 import functools
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
@@ -70,6 +70,7 @@ def check_mapping(where: str, data, known, required) -> None:
 class HybridArch:
     """One subnet of a hybrid supernet: its input ``resolution`` (square images) and its ``stages``."""
 
+    family: ClassVar[str] = "hybrid"
     resolution: int
     stages: tuple[Stage, ...]
 
@@ -131,6 +132,7 @@ class HybridArchBatch:
     :data:`DSMS`; ``depth``, ``channels``, ``expansion``, ``kernel_size``, ``v_scale`` [K, S] int64.
     """
 
+    family: ClassVar[str] = "hybrid"
     resolution: np.ndarray
     op: np.ndarray
     depth: np.ndarray

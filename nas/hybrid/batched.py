@@ -4,8 +4,8 @@ Subnets that share their operator *layout* (the resolution and, stage by stage, 
 :func:`layout`) run the same modules in the same order and differ only in widths (channels, expansion, kernel size,
 V-scale). A pass runs them layer by layer: a layer with a grouped forward (UniNet's attention block,
 ``ElasticPositionalAttentionBlock.grouped_forward``) runs the K subnets in one call on their tokens stacked as
-``[K, B, N, C]`` (zero past each subnet's channels, as ``nas.batched``); any other layer runs them one after another.
-The images are resized once per pass.
+``[K, B, N, C]`` (zero past each subnet's channels, as ``nas.vit.batched``); any other layer runs them one after
+another. The images are resized once per pass.
 
 BatchNorm: each subnet can run with its own running statistics (:class:`BatchNormStats`, captured after recalibrating
 the BatchNorms for it), loaded into a layer's BatchNorms before that subnet runs the layer; the pass then computes
@@ -20,40 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from elastic_ops import GroupSizes, plain_hybrid
-from elastic_ops.conv import ElasticBatchNorm2d
 from elastic_ops.hybrid import ElasticPositionalAttentionBlock
 
+from ..batch_norm import BatchNormStats
 from .arch import HybridArch
 from .supernet import GRID, HybridSupernet, convert
-
-BATCH_NORMS = (ElasticBatchNorm2d, nn.modules.batchnorm._BatchNorm)
 
 
 def layout(arch: HybridArch) -> tuple:
     """What subnets must share to run in one pass: the resolution, and per stage the operator, depth and DSM."""
     return arch.resolution, tuple((stage.op, stage.depth, stage.dsm) for stage in arch.stages)
-
-
-class BatchNormStats:
-    """The running statistics of every BatchNorm of ``model`` (copies), to load back into the model, whole or for the
-    BatchNorms inside one of its modules."""
-
-    def __init__(self, model: nn.Module):
-        self.values = {norm: (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone())
-                       for norm in model.modules() if isinstance(norm, BATCH_NORMS)}
-
-    @torch.no_grad()
-    def load(self, module: nn.Module) -> None:
-        """Put the statistics back into the BatchNorms inside ``module`` (a part of the model or all of it)."""
-        for norm in module.modules():
-            saved = self.values.get(norm)
-            if saved is not None:
-                for buffer, value in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked), saved):
-                    buffer.copy_(value)
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(module, BATCH_NORMS) for module in model.modules())
 
 
 class HybridBatchedSubnets:
@@ -169,5 +145,4 @@ def pass_memory_per_image(supernet: HybridSupernet, archs: Sequence[HybridArch],
     return elements * torch.finfo(dtype).bits // 8
 
 
-__all__ = ["BatchNormStats", "HybridBatchedSubnets", "batched_pass", "has_batch_norm", "layout",
-           "pass_memory_per_image"]
+__all__ = ["HybridBatchedSubnets", "batched_pass", "layout", "pass_memory_per_image"]

@@ -1,5 +1,5 @@
-"""Exact parameter and MAC counts of hybrid subnets, vectorised over many archs: ``nas.cost``'s convention extended to
-convolutions (DESIGN.md section 9).
+"""Exact parameter and MAC counts of hybrid subnets, vectorised over many archs: ``nas.vit.cost``'s convention
+extended to convolutions (DESIGN.md section 9).
 
 * ``params`` counts every weight and bias of the extracted subnet (``nn.Module.parameters()``; BatchNorm's running
   statistics are buffers, not counted): the stem conv and its BatchNorm, each stage's DSM and blocks, the head conv

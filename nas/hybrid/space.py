@@ -3,9 +3,9 @@ their YAML form (DESIGN.md section 9).
 
 A hybrid space offers the same methods, under the same names, as the ViT ``SearchSpace`` (``validate``, ``canonical``,
 ``min_arch``, ``max_arch``, ``sample``, ``sample_many``, ``sample_where``, ``mutate``, ``crossover``, ``genes`` and
-``decode_genes``), so that the samplers and searchers work on either. Randomness follows ``nas.space``: every function
-that draws takes a ``numpy.random.Generator`` or an int seed, and the number and order of draws depend only on the
-space and the arguments.
+``decode_genes``), so that the samplers and searchers work on either. Randomness follows ``nas.vit.space``: every
+function that draws takes a ``numpy.random.Generator`` or an int seed, and the number and order of draws depend only on
+the space and the arguments.
 
 Archs returned by the sampling and evolution operators are canonical: a field that does not apply to a stage's
 operator (the kernel size of a non-conv stage, the V-scale of a stage that is not a V-scale attention stage) is 0, so
@@ -54,7 +54,7 @@ class StageChoices:
     """The choices of one stage. ``ops`` and ``dsms`` are listed so that the first is the cheapest at the stage's
     smallest sizes and the last the costliest at its largest: ``min_arch`` takes the first, ``max_arch`` the last
     (numeric choices are sorted). Which operator costs most depends on the sizes, so the order is the space's to
-    declare; ``nas.cost.cost_range`` finds the true extremes of any cost whatever the order. ``stride`` is the
+    declare; ``nas.costs.cost_range`` finds the true extremes of any cost whatever the order. ``stride`` is the
     stage's downsampling (done by its DSM, or with ``dsms: [none]`` by its first block); ``se``: its conv blocks have
     squeeze-excite; ``v_scales``: ElasticViT's value widths, for the attention stages of the ``elasticvit`` style
     only."""
@@ -123,6 +123,7 @@ class HybridSpace:
     in_chans: int = 3
     num_classes: int = 1000
 
+    family: ClassVar[str] = "hybrid"
     arch_type: ClassVar[type] = HybridArch
     task: ClassVar[str] = "classification"  # a hybrid supernet's head pools its last stage
 
@@ -395,9 +396,4 @@ class HybridSpace:
         return cls.from_dict(yaml.safe_load(text))
 
 
-def is_hybrid(data: dict) -> bool:
-    """Whether a space's mapping (a YAML file's contents) describes a hybrid space: it lists stages."""
-    return isinstance(data, dict) and "stages" in data
-
-
-__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices", "is_hybrid"]
+__all__ = ["ATTENTION_DSMS", "HybridSpace", "StageChoices"]

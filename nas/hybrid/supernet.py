@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -154,6 +155,8 @@ class HybridSupernet(nn.Module):
     """A hybrid supernet whose active subnet is a :class:`~nas.hybrid.arch.HybridArch` (``set_arch`` or
     ``forward(images, arch)``). Parameter names: ``stem``, ``stages.<i>.dsm.<kind>``, ``stages.<i>.blocks.<op>.<j>``,
     ``head``."""
+
+    family: ClassVar[str] = "hybrid"
 
     def __init__(self, config: HybridSupernetConfig):
         super().__init__()

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arch import Arch, ArchBatch
 from ..atomic import atomic_write_text
-from ..cost import embed_macs, head_macs, head_outputs, head_tokens, layer_dims, layer_macs_parts
 from ..errors import CheckpointError, CheckpointMismatchError, require
 from ..export import extract_subnet
-from ..space import SearchSpace
-from ..supernet import SupernetConfig, VisionTransformerSupernet
+from ..vit.arch import Arch, ArchBatch
+from ..vit.cost import embed_macs, head_macs, head_outputs, head_tokens, layer_dims, layer_macs_parts
+from ..vit.space import SearchSpace
+from ..vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 FORMAT_VERSION = 2  # 2: the environment of the measurements; 1 (no environment) still loads
 

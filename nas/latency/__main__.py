@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..arch import Arch
 from ..atomic import atomic_write_text
 from ..config import Config, parse_command_line, setting
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, run_command
-from ..space import SearchSpace, load_space
+from ..spaces import load_space
+from ..vit.arch import Arch
+from ..vit.space import SearchSpace
 from . import LatencyModel, environment, measure_space, read_json, relative_errors
 
 MEASUREMENTS_FORMAT = "nas.latency.measurements/1"

@@ -13,12 +13,12 @@ Every sampler has the same small interface (:class:`~.base.ArchSampler`):
 
 All randomness comes from the sampler's own generator, seeded by the config: every rank builds the same
 sampler with the same seed, gets the same (rank-averaged) feedback, and so draws the same arch at each step.
-Costs are MACs (``nas.cost.macs``; FLOPs are ``2 * macs``) unless a sampler says otherwise.
+Costs are MACs (``nas.costs.macs``; FLOPs are ``2 * macs``) unless a sampler says otherwise.
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..space import Space
+from ..family import Space
 from .base import ArchSampler, Measure
 from .complexity import ComplexityAwareSampler, FlopsBanks
 from .elasticvit import ElasticViTSampler

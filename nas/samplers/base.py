@@ -6,8 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..arch import Arch
-from ..space import Space
+from ..family import Arch, Space
 
 Measure = Callable[[Arch], float]  # arch -> its top-1 accuracy (0..1) on the held-out images
 

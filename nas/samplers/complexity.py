@@ -5,9 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch
-from ..space import Space
+from .. import costs
+from ..family import Arch, Space
 from .base import ArchSampler
 
 
@@ -21,8 +20,8 @@ class FlopsBanks:
     def __init__(self, space: Space, num_banks: int, samples: int = 4096, seed: int = 0):
         if num_banks < 1:
             raise ValueError(f"num_banks must be >= 1, got {num_banks}")
-        low, high = cost.macs_range(space)
-        draws = cost.macs_many(space.sample_many(np.random.default_rng(seed), samples), space)
+        low, high = costs.macs_range(space)
+        draws = costs.macs_many(space.sample_many(np.random.default_rng(seed), samples), space)
         inner = np.quantile(draws, np.arange(1, num_banks) / num_banks)
         self.edges = np.concatenate([[low], inner, [high]]).astype(np.float64)
         self.num_banks = num_banks
@@ -57,7 +56,7 @@ class ComplexityAwareSampler(ArchSampler):
         return self.bank
 
     def explore(self, bank: int) -> Arch:
-        return cost.sample_in_flops_window(self.space, self.rng, *self.banks.window(bank))
+        return costs.sample_in_flops_window(self.space, self.rng, *self.banks.window(bank))
 
     def draw(self) -> list[Arch]:
         bank = self.next_bank()

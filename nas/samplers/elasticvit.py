@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..arch import Arch
-from ..space import Space
+from ..family import Arch, Space
 from .base import Measure
 from .performance import PerformanceAwareSampler
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..arch import Arch
-from ..space import Space
+from ..family import Arch, Space
 from .base import ArchSampler
 
 

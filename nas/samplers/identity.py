@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch, ArchBatch
-from ..hybrid.space import HybridSpace
-from ..space import Space
+from .. import costs
+from ..family import Arch, Space, family_of
+from ..vit.arch import ArchBatch
 from .base import ArchSampler, Measure
 
 
@@ -42,13 +41,10 @@ def drop_layers(space: Space, widths: ArchBatch, uniforms: np.ndarray, probabili
 
 
 def check_drop_space(space: Space, who: str) -> None:
-    """Layers may be dropped only in a ViT space with identity layers."""
-    if isinstance(space, HybridSpace):
-        raise ValueError(f"{who}: space {space.name!r} is a hybrid space, whose stages have a depth rather than layers "
-                         "that may be identities; use uniform, sandwich, complexity, performance or learned")
-    if not space.identity_layers:
-        raise ValueError(f"{who}: space {space.name!r} has identity_layers=False (only the first `depth` layers may "
-                         "be on); use a ViTAS-style space")
+    """Layers may be dropped only in a space whose family has identity layers (``Family.layer_drop_refusal``)."""
+    refusal = family_of(space).layer_drop_refusal(space)
+    if refusal is not None:
+        raise ValueError(f"{who}: {refusal}; use uniform, sandwich, complexity, performance or learned")
 
 
 class IdentitySampler(ArchSampler):
@@ -91,7 +87,7 @@ class IdentitySampler(ArchSampler):
             if weights.shape != (layers,) or (weights < 0).any() or not (weights > 0).any():
                 raise ValueError(f"identity sampler: profile must list {layers} non-negative weights, not all zero")
         self.profile = weights
-        low, high = cost.macs_range(space)
+        low, high = costs.macs_range(space)
         if macs_range is None:
             macs_range = (low + (high - low) / 3, low + 2 * (high - low) / 3)
         self.macs_range = (float(macs_range[0]), float(macs_range[1]))
@@ -125,7 +121,7 @@ class IdentitySampler(ArchSampler):
 
         def mean_macs(scale: float) -> float:
             probabilities = np.minimum(1.0, scale * self.profile)
-            return float(cost.macs_many(drop_layers(self.space, widths, uniforms, probabilities), self.space).mean())
+            return float(costs.macs_many(drop_layers(self.space, widths, uniforms, probabilities), self.space).mean())
 
         lo, hi = 0.0, 1.0 / self.profile.max()
         reachable = (mean_macs(hi), mean_macs(lo))
@@ -150,7 +146,7 @@ class IdentitySampler(ArchSampler):
         table = []
         for probability in self.candidates:
             batch = drop_layers(self.space, widths, uniforms, np.minimum(1.0, probability * self.profile))
-            macs = cost.macs_many(batch, self.space)
+            macs = costs.macs_many(batch, self.space)
             inside = np.flatnonzero((macs >= low) & (macs <= high))[: self.search_archs]
             archs = [self.space.canonical(batch.arch(int(i))) for i in inside]
             for arch in archs:

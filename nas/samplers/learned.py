@@ -9,12 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import cost
-from ..arch import Arch, ArchBatch
-from ..hybrid.arch import HybridArchBatch
-from ..hybrid.space import HybridSpace
+from .. import costs
+from ..family import Arch, Space, family_of
 from ..latency import LatencyModel
-from ..space import Space
 from .base import ArchSampler, Measure
 
 BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a latency model (nas.latency)
@@ -22,9 +19,7 @@ BUDGET_KINDS = ("macs", "params", "latency")  # latency in milliseconds, from a 
 
 class BudgetPolicy(nn.Module):
     """Independent categorical decisions whose logits come from a small MLP of the normalised budget and the one-hot
-    kind of budget. In a ViT space: embed dim, depth, patch size, then heads and MLP ratio of every layer and, in a
-    space with identity layers, whether each layer would rather be on (the layout saved policies were trained with);
-    in a hybrid space: the space's genes (``HybridSpace.genes``).
+    kind of budget: the decisions of the space's family (``Family.decisions``).
 
     All decisions share one padded ``[decisions, max choices]`` logit table (padding masked out), so
     that a draw for a batch of budgets is a handful of tensor ops however deep the space is."""
@@ -32,12 +27,7 @@ class BudgetPolicy(nn.Module):
     def __init__(self, space: Space, kinds: int = 1, hidden: int = 32):
         super().__init__()
         self.space = space
-        if isinstance(space, HybridSpace):
-            self.options = [choices for _, choices in space.genes()]
-        else:
-            layers = space.max_depth
-            self.options = ([space.embed_dims, space.depths, space.patch_sizes] + [space.num_heads] * layers
-                            + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0))
+        self.options = family_of(space).decisions(space)
         width = max(len(o) for o in self.options)
         self.register_buffer("valid", torch.tensor([[c < len(o) for c in range(width)] for o in self.options]))
         self.net = nn.Sequential(nn.Linear(1 + kinds, hidden), nn.Tanh(), nn.Linear(hidden, self.valid.numel()))
@@ -51,23 +41,9 @@ class BudgetPolicy(nn.Module):
         # a large finite negative, not -inf: 0 * -inf in the entropy's backward would be NaN
         return logits.masked_fill(~self.valid, -1e9).log_softmax(dim=-1)
 
-    def to_archs(self, choices: np.ndarray) -> ArchBatch | HybridArchBatch:
-        """Canonical archs from ``[B, decisions]`` choice indices: the first ``depth`` layers on or, with identity
-        layers, the first ``depth`` of the layers in order of preference (those that would rather be on first)."""
-        if isinstance(self.space, HybridSpace):
-            return self.space.decode_genes(choices)
-        s, layers = self.space, self.space.max_depth
-        depth = np.asarray(s.depths)[choices[:, 1]]
-        if s.identity_layers:
-            order = np.argsort(choices[:, 3 + 2 * layers:] == 0, axis=1, kind="stable")  # preferred-on first
-            layer_on = np.argsort(order, axis=1) < depth[:, None]
-        else:
-            layer_on = np.arange(layers) < depth[:, None]
-        patch = (np.asarray(s.patch_sizes)[choices[:, 2]] if len(s.patch_sizes) > 1
-                 else np.zeros(len(choices), dtype=np.int64))
-        batch = ArchBatch(np.asarray(s.embed_dims)[choices[:, 0]], np.asarray(s.num_heads)[choices[:, 3:3 + layers]],
-                          np.asarray(s.mlp_ratios)[choices[:, 3 + layers:3 + 2 * layers]], layer_on, patch)
-        return s.canonical_batch(batch)
+    def to_archs(self, choices: np.ndarray):
+        """Canonical archs (the family's batch) from ``[B, decisions]`` choice indices (``Family.decode_decisions``)."""
+        return family_of(self.space).decode_decisions(self.space, choices)
 
 
 class LearnedSampler(ArchSampler):
@@ -105,25 +81,25 @@ class LearnedSampler(ArchSampler):
         self.penalty, self.entropy, self.explore = float(penalty), float(entropy), float(explore)
         self.kinds = kinds
         self.costs = {kind: self._cost_of(kind, latency_model) for kind in kinds}
-        self.ranges = {kind: cost.cost_range(space, self.costs[kind]) for kind in kinds}
+        self.ranges = {kind: costs.cost_range(space, self.costs[kind]) for kind in kinds}
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.policy = BudgetPolicy(space, len(kinds), hidden)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
 
-    def _cost_of(self, kind: str, latency_model: str | None) -> Callable[[Sequence[Arch] | ArchBatch], np.ndarray]:
+    def _cost_of(self, kind: str, latency_model: str | None) -> Callable[[Sequence[Arch]], np.ndarray]:
         if kind == "macs":
-            return lambda archs: cost.macs_many(archs, self.space).astype(np.float64)
+            return lambda archs: costs.macs_many(archs, self.space).astype(np.float64)
         if kind == "params":
-            return lambda archs: cost.params_many(archs, self.space).astype(np.float64)
+            return lambda archs: costs.params_many(archs, self.space).astype(np.float64)
         model = LatencyModel.load(latency_model)
         if model.space != self.space:
             raise ValueError(f"{self.name}: latency model {latency_model!r} is for space {model.space.name!r}")
         return lambda archs: 1e3 * model.predict_many(archs)
 
     def policy_draw(self, budgets: Sequence[float], kinds: Sequence[str] | str = "macs"
-                    ) -> tuple[ArchBatch, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Archs for ``budgets`` of ``kinds`` (one per budget, or one for all), their log-probabilities [B] and the
         mean entropy (both differentiable)."""
         kinds = [kinds] * len(budgets) if isinstance(kinds, str) else list(kinds)

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import cost
-from ..arch import Arch
-from ..space import Space
+from .. import costs
+from ..family import Arch, Space
 from .base import Measure
 from .complexity import ComplexityAwareSampler
 
@@ -88,7 +87,7 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
 
     def remember(self, arch: Arch, accuracy: float) -> float:
         """Keep ``arch`` in its bank's memory if there is room or it beats the least accurate member."""
-        entries = self.memory[self.banks.bank_of(cost.macs(arch, self.space))]
+        entries = self.memory[self.banks.bank_of(costs.macs(arch, self.space))]
         record = arch.to_dict()
         known = next((entry for entry in entries if entry[0] == record), None)
         if known is not None:

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..arch import Arch
-from ..space import Space
+from ..family import Arch, Space
 from .base import ArchSampler
 from .identity import check_drop_space, drop_layers, uniform_widths
 

@@ -1,7 +1,7 @@
 """AutoFormer's sampling (Chen et al. 2021): one arch per step, uniform over the space."""
 from __future__ import annotations
 
-from ..arch import Arch
+from ..family import Arch
 from .base import ArchSampler
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointError, ConfigError, InfeasibleBudgetError
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 TECHNIQUES = ("random", "hillclimb", "de", "model")

@@ -12,11 +12,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointMismatchError, InfeasibleBudgetError
+from ..family import Arch, Space
 from ..hybrid.arch import HybridArch
 from ..racing import Interval
-from ..space import Space
 
 Feasible = Callable[[Sequence[Arch]], np.ndarray]  # archs -> bool mask: inside the budget
 Cost = Callable[[Sequence[Arch]], np.ndarray]       # archs -> the cost a multi-objective search minimises

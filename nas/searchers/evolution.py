@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..arch import Arch
 from ..errors import ConfigError
+from ..family import Arch
 from ..racing import Interval, top_k_contenders
 from .base import Searcher
 

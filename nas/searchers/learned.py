@@ -5,8 +5,8 @@ Archs for a budget come straight from the sampler that was trained with the supe
 refine them with AutoFormer's evolution."""
 from __future__ import annotations
 
-from ..arch import Arch
 from ..errors import ConfigError
+from ..family import Arch
 from .evolution import Evolution
 
 

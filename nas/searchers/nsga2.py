@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import ConfigError
+from ..family import Arch
 from ..racing import Interval
 from .base import Searcher
 

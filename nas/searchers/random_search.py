@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..arch import Arch
+from ..family import Arch
 from ..racing import Interval, top_k_contenders
 from .base import Searcher
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import ConfigError, InfeasibleBudgetError
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..arch import Arch
 from ..errors import CheckpointError, CheckpointMismatchError, InfeasibleBudgetError, MissingDependencyError, require
+from ..family import Arch
 from .base import GeneCoding, Searcher
 
 

@@ -1,4 +1,4 @@
-"""Triton grouped K-subnet kernels against two oracles: the grouped PyTorch ops of nas.batched and the
+"""Triton grouped K-subnet kernels against two oracles: the grouped PyTorch ops of nas.vit.batched and the
 single-subnet reference op looped over the subnets. K = 3 subnets, one at size 1 and one at the super size;
 weights are NaN outside the group's widest active block and, for the ops that know each subnet's input size,
 so is the input padding (a kernel must not read past a subnet's active channels)."""
@@ -14,7 +14,7 @@ from kernel_checks import TOLERANCES, kernel_dtypes, super_param
 import elastic_ops
 from elastic_ops import GroupSizes, reference
 from elastic_ops.ops import grouped
-from nas import batched
+from nas.evaluate import batched_forward
 
 EMBEDS = [1, 29, 40]  # size 1, prime, the super embed dim of the MLP and attention tests
 
@@ -154,8 +154,8 @@ def test_grouped_attention(dtype, weight_dtype, tokens, device):
 def test_registered_kernels_run_the_batched_supernet(device):
     """Through the grouped "triton" backend, a batched pass of the digits-tiny supernet gives each subnet's logits
     of the single-subnet forward."""
-    from nas.space import load_space
-    from nas.supernet import SupernetConfig, VisionTransformerSupernet
+    from nas.spaces import load_space
+    from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
     space = load_space("digits-tiny")
     model = VisionTransformerSupernet(SupernetConfig.from_space(dataclasses.replace(space, num_classes=7)))
@@ -167,7 +167,7 @@ def test_registered_kernels_run_the_batched_supernet(device):
     with elastic_ops.use_backend("reference"):
         singles = torch.stack([model(images, arch) for arch in archs])
     with elastic_ops.use_backend("triton"), torch.no_grad():
-        logits = batched.batched_forward(model, images, archs)
+        logits = batched_forward(model, images, archs)
     torch.testing.assert_close(logits, singles, atol=1e-4, rtol=1e-4)
     assert (singles[0] - singles[-1]).abs().max() > 1e-2, "subnets should differ; the check would be vacuous"
 

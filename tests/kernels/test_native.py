@@ -292,7 +292,7 @@ def padded(outputs: list[torch.Tensor], width: int) -> torch.Tensor:
 
 
 def grouped_input(embed: list[int], batch: int, tokens: int) -> torch.Tensor:
-    """[K, B, N, max(embed)] with subnet k's channels past embed[k] zero, as nas.batched keeps them."""
+    """[K, B, N, max(embed)] with subnet k's channels past embed[k] zero, as nas.vit.batched keeps them."""
     x = torch.randn(len(embed), batch, tokens, max(embed))
     for k, e in enumerate(embed):
         x[k, ..., e:] = 0

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from nas.space import load_space
+from nas.spaces import load_space
 
 
 @functools.cache

@@ -8,10 +8,10 @@ import torch
 from test_search import distance_objective, plain_types, synthetic_search, synthetic_setup
 
 from nas.budget import Costs
-from nas.cost import macs_many
+from nas.costs import macs_many
 from nas.errors import CheckpointError, ConfigError
 from nas.searchers import AUCBandit, ProgramAutotuner, build_searcher
-from nas.space import load_space
+from nas.spaces import load_space
 
 
 def slow_auc(history, key):

@@ -11,10 +11,12 @@ import torch
 from elastic_ops import reference
 from elastic_ops.group_sizes import GroupSizes
 from elastic_ops.reference import grouped_attention, grouped_layer_norm, grouped_linear, grouped_mlp
-from nas.arch import Arch
-from nas.batched import BatchedSubnets, batched_forward
-from nas.space import PRESETS, SearchSpace, load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.evaluate import batched_forward
+from nas.spaces import PRESETS, load_space
+from nas.vit.arch import Arch
+from nas.vit.batched import BatchedSubnets
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 # hybrid: test_hybrid_*; vitas: its smallest image is 224 px (patches 14, 16, 32), and vitas-cifar has its structure.
 VIT_PRESETS = sorted(name for name in PRESETS if isinstance(load_space(name), SearchSpace) and name != "vitas")
@@ -203,7 +205,7 @@ def test_shared_prefixes_are_computed_once_and_split_where_subnets_part():
 def test_a_pass_split_into_cache_sized_chunks_of_images_gives_the_same_logits(monkeypatch):
     """On a CPU a pass runs its batch in chunks sized by ``CPU_CHUNK_BYTES``: one image per chunk must give
     every subnet the logits of its own forward on the whole batch."""
-    import nas.batched as batched_module
+    import nas.vit.batched as batched_module
 
     model = small_supernet("cifar-tiny", seed=1)
     space = model.config.space

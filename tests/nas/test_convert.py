@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.arch import Arch
-from nas.batched import batched_forward
 from nas.convert import (
     blocks_to_interleaved,
     convert_timm_vit,
@@ -33,8 +31,11 @@ from nas.convert import (
 )
 from nas.evaluate import evaluate_archs
 from nas.export import extract_subnet
-from nas.space import SearchSpace, load_space, read_autoformer_yaml
-from nas.supernet import SupernetConfig, from_timm_state_dict
+from nas.spaces import load_space
+from nas.vit.arch import Arch
+from nas.vit.batched import batched_forward
+from nas.vit.space import SearchSpace, read_autoformer_yaml
+from nas.vit.supernet import SupernetConfig, from_timm_state_dict
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 

@@ -1,4 +1,4 @@
-"""nas.cost against independent oracles: a plain PyTorch ViT built from the arch (its parameter count
+"""nas.vit.cost against independent oracles: a plain PyTorch ViT built from the arch (its parameter count
 and torch's FlopCounterMode), and published model sizes (AutoFormer, DeiT)."""
 import dataclasses
 import zlib
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.arch import Arch, ArchBatch
-from nas.cost import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
-from nas.space import SearchSpace, load_space
+from nas.costs import macs, macs_many, macs_range, params, params_many, sample_in_flops_window
+from nas.spaces import load_space
+from nas.vit.arch import Arch, ArchBatch
+from nas.vit.space import SearchSpace
 
 
 class PlainBlock(nn.Module):

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from test_batched import small_supernet
 
 import nas.evaluate as evaluate_module
+import nas.vit.batched as vit_batched
 from nas.data import CIFAR10_STATS
 from nas.evaluate import EvalCache, TensorBatches, evaluate_archs, subnets_per_pass
-from nas.space import SearchSpace
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 IMAGES = 128
 CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar-10-batches-py")
@@ -80,8 +81,8 @@ def test_private_qk_supernet_is_evaluated_batched(cifar_test_images, monkeypatch
             param.normal_(1.0 if "norm" in name else 0.0, param.shape[-1] ** -0.5 if param.dim() > 1 else 0.2)
     archs = space.sample_many(np.random.default_rng(), 2).archs() + [space.min_arch()]
     passes = []
-    real_forward = evaluate_module.batched_forward
-    monkeypatch.setattr(evaluate_module, "batched_forward",
+    real_forward = vit_batched.forward_by_patch_size
+    monkeypatch.setattr(vit_batched, "forward_by_patch_size",
                         lambda m, images, group: passes.append(len(group)) or real_forward(m, images, group))
     batches = TensorBatches(cifar_test_images[0][:64], cifar_test_images[1][:64], *CIFAR10_STATS, batch_size=32)
     results = evaluate_archs(model, archs, batches, progress=False)
@@ -99,8 +100,8 @@ def test_cache_by_arch_and_data(cifar_test_images, model_and_archs, monkeypatch,
     batches = TensorBatches(cifar_test_images[0][:32], cifar_test_images[1][:32], *CIFAR10_STATS, batch_size=32)
     cache = EvalCache(tmp_path / "cache.json")
     evaluated = []
-    real_forward = evaluate_module.batched_forward
-    monkeypatch.setattr(evaluate_module, "batched_forward",
+    real_forward = vit_batched.forward_by_patch_size
+    monkeypatch.setattr(vit_batched, "forward_by_patch_size",
                         lambda m, images, group: evaluated.extend(group) or real_forward(m, images, group))
     first = evaluate_archs(model, archs[:3], batches, cache=cache, progress=False)
     assert sorted(map(str, evaluated)) == sorted(map(str, archs[:3]))
@@ -122,13 +123,13 @@ def test_subnets_per_pass_follows_memory(model_and_archs, monkeypatch):
     assert subnets_per_pass(model, archs, 256, torch.device("cpu"), torch.float32) == 1
     monkeypatch.setattr(evaluate_module, "available_memory", lambda device: 1 << 40)
     assert subnets_per_pass(model, archs, 256, torch.device("cpu"), torch.float32) == len(archs)
-    per_subnet = evaluate_module.pass_memory_per_image(model, archs, torch.float32) * 256
+    per_subnet = vit_batched.pass_memory_per_image(model, archs, torch.float32) * 256
     monkeypatch.setattr(evaluate_module, "available_memory", lambda device: 3 * per_subnet * 2 + 1)
     assert subnets_per_pass(model, archs, 256, torch.device("cpu"), torch.float32, memory_fraction=0.5) == 3
 
 
 def test_evaluate_rejects_foreign_archs(cifar_test_images, model_and_archs):
-    from nas.space import load_space
+    from nas.spaces import load_space
 
     model, archs = model_and_archs
     batches = TensorBatches(*cifar_test_images, *CIFAR10_STATS, batch_size=IMAGES)

@@ -12,8 +12,8 @@ import torch
 
 import elastic_ops.plain
 from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
-from nas.space import SearchSpace
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -56,7 +56,7 @@ def test_save_and_load_round_trip(supernet, arch, x, tmp_path):
     expected = supernet(x, arch)
     plain = extract_subnet(supernet, arch)
     path = tmp_path / "subnet.pt"
-    save_subnet(path, plain, arch)
+    save_subnet(path, plain, arch, supernet.config.space)
     assert os.listdir(tmp_path) == ["subnet.pt"], "the temporary file of the atomic write is left behind"
     loaded, loaded_arch = load_subnet(path)
     assert loaded_arch == arch
@@ -80,7 +80,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_subnet(corrupt)
     truncated = tmp_path / "truncated.pt"
-    save_subnet(truncated, extract_subnet(supernet, arch), arch)
+    save_subnet(truncated, extract_subnet(supernet, arch), arch, supernet.config.space)
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_subnet(truncated)
@@ -89,7 +89,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
     with pytest.raises(ValueError, match="not a subnet saved by nas.export.save_subnet"):
         load_subnet(foreign)
     inconsistent = tmp_path / "inconsistent.pt"
-    save_subnet(inconsistent, extract_subnet(supernet, arch), arch)
+    save_subnet(inconsistent, extract_subnet(supernet, arch), arch, supernet.config.space)
     payload = torch.load(inconsistent, weights_only=True)
     payload["model"]["embed_dim"] += 8
     torch.save(payload, inconsistent)
@@ -99,7 +99,7 @@ def test_load_rejects_missing_corrupt_and_foreign_files(supernet, arch, tmp_path
 
 def test_save_rejects_a_supernet(supernet, arch, tmp_path):
     with pytest.raises(TypeError, match="see extract_subnet"):
-        save_subnet(tmp_path / "s.pt", supernet, arch)
+        save_subnet(tmp_path / "s.pt", supernet, arch, supernet.config.space)
     assert os.listdir(tmp_path) == []
 
 
@@ -122,7 +122,7 @@ def test_relative_position_subnet_saves_loads_and_scripts(tmp_path):
     expected = model(x, arch)
     plain = extract_subnet(model, arch)
     assert all(block.attn.rel_pos is not None for block in plain.blocks)
-    save_subnet(tmp_path / "subnet.pt", plain, arch)
+    save_subnet(tmp_path / "subnet.pt", plain, arch, space)
     loaded, _ = load_subnet(tmp_path / "subnet.pt")
     torch.testing.assert_close(loaded(x), expected, **TOL)
     scripted = to_torchscript(loaded, tmp_path / "subnet.ts")
@@ -168,6 +168,30 @@ def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp
     model, loaded_arch = load_safetensors(tmp_path / "out" / "safetensors")
     assert loaded_arch.embed_dim == 48 and len(model.blocks) == 3
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"subnet.pt", "subnet.pt2", "safetensors"}
+
+
+def test_an_out_dir_holds_the_export_of_one_subnet(digits_checkpoint, tmp_path, capsys):
+    """export.json records the subnet of an out-dir's files: another subnet's export into it is refused (its files
+    stay as they were), the same subnet's adds formats, and export files that no manifest records are refused."""
+    import json
+
+    from nas.export.__main__ import main
+
+    out = tmp_path / "out"
+    base = ["--checkpoint", digits_checkpoint, "--out-dir", str(out), "--check-batch", "2"]
+    assert main(base + ["--arch", "smallest"]) == 0
+    smallest = load_subnet(out / "subnet.pt")[1]
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(base + ["--arch", "largest", "--format", "pytorch"]) == 2
+    assert "holds the export of another subnet" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written
+    assert main(base + ["--arch", "smallest", "--format", "safetensors"]) == 0
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["formats"] == {"pytorch": "subnet.pt", "torch-export": "subnet.pt2", "safetensors": "safetensors"}
+    assert manifest["arch"] == smallest.to_dict() and manifest["space"] == "digits-tiny"
+    (out / "export.json").unlink()
+    assert main(base + ["--arch", "smallest", "--format", "pytorch"]) == 2
+    assert "holds export files (safetensors, subnet.pt, subnet.pt2) without the export.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from hybrid_models import supernet
 
-from nas.batched import batched_forward
-from nas.evaluate import evaluate_archs
-from nas.hybrid.batched import BatchNormStats, HybridBatchedSubnets, batched_pass, layout
+from nas.batch_norm import BatchNormStats
+from nas.evaluate import batched_forward, evaluate_archs
+from nas.hybrid.batched import HybridBatchedSubnets, batched_pass, layout
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
 TOL = dict(atol=2e-5, rtol=2e-5)

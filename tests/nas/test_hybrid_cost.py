@@ -1,4 +1,4 @@
-"""The hybrid cost model (nas.hybrid.cost, through nas.cost) against counts written out by hand, the parameters of the
+"""The hybrid cost model (nas.hybrid.cost, through nas.costs) against counts written out by hand, the parameters of the
 extracted plain network, torch's FlopCounterMode, and UniNet's published B0 and B1 sizes."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from elastic_ops import plain_hybrid
-from nas import cost
+from nas import costs
 from nas.hybrid.arch import HybridArch, Stage
 from nas.hybrid.space import HybridSpace
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
@@ -96,7 +96,7 @@ def counted(model: nn.Module, resolution: int) -> tuple[int, int]:
                                                   (ELASTICVIT_TINY, ELASTICVIT_TINY_ARCH, ELASTICVIT_BY_HAND)])
 def test_small_archs_counted_by_hand(space, arch, by_hand):
     params, macs = (sum(part[i] for part in by_hand.values()) for i in (0, 1))
-    assert (cost.params(arch, space), cost.macs(arch, space)) == (params, macs)
+    assert (costs.params(arch, space), costs.macs(arch, space)) == (params, macs)
     assert counted(HybridSupernet(HybridSupernetConfig(space)).extract(arch), arch.resolution) == (params, macs)
 
 
@@ -105,7 +105,7 @@ def test_cost_model_matches_the_extracted_network_and_flop_counter(name):
     model = supernet(name)
     space = model.space
     archs = [space.min_arch(), space.max_arch()] + space.sample_many(np.random.default_rng(0), 3).archs()
-    expected = list(zip(cost.params_many(archs, space).tolist(), cost.macs_many(archs, space).tolist()))
+    expected = list(zip(costs.params_many(archs, space).tolist(), costs.macs_many(archs, space).tolist()))
     assert [counted(model.extract(arch), arch.resolution) for arch in archs] == expected
 
 
@@ -144,7 +144,7 @@ def test_uninet_b0_and_b1_from_the_uninet_supernet(resolution, published_macs):
     space, arch = uninet.space, uninet_b(resolution)
     plain = uninet.extract(arch)
     params, macs = counted(plain, resolution)
-    assert (params, macs) == (cost.params(arch, space), cost.macs(arch, space))
+    assert (params, macs) == (costs.params(arch, space), costs.macs(arch, space))
     assert params == 11_449_912 and abs(params / 11.451e6 - 1) < 0.01
     assert macs == {160: 543_530_688, 224: 1_094_639_808}[resolution]
     assert abs((macs + fvcore_extras(plain, resolution)) / published_macs - 1) < 0.002

@@ -13,7 +13,7 @@ from elastic_ops import plain_hybrid
 from nas.export import extract_subnet, load_subnet, save_subnet, to_onnx, to_torchscript
 from nas.hybrid.export import rebuild
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from nas.space import load_space
+from nas.spaces import load_space
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,11 +60,11 @@ def test_rebuild_has_the_structure_the_supernet_extracts(name):
         assert str(rebuilt) == str(extracted)
 
 
-def test_save_needs_the_space_and_load_refuses_an_inconsistent_file(calibrated, tmp_path):
+def test_save_needs_the_space_of_its_family_and_load_refuses_an_inconsistent_file(calibrated, tmp_path):
     model, arch, _ = calibrated
     plain = extract_subnet(model, arch)
-    with pytest.raises(TypeError, match=r"a hybrid subnet is saved with its space \(space=HybridSpace\)"):
-        save_subnet(tmp_path / "s.pt", plain, arch)
+    with pytest.raises(TypeError, match="the arch is of the hybrid family, the space of the vit family"):
+        save_subnet(tmp_path / "s.pt", plain, arch, load_space("digits-tiny"))
     other = model.space.sample(np.random.default_rng(9))
     path = tmp_path / "other.pt"
     save_subnet(path, plain, other, model.space)  # the weights of one arch under the name of another
@@ -101,3 +101,40 @@ def test_onnx_export_or_clear_message(calibrated, tmp_path):
         expected = plain(images[:2]).numpy()
     (logits,) = session.run(None, {"images": images[:2].numpy()})  # another batch size than exported
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# -- python -m nas.export on a hybrid checkpoint ----------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_the_command_line_exports_a_hybrid_subnet_in_every_format(tmp_path, capsys):
+    """Every format of a hybrid checkpoint's subnet, each loaded back by the command (which compares it with the
+    supernet) and, for the formats that keep the arch, by the loaders here."""
+    import yaml
+    from test_families import TINY_SPACES, randomised
+
+    from nas.checkpoint import CHECKPOINT_FORMAT
+    from nas.export import FORMATS, load_safetensors
+    from nas.export.__main__ import main
+
+    space_file = tmp_path / "tiny-hybrid.yaml"
+    space_file.write_text(yaml.safe_dump(TINY_SPACES["hybrid"]))
+    space = load_space(space_file)
+    torch.manual_seed(0)
+    model = randomised(HybridSupernet(HybridSupernetConfig(space)))
+    checkpoint = tmp_path / "step.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "config": {"space": str(space_file)},
+                "model": model.state_dict()}, checkpoint)
+    formats = [name for name in FORMATS if name != "onnx" or all(
+        importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))]
+    arch = space.sample(np.random.default_rng(3))
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--arch", arch.to_json(), "--out-dir", str(out)]
+                + [a for name in formats for a in ("--format", name)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[export] {name}: " in printed for name in formats), printed
+    images = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(images, arch)
+        for loaded, loaded_arch in (load_subnet(out / "subnet.pt"), load_safetensors(out / "safetensors")):
+            assert loaded_arch == arch and isinstance(loaded, plain_hybrid.HybridNetwork)
+            torch.testing.assert_close(loaded(images), expected, **TOL)

@@ -10,7 +10,7 @@ import pytest
 from nas.hybrid.export import rebuild
 from nas.hybrid.scaling import CompoundScaling, compound_family, scale_arch, total_stride
 from nas.hybrid.space import ATTENTION_DSMS
-from nas.space import load_space
+from nas.spaces import load_space
 
 
 @pytest.mark.parametrize("seed", [None, 3, 11])

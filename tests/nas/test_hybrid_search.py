@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nas import cost
+from nas import costs
 from nas import train as cli
 from nas.budget import Budget, Costs
 from nas.checkpoint import load_supernet
@@ -21,7 +21,7 @@ from nas.report import read_log
 from nas.samplers import SAMPLERS, LearnedSampler, build_sampler
 from nas.searchers import SEARCHERS, build_searcher
 from nas.searching import SearchConfig, read_state, run_search
-from nas.space import load_space
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, train
 
 SPACES = ["uninet-cifar", "elasticvit-mobile-cifar"]
@@ -32,8 +32,8 @@ SAMPLER_OPTIONS = {"complexity": {"num_banks": 3}, "performance": {"num_banks": 
 
 def accuracy_of(space):
     """A synthetic accuracy that grows with size, as a supernet's does."""
-    high = cost.macs_range(space)[1]
-    return lambda arch: cost.macs(arch, space) / high
+    high = costs.macs_range(space)[1]
+    return lambda arch: costs.macs(arch, space) / high
 
 
 def run(sampler, steps: int, measure) -> list:
@@ -69,17 +69,17 @@ def test_the_complexity_walk_draws_inside_its_banks():
     for _ in range(30):
         archs = sampler.sample()
         low, high = sampler.banks.window(sampler.bank)
-        assert all(low <= cost.macs(arch, space) <= high for arch in archs)
+        assert all(low <= costs.macs(arch, space) <= high for arch in archs)
 
 
 def test_the_learned_sampler_proposes_within_a_budget():
     space = load_space("elasticvit-mobile-cifar")
     sampler = LearnedSampler(space, seed=0, policy_every=1, budgets_per_update=2)
     run(sampler, 3, accuracy_of(space))
-    low, high = cost.macs_range(space)
+    low, high = costs.macs_range(space)
     budget = low + 0.3 * (high - low)
     for arch in sampler.propose(budget, num=5):
-        assert space.contains(arch) and cost.macs(arch, space) <= budget
+        assert space.contains(arch) and costs.macs(arch, space) <= budget
 
 
 def test_the_identity_sampler_refuses_a_hybrid_space():
@@ -93,7 +93,7 @@ def test_the_identity_sampler_refuses_a_hybrid_space():
 def test_every_searcher_respects_the_budget_on_a_hybrid_space(name, space_name):
     space = load_space(space_name)
     costs = Costs(space)
-    limit = float(np.quantile(cost.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
+    limit = float(np.quantile(costs.macs_many(space.sample_many(np.random.default_rng(0), 300), space), 0.4))
     feasible = costs.feasible([Budget("macs", limit)])
     options = {"sampler": LearnedSampler(space, seed=0)} if name == "sampler" else {}
     searcher = build_searcher(name, space, feasible, seed=2, cost=costs.metric("macs"), **options)
@@ -101,7 +101,7 @@ def test_every_searcher_respects_the_budget_on_a_hybrid_space(name, space_name):
     for _ in range(3):
         archs = searcher.propose(8)
         assert len(archs) == 8 and all(space.contains(arch) for arch in archs)
-        assert (cost.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
+        assert (costs.macs_many(archs, space) <= limit).all(), f"{name} proposed an arch over the budget"
         searcher.observe(archs, [score(arch) for arch in archs])
     restored = build_searcher(name, space, feasible, seed=5, cost=costs.metric("macs"), **options)
     restored.load_state_dict(searcher.state_dict())
@@ -175,7 +175,7 @@ def test_nas_search_on_a_hybrid_checkpoint(hybrid_checkpoint, tmp_path, algorith
     best = summary["best"]["macs=50K"]
     assert best["macs"] <= 50_000
     arch = HybridArch.from_dict(best["arch"])
-    assert space.contains(arch) and cost.macs(arch, space) == best["macs"]
+    assert space.contains(arch) and costs.macs(arch, space) == best["macs"]
     model, saved_arch = load_subnet(summary["exported"]["macs=50K"])
     assert saved_arch == arch
     data = load_dataset("digits", split="test")
@@ -217,8 +217,8 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
     sampler = build_sampler("elasticvit", space, seed=5, total_steps=200, num_banks=4, memory_size=4,
                             archs_per_step=2)
     assert sampler.distill
-    assert sampler.banks.edges[0] == cost.macs(space.min_arch(), space)
-    assert sampler.banks.edges[-1] == cost.macs(space.max_arch(), space)
+    assert sampler.banks.edges[0] == costs.macs(space.min_arch(), space)
+    assert sampler.banks.edges[-1] == costs.macs(space.max_arch(), space)
     banks, resolutions, exploited = [], set(), 0
     for _ in range(200):
         memory = [entry[0] for entry in sampler.memory[sampler.bank]] + [
@@ -227,7 +227,7 @@ def test_the_elasticvit_sampler_walks_banks_of_the_whole_space_between_its_large
         assert len(archs) == 4 and archs[0] == space.max_arch() and archs[-1] == space.min_arch()
         low, high = sampler.banks.window(sampler.bank)
         for arch, from_memory in zip(archs[1:-1], sampler.exploited):
-            assert low <= cost.macs(arch, space) <= high
+            assert low <= costs.macs(arch, space) <= high
             if from_memory:
                 exploited += 1
                 assert arch.to_dict() in memory
@@ -276,8 +276,8 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
     space = load_space("uninet-cifar")
     costs = Costs(space)
     draws = space.sample_many(np.random.default_rng(0), 400)
-    limit = float(np.median(cost.macs_many(draws, space)))
-    target = next(arch for arch in draws.archs()[1:] if cost.macs(arch, space) <= 0.6 * limit
+    limit = float(np.median(costs.macs_many(draws, space)))
+    target = next(arch for arch in draws.archs()[1:] if costs.macs(arch, space) <= 0.6 * limit
                   and len({s.op for s in arch.stages[2:]}) > 1)
     score = op_dsm_objective(space, target)
     feasible = costs.feasible([Budget("macs", limit)])
@@ -291,7 +291,7 @@ def test_the_rl_controller_finds_the_best_operators_and_dsms_under_a_soft_budget
                 archs = searcher.propose(16)
                 searcher.observe(archs, [score(arch) for arch in archs])
             best_arch, best = searcher.best()
-            assert cost.macs(best_arch, space) <= limit
+            assert costs.macs(best_arch, space) <= limit
             bests.append(best)
             if algorithm == "rl":
                 probabilities = dict(zip((name for name, _ in space.genes()), searcher.probabilities()))
@@ -307,7 +307,7 @@ def test_the_soft_constraint_reward_is_mnasnets():
     space = load_space("uninet-cifar")
     costs = Costs(space)
     archs = [space.min_arch(), space.max_arch()]
-    macs = cost.macs_many(archs, space)
+    macs = costs.macs_many(archs, space)
     target = float(macs.mean())
     searcher = build_searcher("rl", space, costs.feasible([Budget("macs", target)]), cost=costs.metric("macs"),
                               target=target, alpha=-0.07, beta=-0.5)
@@ -327,6 +327,6 @@ def test_nas_search_writes_the_compound_scaled_family_of_the_best_arch(hybrid_ch
         own = load_space(row["space"])  # a space holding the member alone, which nas.train can train
         arch = HybridArch.from_dict(row["arch"])
         assert own.max_arch() == own.min_arch() == arch
-        assert cost.macs(arch, own) == row["macs"] and row["macs_growth"] == row["macs"] / family[0]["macs"]
+        assert costs.macs(arch, own) == row["macs"] and row["macs_growth"] == row["macs"] / family[0]["macs"]
         assert row["stated_growth"] == pytest.approx((1.2 * 1.1 ** 2 * 1.15 ** 2) ** row["phi"])
     assert family[0]["macs"] < family[1]["macs"] < family[2]["macs"]

@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nas import cost
+from nas import costs
 from nas.hybrid.arch import HybridArch, HybridArchBatch, Stage
 from nas.hybrid.space import HybridSpace, StageChoices
-from nas.space import PRESETS, load_space
+from nas.spaces import PRESETS, load_space
 
 HYBRID_PRESETS = ["elasticvit-mobile", "elasticvit-mobile-cifar", "uninet", "uninet-cifar"]
 
@@ -136,10 +136,10 @@ def test_min_and_max_arch_are_the_cost_extremes(space):
     the extremes of MACs, which the cost model finds by choosing every stage's operator and DSM."""
     low, high = space.min_arch(), space.max_arch()
     assert space.contains(low) and space.contains(high)
-    assert cost.macs_range(space) == (cost.macs(low, space), cost.macs(high, space))
-    assert cost.cost_range(space, lambda archs: cost.params_many(archs, space))[1] >= cost.params(high, space)
-    macs = cost.macs_many(space.sample_many(np.random.default_rng(1), 3000), space)
-    assert macs.min() >= cost.macs(low, space) and macs.max() <= cost.macs(high, space)
+    assert costs.macs_range(space) == (costs.macs(low, space), costs.macs(high, space))
+    assert costs.cost_range(space, lambda archs: costs.params_many(archs, space))[1] >= costs.params(high, space)
+    macs = costs.macs_many(space.sample_many(np.random.default_rng(1), 3000), space)
+    assert macs.min() >= costs.macs(low, space) and macs.max() <= costs.macs(high, space)
 
 
 def test_samples_are_canonical_uniform_and_fast(space):
@@ -208,14 +208,14 @@ def test_genes_decode_to_valid_archs_and_cover_the_space(space):
 
 def test_flops_window_draws_land_in_the_window():
     space = load_space("uninet-cifar")
-    low, high = cost.macs_range(space)
+    low, high = costs.macs_range(space)
     window = (low + (high - low) * 0.3, low + (high - low) * 0.4)
     rng = np.random.default_rng(8)
     for _ in range(20):
-        arch = cost.sample_in_flops_window(space, rng, *window)
-        assert window[0] <= cost.macs(arch, space) <= window[1]
+        arch = costs.sample_in_flops_window(space, rng, *window)
+        assert window[0] <= costs.macs(arch, space) <= window[1]
     with pytest.raises(ValueError, match="outside space 'uninet-cifar'"):
-        cost.sample_in_flops_window(space, rng, 2 * high, 3 * high)
+        costs.sample_in_flops_window(space, rng, 2 * high, 3 * high)
 
 
 def test_stage_choices_are_normalised():

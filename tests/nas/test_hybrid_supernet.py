@@ -9,7 +9,7 @@ from test_hybrid_space import replace_stage, uninet_b
 
 from elastic_ops import plain_hybrid, recalibrate_batch_norm
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
-from nas.space import load_space
+from nas.spaces import load_space
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

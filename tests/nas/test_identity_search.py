@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from nas import cost
+from nas import costs
 from nas.samplers import build_sampler
-from nas.space import SearchSpace
 from nas.trainer import TrainConfig
+from nas.vit.space import SearchSpace
 
 # Ten layers, any of them an identity, any depth: the depth of a draw with identity probability p is Binomial(10, 1-p).
 SPACE = SearchSpace(name="identity-search", embed_dims=[32], depths=list(range(1, 11)), num_heads=[1, 2],
@@ -27,7 +27,7 @@ def expected_score(p: float) -> float:
 def test_the_search_finds_the_probability_that_maximises_the_expected_score():
     """score = -(depth - 7)^2: its expectation under identity probability p (depth Binomial(10, 1-p), a draw of depth
     0 refilled to 1) is best at p = 0.3 (-2.1; 0.2 and 0.4 give -2.6 and -3.4)."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     sampler = build_sampler("identity", SPACE, seed=3, total_steps=8, macs_range=(low, high),
                             search_probabilities=CANDIDATES, search_step=2, search_archs=2000)
     calibrated = sampler.scale
@@ -55,14 +55,14 @@ def test_the_search_finds_the_probability_that_maximises_the_expected_score():
 
 
 def test_only_archs_inside_the_budget_are_scored():
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.4 * (high - low), low + 0.6 * (high - low))
     sampler = build_sampler("identity", SPACE, seed=4, total_steps=4, macs_range=window,
                             search_probabilities=[0.2, 0.5, 0.8], search_step=1, search_archs=50)
     sampler.sample()
 
     def measure(arch):
-        assert window[0] <= cost.macs(arch, SPACE) <= window[1]
+        assert window[0] <= costs.macs(arch, SPACE) <= window[1]
         return 1.0
 
     record = sampler.update([], [], measure)["identity_probability_search"]
@@ -73,7 +73,7 @@ def test_only_archs_inside_the_budget_are_scored():
 def test_a_candidate_that_rarely_draws_inside_the_budget_is_not_chosen():
     """Deep archs fall in this window; p = 0.9 leaves one or two layers on, so it seldom draws inside the window.
     Its few archs score best, but it samples the budget worse than 0.1 and 0.3, which draw every arch asked for."""
-    low, high = cost.macs_range(SPACE)
+    low, high = costs.macs_range(SPACE)
     window = (low + 0.5 * (high - low), high)
     sampler = build_sampler("identity", SPACE, seed=7, total_steps=4, macs_range=window,
                             search_probabilities=[0.1, 0.3, 0.9], search_step=1, search_archs=20)

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from nas import atomic
-from nas.cost import macs_many
+from nas.costs import macs_many
 from nas.errors import CheckpointError
 from nas.latency import FEATURES, LatencyModel, latency_features, measure_archs, measure_latency
-from nas.space import load_space
+from nas.spaces import load_space
 
 
 def test_features_add_up_per_layer():

@@ -12,13 +12,14 @@ import pytest
 import torch
 from hostile import RunsCode
 
-from nas.arch import Arch
 from nas.errors import CheckpointError, ConfigError
 from nas.pretrained import init_from, read_weights
 from nas.samplers import build_sampler
-from nas.space import SearchSpace, load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, Trainer, soft_cross_entropy
+from nas.vit.arch import Arch
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 DIGITS = load_space("digits-tiny")  # embed 32..64, depth 2..4, heads 1..2 of 16, mlp 2..4
 SMALL = dataclasses.replace(DIGITS, name="small", embed_dims=(32, 48), depths=(2, 3), num_heads=(1,),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nas.arch import Arch
 from nas.evaluate import EvalResult
 from nas.racing import RaceConfig, race, slice_bounds, top_k_contenders, wilson_interval
 from nas.searchers import NSGA2
-from nas.space import load_space
+from nas.spaces import load_space
+from nas.vit.arch import Arch
 
 
 def test_wilson_interval_against_hand_computed_values():

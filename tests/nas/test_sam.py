@@ -15,9 +15,9 @@ from hostile import RunsCode
 from torch import nn
 
 from elastic_ops import GroupSizes
-from nas.arch import Arch
 from nas.errors import CheckpointError
 from nas.sam import from_sam_state_dict, read_sam_weights
+from nas.vit.arch import Arch
 
 
 def image_encoder_module():

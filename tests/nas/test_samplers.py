@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nas import cost
-from nas.cost import macs_range, sample_in_flops_window
+from nas import costs
+from nas.costs import macs_range, sample_in_flops_window
 from nas.samplers import SAMPLERS, FlopsBanks, build_sampler
-from nas.space import load_space
+from nas.spaces import load_space
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_sandwich_largest_smallest_and_random(autoformer_t):
     steps = draws(sampler, 20)
     for archs in steps:
         assert len(archs) == 5 and archs[0] == autoformer_t.max_arch() and archs[1] == autoformer_t.min_arch()
-        macs = [cost.macs(a, autoformer_t) for a in archs]
+        macs = [costs.macs(a, autoformer_t) for a in archs]
         assert macs[0] == max(macs) and macs[1] == min(macs)
     assert len({a for archs in steps for a in archs[2:]}) > 50
     with pytest.raises(ValueError, match="num_random"):
@@ -71,7 +71,7 @@ def test_flops_banks_split_the_space_evenly(autoformer_t):
     banks = FlopsBanks(autoformer_t, 6)
     low, high = macs_range(autoformer_t)
     assert banks.edges[0] == low and banks.edges[-1] == high and np.all(np.diff(banks.edges) > 0)
-    macs = cost.macs_many(autoformer_t.sample_many(np.random.default_rng(9), 3000), autoformer_t)
+    macs = costs.macs_many(autoformer_t.sample_many(np.random.default_rng(9), 3000), autoformer_t)
     assert_roughly_uniform(Counter(banks.bank_of(m) for m in macs), range(6), len(macs))
 
 
@@ -84,7 +84,7 @@ def test_complexity_aware_bank_walk(autoformer_t, name):
         low, high = sampler.banks.window(sampler.bank)
         for arch in archs:
             autoformer_t.validate(arch)
-            assert low <= cost.macs(arch, autoformer_t) <= high
+            assert low <= costs.macs(arch, autoformer_t) <= high
         sampler.update(archs, [float(np.random.default_rng(len(banks)).random())], lambda arch: 0.5)
         banks.append(sampler.bank)
     steps = np.diff(banks)
@@ -196,27 +196,27 @@ def test_learned_sampler_learns_to_meet_its_budget():
                             archs_per_budget=4)
 
     def measure(arch):
-        return cost.macs(arch, space) / high
+        return costs.macs(arch, space) / high
 
     budgets = np.linspace(low + 0.3 * (high - low), low + 0.8 * (high - low), 5)
 
     def within_rate():
         batch, _, _ = sampler.policy_draw(np.repeat(budgets, 40).tolist())
-        return np.mean(cost.macs_many(batch, space) <= np.repeat(budgets, 40))
+        return np.mean(costs.macs_many(batch, space) <= np.repeat(budgets, 40))
 
     before = within_rate()
     for _ in range(200):
         sampler.policy_step(measure)
     after = within_rate()
     assert after >= 0.9 and after > before + 0.1, (before, after)
-    uniform = cost.macs_many(space.sample_many(np.random.default_rng(0), 4000), space)
+    uniform = costs.macs_many(space.sample_many(np.random.default_rng(0), 4000), space)
     beaten = []
     for budget in budgets:
         proposals = sampler.propose(budget, num=3)
         assert 1 <= len(proposals) <= 3 and len(set(proposals)) == len(proposals)
         for arch in proposals:
             space.validate(arch)
-            used = cost.macs(arch, space)
+            used = costs.macs(arch, space)
             assert used <= budget
             beaten.append(np.mean(uniform[uniform <= budget] <= used))
     assert np.mean(beaten) > 0.6, beaten
@@ -252,18 +252,18 @@ def test_learned_sampler_serves_params_budgets_too():
 
     def within_rate():
         batch, _, _ = sampler.policy_draw(np.repeat(budgets, 40).tolist(), "params")
-        return np.mean(cost.params_many(batch, space) <= np.repeat(budgets, 40))
+        return np.mean(costs.params_many(batch, space) <= np.repeat(budgets, 40))
 
     before = within_rate()
     for _ in range(200):
-        sampler.policy_step(lambda arch: cost.macs(arch, space) / macs_range(space)[1])
+        sampler.policy_step(lambda arch: costs.macs(arch, space) / macs_range(space)[1])
     after = within_rate()
     assert after >= 0.9 and after > before + 0.1, (before, after)
-    uniform = cost.params_many(space.sample_many(np.random.default_rng(0), 4000), space)
+    uniform = costs.params_many(space.sample_many(np.random.default_rng(0), 4000), space)
     beaten = []
     for budget in budgets:
         for arch in sampler.propose(budget, num=3, kind="params"):
-            used = cost.params(arch, space)
+            used = costs.params(arch, space)
             assert used <= budget
             beaten.append(np.mean(uniform[uniform <= budget] <= used))
     assert np.mean(beaten) > 0.6, beaten
@@ -339,7 +339,7 @@ def test_identity_probability_hits_the_flops_range(vitas_t):
     archs = [a for step in draws(sampler, 2000) for a in step]
     for arch in archs[:200]:
         vitas_t.validate(arch)
-    macs = cost.macs_many(archs, vitas_t)
+    macs = costs.macs_many(archs, vitas_t)
     slack = 4 * macs.std() / np.sqrt(len(macs))
     assert target[0] - slack <= macs.mean() <= target[1] + slack
     off = 1 - np.array([a.layer_on for a in archs]).mean(axis=0)
@@ -357,7 +357,7 @@ def test_supersam_layer_drop_grows_with_depth(vitas_t):
     off = 1 - np.array([a.layer_on for a in archs]).mean(axis=0)
     assert off[-1] > off[0] + 0.2
     low, high = sampler.macs_range
-    assert low <= cost.macs_many(archs, vitas_t).mean() <= high * 1.02
+    assert low <= costs.macs_many(archs, vitas_t).mean() <= high * 1.02
 
 
 def test_identity_sampler_errors(autoformer_t, vitas_t):
@@ -391,7 +391,7 @@ def test_state_round_trip_continues_exactly(name, autoformer_t, vitas_t):
         return rng.random(len(archs)).tolist()
 
     def measure(arch):
-        return cost.macs(arch, space) / macs_range(space)[1]
+        return costs.macs(arch, space) / macs_range(space)[1]
 
     sampler = build_sampler(name, space, seed=11, total_steps=40, **options_for(name))
     draws(sampler, 7, losses, measure)

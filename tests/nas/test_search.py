@@ -14,15 +14,15 @@ import pytest
 import torch
 from hostile import RunsCode, fill_disk
 
-from nas.arch import Arch
 from nas.budget import Budget, Costs
-from nas.cost import macs_many, params_many
+from nas.costs import macs_many, params_many
 from nas.errors import CheckpointError, CheckpointMismatchError
 from nas.samplers import LearnedSampler
 from nas.search import parse_args
 from nas.searchers import SEARCHERS, InfeasibleBudgetError, build_searcher, non_dominated_fronts
 from nas.searching import Search, SearchConfig, search_data, write_outputs
-from nas.space import load_space
+from nas.spaces import load_space
+from nas.vit.arch import Arch
 
 ALGORITHMS = sorted(SEARCHERS)
 

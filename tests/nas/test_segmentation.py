@@ -14,15 +14,14 @@ import torch.nn.functional as F
 
 from elastic_ops.plain import dense_logits
 from nas import canvases
-from nas.batched import batched_forward
 from nas.data import load_dataset, load_mnist
 from nas.errors import ConfigError, DataError
-from nas.evaluate import TensorBatches, confusion_matrix, evaluate_archs, mean_iou
+from nas.evaluate import TensorBatches, batched_forward, confusion_matrix, evaluate_archs, mean_iou
 from nas.export import extract_subnet, load_subnet
 from nas.searching import SearchConfig, run_search
-from nas.space import load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, train
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 MNIST = str(processes.REPO / ".." / "shared" / "data" / "mnist")
 needs_mnist = pytest.mark.skipif(not pathlib.Path(MNIST).is_dir(),

@@ -7,16 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from nas.arch import Arch
-from nas.cost import macs, macs_many, macs_range, sample_in_flops_window
-from nas.space import (
-    PRESETS,
-    SearchSpace,
-    load_space,
-    read_autoformer_space,
-    read_autoformer_subnet,
-    read_autoformer_yaml,
-)
+from nas.costs import macs, macs_many, macs_range, sample_in_flops_window
+from nas.spaces import PRESETS, load_space
+from nas.vit.arch import Arch
+from nas.vit.space import SearchSpace, read_autoformer_space, read_autoformer_subnet, read_autoformer_yaml
 
 SPACES = sorted(name for name in PRESETS if isinstance(load_space(name), SearchSpace))  # hybrid: test_hybrid_*
 # An AutoFormer-like space and a ViTAS-like one (identity layers, several patch sizes) cover both kinds.

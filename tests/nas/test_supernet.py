@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas import cost
-from nas.arch import Arch
+from nas import costs
 from nas.export import extract_subnet
-from nas.space import PRESETS, SearchSpace, load_space
-from nas.supernet import SupernetConfig, VisionTransformerSupernet, from_timm_state_dict
+from nas.spaces import PRESETS, load_space
+from nas.vit.arch import Arch
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet, from_timm_state_dict
 
 VIT_PRESETS = sorted(name for name in PRESETS if isinstance(load_space(name), SearchSpace))  # hybrid: test_hybrid_*
 
@@ -131,7 +132,7 @@ def test_private_qk_per_head_count():
     before = model(x, arch)
     plain = extract_subnet(model, arch)
     torch.testing.assert_close(plain(x), before, **TOL)
-    assert sum(p.numel() for p in plain.parameters()) == cost.params(arch, space)
+    assert sum(p.numel() for p in plain.parameters()) == costs.params(arch, space)
     with torch.no_grad():  # layer 0 (1 head) does not read the shared q/k blocks; its private q/k matter
         model.blocks[0].attn.qkv.weight[:64].normal_()
         torch.testing.assert_close(model(x, arch), before, atol=0, rtol=0)
@@ -154,7 +155,7 @@ def test_relative_position_subnets_match_their_extracted_plain_vit():
         logits = model(x, arch)
         plain = extract_subnet(model, arch)
         torch.testing.assert_close(plain(x), logits, **TOL)
-        assert sum(p.numel() for p in plain.parameters()) == cost.params(arch, space)
+        assert sum(p.numel() for p in plain.parameters()) == costs.params(arch, space)
     with torch.no_grad():  # the tables take part: changing one changes the output
         before = model(x, space.min_arch())
         model.blocks[0].attn.rel_pos.v_rows.normal_()
@@ -182,7 +183,7 @@ def test_bad_arch_and_bad_images_raise_clear_errors():
     assert model.arch == TINY.max_arch(), "a rejected arch must leave the active subnet alone"
     with pytest.raises(ValueError, match=r"expected images \[batch, 3, 16, 16\]"):
         model(torch.randn(2, 3, 32, 32))
-    with pytest.raises(TypeError, match="must be a nas.arch.Arch"):
+    with pytest.raises(TypeError, match="must be a nas.vit.arch.Arch"):
         model.set_arch({"embed_dim": 32})
 
 

@@ -20,9 +20,9 @@ from nas.checkpoint import load_checkpoint
 from nas.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from nas.optim import warmup_cosine
 from nas.report import read_log
-from nas.space import load_space
-from nas.supernet import VisionTransformerSupernet
+from nas.spaces import load_space
 from nas.trainer import TrainConfig, Trainer, train
+from nas.vit.supernet import VisionTransformerSupernet
 
 CIFAR10 = processes.REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
 

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from nas.arch import Arch
-from nas.batched import batched_forward
+from nas.evaluate import batched_forward
 from nas.export import extract_subnet
-from nas.space import SearchSpace
-from nas.supernet import SupernetConfig, VisionTransformerSupernet
 from nas.trainer import TrainConfig, Trainer
+from nas.vit.arch import Arch
+from nas.vit.space import SearchSpace
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 SPACE = SearchSpace(name="sides", embed_dims=[16, 24], depths=[2, 3], num_heads=[1, 2], mlp_ratios=[1.0, 2.0],
                     head_dim=8, patch_sizes=[4, 8], img_size=16, num_classes=5, identity_layers=True,

@@ -1,5 +1,5 @@
-"""ViT search spaces: the choices, validation, sampling, evolution operators and YAML presets; ``load_space`` reads
-a preset or file of either kind (hybrid spaces: ``nas.hybrid.space``).
+"""ViT search spaces: the choices, validation, sampling, evolution operators, and AutoFormer's config files (the
+presets and ``load_space``, for every family: ``nas.spaces``).
 
 Randomness: every function that draws takes a ``numpy.random.Generator`` (or an int seed, turned into
 one with ``numpy.random.default_rng``). The number and order of draws depend only on the space and the
@@ -22,12 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import yaml
 
+from ..rng import as_generator
 from .arch import Arch, ArchBatch
-from .hybrid.space import HybridSpace, is_hybrid
-from .rng import as_generator
-
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
-PRESETS: dict[str, Path] = {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
 
 
 def _choices(name: str, values, kind) -> tuple:
@@ -76,7 +72,7 @@ class SearchSpace:
     change neither sampling nor the subnet's cost. ``relative_position`` > 0 gives every layer AutoFormer's 2D relative
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
     ``task``: ``"classification"`` (a class per image) or ``"segmentation"`` (a class per pixel: the head maps every
-    patch token to its ``p x p`` pixels' logits, ``nas.supernet``; one patch size only; ``num_classes`` counts the
+    patch token to its ``p x p`` pixels' logits, ``nas.vit.supernet``; one patch size only; ``num_classes`` counts the
     background class too). ``supernet``: the sizes of the stored weights where they exceed the largest choices
     (:class:`SupernetSizes`; a mapping in YAML; None: the largest choices). ``qkv_bias_layout``: ``"blocks"`` or
     ``"autoformer"`` (AutoFormer's q, k, v biases of ``h`` heads: one leading block ``bias[:3 * h * head_dim]``;
@@ -107,6 +103,7 @@ class SearchSpace:
     layer_norm_eps: float = 1e-6
     layer_scale: bool = False
 
+    family: ClassVar[str] = "vit"
     arch_type: ClassVar[type] = Arch
 
     def __post_init__(self):
@@ -462,23 +459,6 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, text: str) -> "SearchSpace":
         return cls.from_dict(yaml.safe_load(text))
-
-
-Space = SearchSpace | HybridSpace  # what samplers, searchers and the cost model take: a ViT or a hybrid space
-
-
-def load_space(name_or_path: str | os.PathLike) -> Space:
-    """A preset by name (``PRESETS``: files in nas/spaces/) or a space's YAML file: a ViT ``SearchSpace``, or a
-    ``HybridSpace`` where the file lists stages."""
-    key = str(name_or_path)
-    path = PRESETS.get(key, Path(key))
-    if not path.is_file():
-        raise ValueError(f"unknown search space {key!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-        return HybridSpace.from_dict(data) if is_hybrid(data) else SearchSpace.from_dict(data)
-    except (ValueError, TypeError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: not a valid search space: {error}") from error
 
 
 # -- AutoFormer's own config files (microsoft/Cream, AutoFormer/experiments) ------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ class SupernetConfig:
         """The supernet holding every subnet of ``space``: its stored sizes (``space.supernet_sizes()``), qkv bias
         layout, pooling and LayerNorm eps (unless ``layer_norm_eps`` is given). With ``space.private_qk`` every head
         count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the relative
-        position is ``space.relative_position``, so that ``nas.cost`` counts what the supernet holds."""
+        position is ``space.relative_position``, so that ``nas.vit.cost`` counts what the supernet holds."""
         sizes = space.supernet_sizes()
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
@@ -144,12 +144,14 @@ class SupernetConfig:
 
 
 class VisionTransformerSupernet(nn.Module):
-    """A pre-norm ViT whose active subnet is an :class:`~nas.arch.Arch` (``set_arch`` or ``forward(images, arch)``).
+    """A pre-norm ViT whose active subnet is an :class:`~nas.vit.arch.Arch` (``set_arch`` or ``forward(images, arch)``).
 
     Layers with ``arch.layer_on[i]`` False are skipped (identity). Drop-path on the residual branches
     rises linearly to ``config.drop_path_rate`` over the layers and acts in training only.
     With gradients off and float32 CPU tensors the elastic ops pick the native kernels by themselves.
     """
+
+    family: ClassVar[str] = "vit"
 
     def __init__(self, config: SupernetConfig):
         super().__init__()
@@ -207,7 +209,7 @@ class VisionTransformerSupernet(nn.Module):
     def check_arch(self, arch: Arch) -> None:
         """Raise ValueError naming the problem if ``arch`` is not a subnet of this supernet (and of its space)."""
         if not isinstance(arch, Arch):
-            raise TypeError(f"VisionTransformerSupernet: arch must be a nas.arch.Arch, got {type(arch).__name__}")
+            raise TypeError(f"VisionTransformerSupernet: arch must be a nas.vit.arch.Arch, got {type(arch).__name__}")
         c = self.config
         if c.space is not None:
             c.space.validate(arch)
@@ -387,7 +389,7 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     Layer scale (``blocks.i.ls1.gamma``) gives the supernet layer scale. Raises ValueError listing missing,
     unexpected or mis-shaped tensors, and for a distilled DeiT (``nas.convert.convert_timm_state_dict``).
     """
-    from .convert import convert_timm_state_dict  # nas.convert builds on this module
+    from ..convert import convert_timm_state_dict  # nas.convert builds on this module
 
     return convert_timm_state_dict(state_dict, config).supernet
 

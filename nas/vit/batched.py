@@ -29,9 +29,8 @@ from torch import Tensor
 from elastic_ops import GroupSizes, elastic_linear
 from elastic_ops.nn import QkGroup
 
+from ..family import check_archs
 from .arch import Arch
-from .hybrid import batched as hybrid_batched
-from .hybrid.supernet import HybridSupernet
 from .supernet import pool
 
 # --- the K-subnet supernet forward ----------------------------------------------------------------
@@ -72,7 +71,7 @@ class BatchedSubnets:
         patch_sizes = {supernet.patch_size(arch) for arch in self.archs}
         if len(patch_sizes) != 1:
             raise ValueError(f"BatchedSubnets: archs of one pass must share a patch size, got {sorted(patch_sizes)}; "
-                             "use batched_forward, which splits them")
+                             "use forward_by_patch_size, which splits them")
         self.patch_size = patch_sizes.pop()
         device = next(supernet.parameters()).device
         prefixes = [(arch.embed_dim,) for arch in self.archs]
@@ -148,15 +147,6 @@ class BatchedSubnets:
         return supernet.config.read_out(elastic_linear(pooled, head.weight, head.bias)[self.branch_of_subnet])
 
 
-def check_archs(supernet, archs: Sequence[Arch]) -> None:
-    """Every arch must be a subnet of ``supernet`` (ValueError naming the first that is not)."""
-    for index, arch in enumerate(archs):
-        try:
-            supernet.check_arch(arch)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"arch {index} of {len(archs)}: {error}") from error
-
-
 def check_leading(supernet, archs: Sequence[Arch]) -> None:
     """The grouped ops read leading channels only: refuse an arch on the right side (it runs alone, with
     ``supernet(images, arch)``), and put the layers, which keep the side of the last arch set, on the left."""
@@ -169,22 +159,12 @@ def check_leading(supernet, archs: Sequence[Arch]) -> None:
         supernet.set_arch(active.on_side("left"))
 
 
-def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
-    """Logits ``[K, B, num_classes]`` (dense: ``[K, B, num_classes, H, W]``) of the K subnets ``archs`` on one batch,
-    computed in one pass per patch size (per layout on a hybrid supernet: ``nas.hybrid.batched``, with the supernet's
-    BatchNorm statistics)."""
-    archs = list(archs)
-    if not archs:
-        raise ValueError("batched_forward: no archs given")
-    if supernet.training:
-        raise ValueError("batched_forward: the supernet is in training mode; batched evaluation runs in eval mode "
-                         "(call supernet.eval())")
-    if isinstance(supernet, HybridSupernet):
-        check_archs(supernet, archs)
-        return hybrid_batched.batched_pass(supernet, archs)(images)
+def forward_by_patch_size(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
+    """Logits ``[K, B, num_classes]`` (dense: ``[K, B, num_classes, H, W]``) of the K subnets ``archs`` (checked by
+    ``nas.evaluate.batched_forward``) on one batch, computed in one pass per patch size."""
     by_patch: dict[int, list[int]] = {}
     for k, arch in enumerate(archs):
-        by_patch.setdefault(supernet.patch_size(arch) if isinstance(arch, Arch) else 0, []).append(k)
+        by_patch.setdefault(supernet.patch_size(arch), []).append(k)
     if len(by_patch) == 1:
         return BatchedSubnets(supernet, archs)(images)
     logits = [None] * len(archs)
@@ -197,10 +177,7 @@ def batched_forward(supernet, images: Tensor, archs: Sequence[Arch]) -> Tensor:
 def pass_memory_per_image(supernet, archs: Sequence[Arch], dtype: torch.dtype) -> int:
     """Bytes of activations one subnet of a batched pass needs per image at its peak (inside one layer),
     sized at the group's widest subnet: the residual stream, the normalised input, q/k/v, attention
-    scores and context, and the MLP hidden layer with its GELU (``nas.hybrid.batched.pass_memory_per_image`` on a
-    hybrid supernet)."""
-    if isinstance(supernet, HybridSupernet):
-        return hybrid_batched.pass_memory_per_image(supernet, archs, dtype)
+    scores and context, and the MLP hidden layer with its GELU."""
     c = supernet.config
     tokens = max(c.num_tokens(supernet.patch_size(arch)) for arch in archs)
     embed = max(arch.embed_dim for arch in archs)

@@ -28,24 +28,18 @@ sense; tests/nas/test_cost.py checks them.
 
 The totals are a sum of per-layer costs (``layer_params``/``layer_macs``) plus embedding and head
 terms, all numpy-broadcastable. Hybrid spaces (stages of conv, attention and MLP operators) have their own
-per-block functions in ``nas.hybrid.cost``, with this convention extended to convolutions; the functions
-below dispatch to them for a ``HybridSpace``.
-
-On top of the counts: the range of a cost over a space (:func:`cost_range`, :func:`macs_range`) and uniform
-draws of a space inside a MACs window (:func:`sample_in_flops_window`), which the samplers build on.
+per-block functions in ``nas.hybrid.cost``, with this convention extended to convolutions. ``nas.costs`` gives the
+costs of any family's archs, their range over a space and draws inside a MACs window.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .arch import Arch, ArchBatch
-from .hybrid import cost as hybrid_cost
-from .hybrid.space import HybridSpace
 
 if TYPE_CHECKING:
     from .space import SearchSpace
@@ -155,8 +149,6 @@ def head_tokens(space: "SearchSpace", tokens):
 
 def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
-    if isinstance(space, HybridSpace):
-        return hybrid_cost.params_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position,
                              space.layer_scale)
@@ -168,8 +160,6 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
 
 def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 multiply-accumulates of one image's forward pass (see the module docstring)."""
-    if isinstance(space, HybridSpace):
-        return hybrid_cost.macs_many(archs, space)
     d = layer_dims(archs, space)
     per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
@@ -178,20 +168,9 @@ def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.nda
             + head_macs(embed, head_outputs(space), head_tokens(space, d.tokens[:, 0]))).astype(np.int64)
 
 
-def params(arch: Arch, space: "SearchSpace") -> int:
-    return int(params_many([arch], space)[0])
-
-
-def macs(arch: Arch, space: "SearchSpace") -> int:
-    return int(macs_many([arch], space)[0])
-
-
 def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray]) -> tuple[float, float]:
     """The smallest and the largest ``cost`` (a vectorised cost such as :func:`params_many`) of an arch of ``space``:
-    of its smallest and its largest arch at every patch size, since every other choice only adds work and weights.
-    In a hybrid space, the extremes also choose each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
-    if isinstance(space, HybridSpace):
-        return hybrid_cost.cost_range(space, cost)
+    of its smallest and its largest arch at every patch size, since every other choice only adds work and weights."""
     def at_every_patch_size(arch: Arch) -> list[Arch]:
         return [dataclasses.replace(arch, patch_size=p) for p in space.patch_sizes] if len(space.patch_sizes) > 1 \
             else [arch]
@@ -199,35 +178,3 @@ def cost_range(space: "SearchSpace", cost: Callable[[Sequence[Arch]], np.ndarray
     low = cost(at_every_patch_size(space.min_arch()))
     high = cost(at_every_patch_size(space.max_arch()))
     return float(np.min(low)), float(np.max(high))
-
-
-@functools.cache
-def macs_range(space: "SearchSpace") -> tuple[int, int]:
-    """MACs of ``space.min_arch()`` and ``space.max_arch()``: every arch of the space lies in between, since each
-    choice only adds work (the patch embedding costs the same for every patch size). In a hybrid space, of the
-    cheapest and costliest choice of each stage's operator and DSM (``nas.hybrid.cost.cost_range``)."""
-    if isinstance(space, HybridSpace):
-        low, high = hybrid_cost.cost_range(space, lambda archs: macs_many(archs, space))
-        return int(low), int(high)
-    return macs(space.min_arch(), space), macs(space.max_arch(), space)
-
-
-def sample_in_flops_window(space: "SearchSpace", rng: np.random.Generator | int, low: float, high: float,
-                           max_tries: int = 64, batch_size: int = 256) -> Arch:
-    """A uniform draw of ``space`` conditioned on ``low <= macs(arch) <= high``, by rejection over vectorised batches
-    (``SearchSpace.sample_where``).
-
-    Raises ValueError when the window misses the space's MACs range, RuntimeError when no draw of ``max_tries``
-    batches lands in it (a window too narrow to hit by chance)."""
-    if not low <= high:
-        raise ValueError(f"MACs window low={low} > high={high}")
-    space_low, space_high = macs_range(space)
-    if high < space_low or low > space_high:
-        raise ValueError(f"MACs window [{low:.4g}, {high:.4g}] is outside space {space.name!r}'s range "
-                         f"[{space_low:.4g}, {space_high:.4g}] (min_arch, max_arch)")
-
-    def inside(batch: ArchBatch) -> np.ndarray:
-        cost = macs_many(batch, space)
-        return (cost >= low) & (cost <= high)
-
-    return space.sample_where(rng, inside, f"MACs window [{low:.4g}, {high:.4g}]", max_tries, batch_size)

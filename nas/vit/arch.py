@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
 
-SIDES = ("left", "right")  # as elastic_ops.nn.SIDES; nas.arch imports nothing heavy
+SIDES = ("left", "right")  # as elastic_ops.nn.SIDES; nas.vit.arch imports nothing heavy
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Arch:
     arch, not a gene: searches and the cost model ignore it, and it is written out only when it is ``"right"``.
     """
 
+    family: ClassVar[str] = "vit"
     embed_dim: int
     num_heads: tuple[int, ...]
     mlp_ratio: tuple[float, ...]
@@ -126,6 +127,7 @@ class ArchBatch:
     ``Arch.patch_size=None`` (the space's only patch size).
     """
 
+    family: ClassVar[str] = "vit"
     embed_dim: np.ndarray
     num_heads: np.ndarray
     mlp_ratio: np.ndarray
