@@ -29,11 +29,10 @@ from nas.convert import (
     timm_space,
     to_autoformer_state_dict,
 )
-from nas.evaluate import evaluate_archs
+from nas.evaluate import batched_forward, evaluate_archs
 from nas.export import extract_subnet
 from nas.spaces import load_space
 from nas.vit.arch import Arch
-from nas.vit.batched import batched_forward
 from nas.vit.space import SearchSpace, read_autoformer_yaml
 from nas.vit.supernet import SupernetConfig, from_timm_state_dict
 
@@ -191,19 +190,15 @@ def test_without_relative_position_the_fused_attention_reads_autoformers_bias():
     model = from_autoformer_state_dict({k: v.detach() for k, v in state.items()}, AF_SPACE).double().eval()
     assert model.config.relative_position == 0
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for heads in ((1, 2, 1), (1, 1, 1)):
-        arch = dataclasses.replace(AF_SPACE.max_arch(), num_heads=heads)
-        expected = autoformer_forward(state, images, arch)
-        logits = model(images, arch)
-        torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
-        expected.square().sum().backward()
-        logits.square().sum().backward()
-        for i in range(AF_SPACE.max_depth):
-            torch.testing.assert_close(model.blocks[i].attn.qkv.bias.grad, state[f"blocks.{i}.attn.qkv.bias"].grad,
-                                       atol=1e-9, rtol=0)
-        model.zero_grad()
-        for tensor in state.values():
-            tensor.grad = None
+    arch = dataclasses.replace(AF_SPACE.max_arch(), num_heads=(1, 2, 1))
+    expected = autoformer_forward(state, images, arch)
+    logits = model(images, arch)
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
+    expected.square().sum().backward()
+    logits.square().sum().backward()
+    for i in range(AF_SPACE.max_depth):
+        torch.testing.assert_close(model.blocks[i].attn.qkv.bias.grad, state[f"blocks.{i}.attn.qkv.bias"].grad,
+                                   atol=1e-9, rtol=0)
 
 
 def test_autoformer_round_trip_and_errors():
@@ -382,6 +377,40 @@ def test_unsupported_timm_models_are_refused():
     with pytest.raises(ValueError, match="is not the timm model"):
         convert_timm_vit(TimmVisionTransformer(), dataclasses.replace(timm_space(TimmVisionTransformer()),
                                                                        embed_dims=[32]))
+
+
+def test_timm_state_dicts_take_layer_scale_and_refuse_a_distilled_deit(tmp_path, capsys):
+    import json
+
+    from nas.checkpoint import load_supernet
+    from nas.convert.__main__ import main as convert_main
+    from nas.costs import params
+
+    torch.manual_seed(0)
+    model = TimmVisionTransformer(layer_scale=True).eval()
+    space = dataclasses.replace(timm_space(model), layer_scale=False)  # the weights have it: the supernet takes it
+    supernet = from_timm_state_dict(model.state_dict(), space).eval()
+    assert supernet.config.space.layer_scale
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(supernet(images, space.max_arch()), model(images), **TOL)
+    arch = space.min_arch()
+    assert params(arch, supernet.config.space) == sum(p.numel() for p in extract_subnet(supernet, arch).parameters())
+    # The command line: the same, from a file; the supernet it writes reloads.
+    weights, space_file = tmp_path / "vit.pth", tmp_path / "space.yaml"
+    torch.save({"model": model.state_dict()}, weights)
+    space_file.write_text(supernet.config.space.to_yaml())
+    assert run_cli(convert_main, ["--from", "timm", "--weights", weights, "--space", space_file, "--out-dir",
+                                  tmp_path / "out"], capsys)[0] == 0
+    assert sorted(json.loads((tmp_path / "out" / "conversion.json").read_text())["mapped"]) == \
+        sorted(model.state_dict())
+    reloaded, _, _ = load_supernet(tmp_path / "out" / "checkpoint.pt")
+    torch.testing.assert_close(reloaded(images, space.max_arch()), model(images), **TOL)
+    # A distilled DeiT: refused at conversion, from its state dict and from the model.
+    model.dist_token, model.head_dist = nn.Parameter(torch.zeros(1, 1, 48)), nn.Linear(48, 6)
+    with pytest.raises(ValueError, match=r"a distilled DeiT \(dist_token, head_dist.bias, head_dist.weight\)"):
+        from_timm_state_dict(model.state_dict(), space)
+    with pytest.raises(ValueError, match="a distillation token and second head"):
+        convert_timm_vit(model)
 
 
 def import_timm():
