@@ -1,4 +1,6 @@
-"""Ways in from other code: AutoFormer's supernet checkpoints (both ways), and a timm VisionTransformer in memory.
+"""Ways in from other code: AutoFormer's supernet checkpoints (both ways), timm VisionTransformer state dicts, and a
+timm VisionTransformer in memory. ``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint;
+the ``convert_*`` functions return a :class:`Conversion`, the supernet with the fate of every source tensor.
 
 AutoFormer (microsoft/Cream ``AutoFormer/model``, ``Vision_TransformerSuper`` trained with ``--change_qkv``, as its
 released supernets are) names and lays out its weights differently (:data:`AUTOFORMER_NAMES`):
@@ -17,10 +19,11 @@ released supernets are) names and lays out its weights differently (:data:`AUTOF
 - LayerNorms have torch's default eps 1e-5, and the released models classify the mean of the patch tokens (``--gp``):
   :func:`from_autoformer_state_dict` builds the supernet so by default.
 
-timm: :func:`convert_timm_vit` swaps a timm ``VisionTransformer``'s blocks, final norm and head for the elastic layers
-in place, sharing the parameters (no copy, as Liger-Kernel patches a model), and returns a supernet built around the
-same parameters, which runs any subnet of the space the model implies (:func:`timm_space`). The timm model's own
-forward keeps working at full width.
+timm: :func:`convert_timm_state_dict` (``nas.vit.supernet.from_timm_state_dict``) maps a state dict by name into a
+supernet of a space that gives timm's head count; :func:`convert_timm_vit` swaps a timm ``VisionTransformer``'s
+blocks, final norm and head for the elastic layers in place, sharing the parameters (no copy, as Liger-Kernel patches a
+model), and returns a supernet built around the same parameters, which runs any subnet of the space the model implies
+(:func:`timm_space`). The timm model's own forward keeps working at full width.
 """
 from __future__ import annotations
 
