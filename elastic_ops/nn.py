@@ -348,17 +348,31 @@ class ElasticAttention(ElasticModule):
     decomposed relative position to the logits, ``q . rel_pos_h[i_q - i_k + s - 1] + q . rel_pos_w[j_q - j_k + s - 1]``
     over the unscaled q, with tables ``[2 s - 1, head_dim]`` shared by the heads, ``s`` the window's side (the
     grid's without windows).
+
+    ``qkv_bias_layout``: where the q, k and v biases of ``h`` active heads are. ``"blocks"``: the leading
+    ``h * head_dim`` entries of each of the three blocks, as the weight rows. ``"autoformer"``: one leading block
+    ``bias[:3 * h * head_dim]`` (q, k, v one after another), as AutoFormer's ``qkv_super`` slices it while it gathers
+    the weight rows; so the k and v biases move with the head count. The three biases are read from where they are at
+    each call (a few hundred numbers; the weights are not copied); a grouped pass of several head counts goes the
+    unfused way, adding each subnet's own.
     """
 
     two_sided = True
+    QKV_BIAS_LAYOUTS = ("blocks", "autoformer")
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
                  dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, grid: int = 0,
-                 window_size: int = 0, decomposed_rel_pos: bool = False):
+                 window_size: int = 0, decomposed_rel_pos: bool = False, qkv_bias_layout: str = "blocks"):
         super().__init__()
         if (window_size or decomposed_rel_pos) and (grid < 1 or relative_position or private_qk_heads):
             raise ValueError("ElasticAttention: windows and decomposed relative position need the grid side (grid >= "
                              "1) and neither AutoFormer's relative position nor private q/k")
+        if qkv_bias_layout not in self.QKV_BIAS_LAYOUTS:
+            raise ValueError(f"ElasticAttention: qkv_bias_layout must be one of {self.QKV_BIAS_LAYOUTS}, "
+                             f"got {qkv_bias_layout!r}")
+        if qkv_bias_layout == "autoformer" and (private_qk_heads or window_size):
+            raise ValueError("ElasticAttention: AutoFormer's qkv bias layout goes with neither private q/k nor windows")
+        self.qkv_bias_layout = qkv_bias_layout
         self.grid, self.window_size = int(grid), int(window_size)
         side = self.window_size or self.grid
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, head_dim, device=device, dtype=dtype)) \
@@ -397,6 +411,8 @@ class ElasticAttention(ElasticModule):
 
     def sides_changed(self) -> None:
         embed, heads = self.side("embed_dim"), self.side("num_heads")
+        if heads == "right" and self.qkv_bias_layout == "autoformer":
+            raise ValueError("ElasticAttention: AutoFormer's qkv bias layout has no trailing heads (side 'right')")
         self.qkv.set_side(in_features=embed)  # its rows: three blocks, see _qkv_rows
         self.proj.set_side(in_features=heads, out_features=embed)
         for private in (self.private_qk or {}).values():
@@ -417,8 +433,18 @@ class ElasticAttention(ElasticModule):
         qkv_weight = side_view(self.qkv.weight, (self.qkv.out_features, e), ("left",) + embed_side)
         proj_weight = side_view(self.proj.weight, (e,), embed_side)
         proj_bias = side_view(self.proj.bias, (e,), embed_side)
-        return unpartition(elastic_attention(x, qkv_weight, self.qkv.bias, proj_weight, proj_bias, heads,
+        return unpartition(elastic_attention(x, qkv_weight, self._blocks_bias(heads), proj_weight, proj_bias, heads,
                                              self.head_dim))
+
+    def _blocks_bias(self, heads: int) -> Tensor | None:
+        """``qkv.bias`` as the fused op reads it (the block layout) for ``heads`` active heads: itself, or AutoFormer's
+        leading ``3 * heads * head_dim`` entries moved to the leading entries of the three blocks (a few hundred
+        numbers, through autograd)."""
+        bias = self.qkv.bias
+        if bias is None or self.qkv_bias_layout == "blocks":
+            return bias
+        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        return F.pad(bias[:3 * width].view(3, width), (0, max_width - width)).reshape(-1)
 
     def _windows(self, x: Tensor):
         """``x [..., grid * grid, E]`` as windows ``[..., windows * batch, w * w, E]`` (the leading dim before the
@@ -443,7 +469,8 @@ class ElasticAttention(ElasticModule):
 
     # The fused op reads q, k and v from one weight in block layout and has no attention-bias path. Private q/k
     # weights and the shared v block are different tensors, which no strided view joins without a copy, and the
-    # relative position adds terms to the logits and the context. So the unfused paths: elastic (or grouped) linears
+    # relative position adds terms to the logits and the context; in a grouped pass AutoFormer's bias layout gives each
+    # head count its own k and v biases. So the unfused paths: elastic (or grouped) linears
     # for q, k and v (in place on their super weights), the attention math in torch (``_attend``), and an elastic
     # linear for the projection. Row blocks of qkv.weight are views, not leaves: their gradients reach
     # qkv.weight.grad through autograd.
@@ -462,6 +489,21 @@ class ElasticAttention(ElasticModule):
         """The first row, within each of the q, k and v blocks of ``qkv.weight``, of ``heads`` active heads."""
         return (self.num_heads - heads) * self.head_dim if self.side("num_heads") == "right" else 0
 
+    def _bias_start(self, part: int, heads: int) -> int:
+        """The first entry of ``qkv.bias`` that part ``part`` (0: q, 1: k, 2: v) of ``heads`` active heads reads."""
+        if self.qkv_bias_layout == "autoformer":
+            return part * heads * self.head_dim
+        return part * self.num_heads * self.head_dim + self._qkv_rows(heads)
+
+    def _grouped_bias(self, heads: GroupSizes, part: int, dtype: torch.dtype) -> Tensor:
+        """AutoFormer's bias of part ``part`` for each subnet of a grouped pass, ``[K, 1, 1, width]``, zero past a
+        subnet's ``h * head_dim`` channels."""
+        width = heads.scaled(self.head_dim)
+        active = width.table.to(torch.long)[:, None]
+        channel = torch.arange(width.width, device=active.device)
+        entries = self.qkv.bias[(part * active + channel).clamp(max=self.qkv.bias.shape[0] - 1)]
+        return torch.where(channel < active, entries, 0).to(dtype)[:, None, None]
+
     def _decomposed_bias(self, q: Tensor) -> Tensor:
         """SAM's decomposed relative position of ``q [batch, heads, s * s, head_dim]``: logits ``[.., s*s, s*s]``."""
         side = math.isqrt(q.shape[2])
@@ -478,10 +520,13 @@ class ElasticAttention(ElasticModule):
         weight, bias = self.qkv.weight, self.qkv.bias
         embed_side = self.side("embed_dim")
 
-        def project(source_weight: Tensor, source_bias: Tensor | None, start: int, parts: int) -> Tensor:
+        def project(source_weight: Tensor, source_bias: Tensor | None, start: int, parts: int,
+                    bias_start: int | None = None) -> Tensor:
             end = start + parts * width
+            bias_start = start if bias_start is None else bias_start
             rows = side_view(source_weight[start:end], (parts * width, embed_dim), ("left", embed_side))
-            rows = elastic_linear(x, rows, None if source_bias is None else source_bias[start:end], parts * width)
+            rows = elastic_linear(x, rows, None if source_bias is None else
+                                  source_bias[bias_start:bias_start + parts * width], parts * width)
             return rows.view(batch, tokens, parts, heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
         first = self._qkv_rows(heads)
@@ -489,8 +534,9 @@ class ElasticAttention(ElasticModule):
             private = self.private_qk[str(heads)]
             q, k = project(private.weight, private.bias, 0, 2)
         else:
-            (q,), (k,) = project(weight, bias, first, 1), project(weight, bias, max_width + first, 1)
-        (v,) = project(weight, bias, 2 * max_width + first, 1)
+            (q,), (k,) = (project(weight, bias, part * max_width + first, 1, self._bias_start(part, heads))
+                          for part in (0, 1))
+        (v,) = project(weight, bias, 2 * max_width + first, 1, self._bias_start(2, heads))
         context = self._attend(q, k, v)
         sides = (embed_side, self.side("num_heads"))
         return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width),
@@ -519,7 +565,7 @@ class ElasticAttention(ElasticModule):
         qk_groups = self.qk_groups(heads) if qk_groups is None else qk_groups
         x, unpartition = self._windows(x)
         if self.rel_pos is None and self.rel_pos_h is None and len(qk_groups) == 1 \
-                and qk_groups[0].private_heads is None:
+                and qk_groups[0].private_heads is None and self.qkv_bias_layout == "blocks":
             return unpartition(grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight,
                                                  self.proj.bias, heads, self.head_dim))
         return unpartition(self._grouped_unfused_attention(x, sizes, heads, qk_groups))
@@ -532,10 +578,15 @@ class ElasticAttention(ElasticModule):
         head_dim, max_width = self.head_dim, self.num_heads * self.head_dim
         width = heads.scaled(head_dim)
         weight, bias = self.qkv.weight, self.qkv.bias
+        autoformer_bias = bias is not None and self.qkv_bias_layout == "autoformer"
 
         def rows(source_weight: Tensor, source_bias: Tensor | None, start: int, subnets: Tensor | None = None,
                  out_sizes: GroupSizes = width) -> Tensor:
             inputs = x if subnets is None else x[subnets]
+            if autoformer_bias and source_weight is weight:  # each subnet's bias is elsewhere: added after
+                part = start // max_width
+                return grouped_linear(inputs, weight[start:], None, out_sizes) + self._grouped_bias(heads, part,
+                                                                                                   x.dtype)
             return grouped_linear(inputs, source_weight[start:], None if source_bias is None else source_bias[start:],
                                   out_sizes)
 
@@ -574,7 +625,8 @@ class ElasticAttention(ElasticModule):
         columns = side_span(embed_dim, weight.shape[1], self.side("embed_dim"))
         with torch.no_grad():
             rows = weight.view(3, max_width, -1)[:, first:first + width]
-            biases = None if bias is None else bias.view(3, max_width)[:, first:first + width]
+            biases = None if bias is None else torch.stack([bias[start:start + width] for start in
+                                                            (self._bias_start(part, heads) for part in range(3))])
             if heads in self.private_qk_heads:
                 private = self.private_qk[str(heads)]
                 rows = torch.cat([private.weight.view(2, width, -1), rows[2:]])
@@ -620,7 +672,8 @@ class ElasticBlock(ElasticModule):
     ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
     ``private_qk_heads``: head counts with their own q/k projections, ``relative_position``: the maximum distance of
     the 2D relative position, 0 for none, ``grid``/``window_size``/``decomposed_rel_pos``: SAM's windowed attention
-    and relative position (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
+    and relative position, ``qkv_bias_layout``: where the q, k, v biases of fewer heads are (:class:`ElasticAttention`);
+    ``layer_scale``: the initial value of the
     :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
 
@@ -629,7 +682,8 @@ class ElasticBlock(ElasticModule):
     def __init__(self, embed_dim: int, num_heads: int, hidden_features: int, head_dim: int = 64, eps: float = 1e-6,
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
                  private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, layer_scale: float | None = None,
-                 grid: int = 0, window_size: int = 0, decomposed_rel_pos: bool = False):
+                 grid: int = 0, window_size: int = 0, decomposed_rel_pos: bool = False,
+                 qkv_bias_layout: str = "blocks"):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
@@ -637,7 +691,8 @@ class ElasticBlock(ElasticModule):
         self.norm1 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype,
                                      private_qk_heads=private_qk_heads, relative_position=relative_position,
-                                     grid=grid, window_size=window_size, decomposed_rel_pos=decomposed_rel_pos)
+                                     grid=grid, window_size=window_size, decomposed_rel_pos=decomposed_rel_pos,
+                                     qkv_bias_layout=qkv_bias_layout)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
         self.layer_scale = layer_scale

@@ -428,7 +428,9 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
     re-estimated on for each subnet, as training did (:meth:`nas.data.SearchSplit.calibration_indices`, in batches of
     the training's ``eval_batch_size``), else None."""
     trained = checkpoint["config"]
-    dataset = config.dataset or trained["dataset"]
+    dataset = config.dataset or trained.get("dataset")
+    if dataset is None:  # a converted checkpoint (nas.convert) was trained elsewhere
+        raise ConfigError(f"checkpoint {config.checkpoint!r} records no data set it was trained on; give --dataset")
     root = config.data_dir or trained.get("data_dir")
     kwargs = dict(image_size=space.img_size, in_chans=space.in_chans)
     test = data_lib.load_dataset(dataset, root, "test", **kwargs)

@@ -10,7 +10,8 @@ Convention (also in ``CONVENTION``):
   q/k projections per head count (ViTAS) stand in for the shared q/k rows, so the count is the same.
   A space with ``relative_position = m > 0`` (AutoFormer) adds per active layer its 2D relative position
   tables: for keys and values, rows and columns, ``2 * m + 2`` entries (distances ``-m..m`` and one for
-  the class token) of ``head_dim`` each, ``4 * (2 * m + 2) * head_dim`` in all.
+  the class token) of ``head_dim`` each, ``4 * (2 * m + 2) * head_dim`` in all. A space with ``layer_scale`` adds
+  the two LayerScale vectors of each active layer.
 * ``macs`` counts the multiply-accumulates of one image's forward pass in the matrix products:
   the patch-embedding convolution, qkv, q @ k^T, attn @ v, the output projection, fc1, fc2, and the
   classifier on the class token; with relative position also q . r_k and attn . r_v (``tokens ** 2 *
@@ -91,9 +92,9 @@ def as_batch(archs: Arch | Sequence[Arch] | ArchBatch) -> ArchBatch:
     return ArchBatch.from_archs(archs)
 
 
-def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position: int = 0):
+def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position: int = 0, layer_scale: bool = False):
     attn_dim = num_heads * head_dim
-    norms = 2 * 2 * embed_dim
+    norms = (2 + layer_scale) * 2 * embed_dim
     attention = (embed_dim + 1) * 3 * attn_dim + (attn_dim + 1) * embed_dim
     mlp = (embed_dim + 1) * hidden + (hidden + 1) * embed_dim
     tables = 4 * (2 * relative_position + 2) * head_dim if relative_position else 0
@@ -149,7 +150,8 @@ def head_tokens(space: "SearchSpace", tokens):
 def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
     d = layer_dims(archs, space)
-    per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position)
+    per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position,
+                             space.layer_scale)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_params(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers

@@ -16,7 +16,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,6 +54,25 @@ def _choices(name: str, values, kind) -> tuple:
 
 
 TASKS = ("classification", "segmentation")
+QKV_BIAS_LAYOUTS = ("blocks", "autoformer")  # elastic_ops.nn.ElasticAttention's
+CLASSIFIER_POOLS = ("token", "avg")
+
+
+@dataclass(frozen=True)
+class SupernetSizes:
+    """The sizes of a supernet's stored weights: its embed dim, depth, heads and MLP ratio (hidden units
+    ``int(embed_dim * mlp_ratio)``). AutoFormer trains supernets wider than its search space's largest choices (its
+    YAML's SUPERNET section beside SEARCH_SPACE: AutoFormer-T stores 256 channels and searches 192-240); a subnet reads
+    the leading part of the weights, as always."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+    @property
+    def hidden_features(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,13 @@ class SearchSpace:
     position with that maximum distance (0: none); it adds to the cost but not to sampling.
     ``task``: ``"classification"`` (a class per image) or ``"segmentation"`` (a class per pixel: the head maps every
     patch token to its ``p x p`` pixels' logits, ``nas.vit.supernet``; one patch size only; ``num_classes`` counts the
-    background class too). Choices are stored sorted and without repeats.
+    background class too). ``supernet``: the sizes of the stored weights where they exceed the largest choices
+    (:class:`SupernetSizes`; a mapping in YAML; None: the largest choices). ``qkv_bias_layout``: ``"blocks"`` or
+    ``"autoformer"`` (AutoFormer's q, k, v biases of ``h`` heads: one leading block ``bias[:3 * h * head_dim]``;
+    ``elastic_ops.nn.ElasticAttention``). ``global_pool``: what a classifier reads, the class token or the patch
+    tokens' mean (``"avg"``, AutoFormer's ``--gp``); ``layer_norm_eps``: the LayerNorms' eps (AutoFormer's: torch's
+    1e-5); ``layer_scale``: the blocks scale each branch by a learnt vector (timm's LayerScale: CaiT, DeiT III).
+    Choices are stored sorted and without repeats.
     """
 
     name: str
@@ -88,6 +113,11 @@ class SearchSpace:
     private_qk: bool = False
     relative_position: int = 0
     task: str = "classification"
+    supernet: SupernetSizes | None = None
+    qkv_bias_layout: str = "blocks"
+    global_pool: str = "token"
+    layer_norm_eps: float = 1e-6
+    layer_scale: bool = False
 
     family: ClassVar[str] = "vit"
     arch_type: ClassVar[type] = Arch
@@ -108,13 +138,28 @@ class SearchSpace:
                 meaning = " (0: none)" if name == "relative_position" else ""
                 raise ValueError(f"SearchSpace.{name}={value!r} must be an int >= {least}{meaning}")
             set_field(name, int(value))
-        for name in ("identity_layers", "private_class_tokens", "private_qk"):
+        for name in ("identity_layers", "private_class_tokens", "private_qk", "layer_scale"):
             set_field(name, bool(getattr(self, name)))
         if self.task not in TASKS:
             raise ValueError(f"SearchSpace.task={self.task!r} must be one of {', '.join(TASKS)}")
         if self.task == "segmentation" and len(self.patch_sizes) > 1:
             raise ValueError(f"SearchSpace: a segmentation head predicts the pixels of one patch size, but the space "
                              f"has several {self.patch_sizes}")
+        if self.qkv_bias_layout not in QKV_BIAS_LAYOUTS:
+            raise ValueError(f"SearchSpace.qkv_bias_layout={self.qkv_bias_layout!r} must be one of "
+                             f"{', '.join(QKV_BIAS_LAYOUTS)}")
+        if self.qkv_bias_layout == "autoformer" and self.private_qk:
+            raise ValueError("SearchSpace: AutoFormer's qkv bias layout goes with shared q/k, not private_qk")
+        if self.global_pool not in CLASSIFIER_POOLS:
+            raise ValueError(f"SearchSpace.global_pool={self.global_pool!r} must be one of "
+                             f"{', '.join(CLASSIFIER_POOLS)}")
+        if self.task == "segmentation" and self.global_pool != "token":
+            raise ValueError("SearchSpace.global_pool: a segmentation head reads every patch token; leave it 'token'")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"SearchSpace.layer_norm_eps={self.layer_norm_eps!r} must be a number in (0, 1)")
+        set_field("layer_norm_eps", float(self.layer_norm_eps))
+        if self.supernet is not None:
+            set_field("supernet", self._supernet_sizes(self.supernet))
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SearchSpace.patch_sizes {tuple(bad)} do not divide img_size={self.img_size}")
@@ -124,6 +169,33 @@ class SearchSpace:
         if int(self.embed_dims[0] * self.mlp_ratios[0]) < 1:
             raise ValueError(f"SearchSpace: smallest MLP hidden size int({self.embed_dims[0]} * {self.mlp_ratios[0]}) "
                              "is 0")
+
+    def _supernet_sizes(self, sizes) -> SupernetSizes:
+        if isinstance(sizes, dict):
+            names = {f.name for f in fields(SupernetSizes)}
+            if set(sizes) != names:
+                raise ValueError(f"SearchSpace.supernet: needs exactly {sorted(names)}, got {sorted(sizes)}")
+            try:
+                sizes = SupernetSizes(int(sizes["embed_dim"]), int(sizes["depth"]), int(sizes["num_heads"]),
+                                      float(sizes["mlp_ratio"]))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"SearchSpace.supernet: sizes must be numbers: {error}") from None
+        if not isinstance(sizes, SupernetSizes):
+            raise ValueError(f"SearchSpace.supernet: expected a mapping of sizes, got {type(sizes).__name__}")
+        smaller = [f"{name} {have} < {need}" for name, have, need in (
+            ("embed_dim", sizes.embed_dim, self.max_embed_dim), ("num_heads", sizes.num_heads, self.max_heads),
+            ("hidden units", sizes.hidden_features, self.max_hidden)) if have < need]
+        if smaller:
+            raise ValueError(f"SearchSpace.supernet: the stored weights must hold the largest choices: "
+                             f"{', '.join(smaller)}")
+        if sizes.depth != self.max_depth:
+            raise ValueError(f"SearchSpace.supernet.depth={sizes.depth} must be the largest depth {self.max_depth} "
+                             "(deeper layers would never run)")
+        return sizes
+
+    def supernet_sizes(self) -> SupernetSizes:
+        """The sizes of the supernet's stored weights: ``supernet`` where given, else the largest choices."""
+        return self.supernet or SupernetSizes(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio)
 
     # -- derived sizes -------------------------------------------------------------------------------
     @property
@@ -387,7 +459,9 @@ class SearchSpace:
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        def plain(value):
+            return list(value) if isinstance(value, tuple) else asdict(value) if is_dataclass(value) else value
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
@@ -430,11 +504,19 @@ def _read_autoformer_config(path) -> dict:
 
 
 def read_autoformer_space(path: str | os.PathLike, name: str | None = None, **overrides) -> SearchSpace:
-    """The SEARCH_SPACE section of an AutoFormer supernet or subnet YAML (MLP_RATIO, NUM_HEADS,
-    DEPTH, EMBED_DIM lists). AutoFormer's ImageNet defaults (224 px, patch 16, head dim 64,
-    1000 classes) apply unless ``overrides`` set other SearchSpace fields. The SUPERNET section's
-    sizes (the width of the stored weights) are not part of the space."""
-    s = _autoformer_section(_read_autoformer_config(path), "SEARCH_SPACE", path)
+    """The space of an AutoFormer supernet or subnet YAML: its SEARCH_SPACE section (MLP_RATIO, NUM_HEADS, DEPTH,
+    EMBED_DIM lists) and, where there is one, its SUPERNET section (the sizes of the stored weights, which may exceed
+    the choices: ``SearchSpace.supernet``), with AutoFormer's qkv bias layout, patch-token pooling (``--gp``, as its
+    released supernets) and LayerNorm eps. AutoFormer's ImageNet defaults (224 px, patch 16, head dim 64, 1000
+    classes) apply unless ``overrides`` set other SearchSpace fields."""
+    config = _read_autoformer_config(path)
+    s = _autoformer_section(config, "SEARCH_SPACE", path)
+    if "SUPERNET" in config:
+        sizes = _autoformer_section(config, "SUPERNET", path)
+        overrides.setdefault("supernet", {"embed_dim": sizes["EMBED_DIM"], "depth": sizes["DEPTH"],
+                                          "num_heads": sizes["NUM_HEADS"], "mlp_ratio": sizes["MLP_RATIO"]})
+    for field_name, value in (("qkv_bias_layout", "autoformer"), ("global_pool", "avg"), ("layer_norm_eps", 1e-5)):
+        overrides.setdefault(field_name, value)
     return SearchSpace(name=name or Path(path).stem, embed_dims=s["EMBED_DIM"], depths=s["DEPTH"],
                        num_heads=s["NUM_HEADS"], mlp_ratios=s["MLP_RATIO"], **overrides)
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 
 GLOBAL_POOLS = ("token", "avg", "dense")
+LAYER_SCALE_INIT = 1e-5  # timm's init_values for the ViTs trained with layer scale (DeiT III)
 
 
 def pool(tokens: Tensor, global_pool: str) -> Tensor:
@@ -56,8 +57,10 @@ def pool(tokens: Tensor, global_pool: str) -> Tensor:
 class SupernetConfig:
     """Sizes of the super weights (``hidden_features``: the widest MLP); ``private_qk_heads``: head counts with their
     own q/k projections (``ElasticAttention``); ``relative_position``: the maximum distance of the 2D relative
-    position, 0 for none; ``global_pool``: what the classifier reads after the final norm, the class token
-    (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
+    position, 0 for none; ``qkv_bias_layout``: where the q, k, v biases of fewer heads are
+    (``elastic_ops.nn.ElasticAttention``); ``layer_scale``: the initial value of each branch's LayerScale (timm's),
+    None for none; ``global_pool``: what the classifier reads after the final norm, the class
+    token (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
     (``"dense"``, one patch size), every patch token, mapped to the logits of its pixels; ``space``, if given, is what
     :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
 
@@ -73,6 +76,8 @@ class SupernetConfig:
     private_class_tokens: bool = False
     private_qk_heads: tuple[int, ...] = ()
     relative_position: int = 0
+    qkv_bias_layout: str = "blocks"
+    layer_scale: float | None = None
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     global_pool: str = "token"
@@ -103,19 +108,22 @@ class SupernetConfig:
 
     @classmethod
     def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0,
-                   layer_norm_eps: float = 1e-6) -> "SupernetConfig":
-        """The supernet holding every subnet of ``space``: its largest sizes. With ``space.private_qk`` every head
-        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the
-        relative position is ``space.relative_position``, so that ``nas.vit.cost`` counts what the supernet holds."""
+                   layer_norm_eps: float | None = None) -> "SupernetConfig":
+        """The supernet holding every subnet of ``space``: its stored sizes (``space.supernet_sizes()``), qkv bias
+        layout, pooling and LayerNorm eps (unless ``layer_norm_eps`` is given). With ``space.private_qk`` every head
+        count but the largest gets private q/k projections (the largest uses the shared qkv's q/k blocks); the relative
+        position is ``space.relative_position``, so that ``nas.vit.cost`` counts what the supernet holds."""
+        sizes = space.supernet_sizes()
         return cls(
             img_size=space.img_size, patch_sizes=tuple(space.patch_sizes), in_chans=space.in_chans,
-            num_classes=space.num_classes, embed_dim=max(space.embed_dims), depth=max(space.depths),
-            num_heads=max(space.num_heads), head_dim=space.head_dim,
-            hidden_features=int(max(space.embed_dims) * max(space.mlp_ratios)),
+            num_classes=space.num_classes, embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=sizes.num_heads,
+            head_dim=space.head_dim, hidden_features=sizes.hidden_features, qkv_bias_layout=space.qkv_bias_layout,
+            layer_scale=LAYER_SCALE_INIT if space.layer_scale else None,
             private_class_tokens=bool(space.private_class_tokens),
             private_qk_heads=tuple(space.num_heads[:-1]) if space.private_qk else (),
             relative_position=space.relative_position, drop_path_rate=drop_path_rate,
-            layer_norm_eps=layer_norm_eps, global_pool="dense" if space.task == "segmentation" else "token",
+            layer_norm_eps=space.layer_norm_eps if layer_norm_eps is None else layer_norm_eps,
+            global_pool="dense" if space.task == "segmentation" else space.global_pool,
             space=space,
         )
 
@@ -166,7 +174,8 @@ class VisionTransformerSupernet(nn.Module):
         drop_paths = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
-                         drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position)
+                         drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position,
+                         qkv_bias_layout=c.qkv_bias_layout, layer_scale=c.layer_scale)
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
@@ -377,47 +386,12 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor],
     size is read from its kernel; its position embedding goes to that patch size. Private q/k projections
     of smaller head counts (ViTAS) keep their initialisation; relative position tables (timm has none) are zeroed,
     so that the largest subnet still computes the timm model.
-    Raises ValueError listing missing, unexpected or mis-shaped tensors.
+    Layer scale (``blocks.i.ls1.gamma``) gives the supernet layer scale. Raises ValueError listing missing,
+    unexpected or mis-shaped tensors, and for a distilled DeiT (``nas.convert.convert_timm_state_dict``).
     """
-    if not isinstance(config, SupernetConfig):
-        config = SupernetConfig.from_space(config)
-    model = VisionTransformerSupernet(config)
-    target = model.state_dict()
-    if "patch_embed.proj.weight" not in state_dict:
-        raise ValueError("from_timm_state_dict: no 'patch_embed.proj.weight'; is this a timm VisionTransformer state "
-                         "dict?")
-    patch = str(state_dict["patch_embed.proj.weight"].shape[-1])
-    renamed = {}
-    for name, tensor in state_dict.items():
-        prefix = name.split(".")[0]
-        if prefix == "patch_embed" and isinstance(model.patch_embed, nn.ModuleDict):
-            name = f"patch_embed.{patch}.{name.split('.', 1)[1]}"
-        elif name == "cls_token" and isinstance(model.cls_token, nn.ParameterDict):
-            name = f"cls_token.{patch}"
-        elif name == "pos_embed" and isinstance(model.pos_embed, nn.ParameterDict):
-            name = f"pos_embed.{patch}"
-        renamed[name] = tensor
-    unexpected = sorted(set(renamed) - set(target))
-    shapes = sorted(f"{name}: timm {tuple(t.shape)} vs supernet {tuple(target[name].shape)}"
-                    for name, t in renamed.items() if name in target and t.shape != target[name].shape)
-    parts = {"patch_embed": model.patch_embed, "cls_token": model.cls_token, "pos_embed": model.pos_embed}
-    per_patch = {name for name, part in parts.items() if isinstance(part, (nn.ModuleDict, nn.ParameterDict))}
-    # Parts private to the other patch sizes, and the private q/k of smaller head counts, keep their initialisation.
-    missing = sorted(name for name in set(target) - set(renamed)
-                     if (name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
-                     and ".attn.private_qk." not in name and ".attn.rel_pos." not in name)
-    if unexpected or shapes or missing:
-        problems = [f"unexpected (unsupported timm parts): {unexpected}"] if unexpected else []
-        problems += [f"shape mismatch: {shapes}"] if shapes else []
-        problems += [f"missing: {missing}"] if missing else []
-        raise ValueError("from_timm_state_dict: the state dict does not fit this supernet; " + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in renamed.items():
-            target[name].copy_(tensor)
-        for name, tensor in target.items():
-            if ".attn.rel_pos." in name:
-                tensor.zero_()
-    return model
+    from ..convert import convert_timm_state_dict  # nas.convert builds on this module
+
+    return convert_timm_state_dict(state_dict, config).supernet
 
 
 __all__ = ["SupernetConfig", "VisionTransformerSupernet", "from_timm_state_dict"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -31,23 +30,29 @@ from nas.convert import (
     timm_space,
     to_autoformer_state_dict,
 )
-from nas.evaluate import evaluate_archs
+from nas.evaluate import batched_forward, evaluate_archs
 from nas.export import extract_subnet
+from nas.spaces import load_space
 from nas.vit.arch import Arch
-from nas.vit.space import SearchSpace
+from nas.vit.space import SearchSpace, read_autoformer_yaml
+from nas.vit.supernet import SupernetConfig, from_timm_state_dict
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
-# A small AutoFormer space: head dim 64 and embed dim = heads * 64 at the largest, as AutoFormer's qkv_super needs.
-AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112, 128], depths=[2, 3], num_heads=[1, 2],
-                       mlp_ratios=[2.0, 3.0], head_dim=64, patch_sizes=[8], img_size=32, in_chans=3, num_classes=7)
+# A small AutoFormer space: head dim 64 and the stored embed dim = heads * 64, as AutoFormer's qkv_super needs; the
+# stored weights wider than the largest choices, as AutoFormer's supernets are (its SUPERNET section).
+AF_SPACE = SearchSpace(name="autoformer-small", embed_dims=[96, 112], depths=[2, 3], num_heads=[1, 2],
+                       mlp_ratios=[2.0, 3.0], head_dim=64, patch_sizes=[8], img_size=32, in_chans=3, num_classes=7,
+                       supernet={"embed_dim": 128, "depth": 3, "num_heads": 2, "mlp_ratio": 3.5})
 MAX_DISTANCE = 3
 
 
-def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too)."""
+def autoformer_state_dict(space: SearchSpace, seed: int = 0, relative: bool = True) -> dict[str, torch.Tensor]:
+    """Random weights under AutoFormer's names and shapes (every LayerNorm and bias random too; ``relative``: with
+    relative position tables)."""
     g = torch.Generator().manual_seed(seed)
-    embed, hidden = space.max_embed_dim, space.max_hidden
+    sizes = space.supernet_sizes()
+    embed, hidden = sizes.embed_dim, sizes.hidden_features
     tokens = (space.img_size // space.patch_sizes[0]) ** 2 + 1
     patch = space.patch_sizes[0]
 
@@ -62,7 +67,7 @@ def autoformer_state_dict(space: SearchSpace, seed: int = 0) -> dict[str, torch.
             state[b + norm + ".weight"], state[b + norm + ".bias"] = 1 + t(embed), t(embed)
         state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"] = t(3 * embed, embed), t(3 * embed)
         state[b + "attn.proj.weight"], state[b + "attn.proj.bias"] = t(embed, embed), t(embed)
-        for which in ("k", "v"):
+        for which in ("k", "v") if relative else ():
             for axis in ("v", "h"):
                 state[f"{b}attn.rel_pos_embed_{which}.embeddings_table_{axis}"] = t(2 * MAX_DISTANCE + 2, 64)
         state[b + "fc1.weight"], state[b + "fc1.bias"] = t(hidden, embed), t(hidden)
@@ -107,16 +112,19 @@ def autoformer_forward(state, images, arch: Arch, max_distance=MAX_DISTANCE):
         q, k, v = qkv[0], qkv[1], qkv[2]
         scale = 64 ** -0.5
         attn = (q @ k.transpose(-2, -1)) * scale
-        r_p_k = autoformer_relative(state[b + "attn.rel_pos_embed_k.embeddings_table_v"],
-                                    state[b + "attn.rel_pos_embed_k.embeddings_table_h"], n, max_distance, 64)
-        attn = attn + (q.permute(2, 0, 1, 3).reshape(n, heads * batch, -1) @ r_p_k.transpose(2, 1)) \
-            .transpose(1, 0).reshape(batch, heads, n, n) * scale
+        relative = b + "attn.rel_pos_embed_k.embeddings_table_v" in state  # AutoFormer's --relative_position
+        if relative:
+            r_p_k = autoformer_relative(state[b + "attn.rel_pos_embed_k.embeddings_table_v"],
+                                        state[b + "attn.rel_pos_embed_k.embeddings_table_h"], n, max_distance, 64)
+            attn = attn + (q.permute(2, 0, 1, 3).reshape(n, heads * batch, -1) @ r_p_k.transpose(2, 1)) \
+                .transpose(1, 0).reshape(batch, heads, n, n) * scale
         attn = attn.softmax(dim=-1)
         h = (attn @ v).transpose(1, 2).reshape(batch, n, -1)
-        r_p_v = autoformer_relative(state[b + "attn.rel_pos_embed_v.embeddings_table_v"],
-                                    state[b + "attn.rel_pos_embed_v.embeddings_table_h"], n, max_distance, 64)
-        attn_1 = attn.permute(2, 0, 1, 3).reshape(n, batch * heads, -1)
-        h = h + (attn_1 @ r_p_v).transpose(1, 0).reshape(batch, heads, n, -1).transpose(2, 1).reshape(batch, n, -1)
+        if relative:
+            r_p_v = autoformer_relative(state[b + "attn.rel_pos_embed_v.embeddings_table_v"],
+                                        state[b + "attn.rel_pos_embed_v.embeddings_table_h"], n, max_distance, 64)
+            attn_1 = attn.permute(2, 0, 1, 3).reshape(n, batch * heads, -1)
+            h = h + (attn_1 @ r_p_v).transpose(1, 0).reshape(batch, heads, n, -1).transpose(2, 1).reshape(batch, n, -1)
         h = F.linear(h, state[b + "attn.proj.weight"][:e, :heads * 64], state[b + "attn.proj.bias"][:e])
         x = residual + h
         residual, h = x, norm("ffn_layer_norm", x)
@@ -146,47 +154,62 @@ def test_qkv_rows_interleaved_and_in_blocks():
 
 def test_autoformer_supernet_gives_autoformers_logits():
     state = autoformer_state_dict(AF_SPACE)
-    images = torch.randn(3, 3, 32, 32)
-    with pytest.warns(UserWarning, match="fewer than 2 heads") as warned:
-        model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).eval()
-    # The size it promises: AutoFormer's v bias of h heads is the leading block's bias[2h*64:3h*64]; the converted
-    # supernet reads the first h*64 of the largest head count's, bias[2H*64:].
-    largest = max(AF_SPACE.num_heads) * 64
-    difference = max(float((bias[2 * h * 64:3 * h * 64] - bias[2 * largest:2 * largest + h * 64]).abs().max())
-                     for i in range(AF_SPACE.max_depth) for bias in [state[f"blocks.{i}.attn.qkv.bias"]]
-                     for h in AF_SPACE.num_heads)
-    assert difference > 0.1 and f"by up to {difference:.3g};" in str(warned[0].message), str(warned[0].message)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    model = from_autoformer_state_dict({"model": state, "epoch": 300}, AF_SPACE).double().eval()
     assert model.config.relative_position == MAX_DISTANCE and model.config.global_pool == "avg"
-    # Every subnet at the largest head count: AutoFormer's logits.
-    for arch in subnets(AF_SPACE, 3, 0, full_heads=True):
-        torch.testing.assert_close(model(images, arch), autoformer_forward(state, images, arch), **TOL)
-    # Any head count, where AutoFormer's v biases of the head choices agree (here: zero where any head count reads
-    # them; the q and k biases stay random, and a k bias changes nothing).
-    for i in range(AF_SPACE.max_depth):
-        bias = state[f"blocks.{i}.attn.qkv.bias"]
-        for heads in AF_SPACE.num_heads:
-            bias[2 * heads * 64:3 * heads * 64] = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = from_autoformer_state_dict(state, AF_SPACE).eval()
-    archs = subnets(AF_SPACE, 4, 10, full_heads=False)
-    assert any(min(a.num_heads[:a.depth]) < 2 for a in archs)
-    expected = torch.stack([autoformer_forward(state, images, arch) for arch in archs])
-    torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, **TOL)
-    # Batched evaluation and export see the same model: every arch's metrics are those of its own logits.
-    labels = torch.tensor([expected[0, 0].argmax(), expected[1, 1].argmax(), expected[2, 2].argmax()])
+    assert (model.config.embed_dim, model.config.hidden_features) == (128, 448)
+    # Every subnet, the largest head count or fewer in any layer (AutoFormer's k and v biases then move).
+    archs = subnets(AF_SPACE, 6, 10, full_heads=False)
+    archs.append(dataclasses.replace(AF_SPACE.max_arch(), num_heads=(1, 2, 1)))
+    assert sum(min(a.num_heads[:a.depth]) < 2 for a in archs) >= 4
+    expected = torch.stack([autoformer_forward({k: v.double() for k, v in state.items()}, images, arch)
+                            for arch in archs])
+    torch.testing.assert_close(torch.stack([model(images, arch) for arch in archs]), expected, atol=1e-10, rtol=0)
+    # Batched evaluation (the grouped pass) and export see the same model.
+    model.float()
+    images, expected = images.float(), expected.float()
+    # Every arch's metrics are those of its own logits, with labels that differ per image.
+    labels = torch.stack([expected[k % len(archs), k].argmax() for k in range(len(images))])
     results = evaluate_archs(model, archs, [(images, labels)], progress=False)
     for result, logits in zip(results, expected, strict=True):
         assert result.top1 == pytest.approx(100 * float((logits.argmax(-1) == labels).float().mean()))
         assert result.loss == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4)
     assert len({result.top1 for result in results}) > 1
-    torch.testing.assert_close(extract_subnet(model, archs[1])(images), expected[1], **TOL)
+    for k in (1, len(archs) - 1):
+        torch.testing.assert_close(extract_subnet(model, archs[k])(images), expected[k], **TOL)
+
+
+def test_grouped_pass_reads_autoformers_bias_per_subnet():
+    """A grouped pass of subnets with different head counts adds each one's own q, k, v biases (an independent
+    oracle: one subnet at a time)."""
+    model = from_autoformer_state_dict(autoformer_state_dict(AF_SPACE, seed=2), AF_SPACE).eval()
+    archs = [dataclasses.replace(AF_SPACE.max_arch(), num_heads=heads) for heads in ((1, 2, 1), (2, 1, 2), (1,) * 3)]
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(batched_forward(model, images, archs), torch.stack([model(images, a) for a in archs]),
+                               **TOL)
+
+
+def test_without_relative_position_the_fused_attention_reads_autoformers_bias():
+    """No relative position: a subnet's attention runs fused on the bias moved to the block layout; its logits and the
+    qkv bias's gradient are AutoFormer's (autograd through the independent forward on AutoFormer's state dict)."""
+    state = {k: v.double().requires_grad_() for k, v in autoformer_state_dict(AF_SPACE, seed=4, relative=False).items()}
+    model = from_autoformer_state_dict({k: v.detach() for k, v in state.items()}, AF_SPACE).double().eval()
+    assert model.config.relative_position == 0
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    arch = dataclasses.replace(AF_SPACE.max_arch(), num_heads=(1, 2, 1))
+    expected = autoformer_forward(state, images, arch)
+    logits = model(images, arch)
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
+    expected.square().sum().backward()
+    logits.square().sum().backward()
+    for i in range(AF_SPACE.max_depth):
+        torch.testing.assert_close(model.blocks[i].attn.qkv.bias.grad, state[f"blocks.{i}.attn.qkv.bias"].grad,
+                                   atol=1e-9, rtol=0)
 
 
 def test_autoformer_round_trip_and_errors():
     state = autoformer_state_dict(AF_SPACE, seed=1)
-    with pytest.warns(UserWarning):
-        model = from_autoformer_state_dict(state, AF_SPACE)
+    model = from_autoformer_state_dict(state, AF_SPACE)
     back = to_autoformer_state_dict(model)
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[name], state[name]) for name in state)
@@ -194,10 +217,36 @@ def test_autoformer_round_trip_and_errors():
         from_autoformer_state_dict({k: v for k, v in state.items() if k != "blocks.2.fc1.bias"}, AF_SPACE)
     with pytest.raises(ValueError, match=r"unexpected: \['blocks.0.attn.q_norm.weight'\]"):
         from_autoformer_state_dict({**state, "blocks.0.attn.q_norm.weight": torch.ones(3)}, AF_SPACE)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, embed_dims=[96, 112]))
+    with pytest.raises(ValueError, match="shape mismatch"):  # the stored sizes are not the largest choices
+        from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, supernet=None))
     with pytest.raises(ValueError, match="64 channels"):
         from_autoformer_state_dict(state, dataclasses.replace(AF_SPACE, head_dim=32))
+    blocks_layout = from_timm_state_dict(model.state_dict(), dataclasses.replace(model.config.space,
+                                                                                qkv_bias_layout="blocks"))
+    with pytest.raises(ValueError, match="block layout"):
+        to_autoformer_state_dict(blocks_layout)
+
+
+def test_presets_hold_autoformers_supernets():
+    """The SUPERNET sections of AutoFormer's experiments/supernet/supernet-{T,S,B}.yaml (microsoft/Cream)."""
+    for name, sizes in (("autoformer-t", (256, 14, 4, 1024)), ("autoformer-s", (448, 14, 7, 1792)),
+                        ("autoformer-b", (640, 16, 10, 2560))):
+        config = SupernetConfig.from_space(load_space(name))
+        assert (config.embed_dim, config.depth, config.num_heads, config.hidden_features) == sizes, name
+        assert config.num_heads * 64 == config.embed_dim and config.qkv_bias_layout == "autoformer"
+
+
+def test_read_autoformer_yaml_reads_both_sections(tmp_path):
+    path = tmp_path / "supernet-T.yaml"
+    path.write_text("SUPERNET:\n  MLP_RATIO: 4.0\n  NUM_HEADS: 4\n  EMBED_DIM: 256\n  DEPTH: 14\n"
+                    "SEARCH_SPACE:\n  MLP_RATIO: [3.5, 4]\n  NUM_HEADS: [3, 4]\n  DEPTH: [12, 13, 14]\n"
+                    "  EMBED_DIM: [192, 216, 240]\n")
+    space = read_autoformer_yaml(path)
+    assert dataclasses.replace(space, name="autoformer-t") == load_space("autoformer-t")
+    assert SearchSpace.from_yaml(space.to_yaml()) == space
+    path.write_text(path.read_text().replace("EMBED_DIM: 256", "EMBED_DIM: 224"))
+    with pytest.raises(ValueError, match="embed_dim 224 < 240"):
+        read_autoformer_yaml(path)
 
 
 
@@ -352,6 +401,40 @@ def test_unsupported_timm_models_are_refused():
                                                                        embed_dims=[32]))
 
 
+def test_timm_state_dicts_take_layer_scale_and_refuse_a_distilled_deit(tmp_path, capsys):
+    import json
+
+    from nas.checkpoint import load_supernet
+    from nas.convert.__main__ import main as convert_main
+    from nas.costs import params
+
+    torch.manual_seed(0)
+    model = TimmVisionTransformer(layer_scale=True).eval()
+    space = dataclasses.replace(timm_space(model), layer_scale=False)  # the weights have it: the supernet takes it
+    supernet = from_timm_state_dict(model.state_dict(), space).eval()
+    assert supernet.config.space.layer_scale
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(supernet(images, space.max_arch()), model(images), **TOL)
+    arch = space.min_arch()
+    assert params(arch, supernet.config.space) == sum(p.numel() for p in extract_subnet(supernet, arch).parameters())
+    # The command line: the same, from a file; the supernet it writes reloads.
+    weights, space_file = tmp_path / "vit.pth", tmp_path / "space.yaml"
+    torch.save({"model": model.state_dict()}, weights)
+    space_file.write_text(supernet.config.space.to_yaml())
+    assert run_cli(convert_main, ["--from", "timm", "--weights", weights, "--space", space_file, "--out-dir",
+                                  tmp_path / "out"], capsys)[0] == 0
+    assert sorted(json.loads((tmp_path / "out" / "conversion.json").read_text())["mapped"]) == \
+        sorted(model.state_dict())
+    reloaded, _, _ = load_supernet(tmp_path / "out" / "checkpoint.pt")
+    torch.testing.assert_close(reloaded(images, space.max_arch()), model(images), **TOL)
+    # A distilled DeiT: refused at conversion, from its state dict and from the model.
+    model.dist_token, model.head_dist = nn.Parameter(torch.zeros(1, 1, 48)), nn.Linear(48, 6)
+    with pytest.raises(ValueError, match=r"a distilled DeiT \(dist_token, head_dist.bias, head_dist.weight\)"):
+        from_timm_state_dict(model.state_dict(), space)
+    with pytest.raises(ValueError, match="a distillation token and second head"):
+        convert_timm_vit(model)
+
+
 def import_timm():
     try:
         import timm
@@ -365,3 +448,80 @@ def test_a_real_timm_vit_converts_in_place():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=6)
     check_conversion(model, torch.randn(2, 3, 32, 32))
+
+
+# -- python -m nas.convert ---------------------------------------------------------------------------------------
+
+# AutoFormer's layout on the digits (8 x 8 px, one channel, ten classes), its supernet wider than the choices.
+DIGITS_AF_SPACE = SearchSpace(name="digits-autoformer", embed_dims=[48, 64], depths=[1, 2], num_heads=[1, 2],
+                              mlp_ratios=[1.0, 2.0], head_dim=64, patch_sizes=[2], img_size=8, in_chans=1,
+                              num_classes=10, supernet={"embed_dim": 128, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0})
+
+
+def run_cli(main, args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 0 or err.count("\n") == 1, err
+    return code, err
+
+
+def test_the_command_line_converts_autoformer_weights_for_search_and_export(tmp_path, capsys):
+    """Convert an AutoFormer checkpoint (with its argparse.Namespace), then search and export the output."""
+    import argparse
+    import json
+
+    from nas.checkpoint import load_supernet
+    from nas.convert.__main__ import main as convert_main
+    from nas.export.__main__ import main as export_main
+    from nas.search import main as search_main
+
+    state = autoformer_state_dict(DIGITS_AF_SPACE, seed=3)
+    weights, space_file, out = tmp_path / "autoformer.pth", tmp_path / "space.yaml", tmp_path / "converted"
+    torch.save({"model": state, "epoch": 3, "args": argparse.Namespace(lr=5e-4, gp=True)}, weights)
+    space_file.write_text(DIGITS_AF_SPACE.to_yaml())
+    assert run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                  "--out-dir", out], capsys)[0] == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert sorted(report["mapped"]) == sorted(state) and report["unused"] == [] and report["from"] == "autoformer"
+    supernet, space, _ = load_supernet(out / "checkpoint.pt")
+    images = torch.randn(2, 1, 8, 8)
+    arch = dataclasses.replace(space.max_arch(), num_heads=(1, 2))
+    torch.testing.assert_close(supernet(images, arch), autoformer_forward(state, images, arch), **TOL)
+    assert run_cli(search_main, ["--checkpoint", out / "checkpoint.pt", "--dataset", "digits", "--search-on", "test",
+                                 "--out-dir", tmp_path / "search", "--generations", 1, "--population", 4, "--parents",
+                                 2, "--mutations", 2, "--crossovers", 2, "--test-images", 16, "--no-progress"],
+                   capsys)[0] == 0
+    found = json.loads((tmp_path / "search" / "search.json").read_text())
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(found["candidates"][0]))  # an arch the search scored
+    assert run_cli(export_main, ["--checkpoint", out / "checkpoint.pt", "--arch", arch_file, "--format", "pytorch",
+                                 "--out-dir", tmp_path / "export"], capsys)[0] == 0
+    # A tensor with no counterpart: refused in one line, or left out and reported with --allow-unused.
+    torch.save({**state, "blocks.0.attn.q_norm.weight": torch.ones(64)}, weights)
+    code, err = run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                       "--out-dir", tmp_path / "again"], capsys)
+    assert code == 2 and "unexpected: ['blocks.0.attn.q_norm.weight']" in err
+    assert run_cli(convert_main, ["--from", "autoformer", "--weights", weights, "--space", space_file,
+                                  "--out-dir", tmp_path / "again", "--allow-unused"], capsys)[0] == 0
+    assert json.loads((tmp_path / "again" / "conversion.json").read_text())["unused"] == [
+        "blocks.0.attn.q_norm.weight"]
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
+    from nas.convert.__main__ import available
+    from nas.convert.__main__ import main as convert_main
+
+    weights = tmp_path / "w.pt"
+    torch.save({"cls_token": torch.zeros(1, 1, 200)}, weights)
+    expectations = [
+        (["--from", "autoformer", "--weights", weights], "no AutoFormer preset has"),
+        (["--from", "timm", "--weights", weights], "--from timm needs --space"),
+        (["--from", "uninet", "--weights", weights], "--from uninet needs --name"),
+        (["--from", "autoformer"], "needs the weights"),
+        (["--from", "autoformer", "--weights", tmp_path / "none.pt"], "no file"),
+    ]
+    for args, message in expectations:
+        code, err = run_cli(convert_main, args, capsys)
+        assert code == 2 and message in err, (args, err)
+    with pytest.raises(ValueError, match="--from x is not available in this build"):
+        available("x", "no_such_converter")

@@ -302,7 +302,9 @@ def test_reads_autoformer_config_files(tmp_path):
     subnet.write_text(SUBNET_YAML)
     space = read_autoformer_yaml(supernet)
     assert space == SearchSpace("supernet-X", embed_dims=(96, 128), depths=(4, 6), num_heads=(2, 4),
-                                mlp_ratios=(3.0, 4.0))
+                                mlp_ratios=(3.0, 4.0), qkv_bias_layout="autoformer", global_pool="avg",
+                                layer_norm_eps=1e-5,
+                                supernet={"embed_dim": 160, "depth": 6, "num_heads": 4, "mlp_ratio": 4.0})
     assert read_autoformer_space(subnet, name="x", img_size=32, patch_sizes=(4,)).img_size == 32
     arch = read_autoformer_yaml(subnet)
     assert arch == Arch(128, (2, 4, 2, 2, 2, 2), (3.0, 4.0, 4.0, 3.0, 3.0, 3.0), (True,) * 4 + (False,) * 2)

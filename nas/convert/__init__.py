@@ -1,4 +1,6 @@
-"""Ways in from other code: AutoFormer's supernet checkpoints (both ways), and a timm VisionTransformer in memory.
+"""Ways in from other code: AutoFormer's supernet checkpoints (both ways), timm VisionTransformer state dicts, and a
+timm VisionTransformer in memory. ``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint;
+the ``convert_*`` functions return a :class:`Conversion`, the supernet with the fate of every source tensor.
 
 AutoFormer (microsoft/Cream ``AutoFormer/model``, ``Vision_TransformerSuper`` trained with ``--change_qkv``, as its
 released supernets are) names and lays out its weights differently (:data:`AUTOFORMER_NAMES`):
@@ -7,38 +9,57 @@ released supernets are) names and lays out its weights differently (:data:`AUTOF
   ``3u, 3u + 1, 3u + 2`` for ``u < h * 64``; here they are blocks (q rows, then k rows, then v rows; DESIGN.md section
   2). :func:`interleaved_to_blocks` and :func:`blocks_to_interleaved` permute the rows.
 - its qkv bias is sliced as one leading block, ``bias[:3 * h * 64]``, while the weight rows are gathered: with ``h``
-  heads the k and v units ``u`` take ``bias[h * 64 + u]`` and ``bias[2 * h * 64 + u]``. The bias is kept as it is
-  (which is the block layout at the largest head count). A k bias shifts every logit of a query alike, which softmax
-  ignores; a v bias cannot follow a position that moves with the head count, so subnets with fewer heads in a layer
-  differ from AutoFormer's by that layer's v bias unless ``bias[2 * h * 64:3 * h * 64]`` is the same for every head
-  choice ``h`` (:func:`v_bias_mismatch` measures it; the conversion warns).
+  heads the k and v units ``u`` take ``bias[h * 64 + u]`` and ``bias[2 * h * 64 + u]``. The bias is kept as it is,
+  and the supernet reads it where AutoFormer does (the space's ``qkv_bias_layout="autoformer"``), so every subnet,
+  fewer heads included, computes AutoFormer's.
+- its supernets store weights wider than the search space's largest choices (``SearchSpace.supernet``, the YAML's
+  SUPERNET section; the ``autoformer-t/s/b`` presets hold them).
 - relative position tables (``rel_pos_embed_{k,v}.embeddings_table_{v,h}``: vertical = rows, horizontal = columns)
   are ``blocks.i.attn.rel_pos.{k,v}_{rows,cols}`` here, indexed alike.
 - LayerNorms have torch's default eps 1e-5, and the released models classify the mean of the patch tokens (``--gp``):
   :func:`from_autoformer_state_dict` builds the supernet so by default.
 
-timm: :func:`convert_timm_vit` swaps a timm ``VisionTransformer``'s blocks, final norm and head for the elastic layers
-in place, sharing the parameters (no copy, as Liger-Kernel patches a model), and returns a supernet built around the
-same parameters, which runs any subnet of the space the model implies (:func:`timm_space`). The timm model's own
-forward keeps working at full width.
+timm: :func:`convert_timm_state_dict` (``nas.vit.supernet.from_timm_state_dict``) maps a state dict by name into a
+supernet of a space that gives timm's head count; :func:`convert_timm_vit` swaps a timm ``VisionTransformer``'s
+blocks, final norm and head for the elastic layers in place, sharing the parameters (no copy, as Liger-Kernel patches a
+model), and returns a supernet built around the same parameters, which runs any subnet of the space the model implies
+(:func:`timm_space`). The timm model's own forward keeps working at full width.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
-from .hybrid.convert import from_uninet_state_dict  # noqa: F401 (re-exported: the hybrid families' converters)
-from .state_dicts import load_converted
-from .vit.space import SearchSpace
-from .vit.supernet import SupernetConfig, VisionTransformerSupernet
+from ..hybrid.convert import from_uninet_state_dict  # noqa: F401 (re-exported: the hybrid families' converters)
+from ..state_dicts import load_converted
+from ..vit.space import SearchSpace
+from ..vit.supernet import LAYER_SCALE_INIT, SupernetConfig, VisionTransformerSupernet
+
+
+@dataclass
+class Conversion:
+    """What a conversion made, and of what: the supernet, the converted model's subnet (None: every subnet of the
+    supernet's space is the source's), and the source's tensors by fate: ``mapped`` (source name -> supernet name),
+    ``folded`` (source name -> the supernet tensor it was folded into) and ``unused`` (no counterpart)."""
+
+    supernet: nn.Module
+    arch: Any = None
+    mapped: dict[str, str] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return {"mapped": dict(self.mapped), "folded": dict(self.folded), "unused": list(self.unused)}
+
 
 AUTOFORMER_HEAD_DIM = 64  # AutoFormer's qkv_super: sample_q_embed_dim = heads * 64
 
@@ -86,22 +107,21 @@ def blocks_to_interleaved(rows: Tensor) -> Tensor:
     return rows.reshape(3, -1, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
 
 
-def v_bias_mismatch(qkv_bias: Tensor, head_choices: tuple[int, ...]) -> float:
-    """The largest difference between AutoFormer's v bias of a subnet with ``h`` heads (``bias[2h * 64:3h * 64]``)
-    and the leading entries of the largest head count's (what the converted supernet uses), over ``head_choices``."""
-    largest = max(head_choices) * AUTOFORMER_HEAD_DIM
-    full = qkv_bias[2 * largest:]
-    return max((float((qkv_bias[2 * h * AUTOFORMER_HEAD_DIM:3 * h * AUTOFORMER_HEAD_DIM]
-                       - full[:h * AUTOFORMER_HEAD_DIM]).abs().max()) for h in head_choices), default=0.0)
-
-
 def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSpace, *, global_pool: str = "avg",
                                layer_norm_eps: float = 1e-5) -> VisionTransformerSupernet:
     """A supernet of ``space`` holding an AutoFormer supernet's weights (its ``state_dict``, or a checkpoint whose
-    ``"model"`` entry is one); the supernet gives AutoFormer's logits for the same subnet (see the module's description
-    for the v bias of subnets with fewer heads). ``space`` must have AutoFormer's largest sizes and head dim 64; the
-    relative position distance is read from the tables, if there are any. Raises ValueError naming missing,
+    ``"model"`` entry is one); every subnet gives AutoFormer's logits. ``space`` must store AutoFormer's supernet
+    sizes (``space.supernet_sizes()``) with head dim 64; it gets AutoFormer's qkv bias layout, ``global_pool`` and
+    ``layer_norm_eps`` (its released supernets': ``--gp`` and torch's default), and the relative position distance read
+    from the tables, if there are any (``model.config.space`` is the space used). Raises ValueError naming missing,
     unexpected or mis-shaped tensors."""
+    return convert_autoformer(state_dict, space, global_pool=global_pool, layer_norm_eps=layer_norm_eps).supernet
+
+
+def convert_autoformer(state_dict: Mapping[str, Tensor], space: SearchSpace, *, global_pool: str = "avg",
+                       layer_norm_eps: float = 1e-5, allow_unused: bool = False) -> Conversion:
+    """:func:`from_autoformer_state_dict` with its :class:`Conversion` record; ``allow_unused``: tensors with no
+    counterpart are left out (listed as unused) rather than refused."""
     if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, Mapping):
@@ -126,30 +146,31 @@ def from_autoformer_state_dict(state_dict: Mapping[str, Tensor], space: SearchSp
             raise ValueError(f"from_autoformer_state_dict: the relative position tables reach distance {distance}, "
                              f"the space {space.name!r} {space.relative_position}")
         space = dataclasses.replace(space, relative_position=distance)
-    converted, unexpected = {}, []
+    space = dataclasses.replace(space, qkv_bias_layout="autoformer", global_pool=global_pool,
+                                layer_norm_eps=layer_norm_eps)
+    converted, mapped, unused = {}, {}, []
     for name, tensor in state_dict.items():
         ours = renamed(name)
         if ours is None:
-            unexpected.append(name)
+            unused.append(name)
         else:
+            mapped[name] = ours
             converted[ours] = interleaved_to_blocks(tensor) if ours.endswith("attn.qkv.weight") else tensor
-    config = SupernetConfig.from_space(space, layer_norm_eps=layer_norm_eps)
-    config.global_pool = global_pool
-    model = VisionTransformerSupernet(config)
-    load_converted(model, converted, unexpected, "from_autoformer_state_dict")
-    mismatch = max((v_bias_mismatch(t, space.num_heads) for n, t in converted.items() if n.endswith("attn.qkv.bias")),
-                   default=0.0)
-    if mismatch > 0:
-        warnings.warn(f"AutoFormer's qkv bias gives subnets with fewer than {max(space.num_heads)} heads v biases that "
-                      f"differ from the largest head count's by up to {mismatch:.3g}; the converted supernet uses the "
-                      "largest head count's, so those subnets' logits differ from AutoFormer's (nas.convert)",
-                      stacklevel=2)
-    return model
+    model = VisionTransformerSupernet(SupernetConfig.from_space(space))
+    load_converted(model, converted, [] if allow_unused else unused, "from_autoformer_state_dict")
+    return Conversion(model, mapped=mapped, unused=unused)
 
 
 def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tensor]:
     """The supernet's weights with AutoFormer's names and layout (they load into AutoFormer's
-    ``Vision_TransformerSuper`` with ``change_qkv=True``); the inverse of :func:`from_autoformer_state_dict`."""
+    ``Vision_TransformerSuper`` with ``change_qkv=True``); the inverse of :func:`from_autoformer_state_dict`. Refused
+    for a supernet whose subnets with fewer heads read their q, k, v biases in the block layout, which AutoFormer's
+    cannot express."""
+    space, config = model.config.space, model.config
+    if config.qkv_bias_layout != "autoformer" and (space is None or len(space.num_heads) > 1):
+        raise ValueError("to_autoformer_state_dict: the supernet's subnets with fewer heads read their q, k, v biases "
+                         "in the block layout, which AutoFormer's qkv bias cannot hold (convert a supernet of a space "
+                         "with qkv_bias_layout: autoformer)")
     out = {}
     for name, tensor in model.state_dict().items():
         theirs = renamed(name, autoformer_to_ours=False)
@@ -162,6 +183,64 @@ def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tens
 
 # -- timm ----------------------------------------------------------------------------------------------------------
 
+def convert_timm_state_dict(state_dict: Mapping[str, Tensor], config: SupernetConfig | SearchSpace, *,
+                            allow_unused: bool = False) -> Conversion:
+    """``nas.vit.supernet.from_timm_state_dict`` with its :class:`Conversion` record. Every timm layout either converts
+    exactly or is refused here, before any forward: names and shapes must fit the supernet (the space gives timm's
+    head count, which its weights do not record), layer scale is taken, and a distilled DeiT (a distillation token
+    and a second head) is refused. ``allow_unused``: tensors with no counterpart are left out (listed as unused)
+    rather than refused."""
+    distilled = sorted(name for name in state_dict if name == "dist_token" or name.startswith("head_dist."))
+    if distilled:
+        raise ValueError(f"from_timm_state_dict: a distilled DeiT ({', '.join(distilled)}) reads a distillation token "
+                         "through a second head, which this supernet has not; convert its non-distilled sibling")
+    if not isinstance(config, SupernetConfig):
+        config = SupernetConfig.from_space(config)
+    if "blocks.0.ls1.gamma" in state_dict and config.layer_scale is None:
+        space = config.space and dataclasses.replace(config.space, layer_scale=True)
+        config = dataclasses.replace(config, layer_scale=LAYER_SCALE_INIT, space=space)
+    model = VisionTransformerSupernet(config)
+    target = model.state_dict()
+    if "patch_embed.proj.weight" not in state_dict:
+        raise ValueError("from_timm_state_dict: no 'patch_embed.proj.weight'; is this a timm VisionTransformer state "
+                         "dict?")
+    patch = str(state_dict["patch_embed.proj.weight"].shape[-1])
+    renamed = {}
+    for name, tensor in state_dict.items():
+        prefix = name.split(".")[0]
+        if prefix == "patch_embed" and isinstance(model.patch_embed, nn.ModuleDict):
+            name = f"patch_embed.{patch}.{name.split('.', 1)[1]}"
+        elif name == "cls_token" and isinstance(model.cls_token, nn.ParameterDict):
+            name = f"cls_token.{patch}"
+        elif name == "pos_embed" and isinstance(model.pos_embed, nn.ParameterDict):
+            name = f"pos_embed.{patch}"
+        renamed[name] = tensor
+    unused = sorted(set(renamed) - set(target))
+    unexpected = [] if allow_unused else unused
+    shapes = sorted(f"{name}: timm {tuple(t.shape)} vs supernet {tuple(target[name].shape)}"
+                    for name, t in renamed.items() if name in target and t.shape != target[name].shape)
+    parts = {"patch_embed": model.patch_embed, "cls_token": model.cls_token, "pos_embed": model.pos_embed}
+    per_patch = {name for name, part in parts.items() if isinstance(part, (nn.ModuleDict, nn.ParameterDict))}
+    # Parts private to the other patch sizes, and the private q/k of smaller head counts, keep their initialisation.
+    missing = sorted(name for name in set(target) - set(renamed)
+                     if (name.split(".")[0] not in per_patch or name.split(".")[1] == patch)
+                     and ".attn.private_qk." not in name and ".attn.rel_pos." not in name)
+    if unexpected or shapes or missing:
+        problems = [f"unexpected (unsupported timm parts): {unexpected}"] if unexpected else []
+        problems += [f"shape mismatch: {shapes}"] if shapes else []
+        problems += [f"missing: {missing}"] if missing else []
+        raise ValueError("from_timm_state_dict: the state dict does not fit this supernet; " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in renamed.items():
+            if name in target:
+                target[name].copy_(tensor)
+        for name, tensor in target.items():
+            if ".attn.rel_pos." in name:
+                tensor.zero_()
+    mapped = {source: ours for source, ours in zip(state_dict, renamed) if ours in target}
+    return Conversion(model, mapped=mapped, unused=unused)
+
+
 def timm_space(model: nn.Module, name: str = "timm") -> SearchSpace:
     """The search space a timm ViT implies: its own sizes are the largest choices, and below them AutoFormer-like
     steps: embed dims in steps of the head dim down to half, depths down to half, head counts down to half, and MLP
@@ -172,7 +251,8 @@ def timm_space(model: nn.Module, name: str = "timm") -> SearchSpace:
     return SearchSpace(name=name, embed_dims=range(embed - head_dim * ((embed // 2) // head_dim), embed + 1, head_dim),
                        depths=range(math.ceil(depth / 2), depth + 1), num_heads=range(math.ceil(heads / 2), heads + 1),
                        mlp_ratios=(ratio / 2, 3 * ratio / 4, ratio), head_dim=head_dim, patch_sizes=(sizes["patch"],),
-                       img_size=sizes["img_size"], in_chans=sizes["in_chans"], num_classes=sizes["num_classes"])
+                       img_size=sizes["img_size"], in_chans=sizes["in_chans"], num_classes=sizes["num_classes"],
+                       layer_norm_eps=sizes["eps"], layer_scale=sizes["layer_scale"])
 
 
 def _is_identity(module: nn.Module | None) -> bool:
@@ -191,6 +271,8 @@ def _timm_sizes(model: nn.Module) -> dict:
         raise ValueError(f"convert_timm_vit: not a timm VisionTransformer with a class token ({'; '.join(problems)})")
     if getattr(model, "global_pool", "token") != "token":
         problems.append(f"global_pool={model.global_pool!r} (only 'token')")
+    if getattr(model, "dist_token", None) is not None or getattr(model, "head_dist", None) is not None:
+        problems.append("a distillation token and second head (a distilled DeiT)")
     if getattr(model, "reg_token", None) is not None or getattr(model, "no_embed_class", False):
         problems.append("register tokens or a position embedding without the class token")
     if getattr(model, "dynamic_img_size", False):
@@ -221,7 +303,7 @@ def _timm_sizes(model: nn.Module) -> dict:
     return {"embed_dim": embed, "depth": len(model.blocks), "num_heads": heads,
             "head_dim": getattr(first.attn, "head_dim", embed // heads), "hidden_features": first.mlp.fc1.out_features,
             "patch": proj.kernel_size[0], "img_size": grid * proj.kernel_size[0], "in_chans": proj.in_channels,
-            "num_classes": model.head.out_features, "eps": model.norm.eps}
+            "num_classes": model.head.out_features, "eps": model.norm.eps, "layer_scale": not _is_identity(first.ls1)}
 
 
 def _share(target: nn.Module, source: nn.Module, names: tuple[str, ...] = ("weight", "bias")) -> None:
@@ -259,8 +341,9 @@ def convert_timm_vit(model: nn.Module, space: SearchSpace | None = None) -> Visi
     own forward keeps working while the largest subnet is the active one (``supernet.set_arch(space.max_arch())``).
     Raises ValueError for a model or space that does not fit (see :func:`_timm_sizes`)."""
     sizes = _timm_sizes(model)
-    space = space or timm_space(model)
-    config = SupernetConfig.from_space(space, layer_norm_eps=sizes["eps"])
+    space = dataclasses.replace(space or timm_space(model), layer_norm_eps=sizes["eps"],
+                                layer_scale=sizes["layer_scale"])
+    config = SupernetConfig.from_space(space)
     largest = (config.embed_dim, config.depth, config.num_heads, config.head_dim, config.hidden_features,
                config.patch_sizes, config.img_size, config.in_chans, config.num_classes)
     expected = (sizes["embed_dim"], sizes["depth"], sizes["num_heads"], sizes["head_dim"], sizes["hidden_features"],
