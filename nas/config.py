@@ -103,7 +103,7 @@ def _converted(value: Any, hint) -> tuple[bool, Any]:
 
 
 def _numbers(config) -> list[tuple[str, float]]:
-    """``(name, value)`` of every float value of a config, list items included (``scale_coefficients[1]``)."""
+    """``(name, value)`` of every float value of a config, list items included (``compound_coefficients[1]``)."""
     found = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

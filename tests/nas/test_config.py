@@ -159,7 +159,8 @@ def test_configs_check_types_and_values_however_they_are_built():
     (lambda: TrainConfig(lr=math.inf), "lr=inf must be a finite number"),  # lr=nan failed lr > 0 already
     (lambda: TrainConfig(weight_decay=math.nan), "weight_decay=nan must be a finite number"),
     (lambda: SearchConfig(rl_lr=math.nan), "rl_lr=nan must be a finite number"),
-    (lambda: SearchConfig(scale_coefficients=[1.2, math.inf, 1.1]), r"scale_coefficients\[1\]=inf must be a finite"),
+    (lambda: SearchConfig(compound_coefficients=[1.2, math.inf, 1.1]),
+     r"compound_coefficients\[1\]=inf must be a finite"),
     (lambda: SearchConfig(budgets=["macs=1e400"]), "budget 'macs=1e400': '1e400' is not a finite number"),
 ])
 def test_no_setting_takes_nan_or_infinity(make, message):
