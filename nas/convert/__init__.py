@@ -183,6 +183,22 @@ def to_autoformer_state_dict(model: VisionTransformerSupernet) -> dict[str, Tens
 
 # -- timm ----------------------------------------------------------------------------------------------------------
 
+def from_timm_state_dict(state_dict: Mapping[str, Tensor],
+                         config: SupernetConfig | SearchSpace) -> VisionTransformerSupernet:
+    """A supernet holding a timm VisionTransformer's weights: its largest subnet computes the timm model.
+
+    ``state_dict`` uses timm's names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.*``,
+    ``norm``, ``head``); every tensor must have the shape of the supernet's (timm's qkv ``[3 * dim, dim]``
+    is the block layout when ``num_heads * head_dim == dim``). With several patch sizes the timm patch
+    size is read from its kernel; its position embedding goes to that patch size. Private q/k projections
+    of smaller head counts (ViTAS) keep their initialisation; relative position tables (timm has none) are zeroed,
+    so that the largest subnet still computes the timm model.
+    Layer scale (``blocks.i.ls1.gamma``) gives the supernet layer scale. Raises ValueError listing missing,
+    unexpected or mis-shaped tensors, and for a distilled DeiT (:func:`convert_timm_state_dict`).
+    """
+    return convert_timm_state_dict(state_dict, config).supernet
+
+
 def convert_timm_state_dict(state_dict: Mapping[str, Tensor], config: SupernetConfig | SearchSpace, *,
                             allow_unused: bool = False) -> Conversion:
     """``nas.vit.supernet.from_timm_state_dict`` with its :class:`Conversion` record. Every timm layout either converts
@@ -194,8 +210,7 @@ def convert_timm_state_dict(state_dict: Mapping[str, Tensor], config: SupernetCo
     if distilled:
         raise ValueError(f"from_timm_state_dict: a distilled DeiT ({', '.join(distilled)}) reads a distillation token "
                          "through a second head, which this supernet has not; convert its non-distilled sibling")
-    if not isinstance(config, SupernetConfig):
-        config = SupernetConfig.from_space(config)
+    config = SupernetConfig.of(config)
     if "blocks.0.ls1.gamma" in state_dict and config.layer_scale is None:
         space = config.space and dataclasses.replace(config.space, layer_scale=True)
         config = dataclasses.replace(config, layer_scale=LAYER_SCALE_INIT, space=space)

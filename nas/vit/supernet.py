@@ -2,7 +2,7 @@
 
 Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.norm1``,
 ``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1``, ``blocks.i.mlp.fc2``,
-``norm``, ``head``), so a timm ViT's state dict converts by name (:func:`from_timm_state_dict`).
+``norm``, ``head``), so a timm ViT's state dict converts by name (``nas.convert.from_timm_state_dict``).
 
 Patch sizes: the number of tokens depends on the patch size, so with several patch sizes the position
 embedding is one per patch size (``pos_embed.<p>``). The patch embedding and class token are shared,
@@ -24,7 +24,7 @@ as in AutoFormer. The tables are indexed by distance, so all patch sizes share t
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -105,6 +105,11 @@ class SupernetConfig:
                 or self.relative_position < 0:
             raise ValueError(f"SupernetConfig: relative_position must be an int >= 0 (0: none), "
                              f"got {self.relative_position!r}")
+
+    @classmethod
+    def of(cls, config_or_space: "SupernetConfig | SearchSpace") -> "SupernetConfig":
+        """``config_or_space`` itself if it is a config, else the config of the supernet of that space."""
+        return config_or_space if isinstance(config_or_space, cls) else cls.from_space(config_or_space)
 
     @classmethod
     def from_space(cls, space: SearchSpace, drop_path_rate: float = 0.0,
@@ -376,22 +381,4 @@ class VisionTransformerSupernet(nn.Module):
         return permutations
 
 
-def from_timm_state_dict(state_dict: Mapping[str, Tensor],
-                         config: SupernetConfig | SearchSpace) -> VisionTransformerSupernet:
-    """A supernet holding a timm VisionTransformer's weights: its largest subnet computes the timm model.
-
-    ``state_dict`` uses timm's names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.*``,
-    ``norm``, ``head``); every tensor must have the shape of the supernet's (timm's qkv ``[3 * dim, dim]``
-    is the block layout when ``num_heads * head_dim == dim``). With several patch sizes the timm patch
-    size is read from its kernel; its position embedding goes to that patch size. Private q/k projections
-    of smaller head counts (ViTAS) keep their initialisation; relative position tables (timm has none) are zeroed,
-    so that the largest subnet still computes the timm model.
-    Layer scale (``blocks.i.ls1.gamma``) gives the supernet layer scale. Raises ValueError listing missing,
-    unexpected or mis-shaped tensors, and for a distilled DeiT (``nas.convert.convert_timm_state_dict``).
-    """
-    from ..convert import convert_timm_state_dict  # nas.convert builds on this module
-
-    return convert_timm_state_dict(state_dict, config).supernet
-
-
-__all__ = ["SupernetConfig", "VisionTransformerSupernet", "from_timm_state_dict"]
+__all__ = ["SupernetConfig", "VisionTransformerSupernet"]

@@ -26,6 +26,7 @@ from nas.convert import (
     blocks_to_interleaved,
     convert_timm_vit,
     from_autoformer_state_dict,
+    from_timm_state_dict,
     interleaved_to_blocks,
     timm_space,
     to_autoformer_state_dict,
@@ -35,7 +36,7 @@ from nas.export import extract_subnet
 from nas.spaces import load_space
 from nas.vit.arch import Arch
 from nas.vit.space import SearchSpace, read_autoformer_yaml
-from nas.vit.supernet import SupernetConfig, from_timm_state_dict
+from nas.vit.supernet import SupernetConfig
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas import costs
+from nas.convert import from_timm_state_dict
 from nas.export import extract_subnet
 from nas.spaces import PRESETS, load_space
 from nas.vit.arch import Arch
 from nas.vit.space import SearchSpace
-from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet, from_timm_state_dict
+from nas.vit.supernet import SupernetConfig, VisionTransformerSupernet
 
 VIT_PRESETS = sorted(name for name in PRESETS if load_space(name).family == "vit")  # hybrid, SAM: their tests
 
