@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import costs
+from ..errors import ConfigError
 from ..family import Space, family_of
 from ..hybrid.arch import HybridArch
 from ..hybrid.space import HybridSpace
@@ -232,8 +233,9 @@ def in_window(space: HybridSpace, rng: np.random.Generator, window: tuple[float,
         hits = np.flatnonzero((macs >= window[0]) & (macs <= window[1]))
         if hits.size:
             return batch.arch(int(hits[0]))
-    raise RuntimeError(f"elasticvit: no arch of space {space.name!r} above the bank's minimum arch in the MACs window "
-                       f"[{window[0]:.4g}, {window[1]:.4g}] after {batch_size * max_tries} draws; widen the window")
+    raise ConfigError(f"elasticvit: no arch of space {space.name!r} above the bank's minimum arch in the MACs window "
+                      f"[{window[0]:.4g}, {window[1]:.4g}] after {batch_size * max_tries} draws; widen the windows "
+                      f"(sampler_options.width, now {window[1] - window[0]:.4g} MACs)")
 
 
 def bank_floors(space: HybridSpace, banks: FlopsTargets, rng: np.random.Generator, draws: int,
