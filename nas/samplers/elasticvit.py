@@ -43,6 +43,7 @@ from ..hybrid.arch import HybridArch
 from ..hybrid.space import HybridSpace
 from ..spaces import load_space
 from .base import ArchSampler, Measure
+from .performance import keep_if_better
 
 MOBILE_SPACE = "elasticvit-mobile"
 MOBILE_TARGETS = (100e6, 200e6, 300e6, 400e6, 500e6, 700e6, 900e6, 1200e6)  # bank_flops_ranges (MACs)
@@ -195,13 +196,7 @@ class ElasticViTSampler(ArchSampler):
         return stats
 
     def remember(self, arch: HybridArch, score: float) -> float:
-        entries, record = self.memory[self.bank], arch.to_dict()
-        if len(entries) < self.capacity[self.bank]:
-            entries.append([record, score])
-        else:
-            worst = min(range(len(entries)), key=lambda i: entries[i][1])
-            if entries[worst][1] < score:
-                entries[worst] = [record, score]
+        keep_if_better(self.memory[self.bank], arch.to_dict(), score, self.capacity[self.bank])
         return score
 
     # -- state ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,17 @@ from .base import Measure
 from .complexity import ComplexityAwareSampler
 
 
+def keep_if_better(entries: list[list], record: dict, score: float, capacity: int) -> None:
+    """A bank's memory: ``[record, score]`` is appended while there is room, else it replaces the lowest-scored entry
+    if it scores higher."""
+    if len(entries) < capacity:
+        entries.append([record, score])
+        return
+    worst = min(range(len(entries)), key=lambda i: entries[i][1])
+    if entries[worst][1] < score:
+        entries[worst] = [record, score]
+
+
 class PerformanceAwareSampler(ComplexityAwareSampler):
     """ElasticViT's performance-aware sampling on top of the bank walk of :class:`ComplexityAwareSampler`.
 
@@ -92,12 +103,8 @@ class PerformanceAwareSampler(ComplexityAwareSampler):
         known = next((entry for entry in entries if entry[0] == record), None)
         if known is not None:
             known[1] = accuracy
-        elif len(entries) < self.memory_size:
-            entries.append([record, accuracy])
         else:
-            worst = min(range(len(entries)), key=lambda i: entries[i][1])
-            if entries[worst][1] < accuracy:
-                entries[worst] = [record, accuracy]
+            keep_if_better(entries, record, accuracy, self.memory_size)
         return accuracy
 
     def state_dict(self) -> dict[str, Any]:
