@@ -11,7 +11,8 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
   cached) shared by every run, so ten seeds of every searcher cost only the distinct archs. Every searcher of
   ``nas.searchers`` runs under each budget; anytime curves give the test top-1 of the best held-out arch against
   evaluations. Target: the predictor-assisted search reaches the held-out score of the best arch of an evolution
-  given ``reference_evaluations`` (1,000 at the cpu and gpu scales) within a third of those evaluations.
+  given ``reference_evaluations`` (1,000 at the cpu and gpu scales, on 3 and 10 seeds) within a third of those
+  evaluations.
 - ``samplers``: one supernet per training sampler and seed at equal training compute (the same subnet-images: a
   sampler that trains k subnets a step gets 1/k of uniform's steps), each searched the same way (evolution at every
   budget); test top-1 of the best arch per budget, each sampler against uniform.
@@ -82,19 +83,27 @@ class Scale:
     searcher_evaluations: int   # evaluations of each searcher's run in the searchers study
     searcher_population: int
     reference_evaluations: int  # the evolution the predictor-assisted search is measured against
+    reference_seeds: int        # seeds of that evolution (its runs cost the most distinct archs of the study)
+    table_images: int           # held-out images (the first of the split) scoring each arch of the searchers' table
     budget_quantiles: tuple[float, ...] = (0.3, 0.6)  # MAC budgets at these quantiles of uniform draws
+    searcher_budget_quantiles: tuple[float, ...] = (0.3, 0.6)
 
 
 SCALES = {
     "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, batch_size=32, lr=3e-3,
                    holdout_images=120, test_images=120, seeds=2, search_generations=1, search_population=4,
-                   searcher_evaluations=12, searcher_population=4, reference_evaluations=24),
+                   searcher_evaluations=12, searcher_population=4, reference_evaluations=24, reference_seeds=2,
+                   table_images=120),
+    # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
+    # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
     "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
-                 searcher_evaluations=400, searcher_population=20, reference_evaluations=1000),
+                 searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
+                 table_images=250, searcher_budget_quantiles=(0.5,)),
     "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=6000, batch_size=256, lr=2e-3,
                  holdout_images=5000, test_images=10000, seeds=5, search_generations=10, search_population=50,
-                 searcher_evaluations=600, searcher_population=20, reference_evaluations=1000),
+                 searcher_evaluations=600, searcher_population=20, reference_evaluations=1000, reference_seeds=10,
+                 table_images=5000),
 }
 SEARCHER_SEEDS = {"smoke": 2, "cpu": 10, "gpu": 10}
 
@@ -172,11 +181,11 @@ class Study:
             atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
         return str(path)
 
-    def budgets(self, space: str) -> list[str]:
-        """MAC budgets at the scale's quantiles of 2,000 uniform draws of ``space``."""
+    def budgets(self, space: str, quantiles: Sequence[float] | None = None) -> list[str]:
+        """MAC budgets at ``quantiles`` (default: the scale's) of 2,000 uniform draws of ``space``."""
         space = load_space(space)
         draws = costs.macs_many(space.sample_many(np.random.default_rng(0), 2000), space)
-        return [Budget("macs", float(np.quantile(draws, q))).label for q in self.scale.budget_quantiles]
+        return [Budget("macs", float(np.quantile(draws, q))).label for q in quantiles or self.scale.budget_quantiles]
 
     def train_settings(self, space: str, seed: int, steps: int, **settings) -> dict:
         s = self.scale
@@ -354,7 +363,7 @@ class EvaluationTable:
     def __init__(self, study: Study, checkpoint: str):
         self.supernet, self.space, state = load_supernet(checkpoint, "cpu", None)
         self.state = state
-        config = SearchConfig.from_dict({"checkpoint": checkpoint, "holdout_images": study.scale.holdout_images,
+        config = SearchConfig.from_dict({"checkpoint": checkpoint, "holdout_images": study.scale.table_images,
                                          "test_images": study.scale.test_images, "progress": False})
         self.holdout_data, self.test_data, self.calibration, _ = search_data(config, state, self.space, "cpu")
         self.cache = EvalCache(study.dir / "evaluation_table.json")
@@ -401,7 +410,7 @@ def run_searchers(study: Study) -> str:
     s = study.scale
     run = study.trained("supernet", study.train_settings(s.space, 0, s.train_steps, sampler="learned"))
     table = EvaluationTable(study, run["checkpoint"])
-    budgets = [Budget.parse(b) for b in study.budgets(s.space)]
+    budgets = [Budget.parse(b) for b in study.budgets(s.space, s.searcher_budget_quantiles)]
     names = sorted(SEARCHERS)
     curves: dict[str, dict[str, dict[int, list]]] = {}
     for budget in budgets:
@@ -411,6 +420,8 @@ def run_searchers(study: Study) -> str:
                 result = study.unit(key, lambda: searcher_run(table, name, budget, seed, s.searcher_evaluations,
                                                               s.searcher_population))
                 curves.setdefault(budget.label, {}).setdefault(name, {})[seed] = result["curve"]
+            if seed >= s.reference_seeds:
+                continue
             key = f"reference-evolution-{budget.label}-s{seed}".replace("=", "-").replace(":", "-")
             reference = study.unit(key, lambda: searcher_run(table, "evolution", budget, seed,
                                                              s.reference_evaluations, 50))
