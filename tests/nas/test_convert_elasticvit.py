@@ -12,6 +12,7 @@ layout (SMALL).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -38,7 +39,7 @@ SMALL = HybridSpace.from_dict({
         {"ops": ["attention"], "depths": [1, 2], "channels": [32, 48], "expansions": [2, 3], "v_scales": [1, 2],
          "dsms": ["mbconv"], "stride": 1},
     ]})
-CONV_STAGES, HEAD_DIM, MUL, PRE_LOGITS, CLASSES = 2, 8, 2, 24, 5
+CONV_STAGES, HEAD_DIM, MUL = 2, 8, 2
 KERNELS = (3, 5)  # MobileBlock's kr_size; its reduction block's is (3,)
 RATIO = 6  # the reduction block's
 
@@ -94,24 +95,26 @@ def offsets(side, largest):
     return index
 
 
-def largest_grids():
+def largest_grids(space):
     """The grid side of each transformer stage at the largest resolution (ElasticViT's max(self.res))."""
-    side, sides = 32 // 2, []
-    for stage in SMALL.stages[1:]:
+    side, sides = space.img_size // 2, []
+    for stage in space.stages[1:]:
         side = math.ceil(side / stage.stride)
         sides.append(side)
     return sides[CONV_STAGES - 1:]
 
 
-def elasticvit_state_dict(seed=0):
-    """Random tensors with FusedSuperNet's names and shapes for SMALL, BatchNorm statistics included."""
-    widths = [s.channels[-1] for s in SMALL.stages]
-    stem, shapes = widths[0], {"first_conv.weight": (widths[0], 3, 3, 3), **bn("first_conv_bn", widths[0])}
+def elasticvit_state_dict(space=SMALL, seed=0):
+    """Random tensors with FusedSuperNet's names and shapes for ``space`` (SMALL's layout, other image sizes and
+    classes), BatchNorm statistics included."""
+    widths = [s.channels[-1] for s in space.stages]
+    stem = widths[0]
+    shapes = {"first_conv.weight": (stem, space.in_chans, 3, 3), **bn("first_conv_bn", stem)}
     for j in range(2):
         shapes.update(mobile_block(f"conv_stem.layers.{j}.0", stem, stem, 5, se=False, stem=True))
     for j in range(2):
         shapes.update(mobile_block(f"feature_exactor.0.layers.{j}.0", widths[1], widths[1] * 3, 5, se=True))
-    for k, (stage, side) in enumerate(zip(SMALL.stages[CONV_STAGES:], largest_grids())):
+    for k, (stage, side) in enumerate(zip(space.stages[CONV_STAGES:], largest_grids(space))):
         prefix, width = f"feature_exactor.{k + 1}.layers", stage.channels[-1]
         v_width = width * stage.v_scales[-1]
         for j in range(2):
@@ -127,10 +130,11 @@ def elasticvit_state_dict(seed=0):
             if j == 0:
                 shapes.update(mobile_block(f"{attention}.reduction", width, width * RATIO, 3, se=True))
     last = widths[-1]
+    pre_logits, classes = space.pre_logits, space.num_classes
     shapes.update({"pre_head_0.weight": (last * MUL, last), "pre_head_0.bias": (last * MUL,),
-                   **bn("pre_head_norm_0", last * MUL), "pre_head_1.weight": (PRE_LOGITS, last * MUL),
-                   "pre_head_1.bias": (PRE_LOGITS,), "classifer.weight": (CLASSES, PRE_LOGITS),
-                   "classifer.bias": (CLASSES,)})
+                   **bn("pre_head_norm_0", last * MUL), "pre_head_1.weight": (pre_logits, last * MUL),
+                   "pre_head_1.bias": (pre_logits,), "classifer.weight": (classes, pre_logits),
+                   "classifer.bias": (classes,)})
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in shapes.items():
@@ -142,7 +146,7 @@ def elasticvit_state_dict(seed=0):
             scale = 0.3 if len(shape) >= 2 else 0.2
             state[name] = torch.randn(shape, generator=generator, dtype=torch.float64) * scale + (
                 1.0 if name.endswith("weight") and len(shape) == 1 else 0.0)
-    for k, side in enumerate(largest_grids()):
+    for k, side in enumerate(largest_grids(space)):
         for j in range(2):
             state[f"feature_exactor.{k + 1}.layers.{2 * j}.relative_position_index"] = offsets(side, side)
     return state
@@ -214,7 +218,7 @@ def ffn_forward(sd, p, x, ratio):
     return x + F.linear(F.hardswish(h), sd[f"{p}.fc2.weight"][:width, :ratio * width], sd[f"{p}.fc2.bias"][:width])
 
 
-def elasticvit_forward(sd, images, arch):
+def elasticvit_forward(sd, images, arch, space=SMALL):
     res, channels, depths, conv_ratio, kr_size, mlp_ratio, num_heads, _, _, v_scale = arch
     x = images if images.shape[-1] == res else F.interpolate(images, size=res, mode="bicubic")
     x = F.hardswish(batch_norm(sd, "first_conv_bn", F.conv2d(x, sd["first_conv.weight"][:channels[0]], None, 2, 1),
@@ -224,14 +228,14 @@ def elasticvit_forward(sd, images, arch):
         prefix = "conv_stem" if stage == 0 else f"feature_exactor.{stage - 1}"
         if stage < CONV_STAGES:
             for j in range(depth):
-                stride = SMALL.stages[stage].stride if j == 0 else 1
+                stride = space.stages[stage].stride if j == 0 else 1
                 x = mobile_forward(sd, f"{prefix}.layers.{j}.0", x, width, conv_ratio[conv_layer], kr_size[conv_layer],
-                                   stride, se=SMALL.stages[stage].se)
+                                   stride, se=space.stages[stage].se)
                 conv_layer += 1
             continue
-        largest = largest_grids()[stage - CONV_STAGES]
+        largest = largest_grids(space)[stage - CONV_STAGES]
         x = x if x.dim() == 4 else x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *[math.isqrt(x.shape[1])] * 2)
-        x = mobile_forward(sd, f"{prefix}.layers.0.reduction", x, width, RATIO, 3, SMALL.stages[stage].stride, se=True)
+        x = mobile_forward(sd, f"{prefix}.layers.0.reduction", x, width, RATIO, 3, space.stages[stage].stride, se=True)
         x = x.flatten(2).transpose(1, 2)
         for j in range(depth):
             x = attention_forward(sd, f"{prefix}.layers.{2 * j}", x, num_heads[attention_layer],
@@ -295,18 +299,23 @@ def test_elasticvit_weights_and_configs_that_do_not_fit_are_refused_in_one_line(
             arch_from_elasticvit(config, SMALL)
 
 
-def test_the_command_line_converts_elasticvit_weights_for_export(tmp_path, capsys):
+def test_the_command_line_converts_elasticvit_weights_for_search_and_export(tmp_path, capsys):
+    """Convert an ElasticViT checkpoint of SMALL's layout on the digits (8 px, one channel, ten classes), search it (its
+    BatchNorm statistics re-estimated per subnet on training images, as ElasticViT's search does) and export a subnet,
+    which computes ElasticViT's logits."""
     from nas.checkpoint import load_supernet
     from nas.convert.__main__ import main as convert_main
     from nas.export import load_subnet
     from nas.export.__main__ import main as export_main
+    from nas.search import main as search_main
 
-    state = elasticvit_state_dict(seed=2)
+    digits = dataclasses.replace(SMALL, name="elasticvit-digits", in_chans=1, resolutions=(8,), num_classes=10)
+    state = elasticvit_state_dict(digits, seed=2)
     weights, space_file, out = tmp_path / "elasticvit.pth.tar", tmp_path / "space.yaml", tmp_path / "converted"
     # ElasticViT's checkpoint: the state dict beside its epoch, bank of archs and losses, and arch name
     torch.save({"epoch": 3, "state_dict": state, "bank": [[[list(SUBNETS[1]), -2.3]]], "arch": "elasticvit"},
                weights)
-    space_file.write_text(SMALL.to_yaml())
+    space_file.write_text(digits.to_yaml())
     assert convert_main(["--from", "elasticvit", "--weights", str(weights), "--space", str(space_file),
                          "--out-dir", str(out)]) == 0
     assert "1 folded, 6 redundant, 0 unused" in capsys.readouterr().out
@@ -314,20 +323,26 @@ def test_the_command_line_converts_elasticvit_weights_for_export(tmp_path, capsy
     assert report["unused"] == [] and len(report["redundant"]) == 6 and report["from"] == "elasticvit"
     supernet, space, _ = load_supernet(out / "checkpoint.pt")
     assert space.qkv_layout == "per_head" and space.norm == "sample"
-    config = SUBNETS[2]
+    assert search_main(["--checkpoint", str(out / "checkpoint.pt"), "--dataset", "digits", "--search-on", "test",
+                        "--out-dir", str(tmp_path / "search"), "--generations", "1", "--population", "4", "--parents",
+                        "2", "--mutations", "2", "--crossovers", "2", "--test-images", "16", "--no-progress",
+                        "--set", "bn_calibration_images=32"]) == 0
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["candidates"]
+    config = (8,) + SUBNETS[2][1:]
     arch = arch_from_elasticvit(config, space)
     (tmp_path / "arch.json").write_text(arch.to_json())
     assert export_main(["--checkpoint", str(out / "checkpoint.pt"), "--arch", str(tmp_path / "arch.json"),
                         "--format", "pytorch", "--out-dir", str(tmp_path / "export")]) == 0
     exported, exported_arch = load_subnet(tmp_path / "export" / "subnet.pt")
     # The checkpoint's supernet is float32, as every checkpoint's: ElasticViT's logits to float32 rounding.
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    expected = elasticvit_forward(state, images, config).float()
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    expected = elasticvit_forward(state, images, config, digits).float()
     with torch.no_grad():
         got = supernet.eval()(images.float(), arch)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
         torch.testing.assert_close(exported(images.float()), got, rtol=1e-5, atol=1e-6)
     assert exported_arch == arch
+    capsys.readouterr()
     assert convert_main(["--from", "elasticvit", "--weights", str(weights), "--space", "vitas-cifar",
                          "--out-dir", str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
