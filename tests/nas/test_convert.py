@@ -33,7 +33,7 @@ from nas.convert import (
     to_autoformer_state_dict,
 )
 from nas.evaluate import batched_forward, evaluate_archs
-from nas.export import extract_subnet, load_subnet
+from nas.export import extract_subnet, load_safetensors, load_subnet
 from nas.spaces import load_space
 from nas.vit.arch import Arch
 from nas.vit.space import SearchSpace, read_autoformer_yaml
@@ -432,10 +432,12 @@ def test_timm_state_dicts_take_layer_scale_and_refuse_a_distilled_deit(tmp_path,
     torch.testing.assert_close(reloaded(images, space.max_arch()), model(images), **TOL)
     # A subnet exported from that checkpoint keeps its layer scale: rebuilt from the export, it computes the subnet.
     assert run_cli(export_main, ["--checkpoint", tmp_path / "out" / "checkpoint.pt", "--arch", "smallest",
-                                 "--format", "pytorch", "--out-dir", tmp_path / "export"], capsys)[0] == 0
-    exported, exported_arch = load_subnet(tmp_path / "export" / "subnet.pt")
-    assert exported_arch == space.min_arch() and isinstance(exported.blocks[0].ls1, LayerScale)
-    torch.testing.assert_close(exported(images), reloaded.eval()(images, exported_arch), **TOL)
+                                 "--format", "pytorch", "--format", "safetensors", "--out-dir", tmp_path / "export"],
+                   capsys)[0] == 0
+    for exported, exported_arch in (load_subnet(tmp_path / "export" / "subnet.pt"),
+                                    load_safetensors(tmp_path / "export" / "safetensors")):
+        assert exported_arch == space.min_arch() and isinstance(exported.blocks[0].ls1, LayerScale)
+        torch.testing.assert_close(exported(images), reloaded.eval()(images, exported_arch), **TOL)
     # A distilled DeiT: refused at conversion, from its state dict and from the model.
     model.dist_token, model.head_dist = nn.Parameter(torch.zeros(1, 1, 48)), nn.Linear(48, 6)
     with pytest.raises(ValueError, match=r"a distilled DeiT \(dist_token, head_dist.bias, head_dist.weight\)"):
