@@ -143,6 +143,9 @@ ELASTICVIT_FFN = {"norm1": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 ELASTICVIT_ENDS = {"first_conv": "stem.conv", "first_conv_bn": "stem.bn", "pre_head_0": "head.conv",
                    "pre_head_norm_0": "head.bn", "pre_head_1": "head.pre_logits", "classifer": "head.classifier"}
 ELASTICVIT_FOLDED = ("pre_head_0.bias", "head.bn.running_mean")  # the head's linear bias, the BatchNorm it feeds
+# FusedSuperNet.set_arch's parameters, in order: a subnet config's fields
+ELASTICVIT_ARCH_FIELDS = ("res", "channels", "depths", "conv_ratio", "kr_size", "mlp_ratio", "num_heads", "window_size",
+                          "qk_scale", "v_scale")
 ELASTICVIT_SPACE = "elasticvit-mobile"  # the preset of ElasticViT's released supernet (configs/final_3min_space.yaml)
 
 
@@ -284,17 +287,20 @@ def _whole(what: str, value) -> int:
     return int(value)
 
 
-def arch_from_elasticvit(config: Sequence, space: HybridSpace | None = None) -> HybridArch:
+def arch_from_elasticvit(config: Sequence | Mapping, space: HybridSpace | None = None) -> HybridArch:
     """The arch of an ElasticViT subnet: ``config`` is the tuple its code samples and passes to ``set_arch`` (its
     ``arch_sampling``, its search, the archs in its configs): ``(res, channels, depths, conv_ratio, kr_size, mlp_ratio,
-    num_heads, window_size, qk_scale, v_scale)``, channels and depths per stage (the conv stem first), conv ratios and
-    kernel sizes per conv layer (the stem's first) and the rest per transformer layer. ``space``: as
-    :func:`from_elasticvit_state_dict`'s. Raises ValueError for a config that is not a subnet of the space (heads other
-    than channels // head dim, windows or a qk scale other than 1, values that differ within a stage)."""
+    num_heads, window_size, qk_scale, v_scale)``, or a mapping of ``set_arch``'s parameters by those names; channels
+    and depths per stage (the conv stem first), conv ratios and kernel sizes per conv layer (the stem's first) and the
+    rest per transformer layer. ``space``: as :func:`from_elasticvit_state_dict`'s. Raises ValueError for a config that
+    is not a subnet of the space (heads other than channels // head dim, windows or a qk scale other than 1, values
+    that differ within a stage)."""
     space = elasticvit_space(space)
+    if isinstance(config, Mapping) and set(config) == set(ELASTICVIT_ARCH_FIELDS):
+        config = [config[name] for name in ELASTICVIT_ARCH_FIELDS]
     if isinstance(config, (str, bytes, Mapping)) or not isinstance(config, Sequence) or len(config) != 10:
-        raise ValueError("arch_from_elasticvit: expected ElasticViT's arch tuple (res, channels, depths, conv_ratio, "
-                         "kr_size, mlp_ratio, num_heads, window_size, qk_scale, v_scale)")
+        raise ValueError("arch_from_elasticvit: expected ElasticViT's arch tuple "
+                         f"({', '.join(ELASTICVIT_ARCH_FIELDS)}) or a mapping of those names")
     res, channels, depths, conv_ratio, kr_size, mlp_ratio, num_heads, window_size, qk_scale, v_scale = config
     channels, depths = [_whole("channels", c) for c in channels], [_whole("depths", d) for d in depths]
     if len(channels) != space.num_stages or len(depths) != space.num_stages:

@@ -270,6 +270,9 @@ def test_every_subnet_of_a_converted_elasticvit_supernet_gives_its_logits():
             expected = elasticvit_forward(state, images, config)
             torch.testing.assert_close(supernet(images, arch), expected, rtol=1e-9, atol=1e-10)
     assert arch_from_elasticvit(SUBNETS[0], SMALL) == SMALL.max_arch()
+    fields = ("res", "channels", "depths", "conv_ratio", "kr_size", "mlp_ratio", "num_heads", "window_size",
+              "qk_scale", "v_scale")  # the names of set_arch's parameters
+    assert arch_from_elasticvit(dict(zip(fields, SUBNETS[0])), SMALL) == SMALL.max_arch()
     assert arch_from_elasticvit(SUBNETS[1], SMALL) == SMALL.min_arch()
 
 
@@ -293,6 +296,7 @@ def test_elasticvit_weights_and_configs_that_do_not_fit_are_refused_in_one_line(
         ((24, channels, depths, conv_ratio, kr_size, mlp_ratio, num_heads, window, qk_scale, v_scale),
          "arch.resolution=24 not in"),
         (SUBNETS[0][:9], "expected ElasticViT's arch tuple"),
+        ({"res": 32}, "expected ElasticViT's arch tuple"),
     ]
     for config, message in refusals:
         with pytest.raises(ValueError, match=message):
