@@ -1,6 +1,7 @@
 """Ways in from other code: AutoFormer's supernet checkpoints (both ways), timm VisionTransformer state dicts, and a
-timm VisionTransformer in memory. ``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint;
-the ``convert_*`` functions return a :class:`Conversion`, the supernet with the fate of every source tensor.
+timm VisionTransformer in memory; ElasticViT's supernet and UniNet's models (``nas.hybrid.convert``, re-exported here).
+``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint; the ``convert_*`` functions
+return a :class:`Conversion`, the supernet with the fate of every source tensor.
 
 AutoFormer (microsoft/Cream ``AutoFormer/model``, ``Vision_TransformerSuper`` trained with ``--change_qkv``, as its
 released supernets are) names and lays out its weights differently (:data:`AUTOFORMER_NAMES`):
