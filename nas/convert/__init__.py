@@ -41,6 +41,7 @@ from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 from ..hybrid.convert import (  # noqa: F401 (re-exported: the hybrid families' converters)
     arch_from_elasticvit,
     convert_elasticvit,
+    convert_uninet,
     from_elasticvit_state_dict,
     from_uninet_state_dict,
 )

@@ -67,7 +67,7 @@ def from_elasticvit(weights: Mapping[str, Tensor], config: ConvertConfig) -> con
 def from_uninet(weights: Mapping[str, Tensor], config: ConvertConfig) -> convert.Conversion:
     if config.name is None:
         raise ConfigError("--from uninet needs --name, the model the weights are of (B0..B6)")
-    return convert.Conversion(*available("uninet", "from_uninet_state_dict")(weights, config.name))
+    return convert.convert_uninet(weights, config.name, allow_unused=config.allow_unused)
 
 
 # One entry per source: the function that converts its weights (given as read, the config) into a Conversion.
@@ -77,12 +77,6 @@ SOURCES: dict[str, Callable[[Mapping[str, Tensor], Any], convert.Conversion]] = 
     "uninet": from_uninet,
     "timm": from_timm,
 }
-
-
-def available(source: str, function: str) -> Callable:
-    if not hasattr(convert, function):
-        raise ConfigError(f"--from {source} is not available in this build (nas.convert has no {function})")
-    return getattr(convert, function)
 
 
 @dataclass

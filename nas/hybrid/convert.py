@@ -107,28 +107,39 @@ def from_uninet_state_dict(state_dict: Mapping[str, Tensor], name: str) -> tuple
     model's weights and BatchNorm statistics in their dtype (its ``state_dict``, or a checkpoint whose ``"model"``
     entry is one), and the model's arch: in eval mode the subnet gives the model's logits. Raises ValueError naming
     unexpected, missing or mis-shaped tensors."""
+    conversion = convert_uninet(state_dict, name)
+    return conversion.supernet, conversion.arch
+
+
+def convert_uninet(state_dict: Mapping[str, Tensor], name: str, *, allow_unused: bool = False) -> Conversion:
+    """:func:`from_uninet_state_dict` with its :class:`~nas.state_dicts.Conversion` record; ``allow_unused``: tensors
+    with no counterpart are left out (listed as unused) rather than refused."""
     state_dict = state_dict.get("model", state_dict)
     space, arch = uninet_model(name)
     modules, folds = uninet_module_names(arch, [stage.stride for stage in space.stages])
-    converted, unexpected, biases = {}, [], {}
+    model = HybridSupernet(HybridSupernetConfig(space)).to(_float_dtype(state_dict))
+    conversion = Conversion(model, arch)
+    converted, biases = {}, {}
     for source, tensor in state_dict.items():
         module, _, leaf = source.rpartition(".")
         if module in folds and leaf == "bias":
             biases[folds[module]] = tensor
+            conversion.folded[source] = f"{folds[module]}.running_mean"
             continue
         ours = _renamed(source, modules)
         if ours is None:
-            unexpected.append(source)
+            conversion.unused.append(source)
         else:
             converted[ours] = tensor
+            conversion.mapped[source] = ours
     for norm, bias in biases.items():
         mean = f"{norm}.running_mean"
         if mean in converted:  # a missing one is reported by load_converted
             converted[mean] = converted[mean] - bias
-    model = HybridSupernet(HybridSupernetConfig(space)).to(_float_dtype(state_dict))
-    load_converted(model, converted, unexpected, f"from_uninet_state_dict (UniNet-{model_key(name).upper()})")
+    load_converted(model, converted, [] if allow_unused else conversion.unused,
+                   f"from_uninet_state_dict (UniNet-{model_key(name).upper()})")
     model.set_arch(arch)
-    return model, arch
+    return conversion
 
 
 # -- ElasticViT ----------------------------------------------------------------------------------------------------
@@ -329,5 +340,5 @@ def arch_from_elasticvit(config: Sequence | Mapping, space: HybridSpace | None =
     return arch
 
 
-__all__ = ["arch_from_elasticvit", "convert_elasticvit", "elasticvit_module_names", "elasticvit_space",
-           "from_elasticvit_state_dict", "from_uninet_state_dict", "uninet_module_names"]
+__all__ = ["arch_from_elasticvit", "convert_elasticvit", "convert_uninet", "elasticvit_module_names",
+           "elasticvit_space", "from_elasticvit_state_dict", "from_uninet_state_dict", "uninet_module_names"]

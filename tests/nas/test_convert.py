@@ -519,7 +519,6 @@ def test_the_command_line_converts_autoformer_weights_for_search_and_export(tmp_
 
 
 def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
-    from nas.convert.__main__ import available
     from nas.convert.__main__ import main as convert_main
 
     weights = tmp_path / "w.pt"
@@ -534,5 +533,3 @@ def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
     for args, message in expectations:
         code, err = run_cli(convert_main, args, capsys)
         assert code == 2 and message in err, (args, err)
-    with pytest.raises(ValueError, match="--from x is not available in this build"):
-        available("x", "no_such_converter")
