@@ -253,7 +253,8 @@ class ElasticVScaleAttention(ElasticComposite):
         blocks = [(0, qk_width), (max_qk_width, qk_width), (2 * max_qk_width, qk_width * v_scale)]
         if self.qkv_layout == "blocks":
             return blocks
-        rows = torch.cat([torch.arange(start, start + count) for start, count in blocks])  # the active rows in order
+        # the active rows in order; on the CPU, also where the modules are built on the meta device (a rebuilt export)
+        rows = torch.cat([torch.arange(start, start + count, device="cpu") for start, count in blocks])
         widths = [self.head_dim, self.head_dim, self.head_dim * v_scale]
         regrouped = torch.cat([part.flatten() for part in rows.view(heads, -1).split(widths, -1)])
         return [(row, 1) for row in regrouped.tolist()]

@@ -176,11 +176,14 @@ class VisionTransformer(nn.Module):
     ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well.
     ``global_pool``: after the final norm the classifier reads the class token (``"token"``) or the mean of the patch
     tokens (``"avg"``, AutoFormer's ``--gp``); ``"dense"`` (segmentation): the head maps every patch token to the
-    logits of its ``p x p`` pixels (``num_classes * p * p`` outputs), and the output is ``[B, num_classes, H, W]``."""
+    logits of its ``p x p`` pixels (``num_classes * p * p`` outputs), and the output is ``[B, num_classes, H, W]``.
+    ``layer_scale``: the blocks' :class:`LayerScale` initial value (None: no layer scale, as in most of timm's ViTs).
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
                  num_heads: List[int], hidden_features: List[int], head_dim: int, eps: float = 1e-6,
-                 qkv_bias: bool = True, relative_position: int = 0, global_pool: str = "token"):
+                 qkv_bias: bool = True, relative_position: int = 0, global_pool: str = "token",
+                 layer_scale: Optional[float] = None):
         super().__init__()
         if len(num_heads) != len(hidden_features):
             raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} "
@@ -198,7 +201,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
         self.blocks = nn.ModuleList([
-            Block(embed_dim, heads, head_dim, hidden, eps=eps, qkv_bias=qkv_bias, relative_position=relative_position)
+            Block(embed_dim, heads, head_dim, hidden, eps=eps, qkv_bias=qkv_bias, relative_position=relative_position,
+                  layer_scale=layer_scale)
             for heads, hidden in zip(num_heads, hidden_features)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)

@@ -444,6 +444,8 @@ def search_data(config: SearchConfig, checkpoint: dict, space: Space, device: to
         split = data_lib.SearchSplit.from_dict(recorded, source) if recorded is not None else None
         train = data_lib.load_dataset(dataset, root, "train", **kwargs)
     if batch_norm:
+        if split is None and "converted" in trained:  # trained elsewhere (nas.convert): it held out no image here
+            split = data_lib.SearchSplit.hold_out(dataset, len(train), 0)
         if split is None:
             raise CheckpointError(f"{source} records no search split, so not which training images calibrate its "
                                   "BatchNorm statistics")

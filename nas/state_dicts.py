@@ -1,9 +1,33 @@
 """Loading another project's weights, renamed to a supernet's names, with one error that names what does not fit
-(the converters of ``nas.convert``, ``nas.hybrid.convert`` and ``nas.sam``)."""
+(the converters of ``nas.convert``, ``nas.hybrid.convert`` and ``nas.sam``), and the record of what a conversion
+made of each source tensor."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass
+class Conversion:
+    """What a conversion made, and of what: the supernet, the converted model's subnet (None: every subnet of the
+    supernet's space is the source's), and the source's tensors by fate: ``mapped`` (source name -> supernet name),
+    ``folded`` (source name -> the supernet tensor it was folded into), ``unused`` (no counterpart) and ``redundant``
+    (source name -> why it carries nothing: a tensor the source's own code never reads, or one that it derives and the
+    supernet derives alike)."""
+
+    supernet: nn.Module
+    arch: Any = None
+    mapped: dict[str, str] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+    redundant: dict[str, str] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {"mapped": dict(self.mapped), "folded": dict(self.folded), "unused": list(self.unused),
+                "redundant": dict(self.redundant)}
 
 
 def load_converted(model: nn.Module, state: dict[str, Tensor], unexpected: list[str], who: str,
@@ -24,4 +48,4 @@ def load_converted(model: nn.Module, state: dict[str, Tensor], unexpected: list[
             target[name].copy_(tensor)
 
 
-__all__ = ["load_converted"]
+__all__ = ["Conversion", "load_converted"]

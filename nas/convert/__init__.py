@@ -1,6 +1,7 @@
 """Ways in from other code: AutoFormer's supernet checkpoints (both ways), timm VisionTransformer state dicts, and a
-timm VisionTransformer in memory. ``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint;
-the ``convert_*`` functions return a :class:`Conversion`, the supernet with the fate of every source tensor.
+timm VisionTransformer in memory; ElasticViT's supernet and UniNet's models (``nas.hybrid.convert``, re-exported here).
+``python -m nas.convert`` (``__main__``) writes a converted supernet as a checkpoint; the ``convert_*`` functions
+return a :class:`Conversion`, the supernet with the fate of every source tensor.
 
 AutoFormer (microsoft/Cream ``AutoFormer/model``, ``Vision_TransformerSuper`` trained with ``--change_qkv``, as its
 released supernets are) names and lays out its weights differently (:data:`AUTOFORMER_NAMES`):
@@ -31,35 +32,22 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from elastic_ops.nn import ElasticBlock, ElasticLayerNorm, ElasticLinear
 
-from ..hybrid.convert import from_uninet_state_dict  # noqa: F401 (re-exported: the hybrid families' converters)
-from ..state_dicts import load_converted
+from ..hybrid.convert import (  # noqa: F401 (re-exported: the hybrid families' converters)
+    arch_from_elasticvit,
+    convert_elasticvit,
+    convert_uninet,
+    from_elasticvit_state_dict,
+    from_uninet_state_dict,
+)
+from ..state_dicts import Conversion, load_converted
 from ..vit.space import SearchSpace
 from ..vit.supernet import LAYER_SCALE_INIT, SupernetConfig, VisionTransformerSupernet
-
-
-@dataclass
-class Conversion:
-    """What a conversion made, and of what: the supernet, the converted model's subnet (None: every subnet of the
-    supernet's space is the source's), and the source's tensors by fate: ``mapped`` (source name -> supernet name),
-    ``folded`` (source name -> the supernet tensor it was folded into) and ``unused`` (no counterpart)."""
-
-    supernet: nn.Module
-    arch: Any = None
-    mapped: dict[str, str] = field(default_factory=dict)
-    folded: dict[str, str] = field(default_factory=dict)
-    unused: list[str] = field(default_factory=list)
-
-    def report(self) -> dict[str, Any]:
-        return {"mapped": dict(self.mapped), "folded": dict(self.folded), "unused": list(self.unused)}
-
 
 AUTOFORMER_HEAD_DIM = 64  # AutoFormer's qkv_super: sample_q_embed_dim = heads * 64
 

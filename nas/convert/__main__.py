@@ -4,7 +4,7 @@ Converts AutoFormer's, ElasticViT's, UniNet's or a timm ViT's weights into the s
 to ``--out-dir`` a checkpoint that ``python -m nas.search --checkpoint`` and ``python -m nas.export --checkpoint``
 take (``checkpoint.pt``), the space it is of (``space.yaml``, unless it is a preset), the converted model's subnet
 where the source is one model (``arch.json``), and a conversion report (``conversion.json``: the source tensors
-mapped, folded and unused; a source tensor left unused is an error unless ``--allow-unused``).
+mapped, folded, redundant and unused; a source tensor left unused is an error unless ``--allow-unused``).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_FORMAT, read_torch_file, save_checkpoint
 from ..config import Config, parse_command_line, setting
 from ..errors import CheckpointError, ConfigError, OutputError, run_command
+from ..hybrid.convert import elasticvit_space
 from ..spaces import PRESETS, load_space
 from ..vit.space import SearchSpace, read_autoformer_space
 
@@ -53,14 +54,20 @@ def from_timm(weights: Mapping[str, Tensor], config: ConvertConfig) -> convert.C
 
 
 def from_elasticvit(weights: Mapping[str, Tensor], config: ConvertConfig) -> convert.Conversion:
-    space = None if config.space is None else read_space(config.space)
-    return convert.Conversion(available("elasticvit", "from_elasticvit_state_dict")(weights, space))
+    """``--space``: a hybrid space of the elasticvit style (default: the ``elasticvit-mobile`` preset)."""
+    try:
+        space = elasticvit_space(None if config.space is None else read_space(config.space))
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"--from elasticvit --space {config.space!r}: {error}") from error
+    return convert.convert_elasticvit(weights, space, allow_unused=config.allow_unused)
 
 
 def from_uninet(weights: Mapping[str, Tensor], config: ConvertConfig) -> convert.Conversion:
     if config.name is None:
         raise ConfigError("--from uninet needs --name, the model the weights are of (B0..B6)")
-    return convert.Conversion(*available("uninet", "from_uninet_state_dict")(weights, config.name))
+    return convert.convert_uninet(weights, config.name, allow_unused=config.allow_unused)
 
 
 # One entry per source: the function that converts its weights (given as read, the config) into a Conversion.
@@ -72,12 +79,6 @@ SOURCES: dict[str, Callable[[Mapping[str, Tensor], Any], convert.Conversion]] = 
 }
 
 
-def available(source: str, function: str) -> Callable:
-    if not hasattr(convert, function):
-        raise ConfigError(f"--from {source} is not available in this build (nas.convert has no {function})")
-    return getattr(convert, function)
-
-
 @dataclass
 class ConvertConfig(Config):
     NAME = "conversion"
@@ -87,7 +88,7 @@ class ConvertConfig(Config):
                                         "checkpoints, which hold an argparse.Namespace, included)")
     space: str | None = setting(None, "the search space of the supernet: a preset name or a space's YAML file "
                                       "(autoformer: also AutoFormer's supernet YAML; default: the AutoFormer preset "
-                                      "of the weights' width; timm: required)")
+                                      "of the weights' width; elasticvit: default elasticvit-mobile; timm: required)")
     name: str | None = setting(None, "the model the weights are of, for sources with several (uninet: B0..B6)")
     out_dir: str = setting("converted", "output directory")
     allow_unused: bool = setting(False, "leave out source tensors that have no counterpart (listed in the report) "
@@ -158,8 +159,8 @@ def run(argv: Sequence[str] | None) -> int:
     report = {**source, "space": space.name, **conversion.report()}
     atomic_write_text(out / "conversion.json", json.dumps(report, indent=1))
     print(f"[convert] {config.source}: {len(conversion.mapped)} tensors mapped, {len(conversion.folded)} folded, "
-          f"{len(conversion.unused)} unused; a supernet of space {space.name!r} in {out / 'checkpoint.pt'} "
-          f"(report: {out / 'conversion.json'})")
+          f"{len(conversion.redundant)} redundant, {len(conversion.unused)} unused; a supernet of space "
+          f"{space.name!r} in {out / 'checkpoint.pt'} (report: {out / 'conversion.json'})")
     return 0
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from elastic_ops.nn import empty_module
-from elastic_ops.plain import VisionTransformer
+from elastic_ops.plain import LayerScale, VisionTransformer
 
 from .arch import Arch
-from .supernet import VisionTransformerSupernet
+from .supernet import LAYER_SCALE_INIT, VisionTransformerSupernet
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def extract(supernet: VisionTransformerSupernet, arch: Arch | None = None) -> Vi
     model = empty_module(lambda: VisionTransformer(c.img_size, patch, c.in_chans, c.num_classes, arch.embed_dim, heads,
                                                    hidden, c.head_dim, eps=c.layer_norm_eps,
                                                    relative_position=c.relative_position,
-                                                   global_pool=c.global_pool), weight)
+                                                   global_pool=c.global_pool, layer_scale=c.layer_scale), weight)
     patch_embed, cls_token, pos_embed = supernet.token_layers(patch)
     model.patch_embed = patch_embed.extract()
     channels = supernet.embed_channels(arch.embed_dim, arch.side)
@@ -58,6 +58,8 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
         "qkv_bias": all(block.attn.qkv.bias is not None for block in model.blocks),
         "relative_position": model.relative_position,
         "global_pool": model.global_pool,
+        # a layer scale's initial value is any: its factors are weights, loaded after
+        "layer_scale": LAYER_SCALE_INIT if any(isinstance(block.ls1, LayerScale) for block in model.blocks) else None,
     }
 
 

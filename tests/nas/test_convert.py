@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elastic_ops.plain import LayerScale
 from nas.convert import (
     blocks_to_interleaved,
     convert_timm_vit,
@@ -32,7 +33,7 @@ from nas.convert import (
     to_autoformer_state_dict,
 )
 from nas.evaluate import batched_forward, evaluate_archs
-from nas.export import extract_subnet
+from nas.export import extract_subnet, load_safetensors, load_subnet
 from nas.spaces import load_space
 from nas.vit.arch import Arch
 from nas.vit.space import SearchSpace, read_autoformer_yaml
@@ -408,6 +409,7 @@ def test_timm_state_dicts_take_layer_scale_and_refuse_a_distilled_deit(tmp_path,
     from nas.checkpoint import load_supernet
     from nas.convert.__main__ import main as convert_main
     from nas.costs import params
+    from nas.export.__main__ import main as export_main
 
     torch.manual_seed(0)
     model = TimmVisionTransformer(layer_scale=True).eval()
@@ -428,6 +430,14 @@ def test_timm_state_dicts_take_layer_scale_and_refuse_a_distilled_deit(tmp_path,
         sorted(model.state_dict())
     reloaded, _, _ = load_supernet(tmp_path / "out" / "checkpoint.pt")
     torch.testing.assert_close(reloaded(images, space.max_arch()), model(images), **TOL)
+    # A subnet exported from that checkpoint keeps its layer scale: rebuilt from the export, it computes the subnet.
+    assert run_cli(export_main, ["--checkpoint", tmp_path / "out" / "checkpoint.pt", "--arch", "smallest",
+                                 "--format", "pytorch", "--format", "safetensors", "--out-dir", tmp_path / "export"],
+                   capsys)[0] == 0
+    for exported, exported_arch in (load_subnet(tmp_path / "export" / "subnet.pt"),
+                                    load_safetensors(tmp_path / "export" / "safetensors")):
+        assert exported_arch == space.min_arch() and isinstance(exported.blocks[0].ls1, LayerScale)
+        torch.testing.assert_close(exported(images), reloaded.eval()(images, exported_arch), **TOL)
     # A distilled DeiT: refused at conversion, from its state dict and from the model.
     model.dist_token, model.head_dist = nn.Parameter(torch.zeros(1, 1, 48)), nn.Linear(48, 6)
     with pytest.raises(ValueError, match=r"a distilled DeiT \(dist_token, head_dist.bias, head_dist.weight\)"):
@@ -509,7 +519,6 @@ def test_the_command_line_converts_autoformer_weights_for_search_and_export(tmp_
 
 
 def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
-    from nas.convert.__main__ import available
     from nas.convert.__main__ import main as convert_main
 
     weights = tmp_path / "w.pt"
@@ -524,5 +533,3 @@ def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
     for args, message in expectations:
         code, err = run_cli(convert_main, args, capsys)
         assert code == 2 and message in err, (args, err)
-    with pytest.raises(ValueError, match="--from x is not available in this build"):
-        available("x", "no_such_converter")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas import costs as cost
-from nas.convert import from_uninet_state_dict
+from nas.convert import convert_uninet, from_uninet_state_dict
 from nas.errors import ConfigError
 from nas.hybrid import uninet_model
 from nas.hybrid.supernet import HybridSupernet, HybridSupernetConfig
@@ -213,7 +213,11 @@ def randomised(model: nn.Module) -> nn.Module:
 def test_uninet_b0_weights_give_uninets_logits():
     repeats, channels, size, _ = RELEASED["B0"]
     theirs = randomised(UniNet(repeats, channels).double())
-    model, arch = from_uninet_state_dict({"model": theirs.state_dict()}, "uninet-b0")
+    conversion = convert_uninet({"model": theirs.state_dict()}, "uninet-b0")
+    model, arch = conversion.supernet, conversion.arch
+    # Every tensor mapped but the bias of each conv block's last 1x1 conv (one per conv block: 1 + 2 + 4 + 4), folded.
+    assert len(conversion.folded) == sum(repeats[:4]) and conversion.unused == []
+    assert set(conversion.mapped) | set(conversion.folded) == set(theirs.state_dict())
     images = torch.randn(1, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         expected = theirs(images)
