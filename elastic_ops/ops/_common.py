@@ -29,8 +29,10 @@ def needs_backward(*tensors: Tensor | None) -> bool:
 
 def active_block(weight: Tensor, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """``weight[:rows, :cols]`` for products with ``dtype`` activations: the strided view itself, or, for a weight
-    kept in another dtype (fp32 master weights), a cast copy of the active block only, as autocast would make."""
-    block = weight[:rows, :cols]
+    kept in another dtype (fp32 master weights), a cast copy of the active block only, as autocast would make.
+    The view is made by one ``as_strided`` (same sizes, strides and offset as the two slices, a third of their host
+    time)."""
+    block = weight.as_strided((rows, cols), weight.stride())
     return block if block.dtype == dtype else block.to(dtype)
 
 
@@ -147,14 +149,33 @@ def descriptors_supported(device: torch.device) -> bool:
 
 def descriptor_compatible(t: Tensor) -> bool:
     """A 2-D view a tensor descriptor can address: unit last stride, 16-byte aligned base and row stride."""
-    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % TMA_ALIGNMENT == 0
-            and t.data_ptr() % TMA_ALIGNMENT == 0)
+    return t.dim() == 2 and t.stride(1) == 1 and rows_addressable(t, t.stride(0))
 
 
-def descriptor(t: Tensor, block_shape: list[int]):
-    """Descriptor of the 2-D view ``t``: its shape is the active block and its strides those of the super tensor,
-    so that loads past the block's edges read zeros and stores past them are dropped, with no masks."""
-    return _descriptor_class()(t, list(t.shape), list(t.stride()), block_shape)
+def rows_addressable(t: Tensor, row_stride: int) -> bool:
+    """Whether a tensor descriptor can address rows of ``t`` that are ``row_stride`` elements apart with unit column
+    stride: 16-byte aligned base and row stride (the column stride is the caller's to check)."""
+    return (row_stride * t.element_size()) % TMA_ALIGNMENT == 0 and t.data_ptr() % TMA_ALIGNMENT == 0
+
+
+@lru_cache(maxsize=None)
+def _prechecked_descriptor_class():
+    """Triton's descriptor without its constructor's checks (alignment, unit last stride, positive shape, power-of-two
+    blocks), which cost about a microsecond per descriptor: the callers of ``descriptor`` make them, once per call
+    signature where they depend only on it. Still a ``TensorDescriptor`` to the launcher and the interpreter."""
+    class PrecheckedTensorDescriptor(_descriptor_class()):
+        def __post_init__(self):
+            pass
+
+    return PrecheckedTensorDescriptor
+
+
+def descriptor(base: Tensor, shape: tuple[int, int], strides: tuple[int, int], block_shape: list[int]):
+    """Descriptor of the 2-D block ``shape`` of ``base`` with ``strides`` (those of the super tensor), so that loads
+    past the block's edges read zeros and stores past them are dropped, with no masks. The caller has checked what
+    triton's own constructor would (``descriptor_compatible``/``rows_addressable``, unit last stride, positive
+    shape, power-of-two block)."""
+    return _prechecked_descriptor_class()(base, shape, strides, block_shape)
 
 
 # ---------------------------------------------------------------------------------------------- @triton.jit helpers
