@@ -42,6 +42,12 @@ def active_vector(bias: Tensor | None, size: int, dtype: torch.dtype) -> Tensor 
     return bias[:size] if bias.dtype == dtype else bias[:size].to(dtype)
 
 
+def unit_stride(vector: Tensor | None) -> Tensor | None:
+    """A 1-D parameter (bias, LayerNorm's gamma and beta) as the kernels read it, elements adjacent: itself, or a
+    contiguous copy where it is a strided view such as ``b[::2]`` (rare, and small)."""
+    return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
+
+
 def linear_gemm(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | None) -> Tensor:
     """``x2d @ weight_block.T + bias_block``: one cuBLAS call on the strided views, the bias added by its epilogue."""
     if bias_block is None:

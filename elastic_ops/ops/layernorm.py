@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import as_rows, cdiv, interpreter, needs_backward, next_power_of_2, sm_count
+from ._common import as_rows, cdiv, interpreter, needs_backward, next_power_of_2, sm_count, unit_stride
 
 
 @triton.jit
@@ -156,6 +156,7 @@ def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, ep
     None)."""
     x2d = as_rows(x)
     M, d = x2d.shape
+    weight, bias = unit_stride(weight), unit_stride(bias)
     y = x.new_empty(x.shape)  # contiguous: rows d apart
     stats_dtype, compute = compute_dtype(x2d)
     mean = x.new_empty((M,), dtype=stats_dtype) if keep_residuals else None
@@ -189,7 +190,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
     if M > 0:
         _layer_norm_backward_kernel[(programs,)](
-            dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
+            dy2d, x2d, unit_stride(weight) if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
             partial[0], partial[1],
             M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), d,
             HAS_WEIGHT=weight is not None, INPUT_GRAD=need_dx, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,

@@ -44,6 +44,7 @@ from ._common import (
     linear_gemm,
     needs_backward,
     sm_count,
+    unit_stride,
 )
 
 # ---------------------------------------------------------------------------------------------- forward epilogue
@@ -137,6 +138,7 @@ def linear_gelu_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_fe
         weight = active_block(weight, N, K, dtype)
     if bias is not None and bias.dtype != dtype:
         bias = active_vector(bias, N, dtype)
+    bias = unit_stride(bias)  # the kernel reads it with a mask, elements adjacent
     precision = dot_precision(x2d)
     launch = _gelu_gemm_launch(x2d.device, dtype, M, N, K, precision)
     if launch is None or not (descriptor_compatible(x2d) and descriptor_compatible(weight)):
