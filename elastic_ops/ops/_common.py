@@ -155,13 +155,8 @@ def descriptors_supported(device: torch.device) -> bool:
 
 def descriptor_compatible(t: Tensor) -> bool:
     """A 2-D view a tensor descriptor can address: unit last stride, 16-byte aligned base and row stride."""
-    return t.dim() == 2 and t.stride(1) == 1 and rows_addressable(t, t.stride(0))
-
-
-def rows_addressable(t: Tensor, row_stride: int) -> bool:
-    """Whether a tensor descriptor can address rows of ``t`` that are ``row_stride`` elements apart with unit column
-    stride: 16-byte aligned base and row stride (the column stride is the caller's to check)."""
-    return (row_stride * t.element_size()) % TMA_ALIGNMENT == 0 and t.data_ptr() % TMA_ALIGNMENT == 0
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % TMA_ALIGNMENT == 0
+            and t.data_ptr() % TMA_ALIGNMENT == 0)
 
 
 @lru_cache(maxsize=None)
@@ -179,8 +174,8 @@ def _prechecked_descriptor_class():
 def descriptor(base: Tensor, shape: tuple[int, int], strides: tuple[int, int], block_shape: list[int]):
     """Descriptor of the 2-D block ``shape`` of ``base`` with ``strides`` (those of the super tensor), so that loads
     past the block's edges read zeros and stores past them are dropped, with no masks. The caller has checked what
-    triton's own constructor would (``descriptor_compatible``/``rows_addressable``, unit last stride, positive
-    shape, power-of-two block)."""
+    triton's own constructor would: ``descriptor_compatible`` (alignment, unit last stride), a positive shape and a
+    power-of-two block."""
     return _prechecked_descriptor_class()(base, shape, strides, block_shape)
 
 
