@@ -150,18 +150,20 @@ def _check_linear(x, weight, bias, out_features, activation) -> None:
 
 def elastic_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the active ``d = x.shape[-1]`` channels with ``weight[:d]``, ``bias[:d]``."""
-    _validate.check_eps("elastic_layer_norm", eps)  # not part of a plan's signature: checked on every call
     if torch.compiler.is_compiling():
+        _validate.check_eps("elastic_layer_norm", eps)
         _validate.check_layer_norm(x, weight, bias)
         return _run("layer_norm", (x, weight, bias), x, weight, bias, eps)
     try:
         needs_grad = _needs_grad(x, weight, bias)
-        key = ("layer_norm", _meta(x), _meta(weight), _meta(bias), needs_grad, forced_setting())
+        # eps is part of the signature (a model uses one or two): a plan is stored only once its eps passed the check.
+        key = ("layer_norm", _meta(x), _meta(weight), _meta(bias), eps, type(eps), needs_grad, forced_setting())
         run = _plans.get(key)
     except (AttributeError, TypeError):
         key = run = None
     if run is not None:
         return run(x, weight, bias, eps)
+    _validate.check_eps("elastic_layer_norm", eps)
     _validate.check_layer_norm(x, weight, bias)
     return _first_call(key, "layer_norm", 3, x, weight, bias, eps)
 

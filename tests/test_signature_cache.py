@@ -6,6 +6,8 @@ import torch
 import elastic_ops
 from elastic_ops import _validate, functional, reference
 
+check_eps = _validate.check_eps
+
 NATIVE = elastic_ops.backends()["native"].available
 BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="no native extension"))]
 
@@ -98,3 +100,21 @@ def test_what_only_the_native_kernels_check_is_part_of_the_signature():
                 elastic_ops.elastic_linear(x.to_sparse(), weight, None, 6)
     with elastic_ops.use_backend("native"), pytest.raises(elastic_ops.BackendUnavailableError, match="forward-only"):
         elastic_ops.elastic_linear(x, weight.requires_grad_(), None, 6)
+
+
+def test_a_layer_norm_eps_is_checked_once_per_value(counted, monkeypatch):
+    """eps is part of LayerNorm's signature: a value not seen before is checked, whatever the tensors' signature."""
+    checked_eps = []
+    monkeypatch.setattr(_validate, "check_eps", lambda op, eps: (checked_eps.append(eps), check_eps(op, eps)))
+    x, gamma = torch.randn(3, 8), torch.randn(8)
+    for _ in range(3):
+        torch.testing.assert_close(elastic_ops.elastic_layer_norm(x, gamma, None, 1e-5),
+                                   reference.layer_norm(x, gamma, None, 1e-5))
+    assert checked_eps == [1e-5] and counted["check_layer_norm"] == 1
+    for _ in range(2):  # a failed call leaves no plan behind
+        for bad in (0.0, -1e-5, float("nan"), float("inf"), True, "1e-5"):
+            with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+                elastic_ops.elastic_layer_norm(x, gamma, None, bad)
+    torch.testing.assert_close(elastic_ops.elastic_layer_norm(x, gamma, None, 1),  # an int eps is a number
+                               reference.layer_norm(x, gamma, None, 1.0))
+    assert len(checked_eps) == 1 + 2 * 6 + 1 and checked_eps[-1] == 1 and type(checked_eps[-1]) is int

@@ -29,8 +29,10 @@ def needs_backward(*tensors: Tensor | None) -> bool:
 
 def active_block(weight: Tensor, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """``weight[:rows, :cols]`` for products with ``dtype`` activations: the strided view itself, or, for a weight
-    kept in another dtype (fp32 master weights), a cast copy of the active block only, as autocast would make."""
-    block = weight[:rows, :cols]
+    kept in another dtype (fp32 master weights), a cast copy of the active block only, as autocast would make.
+    The view is made by one ``as_strided`` (same sizes, strides and offset as the two slices, a third of their host
+    time)."""
+    block = weight.as_strided((rows, cols), weight.stride())
     return block if block.dtype == dtype else block.to(dtype)
 
 
@@ -38,6 +40,12 @@ def active_vector(bias: Tensor | None, size: int, dtype: torch.dtype) -> Tensor 
     if bias is None:
         return None
     return bias[:size] if bias.dtype == dtype else bias[:size].to(dtype)
+
+
+def unit_stride(vector: Tensor | None) -> Tensor | None:
+    """A 1-D parameter (bias, LayerNorm's gamma and beta) as the kernels read it, elements adjacent: itself, or a
+    contiguous copy where it is a strided view such as ``b[::2]`` (rare, and small)."""
+    return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
 
 
 def linear_gemm(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | None) -> Tensor:
@@ -151,10 +159,24 @@ def descriptor_compatible(t: Tensor) -> bool:
             and t.data_ptr() % TMA_ALIGNMENT == 0)
 
 
-def descriptor(t: Tensor, block_shape: list[int]):
-    """Descriptor of the 2-D view ``t``: its shape is the active block and its strides those of the super tensor,
-    so that loads past the block's edges read zeros and stores past them are dropped, with no masks."""
-    return _descriptor_class()(t, list(t.shape), list(t.stride()), block_shape)
+@lru_cache(maxsize=None)
+def _prechecked_descriptor_class():
+    """Triton's descriptor without its constructor's checks (alignment, unit last stride, positive shape, power-of-two
+    blocks), which cost about a microsecond per descriptor: the callers of ``descriptor`` make them, once per call
+    signature where they depend only on it. Still a ``TensorDescriptor`` to the launcher and the interpreter."""
+    class PrecheckedTensorDescriptor(_descriptor_class()):
+        def __post_init__(self):
+            pass
+
+    return PrecheckedTensorDescriptor
+
+
+def descriptor(base: Tensor, shape: tuple[int, int], strides: tuple[int, int], block_shape: list[int]):
+    """Descriptor of the 2-D block ``shape`` of ``base`` with ``strides`` (those of the super tensor), so that loads
+    past the block's edges read zeros and stores past them are dropped, with no masks. The caller has checked what
+    triton's own constructor would: ``descriptor_compatible`` (alignment, unit last stride), a positive shape and a
+    power-of-two block."""
+    return _prechecked_descriptor_class()(base, shape, strides, block_shape)
 
 
 # ---------------------------------------------------------------------------------------------- @triton.jit helpers

@@ -2,9 +2,9 @@
 
 ``x: [B, N, e]``, ``h`` active heads of head dim ``Dh`` (a power of two from 16 to 128), ``width = h * Dh``:
 
-1. q, k and v projections: one cuBLAS GEMM each on the active rows of its block of the qkv weight (DESIGN.md
-   section 2), written into one buffer ``[3, B*N, width]``: each of q, k, v is ``[B, N, h, Dh]``. The attention
-   kernels read it with strides: no permute, no cat, no copy.
+1. q, k and v projections: one batched cuBLAS GEMM over the active rows of the three blocks of the qkv weight
+   (DESIGN.md section 2), read in place through one strided view, into one buffer ``[3, B*N, width]``: each of
+   q, k, v is ``[B, N, h, Dh]``. The attention kernels read it with strides: no permute, no cat, no copy.
 2. flash attention (``_attention_forward_kernel``): online softmax over key blocks, so the ``N x N`` scores
    never reach memory. Only the last key block, past which the 197-token tail ends, is masked; the others load
    without masks. It writes the context ``[B*N, width]`` in the layout the output projection reads, and the
@@ -22,6 +22,7 @@ log-sum-exp is in those units too. Accumulation is fp32 (fp64 for fp64 inputs).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import triton
@@ -285,38 +286,46 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(outer=outer, inner=inner, num_warps=warps, num_stages=3)
 
 
-def _launch(kernel, kind: str, tokens: int, batch_heads: int, head_dim: int, qkv: Tensor, *args):
-    """Launch an attention kernel on the qkv buffer with its fixed tiles: BLOCK_M x BLOCK_N for "forward" and "dq"
-    (query rows per program), BLOCK_N x BLOCK_M for "dkdv" (key rows per program)."""
-    config = attention_config(kind, head_dim, qkv.dtype)
+@lru_cache(maxsize=None)
+def _launch_options(kind: str, head_dim: int, dtype: torch.dtype) -> tuple[int, dict]:
+    """(rows per program, tiles and compile options) of an attention kernel ("forward", "dq", "dkdv") with its fixed
+    tiles: BLOCK_M x BLOCK_N for "forward" and "dq" (query rows per program), BLOCK_N x BLOCK_M for "dkdv" (key rows
+    per program). Made once per kind of launch."""
+    config = attention_config(kind, head_dim, dtype)
     outer_name, inner_name = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
-    kernel[(cdiv(tokens, config["outer"]) * batch_heads,)](
-        qkv, *args, HEAD_DIM=head_dim, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv),
-        **{outer_name: config["outer"], inner_name: config["inner"]},
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return config["outer"], {outer_name: config["outer"], inner_name: config["inner"], "HEAD_DIM": head_dim,
+                             "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+def _launch(kernel, kind: str, tokens: int, batch_heads: int, head_dim: int, qkv: Tensor, *args):
+    """Launch an attention kernel on the qkv buffer with its fixed tiles (``_launch_options``)."""
+    rows_per_program, options = _launch_options(kind, head_dim, qkv.dtype)
+    kernel[(cdiv(tokens, rows_per_program) * batch_heads,)](
+        qkv, *args, ACC_DTYPE=acc_dtype(qkv), DOT_PRECISION=dot_precision(qkv), **options)
 
 
 # ---------------------------------------------------------------------------------------------- host side
 
-def qkv_blocks(qkv_weight: Tensor, qkv_bias: Tensor | None, width: int, embed: int, dtype: torch.dtype):
-    """The active blocks ``W_j[:width, :embed]`` and ``b_j[:width]`` of q, k and v (views, or casts of the blocks)."""
-    max_width = qkv_weight.shape[0] // 3
-    weights = qkv_weight.view(3, max_width, qkv_weight.shape[1])
-    biases = None if qkv_bias is None else qkv_bias.view(3, max_width)
-    return ([active_block(weights[j], width, embed, dtype) for j in range(3)],
-            [None if biases is None else active_vector(biases[j], width, dtype) for j in range(3)])
+def qkv_weight_blocks(qkv_weight: Tensor, width: int, embed: int, dtype: torch.dtype) -> Tensor:
+    """The active blocks ``W_j[:width, :embed]`` of q, k and v as one strided view ``[3, width, embed]`` of the
+    block-layout weight (one ``as_strided``: nothing copied), or, for a weight in another dtype, a cast copy of them."""
+    row_stride, col_stride = qkv_weight.stride()
+    blocks = qkv_weight.as_strided((3, width, embed), (qkv_weight.shape[0] // 3 * row_stride, row_stride, col_stride))
+    return blocks if blocks.dtype == dtype else blocks.to(dtype)
 
 
-def qkv_forward(x2d: Tensor, weight_blocks: list[Tensor], bias_blocks: list[Tensor | None]) -> Tensor:
-    """q, k, v of ``x2d: [B*N, e]`` in one buffer ``[3, B*N, width]``: one cuBLAS GEMM per block, into its place."""
-    width = weight_blocks[0].shape[0]
-    qkv = torch.empty((3, x2d.shape[0], width), device=x2d.device, dtype=x2d.dtype)
-    for j in range(3):
-        if bias_blocks[j] is None:
-            torch.mm(x2d, weight_blocks[j].t(), out=qkv[j])
-        else:
-            torch.addmm(bias_blocks[j], x2d, weight_blocks[j].t(), out=qkv[j])
-    return qkv
+def qkv_forward(x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, width: int) -> Tensor:
+    """q, k, v of ``x2d: [B*N, e]`` in one buffer ``[3, B*N, width]``: one batched cuBLAS GEMM over the three active
+    blocks, read in place, with x as every batch's left operand (batch stride 0) and the bias blocks broadcast over
+    the rows (batch stride ``H_max*Dh``, row stride 0)."""
+    embed, dtype = x2d.shape[1], x2d.dtype
+    weights_t = qkv_weight_blocks(qkv_weight, width, embed, dtype).transpose(1, 2)
+    rows = x2d.expand(3, -1, -1)
+    if qkv_bias is None:
+        return torch.bmm(rows, weights_t)
+    bias_stride = qkv_bias.stride(0)
+    biases = qkv_bias.as_strided((3, 1, width), (qkv_bias.shape[0] // 3 * bias_stride, 0, bias_stride))
+    return torch.baddbmm(biases if biases.dtype == dtype else biases.to(dtype), rows, weights_t)
 
 
 def _scales(head_dim: int) -> tuple[float, float]:
@@ -327,9 +336,9 @@ def _scales(head_dim: int) -> tuple[float, float]:
 def flash_forward(qkv: Tensor, batch: int, tokens: int, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
     """``(context [B*N, h*Dh], lse [B*h, N])`` of the qkv buffer ``[3, B*N, h*Dh]``."""
     width = num_heads * head_dim
-    context = torch.empty((batch * tokens, width), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((batch * num_heads, tokens), device=qkv.device,
-                      dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
+    context = qkv.new_empty((batch * tokens, width))
+    lse = qkv.new_empty((batch * num_heads, tokens),
+                        dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
     if batch * tokens > 0:
         _launch(_attention_forward_kernel, "forward", tokens, batch * num_heads, head_dim,
                 qkv, context, lse, tokens, num_heads, width, qkv.stride(0), _scales(head_dim)[0])
@@ -350,7 +359,7 @@ def flash_backward(qkv: Tensor, context: Tensor, lse: Tensor, d_context: Tensor,
     return d_qkv
 
 
-def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, weight_blocks: list[Tensor],
+def qkv_backward(d_qkv: Tensor, x2d: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, weight_blocks: Tensor,
                  need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, returned dW, returned db)`` of the q, k, v projections: cuBLAS GEMMs per block, dW and db added into
     the ``weight_grad_buffer`` views of the three active row blocks; rows between the blocks are never touched."""
@@ -381,9 +390,7 @@ def self_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | Non
     the log-sum-exp (None without ``keep_residuals``)."""
     batch, tokens, embed = x.shape
     width = num_heads * head_dim
-    x2d = x.reshape(-1, embed)  # a view wherever x's strides allow
-    weight_blocks, bias_blocks = qkv_blocks(qkv_weight, qkv_bias, width, embed, x.dtype)
-    qkv = qkv_forward(x2d, weight_blocks, bias_blocks)
+    qkv = qkv_forward(x.reshape(-1, embed), qkv_weight, qkv_bias, width)  # x2d: a view wherever x's strides allow
     context, lse = flash_forward(qkv, batch, tokens, num_heads, head_dim)
     proj_block = active_block(proj_weight, embed, width, x.dtype)
     out = linear_gemm(context, proj_block, active_vector(proj_bias, embed, x.dtype))
@@ -411,7 +418,7 @@ def self_attention_backward(d_out: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bi
     if need_dx or need_dw_qkv or need_db_qkv:
         d_context = torch.mm(d_out2d, active_block(proj_weight, embed, width, x.dtype))
         d_qkv = flash_backward(qkv, context, lse, d_context, batch, tokens, num_heads, head_dim)
-        weight_blocks, _ = qkv_blocks(qkv_weight, None, width, embed, x.dtype)
+        weight_blocks = qkv_weight_blocks(qkv_weight, width, embed, x.dtype)
         dx, d_qkv_weight, d_qkv_bias = qkv_backward(d_qkv, x.reshape(-1, embed), qkv_weight, qkv_bias, weight_blocks,
                                                     need_dx, need_dw_qkv, need_db_qkv)
     return (None if dx is None else dx.view(x.shape)), d_qkv_weight, d_qkv_bias, d_proj_weight, d_proj_bias

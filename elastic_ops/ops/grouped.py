@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._backend import triton_head_dim_problem
 from .._validate import require
-from ._common import acc_dtype, cdiv, dot_precision, gelu, grouped_tile, interpreter
+from ._common import acc_dtype, cdiv, dot_precision, gelu, grouped_tile, interpreter, unit_stride
 from .attention import (
     attention_config,
     flash_attention_rows,
@@ -207,7 +207,7 @@ def _linear_launch(x3d: Tensor, weight: Tensor, bias: Tensor | None, in_table: T
     config = _grouped_gemm_config(x3d.dtype)
     grid = (cdiv(M, config["BLOCK_M"]) * cdiv(out_width, config["BLOCK_N"]), blocks, groups)
     _grouped_linear_kernel[grid](
-        x3d, weight, bias if bias is not None else weight, y,
+        x3d, weight, unit_stride(bias) if bias is not None else weight, y,
         in_table if in_table is not None else out_table, out_table,
         M, out_width, K, weight_block_rows,
         *x3d.stride(), *weight.stride(), y.stride(0), y.stride(1),
@@ -244,6 +244,7 @@ def grouped_layer_norm(x: Tensor, sizes, weight: Tensor | None, bias: Tensor | N
     """
     x3d = _group_rows(x, x.shape[0])
     groups, M, D = x3d.shape
+    weight, bias = unit_stride(weight), unit_stride(bias)
     y = torch.empty((groups, M, D), device=x.device, dtype=x.dtype)
     if M > 0:
         block_d, block_rows, warps = layer_norm_tiles(D)

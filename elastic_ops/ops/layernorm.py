@@ -7,13 +7,15 @@ few partial rows into ``gamma.grad[:d]`` and ``beta.grad[:d]`` in place (no atom
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
-from ._common import as_rows, cdiv, interpreter, needs_backward, next_power_of_2, sm_count
+from ._common import as_rows, cdiv, interpreter, needs_backward, next_power_of_2, sm_count, unit_stride
 
 
 @triton.jit
@@ -139,6 +141,7 @@ def compute_dtype(x: Tensor):
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+@lru_cache(maxsize=None)
 def layer_norm_tiles(d: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_ROWS, num_warps): about 4K elements per tile (16K in the interpreter, fewer programs)."""
     block_d = next_power_of_2(d)
@@ -153,20 +156,21 @@ def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, ep
     None)."""
     x2d = as_rows(x)
     M, d = x2d.shape
-    y = torch.empty((M, d), device=x2d.device, dtype=x2d.dtype)
+    weight, bias = unit_stride(weight), unit_stride(bias)
+    y = x.new_empty(x.shape)  # contiguous: rows d apart
     stats_dtype, compute = compute_dtype(x2d)
-    mean = torch.empty((M,), device=x2d.device, dtype=stats_dtype) if keep_residuals else None
+    mean = x.new_empty((M,), dtype=stats_dtype) if keep_residuals else None
     rstd = torch.empty_like(mean) if keep_residuals else None
     block_d, block_rows, warps = layer_norm_tiles(d)
     if M > 0:
         _layer_norm_forward_kernel[(cdiv(M, block_rows),)](
             x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y,
             mean if keep_residuals else y, rstd if keep_residuals else y,
-            M, d, eps, x2d.stride(0), x2d.stride(1), y.stride(0),
+            M, d, eps, x2d.stride(0), x2d.stride(1), d,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=keep_residuals,
             COMPUTE_DTYPE=compute, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps,
         )
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
@@ -186,7 +190,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tens
     partial = torch.empty((2, programs, d), device=x2d.device, dtype=mean.dtype)
     if M > 0:
         _layer_norm_backward_kernel[(programs,)](
-            dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
+            dy2d, x2d, unit_stride(weight) if weight is not None else x2d, mean, rstd, dx if need_dx else x2d,
             partial[0], partial[1],
             M, d, dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), d,
             HAS_WEIGHT=weight is not None, INPUT_GRAD=need_dx, WEIGHT_GRAD=need_dw, BIAS_GRAD=need_db,

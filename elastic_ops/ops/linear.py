@@ -15,6 +15,9 @@ Without an activation every product is one cuBLAS call on the strided view of th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from .._weight_grads import backward_grad_mode, record_grad_mode, weight_grad_buffer
 from ._common import (
+    TMA_ALIGNMENT,
     active_block,
     active_vector,
     add_bias_grad,
@@ -40,6 +44,7 @@ from ._common import (
     linear_gemm,
     needs_backward,
     sm_count,
+    unit_stride,
 )
 
 # ---------------------------------------------------------------------------------------------- forward epilogue
@@ -79,7 +84,7 @@ def _linear_gelu_kernel(
         y_desc.store([off_m, off_n], gelu(acc).to(y_desc.dtype))
 
 
-def _gelu_gemm_config(device: torch.device, dtype: torch.dtype) -> dict:
+def _gelu_gemm_config(dtype: torch.dtype) -> dict:
     """Tiles of ``_linear_gelu_kernel``: 128 x 128 outputs per tile, four 64-deep (32 for 4-byte elements) stages of
     operands in shared memory, 8 warps (two warpgroups of ``wgmma``). The interpreter takes one large tile."""
     if interpreter():
@@ -88,40 +93,67 @@ def _gelu_gemm_config(device: torch.device, dtype: torch.dtype) -> dict:
                 num_stages=4 if dtype.itemsize <= 2 else 3)
 
 
-def fused_gelu_gemm_applies(x2d: Tensor, weight_block: Tensor) -> bool:
-    """Whether ``_linear_gelu_kernel`` runs for these operands: tensor descriptors on this device, operands they can
-    address, and a dtype whose products use tensor cores (fp16, bf16; fp32 only as TF32, or in the interpreter).
-    Otherwise cuBLAS with ``F.gelu`` after it is the faster way."""
-    if x2d.dtype in (torch.float16, torch.bfloat16):
+@dataclass(frozen=True)
+class _GeluGemmLaunch:
+    """What a launch of ``_linear_gelu_kernel`` takes that depends on the problem alone: made once per problem, so
+    that a call builds only what depends on its tensors (outputs and descriptors)."""
+    grid: tuple[int]
+    x_block: list[int]
+    weight_block: list[int]
+    out_block: list[int]
+    options: dict  # tiles, program count and compile options
+
+
+@lru_cache(maxsize=4096)
+def _gelu_gemm_launch(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int,
+                      precision: str) -> _GeluGemmLaunch | None:
+    """The launch of ``_linear_gelu_kernel`` for ``[M, K] x [N, K]^T`` in ``dtype`` with ``tl.dot`` precision
+    ``precision``, or None where cuBLAS with ``F.gelu`` after it is the way: no tensor descriptors on this device,
+    a dtype whose products do not use tensor cores (fp16 and bf16 do; fp32 only as TF32, or in the interpreter), an
+    output row a descriptor cannot address, or an empty product. The operands' own strides and addresses are
+    checked per call (``descriptor_compatible``)."""
+    if dtype in (torch.float16, torch.bfloat16):
         tensor_cores = True
     else:
-        tensor_cores = x2d.dtype == torch.float32 and (interpreter() or dot_precision(x2d) == "tf32")
-    out_row_bytes = weight_block.shape[0] * x2d.element_size()
-    return (tensor_cores and descriptors_supported(x2d.device) and descriptor_compatible(x2d)
-            and descriptor_compatible(weight_block) and out_row_bytes % 16 == 0)
-
-
-def linear_gelu_forward(x2d: Tensor, weight_block: Tensor, bias_block: Tensor | None,
-                        keep_pre_activation: bool) -> tuple[Tensor, Tensor | None]:
-    """``(gelu(x2d @ W.T + b), pre-activation or None)`` for the active blocks (in x's dtype)."""
-    M, K = x2d.shape
-    N = weight_block.shape[0]
-    if M == 0 or not fused_gelu_gemm_applies(x2d, weight_block):
-        pre = linear_gemm(x2d, weight_block, bias_block)
-        return F.gelu(pre), (pre if keep_pre_activation else None)
-    config = _gelu_gemm_config(x2d.device, x2d.dtype)
+        tensor_cores = dtype == torch.float32 and (interpreter() or precision == "tf32")
+    if not (tensor_cores and descriptors_supported(device) and min(M, N, K) > 0
+            and (N * dtype.itemsize) % TMA_ALIGNMENT == 0):
+        return None
+    config = _gelu_gemm_config(dtype)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    pre = torch.empty_like(y) if keep_pre_activation else None
-    y_desc = descriptor(y, [block_m, block_n])
-    programs = min(sm_count(x2d.device), cdiv(M, block_m) * cdiv(N, block_n))
-    _linear_gelu_kernel[(programs,)](
-        descriptor(x2d, [block_m, block_k]), descriptor(weight_block, [block_n, block_k]),
-        bias_block if bias_block is not None else y, y_desc,
-        descriptor(pre, [block_m, block_n]) if pre is not None else y_desc,
-        M, N, K,
-        HAS_BIAS=bias_block is not None, STORE_PRE_ACTIVATION=pre is not None, DOT_PRECISION=dot_precision(x2d),
-        NUM_PROGRAMS=programs, **config,
+    programs = min(sm_count(device), cdiv(M, block_m) * cdiv(N, block_n))
+    return _GeluGemmLaunch(grid=(programs,), x_block=[block_m, block_k], weight_block=[block_n, block_k],
+                           out_block=[block_m, block_n],
+                           options=dict(config, NUM_PROGRAMS=programs))
+
+
+def linear_gelu_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, out_features: int,
+                        keep_pre_activation: bool) -> tuple[Tensor, Tensor | None]:
+    """``(gelu(x2d @ weight[:N, :K].T + bias[:N]), pre-activation or None)`` in x's dtype, ``N = out_features``,
+    ``K = x2d.shape[1]``, on the super weight and bias. The fused kernel reads the active block through a
+    descriptor of the super weight and the bias with a mask, so the call makes no view of either."""
+    M, K = x2d.shape
+    N, dtype = out_features, x2d.dtype
+    if weight.dtype != dtype:  # fp32 master weights: the cast active block is the operand
+        weight = active_block(weight, N, K, dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = active_vector(bias, N, dtype)
+    bias = unit_stride(bias)  # the kernel reads it with a mask, elements adjacent
+    precision = dot_precision(x2d)
+    launch = _gelu_gemm_launch(x2d.device, dtype, M, N, K, precision)
+    if launch is None or not (descriptor_compatible(x2d) and descriptor_compatible(weight)):
+        pre = linear_gemm(x2d, active_block(weight, N, K, dtype), active_vector(bias, N, dtype))
+        return F.gelu(pre), (pre if keep_pre_activation else None)
+    y = x2d.new_empty((M, N))
+    y_desc = descriptor(y, (M, N), (N, 1), launch.out_block)
+    pre = x2d.new_empty((M, N)) if keep_pre_activation else None
+    _linear_gelu_kernel[launch.grid](
+        descriptor(x2d, (M, K), x2d.stride(), launch.x_block),
+        descriptor(weight, (N, K), weight.stride(), launch.weight_block),
+        bias if bias is not None else y, y_desc,
+        descriptor(pre, (M, N), (N, 1), launch.out_block) if pre is not None else y_desc,
+        M, N, K, HAS_BIAS=bias is not None, STORE_PRE_ACTIVATION=pre is not None, DOT_PRECISION=precision,
+        **launch.options,
     )
     return y, pre
 
@@ -209,12 +241,12 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_features:
         return F.linear(x, active_block(weight, out_features, x.shape[-1], x.dtype),
                         active_vector(bias, out_features, x.dtype)), None
     x2d = as_rows(x)
-    weight_block = active_block(weight, out_features, x2d.shape[1], x2d.dtype)
-    bias_block = active_vector(bias, out_features, x2d.dtype)
     if activation == "gelu":
-        y, pre = linear_gelu_forward(x2d, weight_block, bias_block, keep_residuals)
+        y, pre = linear_gelu_forward(x2d, weight, bias, out_features, keep_residuals)
     else:
-        y, pre = linear_gemm(x2d, weight_block, bias_block), None
+        y = linear_gemm(x2d, active_block(weight, out_features, x2d.shape[1], x2d.dtype),
+                        active_vector(bias, out_features, x2d.dtype))
+        pre = None
     return y.view(*x.shape[:-1], out_features), pre
 
 

@@ -26,8 +26,7 @@ def mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weig
     ``z [tokens, hidden]``, the one tensor the backward needs besides the inputs."""
     x2d = as_rows(x)
     e, dtype = x2d.shape[1], x2d.dtype
-    fc1_block = active_block(fc1_weight, hidden, e, dtype)
-    act, pre = linear_gelu_forward(x2d, fc1_block, active_vector(fc1_bias, hidden, dtype), keep_residuals)
+    act, pre = linear_gelu_forward(x2d, fc1_weight, fc1_bias, hidden, keep_residuals)
     y = linear_gemm(act, active_block(fc2_weight, e, hidden, dtype), active_vector(fc2_bias, e, dtype))
     return y.view(x.shape), pre
 

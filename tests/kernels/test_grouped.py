@@ -92,6 +92,26 @@ def test_grouped_linear(dtype, weight_dtype, activation, device):
     check(y, expected, *run_both("grouped_linear", x, weight, bias, sizes, activation))
 
 
+def test_grouped_ops_read_strided_vectors_through_their_stride(device):
+    """A bias, gamma or beta that is a strided view (``b[::2]``) gives the single-subnet reference's outputs."""
+    def strided(n):
+        return torch.randn(2 * n, device=device)[::2]
+
+    weight, bias = torch.randn(100, 48, device=device) * 48 ** -0.5, strided(100)
+    xs = [torch.randn(2, 7, e, device=device) for e in EMBEDS]
+    outs = [1, 67, 100]
+    y = grouped.grouped_linear(stacked(xs, max(EMBEDS), 0.0), weight, bias, GroupSizes(outs, device), "gelu")
+    check(y, [reference.linear(xk, weight, bias, o, "gelu") for xk, o in zip(xs, outs)],
+          *run_both("grouped_linear", stacked(xs, max(EMBEDS), 0.0), weight, bias.contiguous(),
+                    GroupSizes(outs, device), "gelu"))
+    gamma, beta = strided(48) + 1, strided(48)
+    sizes = GroupSizes(EMBEDS, device)
+    y = grouped.grouped_layer_norm(stacked(xs, max(EMBEDS), float("nan")), sizes, gamma, beta, 1e-5)
+    check(y, [reference.layer_norm(xk, gamma, beta) for xk in xs],
+          *run_both("grouped_layer_norm", stacked(xs, max(EMBEDS), 0.0), sizes, gamma.contiguous(), beta.contiguous(),
+                    1e-5))
+
+
 @pytest.mark.parametrize("super_width", [40, 48], ids=["active_max", "nan_past_40"])
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=dtype_ids)
 def test_grouped_layer_norm_over_each_subnets_channels(dtype, super_width, device):

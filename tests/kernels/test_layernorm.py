@@ -87,6 +87,20 @@ def test_forward_backward_match_reference(shape, dtype, param_dtype, device, tri
         assert_grad_accumulated(param, before, ref[i], atol=bound, rtol=0)
 
 
+def test_strided_affine_parameters_read_through_their_stride(device, triton_backend):
+    """gamma and beta that are strided views (``p[::2]``) give the reference's output and input gradient."""
+    weight, bias = torch.randn(2 * 40, device=device)[::2] + 1, torch.randn(2 * 40, device=device)[::2]
+    x = _fresh_x(2, 33, 29, device, torch.float32)
+    y = elastic_ops.elastic_layer_norm(x, weight, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = reference.layer_norm(x_ref, weight[:29].contiguous(), bias[:29].contiguous())
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
 def test_missing_affine_parameters(affine, device, triton_backend):
     weight = super_param(40, active=(29,), device=device) if affine == "weight_only" else None

@@ -129,6 +129,27 @@ def test_non_contiguous_x(layout, device, triton_backend):
     torch.testing.assert_close(weight.grad[:53, :43], w_ref.grad, **TOLERANCES[torch.float32])
 
 
+def test_strided_bias_read_through_its_stride(device, triton_backend):
+    """A bias that is a strided view (``b[::2]``) gives the reference's output, and its gradient lands in place in
+    the viewed parameter's gradient, every other element untouched."""
+    storage = torch.randn(2 * 70, device=device, requires_grad=True)
+    bias = storage[::2]
+    weight = torch.randn(70, 40, device=device) * 40 ** -0.5
+    x = torch.randn(3, 17, 32, device=device)  # rows 16-byte aligned: the fused GEMM's path
+    y = elastic_ops.elastic_linear(x, weight, bias, 48, "gelu")
+    bias_ref = bias.detach()[:48].clone().requires_grad_(True)
+    y_ref = reference.linear(x, weight, bias_ref, 48, "gelu")
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(storage.grad[::2][:48], bias_ref.grad, **TOLERANCES[torch.float32])
+    assert torch.all(storage.grad[1::2] == 0) and torch.all(storage.grad[::2][48:] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(elastic_ops.elastic_linear(x, weight, bias, 48, "gelu"), y_ref.detach(),
+                                   **TOLERANCES[torch.float32])
+
+
 def test_transposed_super_weight_read_through_strides(device, triton_backend):
     """A super weight stored column-major (strides (1, out_max)) is read in place, not made contiguous."""
     storage = torch.randn(70, 60, device=device, dtype=torch.float64).float()  # [in_max, out_max]

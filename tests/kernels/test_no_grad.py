@@ -44,8 +44,9 @@ def run_and_count(call) -> tuple[torch.Tensor, int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = call()
-        # The Triton attention, run here in the interpreter, leaves its qkv, context and log-sum-exp in a reference
-        # cycle, freed by the next collection rather than on return: not kept for a backward, but counted here.
+        # Triton's interpreter keeps each launch's storages (attention's qkv, context and log-sum-exp) in reference
+        # cycles of its own (GridExecutor's closures; the ops' code makes none: test_host_cycles.py), freed by the
+        # next collection rather than on return: not kept for a backward, but counted here.
         gc.collect()
     left = sum(event.nbytes() for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
     return out, len(saved), left
