@@ -6,27 +6,30 @@ the flag) to ``--out-dir``: ``pytorch`` (``subnet.pt``, ``nas.export.load_subnet
 (``subnet.pt2``, ``torch.export.load``), ``onnx`` (``subnet.onnx``, dynamic batch; needs
 ``pip install 'elastic-ops[export]'``), ``safetensors`` (``safetensors/model.safetensors`` with ``config.json``) and
 ``torchscript`` (``subnet.ts``, ``torch.jit.load``). Each file is loaded back and run on random batches of two
-sizes; its logits must equal the supernet's. ``export.json`` in ``--out-dir`` records the checkpoint, the arch and the
-formats written; an out-dir holding the export of another subnet (or files of an export it does not record) is
-refused, so that an out-dir never mixes two subnets. Settings are flags, ``--set`` keys and keys of a ``--config`` file
-(``nas.config``); errors are one line and exit status 2 (``nas.errors``).
+sizes; its logits must equal the supernet's (to ``--tolerance``), else the file is not kept. ``export.json`` in
+``--out-dir`` records the checkpoint, the arch and the formats written; an out-dir holding the export of another subnet
+(or files of an export it does not record) is refused, so that an out-dir never mixes two subnets. Settings are flags,
+``--set`` keys and keys of a ``--config`` file (``nas.config``); errors are one line and exit status 2 (``nas.errors``).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 
 from ..atomic import atomic_write_text
 from ..checkpoint import file_digest, load_supernet
 from ..config import Config, parse_command_line, setting
-from ..errors import ConfigError, OutputError, run_command
+from ..errors import ConfigError, ExportCheckError, OutputError, run_command
 from ..family import Arch, Space
 from . import FORMATS, Subnet, extract_subnet
 
@@ -46,7 +49,9 @@ class ExportConfig(Config):
     check_batches: list[int] = setting([2, 3], "batch sizes the exported model is run on and compared with the "
                                                "supernet (the first is also the example batch of the export)",
                                        flag="--check-batch")
-    tolerance: float = setting(1e-4, "largest difference of logits allowed, relative to their largest magnitude")
+    tolerance: float = setting(1e-4, "largest difference of logits allowed, relative to their largest magnitude (a "
+                                     "checkpoint's supernet runs in float32: 1e-4 is some 800 rounding steps of the "
+                                     "largest logit, room for the other kernels of each format's runtime)")
     seed: int = setting(0, "seed of the random check images")
 
     def problems(self) -> list[str]:
@@ -56,6 +61,8 @@ class ExportConfig(Config):
         if not self.check_batches or min(self.check_batches) < 1 or self.check_batches[0] < 2:
             problems.append(f"check_batches={self.check_batches}: batch sizes >= 1, the first >= 2 (the example batch "
                             "of an export with a dynamic batch size)")
+        if self.tolerance < 0:
+            problems.append(f"tolerance={self.tolerance:g} must be >= 0")
         return problems
 
 
@@ -103,6 +110,24 @@ def claim(out: Path, subnet: dict) -> dict:
     return {**subnet, "formats": {}}
 
 
+def largest_difference(runner: Callable[[Tensor], Tensor], batches: Sequence[Tensor], expected: Sequence[Tensor]
+                       ) -> float:
+    """The largest difference of ``runner``'s logits from the ``expected`` ones, relative to the largest magnitude of
+    the expected logits of each batch (NaN where either is not finite)."""
+    with torch.no_grad():
+        differences = [float((runner(images) - logits).abs().max() / logits.abs().max().clamp(min=1e-12))
+                       for images, logits in zip(batches, expected)]
+    return math.nan if any(math.isnan(d) for d in differences) else max(differences)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder (safetensors) if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def run(argv: Sequence[str] | None) -> int:
     config, _ = parse_command_line(ExportConfig, argv, prog="python -m nas.export",
                                    description=__doc__.split("\n\n")[1])
@@ -130,18 +155,26 @@ def run(argv: Sequence[str] | None) -> int:
     for name in config.formats:
         export = FORMATS[name]
         path = out / export.path
-        export.write(subnet, path, batches[0])
-        runner = export.load(path)
-        with torch.no_grad():
-            differences = [float((runner(images) - logits).abs().max() / logits.abs().max().clamp(min=1e-12))
-                           for images, logits in zip(batches, expected)]
-        if max(differences) > config.tolerance:
-            raise AssertionError(f"the {name} export at {path} computes other logits than the supernet: relative "
-                                 f"difference {max(differences):.3g} > {config.tolerance}")
+        # Written and checked under a name of its own, then moved into place: a failed check leaves a file of an
+        # earlier export of this subnet as it was.
+        staged = out / f".staged-{export.path}"
+        remove(staged)
+        try:
+            export.write(subnet, staged, batches[0])
+            difference = largest_difference(export.load(staged), batches, expected)
+            if not difference <= config.tolerance:  # also a NaN difference
+                raise ExportCheckError(f"the {name} export of arch {arch.to_json()} computes other logits than the "
+                                       f"supernet: largest difference {difference:.3g} of the largest logit's "
+                                       f"magnitude, over the tolerance {config.tolerance:g} (--tolerance); nothing "
+                                       f"was written to {path}")
+            remove(path)
+            os.replace(staged, path)
+        finally:
+            remove(staged)
         manifest["formats"][name] = export.path
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
         print(f"[export] {name}: {path}; loaded back and run on batches of {', '.join(map(str, config.check_batches))}:"
-              f" largest relative difference {max(differences):.2g}")
+              f" largest relative difference {difference:.2g}")
     print(f"[export] subnet {arch.to_json()}")
     return 0
 
