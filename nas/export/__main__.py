@@ -26,11 +26,13 @@ import torch
 import yaml
 from torch import Tensor
 
+from .. import data as data_lib
 from ..atomic import atomic_write_text
 from ..checkpoint import file_digest, load_supernet
 from ..config import Config, parse_command_line, setting
-from ..errors import ConfigError, ExportCheckError, OutputError, run_command
-from ..family import Arch, Space
+from ..errors import CheckpointMismatchError, ConfigError, ExportCheckError, OutputError, run_command
+from ..evaluate import evaluation_batches
+from ..family import Arch, Space, Supernet, family_of
 from . import FORMATS, Subnet, extract_subnet
 
 MANIFEST = "export.json"
@@ -49,6 +51,14 @@ class ExportConfig(Config):
     check_batches: list[int] = setting([2, 3], "batch sizes the exported model is run on and compared with the "
                                                "supernet (the first is also the example batch of the export)",
                                        flag="--check-batch")
+    bn_calibration_images: int | None = setting(
+        None, "families with BatchNorm (hybrid): re-estimate the subnet's BatchNorm statistics before it is exported "
+              "on this many training images, those its training calibrated on (null: as many as its training did; a "
+              "checkpoint that records no training images, as a converted one, keeps its statistics unless this is "
+              "set; 0: keep the checkpoint's statistics, which belong to no one subnet)")
+    dataset: str | None = setting(None, "data set of the BatchNorm calibration images (null: the checkpoint's)",
+                                  choices=(None, *data_lib.DATASETS))
+    data_dir: str | None = setting(None, "data directory of the BatchNorm calibration images (null: the checkpoint's)")
     tolerance: float = setting(1e-4, "largest difference of logits allowed, relative to their largest magnitude (a "
                                      "checkpoint's supernet runs in float32: 1e-4 is some 800 rounding steps of the "
                                      "largest logit, room for the other kernels of each format's runtime)")
@@ -61,6 +71,8 @@ class ExportConfig(Config):
         if not self.check_batches or min(self.check_batches) < 1 or self.check_batches[0] < 2:
             problems.append(f"check_batches={self.check_batches}: batch sizes >= 1, the first >= 2 (the example batch "
                             "of an export with a dynamic batch size)")
+        if self.bn_calibration_images is not None and self.bn_calibration_images < 0:
+            problems.append(f"bn_calibration_images={self.bn_calibration_images} must be >= 0 or null")
         if self.tolerance < 0:
             problems.append(f"tolerance={self.tolerance:g} must be >= 0")
         return problems
@@ -81,7 +93,46 @@ def read_arch(text: str, space: Space) -> Arch:
     return arch
 
 
+def recalibrate(supernet: Supernet, arch: Arch, space: Space, checkpoint: dict, config: ExportConfig
+                ) -> dict | None:
+    """Re-estimate, for a family with BatchNorm, the statistics of ``arch`` on the training images its training
+    calibrated on (the first ``bn_calibration_images`` kept for training by the split ``checkpoint`` records, in
+    batches of its ``eval_batch_size``, as ``nas.train`` and ``nas.search`` do): a supernet's running statistics
+    belong to no one subnet (DESIGN.md section 9). What it did, for the manifest, or None where the checkpoint's
+    statistics stay."""
+    if not family_of(space).batch_norm or config.bn_calibration_images == 0:
+        return None
+    trained, recorded = checkpoint["config"], checkpoint.get("search_split")
+    source = f"checkpoint {config.checkpoint!r}"
+    if recorded is None and config.bn_calibration_images is None:
+        print(f"[export] BatchNorm statistics as {source} holds them: it records no training images to re-estimate "
+              "them on (--bn-calibration-images N re-estimates them on the first N training images of --dataset)")
+        return None
+    dataset = config.dataset or trained.get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{source} records no data set to re-estimate BatchNorm statistics on; give --dataset, or "
+                          "--bn-calibration-images 0 to keep the statistics it holds")
+    train = data_lib.load_dataset(dataset, config.data_dir or trained.get("data_dir"), "train",
+                                  image_size=space.img_size, in_chans=space.in_chans)
+    data_lib.check_matches(train, space.img_size, space.in_chans, space.num_classes, f"{dataset} train")
+    if recorded is None:
+        split = data_lib.SearchSplit.hold_out(dataset, len(train), 0)
+    else:
+        split = data_lib.SearchSplit.from_dict(recorded, source)
+        if (split.dataset, split.of) != (dataset, len(train)):
+            raise CheckpointMismatchError(
+                f"{source} was trained on a {split.dataset} training set of {split.of} images, not on this {dataset} "
+                f"one ({len(train)}); re-estimate BatchNorm statistics on the checkpoint's data set, or keep them "
+                "with --bn-calibration-images 0")
+    count = config.bn_calibration_images or trained.get("bn_calibration_images", 512)
+    images = data_lib.subset(train, split.calibration_indices(count))
+    supernet.recalibrate_batch_norm(evaluation_batches(images, trained.get("eval_batch_size", 256)), arch)
+    print(f"[export] BatchNorm statistics re-estimated for the subnet on {len(images)} {dataset} training images")
+    return {"dataset": dataset, "images": len(images)}
+
+
 IDENTITY = ("checkpoint_digest", "space", "arch")  # what makes two exports the same subnet
+CALIBRATION = "batch_norm_calibration"  # and the same weights: the images BatchNorm statistics were re-estimated on
 
 
 def claim(out: Path, subnet: dict) -> dict:
@@ -94,6 +145,7 @@ def claim(out: Path, subnet: dict) -> dict:
         try:
             manifest = json.loads(path.read_text())
             recorded = {key: manifest[key] for key in (*IDENTITY, "checkpoint")}
+            recorded[CALIBRATION] = manifest.get(CALIBRATION)  # not in the manifests of exports before it
             if not isinstance(manifest["formats"], dict):
                 raise TypeError("its formats are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -102,6 +154,10 @@ def claim(out: Path, subnet: dict) -> dict:
         if any(recorded[key] != subnet[key] for key in IDENTITY):
             raise OutputError(f"out_dir {str(out)!r} holds the export of another subnet (arch {recorded['arch']} of "
                               f"{recorded['checkpoint']!r}); export into another --out-dir or empty this one")
+        if recorded[CALIBRATION] != subnet[CALIBRATION]:
+            raise OutputError(f"out_dir {str(out)!r} holds the export of this subnet with other BatchNorm statistics "
+                              f"(re-estimated on: {recorded[CALIBRATION]}; now: {subnet[CALIBRATION]}); export into "
+                              "another --out-dir or empty this one")
         return {**manifest, **subnet}
     found = sorted(export.path for export in FORMATS.values() if (out / export.path).exists())
     if found:
@@ -133,8 +189,9 @@ def run(argv: Sequence[str] | None) -> int:
                                    description=__doc__.split("\n\n")[1])
     if config.checkpoint is None:
         raise ConfigError("an export needs a supernet checkpoint (--checkpoint), written by python -m nas.train")
-    supernet, space, _ = load_supernet(config.checkpoint)
+    supernet, space, checkpoint = load_supernet(config.checkpoint)
     arch = read_arch(config.arch, space)
+    calibration = recalibrate(supernet, arch, space, checkpoint, config)
     model = extract_subnet(supernet, arch)
     generator = torch.Generator().manual_seed(config.seed)
     batches = [torch.randn(n, space.in_chans, space.img_size, space.img_size, generator=generator)
@@ -148,7 +205,7 @@ def run(argv: Sequence[str] | None) -> int:
         raise OutputError(f"out_dir {config.out_dir!r} cannot be created: {error.strerror or error}") from error
     manifest = claim(out, {"checkpoint": os.path.abspath(config.checkpoint),
                            "checkpoint_digest": file_digest(config.checkpoint), "space": space.name,
-                           "arch": arch.to_dict()})
+                           "arch": arch.to_dict(), CALIBRATION: calibration})
     # Recorded before any file is written, so that a failed export still says whose files these are.
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     subnet = Subnet(model, arch, space)
