@@ -55,7 +55,8 @@ def check_memory(space: Space, batch_size: int = 1, max_memory_gb: float | None 
     None: :func:`memory_limit_bytes`'s default). Called before the supernet is built, so nothing has been allocated
     yet."""
     limit = memory_limit_bytes(max_memory_gb)
-    needed = estimate_bytes(family_of(space).memory_estimate(space), batch_size, training, eval_batch_size)
+    estimate = family_of(space).memory_estimate(space)
+    needed = estimate_bytes(estimate, batch_size, training, eval_batch_size)
     if needed <= limit:
         return
     setting = f"max_memory_gb={max_memory_gb:g}" if max_memory_gb is not None else (
@@ -63,9 +64,24 @@ def check_memory(space: Space, batch_size: int = 1, max_memory_gb: float | None 
     steps = f"training {batch_size} images a step" if training else f"evaluating {batch_size} images a batch"
     if training and eval_batch_size:
         steps += f", evaluating {eval_batch_size} a batch"
+    if estimate_bytes(estimate, 1, training, min(eval_batch_size, 1)) <= limit:  # the batches are what is too large
+        cause = "; ".join(f"{name}={size} is too large: at most {fits} fit" for name, size, fits in
+                          batches_that_fit(estimate, limit, batch_size, training, eval_batch_size) if size > fits)
+    else:
+        cause = f"the estimate owes most to {culprit(space, batch_size, training, eval_batch_size)}"
     raise ConfigError(f"space {space.name!r}: its supernet would take about {gigabytes(needed)} GB ({steps}), more "
-                      f"than {limit / 1e9:.3g} GB allowed by {setting}; the estimate owes most to "
-                      f"{culprit(space, batch_size, training, eval_batch_size)}")
+                      f"than {limit / 1e9:.3g} GB allowed by {setting}; {cause}")
+
+
+def batches_that_fit(estimate: MemoryEstimate, limit: float, batch_size: int, training: bool, eval_batch_size: int
+                     ) -> list[tuple[str, int, int]]:
+    """``(setting, its value, the most images that fit in limit)`` of the batch sizes a run has: a training step's
+    (``batch_size``) and an evaluation's (``eval_batch_size``), or an evaluation's (``batch_size``)."""
+    weights = estimate_bytes(estimate, 0, training)
+    if not training:
+        return [("batch_size", batch_size, int((limit - weights) // (estimate.inference * BYTES_PER_VALUE)))]
+    return [("batch_size", batch_size, int((limit - weights) // (estimate.activations * BYTES_PER_VALUE))),
+            ("eval_batch_size", eval_batch_size, int((limit - weights) // (estimate.inference * BYTES_PER_VALUE)))]
 
 
 def gigabytes(count: int) -> str:
