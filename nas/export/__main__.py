@@ -169,7 +169,7 @@ def claim(out: Path, subnet: dict) -> dict:
 def largest_difference(runner: Callable[[Tensor], Tensor], batches: Sequence[Tensor], expected: Sequence[Tensor]
                        ) -> float:
     """The largest difference of ``runner``'s logits from the ``expected`` ones, relative to the largest magnitude of
-    the expected logits of each batch (NaN where either is not finite)."""
+    the expected logits of each batch (NaN or infinite where a logit is not finite)."""
     with torch.no_grad():
         differences = [float((runner(images) - logits).abs().max() / logits.abs().max().clamp(min=1e-12))
                        for images, logits in zip(batches, expected)]
