@@ -5,7 +5,8 @@ annotation, a default, a help text and, where they apply, the allowed choices, a
 may change when a run resumes. From that one declaration come:
 
 - checking: every field is checked against its type (an int where an int belongs, a float also from an int,
-  ``None`` only where the type allows it, ...) and its choices, then by the config's own :meth:`Config.problems`;
+  ``None`` only where the type allows it, ...), its choices and its ceiling (a count that loops or allocations grow
+  with), then by the config's own :meth:`Config.problems`;
   :meth:`Config.from_dict` refuses unknown keys. Every failure is a :class:`~nas.errors.ConfigError`.
 - the command line (:func:`parse_command_line`): ``--config FILE`` (YAML, read with ``yaml.safe_load``), ``--set
   KEY=VALUE`` (the value read as YAML; ``KEY.NAME=VALUE`` sets one entry of a mapping setting), one flag per
@@ -35,12 +36,13 @@ from .errors import ConfigError
 
 
 def setting(default: Any, help: str, *, choices: Sequence | None = None, resumable: bool = False,
-            flag: str | bool = True) -> Any:
+            flag: str | bool = True, at_most: int | None = None) -> Any:
     """A config field: ``default`` (a list or dict is copied for every config), ``help`` for ``--help``, the
-    allowed ``choices``, whether it may change on resume, and its flag (True: ``--`` and the name with dashes; a
-    string: that flag; False: none, only ``--set`` and ``--config``)."""
+    allowed ``choices``, whether it may change on resume, its flag (True: ``--`` and the name with dashes; a
+    string: that flag; False: none, only ``--set`` and ``--config``) and, for a count whose loops or allocations grow
+    with it, the largest value allowed (``at_most``)."""
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "resumable": resumable,
-                "flag": flag}
+                "flag": flag, "at_most": at_most}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -154,6 +156,9 @@ class Config:
         problems = [f"{f.name}={getattr(self, f.name)!r} must be one of {', '.join(map(str, f.metadata['choices']))}"
                     for f in dataclasses.fields(self)
                     if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]]
+        problems += [f"{f.name}={getattr(self, f.name)!r} must be at most {f.metadata['at_most']:,}"
+                     for f in dataclasses.fields(self) if f.metadata.get("at_most") is not None
+                     and getattr(self, f.name) is not None and getattr(self, f.name) > f.metadata["at_most"]]
         # No setting means anything by NaN or infinity, and a comparison with NaN passes every range check.
         problems += [f"{name}={value!r} must be a finite number" for name, value in _numbers(self)
                      if not math.isfinite(value)]
@@ -258,6 +263,8 @@ def _help(f: dataclasses.Field, default: Any) -> str:
     text = f.metadata.get("help", "")
     if f.metadata.get("choices"):
         text += f"; one of {', '.join(map(_show, f.metadata['choices']))}"
+    if f.metadata.get("at_most") is not None:
+        text += f"; at most {f.metadata['at_most']:,}"
     text += f" (default: {_show(default)}{'; may change on resume' if f.metadata.get('resumable') else ''})"
     return text.replace("%", "%%")  # argparse formats help strings with %
 

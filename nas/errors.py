@@ -53,6 +53,10 @@ class NonFiniteLossError(UserError, RuntimeError):
     or the weights or optimizer state did (training stopped before writing them to a checkpoint)."""
 
 
+class ExportCheckError(UserError, RuntimeError):
+    """An exported model that, loaded back, computes other logits than the supernet's subnet (past the tolerance)."""
+
+
 class MissingDependencyError(UserError, ImportError):
     """An optional dependency that this feature needs is not installed (or not in a version it supports)."""
 

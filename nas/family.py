@@ -90,11 +90,13 @@ Cost = Callable[[Sequence[Any]], np.ndarray]  # a vectorised cost: archs -> [K] 
 
 
 class MemoryEstimate(NamedTuple):
-    """What a supernet takes (``nas.memory``): ``parameters`` (those of its largest arch, as the cost model counts
-    them) and ``activations``: the values one image's training step keeps for the backward pass (fp32)."""
+    """What a supernet takes (``nas.memory``): ``parameters`` (the supernet's, from the cost model's counts),
+    ``activations``: the values one image's training step keeps for the backward pass (fp32), and ``inference``: the
+    values live at once at the peak of one image's pass without gradients (an evaluation), at the largest sizes."""
 
     parameters: int
     activations: int
+    inference: int
 
 
 class Family(ABC):

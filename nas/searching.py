@@ -49,6 +49,7 @@ from .export import extract_subnet, save_subnet
 from .family import Arch, Space, family_of
 from .hybrid.scaling import CompoundScaling, compound_family
 from .latency import LatencyModel, environment
+from .memory import check_memory
 from .racing import Contenders, RaceConfig, race, slice_bounds
 from .report import plot_front
 from .rundir import OwnedDirectory
@@ -59,6 +60,13 @@ from .searchers.base import saved_arch
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the output directory
+
+# Ceilings of the counts a search loops over and holds (``nas.config``'s ``at_most``): far past any search worth
+# running, short of one that would run for ever or outgrow memory. Every evaluated candidate stays in the search
+# state (its arch and metrics, about a kilobyte), which is saved after every step.
+MAX_CANDIDATES = 100_000  # proposed, bred or drawn in one step
+MAX_GENERATIONS = 100_000
+MAX_EVALUATIONS = 10_000_000  # generations * population * budgets
 
 
 @dataclass
@@ -72,11 +80,11 @@ class SearchConfig(Config):
     algorithm: str = setting("evolution", "search algorithm (nas.searchers)", choices=tuple(SEARCHERS))
     budgets: list[str] = setting([], "METRIC=LIMIT or METRIC=LOW:HIGH (macs, flops, params, latency in ms); repeat "
                                      "for several", flag="--budget")
-    generations: int = setting(20, "search steps", resumable=True)
-    population: int = setting(50, "candidates per step and budget")
-    parents: int = setting(10, "evolution: the best archs seen that breed")
-    mutations: int = setting(25, "evolution: mutants per step")
-    crossovers: int = setting(25, "evolution: crossover children per step")
+    generations: int = setting(20, "search steps", resumable=True, at_most=MAX_GENERATIONS)
+    population: int = setting(50, "candidates per step and budget", at_most=MAX_CANDIDATES)
+    parents: int = setting(10, "evolution: the best archs seen that breed", at_most=MAX_CANDIDATES)
+    mutations: int = setting(25, "evolution: mutants per step", at_most=MAX_CANDIDATES)
+    crossovers: int = setting(25, "evolution: crossover children per step", at_most=MAX_CANDIDATES)
     mutation_prob: float = setting(0.2, "evolution, nsga2: probability of redrawing a layer's choice")
     depth_embed_prob: float = setting(0.4, "evolution, nsga2: probability of redrawing the depth and embed dim")
     crossover_prob: float = setting(0.9, "nsga2: probability of a crossover")
@@ -87,9 +95,9 @@ class SearchConfig(Config):
     rl_alpha: float = setting(0.0, "rl, soft constraint: the exponent w inside the budget (MnasNet: 0, or -0.07 for a "
                                    "Pareto trade-off)")
     rl_beta: float = setting(-1.0, "rl, soft constraint: the exponent w over the budget (MnasNet: -1, or -0.07)")
-    tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores")
+    tpe_startup_trials: int = setting(20, "tpe: random trials before TPE models the scores", at_most=MAX_CANDIDATES)
     predictor_initial: int = setting(32, "predictor: uniform draws evaluated before the accuracy predictor screens "
-                                         "the candidates")
+                                         "the candidates", at_most=MAX_CANDIDATES)
     seed: int = setting(0, "seed of the search (budget i: seed + 1000 i)")
     dataset: str | None = setting(None, "data set (null: the checkpoint's)", choices=(None, *data_lib.DATASETS))
     data_dir: str | None = setting(None, "data directory (null: the checkpoint's)")
@@ -101,7 +109,8 @@ class SearchConfig(Config):
     bn_calibration_images: int = setting(0, "hybrid supernets: training images on which BatchNorm statistics are "
                                             "re-estimated for each subnet before it is evaluated (0: as many as its "
                                             "training used)")
-    batch_size: int = setting(256, "images per evaluation batch", resumable=True)
+    batch_size: int = setting(256, "images per evaluation batch (at most as many as memory allows, nas.memory)",
+                              resumable=True)
     num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
                                     resumable=True)
@@ -142,6 +151,11 @@ class SearchConfig(Config):
         seed_limit = 2**32 - 1 - 1000 * max(0, len(self.budgets) - 1)
         if not 0 <= self.seed <= seed_limit:
             problems.append(f"seed must be in 0..{seed_limit}, got {self.seed!r}")
+        evaluations = self.generations * self.population * max(1, len(self.budgets))
+        if self.generations <= MAX_GENERATIONS and self.population <= MAX_CANDIDATES and evaluations > MAX_EVALUATIONS:
+            problems.append(f"generations={self.generations} * population={self.population} * "
+                            f"{max(1, len(self.budgets))} budget(s) = {evaluations:,} candidates, at most "
+                            f"{MAX_EVALUATIONS:,} (the search state keeps every one)")
         if self.compound_scale < 0:
             problems.append(f"compound_scale must be an int >= 0, got {self.compound_scale!r}")
         if len(self.compound_coefficients) != 3 or min(self.compound_coefficients, default=0) < 1:
@@ -547,6 +561,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict:
 
 def _run(config: SearchConfig, resume: bool, device: torch.device, ranks: Distributed) -> dict:
     supernet, space, state = load_supernet(config.checkpoint, device, config.space)
+    check_memory(space, config.batch_size, training=False)  # before the data is read
     if config.compound_scale and not family_of(space).compound_scaling:
         raise ConfigError(f"compound_scale: compound scaling is for hybrid spaces (UniNet's), and "
                           f"{config.checkpoint!r} holds a supernet of the {family_of(space).name} space {space.name!r}")

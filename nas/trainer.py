@@ -371,7 +371,8 @@ class Trainer:
             self.space = load_space(c.space)
         except ValueError as err:
             raise ConfigError(f"space={c.space!r}: {err}") from err
-        check_memory(self.space, c.batch_size, c.max_memory_gb)  # before the data, sized by the space, is read
+        # Before the data, sized by the space, is read.
+        check_memory(self.space, c.batch_size, c.max_memory_gb, eval_batch_size=c.eval_batch_size)
         if c.width_sharing == "two_sided" and not family_of(self.space).two_sided:
             raise ConfigError(f"width_sharing=two_sided shares the widths of ViT layers; space {self.space.name!r} is "
                               f"of the {family_of(self.space).name} family, whose layers read leading channels only")

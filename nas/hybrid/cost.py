@@ -207,6 +207,42 @@ def counts(archs: HybridArch | Sequence[HybridArch] | HybridArchBatch, space: Hy
     return params.astype(np.int64), macs.astype(np.int64)
 
 
+def supernet_params(space: HybridSpace) -> int:
+    """Parameters of the supernet of ``space`` (``nas.hybrid.supernet``), which hold every subnet's: the stem and head
+    at their largest widths, and per stage a module per DSM choice but ``none`` and per operator choice as many
+    blocks as the largest depth, each at the stage's largest sizes and grid (with ``none`` among the DSMs, a conv
+    stage's first block reads the previous stage's width and map, and downsamples)."""
+    style = STYLES[space.style]
+    stem = space.stem_channels or max(space.stages[0].channels)
+    side_in = -(-space.img_size // space.stem_stride)
+    total, width_in = 9 * space.in_chans * stem + 2 * stem, stem
+    for index, (choices, side) in enumerate(zip(space.stages, space.grid_sides(space.img_size))):
+        channels, expansion, kernel = max(choices.channels), max(choices.expansions), max(choices.kernel_sizes)
+        total += sum(int(dsm_counts(dsm, width_in, channels, side_in, side, choices.stride, space)[0])
+                     for dsm in choices.dsms)
+        for op in choices.ops:
+            blocks = max(choices.depths)
+            if op == "conv":
+                if "none" in choices.dsms:
+                    blocks -= 1
+                    total += int(inverted_residual(width_in, channels, expansion, kernel, side_in, side,
+                                                   choices.stride, choices.se, style)[0])
+                block = inverted_residual(channels, channels, expansion, kernel, side, side, 1, choices.se, style)
+            elif op == "mlp":
+                block = mixer_block(channels, expansion, side, space.token_hidden(index))
+            elif style.v_scale:
+                block = vscale_attention_block(channels, expansion, max(choices.v_scales), side, space.head_dim)
+            else:
+                block = positional_attention_block(channels, expansion, side, space.head_dim)
+            total += blocks * int(block[0])
+        side_in, width_in = side, channels
+    features = space.head_features or space.head_expansion * width_in
+    total += width_in * features + 2 * features
+    if space.pre_logits:
+        total, features = total + (features + 1) * space.pre_logits, space.pre_logits
+    return total + (features + 1) * space.num_classes
+
+
 def params_many(archs, space: HybridSpace) -> np.ndarray:
     return counts(archs, space)[0]
 
@@ -243,4 +279,5 @@ def cost_range(space: HybridSpace, cost: Callable[[Sequence[HybridArch]], np.nda
     return low, high
 
 
-__all__ = ["as_batch", "cost_range", "counts", "extreme_arch", "macs_many", "make_divisible", "params_many"]
+__all__ = ["as_batch", "cost_range", "counts", "extreme_arch", "macs_many", "make_divisible", "params_many",
+           "supernet_params"]

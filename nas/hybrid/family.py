@@ -16,6 +16,7 @@ from ..family import Family, MemoryEstimate, check_archs
 from . import cost
 from .arch import HybridArch, HybridArchBatch
 from .space import HybridSpace
+from .style import TRANSITION_EXPANSION
 
 
 class HybridFamily(Family):
@@ -45,27 +46,37 @@ class HybridFamily(Family):
         return cost.cost_range(space, cost_of)
 
     def memory_estimate(self, space: HybridSpace) -> MemoryEstimate:
-        """What the supernet takes (``nas.memory``): the parameters of its costliest arch (``nas.hybrid.cost``), and
-        the values that one image's training step keeps for the backward pass at the largest resolution: per block
-        its input, the expanded hidden units before and after BatchNorm and activation, its output, and where a stage
-        offers attention the scores before and after the softmax; then the head's features. The activations are
-        counted in Python ints first: a space whose counts would pass numpy's int64 (the cost model's) is counted
-        no further, as its activations alone are past any machine."""
+        """What the supernet takes (``nas.memory``): its parameters (``nas.hybrid.cost.supernet_params``: every
+        operator's and DSM's modules, some twice what any one arch holds), and the values that one image's training
+        step keeps for the backward pass at the largest resolution: per block its input, the expanded hidden units
+        before and after BatchNorm and activation, its output, and where a stage offers attention the scores before
+        and after the softmax; then the head's features. An evaluation holds at its peak one block's input and output
+        and three of its hidden maps (or the attention scores, their position bias and the softmax), where a stage's
+        first conv block or MBConv DSM expands on the previous stage's larger map. The activations are counted
+        in Python ints first: a space whose counts would pass numpy's int64 (the cost model's) is counted no further,
+        as its activations alone are past any machine."""
         sides = space.grid_sides(space.img_size)
         stem_side = -(-space.img_size // space.stem_stride)
         stem = space.stem_channels or space.stages[0].channels[-1]
         activations = space.in_chans * space.img_size ** 2 + 3 * stem_side ** 2 * stem
+        inference = space.in_chans * space.img_size ** 2 + 2 * stem_side ** 2 * stem
         widest = max(stem, space.head_features, space.pre_logits, space.num_classes)
+        area_in, width_in = stem_side ** 2, stem
         for stage, side in zip(space.stages, sides):
             channels, hidden, tokens = stage.channels[-1], stage.channels[-1] * stage.expansions[-1], side * side
             scores = 2 * channels // space.head_dim * tokens * tokens if "attention" in stage.ops else 0
             activations += stage.depths[-1] * (tokens * (2 * channels + 3 * hidden) + scores)
+            expansion = max(stage.expansions[-1] if "none" in stage.dsms else 1,
+                            TRANSITION_EXPANSION if "mbconv" in stage.dsms else 1)
+            inference = max(inference, tokens * 2 * channels + max(3 * tokens * hidden, 3 * scores // 2),
+                            area_in * width_in * (1 + 3 * expansion) + tokens * channels)
+            area_in, width_in = tokens, channels
             widest = max(widest, hidden * stage.kernel_sizes[-1] ** 2, tokens, space.head_expansion * channels)
         activations += 2 * max(space.head_features, space.head_expansion * space.stages[-1].channels[-1]) \
             + space.pre_logits + space.num_classes
         if activations * widest * 64 >= np.iinfo(np.int64).max:
-            return MemoryEstimate(activations * widest, activations)
-        return MemoryEstimate(int(cost.cost_range(space, lambda archs: cost.params_many(archs, space))[1]), activations)
+            return MemoryEstimate(activations * widest, activations, inference)
+        return MemoryEstimate(cost.supernet_params(space), activations, inference)
 
     def batched_pass(self, supernet, archs: Sequence[HybridArch], statistics=None) -> Callable[[Tensor], Tensor]:
         from .batched import batched_pass

@@ -155,7 +155,7 @@ def own_grid_tables(module: nn.Module, side: int) -> nn.Module:
             largest = bias.max_side
             offsets = torch.arange(largest - side, largest + side - 1, device=bias.table.device)
             rows = (offsets[:, None] * (2 * largest - 1) + offsets[None, :]).flatten()
-            trimmed = plain_hybrid.RelativePositionBias(side, bias.table.shape[1]).to(bias.table.device)
+            trimmed = plain_hybrid.RelativePositionBias(side, bias.table.shape[1]).to(bias.table)  # device, dtype
             with torch.no_grad():
                 trimmed.table.copy_(bias.table[rows])
             layer.rel_pos_bias = trimmed

@@ -50,7 +50,8 @@ class SamFamily(Family):
             windows, span = (1, tokens) if window == 0 else (-(-side // window) ** 2, window * window)
             scores += 2 * heads * (windows * span * span - tokens * tokens)  # the ViT estimate's global scores, mended
         neck = space.max_embed_dim * space.out_chans + 9 * space.out_chans ** 2 + 4 * space.out_chans
-        return MemoryEstimate(vit.parameters + neck, vit.activations + scores + 2 * tokens * space.out_chans)
+        return MemoryEstimate(vit.parameters + neck, vit.activations + scores + 2 * tokens * space.out_chans,
+                              vit.inference + 2 * tokens * space.out_chans)
 
     def params_many(self, archs, space: SamSpace) -> np.ndarray:
         return cost.params_many(archs, space)

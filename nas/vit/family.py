@@ -44,8 +44,10 @@ class VisionTransformerFamily(Family):
         (with an embedding per patch size where they are private, and with ``private_qk`` the q/k projections of
         every smaller head count), and the values that one image's training step keeps for the backward pass: per
         layer the LayerNorms' and residual branches' inputs and outputs, q, k, v and the attention output, the
-        attention scores before and after the softmax, and the MLP's hidden units before and after the GELU. Python
-        ints throughout: nothing is allocated and nothing overflows, whatever a file declares."""
+        attention scores before and after the softmax, and the MLP's hidden units before and after the GELU. An
+        evaluation holds at its peak one layer's input and output and q, k, v, the scores before and after the
+        softmax, or the MLP's hidden units before and after the GELU. Python ints throughout: nothing is allocated and
+        nothing overflows, whatever a file declares."""
         embed, depth, heads, hidden = space.max_embed_dim, space.max_depth, space.max_heads, space.max_hidden
         attention, tokens, patch = heads * space.head_dim, space.max_tokens, space.patch_sizes[0]
         embeddings = len(space.patch_sizes) if space.private_class_tokens else 1
@@ -56,7 +58,8 @@ class VisionTransformerFamily(Family):
             parameters += depth * sum(2 * (embed + 1) * h * space.head_dim for h in space.num_heads[:-1])
         per_layer = tokens * (6 * embed + 4 * attention + 2 * hidden) + 2 * heads * tokens * tokens
         activations = space.in_chans * space.img_size ** 2 + 2 * tokens * embed + depth * per_layer
-        return MemoryEstimate(parameters, activations)
+        inference = 2 * tokens * embed + max(3 * tokens * attention + 2 * heads * tokens * tokens, 2 * tokens * hidden)
+        return MemoryEstimate(parameters, activations, max(inference, space.in_chans * space.img_size ** 2))
 
     def cost_range(self, space: SearchSpace, cost_of) -> tuple[float, float]:
         return cost.cost_range(space, cost_of)

@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import re
 import stat
 
 import numpy as np
@@ -182,22 +183,41 @@ def test_the_command_line_exports_and_checks_every_format(digits_checkpoint, tmp
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()} == {new_file}
 
 
-def test_the_command_line_check_fails_on_an_export_that_computes_other_logits(digits_checkpoint, tmp_path,
-                                                                               monkeypatch):
-    """The check that every export runs: a subnet whose classifier bias was shifted (as a wrong extraction would) is
-    exported faithfully, and its logits then differ from the supernet's."""
+@pytest.mark.parametrize("shift", [0.1, float("nan")])
+def test_the_command_line_check_fails_on_an_export_that_computes_other_logits(digits_checkpoint, tmp_path, capsys,
+                                                                               monkeypatch, shift):
+    """The check that every export runs: a subnet whose classifier bias was shifted (as a wrong extraction would), or
+    made NaN, is exported faithfully, and its logits then differ from the supernet's: one line naming the format, the
+    arch and the difference, exit status 2, and the file of an earlier export of the subnet stays as it was."""
+    import json
+
     import nas.export.__main__ as cli
+
+    out, arch = tmp_path / "out", '{"embed_dim": 48, "num_heads": [2, 1, 2, 2], "mlp_ratio": [2.0, 3.0, 2.0, 2.0], ' \
+                                  '"layer_on": [true, true, true, false]}'
+    args = ["--checkpoint", digits_checkpoint, "--arch", arch, "--out-dir", str(out), "--format", "pytorch"]
+    assert cli.main(args) == 0
+    saved = (out / "subnet.pt").read_bytes()
+    capsys.readouterr()
 
     def extract_wrongly(supernet, arch):
         model = extract_subnet(supernet, arch)
         with torch.no_grad():
-            model.head.bias[0] += 0.1
+            model.head.bias[0] += shift
         return model
 
     monkeypatch.setattr(cli, "extract_subnet", extract_wrongly)
-    with pytest.raises(AssertionError, match=r"^the pytorch export at \S+subnet.pt computes other logits than the "
-                                             r"supernet: relative difference [0-9.e-]+ > 0.0001$"):
-        cli.main(["--checkpoint", digits_checkpoint, "--out-dir", str(tmp_path / "out"), "--format", "pytorch"])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    loaded_arch = load_subnet(out / "subnet.pt")[1]
+    expected_difference = "nan" if shift != shift else r"0\.[0-9]+"
+    assert re.fullmatch(rf"nas\.export: error: the pytorch export of arch {re.escape(loaded_arch.to_json())} computes "
+                        rf"other logits than the supernet: largest difference {expected_difference} of the largest "
+                        rf"logit's magnitude, over the tolerance 0\.0001 \(--tolerance\); nothing was written to "
+                        rf"\S+subnet\.pt\n", err), err
+    assert (out / "subnet.pt").read_bytes() == saved
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "subnet.pt"]
+    assert json.loads((out / "export.json").read_text())["formats"] == {"pytorch": "subnet.pt"}
 
 
 def test_an_out_dir_holds_the_export_of_one_subnet(digits_checkpoint, tmp_path, capsys):

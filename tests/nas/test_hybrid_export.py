@@ -138,3 +138,59 @@ def test_the_command_line_exports_a_hybrid_subnet(tmp_path, capsys):
         for loaded, loaded_arch in (load_subnet(out / "subnet.pt"), load_safetensors(out / "safetensors")):
             assert loaded_arch == arch and isinstance(loaded, plain_hybrid.HybridNetwork)
             torch.testing.assert_close(loaded(images), expected, **TOL)
+
+
+def test_the_command_line_recalibrates_batch_norm_for_the_exported_subnet(tmp_path, capsys):
+    """A supernet's running statistics belong to no subnet: the command re-estimates them for the arch on the training
+    images the checkpoint's training calibrated on (the first 40 kept for training by its split, in batches of its
+    eval_batch_size). Oracle: the exported network's BatchNorms equal those of the same network given torch's own
+    cumulative estimate (train mode, momentum=None) over those images, and its logits equal the supernet's after
+    recalibrate_batch_norm on them. Another count of images is another export, which the out-dir refuses."""
+    import copy
+
+    from test_families import randomised
+    from test_hybrid_search import digits_space
+
+    from nas.checkpoint import CHECKPOINT_FORMAT
+    from nas.data import SearchSplit, load_dataset, normalize
+    from nas.export.__main__ import main
+
+    space_file = digits_space(tmp_path)
+    space = load_space(space_file)
+    torch.manual_seed(0)
+    model = randomised(HybridSupernet(HybridSupernetConfig(space)))  # statistics that are no subnet's
+    train = load_dataset("digits", split="train")
+    split = SearchSplit.hold_out("digits", len(train), None)
+    checkpoint = tmp_path / "step.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "model": model.state_dict(), "search_split": split.to_dict(),
+                "config": {"space": space_file, "dataset": "digits", "bn_calibration_images": 40,
+                           "eval_batch_size": 16}}, checkpoint)
+    arch = space.sample(np.random.default_rng(3))
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--arch", arch.to_json(), "--out-dir", str(out), "--format",
+                 "pytorch", "--check-batch", "2"]) == 0
+    assert "re-estimated for the subnet on 40 digits training images" in capsys.readouterr().out
+    exported = load_subnet(out / "subnet.pt")[0]
+
+    calibration = normalize(train.__getitems__(split.calibration_indices(40).tolist())[0], train.mean, train.std)
+    oracle = copy.deepcopy(exported)
+    norms = [m for m in oracle.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the cumulative average over the batches
+        norm.train()
+    with torch.no_grad():
+        for images in calibration.split(16):
+            oracle(images)
+    got = {name: t for name, t in exported.state_dict().items() if "running_" in name}
+    torch.testing.assert_close(got, {name: oracle.state_dict()[name] for name in got}, rtol=1e-5, atol=1e-6)
+
+    images = normalize(load_dataset("digits", split="test").images[:4], train.mean, train.std)
+    model.recalibrate_batch_norm(calibration.split(16), arch)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), model(images, arch), **TOL)
+
+    assert main(["--checkpoint", str(checkpoint), "--arch", arch.to_json(), "--out-dir", str(out), "--format",
+                 "pytorch", "--bn-calibration-images", "0"]) == 2
+    assert "holds the export of this subnet with other BatchNorm statistics" in capsys.readouterr().err

@@ -110,6 +110,23 @@ def test_cifar_subnets_equal_their_extracted_network_forward_and_backward(name):
     model.eval()
 
 
+def test_a_float64_supernet_extracts_float64_subnets():
+    """Every tensor of an extracted subnet has the supernet's dtype, the relative position tables cut to a smaller
+    grid included (the smallest arch runs at a lower resolution than the tables were made for), and the subnet
+    computes the supernet's float64 logits to float64 precision."""
+    model = copy.deepcopy(supernet("elasticvit-mobile-cifar")).double()
+    arch = model.space.min_arch()
+    plain = model.extract(arch)
+    tables = [m for m in plain.modules() if isinstance(m, plain_hybrid.RelativePositionBias)]
+    assert tables and min(t.max_side for t in tables) < max(m.max_side for m in model.modules()
+                                                            if isinstance(m, plain_hybrid.RelativePositionBias))
+    assert {name: t.dtype for name, t in plain.state_dict().items() if t.is_floating_point()} == \
+        {name: torch.float64 for name, t in plain.state_dict().items() if t.is_floating_point()}
+    x = images(model.space).double()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x, arch), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["uninet", "elasticvit-mobile"])
 def test_imagenet_subnets_equal_their_extracted_network(name):
     """The full presets: eval outputs of the smallest, the largest and a random subnet, and weight gradients of the

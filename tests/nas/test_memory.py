@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import subprocess
+import weakref
 
 import hostile
 import processes
 import pytest
+import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from nas.build import build_supernet
 from nas.errors import ConfigError
@@ -25,13 +29,18 @@ def edited_space(tmp_path, preset: str, **changes) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("preset", ["digits-tiny", "mnist-seg-tiny", "vitas-cifar", "elasticvit-mobile-cifar"])
+HYBRID_PRESETS = sorted(name for name in PRESETS if family_of(load_space(name)).name == "hybrid")
+
+
+@pytest.mark.parametrize("preset", ["digits-tiny", "mnist-seg-tiny", "vitas-cifar", *HYBRID_PRESETS])
 def test_estimate_counts_the_supernets_parameters(preset):
-    """The estimate's weights are the built supernet's, counted by torch (within 1%: ViTAS's private q/k projections
-    have no biases the estimate tells apart, ElasticViT's supernet keeps a few more position-table rows than its
-    largest subnet)."""
+    """The estimate's weights are the built supernet's (built on the meta device: shapes, no storage), counted by
+    torch (within 1%: ViTAS's private q/k projections have no biases the estimate tells apart, ElasticViT's supernet
+    keeps a few more position-table rows than its largest subnet). A hybrid supernet holds every operator's and DSM's
+    modules of a stage, UniNet's about twice its costliest arch's parameters."""
     space = load_space(preset)
-    held = sum(p.numel() for p in build_supernet(space).parameters())
+    with torch.device("meta"):
+        held = sum(p.numel() for p in build_supernet(space).parameters())
     assert family_of(space).memory_estimate(space).parameters == pytest.approx(held, rel=0.01)
 
 
@@ -49,6 +58,50 @@ def test_huge_hybrid_stage_is_refused_naming_its_field(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"owes most to stages\[3\]\.channels \(largest 100000000000\)"):
         check_memory(load_space(path), batch_size=64)
+
+
+class PeakLiveValues(TorchDispatchMode):
+    """The most bytes that tensors computed under it hold at once (parameters and inputs not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                self.live[storage.data_ptr()] = (weakref.ref(tensor), storage.nbytes())
+        self.live = {key: value for key, value in self.live.items() if value[0]() is not None}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("preset", ["uninet-cifar", "elasticvit-mobile-cifar"])
+def test_evaluation_estimate_bounds_the_values_a_pass_holds(preset):
+    """A hybrid space's ``inference`` is at least the float32 values that an evaluation of the largest subnet holds at
+    once, as torch allocates them (counted by a dispatch mode), and at most twice as many."""
+    space = load_space(preset)
+    images = torch.randn(2, space.in_chans, space.img_size, space.img_size)
+    model = build_supernet(space).eval()
+    with torch.no_grad(), PeakLiveValues() as counted:
+        model(images, space.max_arch())
+    held = counted.peak / 4 / len(images) + space.in_chans * space.img_size ** 2  # and the image
+    estimate = family_of(space).memory_estimate(space).inference
+    assert held <= estimate <= 2 * held
+
+
+def test_training_counts_the_evaluation_batches():
+    """nas.train evaluates between steps: the larger of a step's and an evaluation batch's activations counts."""
+    space = load_space("uninet-cifar")
+    estimate = family_of(space).memory_estimate(space)
+    step, evaluation = 64 * estimate.activations * 4, 10**5 * estimate.inference * 4
+    assert evaluation > step
+    check_memory(space, 64, max_memory_gb=(estimate.parameters * 16 + step) / 1e9 * 1.01)
+    with pytest.raises(ConfigError, match=r"\(training 64 images a step, evaluating 100000 a batch\)"):
+        check_memory(space, 64, max_memory_gb=(estimate.parameters * 16 + step) / 1e9 * 1.01, eval_batch_size=10**5)
+    check_memory(space, 64, max_memory_gb=(estimate.parameters * 16 + evaluation) / 1e9 * 1.01, eval_batch_size=10**5)
 
 
 def test_max_memory_gb_is_the_limit():

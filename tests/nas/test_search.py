@@ -386,6 +386,13 @@ def write(path: Path, content) -> Path:
     (["--dataset", "cifar10"], {}, r"data set 'cifar10' needs a data directory \(data_dir / --data-dir\)"),
     (["--latency-model", "{dir}/none.json"], {}, r".*none.json: cannot read the latency model: No such file"),
     (["--algorithm", "sampler"], {}, r"--algorithm sampler needs a supernet trained with the learned sampler"),
+    (["--population", "1000000000"], {}, r"bad search config: population=1000000000 must be at most 100,000$"),
+    (["--generations", "100000", "--population", "1000"], {}, r"bad search config: generations=100000 \* "
+                                                              r"population=1000 \* 1 budget\(s\) = 100,000,000 "
+                                                              r"candidates, at most 10,000,000"),
+    (["--batch-size", "1000000000"], {}, r"space 'digits-tiny': its supernet would take about .* GB \(evaluating "
+                                         r"1000000000 images a batch\), more than .* GB allowed by .*; "
+                                         r"batch_size=1000000000 is too large: at most [0-9]+ fit$"),
 ])
 def test_one_line_errors(tiny_checkpoint, tmp_path, capsys, args, files, message):
     from nas.search import main

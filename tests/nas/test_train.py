@@ -161,6 +161,18 @@ def test_read_only_out_dir_is_a_one_line_error(read_only_dir, capsys):
                         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("setting", ["batch_size", "eval_batch_size"])
+def test_a_batch_past_memory_is_a_one_line_error_naming_it(tmp_path, capsys, setting):
+    """A batch size that memory cannot hold (nas.memory's estimate) is refused before anything is read or written,
+    naming the setting and how many images fit (digits-tiny's test split of 359 images would have been one batch)."""
+    flag = "--" + setting.replace("_", "-")
+    assert cli.main(["--out-dir", str(tmp_path / "run")] + MAIN_TINY + [flag, "1000000000"]) == 2
+    assert re.fullmatch(rf"nas\.train: error: space 'digits-tiny': its supernet would take about .* GB \(training "
+                        rf".*\), more than .* GB allowed by max_memory_gb .*; {setting}=1000000000 is too large: at "
+                        rf"most [0-9]+ fit\n", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "run").write_text("notes")
     assert cli.main(["--out-dir", str(tmp_path / "run")] + MAIN_TINY) == 2
