@@ -600,11 +600,10 @@ class ElasticAttention(ElasticModule):
         ``heads * head_dim``) on ``x [K, B, N, sizes.width]``; ``qk_groups``: :meth:`qk_groups` of ``heads`` and
         ``widths``, if the caller planned them already."""
         self.check_leading("grouped_forward")
+        head_dims = {self.head_dim} if widths is None else {
+            self.widths(count, active)[1] for count, active in zip(heads.values, widths.values)}
         width = heads.scaled(self.head_dim) if widths is None else widths
-        for count, active in zip(heads.values, width.values):
-            self.widths(count, active)
         qk_groups = self.qk_groups(heads, widths) if qk_groups is None else qk_groups
-        head_dims = {active // count for count, active in zip(heads.values, width.values)}
         x, unpartition = self._windows(x)
         if self.rel_pos is None and self.rel_pos_h is None and len(qk_groups) == 1 and len(head_dims) == 1 \
                 and qk_groups[0].private_heads is None and self.qkv_bias_layout == "blocks" \
