@@ -333,9 +333,17 @@ class ElasticAttention(ElasticModule):
     as timm's qkv does; ``proj.weight: [embed_dim, max_heads * head_dim]``.
 
     ``private_qk_heads`` (ViTAS): head counts with their own q and k projections,
-    ``private_qk[str(h)].weight: [2 * h * head_dim, embed_dim]`` (q rows, then k rows). With such a head
-    count active, q and k come from that weight and v from the shared qkv weight's v block; other head
-    counts use the shared q and k blocks as usual.
+    ``private_qk[str(h)].weight: [2 * block, embed_dim]`` (a block of q rows, then one of k rows; ``block`` is
+    ``private_qk_width``, by default ``h * head_dim``). With such a head count active, q and k come from the leading
+    rows of each block of that weight and v from the shared qkv weight's v block; other head counts use the shared q
+    and k blocks as usual.
+
+    ``attn_dim`` (ViTAS's attention width, a size of its own): the active q/k/v width, any multiple of the head count
+    up to ``num_heads * head_dim``, so that a head has ``attn_dim // num_heads`` channels; None (the default) ties it to
+    the head count, ``num_heads * head_dim``. The fused op runs a head dim that divides the stored width (the block
+    layout it reads), choosing its backend per head dim as always (the Triton kernels tile powers of two); other head
+    dims go the unfused way. ``set_active`` without ``attn_dim``, and ``forward`` given a head count without one,
+    tie the width again.
 
     ``relative_position`` (AutoFormer): 0 for none, else the largest row/column distance of the 2D relative
     position tables ``rel_pos`` (:class:`elastic_ops.plain.RelativePosition2D`, shared by the heads, of width
@@ -362,7 +370,8 @@ class ElasticAttention(ElasticModule):
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int = 64, qkv_bias: bool = True, device=None,
                  dtype=None, private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, grid: int = 0,
-                 window_size: int = 0, decomposed_rel_pos: bool = False, qkv_bias_layout: str = "blocks"):
+                 window_size: int = 0, decomposed_rel_pos: bool = False, qkv_bias_layout: str = "blocks",
+                 private_qk_width: int | None = None):
         super().__init__()
         if (window_size or decomposed_rel_pos) and (grid < 1 or relative_position or private_qk_heads):
             raise ValueError("ElasticAttention: windows and decomposed relative position need the grid side (grid >= "
@@ -390,24 +399,46 @@ class ElasticAttention(ElasticModule):
             raise ValueError(f"ElasticAttention: private_qk_heads {bad} are outside 1..{num_heads} (num_heads)")
         self.qkv = ElasticLinear(embed_dim, 3 * num_heads * head_dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = ElasticLinear(num_heads * head_dim, embed_dim, device=device, dtype=dtype)
+        if private_qk_width is not None and not 1 <= private_qk_width <= num_heads * head_dim:
+            raise ValueError(f"ElasticAttention: private_qk_width={private_qk_width} is outside "
+                             f"1..{num_heads * head_dim}")
+        self.private_qk_width = private_qk_width
         self.private_qk = nn.ModuleDict({
-            str(h): ElasticLinear(embed_dim, 2 * h * head_dim, bias=qkv_bias, device=device, dtype=dtype)
+            str(h): ElasticLinear(embed_dim, 2 * (private_qk_width or h * head_dim), bias=qkv_bias, device=device,
+                                  dtype=dtype)
             for h in self.private_qk_heads
         }) if self.private_qk_heads else None
         self.relative_position = relative_position
         self.rel_pos = (plain.RelativePosition2D(head_dim, relative_position).to(device, dtype)
                         if relative_position else None)
         self.active = self.max_config()
+        self.attn_dim: int | None = None  # the active width; None: num_heads * head_dim
 
     def max_config(self) -> dict[str, int]:
         return {"embed_dim": self.qkv.in_features, "num_heads": self.num_heads}
 
-    def set_active(self, **config: int | None):
+    def set_active(self, attn_dim: int | None = None, **config: int | None):
+        widths = self.widths(self.resolve(**config)["num_heads"], attn_dim)  # checked before anything changes
         super().set_active(**config)
+        self.attn_dim = attn_dim
         # The qkv rows of the active heads are not one leading block: extract() slices each of q, k, v.
-        self.proj.set_active(in_features=self.active["num_heads"] * self.head_dim,
-                             out_features=self.active["embed_dim"])
+        self.proj.set_active(in_features=widths[0], out_features=self.active["embed_dim"])
         return self
+
+    def widths(self, heads: int, attn_dim: int | None) -> tuple[int, int]:
+        """``(attention width, head dim)`` of ``heads`` heads over ``attn_dim`` channels (None: the fixed head dim)."""
+        if attn_dim is None:
+            return heads * self.head_dim, self.head_dim
+        max_width = self.num_heads * self.head_dim
+        if not isinstance(attn_dim, int) or isinstance(attn_dim, bool) or not 1 <= attn_dim <= max_width \
+                or attn_dim % heads:
+            raise ValueError(f"ElasticAttention: attn_dim={attn_dim!r} must be a multiple of num_heads={heads} in "
+                             f"1..{max_width} (the stored width)")
+        return attn_dim, attn_dim // heads
+
+    def _fused_takes(self, head_dim: int) -> bool:
+        """Whether the fused op's block layout ``[3 * H * Dh, E]`` holds heads of ``head_dim`` channels."""
+        return (self.num_heads * self.head_dim) % head_dim == 0
 
     def sides_changed(self) -> None:
         embed, heads = self.side("embed_dim"), self.side("num_heads")
@@ -416,34 +447,38 @@ class ElasticAttention(ElasticModule):
         self.qkv.set_side(in_features=embed)  # its rows: three blocks, see _qkv_rows
         self.proj.set_side(in_features=heads, out_features=embed)
         for private in (self.private_qk or {}).values():
-            private.set_side(in_features=embed)  # its rows are all of one head count's q and k
+            private.set_side(in_features=embed)  # its rows: a q block and a k block, read in _unfused_attention
 
-    def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
+                attn_dim: int | None = None) -> Tensor:
+        # One resolve of both sizes: resolving one alone would check the other's active value, which torch.compile
+        # would then guard on (a recompile per head count).
         config = self.resolve(embed_dim=embed_dim, num_heads=num_heads)
         e, heads = config["embed_dim"], config["num_heads"]
+        width, head_dim = self.widths(heads, self.attn_dim if num_heads is None and attn_dim is None else attn_dim)
         self.check_width(x, e, "embed_dim")
         if x.dim() != 3:
             raise ValueError(f"ElasticAttention: input must be [batch, tokens, embed_dim], got shape {tuple(x.shape)}")
         x, unpartition = self._windows(x)
         # The fused op reads the leading heads of each of q, k and v; the trailing heads go the unfused way.
         if (heads in self.private_qk_heads or self.rel_pos is not None or self.rel_pos_h is not None
-                or self.side("num_heads") == "right"):
-            return unpartition(self._unfused_attention(x, heads))
+                or self.side("num_heads") == "right" or not self._fused_takes(head_dim)):
+            return unpartition(self._unfused_attention(x, heads, width, head_dim))
         embed_side = (self.side("embed_dim"),)
         qkv_weight = side_view(self.qkv.weight, (self.qkv.out_features, e), ("left",) + embed_side)
         proj_weight = side_view(self.proj.weight, (e,), embed_side)
         proj_bias = side_view(self.proj.bias, (e,), embed_side)
-        return unpartition(elastic_attention(x, qkv_weight, self._blocks_bias(heads), proj_weight, proj_bias, heads,
-                                             self.head_dim))
+        return unpartition(elastic_attention(x, qkv_weight, self._blocks_bias(width), proj_weight, proj_bias, heads,
+                                             head_dim))
 
-    def _blocks_bias(self, heads: int) -> Tensor | None:
-        """``qkv.bias`` as the fused op reads it (the block layout) for ``heads`` active heads: itself, or AutoFormer's
-        leading ``3 * heads * head_dim`` entries moved to the leading entries of the three blocks (a few hundred
-        numbers, through autograd)."""
+    def _blocks_bias(self, width: int) -> Tensor | None:
+        """``qkv.bias`` as the fused op reads it (the block layout) for an active ``width``: itself, or AutoFormer's
+        leading ``3 * width`` entries moved to the leading entries of the three blocks (a few hundred numbers, through
+        autograd)."""
         bias = self.qkv.bias
         if bias is None or self.qkv_bias_layout == "blocks":
             return bias
-        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        max_width = self.num_heads * self.head_dim
         return F.pad(bias[:3 * width].view(3, width), (0, max_width - width)).reshape(-1)
 
     def _windows(self, x: Tensor):
@@ -477,7 +512,7 @@ class ElasticAttention(ElasticModule):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``softmax(q k^T / sqrt(Dh) (+ relative position)) v`` of ``[batch, heads, tokens, head_dim]`` tensors."""
-        scale = self.head_dim ** -0.5
+        scale = q.shape[-1] ** -0.5
         if self.rel_pos_h is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self._decomposed_bias(q), scale=scale)
         if self.rel_pos is None:
@@ -485,20 +520,21 @@ class ElasticAttention(ElasticModule):
         rel_k, rel_v = self.rel_pos(q.shape[2])
         return plain.relative_attention(q, k, v, rel_k.to(q.dtype), rel_v.to(q.dtype), scale)
 
-    def _qkv_rows(self, heads: int) -> int:
-        """The first row, within each of the q, k and v blocks of ``qkv.weight``, of ``heads`` active heads."""
-        return (self.num_heads - heads) * self.head_dim if self.side("num_heads") == "right" else 0
+    def _qkv_rows(self, width: int, block: int | None = None) -> int:
+        """The first row, within each block of ``block`` rows (those of ``qkv.weight``'s q, k and v by default), of
+        an active ``width``."""
+        block = self.num_heads * self.head_dim if block is None else block
+        return block - width if self.side("num_heads") == "right" else 0
 
-    def _bias_start(self, part: int, heads: int) -> int:
-        """The first entry of ``qkv.bias`` that part ``part`` (0: q, 1: k, 2: v) of ``heads`` active heads reads."""
+    def _bias_start(self, part: int, width: int) -> int:
+        """The first entry of ``qkv.bias`` that part ``part`` (0: q, 1: k, 2: v) of an active ``width`` reads."""
         if self.qkv_bias_layout == "autoformer":
-            return part * heads * self.head_dim
-        return part * self.num_heads * self.head_dim + self._qkv_rows(heads)
+            return part * width
+        return part * self.num_heads * self.head_dim + self._qkv_rows(width)
 
-    def _grouped_bias(self, heads: GroupSizes, part: int, dtype: torch.dtype) -> Tensor:
+    def _grouped_bias(self, width: GroupSizes, part: int, dtype: torch.dtype) -> Tensor:
         """AutoFormer's bias of part ``part`` for each subnet of a grouped pass, ``[K, 1, 1, width]``, zero past a
-        subnet's ``h * head_dim`` channels."""
-        width = heads.scaled(self.head_dim)
+        subnet's ``width`` channels."""
         active = width.table.to(torch.long)[:, None]
         channel = torch.arange(width.width, device=active.device)
         entries = self.qkv.bias[(part * active + channel).clamp(max=self.qkv.bias.shape[0] - 1)]
@@ -514,39 +550,40 @@ class ElasticAttention(ElasticModule):
         cols = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self.rel_pos_w[offsets].to(q.dtype))
         return (rows[..., :, None] + cols[..., None, :]).reshape(*q.shape[:2], side * side, side * side)
 
-    def _unfused_attention(self, x: Tensor, heads: int) -> Tensor:
+    def _unfused_attention(self, x: Tensor, heads: int, width: int, head_dim: int) -> Tensor:
         batch, tokens, embed_dim = x.shape
-        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        max_width = self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
         embed_side = self.side("embed_dim")
 
-        def project(source_weight: Tensor, source_bias: Tensor | None, start: int, parts: int,
+        def project(source_weight: Tensor, source_bias: Tensor | None, start: int,
                     bias_start: int | None = None) -> Tensor:
-            end = start + parts * width
             bias_start = start if bias_start is None else bias_start
-            rows = side_view(source_weight[start:end], (parts * width, embed_dim), ("left", embed_side))
+            rows = side_view(source_weight[start:start + width], (width, embed_dim), ("left", embed_side))
             rows = elastic_linear(x, rows, None if source_bias is None else
-                                  source_bias[bias_start:bias_start + parts * width], parts * width)
-            return rows.view(batch, tokens, parts, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                                  source_bias[bias_start:bias_start + width], width)
+            return rows.view(batch, tokens, heads, head_dim).transpose(1, 2)
 
-        first = self._qkv_rows(heads)
+        first = self._qkv_rows(width)
         if heads in self.private_qk_heads:
             private = self.private_qk[str(heads)]
-            q, k = project(private.weight, private.bias, 0, 2)
+            block = private.out_features // 2
+            q, k = (project(private.weight, private.bias, part * block + self._qkv_rows(width, block))
+                    for part in (0, 1))
         else:
-            (q,), (k,) = (project(weight, bias, part * max_width + first, 1, self._bias_start(part, heads))
-                          for part in (0, 1))
-        (v,) = project(weight, bias, 2 * max_width + first, 1, self._bias_start(2, heads))
+            q, k = (project(weight, bias, part * max_width + first, self._bias_start(part, width)) for part in (0, 1))
+        v = project(weight, bias, 2 * max_width + first, self._bias_start(2, width))
         context = self._attend(q, k, v)
         sides = (embed_side, self.side("num_heads"))
         return elastic_linear(context.transpose(1, 2).reshape(batch, tokens, width),
                               side_view(self.proj.weight, (embed_dim, width), sides),
                               side_view(self.proj.bias, (embed_dim,), sides), embed_dim)
 
-    def qk_groups(self, heads: GroupSizes) -> tuple[QkGroup, ...]:
-        """The subnets of a grouped pass with ``heads`` that share a source of q and k (one group unless some head
-        counts have private q/k projections); a pass plans them once and reuses them for every batch."""
-        width = heads.scaled(self.head_dim)
+    def qk_groups(self, heads: GroupSizes, widths: GroupSizes | None = None) -> tuple[QkGroup, ...]:
+        """The subnets of a grouped pass with ``heads`` (and attention ``widths``; None: ``heads * head_dim``) that
+        share a source of q and k (one group unless some head counts have private q/k projections); a pass plans them
+        once and reuses them for every batch."""
+        width = heads.scaled(self.head_dim) if widths is None else widths
         by_source: dict[int | None, list[int]] = {}
         for index, count in enumerate(heads.values):
             by_source.setdefault(count if count in self.private_qk_heads else None, []).append(index)
@@ -558,25 +595,30 @@ class ElasticAttention(ElasticModule):
                      for source, subnets in by_source.items())
 
     def grouped_forward(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes,
-                        qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
-        """K subnets with embed dims ``sizes`` and head counts ``heads`` on ``x [K, B, N, sizes.width]``;
-        ``qk_groups``: :meth:`qk_groups` of ``heads``, if the caller planned them already."""
+                        qk_groups: tuple[QkGroup, ...] | None = None, widths: GroupSizes | None = None) -> Tensor:
+        """K subnets with embed dims ``sizes``, head counts ``heads`` and attention widths ``widths`` (None:
+        ``heads * head_dim``) on ``x [K, B, N, sizes.width]``; ``qk_groups``: :meth:`qk_groups` of ``heads`` and
+        ``widths``, if the caller planned them already."""
         self.check_leading("grouped_forward")
-        qk_groups = self.qk_groups(heads) if qk_groups is None else qk_groups
+        head_dims = {self.head_dim} if widths is None else {
+            self.widths(count, active)[1] for count, active in zip(heads.values, widths.values)}
+        width = heads.scaled(self.head_dim) if widths is None else widths
+        qk_groups = self.qk_groups(heads, widths) if qk_groups is None else qk_groups
         x, unpartition = self._windows(x)
-        if self.rel_pos is None and self.rel_pos_h is None and len(qk_groups) == 1 \
-                and qk_groups[0].private_heads is None and self.qkv_bias_layout == "blocks":
+        if self.rel_pos is None and self.rel_pos_h is None and len(qk_groups) == 1 and len(head_dims) == 1 \
+                and qk_groups[0].private_heads is None and self.qkv_bias_layout == "blocks" \
+                and self._fused_takes(head_dim := head_dims.pop()):
             return unpartition(grouped_attention(x, sizes, self.qkv.weight, self.qkv.bias, self.proj.weight,
-                                                 self.proj.bias, heads, self.head_dim))
-        return unpartition(self._grouped_unfused_attention(x, sizes, heads, qk_groups))
+                                                 self.proj.bias, heads, head_dim))
+        return unpartition(self._grouped_unfused_attention(x, sizes, heads, width, qk_groups))
 
-    def _grouped_unfused_attention(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes,
+    def _grouped_unfused_attention(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes, width: GroupSizes,
                                    qk_groups: tuple[QkGroup, ...]) -> Tensor:
         """The unfused path for K subnets: q and k by grouped linears per :class:`QkGroup`, v from the shared rows,
-        the attention over ``[K * B, heads, N, head_dim]``, padded heads zeroed before the projection."""
+        the attention over ``[K * B, heads, N, head_dim]`` (once per head dim where the subnets' differ), padded
+        heads zeroed before the projection."""
         groups, batch, tokens, _ = x.shape
-        head_dim, max_width = self.head_dim, self.num_heads * self.head_dim
-        width = heads.scaled(head_dim)
+        max_width = self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
         autoformer_bias = bias is not None and self.qkv_bias_layout == "autoformer"
 
@@ -585,7 +627,7 @@ class ElasticAttention(ElasticModule):
             inputs = x if subnets is None else x[subnets]
             if autoformer_bias and source_weight is weight:  # each subnet's bias is elsewhere: added after
                 part = start // max_width
-                return grouped_linear(inputs, weight[start:], None, out_sizes) + self._grouped_bias(heads, part,
+                return grouped_linear(inputs, weight[start:], None, out_sizes) + self._grouped_bias(width, part,
                                                                                                    x.dtype)
             return grouped_linear(inputs, source_weight[start:], None if source_bias is None else source_bias[start:],
                                   out_sizes)
@@ -596,7 +638,7 @@ class ElasticAttention(ElasticModule):
                         rows(weight, bias, max_width, group.subnets, group.width))
             private = self.private_qk[str(group.private_heads)]
             return (rows(private.weight, private.bias, 0, group.subnets, group.width),
-                    rows(private.weight, private.bias, group.private_heads * head_dim, group.subnets, group.width))
+                    rows(private.weight, private.bias, private.out_features // 2, group.subnets, group.width))
 
         if len(qk_groups) == 1:
             q, k = q_and_k(qk_groups[0])
@@ -607,30 +649,46 @@ class ElasticAttention(ElasticModule):
                 q[group.subnets, ..., :part_q.shape[-1]] = part_q
                 k[group.subnets, ..., :part_k.shape[-1]] = part_k
         v = rows(weight, bias, 2 * max_width)
-        q, k, v = (t.view(groups * batch, tokens, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-        context = self._attend(q, k, v).transpose(1, 2).reshape(groups, batch, tokens, width.width)
+        head_dims = [active // count for count, active in zip(heads.values, width.values)]
+        if len(set(head_dims)) == 1:
+            q, k, v = (t.view(groups * batch, tokens, -1, head_dims[0]).transpose(1, 2) for t in (q, k, v))
+            context = self._attend(q, k, v).transpose(1, 2).reshape(groups, batch, tokens, width.width)
+        else:  # heads of another size: the subnets of each head dim attend apart, over their widest width
+            context = x.new_zeros(groups, batch, tokens, width.width)
+            for head_dim in sorted(set(head_dims)):
+                members = [k for k, d in enumerate(head_dims) if d == head_dim]
+                span = max(width.values[k] for k in members)
+                subnets = torch.tensor(members, device=x.device)
+                q_d, k_d, v_d = (t[subnets, ..., :span].reshape(len(members) * batch, tokens, -1, head_dim)
+                                 .transpose(1, 2) for t in (q, k, v))
+                context[subnets, ..., :span] = (self._attend(q_d, k_d, v_d).transpose(1, 2)
+                                                .reshape(len(members), batch, tokens, span))
         return grouped_linear(context * width.mask(context.dtype, 4), self.proj.weight, self.proj.bias, sizes)
 
     def extract(self) -> plain.Attention:
         if self.window_size or self.rel_pos_h is not None:
             raise NotImplementedError("ElasticAttention.extract: elastic_ops.plain has no windowed attention or "
                                       "decomposed relative position (SAM's) to extract to")
-        self.set_active()
+        self.set_active(attn_dim=self.attn_dim)
         embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
-        width, max_width = heads * self.head_dim, self.num_heads * self.head_dim
+        width, head_dim = self.widths(heads, self.attn_dim)
+        max_width = self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
-        attn = empty_module(lambda: plain.Attention(embed_dim, heads, self.head_dim, qkv_bias=bias is not None,
+        attn = empty_module(lambda: plain.Attention(embed_dim, heads, head_dim, qkv_bias=bias is not None,
                                                     relative_position=self.relative_position), weight)
-        first = self._qkv_rows(heads)
+        first = self._qkv_rows(width)
         columns = side_span(embed_dim, weight.shape[1], self.side("embed_dim"))
         with torch.no_grad():
             rows = weight.view(3, max_width, -1)[:, first:first + width]
             biases = None if bias is None else torch.stack([bias[start:start + width] for start in
-                                                            (self._bias_start(part, heads) for part in range(3))])
+                                                            (self._bias_start(part, width) for part in range(3))])
             if heads in self.private_qk_heads:
                 private = self.private_qk[str(heads)]
-                rows = torch.cat([private.weight.view(2, width, -1), rows[2:]])
-                biases = None if biases is None else torch.cat([private.bias.view(2, width), biases[2:]])
+                block = private.out_features // 2
+                first = self._qkv_rows(width, block)
+                rows = torch.cat([private.weight.view(2, block, -1)[:, first:first + width], rows[2:]])
+                biases = None if biases is None else torch.cat([private.bias.view(2, block)[:, first:first + width],
+                                                                biases[2:]])
             attn.qkv.weight.copy_(rows[..., columns].reshape(3 * width, embed_dim))
             if biases is not None:
                 attn.qkv.bias.copy_(biases.reshape(-1))
@@ -672,8 +730,9 @@ class ElasticBlock(ElasticModule):
     ``drop_path`` is the stochastic-depth probability of both residual branches, applied in training only;
     ``private_qk_heads``: head counts with their own q/k projections, ``relative_position``: the maximum distance of
     the 2D relative position, 0 for none, ``grid``/``window_size``/``decomposed_rel_pos``: SAM's windowed attention
-    and relative position, ``qkv_bias_layout``: where the q, k, v biases of fewer heads are (:class:`ElasticAttention`);
-    ``layer_scale``: the initial value of the
+    and relative position, ``qkv_bias_layout``: where the q, k, v biases of fewer heads are, ``private_qk_width``: the
+    rows of each private q or k block, and the active ``attn_dim`` (set with the other sizes; None: ``num_heads *
+    head_dim``) (:class:`ElasticAttention`); ``layer_scale``: the initial value of the
     :class:`ElasticLayerScale` of each branch (CaiT, UniNet), None for none.
     """
 
@@ -683,7 +742,7 @@ class ElasticBlock(ElasticModule):
                  qkv_bias: bool = True, drop_path: float = 0.0, device=None, dtype=None,
                  private_qk_heads: tuple[int, ...] = (), relative_position: int = 0, layer_scale: float | None = None,
                  grid: int = 0, window_size: int = 0, decomposed_rel_pos: bool = False,
-                 qkv_bias_layout: str = "blocks"):
+                 qkv_bias_layout: str = "blocks", private_qk_width: int | None = None):
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"ElasticBlock: drop_path must be in [0, 1), got {drop_path}")
@@ -692,7 +751,7 @@ class ElasticBlock(ElasticModule):
         self.attn = ElasticAttention(embed_dim, num_heads, head_dim, qkv_bias=qkv_bias, device=device, dtype=dtype,
                                      private_qk_heads=private_qk_heads, relative_position=relative_position,
                                      grid=grid, window_size=window_size, decomposed_rel_pos=decomposed_rel_pos,
-                                     qkv_bias_layout=qkv_bias_layout)
+                                     qkv_bias_layout=qkv_bias_layout, private_qk_width=private_qk_width)
         self.norm2 = ElasticLayerNorm(embed_dim, eps=eps, device=device, dtype=dtype)
         self.mlp = ElasticMlp(embed_dim, hidden_features, device=device, dtype=dtype)
         self.layer_scale = layer_scale
@@ -705,11 +764,12 @@ class ElasticBlock(ElasticModule):
     def max_config(self) -> dict[str, int]:
         return {**self.attn.max_config(), "hidden_features": self.mlp.max_config()["hidden_features"]}
 
-    def set_active(self, **config: int | None):
+    def set_active(self, attn_dim: int | None = None, **config: int | None):
+        self.attn.widths(self.resolve(**config)["num_heads"], attn_dim)  # checked before anything changes
         super().set_active(**config)
         embed_dim = self.active["embed_dim"]
         self.norm1.set_active(dim=embed_dim)
-        self.attn.set_active(embed_dim=embed_dim, num_heads=self.active["num_heads"])
+        self.attn.set_active(embed_dim=embed_dim, num_heads=self.active["num_heads"], attn_dim=attn_dim)
         self.norm2.set_active(dim=embed_dim)
         self.mlp.set_active(embed_dim=embed_dim, hidden_features=self.active["hidden_features"])
         if self.layer_scale is not None:
@@ -726,20 +786,27 @@ class ElasticBlock(ElasticModule):
         self.mlp.set_side(embed_dim=embed, hidden_features=self.side("hidden_features"))
 
     def forward(self, x: Tensor, embed_dim: int | None = None, num_heads: int | None = None,
-                hidden_features: int | None = None) -> Tensor:
+                hidden_features: int | None = None, attn_dim: int | None = None) -> Tensor:
+        """``attn_dim`` as :class:`ElasticAttention`'s: None keeps the active width where ``num_heads`` is None too,
+        else ties it to ``num_heads * head_dim``."""
+        if num_heads is None and attn_dim is None:
+            attn_dim = self.attn.attn_dim
         config = self.resolve(embed_dim=embed_dim, num_heads=num_heads, hidden_features=hidden_features)
         e, heads, hidden = config["embed_dim"], config["num_heads"], config["hidden_features"]
         self.check_width(x, e, "embed_dim")
-        return self._residual(x, lambda h: self.attn(self.norm1(h, dim=e), embed_dim=e, num_heads=heads),
-                              lambda h: self.mlp(self.norm2(h, dim=e), embed_dim=e, hidden_features=hidden))
+        return self._residual(
+            x, lambda h: self.attn(self.norm1(h, dim=e), embed_dim=e, num_heads=heads, attn_dim=attn_dim),
+            lambda h: self.mlp(self.norm2(h, dim=e), embed_dim=e, hidden_features=hidden))
 
     def grouped_forward(self, x: Tensor, sizes: GroupSizes, heads: GroupSizes, hidden: GroupSizes,
-                        qk_groups: tuple[QkGroup, ...] | None = None) -> Tensor:
-        """K subnets with embed dims ``sizes``, head counts ``heads`` and MLP widths ``hidden`` on
-        ``x [K, B, N, sizes.width]`` (eval mode); ``qk_groups`` as in :meth:`ElasticAttention.grouped_forward`."""
+                        qk_groups: tuple[QkGroup, ...] | None = None, widths: GroupSizes | None = None) -> Tensor:
+        """K subnets with embed dims ``sizes``, head counts ``heads``, MLP widths ``hidden`` and attention widths
+        ``widths`` (None: ``heads * head_dim``) on ``x [K, B, N, sizes.width]`` (eval mode); ``qk_groups`` as in
+        :meth:`ElasticAttention.grouped_forward`."""
         self.check_leading("grouped_forward")
         return self._residual(
-            x, lambda h: self.attn.grouped_forward(self.norm1.grouped_forward(h, sizes), sizes, heads, qk_groups),
+            x, lambda h: self.attn.grouped_forward(self.norm1.grouped_forward(h, sizes), sizes, heads, qk_groups,
+                                                   widths),
             lambda h: self.mlp.grouped_forward(self.norm2.grouped_forward(h, sizes), sizes, hidden))
 
     def _residual(self, x: Tensor, attention, mlp) -> Tensor:
@@ -753,9 +820,10 @@ class ElasticBlock(ElasticModule):
         return branch if layer_scale is None else layer_scale(branch)
 
     def extract(self) -> plain.Block:
-        self.set_active()
-        embed_dim = self.active["embed_dim"]
-        block = empty_module(lambda: plain.Block(embed_dim, self.active["num_heads"], self.attn.head_dim,
+        self.set_active(attn_dim=self.attn.attn_dim)
+        embed_dim, heads = self.active["embed_dim"], self.active["num_heads"]
+        head_dim = self.attn.widths(heads, self.attn.attn_dim)[1]
+        block = empty_module(lambda: plain.Block(embed_dim, heads, head_dim,
                                                  self.active["hidden_features"], eps=self.norm1.eps,
                                                  qkv_bias=self.attn.qkv.bias is not None,
                                                  relative_position=self.attn.relative_position,

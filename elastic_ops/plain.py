@@ -8,7 +8,7 @@ The hybrid (conv / attention / MLP) modules are in ``plain_hybrid.py``, which im
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,8 @@ def dense_logits(patch_outputs: Tensor, patch_size: int, num_classes: int) -> Te
 
 
 class VisionTransformer(nn.Module):
-    """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width.
+    """A ViT with a class token and a learned position embedding; blocks may differ in heads and MLP width, and in
+    head dim where ``head_dim`` lists one per block (ViTAS's attention widths; an int: every block's).
     ``relative_position > 0`` adds AutoFormer's 2D relative position to every block's attention as well.
     ``global_pool``: after the final norm the classifier reads the class token (``"token"``) or the mean of the patch
     tokens (``"avg"``, AutoFormer's ``--gp``); ``"dense"`` (segmentation): the head maps every patch token to the
@@ -181,13 +182,16 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
-                 num_heads: List[int], hidden_features: List[int], head_dim: int, eps: float = 1e-6,
+                 num_heads: List[int], hidden_features: List[int], head_dim: Union[int, List[int]], eps: float = 1e-6,
                  qkv_bias: bool = True, relative_position: int = 0, global_pool: str = "token",
                  layer_scale: Optional[float] = None):
         super().__init__()
         if len(num_heads) != len(hidden_features):
             raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(hidden_features)} "
                              "hidden_features")
+        head_dims = [head_dim] * len(num_heads) if isinstance(head_dim, int) else list(head_dim)
+        if len(head_dims) != len(num_heads):
+            raise ValueError(f"VisionTransformer: {len(num_heads)} num_heads but {len(head_dims)} head dims")
         if img_size % patch_size:
             raise ValueError(f"VisionTransformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
         if global_pool not in ("token", "avg", "dense"):
@@ -201,9 +205,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
         self.blocks = nn.ModuleList([
-            Block(embed_dim, heads, head_dim, hidden, eps=eps, qkv_bias=qkv_bias, relative_position=relative_position,
+            Block(embed_dim, heads, dim, hidden, eps=eps, qkv_bias=qkv_bias, relative_position=relative_position,
                   layer_scale=layer_scale)
-            for heads, hidden in zip(num_heads, hidden_features)
+            for heads, dim, hidden in zip(num_heads, head_dims, hidden_features)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes * (patch_size * patch_size if global_pool == "dense" else 1))

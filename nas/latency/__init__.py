@@ -52,7 +52,8 @@ def latency_features(archs: Arch | Sequence[Arch] | ArchBatch, space: SearchSpac
     embedding and classifier for ``linear_macs``), so a latency linear in them adds up per layer."""
     d = layer_dims(archs, space)
     on = d.layer_on
-    parts = layer_macs_parts(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
+    parts = layer_macs_parts(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position,
+                             d.attn_dim)
     embed = d.embed_dim[:, 0]
 
     def active_sum(per_layer):

@@ -52,8 +52,9 @@ class SamSpace(SearchSpace):
         if self.num_classes and self.task != "segmentation":
             raise ValueError(f"SamSpace: SAM's encoder outputs a feature map, so its head is dense (a class per "
                              f"pixel); task must be segmentation, got {self.task!r}")
-        if self.private_qk or self.private_class_tokens or self.relative_position:
-            raise ValueError("SamSpace: SAM's encoder has no private q/k, class tokens or AutoFormer relative position")
+        if self.private_qk or self.private_class_tokens or self.relative_position or self.attn_dims:
+            raise ValueError("SamSpace: SAM's encoder has no private q/k, class tokens, AutoFormer relative position "
+                             "or attention widths of their own")
 
     @property
     def grid(self) -> int:

@@ -25,6 +25,8 @@ def uniform_widths(space: Space, rng: np.random.Generator, count: int) -> tuple[
         layer_on=np.ones((count, layers), dtype=bool),
         patch_size=(np.asarray(space.patch_sizes)[rng.integers(len(space.patch_sizes), size=count)]
                     if len(space.patch_sizes) > 1 else np.zeros(count, dtype=np.int64)),
+        attn_dim=(np.asarray(space.attn_dims)[rng.integers(len(space.attn_dims), size=(count, layers))]
+                  if space.attn_dims else None),
     )
     return widths, rng.random((count, layers))
 

@@ -60,13 +60,17 @@ class LearnedSampler(ArchSampler):
     alternates: each step the supernet trains the policy's arch for a budget of a random kind drawn uniformly
     between that kind's smallest and largest subnet (or, with probability ``explore``, a uniform arch); every
     ``policy_every`` steps the policy takes ``policy_updates`` policy-gradient steps on ``budgets_per_update`` budgets
-    x ``archs_per_budget`` archs, with reward ``accuracy - penalty * max(0, cost / budget - 1) - shortfall * max(0, 1
-    - cost / budget)``, where accuracy is the supernet's own, measured on held-out images (``measure``).
+    x ``archs_per_budget`` archs, with reward ``accuracy - shortfall * max(0, 1 - cost / budget)`` for an arch that
+    fits and ``accuracy - infeasible - penalty * (cost / budget - 1)`` for one over its budget, where accuracy is the
+    supernet's own, measured on held-out images (``measure``).
 
     FocusFormer's policy focuses on the archs at the Pareto front under each budget: the most accurate ones that fit.
     A supernet's accuracy rises with size, so they use most of the budget; but a few hundred held-out images do not
     tell a subnet from a slightly larger one, so the reward also charges the unused share of the budget
-    (``shortfall``), far less than the excess (``penalty``). The advantage is the reward minus its budget's mean, over
+    (``shortfall``). A budget is a constraint: an arch over it is infeasible however slightly, so it loses
+    ``infeasible`` (more than any accuracy or shortfall difference) besides the excess (``penalty``); with the excess
+    alone, an arch 0.5% over its budget cost less than one 25% under it, and the policy's draws settled on the
+    budget's edge, half of them over. The advantage is the reward minus its budget's mean, over
     the batch's standard deviation, so the policy learns which archs beat others of the same budget.
     After training, :meth:`propose` gives archs for a budget directly.
     """
@@ -76,7 +80,8 @@ class LearnedSampler(ArchSampler):
 
     def __init__(self, space: Space, *, seed: int = 0, total_steps: int = 1, policy_every: int = 5,
                  policy_updates: int = 1, budgets_per_update: int = 4, archs_per_budget: int = 4,
-                 penalty: float = 20.0, shortfall: float = 0.4, entropy: float = 0.01, lr: float = 0.03,
+                 penalty: float = 20.0, shortfall: float = 0.4, infeasible: float = 1.0, entropy: float = 0.01,
+                 lr: float = 0.03,
                  explore: float = 0.1, hidden: int = 32,
                  budget_kinds: Sequence[str] = ("macs", "params"), latency_model: str | None = None):
         super().__init__(space, seed=seed, total_steps=total_steps)
@@ -91,7 +96,7 @@ class LearnedSampler(ArchSampler):
         self.policy_every, self.policy_updates = int(policy_every), int(policy_updates)
         self.budgets_per_update, self.archs_per_budget = int(budgets_per_update), int(archs_per_budget)
         self.penalty, self.entropy, self.explore = float(penalty), float(entropy), float(explore)
-        self.shortfall = float(shortfall)
+        self.shortfall, self.infeasible = float(shortfall), float(infeasible)
         self.kinds = kinds
         self.costs = {kind: self._cost_of(kind, latency_model) for kind in kinds}
         self.ranges = {kind: costs.cost_range(space, self.costs[kind]) for kind in kinds}
@@ -160,7 +165,8 @@ class LearnedSampler(ArchSampler):
         over = np.maximum(0.0, used / budgets - 1.0)
         unused = np.maximum(0.0, 1.0 - used / budgets)
         accuracy = np.array([measure(arch) for arch in batch.archs()])
-        rewards = torch.tensor(accuracy - self.penalty * over - self.shortfall * unused, dtype=torch.float32)
+        rewards = torch.tensor(accuracy - self.infeasible * (over > 0) - self.penalty * over - self.shortfall * unused,
+                               dtype=torch.float32)
         grouped = rewards.view(self.budgets_per_update, self.archs_per_budget)
         advantage = ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std() + 1e-8)).view(-1)
         loss = -(advantage * log_prob).mean() - self.entropy * entropy

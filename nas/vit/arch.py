@@ -19,6 +19,9 @@ class Arch:
     False makes layer i an identity; AutoFormer's depth d is "the first d layers on" (``from_depth``).
     The MLP hidden size of layer i is ``int(embed_dim * mlp_ratio[i])``, as in AutoFormer.
     ``patch_size`` is None where the space has one patch size.
+    ``attn_dim``: per layer, the attention's q/k/v width where the space chooses it as a gene of its own (ViTAS:
+    ``SearchSpace.attn_dims``; a layer's head dim is then ``attn_dim[i] // num_heads[i]``), None where the width is
+    ``num_heads * head_dim`` (AutoFormer; written out only when it is set).
     ``side``: which channels of the super weights every width reads, the leading (``"left"``, the default) or the
     trailing ones (``"right"``; two-sided width sharing, BCNet as ViTAS trains it). It is how the supernet runs the
     arch, not a gene: searches and the cost model ignore it, and it is written out only when it is ``"right"``.
@@ -31,13 +34,22 @@ class Arch:
     layer_on: tuple[bool, ...]
     patch_size: int | None = None
     side: str = "left"
+    attn_dim: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.side not in SIDES:
             raise ValueError(f"Arch: side must be one of {SIDES}, got {self.side!r}")
+        if self.attn_dim is not None:
+            object.__setattr__(self, "attn_dim", tuple(int(w) for w in self.attn_dim))
+            if len(self.attn_dim) != len(self.layer_on):
+                raise ValueError(f"Arch: attn_dim ({len(self.attn_dim)}) must have one entry per supernet layer "
+                                 f"({len(self.layer_on)})")
         # Normalise lists from JSON/YAML into tuples so that equal archs hash equally.
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-        object.__setattr__(self, "mlp_ratio", tuple(float(r) for r in self.mlp_ratio))
+        try:
+            object.__setattr__(self, "mlp_ratio", tuple(float(r) for r in self.mlp_ratio))
+        except OverflowError:  # an int past a float's range, from an untrusted file
+            raise ValueError(f"Arch: mlp_ratio {list(self.mlp_ratio)!r} holds a number too large for a float") from None
         object.__setattr__(self, "layer_on", tuple(bool(on) for on in self.layer_on))
         object.__setattr__(self, "embed_dim", int(self.embed_dim))
         if not (len(self.num_heads) == len(self.mlp_ratio) == len(self.layer_on)):
@@ -48,10 +60,10 @@ class Arch:
 
     @classmethod
     def from_depth(cls, embed_dim: int, depth: int, num_heads, mlp_ratio, max_depth: int,
-                   patch_size: int | None = None) -> "Arch":
-        """AutoFormer's form: the first ``depth`` of ``max_depth`` layers on. ``num_heads``/``mlp_ratio``
-        are per active layer (length ``depth``) or per supernet layer (length ``max_depth``); an int or
-        float applies to every layer."""
+                   patch_size: int | None = None, attn_dim=None) -> "Arch":
+        """AutoFormer's form: the first ``depth`` of ``max_depth`` layers on. ``num_heads``/``mlp_ratio`` (and
+        ``attn_dim``, None for none) are per active layer (length ``depth``) or per supernet layer (length
+        ``max_depth``); an int or float applies to every layer."""
         def per_layer(value, fill):
             values = [value] * depth if isinstance(value, (int, float)) else list(value)
             if len(values) == depth:
@@ -61,13 +73,14 @@ class Arch:
                                  f"got {len(values)}")
             return values
 
-        heads = per_layer(num_heads, None)
-        ratios = per_layer(mlp_ratio, None)
-        # Inactive layers keep the last active layer's choice so that the arch stays inside its space.
-        last_heads, last_ratio = heads[max(depth - 1, 0)], ratios[max(depth - 1, 0)]
-        heads = [last_heads if h is None else h for h in heads]
-        ratios = [last_ratio if r is None else r for r in ratios]
-        return cls(embed_dim, tuple(heads), tuple(ratios), tuple(i < depth for i in range(max_depth)), patch_size)
+        def filled(value):
+            # Inactive layers keep the last active layer's choice so that the arch stays inside its space.
+            values = per_layer(value, None)
+            last = values[max(depth - 1, 0)]
+            return tuple(last if v is None else v for v in values)
+
+        return cls(embed_dim, filled(num_heads), filled(mlp_ratio), tuple(i < depth for i in range(max_depth)),
+                   patch_size, attn_dim=None if attn_dim is None else filled(attn_dim))
 
     @property
     def max_depth(self) -> int:
@@ -80,6 +93,10 @@ class Arch:
     def hidden_features(self, layer: int) -> int:
         return int(self.embed_dim * self.mlp_ratio[layer])
 
+    def attention_width(self, layer: int, head_dim: int) -> int:
+        """The q/k/v width of ``layer``: its ``attn_dim`` gene, else ``num_heads * head_dim`` (the space's)."""
+        return self.num_heads[layer] * head_dim if self.attn_dim is None else self.attn_dim[layer]
+
     def on_side(self, side: str) -> "Arch":
         """This arch read from the other ``side`` of the super weights."""
         return replace(self, side=side)
@@ -88,17 +105,21 @@ class Arch:
         data = asdict(self)
         if self.side == "left":
             del data["side"]
+        if self.attn_dim is None:
+            del data["attn_dim"]
+        else:
+            data["attn_dim"] = list(self.attn_dim)
         for name in ("num_heads", "mlp_ratio", "layer_on"):
             data[name] = list(getattr(self, name))
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Arch":
-        known = {"embed_dim", "num_heads", "mlp_ratio", "layer_on", "patch_size", "side"}
+        known = {"embed_dim", "num_heads", "mlp_ratio", "layer_on", "patch_size", "side", "attn_dim"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Arch: unknown field(s) {sorted(unknown)}; expected {sorted(known)}")
-        missing = known - {"patch_size", "side"} - set(data)
+        missing = known - {"patch_size", "side", "attn_dim"} - set(data)
         if missing:
             raise ValueError(f"Arch: missing field(s) {sorted(missing)}")
         return cls(**data)
@@ -124,7 +145,7 @@ class ArchBatch:
 
     Shapes, with K archs of L supernet layers: ``embed_dim`` [K] int64, ``num_heads`` [K, L] int64,
     ``mlp_ratio`` [K, L] float64, ``layer_on`` [K, L] bool, ``patch_size`` [K] int64 where 0 stands for
-    ``Arch.patch_size=None`` (the space's only patch size).
+    ``Arch.patch_size=None`` (the space's only patch size), ``attn_dim`` [K, L] int64 or None (``Arch.attn_dim``).
     """
 
     family: ClassVar[str] = "vit"
@@ -134,6 +155,7 @@ class ArchBatch:
     mlp_ratio: np.ndarray
     layer_on: np.ndarray
     patch_size: np.ndarray
+    attn_dim: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "embed_dim", np.asarray(self.embed_dim, dtype=np.int64).reshape(-1))
@@ -141,14 +163,19 @@ class ArchBatch:
         object.__setattr__(self, "mlp_ratio", np.atleast_2d(np.asarray(self.mlp_ratio, dtype=np.float64)))
         object.__setattr__(self, "layer_on", np.atleast_2d(np.asarray(self.layer_on, dtype=bool)))
         object.__setattr__(self, "patch_size", np.asarray(self.patch_size, dtype=np.int64).reshape(-1))
+        per_layer = [self.num_heads, self.mlp_ratio, self.layer_on]
+        if self.attn_dim is not None:
+            object.__setattr__(self, "attn_dim", np.atleast_2d(np.asarray(self.attn_dim, dtype=np.int64)))
+            per_layer.append(self.attn_dim)
         k = len(self.embed_dim)
-        shapes = {a.shape for a in (self.num_heads, self.mlp_ratio, self.layer_on)}
+        shapes = {a.shape for a in per_layer}
         if len(shapes) != 1 or next(iter(shapes))[0] != k or len(self.patch_size) != k:
             raise ValueError(
                 f"ArchBatch: expected embed_dim [K], patch_size [K] and per-layer arrays [K, L] with one K; got "
                 f"embed_dim {self.embed_dim.shape}, num_heads {self.num_heads.shape}, "
                 f"mlp_ratio {self.mlp_ratio.shape}, "
                 f"layer_on {self.layer_on.shape}, patch_size {self.patch_size.shape}"
+                + ("" if self.attn_dim is None else f", attn_dim {self.attn_dim.shape}")
             )
 
     @classmethod
@@ -159,12 +186,17 @@ class ArchBatch:
         if len({a.max_depth for a in archs}) != 1:
             raise ValueError(f"ArchBatch.from_archs: archs of different supernet depths "
                              f"{sorted({a.max_depth for a in archs})}")
+        gene = {a.attn_dim is None for a in archs}
+        if len(gene) != 1:
+            raise ValueError("ArchBatch.from_archs: some archs have an attn_dim gene and some do not (archs of "
+                             "different spaces)")
         return cls(
             embed_dim=[a.embed_dim for a in archs],
             num_heads=[a.num_heads for a in archs],
             mlp_ratio=[a.mlp_ratio for a in archs],
             layer_on=[a.layer_on for a in archs],
             patch_size=[a.patch_size or 0 for a in archs],
+            attn_dim=None if gene.pop() else [a.attn_dim for a in archs],
         )
 
     def __len__(self) -> int:
@@ -179,6 +211,10 @@ class ArchBatch:
         """[K, L] MLP hidden sizes, ``int(embed_dim * mlp_ratio)`` as in ``Arch.hidden_features``."""
         return np.floor(self.embed_dim[:, None] * self.mlp_ratio).astype(np.int64)
 
+    def attention_width(self, head_dim: int) -> np.ndarray:
+        """[K, L] q/k/v widths, as ``Arch.attention_width``."""
+        return self.num_heads * head_dim if self.attn_dim is None else self.attn_dim
+
     def arch(self, index: int) -> Arch:
         patch = int(self.patch_size[index])
         return self.arch_type(
@@ -187,6 +223,7 @@ class ArchBatch:
             tuple(self.mlp_ratio[index].tolist()),
             tuple(self.layer_on[index].tolist()),
             patch or None,
+            attn_dim=None if self.attn_dim is None else tuple(self.attn_dim[index].tolist()),
         )
 
     def archs(self) -> list[Arch]:

@@ -43,13 +43,15 @@ CPU_CHUNK_BYTES = 8 << 20
 class LayerPlan:
     """One supernet layer of a batched pass. ``parents[b]``: the branch before the layer that branch b after it
     continues (None: no branch splits here); ``running``: the branches after the split that run the layer
-    (None: all); the sizes are those of the running branches."""
+    (None: all); the sizes are those of the running branches (``widths``: their attention widths where the archs
+    choose them, else None)."""
 
     parents: Tensor | None
     running: Tensor | None
     embed: GroupSizes
     heads: GroupSizes
     hidden: GroupSizes
+    widths: GroupSizes | None
     qk_groups: tuple[QkGroup, ...]
 
 
@@ -81,8 +83,8 @@ class BatchedSubnets:
         for i in range(len(supernet.blocks)):
             # An identity layer leaves the activations, so the prefix, as they are. The layer index is part of
             # the key: the same sizes in another layer are other weights.
-            prefixes = [prefix + ((i, arch.num_heads[i], arch.hidden_features(i)),) if arch.layer_on[i] else prefix
-                        for prefix, arch in zip(prefixes, self.archs)]
+            prefixes = [prefix + ((i, arch.num_heads[i], arch.hidden_features(i), supernet.attn_dim(arch, i)),)
+                        if arch.layer_on[i] else prefix for prefix, arch in zip(prefixes, self.archs)]
             after = list(dict.fromkeys(prefixes))
             index = {prefix: b for b, prefix in enumerate(branches)}
             parents = [index[prefix] if prefix in index else index[prefix[:-1]] for prefix in after]
@@ -92,13 +94,15 @@ class BatchedSubnets:
                 self.layers.append(None)
                 continue
             heads = GroupSizes([after[b][-1][1] for b in running], device)
+            widths = None if self.archs[0].attn_dim is None else GroupSizes([after[b][-1][3] for b in running], device)
             self.layers.append(LayerPlan(
                 parents=None if parents == list(range(len(index))) else torch.tensor(parents, device=device),
                 running=None if len(running) == len(after) else torch.tensor(running, device=device),
                 embed=GroupSizes([after[b][0] for b in running], device),
                 heads=heads,
                 hidden=GroupSizes([after[b][-1][2] for b in running], device),
-                qk_groups=supernet.blocks[i].attn.qk_groups(heads),
+                widths=widths,
+                qk_groups=supernet.blocks[i].attn.qk_groups(heads, widths),
             ))
         final = {prefix: b for b, prefix in enumerate(branches)}
         self.branch_of_subnet = torch.tensor([final[prefix] for prefix in prefixes], device=device)
@@ -134,11 +138,12 @@ class BatchedSubnets:
             if plan.parents is not None:
                 x = x[plan.parents]
             if plan.running is None:
-                x = block.grouped_forward(x, plan.embed, plan.heads, plan.hidden, plan.qk_groups)
+                x = block.grouped_forward(x, plan.embed, plan.heads, plan.hidden, plan.qk_groups, plan.widths)
             else:
                 active = plan.embed.width
                 x[plan.running, ..., :active] = block.grouped_forward(x[plan.running, ..., :active], plan.embed,
-                                                                      plan.heads, plan.hidden, plan.qk_groups)
+                                                                      plan.heads, plan.hidden, plan.qk_groups,
+                                                                      plan.widths)
         return self.read_out(x)
 
     def read_out(self, x: Tensor) -> Tensor:
@@ -186,7 +191,7 @@ def pass_memory_per_image(supernet, archs: Sequence[Arch], dtype: torch.dtype) -
     c = supernet.config
     tokens = max(c.num_tokens(supernet.patch_size(arch)) for arch in archs)
     embed = max(arch.embed_dim for arch in archs)
-    attn_width = max(max(arch.num_heads) for arch in archs) * c.head_dim
+    attn_width = max(arch.attention_width(i, c.head_dim) for arch in archs for i in range(arch.max_depth))
     heads = max(max(arch.num_heads) for arch in archs)
     hidden = max(arch.hidden_features(i) for arch in archs for i in range(arch.max_depth))
     elements = tokens * (4 * embed + 8 * attn_width + 3 * hidden) + 2 * heads * tokens * tokens

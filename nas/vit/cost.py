@@ -20,8 +20,8 @@ Convention (also in ``CONVENTION``):
   (AutoFormer does not count them either; they are well under 1% of the total). FLOPs in the "2 per
   multiply-add" sense, as ``torch.utils.flop_counter.FlopCounterMode`` reports them, are ``2 * macs``.
 * The number of tokens is ``N = (img_size // patch_size) ** 2 + 1`` (patches plus the class token);
-  attention has ``num_heads * head_dim`` q/k/v channels, and the MLP ``int(embed_dim * mlp_ratio)``
-  hidden units.
+  attention has ``num_heads * head_dim`` q/k/v channels (in a space with attention widths, ViTAS's, the layer's
+  ``attn_dim``), and the MLP ``int(embed_dim * mlp_ratio)`` hidden units.
 
 Published AutoFormer sizes (T 5.8M / 1.3G, S 22.9M / 5.1G, B 53.7M / 11G) are MAC counts in this
 sense; tests/nas/test_cost.py checks them.
@@ -61,7 +61,8 @@ CONVENTION = {
 
 class LayerDims(NamedTuple):
     """Sizes of every layer of K archs, broadcastable against each other: ``embed_dim`` and ``tokens``
-    [K, 1], ``num_heads``, ``hidden`` and ``layer_on`` [K, L], ``patch_size`` [K] (resolved, never 0)."""
+    [K, 1], ``num_heads``, ``hidden``, ``layer_on`` and ``attn_dim`` (the q/k/v width) [K, L], ``patch_size`` [K]
+    (resolved, never 0)."""
 
     embed_dim: np.ndarray
     num_heads: np.ndarray
@@ -69,6 +70,7 @@ class LayerDims(NamedTuple):
     tokens: np.ndarray
     layer_on: np.ndarray
     patch_size: np.ndarray
+    attn_dim: np.ndarray
 
 
 def layer_dims(archs: Arch | Sequence[Arch] | ArchBatch, space: "SearchSpace") -> LayerDims:
@@ -81,7 +83,7 @@ def layer_dims(archs: Arch | Sequence[Arch] | ArchBatch, space: "SearchSpace") -
     patch = np.where(batch.patch_size == 0, space.patch_sizes[0], batch.patch_size)
     tokens = (space.img_size // patch) ** 2 + 1
     return LayerDims(batch.embed_dim[:, None], batch.num_heads, batch.hidden_features, tokens[:, None],
-                     batch.layer_on, patch)
+                     batch.layer_on, patch, batch.attention_width(space.head_dim))
 
 
 def as_batch(archs: Arch | Sequence[Arch] | ArchBatch) -> ArchBatch:
@@ -92,8 +94,10 @@ def as_batch(archs: Arch | Sequence[Arch] | ArchBatch) -> ArchBatch:
     return ArchBatch.from_archs(archs)
 
 
-def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position: int = 0, layer_scale: bool = False):
-    attn_dim = num_heads * head_dim
+def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position: int = 0, layer_scale: bool = False,
+                 attn_dim=None):
+    """``attn_dim``: the q/k/v width; None: ``num_heads * head_dim``."""
+    attn_dim = num_heads * head_dim if attn_dim is None else attn_dim
     norms = (2 + layer_scale) * 2 * embed_dim
     attention = (embed_dim + 1) * 3 * attn_dim + (attn_dim + 1) * embed_dim
     mlp = (embed_dim + 1) * hidden + (hidden + 1) * embed_dim
@@ -101,11 +105,12 @@ def layer_params(embed_dim, num_heads, hidden, head_dim: int, relative_position:
     return norms + attention + mlp + tables
 
 
-def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0) -> dict:
+def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0,
+                     attn_dim=None) -> dict:
     """MACs of one transformer layer by kind: ``projections`` (qkv and output projection),
     ``attention`` (q @ k^T and attn @ v, and with relative position q . r_k and attn . r_v) and ``mlp`` (fc1 and
-    fc2)."""
-    attn_dim = num_heads * head_dim
+    fc2). ``attn_dim``: the q/k/v width; None: ``num_heads * head_dim``."""
+    attn_dim = num_heads * head_dim if attn_dim is None else attn_dim
     products = 4 if relative_position else 2
     return {
         "projections": tokens * embed_dim * 4 * attn_dim,
@@ -114,8 +119,8 @@ def layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim: int, relati
     }
 
 
-def layer_macs(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0):
-    return sum(layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim, relative_position).values())
+def layer_macs(embed_dim, num_heads, hidden, tokens, head_dim: int, relative_position: int = 0, attn_dim=None):
+    return sum(layer_macs_parts(embed_dim, num_heads, hidden, tokens, head_dim, relative_position, attn_dim).values())
 
 
 def embed_params(embed_dim, patch_size, tokens, in_chans: int):
@@ -151,7 +156,7 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
     """[K] int64 parameter counts (see the module docstring for what is counted)."""
     d = layer_dims(archs, space)
     per_layer = layer_params(d.embed_dim, d.num_heads, d.hidden, space.head_dim, space.relative_position,
-                             space.layer_scale)
+                             space.layer_scale, d.attn_dim)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_params(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers
@@ -161,7 +166,8 @@ def params_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.n
 def macs_many(archs: Sequence[Arch] | ArchBatch, space: "SearchSpace") -> np.ndarray:
     """[K] int64 multiply-accumulates of one image's forward pass (see the module docstring)."""
     d = layer_dims(archs, space)
-    per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position)
+    per_layer = layer_macs(d.embed_dim, d.num_heads, d.hidden, d.tokens, space.head_dim, space.relative_position,
+                           d.attn_dim)
     layers = np.where(d.layer_on, per_layer, 0).sum(axis=1)
     embed = d.embed_dim[:, 0]
     return (embed_macs(embed, d.patch_size, d.tokens[:, 0], space.in_chans) + layers

@@ -28,8 +28,9 @@ def extract(supernet: VisionTransformerSupernet, arch: Arch | None = None) -> Vi
     blocks = [block.extract() for block, on in zip(supernet.blocks, arch.layer_on) if on]
     weight = supernet.head.weight
     heads, hidden = [b.attn.num_heads for b in blocks], [b.mlp.fc1.out_features for b in blocks]
+    head_dims = [b.attn.head_dim for b in blocks] if arch.attn_dim is not None else c.head_dim
     model = empty_module(lambda: VisionTransformer(c.img_size, patch, c.in_chans, c.num_classes, arch.embed_dim, heads,
-                                                   hidden, c.head_dim, eps=c.layer_norm_eps,
+                                                   hidden, head_dims, eps=c.layer_norm_eps,
                                                    relative_position=c.relative_position,
                                                    global_pool=c.global_pool, layer_scale=c.layer_scale), weight)
     patch_embed, cls_token, pos_embed = supernet.token_layers(patch)
@@ -53,7 +54,7 @@ def model_kwargs(model: VisionTransformer) -> dict[str, Any]:
         "embed_dim": model.cls_token.shape[-1],
         "num_heads": [block.attn.num_heads for block in model.blocks],
         "hidden_features": [block.mlp.fc1.out_features for block in model.blocks],
-        "head_dim": model.head_dim,
+        "head_dim": model.head_dim if isinstance(model.head_dim, int) else list(model.head_dim),
         "eps": model.norm.eps,
         "qkv_bias": all(block.attn.qkv.bias is not None for block in model.blocks),
         "relative_position": model.relative_position,

@@ -54,8 +54,9 @@ class VisionTransformerFamily(Family):
         parameters = (embeddings * cost.embed_params(embed, patch, tokens, space.in_chans)
                       + depth * cost.layer_params(embed, heads, hidden, space.head_dim, space.relative_position)
                       + cost.head_params(embed, cost.head_outputs(space)))
-        if space.private_qk:
-            parameters += depth * sum(2 * (embed + 1) * h * space.head_dim for h in space.num_heads[:-1])
+        if space.private_qk:  # with attention widths, each holds the stored width
+            parameters += depth * sum(2 * (embed + 1) * (attention if space.attn_dims else h * space.head_dim)
+                                      for h in space.num_heads[:-1])
         per_layer = tokens * (6 * embed + 4 * attention + 2 * hidden) + 2 * heads * tokens * tokens
         activations = space.in_chans * space.img_size ** 2 + 2 * tokens * embed + depth * per_layer
         inference = 2 * tokens * embed + max(3 * tokens * attention + 2 * heads * tokens * tokens, 2 * tokens * hidden)
@@ -75,7 +76,8 @@ class VisionTransformerFamily(Family):
     def grouping_key(self, arch: Arch) -> tuple:
         """By patch size, embed dim, then layer by layer: subnets of one embed dim (less padding) and with common
         leading layers (computed once: ``nas.vit.batched``) share a pass."""
-        return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio))
+        return arch.patch_size or 0, arch.embed_dim, tuple(zip(arch.layer_on, arch.num_heads, arch.mlp_ratio,
+                                                                arch.attn_dim or (0,) * arch.max_depth))
 
     def extract(self, supernet, arch: Arch) -> VisionTransformer:
         from .export import extract
@@ -93,18 +95,21 @@ class VisionTransformerFamily(Family):
 
     def decisions(self, space: SearchSpace) -> list[Sequence[Any]]:
         """Embed dim, depth, patch size, then heads and MLP ratio of every layer and, in a space with identity
-        layers, whether each layer would rather be on (the layout saved policies were trained with)."""
+        layers, whether each layer would rather be on (the layout saved policies were trained with), and, in a space
+        with attention widths, each layer's width."""
         layers = space.max_depth
         return ([space.embed_dims, space.depths, space.patch_sizes] + [space.num_heads] * layers
-                + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0))
+                + [space.mlp_ratios] * layers + [(False, True)] * (layers if space.identity_layers else 0)
+                + [space.attn_dims] * (layers if space.attn_dims else 0))
 
     def decode_decisions(self, space: SearchSpace, choices: np.ndarray) -> ArchBatch:
         """The first ``depth`` layers on or, with identity layers, the first ``depth`` of the layers in order of
         preference (those that would rather be on first)."""
         layers = space.max_depth
         depth = np.asarray(space.depths)[choices[:, 1]]
+        widths_at = 3 + (3 if space.identity_layers else 2) * layers
         if space.identity_layers:
-            order = np.argsort(choices[:, 3 + 2 * layers:] == 0, axis=1, kind="stable")  # preferred-on first
+            order = np.argsort(choices[:, 3 + 2 * layers:widths_at] == 0, axis=1, kind="stable")  # preferred-on first
             layer_on = np.argsort(order, axis=1) < depth[:, None]
         else:
             layer_on = np.arange(layers) < depth[:, None]
@@ -112,7 +117,8 @@ class VisionTransformerFamily(Family):
                  else np.zeros(len(choices), dtype=np.int64))
         batch = space.batch_type(np.asarray(space.embed_dims)[choices[:, 0]],
                           np.asarray(space.num_heads)[choices[:, 3:3 + layers]],
-                          np.asarray(space.mlp_ratios)[choices[:, 3 + layers:3 + 2 * layers]], layer_on, patch)
+                          np.asarray(space.mlp_ratios)[choices[:, 3 + layers:3 + 2 * layers]], layer_on, patch,
+                          np.asarray(space.attn_dims)[choices[:, widths_at:]] if space.attn_dims else None)
         return space.canonical_batch(batch)
 
     def layer_drop_refusal(self, space: SearchSpace) -> str | None:

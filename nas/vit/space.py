@@ -95,7 +95,11 @@ class SearchSpace:
     ``elastic_ops.nn.ElasticAttention``). ``global_pool``: what a classifier reads, the class token or the patch
     tokens' mean (``"avg"``, AutoFormer's ``--gp``); ``layer_norm_eps``: the LayerNorms' eps (AutoFormer's: torch's
     1e-5); ``layer_scale``: the blocks scale each branch by a learnt vector (timm's LayerScale: CaiT, DeiT III).
-    Choices are stored sorted and without repeats.
+    ``attn_dims`` (ViTAS): the attention's q/k/v widths, a per-layer gene of their own (``Arch.attn_dim``), so that a
+    head has ``attn_dim / num_heads`` channels; every width must divide by every head count (the genes are drawn
+    independently), the largest is the stored width ``num_heads * head_dim`` of the supernet, and the attention has
+    neither relative position nor AutoFormer's bias layout, which assume the fixed head dim. Empty (the default): the
+    width is ``num_heads * head_dim``. Choices are stored sorted and without repeats.
     """
 
     name: str
@@ -118,6 +122,7 @@ class SearchSpace:
     global_pool: str = "token"
     layer_norm_eps: float = 1e-6
     layer_scale: bool = False
+    attn_dims: tuple[int, ...] = ()
 
     family: ClassVar[str] = "vit"
     arch_type: ClassVar[type] = Arch
@@ -160,6 +165,11 @@ class SearchSpace:
         set_field("layer_norm_eps", float(self.layer_norm_eps))
         if self.supernet is not None:
             set_field("supernet", self._supernet_sizes(self.supernet))
+        if self.attn_dims is None or (isinstance(self.attn_dims, (tuple, list)) and not self.attn_dims):
+            set_field("attn_dims", ())
+        else:
+            set_field("attn_dims", _choices("attn_dims", self.attn_dims, int))
+            self._check_attn_dims()
         bad = [p for p in self.patch_sizes if self.img_size % p]
         if bad:
             raise ValueError(f"SearchSpace.patch_sizes {tuple(bad)} do not divide img_size={self.img_size}")
@@ -192,6 +202,20 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.supernet.depth={sizes.depth} must be the largest depth {self.max_depth} "
                              "(deeper layers would never run)")
         return sizes
+
+    def _check_attn_dims(self) -> None:
+        stored = self.supernet_sizes().num_heads * self.head_dim
+        widest = self.attn_dims[-1]
+        if widest > stored or (self.supernet is None and widest != stored):
+            raise ValueError(f"SearchSpace.attn_dims: the widest attention {widest} must be the stored width num_heads "
+                             f"* head_dim = {stored}" + (" or less" if self.supernet is not None else ""))
+        uneven = [(w, h) for w in self.attn_dims for h in self.num_heads if w % h]
+        if uneven:
+            raise ValueError(f"SearchSpace.attn_dims: width {uneven[0][0]} does not divide by {uneven[0][1]} heads; "
+                             "every width must divide by every head count")
+        if self.relative_position or self.qkv_bias_layout != "blocks":
+            raise ValueError("SearchSpace.attn_dims: relative position and AutoFormer's qkv bias layout assume the "
+                             "fixed head dim; leave them off with attention widths")
 
     def supernet_sizes(self) -> SupernetSizes:
         """The sizes of the supernet's stored weights: ``supernet`` where given, else the largest choices."""
@@ -238,6 +262,9 @@ class SearchSpace:
         one patch): what ``nas.memory`` weighs to name the field an estimate owes most to."""
         cuts = {name: (getattr(self, name)[-1], {name: getattr(self, name)[:1]})
                 for name in ("embed_dims", "depths", "num_heads", "mlp_ratios")}
+        if self.attn_dims:  # fewer heads keep the widest width, which the stored weights hold
+            cuts["num_heads"] = (self.max_heads, {"num_heads": self.num_heads[:1],
+                                                  "head_dim": self.max_heads * self.head_dim // self.num_heads[0]})
         cuts["img_size"] = (self.img_size, {"img_size": math.lcm(*self.patch_sizes)})
         return [(f"{name} (largest {largest})", dataclasses.replace(self, **cut))
                 for name, (largest, cut) in cuts.items()]
@@ -258,6 +285,12 @@ class SearchSpace:
                 raise ValueError(f"arch.num_heads[{i}]={heads} not in {self.num_heads} ({where})")
             if not any(math.isclose(ratio, r, rel_tol=1e-9) for r in self.mlp_ratios):
                 raise ValueError(f"arch.mlp_ratio[{i}]={ratio} not in {self.mlp_ratios} ({where})")
+        if (arch.attn_dim is None) != (not self.attn_dims):
+            raise ValueError(f"arch.attn_dim is {'missing' if arch.attn_dim is None else 'set'} but {where} "
+                             f"{'chooses attention widths ' + str(self.attn_dims) if self.attn_dims else 'has none'}")
+        for i, width in enumerate(arch.attn_dim or ()):
+            if width not in self.attn_dims:
+                raise ValueError(f"arch.attn_dim[{i}]={width} not in {self.attn_dims} ({where})")
         if arch.depth not in self.depths:
             raise ValueError(f"arch.depth={arch.depth} (layers on) not in {self.depths} ({where})")
         if not self.identity_layers and arch.layer_on != tuple(i < arch.depth for i in range(self.max_depth)):
@@ -294,22 +327,25 @@ class SearchSpace:
             np.take_along_axis(batch.mlp_ratio, source, axis=1),
             batch.layer_on,
             batch.patch_size,
+            None if batch.attn_dim is None else np.take_along_axis(batch.attn_dim, source, axis=1),
         )
 
     def max_arch(self) -> Arch:
         """The largest and most costly arch: every maximum, all layers on, the smallest patch size."""
         return self._uniform_arch(self.max_embed_dim, self.max_depth, self.max_heads, self.max_mlp_ratio,
-                                  self.patch_sizes[0])
+                                  self.patch_sizes[0], self.attn_dims[-1:])
 
     def min_arch(self) -> Arch:
         """The smallest and cheapest arch: every minimum, the first ``min(depths)`` layers on, the largest patch
         size."""
         return self._uniform_arch(self.embed_dims[0], self.depths[0], self.num_heads[0], self.mlp_ratios[0],
-                                  self.patch_sizes[-1])
+                                  self.patch_sizes[-1], self.attn_dims[:1])
 
-    def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size) -> Arch:
+    def _uniform_arch(self, embed_dim, depth, heads, ratio, patch_size, attn_dim: tuple[int, ...]) -> Arch:
+        """``attn_dim``: the width of every layer, or () where the space has no attention widths."""
         patch = patch_size if len(self.patch_sizes) > 1 else None
-        return self.arch_type.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch)
+        return self.arch_type.from_depth(embed_dim, depth, heads, ratio, self.max_depth, patch,
+                                         attn_dim=attn_dim[0] if attn_dim else None)
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample_many(self, rng: np.random.Generator | int, count: int) -> ArchBatch:
@@ -334,11 +370,13 @@ class SearchSpace:
             layer_on=layer_on,
             patch_size=(choices["patch_sizes"][rng.integers(len(self.patch_sizes), size=n)]
                         if len(self.patch_sizes) > 1 else np.zeros(n, dtype=np.int64)),
+            attn_dim=(choices["attn_dims"][rng.integers(len(self.attn_dims), size=(n, layers))]
+                      if self.attn_dims else None),
         )
 
     @functools.cached_property
     def _choice_arrays(self) -> dict[str, np.ndarray]:
-        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes")
+        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "patch_sizes", "attn_dims")
         return {name: np.asarray(getattr(self, name)) for name in names}
 
     def sample(self, rng: np.random.Generator | int) -> Arch:
@@ -366,12 +404,13 @@ class SearchSpace:
     def mutate(self, arch: Arch, rng: np.random.Generator | int, prob: float = 0.2,
                depth_embed_prob: float = 0.4) -> Arch:
         """AutoFormer's evolution mutation: with ``depth_embed_prob`` redraw the depth (new layers get
-        fresh choices), then redraw each active layer's MLP ratio and heads with ``prob`` each, then the
-        embed dim (and the patch size, where there are several) with ``depth_embed_prob``.
-        With identity layers a new depth switches random layers on or off."""
+        fresh choices), then redraw each active layer's MLP ratio and heads (and attention width, where the space
+        has attention widths) with ``prob`` each, then the embed dim (and the patch size, where there are several)
+        with ``depth_embed_prob``. With identity layers a new depth switches random layers on or off."""
         self.validate(arch)
         rng = as_generator(rng)
         heads, ratios, layer_on = list(arch.num_heads), list(arch.mlp_ratio), list(arch.layer_on)
+        widths = list(arch.attn_dim or ())
         embed_dim, patch_size = arch.embed_dim, arch.patch_size
         if rng.random() < depth_embed_prob:
             new_depth = self._pick(rng, self.depths)
@@ -388,6 +427,8 @@ class SearchSpace:
                 layer_on[i] = not layer_on[i]
                 if layer_on[i]:
                     heads[i], ratios[i] = self._pick(rng, self.num_heads), self._pick(rng, self.mlp_ratios)
+                    if widths:
+                        widths[i] = self._pick(rng, self.attn_dims)
         active = [i for i, on in enumerate(layer_on) if on]
         for i in active:
             if rng.random() < prob:
@@ -395,29 +436,37 @@ class SearchSpace:
         for i in active:
             if rng.random() < prob:
                 heads[i] = self._pick(rng, self.num_heads)
+        for i in active if widths else ():
+            if rng.random() < prob:
+                widths[i] = self._pick(rng, self.attn_dims)
         if rng.random() < depth_embed_prob:
             embed_dim = self._pick(rng, self.embed_dims)
         if len(self.patch_sizes) > 1 and rng.random() < depth_embed_prob:
             patch_size = self._pick(rng, self.patch_sizes)
-        return self.canonical(self.arch_type(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size))
+        return self.canonical(self.arch_type(embed_dim, tuple(heads), tuple(ratios), tuple(layer_on), patch_size,
+                                             attn_dim=tuple(widths) if widths else None))
 
     def crossover(self, a: Arch, b: Arch, rng: np.random.Generator | int) -> Arch:
         """AutoFormer's uniform crossover: every gene from either parent with probability 1/2. The
         genes are the embed dim, the patch size, the set of active layers (the depth) and each layer's
-        heads and MLP ratio."""
+        heads and MLP ratio (and attention width, where the space has attention widths)."""
         self.validate(a)
         self.validate(b)
         rng = as_generator(rng)
-        from_a = rng.random(3 + 2 * self.max_depth) < 0.5
         layers = self.max_depth
-        heads = tuple(x if pick else y for x, y, pick in zip(a.num_heads, b.num_heads, from_a[3:3 + layers]))
-        ratios = tuple(x if pick else y for x, y, pick in zip(a.mlp_ratio, b.mlp_ratio, from_a[3 + layers:]))
+        from_a = rng.random(3 + (3 if self.attn_dims else 2) * layers) < 0.5
+
+        def per_layer(x: tuple, y: tuple, gene: int) -> tuple:
+            picks = from_a[3 + gene * layers:3 + (gene + 1) * layers]
+            return tuple(p if pick else q for p, q, pick in zip(x, y, picks))
+
         child = self.arch_type(
             a.embed_dim if from_a[0] else b.embed_dim,
-            heads,
-            ratios,
+            per_layer(a.num_heads, b.num_heads, 0),
+            per_layer(a.mlp_ratio, b.mlp_ratio, 1),
             a.layer_on if from_a[1] else b.layer_on,
             a.patch_size if from_a[2] else b.patch_size,
+            attn_dim=per_layer(a.attn_dim, b.attn_dim, 2) if self.attn_dims else None,
         )
         return self.canonical(child)
 
@@ -428,7 +477,8 @@ class SearchSpace:
     # -- categorical genes (REINFORCE, TPE) ------------------------------------------------------------------
     def genes(self) -> list[tuple[str, tuple]]:
         """The space as independent categorical genes: embed dim, depth, patch size (where several), and per layer
-        heads and MLP ratio; with identity layers, per layer an on/off preference."""
+        heads and MLP ratio; with identity layers, per layer an on/off preference; with attention widths, per layer
+        the width."""
         layers = range(self.max_depth)
         genes: list[tuple[str, tuple]] = [("embed_dim", self.embed_dims), ("depth", self.depths)]
         if len(self.patch_sizes) > 1:
@@ -437,6 +487,8 @@ class SearchSpace:
         genes += [(f"mlp_ratio_{i}", self.mlp_ratios) for i in layers]
         if self.identity_layers:
             genes += [(f"layer_on_{i}", (False, True)) for i in layers]
+        if self.attn_dims:
+            genes += [(f"attn_dim_{i}", self.attn_dims) for i in layers]
         return genes
 
     def decode_genes(self, indices: np.ndarray) -> ArchBatch:
@@ -453,15 +505,19 @@ class SearchSpace:
         else:
             layer_on = np.arange(self.max_depth) < depth[:, None]
         batch = self.batch_type(values["embed_dim"], np.stack([values[f"num_heads_{i}"] for i in layers], axis=1),
-                          np.stack([values[f"mlp_ratio_{i}"] for i in layers], axis=1), layer_on,
-                          values.get("patch_size", np.zeros(len(indices), dtype=np.int64)))
+                                np.stack([values[f"mlp_ratio_{i}"] for i in layers], axis=1), layer_on,
+                                values.get("patch_size", np.zeros(len(indices), dtype=np.int64)),
+                                np.stack([values[f"attn_dim_{i}"] for i in layers], axis=1) if self.attn_dims else None)
         return self.canonical_batch(batch)
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         def plain(value):
             return list(value) if isinstance(value, tuple) else asdict(value) if is_dataclass(value) else value
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+        data = {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+        if not self.attn_dims:  # a space without attention widths reads as it did before they existed
+            del data["attn_dims"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":

@@ -14,6 +14,11 @@ v and the output projection stay shared. The largest head count's are the q and 
 ``blocks.i.attn.qkv`` (no smaller head count reads them); each smaller one has ``blocks.i.attn.private_qk.<h>``.
 So no weight is dead, and the largest subnet is still a timm ViT.
 
+Attention widths (ViTAS): where the space chooses each layer's q/k/v width as a gene of its own (``Arch.attn_dim``), a
+layer reads the leading ``attn_dim`` rows of each of the q, k and v blocks and columns of the output projection, with
+``attn_dim // num_heads`` channels a head (``elastic_ops.nn.ElasticAttention``); private q/k projections then hold the
+full stored width for every head count, as ViTAS's do.
+
 Two-sided width sharing (BCNet, ViTAS): an arch with ``side="right"`` reads every width (embed dim, heads, MLP
 hidden units) from the trailing channels of the super weights, the patch embedding, class token and position
 embedding included; the head's classes are always all of them.
@@ -61,8 +66,10 @@ class SupernetConfig:
     (``elastic_ops.nn.ElasticAttention``); ``layer_scale``: the initial value of each branch's LayerScale (timm's),
     None for none; ``global_pool``: what the classifier reads after the final norm, the class
     token (``"token"``) or the mean of the patch tokens (``"avg"``, AutoFormer's ``--gp``), or, for segmentation
-    (``"dense"``, one patch size), every patch token, mapped to the logits of its pixels; ``space``, if given, is what
-    :meth:`VisionTransformerSupernet.set_arch` validates archs against."""
+    (``"dense"``, one patch size), every patch token, mapped to the logits of its pixels; ``attn_dim_gene``: the
+    attention width is a gene of the archs (``Arch.attn_dim``), so private q/k projections hold ``num_heads * head_dim``
+    rows a block for every head count; ``space``, if given, is what :meth:`VisionTransformerSupernet.set_arch`
+    validates archs against."""
 
     img_size: int
     patch_sizes: tuple[int, ...]
@@ -81,6 +88,7 @@ class SupernetConfig:
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     global_pool: str = "token"
+    attn_dim_gene: bool = False
     space: SearchSpace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -129,7 +137,7 @@ class SupernetConfig:
             relative_position=space.relative_position, drop_path_rate=drop_path_rate,
             layer_norm_eps=space.layer_norm_eps if layer_norm_eps is None else layer_norm_eps,
             global_pool="dense" if space.task == "segmentation" else space.global_pool,
-            space=space,
+            attn_dim_gene=bool(space.attn_dims), space=space,
         )
 
     def num_tokens(self, patch_size: int) -> int:
@@ -180,7 +188,8 @@ class VisionTransformerSupernet(nn.Module):
         self.blocks = nn.ModuleList([
             ElasticBlock(c.embed_dim, c.num_heads, c.hidden_features, head_dim=c.head_dim, eps=c.layer_norm_eps,
                          drop_path=rate, private_qk_heads=c.private_qk_heads, relative_position=c.relative_position,
-                         qkv_bias_layout=c.qkv_bias_layout, layer_scale=c.layer_scale)
+                         qkv_bias_layout=c.qkv_bias_layout, layer_scale=c.layer_scale,
+                         private_qk_width=c.num_heads * c.head_dim if c.attn_dim_gene else None)
             for rate in drop_paths
         ])
         self.norm = ElasticLayerNorm(c.embed_dim, eps=c.layer_norm_eps)
@@ -230,6 +239,10 @@ class VisionTransformerSupernet(nn.Module):
         for i, (heads, on) in enumerate(zip(arch.num_heads, arch.layer_on)):
             if on and not 1 <= heads <= c.num_heads:
                 problems.append(f"layer {i} has {heads} heads, outside 1..{c.num_heads}")
+            width = arch.attention_width(i, c.head_dim)
+            if on and arch.attn_dim is not None and not (1 <= width <= c.num_heads * c.head_dim and width % heads == 0):
+                problems.append(f"layer {i} has an attention width of {width}, not a multiple of its {heads} heads in "
+                                f"1..{c.num_heads * c.head_dim}")
             if on and not 1 <= arch.hidden_features(i) <= c.hidden_features:
                 problems.append(f"layer {i} has {arch.hidden_features(i)} MLP hidden units, outside "
                                 f"1..{c.hidden_features}")
@@ -247,11 +260,16 @@ class VisionTransformerSupernet(nn.Module):
         for i, block in enumerate(self.blocks):
             if arch.layer_on[i]:
                 block.set_active(embed_dim=embed_dim, num_heads=arch.num_heads[i],
-                                 hidden_features=arch.hidden_features(i))
+                                 hidden_features=arch.hidden_features(i), attn_dim=self.attn_dim(arch, i))
             block.set_side(arch.side)  # every block: a batched pass after this arch may run those it switched off
         self.norm.set_active(dim=embed_dim).set_side(arch.side)
         self.head.set_active(in_features=embed_dim).set_side(in_features=arch.side)
         self.arch = arch
+
+    @staticmethod
+    def attn_dim(arch: Arch, layer: int) -> int | None:
+        """The attention width gene of ``layer`` as the blocks take it: None where the width is heads x head dim."""
+        return None if arch.attn_dim is None else arch.attn_dim[layer]
 
     def embed_channels(self, embed_dim: int, side: str = "left") -> slice:
         """The channels of the class token and position embedding that ``embed_dim`` on ``side`` reads."""
@@ -290,7 +308,7 @@ class VisionTransformerSupernet(nn.Module):
         for i, (block, on) in enumerate(zip(self.blocks, arch.layer_on)):
             if on:  # sizes passed as arguments: a compiled block traces them as symbols (see compile)
                 x = block(x, embed_dim=arch.embed_dim, num_heads=arch.num_heads[i],
-                          hidden_features=arch.hidden_features(i))
+                          hidden_features=arch.hidden_features(i), attn_dim=self.attn_dim(arch, i))
         return c.read_out(self.head(pool(self.norm(x), c.global_pool)))
 
     def compile(self, **options) -> None:

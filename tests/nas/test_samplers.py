@@ -244,7 +244,8 @@ def test_focusformer_proposals_follow_the_budget_after_the_default_training():
     as a default ``nas.train --space digits-tiny`` run (80 epochs of 17 batches of 64 of its 1151 training images),
     against an accuracy that rises with size as a supernet's does, plus the noise of 256 held-out images: over 6
     budgets from a tenth of the MACs range to all of it, the proposals' MACs rise with the budget (Spearman > 0.8),
-    fit it, and use most of it (median 70%)."""
+    fit it, and use most of it (median 70%), and the policy's own draws fit every budget (95% of them at least: before
+    over-budget archs were infeasible, none of its draws fit the 1.92M budget, all landing at 1.93M)."""
     space = load_space("digits-tiny")
     low, high = macs_range(space)
     noise = np.random.default_rng(1)
@@ -260,6 +261,8 @@ def test_focusformer_proposals_follow_the_budget_after_the_default_training():
             sampler.update(sampler.sample(), [0.0], measure)
         budgets = np.linspace(low + 0.1 * (high - low), high, 6)
         proposed = [costs.macs_many(sampler.propose(budget, num=8), space) for budget in budgets]
+        with torch.no_grad():
+            drawn = [costs.macs_many(sampler.policy_draw([budget] * 200)[0], space) for budget in budgets]
     finally:
         torch.set_num_threads(threads)
     medians = [np.median(macs) for macs in proposed]
@@ -267,6 +270,8 @@ def test_focusformer_proposals_follow_the_budget_after_the_default_training():
     assert np.corrcoef(*ranks)[0, 1] > 0.8, medians
     assert all((macs <= budget).all() for macs, budget in zip(proposed, budgets))
     assert np.median(np.concatenate([macs / budget for macs, budget in zip(proposed, budgets)])) >= 0.7, medians
+    fits = [np.mean(macs <= budget) for macs, budget in zip(drawn, budgets)]
+    assert min(fits) >= 0.95, fits
 
 
 def test_learned_sampler_trains_alternately(autoformer_t):
@@ -344,7 +349,7 @@ def test_learned_sampler_places_identity_layers_where_the_space_allows(vitas_t):
     switching off the first half of the layers, it learns to (the first `depth` layers would always hold layer 0)."""
     layers = vitas_t.max_depth
     sampler = build_sampler("learned", vitas_t, seed=0, total_steps=1000, policy_every=1, budgets_per_update=4,
-                            archs_per_budget=4, shortfall=0.0)  # the reward of this test is where the layers are
+                            archs_per_budget=4, shortfall=0.0, infeasible=0.0)  # the reward here: where layers are
 
     def measure(arch):
         return np.mean(arch.layer_on[layers // 2:]) - np.mean(arch.layer_on[:layers // 2])
