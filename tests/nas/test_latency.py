@@ -17,7 +17,7 @@ from nas.spaces import load_space
 
 def test_features_add_up_per_layer():
     space = load_space("vitas-t")
-    batch = space.sample_many(np.random.default_rng(), 30)
+    batch = space.sample_many(np.random.default_rng(0), 30)
     features = latency_features(batch, space)
     column = {name: features[:, i] for i, name in enumerate(FEATURES)}
     # Linear and attention MACs split the cost model's total exactly.
@@ -39,7 +39,7 @@ def synthetic_measurements(space, rng, count, coef, noise):
 
 
 def test_fit_recovers_a_linear_latency():
-    space, rng = load_space("autoformer-t"), np.random.default_rng()
+    space, rng = load_space("autoformer-t"), np.random.default_rng(0)
     # Seconds per unit of each feature: 1 ms fixed, 50 us per layer, 1 ns per 20 linear MACs, ...
     coef = np.array([1e-3, 5e-5, 5e-11, 2e-10, 4e-10, 2e-10])
     measured = synthetic_measurements(space, rng, 80, coef, noise=0.01)
@@ -65,7 +65,7 @@ def test_fit_rejects_bad_measurements():
 
 
 def fitted_model():  # written before environments were recorded: none
-    space, rng = load_space("cifar-tiny"), np.random.default_rng()
+    space, rng = load_space("cifar-tiny"), np.random.default_rng(0)
     coef = rng.uniform(0.5, 2.0, len(FEATURES)) * np.array([1e-4, 1e-5, 1e-11, 1e-11, 1e-9, 1e-9])
     return LatencyModel.fit(synthetic_measurements(space, rng, 20, coef, 0.05), space, batch_size=32, device="cpu")
 
@@ -137,7 +137,7 @@ def test_measure_latency_counts_calls_and_times_them():
 
 def test_measure_archs_builds_and_times_each_arch():
     space = load_space("digits-tiny")
-    archs = space.sample_many(np.random.default_rng(), 3).archs()
+    archs = space.sample_many(np.random.default_rng(0), 3).archs()
     built, training_flags = [], []
 
     def build_model(arch):
