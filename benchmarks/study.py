@@ -11,7 +11,7 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
   cached) shared by every run, so ten seeds of every searcher cost only the distinct archs. Every searcher of
   ``nas.searchers`` runs under each budget; anytime curves give the test top-1 of the best held-out arch against
   evaluations. Target: the predictor-assisted search reaches the held-out score of the best arch of an evolution
-  given ``reference_evaluations`` (1,000 at the cpu and gpu scales, on 3 and 10 seeds) within a third of those
+  given ``reference_evaluations`` (1,000 at the cpu and gpu scales, on 3 seeds) within a third of those
   evaluations.
 - ``samplers``: one supernet per training sampler and seed at equal training compute (the same subnet-images: a
   sampler that trains k subnets a step gets 1/k of uniform's steps), each searched the same way (evolution at every
@@ -24,12 +24,13 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
   and the identity probability searched during training against calibrated by bisection.
 
 Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (CI
-runs it: it checks the machinery, its figures mean nothing); ``cpu`` fits each study in about an hour on two cores,
-on CIFAR-10 at 32 px (``--data-dir``, default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far
-above chance (40-55% against 10%) yet its subnets still differ by several points, so a comparison can show; ``gpu``
-is the same task with more steps and seeds for one GPU. Every unit (a training run, a search, a searcher's run)
-writes its result when it ends and is skipped when the study runs again; a killed training run continues from its
-last checkpoint. So a killed study continues.
+runs it: it checks the machinery, its figures mean nothing); ``cpu`` runs on CIFAR-10 at 32 px (``--data-dir``,
+default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-40% against 10% after
+1,500 steps) yet its subnets still differ by points, so a comparison can show: about an hour a study on two cores
+(two studies side by side, one thread each) for vitas, longer for the others (RESULTS.md has the times); ``gpu`` is
+the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
+unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
+again; a killed training run continues from its last checkpoint. So a killed study continues.
 """
 from __future__ import annotations
 
@@ -100,10 +101,12 @@ SCALES = {
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=250, searcher_budget_quantiles=(0.5,)),
-    "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=6000, batch_size=256, lr=2e-3,
-                 holdout_images=5000, test_images=10000, seeds=5, search_generations=10, search_population=50,
-                 searcher_evaluations=600, searcher_population=20, reference_evaluations=1000, reference_seeds=10,
-                 table_images=5000),
+    # The four studies train 47 supernets and models (3 seeds): at 2,000 steps each and an assumed 5 ms a step of
+    # this small ViT on an H100 (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet.
+    "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, batch_size=256, lr=2e-3,
+                 holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
+                 searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
+                 table_images=1000),
 }
 SEARCHER_SEEDS = {"smoke": 2, "cpu": 10, "gpu": 10}
 
