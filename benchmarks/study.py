@@ -25,9 +25,9 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
 
 Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (CI
 runs it: it checks the machinery, its figures mean nothing); ``cpu`` runs on CIFAR-10 at 32 px (``--data-dir``,
-default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-40% against 10% after
-1,500 steps) yet its subnets still differ by points, so a comparison can show: about an hour a study on two cores
-(two studies side by side, one thread each) for vitas, longer for the others (RESULTS.md has the times); ``gpu`` is
+default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-50% against 10% after
+1,500 steps) yet its subnets still differ by points, so a comparison can show: about two hours a study on two
+shared cores (two studies side by side, one thread each; RESULTS.md has the times), not the hour aimed at; ``gpu`` is
 the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
 unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
 again; a killed training run continues from its last checkpoint. So a killed study continues.
