@@ -23,9 +23,16 @@ def supernet(name: str) -> HybridSupernet:
                 if param.dim() == 1:
                     is_scale = param_name.endswith(("weight", "gamma"))
                     param.copy_(torch.rand_like(param) + 0.5 if is_scale else torch.randn_like(param) * 0.1)
-            for buffer_name, buffer in model.named_buffers():
-                if buffer_name.endswith("running_mean"):
-                    buffer.normal_(0, 0.1)
-                elif buffer_name.endswith("running_var"):
-                    buffer.uniform_(0.5, 2.0)
+            randomise_running_statistics(model)
     return model.eval()
+
+
+def randomise_running_statistics(model: torch.nn.Module) -> None:
+    """BatchNorm running means ~ N(0, 0.1) and variances ~ U(0.5, 2): the initial 0 and 1 would hide a statistic read
+    from the wrong channels."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hybrid_models import randomise_running_statistics
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -202,11 +203,7 @@ def randomised(model: nn.Module) -> nn.Module:
         for name, p in model.named_parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
             p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.5 * fan_in ** -0.5))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 2.0)
+    randomise_running_statistics(model)
     return model.eval()
 
 

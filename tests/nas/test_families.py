@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hybrid_models import randomise_running_statistics
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.errors import MissingDependencyError
@@ -110,11 +111,7 @@ def randomised(supernet: torch.nn.Module) -> torch.nn.Module:
         for name, param in supernet.named_parameters():
             if param.dim() == 1:
                 param.copy_(torch.rand_like(param) + 0.5 if name.endswith("weight") else torch.randn_like(param) * 0.1)
-        for name, buffer in supernet.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 2.0)
+    randomise_running_statistics(supernet)
     return supernet.eval()
 
 
