@@ -73,7 +73,8 @@ class Scale:
                                 # hybrid spaces) on CIFAR-10 at every scale
     image_size: int
     in_chans: int
-    train_steps: int            # steps of a one-subnet-a-step run; samplers' runs get the same subnet-images
+    train_steps: int            # steps of a one-subnet-a-step run of the ViT studies
+    hybrid_train_steps: int     # the same for the samplers study's hybrid nets; its samplers get equal subnet-images
     batch_size: int
     lr: float
     holdout_images: int         # search data: training images every run holds out
@@ -91,19 +92,24 @@ class Scale:
 
 
 SCALES = {
-    "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, batch_size=32, lr=3e-3,
+    "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, hybrid_train_steps=6,
+                   batch_size=32, lr=3e-3,
                    holdout_images=120, test_images=120, seeds=2, search_generations=1, search_population=4,
                    searcher_evaluations=12, searcher_population=4, reference_evaluations=24, reference_seeds=2,
                    table_images=120),
     # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
-    "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, batch_size=128, lr=2e-3,
+    # A step of the samplers study's hybrid nets costs about three of the ViT's on the CPU: half the steps keep its 18
+    # runs near the hour.
+    "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=750,
+                 batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=250, searcher_budget_quantiles=(0.5,)),
     # The four studies train 47 supernets and models (3 seeds): at 2,000 steps each and an assumed 5 ms a step of
     # this small ViT on an H100 (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet.
-    "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, batch_size=256, lr=2e-3,
+    "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, hybrid_train_steps=2000,
+                 batch_size=256, lr=2e-3,
                  holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=1000),
@@ -269,11 +275,12 @@ def run_samplers(study: Study) -> str:
     samplers = {"uniform": {}, "sandwich": {}, "complexity": {}, "performance": {}, "elasticvit": {}, "learned": {}}
     budgets = study.budgets(space)
     scores: dict[str, dict[str, dict[int, float]]] = {}
-    for name, options in samplers.items():
-        steps = max(1, round(s.train_steps / subnets_per_step(name, space, options)))
-        for seed in range(study.seeds):
+    steps = {name: max(1, round(s.hybrid_train_steps / subnets_per_step(name, space, options)))
+             for name, options in samplers.items()}
+    for seed in range(study.seeds):  # seed by seed, so a study cut short has every sampler on its first seeds
+        for name, options in samplers.items():
             run = study.trained(f"{name}-s{seed}", study.train_settings(
-                space, seed, steps, sampler=name, sampler_options=options, dataset="cifar10",
+                space, seed, steps[name], sampler=name, sampler_options=options, dataset="cifar10",
                 data_dir=study.cifar_dir))
             found = study.searched(f"{name}-s{seed}", run["checkpoint"], budgets, seed)
             for b in budgets:
