@@ -1,6 +1,6 @@
 """Studies that test each seed paper's claim here, with several seeds and 95% intervals.
 
-    python benchmarks/study.py STUDY --scale smoke|cpu|gpu [--seeds N] [--out-dir DIR]
+    python benchmarks/study.py STUDY --scale smoke|cpu|gpu [--seeds N] [--out-dir DIR] [--jobs N]
 
 STUDY is ``searchers``, ``samplers``, ``supersam``, ``vitas`` or ``all``. Each ends in a table of means with 95%
 t-intervals over seeds and, per comparison, the paired difference (arms that share a seed are paired by it) with its
@@ -30,7 +30,8 @@ default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far abo
 shared cores (two studies side by side, one thread each; RESULTS.md has the times), not the hour aimed at; ``gpu`` is
 the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
 unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
-again; a killed training run continues from its last checkpoint. So a killed study continues.
+again; a killed training run continues from its last checkpoint. So a killed study continues. With ``--jobs N``
+the training studies run N units side by side in processes of their own (the same figures as one at a time).
 """
 from __future__ import annotations
 
@@ -38,13 +39,16 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from scipy import stats
 
@@ -159,8 +163,8 @@ class Study:
     """One study's output directory: cached units, the report, plots."""
 
     def __init__(self, name: str, scale_name: str, out_dir: Path, seeds: int | None, data_dir: str | None,
-                 log: Callable[[str], None] = print):
-        self.name, self.scale_name, self.scale = name, scale_name, SCALES[scale_name]
+                 log: Callable[[str], None] = print, jobs: int = 1):
+        self.name, self.scale_name, self.scale, self.jobs = name, scale_name, SCALES[scale_name], jobs
         self.dir = out_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seeds = seeds or (SEARCHER_SEEDS[scale_name] if name == "searchers" else self.scale.seeds)
@@ -179,6 +183,17 @@ class Study:
         atomic_write_text(path, json.dumps(result, indent=1))
         self.log(f"[study {self.name}] {key}: done in {result['seconds']:.1f} s")
         return result
+
+    def map(self, function: Callable, calls: Sequence[tuple]) -> list:
+        """``function(self, *call)`` for every call, in order; in ``jobs`` processes side by side when there are
+        more (a unit writes only its own files, so units run side by side; on a CPU, small nets gain more from two
+        processes than from two threads each)."""
+        if self.jobs == 1 or len(calls) < 2:
+            return [function(self, *call) for call in calls]
+        threads = max(1, torch.get_num_threads() // self.jobs)
+        with ProcessPoolExecutor(min(self.jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            return [future.result() for future in [pool.submit(function, self, *call) for call in calls]]
 
     def space_file(self, name: str, base: str | None = None, **changes) -> str:
         """The space ``base`` (default: the scale's ViT space) with ``changes``, written as a YAML file of this study
@@ -238,6 +253,21 @@ class Study:
         self.log(text)
 
 
+def train_and_search(study: Study, key: str, settings: dict, budgets: list[str], seed: int) -> dict:
+    """One arm on one seed: its supernet trained, then searched; the best arch of each budget (``Study.searched``)."""
+    run = study.trained(key, settings)
+    return study.searched(key, run["checkpoint"], budgets, seed)
+
+
+def scores_on_test(found: dict[tuple[str, int], dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """``{arm: {budget: {seed: test top-1}}}`` of searches keyed by ``(arm, seed)``."""
+    scores: dict[str, dict[str, dict[int, float]]] = {}
+    for (arm, seed), best in found.items():
+        for budget, result in best.items():
+            scores.setdefault(arm, {}).setdefault(budget, {})[seed] = result["test"]
+    return scores
+
+
 # --- the training studies: arms trained per seed, then searched the same way -------------------------------------
 
 def arm_table(study: Study, scores: dict[str, dict[str, dict[int, float]]], comparisons: Sequence[tuple[str, str]],
@@ -274,18 +304,14 @@ def run_samplers(study: Study) -> str:
     space = s.hybrid_space
     samplers = {"uniform": {}, "sandwich": {}, "complexity": {}, "performance": {}, "elasticvit": {}, "learned": {}}
     budgets = study.budgets(space)
-    scores: dict[str, dict[str, dict[int, float]]] = {}
     steps = {name: max(1, round(s.hybrid_train_steps / subnets_per_step(name, space, options)))
              for name, options in samplers.items()}
-    for seed in range(study.seeds):  # seed by seed, so a study cut short has every sampler on its first seeds
-        for name, options in samplers.items():
-            run = study.trained(f"{name}-s{seed}", study.train_settings(
-                space, seed, steps[name], sampler=name, sampler_options=options, dataset="cifar10",
-                data_dir=study.cifar_dir))
-            found = study.searched(f"{name}-s{seed}", run["checkpoint"], budgets, seed)
-            for b in budgets:
-                if b in found:
-                    scores.setdefault(name, {}).setdefault(b, {})[seed] = found[b]["test"]
+    # Seed by seed, so that a study cut short has every sampler's first seeds.
+    runs = [(name, seed) for seed in range(study.seeds) for name in samplers]
+    calls = [(f"{name}-s{seed}", study.train_settings(
+        space, seed, steps[name], sampler=name, sampler_options=samplers[name], dataset="cifar10",
+        data_dir=study.cifar_dir), budgets, seed) for name, seed in runs]
+    scores = scores_on_test(dict(zip(runs, study.map(train_and_search, calls))))
     text, results = arm_table(study, scores, [(n, "uniform") for n in samplers if n != "uniform"],
                               "Training samplers at equal subnet-images")
     study.write_report(text, results)
@@ -314,16 +340,13 @@ def run_vitas(study: Study) -> str:
             "leading": (spaces["private"], {"width_sharing": "leading"}, calibrated),
             "two-sided, shared tokens": (spaces["shared"], {"width_sharing": "two_sided"}, calibrated),
             "two-sided, probability searched": (spaces["private"], {"width_sharing": "two_sided"}, searched)}
-    scores: dict[str, dict[str, dict[int, float]]] = {}
-    for arm, (space, settings, options) in arms.items():
-        key = arm.replace(", ", "-").replace(" ", "-")
-        for seed in range(study.seeds):
-            run = study.trained(f"{key}-s{seed}", study.train_settings(
-                space, seed, s.train_steps, sampler="identity", sampler_options=options, **settings))
-            found = study.searched(f"{key}-s{seed}", run["checkpoint"], budgets, seed)
-            for b in budgets:
-                if b in found:
-                    scores.setdefault(arm, {}).setdefault(b, {})[seed] = found[b]["test"]
+    runs = [(arm, seed) for seed in range(study.seeds) for arm in arms]
+    calls = []
+    for arm, seed in runs:
+        space, settings, options = arms[arm]
+        calls.append((f"{arm.replace(', ', '-').replace(' ', '-')}-s{seed}", study.train_settings(
+            space, seed, s.train_steps, sampler="identity", sampler_options=options, **settings), budgets, seed))
+    scores = scores_on_test(dict(zip(runs, study.map(train_and_search, calls))))
     text, results = arm_table(study, scores, [("two-sided", "leading"), ("two-sided", "two-sided, shared tokens"),
                                               ("two-sided, probability searched", "two-sided")],
                               "ViTAS: width sharing, private tokens, identity probability")
@@ -344,20 +367,20 @@ def run_supersam(study: Study) -> str:
     arms = {"supersam": {**supernet, "init_from": pretrained["checkpoint"], "reorder_mlp": "activation",
                          "teacher": "pretrained"},
             "scratch supernet": supernet}
-    scores: dict[str, dict[str, dict[int, float]]] = {}
-    for seed in range(study.seeds):
-        found = {}
-        for arm, settings in arms.items():
-            key = f"{arm.replace(' ', '-')}-s{seed}"
-            run = study.trained(key, study.train_settings(space_path, seed, s.train_steps, **settings))
-            found[arm] = study.searched(key, run["checkpoint"], budgets, seed)
-            for b, best in found[arm].items():
-                scores.setdefault(arm, {}).setdefault(b, {})[seed] = best["test"]
-        for b, best in found["supersam"].items():  # the subnet SuperSAM found, trained alone as long
-            arch = best["arch"]
-            alone = study.trained(f"alone-{b.replace('=', '-').replace(':', '-')}-s{seed}", study.train_settings(
-                space_path, seed, s.train_steps, sampler="fixed", sampler_options={"arch": arch}, eval_archs=[arch]))
-            scores.setdefault("subnet alone", {}).setdefault(b, {})[seed] = alone["eval_archs"][0]
+    runs = [(arm, seed) for seed in range(study.seeds) for arm in arms]
+    found = dict(zip(runs, study.map(train_and_search, [
+        (f"{arm.replace(' ', '-')}-s{seed}", study.train_settings(space_path, seed, s.train_steps, **arms[arm]),
+         budgets, seed) for arm, seed in runs])))
+    scores = scores_on_test(found)
+    # The subnets SuperSAM found, each trained alone as long.
+    alone = [(b, seed, best["arch"]) for (arm, seed), per_budget in found.items() if arm == "supersam"
+             for b, best in per_budget.items()]
+    trained_alone = study.map(Study.trained, [
+        (f"alone-{b.replace('=', '-').replace(':', '-')}-s{seed}", study.train_settings(
+            space_path, seed, s.train_steps, sampler="fixed", sampler_options={"arch": arch}, eval_archs=[arch]))
+        for b, seed, arch in alone])
+    for (b, seed, _), run in zip(alone, trained_alone):
+        scores.setdefault("subnet alone", {}).setdefault(b, {})[seed] = run["eval_archs"][0]
     text, results = arm_table(study, scores, [("supersam", "scratch supernet"), ("supersam", "subnet alone")],
                               f"SuperSAM: budgets 30/50/70% below the pretrained model "
                               f"({pretrained['largest']:.2f}% test top-1, {top / 1e6:.2f}M MACs)")
@@ -506,11 +529,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs/study")
     parser.add_argument("--data-dir", default="../shared/data/cifar-10-batches-py",
                         help="CIFAR-10 for the cpu and gpu scales")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training studies: runs side by side in this many processes, the threads split among "
+                             "them (2 on two cores; the searchers study shares one evaluation table and runs alone)")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds must be at least 2 (an interval needs two values)")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     for name in STUDIES if "all" in args.study else dict.fromkeys(args.study):
-        RUNNERS[name](Study(name, args.scale, Path(args.out_dir), args.seeds, args.data_dir))
+        RUNNERS[name](Study(name, args.scale, Path(args.out_dir), args.seeds, args.data_dir, jobs=args.jobs))
     return 0
 
 

@@ -1,10 +1,11 @@
 """benchmarks/study.py: its statistics against hand computations, and every study at the smoke scale end to end,
-continued after a unit is lost as if the study had been killed."""
+continued after units are lost as if the study had been killed, the lost training run redone in a second process."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -52,12 +53,21 @@ def test_the_studies_run_at_the_smoke_scale_and_continue(tmp_path):
     target = first["searchers"]["target"]
     assert all(t["seeds"] == 2 for t in target.values())
 
-    units = sorted((tmp_path / "searchers" / "units").glob("predictor-*.json"))
-    units[0].unlink()  # as if the study had been killed before this unit ended
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "vitas" / "units").glob("*.json")}
-    out = subprocess.run(command, check=True, cwd=ROOT, env=child_env(), capture_output=True, text=True).stdout
-    assert units[0].exists() and f"{units[0].stem}: done" in out
-    assert out.count(": done in") == 1, "only the lost unit runs again"
+    # As if the study had been killed before these units ended: a searcher's run, and a vitas arm's training run
+    # (its directory gone with it) and search, which the continued study redoes in worker processes (--jobs 2).
+    units = sorted((tmp_path / "searchers" / "units").glob("predictor-*.json"))[:1]
+    units[0].unlink()
+    vitas = tmp_path / "vitas"
+    shutil.rmtree(vitas / "runs" / "leading-s1")
+    lost = [vitas / "units" / f"{step}-leading-s1.json" for step in ("train", "search")]
+    for unit in lost:
+        unit.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (vitas / "units").glob("*.json")}
+    out = subprocess.run([*command, "--jobs", "2"], check=True, cwd=ROOT, env=child_env(), capture_output=True,
+                         text=True).stdout
+    for unit in units + lost:
+        assert unit.exists() and f"{unit.stem}: done" in out
+    assert out.count(": done in") == 3, "only the lost units run again"
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     again = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in studies}
     assert again == first, "the continued study reports what the first run did"
