@@ -439,6 +439,10 @@ def check_matches(dataset: Dataset, img_size: int, in_chans: int, num_classes: i
         raise DataError(f"{what}: {num_classes_of(dataset)} classes but the search space has num_classes={num_classes}")
 
 
+# Loader worker processes a run may ask for: far past what feeds one GPU, short of a slip that forks thousands.
+MAX_WORKERS = 256
+
+
 def _as_batch(batch):
     return batch
 

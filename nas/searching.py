@@ -111,9 +111,10 @@ class SearchConfig(Config):
                                             "training used)")
     batch_size: int = setting(256, "images per evaluation batch (at most as many as memory allows, nas.memory)",
                               resumable=True)
-    num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True)
+    num_workers: int = setting(0, "data loader worker processes that read an image folder", resumable=True,
+                               at_most=data_lib.MAX_WORKERS)
     subnets_per_pass: int = setting(0, "subnets evaluated per pass over the data (0: as memory allows)",
-                                    resumable=True)
+                                    resumable=True, at_most=MAX_CANDIDATES)
     race: bool = setting(False, "race the candidates of each step over growing slices of the search data, stopping "
                                 "those the search confidently will not keep (nas.racing; pays where candidates' "
                                 "accuracies spread wider than their confidence intervals)")

@@ -164,7 +164,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = setting(2, "checkpoints kept", resumable=True)
     eval_every: int = setting(0, "steps between test evaluations (0: only at the end)", resumable=True)
     eval_batch_size: int = setting(256, "images per evaluation batch", resumable=True)
-    num_workers: int = setting(0, "data loader worker processes", resumable=True)
+    num_workers: int = setting(0, "data loader worker processes", resumable=True, at_most=data_lib.MAX_WORKERS)
     progress: bool = setting(True, "show a progress bar", resumable=True)
     plot: bool = setting(True, "write curves.png at the end", resumable=True)
     tensorboard: bool = setting(False, "also log to TensorBoard in <out_dir>/tensorboard (pip install "

@@ -387,6 +387,9 @@ def write(path: Path, content) -> Path:
     (["--latency-model", "{dir}/none.json"], {}, r".*none.json: cannot read the latency model: No such file"),
     (["--algorithm", "sampler"], {}, r"--algorithm sampler needs a supernet trained with the learned sampler"),
     (["--population", "1000000000"], {}, r"bad search config: population=1000000000 must be at most 100,000$"),
+    (["--set", "num_workers=100000"], {}, r"bad search config: num_workers=100000 must be at most 256$"),
+    (["--set", "subnets_per_pass=1000000"], {}, r"bad search config: subnets_per_pass=1000000 must be at most "
+                                                r"100,000$"),
     (["--generations", "100000", "--population", "1000"], {}, r"bad search config: generations=100000 \* "
                                                               r"population=1000 \* 1 budget\(s\) = 100,000,000 "
                                                               r"candidates, at most 10,000,000"),

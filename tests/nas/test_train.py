@@ -67,6 +67,7 @@ def test_config_yaml_overrides_and_flags(tmp_path):
     (["lr"], "must look like KEY=VALUE"),
     (["seed=-1"], r"seed=-1 must be in 0..4294967295"),
     (["seed=4294967296"], r"seed=4294967296 must be in 0..4294967295"),
+    (["num_workers=100000"], r"num_workers=100000 must be at most 256"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
