@@ -93,6 +93,7 @@ class Scale:
     table_images: int           # held-out images (the first of the split) scoring each arch of the searchers' table
     budget_quantiles: tuple[float, ...] = (0.3, 0.6)  # MAC budgets at these quantiles of uniform draws
     searcher_budget_quantiles: tuple[float, ...] = (0.3, 0.6)
+    sampler_budget_quantiles: tuple[float, ...] = (0.2, 0.5, 0.8)  # a sampler may favour small or large subnets
 
 
 SCALES = {
@@ -303,7 +304,7 @@ def run_samplers(study: Study) -> str:
     s = study.scale
     space = s.hybrid_space
     samplers = {"uniform": {}, "sandwich": {}, "complexity": {}, "performance": {}, "elasticvit": {}, "learned": {}}
-    budgets = study.budgets(space)
+    budgets = study.budgets(space, s.sampler_budget_quantiles)
     steps = {name: max(1, round(s.hybrid_train_steps / subnets_per_step(name, space, options)))
              for name, options in samplers.items()}
     # Seed by seed, so that a study cut short has every sampler's first seeds.
