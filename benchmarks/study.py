@@ -467,10 +467,17 @@ def run_searchers(study: Study) -> str:
     for label, per_name in curves.items():
         rows = [[name] + [fmt(*interval([best_at(c, m, 2) for c in per_seed.values()])) for m in marks]
                 for name, per_seed in per_name.items() if name != "reference evolution"]
-        final = {name: {seed: best_at(c, s.searcher_evaluations, 2) for seed, c in per_seed.items()}
-                 for name, per_seed in per_name.items() if name != "reference evolution"}
-        compared = [[f"{name} - random", *(lambda c: (fmt(c["difference"], c["low"], c["high"]), c["verdict"]))(
-            compare(final[name], final["random"]))] for name in final if name != "random"]
+        compared = []
+        for name in per_name:
+            if name in ("random", "reference evolution"):
+                continue
+            row = [f"{name} - random"]
+            for column in (1, 2):  # the held-out score the searchers climb, then the test top-1 of their best arch
+                final = {n: {seed: best_at(c, s.searcher_evaluations, column) for seed, c in per_name[n].items()}
+                         for n in (name, "random")}
+                c = compare(final[name], final["random"])
+                row += [fmt(c["difference"], c["low"], c["high"]), c["verdict"]]
+            compared.append(row)
         reach = {}
         for seed, reference in per_name["reference evolution"].items():
             goal = reference[-1][1]
@@ -483,7 +490,8 @@ def run_searchers(study: Study) -> str:
             f"### Budget {label}: best test top-1 (%) of the best held-out arch after N evaluations, mean "
             "[95% interval]"
             "\n\n" + markdown_table(["searcher", *[f"N={m}" for m in marks]], rows) + "\n\n"
-            + markdown_table([f"at N={s.searcher_evaluations}", "difference (test top-1)", "verdict"], compared)
+            + markdown_table([f"at N={s.searcher_evaluations}", "difference (held-out score)", "verdict",
+                              "difference (test top-1)", "verdict"], compared)
             + f"\n\nPredictor-assisted search against a {s.reference_evaluations}-evaluation evolution (same seed): "
             f"evaluations to reach its best held-out score {json.dumps({str(k): v for k, v in reach.items()})}; "
             f"within a third ({third:.0f}) in {met} of {len(reach)} seeds: target "
@@ -496,23 +504,25 @@ def run_searchers(study: Study) -> str:
 
 
 def plot_curves(path: Path, label: str, per_name: dict[str, dict[int, list]]) -> None:
+    """Anytime curves side by side: the held-out score a searcher climbs, and the test top-1 of its best arch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, per_seed in per_name.items():
-        grid = np.unique(np.concatenate([[row[0] for row in c] for c in per_seed.values()]))
-        values = np.array([[best_at(c, n, 2) for n in grid] for c in per_seed.values()])
-        bounds = np.array([interval(values[:, i]) for i in range(len(grid))])
-        ax.plot(grid, bounds[:, 0], label=name)
-        if len(values) > 1:
-            ax.fill_between(grid, bounds[:, 1], bounds[:, 2], alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("evaluations (distinct archs scored)")
-    ax.set_ylabel("test top-1 of the best held-out arch (%)")
-    ax.set_title(f"Anytime search under {label}: mean and 95% interval over seeds")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for ax, column, split in ((axes[0], 1, "held-out score"), (axes[1], 2, "test top-1")):
+        for name, per_seed in per_name.items():
+            grid = np.unique(np.concatenate([[row[0] for row in c] for c in per_seed.values()]))
+            values = np.array([[best_at(c, n, column) for n in grid] for c in per_seed.values()])
+            bounds = np.array([interval(values[:, i]) for i in range(len(grid))])
+            ax.plot(grid, bounds[:, 0], label=name)
+            if len(values) > 1:
+                ax.fill_between(grid, bounds[:, 1], bounds[:, 2], alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("evaluations (distinct archs scored)")
+        ax.set_ylabel(f"{split} of the best held-out arch (%)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Anytime search under {label}: mean and 95% interval over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
