@@ -77,8 +77,11 @@ class Scale:
                                 # hybrid spaces) on CIFAR-10 at every scale
     image_size: int
     in_chans: int
-    train_steps: int            # steps of a one-subnet-a-step run of the ViT studies
+    train_steps: int            # steps of a one-subnet-a-step run: the searchers' supernet, the vitas arms, the model
+                                # SuperSAM starts from
     hybrid_train_steps: int     # the same for the samplers study's hybrid nets; its samplers get equal subnet-images
+    supersam_steps: int         # steps of SuperSAM's supernets (the sandwich rule: three subnets a step) and, as many,
+                                # of the subnets trained alone
     batch_size: int
     lr: float
     holdout_images: int         # search data: training images every run holds out
@@ -86,6 +89,8 @@ class Scale:
     seeds: int
     search_generations: int     # evolution per budget in the training studies
     search_population: int
+    hybrid_search_generations: int  # the samplers study's (a hybrid arch's BatchNorm is re-estimated before each
+    hybrid_search_population: int   # evaluation, which doubles its cost)
     searcher_evaluations: int   # evaluations of each searcher's run in the searchers study
     searcher_population: int
     reference_evaluations: int  # the evolution the predictor-assisted search is measured against
@@ -98,24 +103,28 @@ class Scale:
 
 SCALES = {
     "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, hybrid_train_steps=6,
-                   batch_size=32, lr=3e-3,
+                   supersam_steps=6, batch_size=32, lr=3e-3,
                    holdout_images=120, test_images=120, seeds=2, search_generations=1, search_population=4,
+                   hybrid_search_generations=1, hybrid_search_population=4,
                    searcher_evaluations=12, searcher_population=4, reference_evaluations=24, reference_seeds=2,
                    table_images=120),
     # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
-    # A step of the samplers study's hybrid nets costs about three of the ViT's on the CPU: half the steps keep its 18
-    # runs near the hour.
-    "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=750,
-                 batch_size=128, lr=2e-3,
+    # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
+    # three subnets) are sized for about two hours of one thread each, the hour on two cores with --jobs 2.
+    "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=500,
+                 supersam_steps=300, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
+                 hybrid_search_generations=4, hybrid_search_population=15,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=250, searcher_budget_quantiles=(0.5,)),
-    # The four studies train 47 supernets and models (3 seeds): at 2,000 steps each and an assumed 5 ms a step of
-    # this small ViT on an H100 (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet.
+    # The four studies train 47 supernets and models (3 seeds): at most about 2,000 subnet-steps each (SuperSAM's
+    # sandwich supernets 500 steps of three subnets) and an assumed 5 ms a subnet-step of this small ViT on an H100
+    # (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet.
     "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, hybrid_train_steps=2000,
-                 batch_size=256, lr=2e-3,
+                 supersam_steps=500, batch_size=256, lr=2e-3,
                  holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
+                 hybrid_search_generations=6, hybrid_search_population=25,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=1000),
 }
@@ -232,13 +241,17 @@ class Study:
                     "steps": result.steps}
         return self.unit(f"train-{key}", run)
 
-    def searched(self, key: str, checkpoint: str, budgets: list[str], seed: int) -> dict:
-        """Evolution at every budget on the held-out images; the best arch of each and its test score."""
+    def searched(self, key: str, checkpoint: str, budgets: list[str], seed: int, hybrid: bool = False) -> dict:
+        """Evolution at every budget on the held-out images (the scale's hybrid search for a ``hybrid`` supernet); the
+        best arch of each and its test score."""
+        s = self.scale
+        generations, population = ((s.hybrid_search_generations, s.hybrid_search_population) if hybrid else
+                                   (s.search_generations, s.search_population))
         def run() -> dict:
             out = self.dir / "runs" / key / "search"
             config = SearchConfig.from_dict({
-                "checkpoint": checkpoint, "budgets": budgets, "generations": self.scale.search_generations,
-                "population": self.scale.search_population, "seed": seed, "out_dir": str(out),
+                "checkpoint": checkpoint, "budgets": budgets, "generations": generations, "population": population,
+                "seed": seed, "out_dir": str(out),
                 "holdout_images": self.scale.holdout_images, "test_images": self.scale.test_images,
                 "progress": False})
             summary = run_search(config, resume=(out / "state.pt").exists())
@@ -254,10 +267,11 @@ class Study:
         self.log(text)
 
 
-def train_and_search(study: Study, key: str, settings: dict, budgets: list[str], seed: int) -> dict:
+def train_and_search(study: Study, key: str, settings: dict, budgets: list[str], seed: int, hybrid: bool = False
+                     ) -> dict:
     """One arm on one seed: its supernet trained, then searched; the best arch of each budget (``Study.searched``)."""
     run = study.trained(key, settings)
-    return study.searched(key, run["checkpoint"], budgets, seed)
+    return study.searched(key, run["checkpoint"], budgets, seed, hybrid)
 
 
 def scores_on_test(found: dict[tuple[str, int], dict]) -> dict[str, dict[str, dict[int, float]]]:
@@ -311,7 +325,7 @@ def run_samplers(study: Study) -> str:
     runs = [(name, seed) for seed in range(study.seeds) for name in samplers]
     calls = [(f"{name}-s{seed}", study.train_settings(
         space, seed, steps[name], sampler=name, sampler_options=samplers[name], dataset="cifar10",
-        data_dir=study.cifar_dir), budgets, seed) for name, seed in runs]
+        data_dir=study.cifar_dir), budgets, seed, True) for name, seed in runs]
     scores = scores_on_test(dict(zip(runs, study.map(train_and_search, calls))))
     text, results = arm_table(study, scores, [(n, "uniform") for n in samplers if n != "uniform"],
                               "Training samplers at equal subnet-images")
@@ -370,7 +384,7 @@ def run_supersam(study: Study) -> str:
             "scratch supernet": supernet}
     runs = [(arm, seed) for seed in range(study.seeds) for arm in arms]
     found = dict(zip(runs, study.map(train_and_search, [
-        (f"{arm.replace(' ', '-')}-s{seed}", study.train_settings(space_path, seed, s.train_steps, **arms[arm]),
+        (f"{arm.replace(' ', '-')}-s{seed}", study.train_settings(space_path, seed, s.supersam_steps, **arms[arm]),
          budgets, seed) for arm, seed in runs])))
     scores = scores_on_test(found)
     # The subnets SuperSAM found, each trained alone as long.
@@ -378,7 +392,7 @@ def run_supersam(study: Study) -> str:
              for b, best in per_budget.items()]
     trained_alone = study.map(Study.trained, [
         (f"alone-{b.replace('=', '-').replace(':', '-')}-s{seed}", study.train_settings(
-            space_path, seed, s.train_steps, sampler="fixed", sampler_options={"arch": arch}, eval_archs=[arch]))
+            space_path, seed, s.supersam_steps, sampler="fixed", sampler_options={"arch": arch}, eval_archs=[arch]))
         for b, seed, arch in alone])
     for (b, seed, _), run in zip(alone, trained_alone):
         scores.setdefault("subnet alone", {}).setdefault(b, {})[seed] = run["eval_archs"][0]
