@@ -89,8 +89,8 @@ class Scale:
     seeds: int
     search_generations: int     # evolution per budget in the training studies
     search_population: int
-    hybrid_search_generations: int  # the samplers study's (a hybrid arch's BatchNorm is re-estimated before each
-    hybrid_search_population: int   # evaluation, which doubles its cost)
+    short_search_generations: int   # evolution per budget in the samplers and supersam studies: three budgets each
+    short_search_population: int    # (and the samplers' hybrid archs get their BatchNorm re-estimated)
     searcher_evaluations: int   # evaluations of each searcher's run in the searchers study
     searcher_population: int
     reference_evaluations: int  # the evolution the predictor-assisted search is measured against
@@ -105,17 +105,17 @@ SCALES = {
     "smoke": Scale("digits", "digits-tiny", "elasticvit-mobile-cifar", 8, 1, train_steps=6, hybrid_train_steps=6,
                    supersam_steps=6, batch_size=32, lr=3e-3,
                    holdout_images=120, test_images=120, seeds=2, search_generations=1, search_population=4,
-                   hybrid_search_generations=1, hybrid_search_population=4,
+                   short_search_generations=1, short_search_population=4,
                    searcher_evaluations=12, searcher_population=4, reference_evaluations=24, reference_seeds=2,
                    table_images=120),
     # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
     # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
-    # three subnets) are sized for about two hours of one thread each, the hour on two cores with --jobs 2.
+    # three subnets) are sized for about 100 minutes of one thread each, under the hour on two cores with --jobs 2.
     "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=500,
-                 supersam_steps=300, batch_size=128, lr=2e-3,
+                 supersam_steps=200, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
-                 hybrid_search_generations=4, hybrid_search_population=15,
+                 short_search_generations=4, short_search_population=15,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=250, searcher_budget_quantiles=(0.5,)),
     # The four studies train 47 supernets and models (3 seeds): at most about 2,000 subnet-steps each (SuperSAM's
@@ -124,7 +124,7 @@ SCALES = {
     "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, hybrid_train_steps=2000,
                  supersam_steps=500, batch_size=256, lr=2e-3,
                  holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
-                 hybrid_search_generations=6, hybrid_search_population=25,
+                 short_search_generations=6, short_search_population=25,
                  searcher_evaluations=400, searcher_population=20, reference_evaluations=1000, reference_seeds=3,
                  table_images=1000),
 }
@@ -241,11 +241,11 @@ class Study:
                     "steps": result.steps}
         return self.unit(f"train-{key}", run)
 
-    def searched(self, key: str, checkpoint: str, budgets: list[str], seed: int, hybrid: bool = False) -> dict:
-        """Evolution at every budget on the held-out images (the scale's hybrid search for a ``hybrid`` supernet); the
-        best arch of each and its test score."""
+    def searched(self, key: str, checkpoint: str, budgets: list[str], seed: int, short: bool = False) -> dict:
+        """Evolution at every budget on the held-out images (the scale's short one where ``short``); the best arch of
+        each and its test score."""
         s = self.scale
-        generations, population = ((s.hybrid_search_generations, s.hybrid_search_population) if hybrid else
+        generations, population = ((s.short_search_generations, s.short_search_population) if short else
                                    (s.search_generations, s.search_population))
         def run() -> dict:
             out = self.dir / "runs" / key / "search"
@@ -267,11 +267,11 @@ class Study:
         self.log(text)
 
 
-def train_and_search(study: Study, key: str, settings: dict, budgets: list[str], seed: int, hybrid: bool = False
+def train_and_search(study: Study, key: str, settings: dict, budgets: list[str], seed: int, short: bool = False
                      ) -> dict:
     """One arm on one seed: its supernet trained, then searched; the best arch of each budget (``Study.searched``)."""
     run = study.trained(key, settings)
-    return study.searched(key, run["checkpoint"], budgets, seed, hybrid)
+    return study.searched(key, run["checkpoint"], budgets, seed, short)
 
 
 def scores_on_test(found: dict[tuple[str, int], dict]) -> dict[str, dict[str, dict[int, float]]]:
@@ -385,7 +385,7 @@ def run_supersam(study: Study) -> str:
     runs = [(arm, seed) for seed in range(study.seeds) for arm in arms]
     found = dict(zip(runs, study.map(train_and_search, [
         (f"{arm.replace(' ', '-')}-s{seed}", study.train_settings(space_path, seed, s.supersam_steps, **arms[arm]),
-         budgets, seed) for arm, seed in runs])))
+         budgets, seed, True) for arm, seed in runs])))
     scores = scores_on_test(found)
     # The subnets SuperSAM found, each trained alone as long.
     alone = [(b, seed, best["arch"]) for (arm, seed), per_budget in found.items() if arm == "supersam"
