@@ -87,7 +87,7 @@ class Scale:
     holdout_images: int         # search data: training images every run holds out
     test_images: int
     seeds: int
-    search_generations: int     # evolution per budget in the training studies
+    search_generations: int     # evolution per budget in the vitas study (two budgets)
     search_population: int
     short_search_generations: int   # evolution per budget in the samplers and supersam studies: three budgets each
     short_search_population: int    # (and the samplers' hybrid archs get their BatchNorm re-estimated)
@@ -111,7 +111,7 @@ SCALES = {
     # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
     # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
-    # three subnets) are sized for about 100 minutes of one thread each, under the hour on two cores with --jobs 2.
+    # three subnets) are sized for about 100 minutes of one thread each: some 50 on two cores with --jobs 2.
     "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=500,
                  supersam_steps=200, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
