@@ -1,6 +1,6 @@
 """Studies that test each seed paper's claim here, with several seeds and 95% intervals.
 
-    python benchmarks/study.py STUDY --scale smoke|cpu|gpu [--seeds N] [--out-dir DIR] [--jobs N]
+    python benchmarks/study.py STUDY --scale smoke|cpu|gpu [--seeds N] [--out-dir DIR] [--jobs N] [--finished-only]
 
 STUDY is ``searchers``, ``samplers``, ``supersam``, ``vitas`` or ``all``. Each ends in a table of means with 95%
 t-intervals over seeds and, per comparison, the paired difference (arms that share a seed are paired by it) with its
@@ -31,7 +31,9 @@ shared cores (two studies side by side, one thread each; RESULTS.md has the time
 the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
 unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
 again; a killed training run continues from its last checkpoint. So a killed study continues. With ``--jobs N``
-the training studies run N units side by side in processes of their own (the same figures as one at a time).
+the training studies run N units side by side in processes of their own (the same figures as one at a time). With
+``--finished-only`` a study reports from the units that have ended and runs none (each comparison says on how many
+seeds it stands).
 """
 from __future__ import annotations
 
@@ -169,12 +171,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 # --- units: each writes its result once, and a study run again skips it ---------------------------------------
 
+class UnitMissing(Exception):
+    """A unit that has not ended, in a study that reports only those that have (``--finished-only``)."""
+
+
 class Study:
     """One study's output directory: cached units, the report, plots."""
 
     def __init__(self, name: str, scale_name: str, out_dir: Path, seeds: int | None, data_dir: str | None,
-                 log: Callable[[str], None] = print, jobs: int = 1):
+                 log: Callable[[str], None] = print, jobs: int = 1, finished_only: bool = False):
         self.name, self.scale_name, self.scale, self.jobs = name, scale_name, SCALES[scale_name], jobs
+        self.finished_only = finished_only
         self.dir = out_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seeds = seeds or (SEARCHER_SEEDS[scale_name] if name == "searchers" else self.scale.seeds)
@@ -186,6 +193,8 @@ class Study:
         path = self.dir / "units" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
+        if self.finished_only:
+            raise UnitMissing(key)
         start = time.perf_counter()
         result = compute()
         result["seconds"] = time.perf_counter() - start
@@ -197,13 +206,22 @@ class Study:
     def map(self, function: Callable, calls: Sequence[tuple]) -> list:
         """``function(self, *call)`` for every call, in order; in ``jobs`` processes side by side when there are
         more (a unit writes only its own files, so units run side by side; on a CPU, small nets gain more from two
-        processes than from two threads each)."""
+        processes than from two threads each). With ``finished_only``, None for a call whose units have not ended."""
+        if self.finished_only:
+            return [self.finished(function, *call) for call in calls]
         if self.jobs == 1 or len(calls) < 2:
             return [function(self, *call) for call in calls]
         threads = max(1, torch.get_num_threads() // self.jobs)
         with ProcessPoolExecutor(min(self.jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             return [future.result() for future in [pool.submit(function, self, *call) for call in calls]]
+
+    def finished(self, function: Callable, *args):
+        """``function(self, *args)``, or None where it needs a unit that has not ended (``finished_only``)."""
+        try:
+            return function(self, *args)
+        except UnitMissing:
+            return None
 
     def space_file(self, name: str, base: str | None = None, **changes) -> str:
         """The space ``base`` (default: the scale's ViT space) with ``changes``, written as a YAML file of this study
@@ -275,10 +293,10 @@ def train_and_search(study: Study, key: str, settings: dict, budgets: list[str],
 
 
 def scores_on_test(found: dict[tuple[str, int], dict]) -> dict[str, dict[str, dict[int, float]]]:
-    """``{arm: {budget: {seed: test top-1}}}`` of searches keyed by ``(arm, seed)``."""
+    """``{arm: {budget: {seed: test top-1}}}`` of searches keyed by ``(arm, seed)`` (None: not ended)."""
     scores: dict[str, dict[str, dict[int, float]]] = {}
     for (arm, seed), best in found.items():
-        for budget, result in best.items():
+        for budget, result in (best or {}).items():
             scores.setdefault(arm, {}).setdefault(budget, {})[seed] = result["test"]
     return scores
 
@@ -297,7 +315,8 @@ def arm_table(study: Study, scores: dict[str, dict[str, dict[int, float]]], comp
             if scores.get(arm, {}).get(b) and scores.get(baseline, {}).get(b):
                 c = compare(scores[arm][b], scores[baseline][b])
                 compared.append({"arm": arm, "baseline": baseline, "budget": b, **c})
-    text = (f"## {title} ({study.scale_name} scale, {study.seeds} seeds, {metric}, mean [95% interval])\n\n"
+    seeds = f"{study.seeds} seeds" + (", the runs that had ended" if study.finished_only else "")
+    text = (f"## {title} ({study.scale_name} scale, {seeds}, {metric}, mean [95% interval])\n\n"
             + markdown_table(["arm", *budgets], rows) + "\n\n"
             + markdown_table(["comparison", "budget", "difference", "seeds", "verdict"],
                              [[f"{c['arm']} - {c['baseline']}", c["budget"], fmt(c["difference"], c["low"], c["high"]),
@@ -389,13 +408,14 @@ def run_supersam(study: Study) -> str:
     scores = scores_on_test(found)
     # The subnets SuperSAM found, each trained alone as long.
     alone = [(b, seed, best["arch"]) for (arm, seed), per_budget in found.items() if arm == "supersam"
-             for b, best in per_budget.items()]
+             for b, best in (per_budget or {}).items()]
     trained_alone = study.map(Study.trained, [
         (f"alone-{b.replace('=', '-').replace(':', '-')}-s{seed}", study.train_settings(
             space_path, seed, s.supersam_steps, sampler="fixed", sampler_options={"arch": arch}, eval_archs=[arch]))
         for b, seed, arch in alone])
     for (b, seed, _), run in zip(alone, trained_alone):
-        scores.setdefault("subnet alone", {}).setdefault(b, {})[seed] = run["eval_archs"][0]
+        if run is not None:
+            scores.setdefault("subnet alone", {}).setdefault(b, {})[seed] = run["eval_archs"][0]
     text, results = arm_table(study, scores, [("supersam", "scratch supernet"), ("supersam", "subnet alone")],
                               f"SuperSAM: budgets 30/50/70% below the pretrained model "
                               f"({pretrained['largest']:.2f}% test top-1, {top / 1e6:.2f}M MACs)")
@@ -465,15 +485,17 @@ def run_searchers(study: Study) -> str:
         for seed in range(study.seeds):
             for name in names:
                 key = f"{name}-{budget.label}-s{seed}".replace("=", "-").replace(":", "-")
-                result = study.unit(key, lambda: searcher_run(table, name, budget, seed, s.searcher_evaluations,
-                                                              s.searcher_population))
-                curves.setdefault(budget.label, {}).setdefault(name, {})[seed] = result["curve"]
+                result = study.finished(Study.unit, key, lambda: searcher_run(
+                    table, name, budget, seed, s.searcher_evaluations, s.searcher_population))
+                if result is not None:
+                    curves.setdefault(budget.label, {}).setdefault(name, {})[seed] = result["curve"]
             if seed >= s.reference_seeds:
                 continue
             key = f"reference-evolution-{budget.label}-s{seed}".replace("=", "-").replace(":", "-")
-            reference = study.unit(key, lambda: searcher_run(table, "evolution", budget, seed,
-                                                             s.reference_evaluations, 50))
-            curves[budget.label].setdefault("reference evolution", {})[seed] = reference["curve"]
+            reference = study.finished(Study.unit, key, lambda: searcher_run(table, "evolution", budget, seed,
+                                                                             s.reference_evaluations, 50))
+            if reference is not None:
+                curves.setdefault(budget.label, {}).setdefault("reference evolution", {})[seed] = reference["curve"]
 
     marks = sorted({max(1, s.searcher_evaluations // 8), s.searcher_evaluations // 4, s.searcher_evaluations // 2,
                     s.searcher_evaluations})
@@ -483,7 +505,7 @@ def run_searchers(study: Study) -> str:
                 for name, per_seed in per_name.items() if name != "reference evolution"]
         compared = []
         for name in per_name:
-            if name in ("random", "reference evolution"):
+            if name in ("random", "reference evolution") or "random" not in per_name:
                 continue
             row = [f"{name} - random"]
             for column in (1, 2):  # the held-out score the searchers climb, then the test top-1 of their best arch
@@ -493,7 +515,9 @@ def run_searchers(study: Study) -> str:
                 row += [fmt(c["difference"], c["low"], c["high"]), c["verdict"]]
             compared.append(row)
         reach = {}
-        for seed, reference in per_name["reference evolution"].items():
+        for seed, reference in per_name.get("reference evolution", {}).items():
+            if seed not in per_name.get("predictor", {}):
+                continue
             goal = reference[-1][1]
             reached = [row[0] for row in per_name["predictor"][seed] if row[1] >= goal]
             reach[seed] = reached[0] if reached else None
@@ -554,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs/study")
     parser.add_argument("--data-dir", default="../shared/data/cifar-10-batches-py",
                         help="CIFAR-10 for the cpu and gpu scales")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="report from the units that have ended and run none (a study cut short, or running "
+                             "elsewhere): each comparison's seeds column says on how many seeds it stands")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training studies: runs side by side in this many processes, the threads split among "
                              "them (2 on two cores; the searchers study shares one evaluation table and runs alone)")
@@ -563,7 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     for name in STUDIES if "all" in args.study else dict.fromkeys(args.study):
-        RUNNERS[name](Study(name, args.scale, Path(args.out_dir), args.seeds, args.data_dir, jobs=args.jobs))
+        study = Study(name, args.scale, Path(args.out_dir), args.seeds, args.data_dir, jobs=args.jobs,
+                      finished_only=args.finished_only)
+        try:
+            RUNNERS[name](study)
+        except UnitMissing as missing:
+            parser.exit(2, f"study.py: {name}: nothing to report: {missing} has not ended\n")
     return 0
 
 

@@ -63,6 +63,18 @@ def test_the_studies_run_at_the_smoke_scale_and_continue(tmp_path):
     for unit in lost:
         unit.unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (vitas / "units").glob("*.json")}
+
+    # Reported from the units that ended, running none: the comparisons with the lost arm stand on its other seed.
+    partial = subprocess.run([*command, "--finished-only"], check=True, cwd=ROOT, env=child_env(),
+                             capture_output=True, text=True).stdout
+    assert ": done in" not in partial and not any(unit.exists() for unit in units + lost)
+    seeds = {(c["arm"], c["baseline"]): c["seeds"]
+             for c in json.loads((vitas / "results.json").read_text())["comparisons"]}
+    assert seeds == {("two-sided", "leading"): 1, ("two-sided", "two-sided, shared tokens"): 2,
+                     ("two-sided, probability searched", "two-sided"): 2}
+    target = json.loads((tmp_path / "searchers" / "results.json").read_text())["target"]
+    assert sorted(t["seeds"] for t in target.values()) == [1, 2], "the lost predictor run's seed is left out"
+
     out = subprocess.run([*command, "--jobs", "2"], check=True, cwd=ROOT, env=child_env(), capture_output=True,
                          text=True).stdout
     for unit in units + lost:
