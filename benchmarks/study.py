@@ -26,8 +26,8 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
 Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (CI
 runs it: it checks the machinery, its figures mean nothing); ``cpu`` runs on CIFAR-10 at 32 px (``--data-dir``,
 default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-50% against 10% after
-1,500 steps) yet its subnets still differ by points, so a comparison can show: about two hours a study on two
-shared cores (two studies side by side, one thread each; RESULTS.md has the times), not the hour aimed at; ``gpu`` is
+1,500 steps) yet its subnets still differ by points, so a comparison can show: 1.5-3 hours of one thread a study on a
+shared 2-core VM (RESULTS.md has the times), more than the hour aimed at even split over two cores; ``gpu`` is
 the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
 unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
 again; a killed training run continues from its last checkpoint. So a killed study continues. With ``--jobs N``
@@ -113,7 +113,8 @@ SCALES = {
     # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
     # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
-    # three subnets) are sized for about 100 minutes of one thread each: some 50 on two cores with --jobs 2.
+    # three subnets) were cut to these sizes to come near two hours of one thread: supersam took 112 minutes, samplers
+    # about an hour a seed (its learned and performance samplers measure archs as they train).
     "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=500,
                  supersam_steps=200, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
@@ -122,7 +123,9 @@ SCALES = {
                  table_images=250, searcher_budget_quantiles=(0.5,)),
     # The four studies train 47 supernets and models (3 seeds): at most about 2,000 subnet-steps each (SuperSAM's
     # sandwich supernets 500 steps of three subnets) and an assumed 5 ms a subnet-step of this small ViT on an H100
-    # (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet.
+    # (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet. From the cpu runs: the searchers'
+    # table scores on 1,000 held-out images (on 250 the held-out gains of every searcher did not carry to the test
+    # set), and every run sees about 2.7 times the cpu scale's images (its vitas subnets stayed at 29-31%).
     "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, hybrid_train_steps=2000,
                  supersam_steps=500, batch_size=256, lr=2e-3,
                  holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
