@@ -125,7 +125,7 @@ SCALES = {
     # sandwich supernets 500 steps of three subnets) and an assumed 5 ms a subnet-step of this small ViT on an H100
     # (host-bound), about 8 minutes. Sized by that estimate: no GPU has run it yet. From the cpu runs: the searchers'
     # table scores on 1,000 held-out images (on 250 the held-out gains of every searcher did not carry to the test
-    # set), and every run sees about 2.7 times the cpu scale's images (its vitas subnets stayed at 29-31%).
+    # set), and every run sees 2.7 to 8 times the cpu scale's images (its vitas subnets stayed at 29-31%).
     "gpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=2000, hybrid_train_steps=2000,
                  supersam_steps=500, batch_size=256, lr=2e-3,
                  holdout_images=1000, test_images=10000, seeds=3, search_generations=6, search_population=25,
