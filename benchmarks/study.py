@@ -23,17 +23,17 @@ Tables go to ``<out-dir>/<study>/report.md`` and ``results.json``; curves to PNG
 - ``vitas``: ViTAS's two-sided width sharing against leading-only, private patch tokens per patch size on and off,
   and the identity probability searched during training against calibrated by bisection.
 
-Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (CI
-runs it: it checks the machinery, its figures mean nothing); ``cpu`` runs on CIFAR-10 at 32 px (``--data-dir``,
-default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-50% against 10% after
-1,500 steps) yet its subnets still differ by points, so a comparison can show: 1.5-3 hours of one thread a study on a
-shared 2-core VM (RESULTS.md has the times), more than the hour aimed at even split over two cores; ``gpu`` is
-the same task with more images a step and larger test sets, sized for ten minutes on one GPU by estimate. Every
-unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when the study runs
-again; a killed training run continues from its last checkpoint. So a killed study continues. With ``--jobs N``
-the training studies run N units side by side in processes of their own (the same figures as one at a time). With
-``--finished-only`` a study reports from the units that have ended and runs none (each comparison says on how many
-seeds it stands).
+Scales: ``smoke`` runs every study in seconds on the built-in digits, the samplers study on a few CIFAR-10 images (it
+checks the machinery, its figures mean nothing; CI runs all but samplers); ``cpu`` runs on CIFAR-10 at 32 px
+(``--data-dir``, default ``../shared/data/cifar-10-batches-py``), where a small ViT lands far above chance (30-50%
+against 10% after 1,500 steps) yet its subnets still differ by points, so a comparison can show: 2-4 hours of one
+thread a study on a shared 2-core VM (RESULTS.md has the times), more than the hour aimed at even split over two
+cores; ``gpu`` is the same task with more images a step and larger test sets, sized for ten minutes on one GPU by
+estimate. Every unit (a training run, a search, a searcher's run) writes its result when it ends and is skipped when
+the study runs again; a killed training run continues from its last checkpoint. So a killed study continues. With
+``--jobs N`` the training studies run N units side by side in processes of their own (the same figures as one at a
+time). With ``--finished-only`` a study reports from the units that have ended and runs none (each comparison says on
+how many seeds it stands).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ SCALES = {
     # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
     # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
     # three subnets) were cut to these sizes to come near two hours of one thread: supersam took 112 minutes, samplers
-    # about an hour a seed (its learned and performance samplers measure archs as they train).
+    # about 80 minutes a seed (its learned and performance samplers measure archs as they train).
     "cpu": Scale("cifar10", "cifar-tiny", "elasticvit-mobile-cifar", 32, 3, train_steps=1500, hybrid_train_steps=500,
                  supersam_steps=200, batch_size=128, lr=2e-3,
                  holdout_images=1000, test_images=2000, seeds=3, search_generations=6, search_population=25,
