@@ -272,8 +272,7 @@ class Study:
             out = self.dir / "runs" / key / "search"
             config = SearchConfig.from_dict({
                 "checkpoint": checkpoint, "budgets": budgets, "generations": generations, "population": population,
-                "seed": seed, "out_dir": str(out),
-                "holdout_images": self.scale.holdout_images, "test_images": self.scale.test_images,
+                "seed": seed, "out_dir": str(out), "holdout_images": s.holdout_images, "test_images": s.test_images,
                 "progress": False})
             summary = run_search(config, resume=(out / "state.pt").exists())
             score = summary["score"]
@@ -506,15 +505,15 @@ def run_searchers(study: Study) -> str:
     for label, per_name in curves.items():
         rows = [[name] + [fmt(*interval([best_at(c, m, 2) for c in per_seed.values()])) for m in marks]
                 for name, per_seed in per_name.items() if name != "reference evolution"]
+        # Column 1: the held-out score the searchers climb; column 2: the test top-1 of their best arch.
+        final = {column: {name: {seed: best_at(c, s.searcher_evaluations, column) for seed, c in per_seed.items()}
+                          for name, per_seed in per_name.items() if name != "reference evolution"}
+                 for column in (1, 2)}
         compared = []
-        for name in per_name:
-            if name in ("random", "reference evolution") or "random" not in per_name:
-                continue
+        for name in [n for n in final[2] if n != "random"] if "random" in final[2] else []:
             row = [f"{name} - random"]
-            for column in (1, 2):  # the held-out score the searchers climb, then the test top-1 of their best arch
-                final = {n: {seed: best_at(c, s.searcher_evaluations, column) for seed, c in per_name[n].items()}
-                         for n in (name, "random")}
-                c = compare(final[name], final["random"])
+            for column in (1, 2):
+                c = compare(final[column][name], final[column]["random"])
                 row += [fmt(c["difference"], c["low"], c["high"]), c["verdict"]]
             compared.append(row)
         reach = {}
