@@ -110,8 +110,8 @@ SCALES = {
                    short_search_generations=1, short_search_population=4,
                    searcher_evaluations=12, searcher_population=4, reference_evaluations=24, reference_seeds=2,
                    table_images=120),
-    # The searchers study scores some 20,000 distinct archs: on two cores that fits the hour only with 250 held-out
-    # images an arch (one budget, the reference evolution on 3 seeds); the best archs are scored on 2,000 test images.
+    # The searchers study scores some 17,500 distinct archs, so each on only 250 held-out images (one budget, the
+    # reference evolution on 3 seeds; the best archs on 2,000 test images): 116 minutes of one thread all the same.
     # The samplers study (18 runs) and the supersam study (15 runs after the pretrained model's; a sandwich step trains
     # three subnets) were cut to these sizes to come near two hours of one thread: supersam took 112 minutes, samplers
     # about 80 minutes a seed (its learned and performance samplers measure archs as they train).
@@ -510,7 +510,9 @@ def run_searchers(study: Study) -> str:
                           for name, per_seed in per_name.items() if name != "reference evolution"}
                  for column in (1, 2)}
         compared = []
-        for name in [n for n in final[2] if n != "random"] if "random" in final[2] else []:
+        for name in final[2]:
+            if name == "random" or "random" not in final[2]:
+                continue
             row = [f"{name} - random"]
             for column in (1, 2):
                 c = compare(final[column][name], final[column]["random"])
